@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make repro` (set-up + the whole DAG on demo data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Nothing may wait on the network.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup repro test demo bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	touch $@
+
+data/raw: | $(STAMP)
+	$(PY) -m dfpipe.demo data/raw
+
+demo: data/raw
+
+repro: setup data/raw
+	source $(VENV)/bin/activate && dvc repro
+	source $(VENV)/bin/activate && dvc metrics show
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean-outputs:
+	rm -rf data/prepared data/augmented data/splits.csv data/features.npy models submissions reports

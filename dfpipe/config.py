@@ -1,0 +1,216 @@
+"""Typed, frozen settings per stage, read from one section of ``params.yaml``.
+
+Each stage reads only its own section. Unknown keys are rejected with a message that names the
+section and the key, so a typo in ``params.yaml`` or in ``dvc exp run -S`` never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params.yaml section that does not match its schema."""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML) to the annotated type ``tp``; raise ConfigError on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_section(cls: type[T], section: str, params_path: str | Path = "params.yaml") -> T:
+    """Read ``section`` of ``params_path`` into ``cls`` (a frozen dataclass)."""
+    path = Path(params_path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    with path.open(encoding="utf-8") as fh:
+        params = yaml.safe_load(fh) or {}
+    if section not in params:
+        raise ConfigError(f"{path}: no section '{section}'")
+    return from_dict(cls, params[section] or {}, f"{path}:{section}")
+
+
+# --------------------------------------------------------------------------- stage 1
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Stage 1. Paths inside ``data_root`` are relative to it; ``out_dir`` to the repo root."""
+
+    data_root: str = "data/raw"
+    train_labels: str = "trainset_label.txt"
+    train_dir: str = "trainset"
+    val_labels: str = "valset_label.txt"
+    val_dir: str = "valset"
+    test_dir: str = "testset"  # no labels: every image file in it is a test image
+    out_dir: str = "data/prepared"
+    report: str = "data/prepare_report.json"
+    cache_size: int = 160  # images are resized to cache_size x cache_size (aspect not kept)
+    min_side: int = 16  # images with a smaller side are skipped as junk
+    max_pixels: int = 100_000_000  # decompression-bomb guard
+    workers: int = 0  # 0 = all cores
+    limit: int = 0  # >0: only the first N images of each split (smoke runs)
+
+
+# --------------------------------------------------------------------------- stage 2
+@dataclass(frozen=True)
+class DiffusionConfig:
+    model: str = ""  # local diffusers folder or hub id; empty = skip
+    mode: str = "img2img"  # img2img | inpaint
+    prompt: str = "a photo of a person's face, high quality"
+    negative_prompt: str = ""
+    strength: float = 0.5
+    guidance_scale: float = 5.0
+    steps: int = 20
+    batch_size: int = 4
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    per_image: int = 1  # diffusion fakes per selected real image
+    fraction: float = 0.25  # share of real training images that get diffusion fakes
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    prepared_dir: str = "data/prepared"
+    out_dir: str = "data/augmented"
+    seed: int = 42
+    fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
+    methods: dict[str, float] = field(
+        default_factory=lambda: {"self_blend": 1.0, "splice": 1.0}
+    )  # method name -> sampling weight
+    real_widening: float = 0.0  # share of real images that get a widened (compressed/resized) copy
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    contact_sheet_per_method: int = 4
+
+
+# --------------------------------------------------------------------------- stage 3
+@dataclass(frozen=True)
+class SplitConfig:
+    prepared_dir: str = "data/prepared"
+    augmented_dir: str = "data/augmented"
+    out_csv: str = "data/splits.csv"
+    report: str = "data/cluster_report.json"
+    features: str = "data/features.npy"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
+    img_size: int = 128
+    batch_size: int = 64
+    n_clusters: int = 8
+    per_class: bool = True  # k-means real and fake separately
+    n_folds: int = 4
+    val_fold: int = 0
+    seed: int = 42
+
+
+# --------------------------------------------------------------------------- stage 4
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 1.0
+    kl: float = 0.5
+    nce: float = 0.1
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
+    img_size: int = 128
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    temperature: float = 0.1  # InfoNCE temperature
+    kl_temperature: float = 2.0  # softening for the EMA-teacher KL term
+    ema_decay: float = 0.99
+    loss: LossWeights = field(default_factory=LossWeights)
+    augment: str = "light"  # none | light | strong
+    use_augmented: bool = True  # train on stage-2 fakes too
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    splits_csv: str = "data/splits.csv"
+    prepared_dir: str = "data/prepared"
+    augmented_dir: str = "data/augmented"
+    models_dir: str = "models"
+    workers: int = 2
+    experts: dict[str, ExpertConfig] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stage 5
+@dataclass(frozen=True)
+class PredictConfig:
+    prepared_dir: str = "data/prepared"
+    splits_csv: str = "data/splits.csv"
+    models_dir: str = "models"
+    experts: list[str] = field(default_factory=list)
+    tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
+    combine: str = "mean_prob"  # mean_prob | mean_logit | rank
+    batch_size: int = 64
+    submission: str = "submissions/prediction.txt"
+    metrics: str = "reports/metrics.json"
+    roc: str = "reports/roc.csv"
+    test_labels: str = ""  # optional labels of the test set (e.g. released after a challenge)
+    fallback_score: float = 0.5  # score for a test image that could not be decoded

@@ -1,0 +1,1 @@
+"""Label CSVs, image decoding, the prepared image cache and Datasets."""

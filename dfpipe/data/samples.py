@@ -1,0 +1,52 @@
+"""The sample pool shared by stages 3-5: prepared images plus stage-2 generated ones.
+
+Every sample has a ``uid`` (``train/x.jpg``, ``val/y.jpg``, ``test/z.jpg``, ``aug/self_blend_000001.png``),
+a label (1 fake, 0 real, -1 unknown), its ``origin`` (train/val/test/aug), the ``source_uid`` it was
+derived from (itself for original images) and where its pixels live (``cache_path``, ``cache_index``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cache_path", "cache_index"]
+
+
+def load_manifest(prepared_dir: str | Path, ok_only: bool = True) -> pd.DataFrame:
+    """The stage-1 manifest; ``ok_only`` drops images that failed to decode."""
+    path = Path(prepared_dir) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run stage 1 (python 01_prepare_data.py) first")
+    df = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str, "error": str})
+    return df[df.cache_index >= 0].reset_index(drop=True) if ok_only else df
+
+
+def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
+              splits: tuple[str, ...] = ("train", "val")) -> pd.DataFrame:
+    """Original images of ``splits`` plus (if given) every generated image, with POOL_COLUMNS."""
+    prepared_dir = Path(prepared_dir)
+    man = load_manifest(prepared_dir)
+    man = man[man.split.isin(splits)]
+    pool = pd.DataFrame({
+        "uid": man.uid, "img_name": man.img_name, "label": man.label.astype(int), "origin": man.split,
+        "source_uid": man.uid, "method": "original",
+        "cache_path": [str(prepared_dir / f) for f in man.cache_file], "cache_index": man.cache_index,
+    })
+    if augmented_dir is not None:
+        aug_path = Path(augmented_dir) / "manifest.csv"
+        if not aug_path.is_file():
+            raise FileNotFoundError(f"{aug_path} not found: run stage 2 (python 02_augment_sd.py) first")
+        aug = pd.read_csv(aug_path, keep_default_na=False, dtype={"img_name": str})
+        if len(aug):
+            pool = pd.concat([pool, pd.DataFrame({
+                "uid": aug.uid, "img_name": aug.img_name, "label": aug.label.astype(int), "origin": "aug",
+                "source_uid": aug.source_uid, "method": aug.method,
+                "cache_path": [str(Path(augmented_dir) / f) for f in aug.cache_file],
+                "cache_index": aug.cache_index,
+            })], ignore_index=True)
+    if pool.uid.duplicated().any():
+        dup = pool.uid[pool.uid.duplicated()].iloc[0]
+        raise ValueError(f"duplicate sample uid {dup!r} in the pool")
+    return pool.reset_index(drop=True)

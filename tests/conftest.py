@@ -1,0 +1,35 @@
+"""Shared fixtures. Nothing in the tests may wait on the network."""
+
+import os
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def photo_like(rng: np.random.Generator, h: int = 96, w: int = 96) -> np.ndarray:
+    """A smooth, textured RGB image (gradients + shapes + noise), uint8."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=2) * rng.uniform(80, 200, 3)
+    img = base.astype(np.uint8).copy()
+    for _ in range(3):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(5, h // 3)), c, -1)
+    noise = rng.normal(0, 6, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path, img: np.ndarray, quality: int = 92) -> None:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.tobytes())
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
