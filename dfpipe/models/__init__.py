@@ -1,0 +1,29 @@
+"""Backbones with offline pretrained weights, and the expert (real/fake classifier) registry."""
+
+from .pretrained import (
+    BUNDLED,
+    PRETRAINED_MODES,
+    WeightsUnavailableError,
+    bundled_checkpoint,
+    convert_state_dict,
+    create_backbone,
+    default_cache_dir,
+    normalization,
+)
+from .registry import EXPERTS, Expert, Registry, build_expert, expert_from_description
+
+__all__ = [
+    "BUNDLED",
+    "EXPERTS",
+    "PRETRAINED_MODES",
+    "Expert",
+    "Registry",
+    "WeightsUnavailableError",
+    "build_expert",
+    "bundled_checkpoint",
+    "convert_state_dict",
+    "create_backbone",
+    "default_cache_dir",
+    "expert_from_description",
+    "normalization",
+]

@@ -1,0 +1,1 @@
+"""Stage 3: embeddings, k-means, cluster-held-out folds."""

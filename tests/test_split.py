@@ -1,0 +1,70 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from dfpipe.split.cluster import assign_folds, check_split, cluster_ids, split_pool
+
+
+def make_pool(rng, n_per_blob=12, n_blobs=4, n_aug=10):
+    """Originals in well separated feature blobs (per class) plus generated images of some reals."""
+    feats, labels, uids = [], [], []
+    for b in range(n_blobs):
+        centre = rng.normal(0, 10, 8)
+        for i in range(n_per_blob):
+            feats.append(centre + rng.normal(0, 0.1, 8))
+            labels.append(b % 2)
+            uids.append(f"train/b{b}_{i}.jpg")
+    orig = pd.DataFrame({"uid": uids, "label": labels, "origin": "train", "source_uid": uids})
+    reals = orig.uid[orig.label == 0].to_numpy()
+    src = rng.choice(reals, n_aug)
+    aug = pd.DataFrame({"uid": [f"aug/a{i}.png" for i in range(n_aug)], "label": 1, "origin": "aug",
+                        "source_uid": src})
+    return pd.concat([orig, aug], ignore_index=True), np.asarray(feats, np.float32)
+
+
+def test_blobs_become_clusters_and_folds_hold_whole_clusters(rng):
+    pool, feats = make_pool(rng)
+    df = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0)
+    orig = df[df.origin != "aug"]
+    # each well separated blob is one cluster
+    blob = orig.uid.str.extract(r"b(\d)_")[0]
+    assert (orig.groupby(blob).cluster.nunique() == 1).all()
+    assert orig.cluster.nunique() == 4
+    # folds disjoint and covering, no cluster split, derived images share their source's fold
+    assert set(df.fold) == {0, 1} and len(df) == len(pool) and not df.uid.duplicated().any()
+    assert (df.groupby("cluster").fold.nunique() == 1).all()
+    src_fold = df.set_index("uid").fold
+    aug = df[df.origin == "aug"]
+    assert (src_fold.loc[aug.source_uid].to_numpy() == aug.fold.to_numpy()).all()
+    # both classes in each fold (stratified)
+    assert (orig.groupby("fold").label.nunique() == 2).all()
+
+
+def test_same_seed_same_split(rng):
+    pool, feats = make_pool(rng)
+    a = split_pool(pool, feats, 2, True, 2, seed=3)
+    b = split_pool(pool, feats, 2, True, 2, seed=3)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_per_class_clusters_never_mix_labels(rng):
+    feats = rng.normal(size=(40, 4)).astype(np.float32)
+    labels = np.repeat([0, 1], 20)
+    ids = cluster_ids(feats, labels, k=3, per_class=True, seed=0)
+    for c in np.unique(ids):
+        assert len(np.unique(labels[ids == c])) == 1
+
+
+def test_too_few_clusters_for_folds():
+    with pytest.raises(ValueError, match="cannot fill 4 folds"):
+        assign_folds(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), 4, 0)
+
+
+def test_check_split_catches_leaks():
+    df = pd.DataFrame({"uid": ["a", "b", "c"], "source_uid": ["a", "b", "a"], "cluster": [0, 1, 0],
+                       "fold": [0, 1, 1], "origin": ["train", "train", "aug"]})
+    with pytest.raises(AssertionError, match="cluster spans two folds"):
+        check_split(df)
+    df.loc[2, "cluster"] = 2
+    with pytest.raises(AssertionError, match="not in its source's fold"):
+        check_split(df)
