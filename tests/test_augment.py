@@ -1,0 +1,302 @@
+"""Stage 2 without diffusion: editing forgeries, real widening, and the stage on a tiny prepared dir."""
+
+import json
+import logging
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import photo_like
+from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
+from dfpipe.augment.real import widen_real
+from dfpipe.augment.stage import MANIFEST_COLUMNS, item_seed, plan_jobs, regenerate, run_augment
+from dfpipe.config import AugmentConfig
+
+ALL_METHODS = sorted(METHODS)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(7)
+    return photo_like(rng, 64, 64), photo_like(rng, 64, 64)
+
+
+def call(name, img, donor, seed):
+    return METHODS[name](img.copy(), np.random.default_rng(seed), donor.copy() if name in NEEDS_DONOR else None)
+
+
+# --------------------------------------------------------------------------- editing methods
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_method_changes_only_inside_its_mask(name, pair):
+    img, donor = pair
+    for seed in range(12):
+        fake, mask, params = call(name, img, donor, seed)
+        assert fake.shape == img.shape and fake.dtype == np.uint8
+        assert mask.shape == img.shape[:2] and mask.dtype == np.float32
+        assert 0.0 <= mask.min() and mask.max() <= 1.0
+        outside = mask == 0
+        np.testing.assert_array_equal(fake[outside], img[outside])
+        inside = mask > 0
+        assert inside.mean() > 0.01, f"{name} seed {seed}: mask covers {inside.mean():.3%}"
+        diff = np.abs(fake.astype(int) - img.astype(int)).sum(axis=2)
+        assert diff[inside].mean() > 1.0, f"{name} seed {seed}: no visible change inside the mask"
+        assert (diff[inside] > 0).mean() > 0.3  # the mask is tight: most masked pixels changed
+        json.dumps(params)  # recorded in the manifest
+        # the mask survives the 8-bit PNG the stage writes
+        np.testing.assert_array_equal(np.round(mask * 255).astype(np.uint8) / np.float32(255), mask)
+
+
+def holes(mask: np.ndarray) -> int:
+    """Pixels outside the mask that the image border cannot reach (holes in the blob)."""
+    outside = np.pad((mask == 0).astype(np.uint8), 1, constant_values=1)
+    cv2.floodFill(outside, None, (0, 0), 0)
+    return int(outside.sum())
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_method_mask_is_one_solid_region(name, pair):
+    img, donor = pair
+    for seed in range(12):
+        mask = call(name, img, donor, seed)[1]
+        assert holes(mask) == 0, f"{name} seed {seed}: mask has holes"
+        n_blobs = cv2.connectedComponents((mask > 0).astype(np.uint8))[0] - 1
+        assert n_blobs == 1, f"{name} seed {seed}: {n_blobs} separate regions"
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_method_is_a_function_of_its_seed(name, pair):
+    img, donor = pair
+    a, ma, pa = call(name, img, donor, 3)
+    b, mb, pb = call(name, img, donor, 3)
+    c, mc, _ = call(name, img, donor, 4)
+    assert a.tobytes() == b.tobytes() and ma.tobytes() == mb.tobytes() and pa == pb
+    assert a.tobytes() != c.tobytes() and ma.tobytes() != mc.tobytes()
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_method_handles_non_square_images(name):
+    rng = np.random.default_rng(1)
+    img, donor = photo_like(rng, 48, 80), photo_like(rng, 70, 70)  # donor of another size is resized
+    fake, mask, _ = call(name, img, donor, 0)
+    assert fake.shape == img.shape and mask.shape == (48, 80)
+    np.testing.assert_array_equal(fake[mask == 0], img[mask == 0])
+
+
+def test_self_blend_mask_is_soft_and_centred(pair):
+    img, _ = pair
+    masks = np.stack([call("self_blend", img, img, s)[1] for s in range(20)])
+    soft = ((masks > 0) & (masks < 1)).mean()
+    assert soft > 0.02  # blurred edges, not a hard cut
+    ys, xs = np.nonzero(masks.mean(0) > 0.5)
+    assert abs(ys.mean() - 32) < 6 and abs(xs.mean() - 32) < 6  # face-shaped ellipse near the centre
+
+
+def test_splice_uses_the_donor_and_needs_one(pair):
+    img, donor = pair
+    a = METHODS["splice"](img, np.random.default_rng(0), donor)[0]
+    b = METHODS["splice"](img, np.random.default_rng(0), 255 - donor)[0]
+    assert a.tobytes() != b.tobytes()
+    with pytest.raises(ValueError, match="donor"):
+        METHODS["splice"](img, np.random.default_rng(0), None)
+
+
+def test_splice_uses_both_blend_modes(pair):
+    img, donor = pair
+    blends = {call("splice", img, donor, s)[2]["blend"] for s in range(16)}
+    assert blends == {"alpha", "seamless"}
+
+
+def test_inputs_are_not_modified_and_bad_input_is_rejected(pair):
+    img, donor = pair
+    before = img.copy()
+    for name in ALL_METHODS:
+        METHODS[name](img, np.random.default_rng(0), donor)
+    np.testing.assert_array_equal(img, before)
+    with pytest.raises(ValueError, match="uint8"):
+        METHODS["self_blend"](img.astype(np.float32), np.random.default_rng(0), None)
+    with pytest.raises(ValueError, match="self_blend"):
+        get_method("nope")
+
+
+# --------------------------------------------------------------------------- real widening
+def test_widen_real_changes_image_keeps_shape_and_is_seeded(pair):
+    img, _ = pair
+    outs = [widen_real(img, np.random.default_rng(s)) for s in range(10)]
+    for out, params in outs:
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - img.astype(int)).mean() > 0.2
+        assert params["chain"][-1]["op"] == "jpeg"
+        json.dumps(params)
+    assert len({o.tobytes() for o, _ in outs}) == 10
+    assert widen_real(img, np.random.default_rng(3))[0].tobytes() == outs[3][0].tobytes()
+    ops = {step["op"] for _, p in outs for step in p["chain"]}
+    assert {"jpeg", "resize", "colour"} <= ops
+
+
+# --------------------------------------------------------------------------- the stage
+def make_prepared(root, n_train=8, n_val=4, size=64):
+    """A stage-1 style prepared dir: train/val/test caches and a manifest (one failed decode)."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val), ("test", 2)):
+        imgs = np.stack([photo_like(rng, size, size) for _ in range(n)])
+        np.save(root / f"{split}.npy", imgs)
+        for i in range(n):
+            label = -1 if split == "test" else int(i % 2 != 0)
+            rows.append(dict(uid=f"{split}/{split}_{i}.jpg", img_name=f"{split}_{i}.jpg", split=split, label=label,
+                             path=f"/raw/{split}_{i}.jpg", cache_file=f"{split}.npy", cache_index=i,
+                             orig_w=size, orig_h=size, error=""))
+    rows.append(dict(uid="train/broken.jpg", img_name="broken.jpg", split="train", label=0, path="/raw/broken.jpg",
+                     cache_file="train.npy", cache_index=-1, orig_w=0, orig_h=0, error="empty file (0 bytes)"))
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+def config(prepared, out, **kw):
+    base = dict(prepared_dir=str(prepared), out_dir=str(out), seed=3, fakes_per_real=2.0,
+                methods={m: 1.0 for m in ALL_METHODS}, real_widening=0.5, contact_sheet_per_method=2)
+    base.update(kw)
+    return AugmentConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def augmented(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aug") / "augmented"
+    summary = run_augment(config(prepared, out))
+    return out, summary
+
+
+def real_uids(prepared):
+    man = pd.read_csv(prepared / "manifest.csv", keep_default_na=False)
+    ok = man[man.split.isin(["train", "val"]) & (man.label == 0) & (man.cache_index >= 0)]
+    return set(ok.uid), man.set_index("uid")
+
+
+def test_stage_manifest_counts_and_labels(augmented, prepared):
+    out, summary = augmented
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert list(man.columns) == MANIFEST_COLUMNS
+    reals, _ = real_uids(prepared)
+    assert len(reals) == 6  # 4 train + 2 val reals; the broken row is not a source
+    edits, widened = man[man.method != "widen_real"], man[man.method == "widen_real"]
+    assert len(edits) == 12 and len(widened) == 3
+    assert set(edits.method) <= set(METHODS) and edits.method.nunique() >= 3
+    assert (edits.label == 1).all() and (widened.label == 0).all()
+    assert set(man.source_uid) <= reals
+    assert set(man.source_uid[:6]) == reals  # every real is used once before any is used twice
+    assert man.uid.is_unique and (man.uid == "aug/" + man.img_name).all()
+    assert (man.cache_file == "images.npy").all() and list(man.cache_index) == list(range(len(man)))
+    splice = man[man.method == "splice"]
+    assert (splice.donor_uid != "").all() and (splice.donor_uid != splice.source_uid).all()
+    assert set(splice.donor_uid) <= reals and (man[man.method != "splice"].donor_uid == "").all()
+    assert summary["n_images"] == 15 and summary["n_fake"] == 12 and summary["n_widened_real"] == 3
+    assert summary["n_diffusion"] == 0 and sum(summary["by_method"].values()) == 15
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_stage_images_masks_and_contact_sheet(augmented, prepared):
+    out, _ = augmented
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    images = np.load(out / "images.npy")
+    assert images.dtype == np.uint8 and images.shape == (len(man), 64, 64, 3)
+    _, by_uid = real_uids(prepared)
+    caches = {f: np.load(prepared / f) for f in ("train.npy", "val.npy")}
+    for row in man.itertuples():
+        src_row = by_uid.loc[row.source_uid]
+        src = caches[src_row.cache_file][src_row.cache_index]
+        fake = images[row.cache_index]
+        if row.label == 0:
+            assert row.mask_path == "" and not np.array_equal(fake, src)
+            continue
+        mask = cv2.imread(str(out / row.mask_path), cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and mask.shape == (64, 64) and (mask > 0).mean() > 0.01
+        np.testing.assert_array_equal(fake[mask == 0], src[mask == 0])
+        assert (fake[mask > 0] != src[mask > 0]).any()
+        assert json.loads(row.params)
+    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    n_methods = man.method.nunique()
+    assert sheet is not None and sheet.shape[0] >= n_methods * 64 and sheet.shape[1] >= 2 * 3 * 64
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_stage_is_deterministic_and_regenerates_rows(augmented, prepared, tmp_path):
+    out, _ = augmented
+    again = tmp_path / "again"
+    run_augment(config(prepared, again))
+    assert (out / "images.npy").read_bytes() == (again / "images.npy").read_bytes()
+    assert (out / "manifest.csv").read_bytes() == (again / "manifest.csv").read_bytes()
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(p.name for p in (again / "masks").iterdir())
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    images = np.load(out / "images.npy")
+    for _, row in man.iterrows():
+        fake, mask = regenerate(row, prepared)
+        assert fake.tobytes() == images[row.cache_index].tobytes(), row.uid
+        if row.mask_path:
+            stored = cv2.imread(str(out / row.mask_path), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(np.round(mask * 255).astype(np.uint8), stored)
+        else:
+            assert mask is None
+
+
+def test_stage_other_seed_gives_other_images(augmented, prepared, tmp_path):
+    out, _ = augmented
+    other = tmp_path / "other"
+    run_augment(config(prepared, other, seed=4))
+    assert (out / "images.npy").read_bytes() != (other / "images.npy").read_bytes()
+
+
+def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path, caplog):
+    out = tmp_path / "aug"
+    (out / "masks").mkdir(parents=True)
+    (out / "stale.txt").write_text("old")
+    (out / "masks" / "old.png").write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="dfpipe.augment.stage"):
+        summary = run_augment(config(prepared, out, fakes_per_real=0.5, methods={"self_blend": 1.0},
+                                     real_widening=0.0))
+    assert "diffusion fakes skipped: no model configured" in caplog.text
+    assert not (out / "stale.txt").exists() and not (out / "masks" / "old.png").exists()
+    assert summary["by_method"] == {"self_blend": 3}
+
+
+def test_stage_with_nothing_to_make_writes_an_empty_valid_output(prepared, tmp_path):
+    out = tmp_path / "empty"
+    summary = run_augment(config(prepared, out, fakes_per_real=0.0, real_widening=0.0))
+    assert summary["n_images"] == 0
+    assert np.load(out / "images.npy").shape == (0, 64, 64, 3)
+    man = pd.read_csv(out / "manifest.csv")
+    assert list(man.columns) == MANIFEST_COLUMNS and len(man) == 0
+
+
+def test_stage_rejects_unknown_method_and_no_reals(prepared, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['nope'\].*self_blend"):
+        run_augment(config(prepared, tmp_path / "x", methods={"self_blend": 1.0, "nope": 1.0}))
+    with pytest.raises(ValueError, match="positive weight"):
+        run_augment(config(prepared, tmp_path / "x", methods={"self_blend": 0.0}))
+    fakes_only = tmp_path / "fakes_only"
+    fakes_only.mkdir()
+    make_prepared(fakes_only)
+    man = pd.read_csv(fakes_only / "manifest.csv", keep_default_na=False)
+    man.loc[(man.split != "test") & (man.cache_index >= 0), "label"] = 1  # only the broken row is "real"
+    man.to_csv(fakes_only / "manifest.csv", index=False)
+    with pytest.raises(ValueError, match="no real"):
+        run_augment(config(fakes_only, tmp_path / "y"))
+    assert not (tmp_path / "y").exists()
+
+
+def test_plan_seeds_and_method_weights():
+    jobs = plan_jobs(config("p", "o", fakes_per_real=1.0, methods={"self_blend": 3.0, "splice": 1.0},
+                            real_widening=0.0), n_real=400)
+    counts = pd.Series([j.method for j in jobs]).value_counts()
+    assert len(jobs) == 400 and 250 < counts["self_blend"] < 350
+    assert len({j.seed for j in jobs}) == 400
+    # a row's seed depends on (seed, kind, index) only, not on how many rows are planned
+    assert jobs[5].seed == item_seed(3, "edit", 5)
+    assert plan_jobs(config("p", "o", fakes_per_real=0.5), n_real=400)[5].seed == jobs[5].seed
+    assert all(j.donor not in (-1, j.source) for j in jobs if j.method == "splice")

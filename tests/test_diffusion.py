@@ -1,0 +1,156 @@
+"""The Stable Diffusion path on tiny RANDOM-weight pipelines (real diffusers code, no downloads)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import photo_like
+from dfpipe.augment.diffusion import (TINY_MODEL, generate, load_pipeline, native_size, placeholder_prompt_embeds,
+                                      resolve_dtype, tiny_pipeline, work_size)
+from dfpipe.augment.stage import regenerate, run_augment
+from dfpipe.config import AugmentConfig, DiffusionConfig
+
+CFG = DiffusionConfig(model=TINY_MODEL, steps=2, strength=0.5, guidance_scale=5.0, batch_size=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one thread is ~20x faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipes(one_torch_thread):
+    return {mode: tiny_pipeline(mode) for mode in ("img2img", "inpaint")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [photo_like(rng, 64, 64) for _ in range(3)]
+
+
+def ellipse_masks(n, size=64):
+    yy, xx = np.mgrid[0:size, 0:size]
+    m = (((xx - size / 2) / (size * 0.3)) ** 2 + ((yy - size / 2) / (size * 0.4)) ** 2 <= 1).astype(np.float32)
+    return [m] * n
+
+
+def run(pipe, imgs, seeds, mode, **kw):
+    masks = ellipse_masks(len(imgs), imgs[0].shape[0]) if mode == "inpaint" else None
+    return generate(pipe, imgs, masks, seeds, kw.pop("cfg", CFG), prompt_embeds=placeholder_prompt_embeds(pipe), **kw)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_generate_is_reproducible_per_seed(pipes, images, mode):
+    pipe = pipes[mode]
+    a = run(pipe, images, [1, 2, 3], mode)  # batch_size 2: batches of 2 and 1
+    assert len(a) == 3
+    for img, out in zip(images, a):
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - img.astype(int)).mean() > 1.0  # the model really changed it
+    b = run(pipe, images, [1, 2, 3], mode)
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+    c = run(pipe, images, [1, 2, 4], mode)
+    assert a[0].tobytes() == c[0].tobytes() and a[1].tobytes() == c[1].tobytes()
+    assert a[2].tobytes() != c[2].tobytes()
+
+
+def test_odd_sizes_are_resized_for_the_pipeline_and_back(pipes):
+    rng = np.random.default_rng(1)
+    imgs = [photo_like(rng, 60, 60), photo_like(rng, 60, 60)]
+    out = run(pipes["img2img"], imgs, [0, 1], "img2img", size=44)  # runs at 48 x 48
+    assert [o.shape for o in out] == [(60, 60, 3)] * 2
+    assert work_size(60, 60, None) == (64, 64) and work_size(160, 160, 512) == (512, 512)
+    assert work_size(100, 50, 64) == (64, 32) and work_size(3, 3, None) == (8, 8)
+    assert native_size(pipes["img2img"]) == 64
+
+
+def test_generate_rejects_bad_arguments(pipes, images):
+    pe = placeholder_prompt_embeds(pipes["img2img"])
+    with pytest.raises(ValueError, match="one seed per image"):
+        generate(pipes["img2img"], images, None, [1], CFG, prompt_embeds=pe)
+    with pytest.raises(ValueError, match="mask per image"):
+        generate(pipes["inpaint"], images, None, [1, 2, 3], CFG, prompt_embeds=pe)
+    with pytest.raises(ValueError, match="no denoising step"):
+        generate(pipes["img2img"], images, None, [1, 2, 3], DiffusionConfig(steps=2, strength=0.3), prompt_embeds=pe)
+    with pytest.raises(ValueError, match="text encoder"):
+        generate(pipes["img2img"], images, None, [1, 2, 3], CFG)
+
+
+def test_load_pipeline_errors_name_the_model(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="no_such_model.*does not exist"):
+        load_pipeline(str(missing), "img2img", "float32", "cpu")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(str(tmp_path), "img2img", "float32", "cpu")  # a folder, but not a diffusers one
+    with pytest.raises(FileNotFoundError, match="someorg/not-cached-model"):
+        load_pipeline("someorg/not-cached-model", "inpaint", "float32", "cpu")  # offline: not in the cache
+    with pytest.raises(ValueError, match="mode"):
+        load_pipeline(TINY_MODEL, "outpaint")
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float8", "cpu")
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_local_folder_round_trip(pipes, images, tmp_path, mode):
+    folder = tmp_path / f"tiny_{mode}"
+    pipes[mode].save_pretrained(folder)
+    loaded = load_pipeline(folder, mode, "float32", "cpu")
+    assert type(loaded).__name__ == type(pipes[mode]).__name__ and loaded.safety_checker is None
+    a, b = run(pipes[mode], images[:1], [5], mode), run(loaded, images[:1], [5], mode)
+    assert a[0].tobytes() == b[0].tobytes()  # same weights, same seed: same image
+    if mode == "inpaint":
+        with pytest.raises(ValueError, match="inpainting model"):
+            load_pipeline(folder, "img2img", "float32", "cpu")
+
+
+def test_stage_with_tiny_inpainting_model(tmp_path):
+    from test_augment import make_prepared
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    make_prepared(prepared)
+    diff = DiffusionConfig(model=TINY_MODEL, mode="inpaint", steps=2, strength=1.0, batch_size=1, fraction=0.5,
+                           per_image=2)
+    cfg = AugmentConfig(prepared_dir=str(prepared), out_dir=str(tmp_path / "aug"), fakes_per_real=0.5,
+                        methods={"self_blend": 1.0}, diffusion=diff)
+    summary = run_augment(cfg)
+    assert summary["n_diffusion"] == 6 and summary["by_method"] == {"sd_inpaint": 6, "self_blend": 3}
+    man = pd.read_csv(tmp_path / "aug" / "manifest.csv", keep_default_na=False)
+    images = np.load(tmp_path / "aug" / "images.npy")
+    sd = man[man.method == "sd_inpaint"]
+    assert (sd.label == 1).all() and (sd.mask_path != "").all() and sd.source_uid.nunique() == 3
+    prep = pd.read_csv(prepared / "manifest.csv", keep_default_na=False).set_index("uid")
+    for _, row in sd.iterrows():
+        assert json.loads(row.params)["model"] == TINY_MODEL
+        fake, mask = regenerate(row, prepared)
+        assert fake.tobytes() == images[row.cache_index].tobytes()  # batch_size 1: exact
+        src_row = prep.loc[row.source_uid]
+        src = np.load(prepared / src_row.cache_file)[src_row.cache_index]
+        assert mask.shape == (64, 64) and 0.05 < (mask > 0).mean() < 0.9
+        np.testing.assert_array_equal(fake[mask == 0], src[mask == 0])  # pasted back outside the mask
+        assert np.abs(fake.astype(int) - src.astype(int))[mask == 1].mean() > 5
+
+
+def test_stage_checks_the_diffusion_model_before_editing(tmp_path, caplog):
+    from test_augment import make_prepared
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    make_prepared(prepared)
+    base = dict(prepared_dir=str(prepared), out_dir=str(tmp_path / "aug"), methods={"self_blend": 1.0})
+    with pytest.raises(FileNotFoundError, match="missing_sd15.*does not exist"):
+        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=str(tmp_path / "missing_sd15"))))
+    with pytest.raises(ValueError, match="strength"):
+        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=TINY_MODEL, strength=1.5)))
+    with pytest.raises(ValueError, match="mode"):
+        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=TINY_MODEL, mode="outpaint")))
+    assert not (tmp_path / "aug").exists() and not (tmp_path / "aug.tmp").exists()
