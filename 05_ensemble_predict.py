@@ -1,0 +1,14 @@
+"""Stage 5: ensemble the experts with TTA, write submissions/prediction.txt and the metrics."""
+
+from dfpipe import stage
+from dfpipe.config import PredictConfig, load_section
+
+
+def main(args) -> None:
+    from dfpipe.predict import run_predict
+
+    run_predict(load_section(PredictConfig, "predict", args.params))
+
+
+if __name__ == "__main__":
+    stage.run(main, stage.parser(__doc__).parse_args())

@@ -1,0 +1,1 @@
+"""Stage 4: train one expert (loop, EMA teacher, AMP, checkpoints)."""
