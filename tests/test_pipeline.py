@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,8 +151,12 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     assert "ensemble" in _dvc(work, "metrics", "show")
     # nothing changed: nothing to run
     assert json.loads(_dvc(work, "status", "--json")) == {}
-    # one expert's param changed: only that expert and the ensemble are stale
+    # one expert's param changed: only that expert and the ensemble run again
     params["train"]["experts"]["lite0_a"]["lr"] = 5e-4
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stale = set(json.loads(_dvc(work, "status", "--json")))
-    assert stale == {"train_experts@lite0_a", "ensemble_predict"}
+    assert set(json.loads(_dvc(work, "status", "--json"))) == {"train_experts@lite0_a"}
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro")))
+    assert ran == {"train_experts@lite0_a", "ensemble_predict"}
+    # `dvc repro <stage>` reruns that one stage when forced, nothing else
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro", "-f", "-s", "augment")))
+    assert ran == {"augment"}
