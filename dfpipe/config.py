@@ -171,9 +171,11 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class ExpertConfig:
+    arch: str = "timm"  # builder in dfpipe.models.EXPERTS
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     img_size: int = 128
+    dropout: float = 0.2  # before the linear head
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3

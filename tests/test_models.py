@@ -193,3 +193,10 @@ def test_registry_rejects_duplicates_and_unknown_names():
         EXPERTS.register("timm")(lambda cfg: None)
     with pytest.raises(KeyError, match="registered"):
         build_expert(ExpertConfig(pretrained="none"), arch="no_such_arch")
+
+
+def test_params_choose_arch_and_dropout():
+    e = build_expert(ExpertConfig(pretrained="none", img_size=32, dropout=0.35))
+    assert e.head[0].p == 0.35 and e.describe()["dropout"] == 0.35
+    with pytest.raises(KeyError, match="no_such"):
+        build_expert(ExpertConfig(pretrained="none", arch="no_such"))

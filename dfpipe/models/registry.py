@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 NUM_CLASSES = 2  # 0 = real, 1 = fake
-DEFAULT_DROPOUT = 0.2  # ExpertConfig has no dropout field yet
+DEFAULT_DROPOUT = ExpertConfig.dropout
 
 
 class Registry:
@@ -92,16 +92,16 @@ class Expert(nn.Module):
 
 
 @EXPERTS.register("timm")
-def build_timm_expert(cfg: ExpertConfig, pretrained: str | None = None, dropout: float = DEFAULT_DROPOUT) -> Expert:
-    """The default expert. Builders take (cfg, pretrained=None, dropout=...); ``pretrained`` overrides
-    ``cfg.pretrained`` (``"none"`` when rebuilding from a checkpoint)."""
+def build_timm_expert(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
+    """The default expert. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` overrides
+    ``cfg.pretrained`` (``"none"`` when rebuilding from a checkpoint), ``dropout`` ``cfg.dropout``."""
     return Expert(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
-                  dropout=dropout, arch="timm")
+                  dropout=cfg.dropout if dropout is None else dropout, arch="timm")
 
 
-def build_expert(cfg: ExpertConfig, arch: str = "timm") -> Expert:
-    """Build the expert registered as ``arch`` from ``cfg`` (weights as ``cfg.pretrained`` says)."""
-    return EXPERTS.get(arch)(cfg)
+def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
+    """Build the expert registered as ``arch`` (default ``cfg.arch``); weights as ``cfg.pretrained`` says."""
+    return EXPERTS.get(arch or cfg.arch)(cfg)
 
 
 def expert_from_description(desc: dict[str, Any]) -> Expert:
