@@ -34,5 +34,10 @@ repro: setup data/raw
 test: setup
 	$(VENV)/bin/pytest -q
 
+# Benchmarks (not tests): each bench/bench_*.py writes JSON under reports/bench/.
+bench: setup
+	mkdir -p reports/bench
+	for f in bench/bench_*.py; do $(PY) $$f --out reports/bench/$$(basename $$f .py).json || exit 1; done
+
 clean-outputs:
 	rm -rf data/prepared data/augmented data/splits.csv data/features.npy models submissions reports
