@@ -582,6 +582,29 @@ def make_demo_dataset(
     return summary
 
 
+def auc_by_kind(root: str | Path, prediction_csv: str | Path, split: str = "test") -> dict[str, float]:
+    """ROC AUC of a submission on the demo's ``split``: all fakes, then real vs each fake kind.
+
+    Uses ``demo_manifest.csv`` (the kind of every image) so one can see how a model does on the kind
+    it never trained on (``upsample`` in test). Names missing from the submission are an error.
+    """
+    from .metrics import roc_auc
+
+    man = pd.read_csv(Path(root) / "demo_manifest.csv", dtype={"img_name": str})
+    man = man[man.split == split]
+    sub = pd.read_csv(prediction_csv, dtype={"img_name": str}).set_index("img_name").y_pred
+    missing = sorted(set(man.img_name) - set(sub.index))
+    if missing:
+        raise ValueError(f"{prediction_csv}: {len(missing)} {split} images have no score, e.g. {missing[:3]}")
+    man = man.assign(score=sub.loc[man.img_name].to_numpy())
+    real = man[man.target == 0]
+    out = {"all": roc_auc(man.target, man.score)}
+    for kind, fakes in man[man.target == 1].groupby("kind"):
+        both = pd.concat([real, fakes])
+        out[str(kind)] = roc_auc(both.target, both.score)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dfpipe.demo",

@@ -151,3 +151,23 @@ def test_cli(tmp_path):
     assert rc == 0
     assert len(list((root / "trainset").glob("*.jpg"))) == 4
     assert demo.main([str(tmp_path / "bad"), "--n-train", "1"]) == 2
+
+
+def test_auc_by_kind_scores_each_fake_kind_against_the_reals(tmp_path):
+    from dfpipe.demo import auc_by_kind
+
+    root = tmp_path / "d"
+    demo.make_demo_dataset(root, seed=3, n_train=8, n_val=8, n_test=24, size_range=(64, 80))
+    man = pd.read_csv(root / "demo_manifest.csv")
+    test = man[man.split == "test"]
+    # a scorer that catches only upsampled fakes perfectly and ranks other fakes below all reals
+    score = np.where(test.kind == "upsample", 0.9, np.where(test.target == 0, 0.5, 0.1))
+    sub = tmp_path / "pred.csv"
+    pd.DataFrame({"img_name": test.img_name, "y_pred": score}).to_csv(sub, index=False)
+    out = auc_by_kind(root, sub)
+    assert out["upsample"] == 1.0
+    assert out["blend"] == 0.0 and out["splice"] == 0.0
+    assert 0.0 < out["all"] < 1.0
+    pd.DataFrame({"img_name": test.img_name[:3], "y_pred": 0.5}).to_csv(sub, index=False)
+    with pytest.raises(ValueError, match="have no score"):
+        auc_by_kind(root, sub)
