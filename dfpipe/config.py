@@ -140,6 +140,7 @@ class AugmentConfig:
     real_widening: float = 0.0  # share of real images that get a widened (compressed/resized) copy
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     contact_sheet_per_method: int = 4
+    workers: int = 0  # editing fakes: processes (0 = all cores, 1 = in-process); same bytes either way
 
 
 # --------------------------------------------------------------------------- stage 3

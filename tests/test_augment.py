@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import threading
 
 import cv2
 import numpy as np
@@ -11,7 +13,10 @@ import pytest
 from conftest import photo_like
 from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
 from dfpipe.augment.real import widen_real
-from dfpipe.augment.stage import MANIFEST_COLUMNS, item_seed, plan_jobs, regenerate, run_augment
+from dfpipe.augment import stage
+from dfpipe.augment.dist import Dist
+from dfpipe.augment.stage import (MANIFEST_COLUMNS, item_seed, n_workers, plan_jobs, regenerate, run_augment,
+                                  work_dir)
 from dfpipe.config import AugmentConfig
 
 ALL_METHODS = sorted(METHODS)
@@ -161,7 +166,7 @@ def prepared(tmp_path_factory):
 
 def config(prepared, out, **kw):
     base = dict(prepared_dir=str(prepared), out_dir=str(out), seed=3, fakes_per_real=2.0,
-                methods={m: 1.0 for m in ALL_METHODS}, real_widening=0.5, contact_sheet_per_method=2)
+                methods={m: 1.0 for m in ALL_METHODS}, real_widening=0.5, contact_sheet_per_method=2, workers=1)
     base.update(kw)
     return AugmentConfig(**base)
 
@@ -300,3 +305,118 @@ def test_plan_seeds_and_method_weights():
     assert jobs[5].seed == item_seed(3, "edit", 5)
     assert plan_jobs(config("p", "o", fakes_per_real=0.5), n_real=400)[5].seed == jobs[5].seed
     assert all(j.donor not in (-1, j.source) for j in jobs if j.method == "splice")
+
+
+# --------------------------------------------------------------------------- resume, workers, shards
+def same_output(a, b):
+    """Two stage outputs hold the same files with the same bytes."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    return True
+
+
+ORIGINAL = {"edit_one": stage.edit_one, "sd_batch": stage.sd_batch}
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def counting(monkeypatch, name, fail_after=None):
+    """Wrap ``stage.<name>`` (edit_one or sd_batch) to record the images it makes; raise after ``fail_after``."""
+    real, made = ORIGINAL[name], []
+
+    def wrapper(*args, **kwargs):
+        n = len(args[2]) if name == "sd_batch" else 1
+        if fail_after is not None and len(made) + n > fail_after:
+            raise Killed("simulated kill")
+        made.extend([args[0]] if name == "edit_one" else list(args[3]))  # method names / diffusion seeds
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, name, wrapper)
+    return made
+
+
+def test_killed_run_resumes_without_redoing_images(augmented, prepared, tmp_path, monkeypatch):
+    ref, _ = augmented
+    out = tmp_path / "aug"
+    counting(monkeypatch, "edit_one", fail_after=5)
+    with pytest.raises(Killed):
+        run_augment(config(prepared, out))
+    assert not out.exists() and not (tmp_path / "aug.tmp").exists()
+    assert len(list(work_dir(out).glob("*.npz"))) == 5 and not list(work_dir(out).glob(".*"))
+    made = counting(monkeypatch, "edit_one")
+    run_augment(config(prepared, out))
+    assert len(made) == 15 - 5  # only the missing images
+    assert same_output(ref, out) and not work_dir(out).exists()
+
+
+def test_work_from_another_config_is_not_reused(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "aug"
+    counting(monkeypatch, "edit_one", fail_after=6)
+    with pytest.raises(Killed):
+        run_augment(config(prepared, out))
+    made = counting(monkeypatch, "edit_one")
+    run_augment(config(prepared, out, seed=4))  # other seeds: nothing in the work dir matches
+    assert len(made) == 15
+    fresh = tmp_path / "fresh"
+    run_augment(config(prepared, fresh, seed=4))
+    assert same_output(out, fresh) and not work_dir(out).exists()
+
+
+def test_worker_pool_gives_the_same_bytes(augmented, prepared, tmp_path, monkeypatch):
+    ref, _ = augmented
+    monkeypatch.setattr(stage, "MIN_JOBS_PER_WORKER", 1)
+    monkeypatch.setattr(stage, "EDIT_CHUNK", 4)
+    assert n_workers(2, 15) == 2
+    out = tmp_path / "pool"
+    run_augment(config(prepared, out, workers=2))
+    assert same_output(ref, out)
+
+
+def test_n_workers():
+    assert n_workers(3, 10_000) == 3 and n_workers(3, 10) == 1  # small runs stay in-process
+    assert 1 <= n_workers(0, 10_000) <= (os.cpu_count() or 1)
+    assert n_workers(0, 10_000, world=10_000) == 1
+    with pytest.raises(ValueError, match="workers"):
+        n_workers(-1, 10)
+
+
+def run_ranks(cfg, world):
+    """``run_augment`` as ``world`` ranks (threads sharing a barrier): the shard/merge logic in one process."""
+    barrier = threading.Barrier(world, timeout=60)
+    results, errors = [None] * world, []
+
+    def rank(r):
+        try:
+            results[r] = run_augment(cfg, Dist(rank=r, world=world, _barrier=barrier.wait))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_shards_merge_to_the_one_process_output(augmented, prepared, tmp_path, monkeypatch):
+    ref, summary = augmented
+    made = counting(monkeypatch, "edit_one")
+    results = run_ranks(config(prepared, tmp_path / "aug3"), world=3)
+    assert results[0] == summary and [r["generated"] for r in results[1:]] == [5, 5]
+    assert sorted(made) == sorted(pd.read_csv(ref / "manifest.csv").method)  # each image made once
+    assert same_output(ref, tmp_path / "aug3")
+
+
+def test_dist_shard_is_disjoint_and_covers():
+    items = list(range(10))
+    shards = [Dist(rank=r, world=3).shard(items) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and [len(s) for s in shards] == [4, 3, 3]
+    assert Dist().shard(items) == items and Dist().is_main and not Dist(rank=1, world=2).is_main

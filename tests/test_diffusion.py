@@ -1,6 +1,10 @@
 """The Stable Diffusion path on tiny RANDOM-weight pipelines (real diffusers code, no downloads)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +14,7 @@ import torch
 from conftest import photo_like
 from dfpipe.augment.diffusion import (TINY_MODEL, generate, load_pipeline, native_size, placeholder_prompt_embeds,
                                       resolve_dtype, tiny_pipeline, work_size)
-from dfpipe.augment.stage import regenerate, run_augment
+from dfpipe.augment.stage import regenerate, run_augment, work_dir
 from dfpipe.config import AugmentConfig, DiffusionConfig
 
 CFG = DiffusionConfig(model=TINY_MODEL, steps=2, strength=0.5, guidance_scale=5.0, batch_size=2)
@@ -154,3 +158,72 @@ def test_stage_checks_the_diffusion_model_before_editing(tmp_path, caplog):
     with pytest.raises(ValueError, match="mode"):
         run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=TINY_MODEL, mode="outpaint")))
     assert not (tmp_path / "aug").exists() and not (tmp_path / "aug.tmp").exists()
+
+
+# --------------------------------------------------------------------------- resume and shards with diffusion rows
+SD_RUN = DiffusionConfig(model=TINY_MODEL, mode="inpaint", steps=2, strength=1.0, batch_size=2, fraction=0.5,
+                         per_image=2)  # 3 sources x 2 = 6 diffusion rows in 3 batches of 2
+
+
+def sd_config(prepared, out, **kw):
+    base = dict(prepared_dir=str(prepared), out_dir=str(out), seed=3, fakes_per_real=0.5,
+                methods={"self_blend": 1.0, "splice": 1.0}, real_widening=0.5, diffusion=SD_RUN, workers=1)
+    return AugmentConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def sd_reference(tmp_path_factory, one_torch_thread):
+    from test_augment import make_prepared
+
+    root = tmp_path_factory.mktemp("sd_ref")
+    prepared = root / "prepared"
+    prepared.mkdir()
+    make_prepared(prepared)
+    summary = run_augment(sd_config(prepared, root / "aug"))
+    assert summary["n_images"] == 12 and summary["n_diffusion"] == 6
+    return prepared, root / "aug"
+
+
+def test_killed_diffusion_run_resumes_whole_batches(sd_reference, tmp_path, monkeypatch):
+    from test_augment import Killed, counting, same_output
+
+    prepared, ref = sd_reference
+    out = tmp_path / "aug"
+    counting(monkeypatch, "sd_batch", fail_after=4)  # batches 1 and 2 stored, killed in batch 3
+    with pytest.raises(Killed):
+        run_augment(sd_config(prepared, out))
+    sd_files = sorted(work_dir(out).glob("sd_inpaint_*.npz"))
+    assert len(sd_files) == 4 and len(list(work_dir(out).glob("*.npz"))) == 4 + 6
+    # A kill between two images of one batch: that batch is remade whole (same composition, same bytes).
+    sd_files[0].unlink()
+    edits, sds = counting(monkeypatch, "edit_one"), counting(monkeypatch, "sd_batch")
+    run_augment(sd_config(prepared, out))
+    assert edits == [] and len(sds) == 2 + 2  # the broken batch and the missing one; the full batch is kept
+    assert same_output(ref, out) and not work_dir(out).exists()
+
+
+def test_diffusion_shards_merge_to_the_one_process_output(sd_reference, tmp_path):
+    from test_augment import run_ranks, same_output
+
+    prepared, ref = sd_reference
+    results = run_ranks(sd_config(prepared, tmp_path / "aug"), world=2)
+    assert results[1] == {"rank": 1, "world": 2, "generated": 3 + 2}  # 3 of 6 editing images + batch 2 of 3
+    assert same_output(ref, tmp_path / "aug")
+
+
+def test_torchrun_two_processes_match_one(sd_reference, tmp_path):
+    """The real thing on CPU: 2 processes, gloo process group via accelerate, merged output == 1 process."""
+    from test_augment import same_output
+
+    prepared, ref = sd_reference
+    cfg = sd_config(prepared, tmp_path / "aug")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"augment": {**cfg.__dict__, "diffusion": SD_RUN.__dict__}}))  # JSON is YAML
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}  # 1 thread, as the reference run
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "02_augment_sd.py", "--params", str(params)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process 1 of 2" in proc.stderr and "[rank 1/2]" in proc.stderr
+    assert same_output(ref, tmp_path / "aug")

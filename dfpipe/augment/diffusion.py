@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 MODES = ("img2img", "inpaint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_MODEL = ":tiny-random:"  # model name for tiny_pipeline(): random weights, tests/smoke runs only
+_TINY_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- loading
@@ -144,8 +146,9 @@ def tiny_pipeline(mode: str = "img2img", seed: int = 0) -> Any:
 
     if mode not in MODES:
         raise ValueError(f"unknown diffusion mode {mode!r}; choose one of {list(MODES)}")
-    # Fork the RNG so building the test pipeline does not shift anybody else's torch random stream.
-    with torch.random.fork_rng(devices=[]):
+    # Fork the RNG so building the test pipeline does not shift anybody else's torch random stream; the
+    # lock keeps two threads (ranks simulated by threads in tests) from seeding the shared generator at once.
+    with _TINY_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=32,

@@ -10,6 +10,24 @@ cluster, so both splits are sources):
 Every row has its own integer seed (derived from ``cfg.seed``, the row's kind and index), so the
 same config gives the same bytes and :func:`regenerate` rebuilds any row from the manifest alone.
 
+Several processes (GPUs)::
+
+    accelerate launch --num_processes 4 02_augment_sd.py   # 4 GPUs (or: torchrun --nproc_per_node 4 ...)
+    torchrun --standalone --nproc_per_node 2 02_augment_sd.py  # CPU-only: gloo (accelerate's --cpu is 1 process)
+
+Every process plans the same job list, takes every ``world``-th pending editing image (each with
+``workers`` pool processes, 0 = its share of the cores) and every ``world``-th pending diffusion batch
+(on its own device, ``cuda:<local rank>``), and stores each finished image in the work dir. After a
+barrier the main process merges the work files, in plan order, into ``out_dir``; the output does not
+depend on the number of processes. A plain ``python 02_augment_sd.py`` is the one-process case of the
+same code. All processes must see the same filesystem (one machine, or a shared disk).
+
+Resuming: ``<out_dir>.work/`` holds one ``.npz`` per finished image, written atomically and named by a
+hash of everything its bytes depend on (source and donor uids, seed, method, image size, the prepared
+manifest and, for diffusion, the diffusion settings and the batch it is made in). A killed run
+rerun with the same config makes only the missing images and gives the same bytes; work made under
+another config is never reused. The work dir is removed once ``out_dir`` is written.
+
 Output (``cfg.out_dir``, replaced as a whole; it is a DVC output):
   images.npy        uint8 (M, S, S, 3) RGB, S = the prepared cache size, row = ``cache_index``
   manifest.csv      uid,img_name,label,source_uid,donor_uid,method,params,seed,mask_path,cache_file,cache_index
@@ -21,11 +39,13 @@ Output (``cfg.out_dir``, replaced as a whole; it is a DVC output):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +57,7 @@ from tqdm import tqdm
 
 from ..config import AugmentConfig, DiffusionConfig
 from ..io import write_csv, write_json
+from .dist import Dist, get_dist
 from .editing import METHODS, NEEDS_DONOR, get_method, region_mask
 from .real import widen_real
 
@@ -49,6 +70,9 @@ WIDEN = "widen_real"
 SD_PREFIX = "sd_"
 # Seed streams: a row's seed depends on (cfg.seed, stream, index) only.
 _STREAMS = {"plan": 0, "edit": 1, "widen": 2, "sd": 3}
+WORK_VERSION = 1  # bump when a change makes old work files wrong (part of every work file's key)
+EDIT_CHUNK = 16  # editing images per pool task
+MIN_JOBS_PER_WORKER = 256  # fewer images per process: its start-up (~1 s) outweighs the work
 
 
 @dataclass(frozen=True)
@@ -247,7 +271,7 @@ class _Writer:
         self.examples: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
 
     def add(self, job: Job, reals: pd.DataFrame, src: np.ndarray, fake: np.ndarray, mask: np.ndarray | None,
-            params: dict) -> None:
+            params_json: str) -> None:
         i = len(self.rows)
         if fake.shape != src.shape or fake.dtype != np.uint8:
             raise RuntimeError(f"{job.method} returned {fake.dtype} {fake.shape} for a {src.shape} image")
@@ -260,7 +284,7 @@ class _Writer:
         self.rows.append({
             "uid": f"aug/{name}", "img_name": name, "label": 0 if job.kind == "widen" else 1,
             "source_uid": reals.uid[job.source], "donor_uid": reals.uid[job.donor] if job.donor >= 0 else "",
-            "method": job.method, "params": json.dumps(params, sort_keys=True, separators=(",", ":")),
+            "method": job.method, "params": params_json,
             "seed": job.seed, "mask_path": mask_path, "cache_file": CACHE_FILE, "cache_index": i,
         })
         ex = self.examples.setdefault(job.method, [])
@@ -297,34 +321,193 @@ def contact_sheet(examples: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.n
     return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
+# --------------------------------------------------------------------------- work files (resume)
+def work_dir(out_dir: str | Path) -> Path:
+    """``<out_dir>.work``: one file per finished image, kept across a crash, removed after the merge."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".work")
+
+
+def _prepared_fingerprint(prepared_dir: str | Path) -> str:
+    """Changes when stage 1 is rerun differently, so work made from other sources is never reused."""
+    return hashlib.sha1((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()
+
+
+def sd_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
+    """Indices of the diffusion jobs in fixed batches of the plan (the same whatever is resumed or sharded,
+    so every image is made in the same batch composition and comes out with the same bytes)."""
+    idx = [i for i, j in enumerate(jobs) if j.kind == "sd"]
+    return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+
+
+def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, size: int) -> list[str]:
+    """File name of each job's work file: a hash of everything its bytes depend on (never the row index)."""
+    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(cfg.prepared_dir), "size": size}
+    d = cfg.diffusion
+    sd = {k: v for k, v in asdict(d).items() if k not in ("per_image", "fraction")}
+    mates: dict[int, list] = {}
+    for batch in sd_batches(jobs, d.batch_size) if d.model else []:
+        members = [[reals.uid[jobs[i].source], jobs[i].seed] for i in batch]
+        mates.update({i: members for i in batch})
+    names = []
+    for i, j in enumerate(jobs):
+        key = {**base, "kind": j.kind, "method": j.method, "seed": j.seed, "source": reals.uid[j.source],
+               "donor": reals.uid[j.donor] if j.donor >= 0 else ""}
+        if j.kind == "sd":
+            key.update(diffusion=sd, batch=mates[i])
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        names.append(f"{j.method}_{digest}.npz")
+    return names
+
+
+def save_work(path: Path, fake: np.ndarray, mask: np.ndarray | None, params: dict) -> None:
+    """Write one finished image atomically (a kill leaves the old state or the whole file)."""
+    if fake.dtype != np.uint8 or fake.ndim != 3:
+        raise RuntimeError(f"{path.name}: generated image is {fake.dtype} {fake.shape}, expected uint8 (H, W, 3)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, image=fake, mask=np.zeros(0, np.float32) if mask is None else mask.astype(np.float32),
+                 params=np.array(json.dumps(params, sort_keys=True, separators=(",", ":"))))
+    os.replace(tmp, path)
+
+
+def load_work(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(image, mask or None, params as JSON text) of a work file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing at the merge: a process did not finish its shard "
+                                "(rerun the stage: finished images are kept)")
+    with np.load(path) as z:
+        mask = z["mask"]
+        return z["image"], (mask if mask.size else None), str(z["params"])
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The real-image table in picklable form (for worker processes): index -> uint8 image."""
+
+    prepared_dir: str
+    uids: tuple[str, ...]
+    files: tuple[str, ...]
+    indices: tuple[int, ...]
+
+    @classmethod
+    def from_reals(cls, prepared_dir: str | Path, reals: pd.DataFrame) -> Sources:
+        return cls(str(prepared_dir), tuple(reals.uid), tuple(reals.cache_file),
+                   tuple(int(i) for i in reals.cache_index))
+
+    def reader(self) -> Callable[[int], np.ndarray]:
+        cache = CacheReader(self.prepared_dir)
+        return lambda k: cache.get(self.files[k], self.indices[k])
+
+
+# --------------------------------------------------------------------------- editing fakes (process pool)
+_WORKER: dict[str, Any] = {}  # in a pool process: image reader and work dir (set by _init_worker)
+
+
+def _worker_state(sources: Sources, work: str | Path) -> dict[str, Any]:
+    return {"image": sources.reader(), "work": Path(work)}
+
+
+def _init_worker(sources: Sources, work: str) -> None:
+    cv2.setNumThreads(1)  # one process per core: no thread oversubscription
+    _WORKER.update(_worker_state(sources, work))
+
+
+def _edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = None) -> int:
+    """Make and store the editing fakes / widened reals of ``tasks`` ((job, work file name) pairs)."""
+    state = _WORKER if state is None else state
+    image, work = state["image"], state["work"]
+    for job, name in tasks:
+        donor = image(job.donor) if job.donor >= 0 else None
+        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor)
+        save_work(work / name, fake, mask, params)
+    return len(tasks)
+
+
+def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
+    """Editing processes: ``requested`` (0 = this process's share of the cores), fewer for small runs."""
+    if requested < 0:
+        raise ValueError(f"augment.workers must be >= 0 (0 = all cores), got {requested}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = requested or max(1, cores // max(1, world))
+    return max(1, min(wanted, n_tasks // MIN_JOBS_PER_WORKER))
+
+
+def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, workers: int, dist: Dist) -> None:
+    """Editing fakes and widened reals, in this process (1 worker) or a spawn pool; same bytes either way."""
+    if not tasks:
+        return
+    chunks = [tasks[s:s + EDIT_CHUNK] for s in range(0, len(tasks), EDIT_CHUNK)]
+    n_proc = n_workers(workers, len(tasks), dist.world)
+    log.info("%saugment: %d editing images with %d process(es)", dist.tag(), len(tasks), n_proc)
+    with tqdm(total=len(tasks), desc=f"{dist.tag()}augment edit", unit="img") as bar:
+        if n_proc == 1:
+            state = _worker_state(sources, work)
+            for chunk in chunks:
+                bar.update(_edit_chunk(chunk, state))
+            return
+        # spawn, not fork: torch/CUDA may already be initialised in this process (diffusion pipeline).
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(n_proc, initializer=_init_worker, initargs=(sources, str(work))) as pool:
+            for n in pool.imap_unordered(_edit_chunk, chunks):
+                bar.update(n)
+
+
 # --------------------------------------------------------------------------- the stage
-def run_augment(cfg: AugmentConfig) -> dict:
-    """Run stage 2 and return summary counts (also written to ``out_dir/summary.json``)."""
+def run_augment(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
+    """Run stage 2 (this process's shard under a launcher, see the module docstring).
+
+    Returns the summary counts (also written to ``out_dir/summary.json``) on the main process; other
+    processes return ``{"rank": r, "world": w, "generated": n}`` once their shard is stored.
+    """
+    dist = dist or get_dist()
     reals = load_reals(cfg.prepared_dir)
+    sources = Sources.from_reals(cfg.prepared_dir, reals)
     cache = CacheReader(cfg.prepared_dir)
     size = cache.size(reals.cache_file[0])
-    jobs = plan_jobs(cfg, len(reals))
-    if not cfg.diffusion.model:
+    jobs = plan_jobs(cfg, len(reals))  # validates the config before anything is written or loaded
+    names = work_names(jobs, reals, cfg, size)
+    work = work_dir(cfg.out_dir)
+    done = {p.name for p in work.glob("*.npz")} if work.is_dir() else set()
+    edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind != "sd" and n not in done]
+    sd_todo = [b for b in sd_batches(jobs, cfg.diffusion.batch_size) if any(names[i] not in done for i in b)]
+    n_done = sum(n in done for n in names)
+    if n_done and dist.is_main:
+        log.info("augment: resuming from %s: %d of %d images already made", work, n_done, len(jobs))
+    if not cfg.diffusion.model and dist.is_main:
         log.info("diffusion fakes skipped: no model configured")
-    sd_jobs = [j for j in jobs if j.kind == "sd"]
-    pipe = _load_diffusion(cfg.diffusion) if sd_jobs else None  # fail fast, before hours of editing
-    out = Path(cfg.out_dir)
+    my_edits, my_sd = dist.shard(edit_todo), dist.shard(sd_todo)
+    pipe = _load_diffusion(cfg.diffusion, dist.device) if my_sd else None  # fail fast, before hours of editing
+    if dist.is_main:
+        log.info("augment: %d real sources -> %d images (%d px), %d to make", len(reals), len(jobs), size,
+                 len(jobs) - n_done)
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every process has listed `done` before anyone writes, and the work dir exists
+    _run_edits(my_edits, sources, work, cfg.workers, dist)
+    if my_sd:
+        _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, sources, work, dist)
+    n_mine = len(my_edits) + sum(len(b) for b in my_sd)
+    dist.barrier()  # every shard is stored
+    if not dist.is_main:
+        return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
+    summary = _assemble(cfg, jobs, names, reals, cache, size)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("augment: wrote %d images to %s %s", summary["n_images"], cfg.out_dir, summary["by_method"])
+    return summary
+
+
+def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.DataFrame, cache: CacheReader,
+              size: int) -> dict:
+    """Merge the work files, in plan order, into a staging dir, then swap it in for ``out_dir``."""
+    out, work = Path(cfg.out_dir), work_dir(cfg.out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("augment: %d real sources -> %d images (%d px)", len(reals), len(jobs), size)
     try:
         writer = _Writer(tmp, len(jobs), size, cfg.contact_sheet_per_method)
-
-        def image(k: int) -> np.ndarray:
-            return cache.get(reals.cache_file[k], reals.cache_index[k])
-
-        for job in tqdm([j for j in jobs if j.kind != "sd"], desc="augment edit", unit="img"):
-            src = image(job.source)
-            donor = image(job.donor) if job.donor >= 0 else None
-            fake, mask, params = edit_one(job.method, src, job.seed, donor)
+        for job, name in tqdm(list(zip(jobs, names)), desc="augment merge", unit="img"):
+            fake, mask, params = load_work(work / name)
+            src = cache.get(reals.cache_file[job.source], reals.cache_index[job.source])
             writer.add(job, reals, src, fake, mask, params)
-        if sd_jobs:
-            _run_diffusion(pipe, cfg.diffusion, sd_jobs, image, writer, reals)
         writer.close()
         summary = _write_tables(tmp, writer, cfg, reals, size)
     except BaseException:
@@ -332,7 +515,6 @@ def run_augment(cfg: AugmentConfig) -> dict:
         raise
     shutil.rmtree(out, ignore_errors=True)  # the stage owns out_dir: no stale file may survive
     os.replace(tmp, out)
-    log.info("augment: wrote %d images to %s %s", summary["n_images"], out, summary["by_method"])
     return summary
 
 
@@ -348,23 +530,26 @@ def _write_tables(tmp: Path, writer: _Writer, cfg: AugmentConfig, reals: pd.Data
     return summary
 
 
-def _load_diffusion(d: DiffusionConfig) -> Any:
+def _load_diffusion(d: DiffusionConfig, device: str | None = None) -> Any:
     from .diffusion import load_pipeline
 
-    return load_pipeline(d.model, d.mode, d.dtype)
+    return load_pipeline(d.model, d.mode, d.dtype, device)
 
 
-def _run_diffusion(pipe: Any, d: DiffusionConfig, jobs: list[Job], image: Any, writer: _Writer,
-                   reals: pd.DataFrame) -> None:
-    log.info("diffusion: %d %s fakes with %s", len(jobs), d.mode, d.model)
+def _run_diffusion(pipe: Any, d: DiffusionConfig, batches: list[list[int]], jobs: list[Job], names: list[str],
+                   done: set[str], sources: Sources, work: Path, dist: Dist) -> None:
+    """This process's diffusion batches; images of a batch already stored are not written again."""
+    n = sum(len(b) for b in batches)
+    log.info("%sdiffusion: %d %s fakes with %s on %s", dist.tag(), n, d.mode, d.model, pipe.device)
     embeds = _prompt_embeds(pipe)
-    with tqdm(total=len(jobs), desc=f"augment sd_{d.mode}", unit="img") as bar:
-        for start in range(0, len(jobs), d.batch_size):
-            batch = jobs[start:start + d.batch_size]
-            srcs = [image(j.source) for j in batch]
-            made = sd_batch(pipe, d, srcs, [j.seed for j in batch], embeds)
-            for job, src, (fake, mask, params) in zip(batch, srcs, made):
-                writer.add(job, reals, src, fake, mask, params)
+    image = sources.reader()
+    with tqdm(total=n, desc=f"{dist.tag()}augment sd_{d.mode}", unit="img") as bar:
+        for batch in batches:
+            srcs = [image(jobs[i].source) for i in batch]
+            made = sd_batch(pipe, d, srcs, [jobs[i].seed for i in batch], embeds)
+            for i, (fake, mask, params) in zip(batch, made):
+                if names[i] not in done:
+                    save_work(work / names[i], fake, mask, params)
             bar.update(len(batch))
 
 
