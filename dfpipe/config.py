@@ -209,11 +209,20 @@ class PredictConfig:
     splits_csv: str = "data/splits.csv"
     models_dir: str = "models"
     experts: list[str] = field(default_factory=list)
+    augmented_dir: str = ""  # stage-2 output: val-fold generated images for the per-method AUC; "" = skip
+    # TTA views: identity, hflip, vflip, rot90, rot180, rot270, scale<f> (input at f x the expert's size),
+    # and "+"-joined combinations such as "hflip+scale1.25"
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
-    combine: str = "mean_prob"  # mean_prob | mean_logit | rank
+    combine: str = "mean_prob"  # mean_prob | mean_logit | rank | stack (logistic regression fitted on val)
+    stack_folds: int = 5  # stack: val metrics come from cross-validated predictions over these folds
+    max_fpr: float = 0.01  # "likely fake" threshold: FPR on val at most this
+    max_fnr: float = 0.01  # "likely real" threshold: fakes missed on val at most this
     batch_size: int = 64
     submission: str = "submissions/prediction.txt"
     metrics: str = "reports/metrics.json"
     roc: str = "reports/roc.csv"
+    roc_png: str = "reports/roc.png"
+    failures: str = "reports/test_failures.csv"  # test images that failed to decode (img_name, error)
+    card: str = "submissions/ensemble.json"  # experts, TTA, combine, weights, thresholds: for the CLI/API
     test_labels: str = ""  # optional labels of the test set (e.g. released after a challenge)
     fallback_score: float = 0.5  # score for a test image that could not be decoded

@@ -55,7 +55,8 @@ def run(tmp_path_factory):
         run_train(train, name, t / f"{name}.csv", t / f"{name}.json")
     pred = PredictConfig(prepared_dir=prep.out_dir, splits_csv=split.out_csv, models_dir=train.models_dir,
                          experts=["a", "b"], submission=str(t / "sub" / "prediction.txt"),
-                         metrics=str(t / "metrics.json"), roc=str(t / "roc.csv"),
+                         metrics=str(t / "metrics.json"), roc=str(t / "roc.csv"), roc_png=str(t / "roc.png"),
+                         failures=str(t / "fail.csv"), card=str(t / "ensemble.json"), augmented_dir=aug.out_dir,
                          test_labels=str(t / "raw" / "testset_label_private.txt"))
     metrics = run_predict(pred)
     return t, metrics
@@ -89,6 +90,9 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     assert metrics["val"]["ensemble"]["auc"] == pytest.approx(roc_auc_score(val.label, scores), abs=1e-6)
     assert set(metrics["val"]["experts"]) == {"a", "b"}
     assert "test" in metrics and metrics["n_test"] == 16
+    # per-method breakdown: the val-fold generated fakes of each editing method against the val reals
+    assert set(metrics["val"]["by_method"]) >= {"original"} and len(metrics["val"]["by_method"]) >= 2
+    assert (t / "roc.png").stat().st_size > 1000 and (t / "ensemble.json").is_file()
     # the ensemble of the two is the mean of the experts' own scores
     pe = ens.score_batch(torch.from_numpy(np.stack(imgs)))
     np.testing.assert_allclose(combine_scores(pe, "mean_prob"), scores, atol=1e-6)

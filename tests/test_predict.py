@@ -5,7 +5,8 @@ import torch
 
 from dfpipe.config import ExpertConfig
 from dfpipe.models import build_expert
-from dfpipe.predict import Ensemble, build_submission, check_submission, combine_scores, load_expert
+from dfpipe.predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
+                            parse_view)
 from dfpipe.train.loop import save_checkpoint
 
 
@@ -85,6 +86,184 @@ def test_hflip_tta_makes_scores_mirror_invariant(checkpoint, rng):
 def test_ensemble_rejects_bad_settings(checkpoint):
     e = load_expert(checkpoint[0], torch.device("cpu"))
     with pytest.raises(ValueError, match="TTA"):
-        Ensemble([e], ["rot90"], "mean_prob", torch.device("cpu"))
+        Ensemble([e], ["rot45"], "mean_prob", torch.device("cpu"))
     with pytest.raises(ValueError, match="combine"):
         Ensemble([e], ["identity"], "vote", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- TTA views
+def _cpu_ensemble(checkpoint, tta, combine="mean_prob"):
+    return Ensemble([load_expert(checkpoint[0], torch.device("cpu"))], tta, combine, torch.device("cpu"))
+
+
+def test_four_rotations_make_scores_rotation_invariant(checkpoint, rng):
+    img = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)  # cache-sized: no stage-1 resize in the way
+    turned = [np.ascontiguousarray(np.rot90(img, k)) for k in range(4)]
+    rot = _cpu_ensemble(checkpoint, ["identity", "rot90", "rot180", "rot270"])
+    np.testing.assert_allclose(rot.score_images(turned), rot.score_images([img])[0], atol=1e-5)
+    plain = _cpu_ensemble(checkpoint, ["identity"]).score_images(turned)
+    assert np.ptp(plain) > 1e-6  # a random net alone is not rotation invariant
+
+
+def test_scale_view_feeds_the_expert_at_a_different_size(checkpoint, rng):
+    from dfpipe.data.transforms import to_model_input
+
+    ens = _cpu_ensemble(checkpoint, ["scale0.75", "hflip+scale0.75"])
+    m = ens.experts[0].model
+    x = torch.from_numpy(rng.integers(0, 255, (3, 48, 48, 3), dtype=np.uint8))
+    inp = to_model_input(x, 24, m.mean, m.std)  # 0.75 * img_size 32
+    with torch.no_grad():
+        want = (m(inp)["prob"] + m(torch.flip(inp, dims=[3]))["prob"]) / 2
+    np.testing.assert_allclose(ens.score_batch(x)[0], want.numpy(), atol=1e-5)
+    full = _cpu_ensemble(checkpoint, ["identity"]).score_batch(x)[0]
+    assert np.abs(full - ens.score_batch(x)[0]).max() > 1e-6
+
+
+def test_parse_view_accepts_combinations_and_rejects_nonsense():
+    v = parse_view("hflip+scale1.25")
+    assert (v.geo, v.scale, v.size(32)) == ("hflip", 1.25, 40)
+    assert parse_view("rot270").geo == "rot270" and parse_view("scale0.875").geo == "identity"
+    for bad in ("rot45", "scale9", "hflip+vflip", "scale0.5+scale2", ""):
+        with pytest.raises(ValueError, match="TTA view"):
+            parse_view(bad)
+
+
+# ----------------------------------------------------------------------------- stacking
+def test_stacking_is_logistic_regression_on_logits_with_out_of_fold_scores():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    pe = np.clip(np.stack([0.5 + 0.3 * (y - 0.5) + 0.2 * rng.standard_normal(80),
+                           0.5 + 0.05 * rng.standard_normal(80)]), 0.01, 0.99)
+    weights, oof = fit_stacking(pe, y, folds=5)
+    logits = np.log(pe / (1 - pe)).T
+    ref = LogisticRegression().fit(logits, y)
+    np.testing.assert_allclose(weights["coef"], ref.coef_[0], rtol=1e-6)
+    np.testing.assert_allclose(combine_scores(pe, "stack", weights), ref.predict_proba(logits)[:, 1], atol=1e-9)
+    assert abs(weights["coef"][0]) > abs(weights["coef"][1])  # the informative expert weighs more
+    assert oof.shape == (80,) and np.abs(oof - ref.predict_proba(logits)[:, 1]).max() > 1e-4  # not in-sample
+    with pytest.raises(ValueError, match="fitted"):
+        combine_scores(pe, "stack")
+    with pytest.raises(ValueError, match="2 validation images of each class"):
+        fit_stacking(pe[:, :3], np.array([0, 0, 1]))
+
+
+# ----------------------------------------------------------------------------- decoding files
+def test_score_files_matches_stage1_pixels_and_reports_bad_files(checkpoint, rng, tmp_path):
+    from conftest import photo_like, write_jpeg
+
+    from dfpipe.data.images import decode_image
+
+    ens = _cpu_ensemble(checkpoint, ["identity", "hflip"])
+    paths = []
+    for i, (h, w) in enumerate([(70, 90), (40, 30), (120, 60)]):
+        write_jpeg(tmp_path / f"{i}.jpg", photo_like(rng, h, w))
+        paths.append(tmp_path / f"{i}.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    paths.insert(1, tmp_path / "bad.jpg")
+    scores, errors = ens.score_files(paths, batch_size=2, workers=0)
+    assert np.isnan(scores[1]) and len(errors) == 1 and errors[0][0] == str(paths[1]) and errors[0][1]
+    want = ens.score_images([decode_image(p) for p in paths if p.name != "bad.jpg"])
+    np.testing.assert_allclose(scores[[0, 2, 3]], want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- stage 5 on a tiny made-up pool
+def _fake_stage_outputs(t, rng):
+    """Stage 1-4 outputs in miniature: a cache (val + test, one test image undecodable), generated
+    images, splits with clusters, and two random-weight experts of different sizes."""
+    from conftest import photo_like
+
+    prep, aug = t / "prepared", t / "aug"
+    prep.mkdir()
+    aug.mkdir()
+    val_imgs = np.stack([photo_like(rng, 48, 48) for _ in range(16)])
+    test_imgs = np.stack([photo_like(rng, 48, 48) for _ in range(5)])
+    np.save(prep / "val.npy", val_imgs)
+    np.save(prep / "test.npy", test_imgs)
+    rows = [dict(uid=f"val/v{i:02d}.jpg", img_name=f"v{i:02d}.jpg", split="val", label=i % 2, cache_file="val.npy",
+                 cache_index=i, error="") for i in range(16)]
+    rows += [dict(uid=f"test/t{i}.jpg", img_name=f"t{i}.jpg", split="test", label=-1, cache_file="test.npy",
+                  cache_index=i, error="") for i in range(5)]
+    rows.append(dict(uid="test/broken.jpg", img_name="broken.jpg", split="test", label=-1, cache_file="",
+                     cache_index=-1, error="corrupt or truncated image: x"))
+    man = pd.DataFrame(rows).assign(path="", orig_w=48, orig_h=48)
+    man.to_csv(prep / "manifest.csv", index=False)
+    np.save(aug / "images.npy", np.stack([photo_like(rng, 48, 48) for _ in range(6)]))
+    methods = ["self_blend", "splice"] * 3
+    pd.DataFrame({"uid": [f"aug/{m}_{i}.png" for i, m in enumerate(methods)],
+                  "img_name": [f"{m}_{i}.png" for i, m in enumerate(methods)], "label": 1,
+                  "source_uid": [f"val/v{2 * i:02d}.jpg" for i in range(6)], "method": methods,
+                  "cache_file": "images.npy", "cache_index": range(6)}).to_csv(aug / "manifest.csv", index=False)
+    splits = pd.DataFrame({"uid": [r["uid"] for r in rows[:16]] + [f"aug/{m}_{i}.png" for i, m in enumerate(methods)],
+                           "origin": ["val"] * 16 + ["aug"] * 6, "subset": "val",
+                           "cluster": [0] * 10 + [1] * 6 + [0] * 6})
+    splits.loc[12:15, "cluster"] = 1
+    splits.to_csv(t / "splits.csv", index=False)
+    for name, size in (("a", 32), ("b", 24)):
+        torch.manual_seed(size)
+        model = build_expert(ExpertConfig(pretrained="none", img_size=size)).eval()
+        save_checkpoint(t / "models" / name / "best.pt", model, {**model.describe(), "cache_size": 48},
+                        ExpertConfig(img_size=size), name, {})
+    return prep, aug
+
+
+def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng):
+    import json
+
+    from dfpipe.config import PredictConfig
+    from dfpipe.predict import run_predict
+
+    prep, aug = _fake_stage_outputs(tmp_path, rng)
+    out = tmp_path / "out"
+    cfg = PredictConfig(prepared_dir=str(prep), augmented_dir=str(aug), splits_csv=str(tmp_path / "splits.csv"),
+                        models_dir=str(tmp_path / "models"), experts=["a", "b"], tta=["identity", "rot180"],
+                        combine="stack", stack_folds=3, batch_size=8, submission=str(out / "prediction.txt"),
+                        metrics=str(out / "metrics.json"), roc=str(out / "roc.csv"), roc_png=str(out / "roc.png"),
+                        failures=str(out / "failures.csv"), card=str(out / "ensemble.json"))
+    metrics = run_predict(cfg)
+    sub = pd.read_csv(out / "prediction.txt")
+    assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]
+    assert sub.y_pred.iloc[0] == 0.5 and sub.y_pred.between(0, 1).all()
+    fails = pd.read_csv(out / "failures.csv")
+    assert fails.img_name.tolist() == ["broken.jpg"] and "corrupt" in fails.error.iloc[0]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["val"]["by_method"]) == {"original", "self_blend", "splice"}
+    assert saved["val"]["by_cluster"]["cluster_1"]["n"] == 6 and "auc" in saved["val"]["by_cluster"]["cluster_0"]
+    assert set(saved["combine"]["stack"]) == {"intercept", "coef_a", "coef_b"}
+    assert {"ap", "log_loss", "accuracy"} <= set(saved["val"]["ensemble"]) and metrics["n_test_failed"] == 1
+    assert (out / "roc.png").stat().st_size > 5000
+
+    def numbers(d):  # dvc metrics: nested dicts of numbers only
+        return all(numbers(v) if isinstance(v, dict) else isinstance(v, (int, float)) for v in d.values())
+    assert numbers(saved)
+
+    ens = Ensemble.from_card(out / "ensemble.json", tmp_path / "models", torch.device("cpu"))
+    assert ens.combine == "stack" and ens.stack["coef"] == [saved["combine"]["stack"]["coef_a"],
+                                                            saved["combine"]["stack"]["coef_b"]]
+    test_imgs = list(np.load(prep / "test.npy"))
+    np.testing.assert_allclose(ens.score_images(test_imgs), sub.y_pred.iloc[1:], atol=2e-6)
+    assert ens.verdict(1.0) == "likely fake" and ens.verdict(-1.0) == "likely real"
+    # a retrained expert no longer matches the card
+    torch.save({**torch.load(tmp_path / "models" / "b" / "best.pt", weights_only=True), "metrics": {"x": 1.0}},
+               tmp_path / "models" / "b" / "best.pt")
+    with pytest.raises(ValueError, match="rerun stage 5"):
+        Ensemble.from_card(out / "ensemble.json", tmp_path / "models", torch.device("cpu"))
+
+
+def test_fold_batchnorm_keeps_the_scores(rng):
+    from dfpipe.predict import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_expert(ExpertConfig(pretrained="none", img_size=32)).eval()
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)["logits"]
+        assert fold_batchnorm(model) > 10
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        torch.testing.assert_close(model(x)["logits"], want, atol=1e-4, rtol=1e-4)
