@@ -36,3 +36,37 @@ def test_missing_section(tmp_path):
     p.write_text("prepare: {}\n")
     with pytest.raises(ConfigError, match="no section 'train'"):
         load_section(TrainConfig, "train", p)
+
+
+def test_every_setting_is_written_in_params_yaml():
+    """`dvc exp run -S key=value` can only override keys present in params.yaml: list them all."""
+    import dataclasses
+
+    import yaml
+
+    from dfpipe import config
+
+    params = yaml.safe_load(open("params.yaml"))
+
+    def missing(cls, data, where):
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                out.append(f"{where}.{f.name}")
+            elif dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+                out += missing(f.type, data[f.name], f"{where}.{f.name}")
+        return out
+
+    hints = {"diffusion": config.DiffusionConfig, "loss": config.LossWeights}
+    gaps = []
+    for cls, section in ((config.PrepareConfig, "prepare"), (config.AugmentConfig, "augment"),
+                         (config.SplitConfig, "split"), (config.TrainConfig, "train"),
+                         (config.PredictConfig, "predict")):
+        gaps += missing(cls, params[section], section)
+        for key, sub in hints.items():
+            if key in params[section]:
+                gaps += missing(sub, params[section][key], f"{section}.{key}")
+    for name, expert in params["train"]["experts"].items():
+        gaps += missing(config.ExpertConfig, expert, f"train.experts.{name}")
+        gaps += missing(config.LossWeights, expert["loss"], f"train.experts.{name}.loss")
+    assert gaps == []
