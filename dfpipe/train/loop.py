@@ -80,8 +80,8 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     return np.concatenate(out)
 
 
-def train_expert(cfg: TrainConfig, name: str) -> dict:
-    """Train expert ``name`` of ``cfg.experts``; write checkpoint, history and metrics."""
+def train_expert(cfg: TrainConfig, name: str) -> tuple[dict, pd.DataFrame]:
+    """Train expert ``name`` of ``cfg.experts``; save the best EMA checkpoint. Returns (best, history)."""
     if name not in cfg.experts:
         raise KeyError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
     ecfg = cfg.experts[name]
