@@ -70,3 +70,12 @@ def test_every_setting_is_written_in_params_yaml():
         gaps += missing(config.ExpertConfig, expert, f"train.experts.{name}")
         gaps += missing(config.LossWeights, expert["loss"], f"train.experts.{name}.loss")
     assert gaps == []
+
+
+def test_params_list_every_editing_method():
+    import yaml
+
+    from dfpipe.augment.editing import METHODS
+
+    methods = yaml.safe_load(open("params.yaml"))["augment"]["methods"]
+    assert set(methods) == set(METHODS)
