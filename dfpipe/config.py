@@ -110,6 +110,11 @@ class PrepareConfig:
     max_pixels: int = 100_000_000  # decompression-bomb guard
     workers: int = 0  # 0 = all cores
     limit: int = 0  # >0: only the first N images of each split (smoke runs)
+    duplicates: str = "data/duplicates.csv"  # near-duplicate / leak pairs (a, b, split_a, split_b, distance, ...)
+    dup_max_distance: int = 4  # pHash (64-bit) Hamming distance <= this = near duplicate
+    face_crop: str = "none"  # none | haar: crop each image to its (largest) face before caching
+    face_margin: float = 1.3  # square crop side = margin * max(face w, h)
+    face_policy: str = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
 
 
 # --------------------------------------------------------------------------- stage 2

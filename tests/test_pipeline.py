@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     t = tmp_path_factory.mktemp("pipe")
     make_demo_dataset(t / "raw", seed=0, n_train=48, n_val=16, n_test=16, size_range=(64, 96))
     prep = PrepareConfig(data_root=str(t / "raw"), out_dir=str(t / "prepared"), report=str(t / "prep.json"),
-                         cache_size=64, workers=1)
+                         duplicates=str(t / "dup.csv"), cache_size=64, workers=1)
     prepare(prep)
     aug = AugmentConfig(prepared_dir=prep.out_dir, out_dir=str(t / "aug"), fakes_per_real=0.5)
     run_augment(aug)
