@@ -68,3 +68,33 @@ def test_check_split_catches_leaks():
     df.loc[2, "cluster"] = 2
     with pytest.raises(AssertionError, match="not in its source's fold"):
         check_split(df)
+
+
+def test_near_duplicates_share_a_fold_even_across_clusters(rng):
+    pool, feats = make_pool(rng)
+    pool["dup_group"] = -1
+    # a near-duplicate pair whose members sit in two different blobs (so two different clusters)
+    a, b = pool.index[pool.uid == "train/b0_0.jpg"][0], pool.index[pool.uid == "train/b2_0.jpg"][0]
+    pool.loc[[a, b], "dup_group"] = 7
+    for seed in range(4):  # without the link, some seeds put the two blobs in different folds
+        df = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=seed)
+        fold = df.set_index("uid").fold
+        assert fold["train/b0_0.jpg"] == fold["train/b2_0.jpg"]
+        assert (df.groupby("cluster").fold.nunique() == 1).all()
+
+
+def test_fold_groups_join_clusters_linked_by_duplicates():
+    from dfpipe.split.cluster import fold_groups
+
+    clusters = np.array([0, 0, 1, 1, 2, 2])
+    dups = np.array([-1, 5, 5, -1, -1, -1])  # links cluster 0 and 1
+    units = fold_groups(clusters, dups)
+    assert units[0] == units[2] and units[0] != units[4]
+    assert len(np.unique(units)) == 2
+
+
+def test_check_split_catches_split_near_duplicates():
+    df = pd.DataFrame({"uid": ["a", "b"], "source_uid": ["a", "b"], "cluster": [0, 1], "fold": [0, 1],
+                       "origin": ["train", "train"], "dup_group": [3, 3]})
+    with pytest.raises(AssertionError, match="near-duplicates"):
+        check_split(df)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cache_path", "cache_index"]
+POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cache_path", "cache_index",
+                "dup_group"]
 
 
 def load_manifest(prepared_dir: str | Path, ok_only: bool = True) -> pd.DataFrame:
@@ -33,6 +34,8 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
         "uid": man.uid, "img_name": man.img_name, "label": man.label.astype(int), "origin": man.split,
         "source_uid": man.uid, "method": "original",
         "cache_path": [str(prepared_dir / f) for f in man.cache_file], "cache_index": man.cache_index,
+        # near-duplicate group from stage 1 (-1 = unknown, e.g. a manifest from before dedup)
+        "dup_group": man.dup_group.astype(int) if "dup_group" in man else -1,
     })
     if augmented_dir is not None:
         aug_path = Path(augmented_dir) / "manifest.csv"
@@ -44,7 +47,7 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
                 "uid": aug.uid, "img_name": aug.img_name, "label": aug.label.astype(int), "origin": "aug",
                 "source_uid": aug.source_uid, "method": aug.method,
                 "cache_path": [str(Path(augmented_dir) / f) for f in aug.cache_file],
-                "cache_index": aug.cache_index,
+                "cache_index": aug.cache_index, "dup_group": -1,
             })], ignore_index=True)
     if pool.uid.duplicated().any():
         dup = pool.uid[pool.uid.duplicated()].iloc[0]

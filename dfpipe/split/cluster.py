@@ -48,18 +48,39 @@ def assign_folds(clusters: np.ndarray, labels: np.ndarray, n_folds: int, seed: i
     return folds
 
 
+def fold_groups(clusters: np.ndarray, dup_groups: np.ndarray | None) -> np.ndarray:
+    """Units that folds are made of: clusters, joined when a near-duplicate group spans several.
+
+    Two clusters sharing a near-duplicate pair (stage 1's ``dup_group``) become one unit, so a
+    near-duplicate can never sit in train while its twin is in val. ``dup_group`` -1 = unknown.
+    """
+    if dup_groups is None:
+        return clusters
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ids, inv = np.unique(clusters, return_inverse=True)
+    links = pd.DataFrame({"c": inv, "d": dup_groups})[dup_groups >= 0]
+    first = links.groupby("d").c.transform("first").to_numpy()  # link each member's cluster to the group's first
+    graph = coo_matrix((np.ones(len(links)), (links.c.to_numpy(), first)), shape=(len(ids), len(ids)))
+    _, unit = connected_components(graph, directed=False)
+    return unit[inv]
+
+
 def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int, per_class: bool, n_folds: int,
                seed: int) -> pd.DataFrame:
     """Cluster and fold the original images of ``pool``; generated ones inherit their source's.
 
-    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order.
+    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order. With a
+    ``dup_group`` column (stage 1), near-duplicates always share a fold.
     """
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
     if len(orig) != len(feats):
         raise ValueError(f"{len(feats)} embeddings for {len(orig)} original images")
     labels = orig.label.to_numpy()
     orig = orig.assign(cluster=cluster_ids(feats, labels, n_clusters, per_class, seed))
-    orig["fold"] = assign_folds(orig.cluster.to_numpy(), labels, n_folds, seed)
+    dups = orig.dup_group.to_numpy() if "dup_group" in orig else None
+    orig["fold"] = assign_folds(fold_groups(orig.cluster.to_numpy(), dups), labels, n_folds, seed)
     derived = pool[pool.origin == "aug"]
     src = orig.set_index("uid")
     missing = sorted(set(derived.source_uid) - set(src.index))
@@ -80,6 +101,10 @@ def check_split(df: pd.DataFrame) -> None:
         raise AssertionError("a sample appears twice")
     if (df.groupby("cluster").fold.nunique() > 1).any():
         raise AssertionError("a cluster spans two folds")
+    if "dup_group" in df:
+        dup = df[df.dup_group >= 0]
+        if (dup.groupby("dup_group").fold.nunique() > 1).any():
+            raise AssertionError("near-duplicates (one dup_group) span two folds")
     src_fold = df.set_index("uid").fold
     derived = df[df.source_uid != df.uid]
     if (src_fold.loc[derived.source_uid].to_numpy() != derived.fold.to_numpy()).any():

@@ -15,7 +15,8 @@ from .cluster import cluster_report, split_pool
 from .embed import embed_pool
 
 log = logging.getLogger(__name__)
-SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cluster", "fold", "subset"]
+SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cluster", "dup_group", "fold",
+                 "subset"]
 
 
 def run_split(cfg: SplitConfig) -> pd.DataFrame:
