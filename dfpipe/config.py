@@ -195,6 +195,7 @@ class ExpertConfig:
     augment: str = "light"  # none | light | strong
     use_augmented: bool = True  # train on stage-2 fakes too
     seed: int = 0
+    patience: int = 0  # early stopping: stop after this many epochs without a better val AUC (0 = off)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Checkpoints of stage 4: the best EMA weights (``best.pt``) and the resumable state (``last.pt``).
+
+``last.pt`` is written atomically at the end of every epoch. It holds everything needed to continue
+exactly where the run stopped: model, optimizer, scheduler and EMA states, the history rows, the best
+metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader generator). A run
+killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import ExpertConfig
+from ..io import atomic_path
+
+log = logging.getLogger(__name__)
+
+LAST_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, desc: dict, ecfg: ExpertConfig, name: str,
+                    metrics: dict) -> None:
+    """Save the weights currently in ``model`` (the EMA ones when called under average_parameters)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    ckpt = {"name": name, "description": desc, "state_dict": state, "config": dataclasses.asdict(ecfg),
+            "metrics": metrics, "format": 1}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -> str:
+    """A hash of what a run trains and validates on (uids, labels, order) and of the model input."""
+    h = hashlib.sha256()
+    for df in (train_df, val_df):
+        h.update("\n".join(f"{u},{y}" for u, y in zip(df.uid, df.label)).encode())
+        h.update(b"|")
+    h.update(repr(sorted(desc.items())).encode())
+    return h.hexdigest()
+
+
+def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "loader": loader_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(path: Path, *, key: dict, epoch: int, finished: bool, model: torch.nn.Module,
+              opt: torch.optim.Optimizer, sched: Any, ema: Any, best: dict, history: list[dict],
+              loader_generator: torch.Generator) -> None:
+    """Write the resumable state of the run after ``epoch`` (atomically)."""
+    ckpt = {"format": LAST_FORMAT, "key": key, "epoch": epoch, "finished": finished,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict(), "best": best, "history": history, "rng": rng_state(loader_generator)}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_resumable(out_dir: Path, key: dict) -> dict | None:
+    """``last.pt`` of an unfinished run with the same config and data, else None (the reason is logged)."""
+    path = out_dir / "last.pt"
+    if not path.is_file():
+        log.info("no %s: starting fresh", path)
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a corrupt or foreign file must not stop training
+        log.warning("cannot read %s (%s): starting fresh", path, exc)
+        return None
+    if ckpt.get("format") != LAST_FORMAT or ckpt.get("key") != key:
+        log.info("%s was written for another config or data: starting fresh", path)
+        return None
+    if ckpt.get("finished"):
+        log.info("%s is a finished run: starting fresh", path)
+        return None
+    if ckpt["best"].get("epoch") is not None and not (out_dir / "best.pt").is_file():
+        log.info("%s has no best.pt beside it: starting fresh", path)
+        return None
+    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    return ckpt
