@@ -160,11 +160,15 @@ class SplitConfig:
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     img_size: int = 128
     batch_size: int = 64
-    n_clusters: int = 8
+    n_clusters: int = 8  # 0 = choose k by silhouette score among k_candidates
+    k_candidates: tuple[int, ...] = (4, 6, 8, 12, 16)
+    silhouette_sample: int = 2000  # silhouette on this many sampled points (0 = all)
     per_class: bool = True  # k-means real and fake separately
     n_folds: int = 4
     val_fold: int = 0
     seed: int = 42
+    contact_sheet: str = ""  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
+    contact_sheet_per_cluster: int = 6
 
 
 # --------------------------------------------------------------------------- stage 4

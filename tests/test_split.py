@@ -98,3 +98,48 @@ def test_check_split_catches_split_near_duplicates():
                        "origin": ["train", "train"], "dup_group": [3, 3]})
     with pytest.raises(AssertionError, match="near-duplicates"):
         check_split(df)
+
+
+def test_k_chosen_by_silhouette_is_the_number_of_blobs(rng):
+    from dfpipe.split.cluster import choose_k
+
+    pool, feats = make_pool(rng, n_per_blob=10, n_blobs=6)
+    k, scores = choose_k(feats, [2, 4, 6, 8, 12], seed=0)
+    assert k == 6 and set(scores) == {"2", "4", "6", "8", "12"}
+    assert scores["6"] == max(scores.values())
+    assert choose_k(feats, [2, 4, 6, 8, 12], seed=0) == (k, scores)  # same seed, same k and scores
+    df = split_pool(pool, feats, n_clusters=0, per_class=False, n_folds=3, seed=0, k_candidates=[2, 4, 6, 8, 12])
+    orig = df[df.origin != "aug"]
+    assert orig.cluster.nunique() == 6
+    assert (orig.groupby(orig.uid.str.extract(r"b(\d)_")[0]).cluster.nunique() == 1).all()
+
+
+def test_k_chosen_per_class_and_candidates_clamped(rng):
+    from dfpipe.split.cluster import choose_k, select_k
+
+    pool, feats = make_pool(rng)  # 4 blobs, 2 per class
+    labels = pool.label[pool.origin != "aug"].to_numpy()
+    k, info = select_k(feats, labels, per_class=True, candidates=[2, 3, 4], seed=1)
+    assert k == (2, 2) and info["per_class"]["real"]["k"] == 2
+    ids = cluster_ids(feats, labels, k, per_class=True, seed=1)
+    assert set(ids[labels == 0]) == {0, 1} and set(ids[labels == 1]) == {2, 3}
+    k, scores = choose_k(feats[:5], [4, 6, 8, 12, 16], seed=0)  # 5 samples: candidates clamp to 4
+    assert k == 4 and list(scores) == ["4"]
+    assert choose_k(feats[:2], [4], seed=0) == (1, {})
+
+
+def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
+    import cv2
+
+    from dfpipe.split.stage import cluster_contact_sheet, contact_sheet_shape
+
+    cache = tmp_path / "train.npy"
+    np.save(cache, rng.integers(0, 255, (20, 40, 40, 3), dtype=np.uint8))
+    uids = [f"train/{i}.jpg" for i in range(20)]
+    pool = pd.DataFrame({"uid": uids, "cache_path": str(cache), "cache_index": np.arange(20)})
+    df = pd.DataFrame({"uid": uids, "origin": "train", "label": np.arange(20) % 2,
+                       "cluster": np.repeat([0, 1, 2], [10, 8, 2])})
+    out = cluster_contact_sheet(pool, df, tmp_path / "sheet.png", per_cluster=4, seed=0)
+    img = cv2.imread(str(out))
+    assert img.shape[:2] == contact_sheet_shape(3, 4)
+    assert not list(tmp_path.glob(".sheet.png.*"))  # no temp file left behind

@@ -11,7 +11,7 @@ import pandas as pd
 from ..config import SplitConfig
 from ..data.samples import load_pool
 from ..io import atomic_path, write_csv, write_json
-from .cluster import cluster_report, split_pool
+from .cluster import cluster_report, select_k, split_pool
 from .embed import embed_pool
 
 log = logging.getLogger(__name__)
@@ -26,15 +26,23 @@ def run_split(cfg: SplitConfig) -> pd.DataFrame:
     with atomic_path(cfg.features) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, feats)
-    df = split_pool(pool, feats, cfg.n_clusters, cfg.per_class, cfg.n_folds, cfg.seed)
+    k, k_selection = cfg.n_clusters, None
+    if k == 0:  # choose k by silhouette score
+        k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
+                                  cfg.silhouette_sample)
+    df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed)
     if not ((df.fold == cfg.val_fold) & (df.origin != "aug")).any():
         raise ValueError(f"val_fold {cfg.val_fold} is empty; folds are 0..{cfg.n_folds - 1}")
     df["subset"] = np.where(df.fold == cfg.val_fold, "val", "train")
     write_csv(cfg.out_csv, df[SPLIT_COLUMNS])
     report = cluster_report(df, cfg.val_fold)
+    if k_selection is not None:
+        report["k_selection"] = k_selection
     write_json(cfg.report, report)
     plot_path = Path(cfg.report).with_suffix(".png")
     plot_embedding(feats, df[df.origin != "aug"], plot_path)
+    sheet = cfg.contact_sheet or str(Path(cfg.report).parent / "cluster_examples.png")
+    cluster_contact_sheet(pool, df, sheet, cfg.contact_sheet_per_cluster, cfg.seed)
     log.info("split %d originals + %d generated into %d folds over %d clusters; val fold %d: %d images",
              len(orig), len(df) - len(orig), cfg.n_folds, report["n_clusters"], cfg.val_fold, report["n_val"])
     return df
@@ -61,3 +69,53 @@ def plot_embedding(feats: np.ndarray, orig: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
+
+
+SHEET_THUMB = 64    # thumbnail side, px
+SHEET_BORDER = 3    # label border: red = fake, blue = real
+SHEET_GAP = 4
+SHEET_LABEL_W = 56  # left column with the cluster id
+
+
+def contact_sheet_shape(n_clusters: int, per_cluster: int) -> tuple[int, int]:
+    """(height, width) in px of :func:`cluster_contact_sheet`'s image."""
+    cell = SHEET_THUMB + SHEET_GAP
+    return n_clusters * cell + SHEET_GAP, SHEET_LABEL_W + per_cluster * cell + SHEET_GAP
+
+
+def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path, per_cluster: int,
+                          seed: int) -> Path:
+    """PNG with one row per cluster (sorted by id): up to ``per_cluster`` original images of it, drawn
+    from the uint8 caches (seeded choice), each framed red (fake) or blue (real). Written atomically."""
+    import cv2
+
+    orig = df[df.origin != "aug"].drop(columns=["cache_path", "cache_index"], errors="ignore")
+    orig = orig.merge(pool[["uid", "cache_path", "cache_index"]], on="uid", how="left")
+    clusters = sorted(orig.cluster.unique())
+    h, w = contact_sheet_shape(len(clusters), per_cluster)
+    sheet = np.full((h, w, 3), 255, np.uint8)  # BGR
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    cell, t, b = SHEET_THUMB + SHEET_GAP, SHEET_THUMB, SHEET_BORDER
+    for r, c in enumerate(clusters):
+        g = orig[orig.cluster == c]
+        pick = np.sort(rng.choice(len(g), size=min(per_cluster, len(g)), replace=False))
+        y = SHEET_GAP + r * cell
+        cv2.putText(sheet, str(c), (6, y + t // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        for j, i in enumerate(pick):
+            row = g.iloc[i]
+            arr = arrays.get(row.cache_path)
+            if arr is None:
+                arr = arrays[row.cache_path] = np.load(row.cache_path, mmap_mode="r")
+            img = cv2.cvtColor(np.ascontiguousarray(arr[int(row.cache_index)]), cv2.COLOR_RGB2BGR)
+            thumb = cv2.resize(img, (t - 2 * b, t - 2 * b), interpolation=cv2.INTER_AREA)
+            x = SHEET_LABEL_W + SHEET_GAP + j * cell
+            sheet[y:y + t, x:x + t] = (0, 0, 255) if int(row.label) == 1 else (255, 0, 0)
+            sheet[y + b:y + t - b, x + b:x + t - b] = thumb
+    ok, buf = cv2.imencode(".png", sheet)
+    if not ok:
+        raise RuntimeError(f"could not encode {path}")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.tobytes())
+    log.info("contact sheet of %d clusters: %s", len(clusters), path)
+    return Path(path)
