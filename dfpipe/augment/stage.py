@@ -56,6 +56,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..config import AugmentConfig, DiffusionConfig
+from ..data.samples import load_manifest
 from ..io import write_csv, write_json
 from .dist import Dist, get_dist
 from .editing import METHODS, NEEDS_DONOR, get_method, region_mask
@@ -90,13 +91,11 @@ class Job:
 def load_reals(prepared_dir: str | Path) -> pd.DataFrame:
     """Decodable real (label 0) images of the train and val splits, sorted by uid."""
     path = Path(prepared_dir) / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 1 (python 01_prepare_data.py) first")
-    man = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str, "uid": str})
+    man = load_manifest(prepared_dir)  # decodable images only; clear error when stage 1 has not run
     missing = {"uid", "split", "label", "cache_file", "cache_index"} - set(man.columns)
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-    reals = man[man.split.isin(["train", "val"]) & (man.label.astype(int) == 0) & (man.cache_index.astype(int) >= 0)]
+    reals = man[man.split.isin(["train", "val"]) & (man.label.astype(int) == 0)]
     if reals.empty:
         raise ValueError(f"{path}: no real (label 0) image in the train or val split: nothing to augment from")
     return reals.sort_values("uid", kind="stable").reset_index(drop=True)
