@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import log_loss as sk_log_loss
 
 EPS = 1e-7
 
@@ -72,8 +73,7 @@ def average_precision(y_true, y_score) -> float:
 def log_loss(y_true, y_score) -> float:
     """Mean binary cross-entropy of scores read as P(fake), clipped to [EPS, 1 - EPS]."""
     y_true, y_score = _check(y_true, y_score)
-    p = np.clip(y_score, EPS, 1 - EPS)
-    return float(-np.mean(y_true * np.log(p) + (1 - y_true) * np.log1p(-p)))
+    return float(sk_log_loss(y_true, np.clip(y_score, EPS, 1 - EPS), labels=[0, 1]))
 
 
 def accuracy(y_true, y_score, threshold: float = 0.5) -> float:

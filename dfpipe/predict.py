@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.fx
+from scipy.special import expit, logit
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from .config import PredictConfig
 from .data.dataset import CacheDataset
 from .data.images import DEFAULT_MAX_PIXELS, decode_image, resize_square
-from .data.samples import load_manifest, load_pool
+from .data.samples import load_manifest, load_pool, load_split_pool
 from .data.transforms import to_model_input
 from .device import autocast, num_workers, pick_device
 from .io import write_csv, write_json
@@ -171,12 +172,7 @@ def parse_view(name: str) -> View:
 
 # ----------------------------------------------------------------------------- combination
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
-    return np.log(p / (1 - p))
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    return logit(np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS))  # clipped: no inf at 0 or 1
 
 
 def combine_scores(per_expert: np.ndarray, method: str, stack: dict | None = None) -> np.ndarray:
@@ -188,7 +184,7 @@ def combine_scores(per_expert: np.ndarray, method: str, stack: dict | None = Non
     if method == "mean_prob":
         return per_expert.mean(axis=0)
     if method == "mean_logit":
-        return _sigmoid(_logit(per_expert).mean(axis=0))
+        return expit(_logit(per_expert).mean(axis=0))
     if method == "rank":  # each expert's scores -> ranks in [0, 1]; needs a whole set, not one image
         n = per_expert.shape[1]
         ranks = np.stack([(rankdata(s) - 1) / max(1, n - 1) for s in per_expert])
@@ -199,7 +195,7 @@ def combine_scores(per_expert: np.ndarray, method: str, stack: dict | None = Non
         coef = np.asarray(stack["coef"], dtype=np.float64)
         if len(coef) != per_expert.shape[0]:
             raise ValueError(f"stacking weights for {len(coef)} experts, scores from {per_expert.shape[0]}")
-        return _sigmoid(coef @ _logit(per_expert) + float(stack["intercept"]))
+        return expit(coef @ _logit(per_expert) + float(stack["intercept"]))
     raise ValueError(f"unknown combine {method!r}; choose one of {COMBINE}")
 
 
@@ -482,14 +478,10 @@ def plot_roc(path: str | Path, labels: np.ndarray, curves: dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- stage 5
 def _val_sets(cfg: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The val fold's original images (with their cluster) and its stage-2 generated images."""
-    splits = pd.read_csv(cfg.splits_csv, keep_default_na=False, dtype={"img_name": str})
-    in_val = splits[splits.subset == "val"]
-    pool = load_pool(cfg.prepared_dir, cfg.augmented_dir or None)
-    cluster = in_val.set_index("uid").cluster
-    val = pool[pool.uid.isin(set(in_val.uid[in_val.origin != "aug"]))].reset_index(drop=True)
-    val["cluster"] = cluster.loc[val.uid].to_numpy()
-    gen = pool[(pool.origin == "aug") & pool.uid.isin(set(in_val.uid[in_val.origin == "aug"]))]
-    return val, gen.reset_index(drop=True)
+    df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir or None)
+    in_val = df[df.subset == "val"]
+    return (in_val[in_val.origin != "aug"].reset_index(drop=True),
+            in_val[in_val.origin == "aug"].reset_index(drop=True))
 
 
 def _combine_val(ens: Ensemble, cfg: PredictConfig, val_pe: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -196,7 +196,7 @@ def _fake_stage_outputs(t, rng):
                   "source_uid": [f"val/v{2 * i:02d}.jpg" for i in range(6)], "method": methods,
                   "cache_file": "images.npy", "cache_index": range(6)}).to_csv(aug / "manifest.csv", index=False)
     splits = pd.DataFrame({"uid": [r["uid"] for r in rows[:16]] + [f"aug/{m}_{i}.png" for i, m in enumerate(methods)],
-                           "origin": ["val"] * 16 + ["aug"] * 6, "subset": "val",
+                           "origin": ["val"] * 16 + ["aug"] * 6, "subset": "val", "fold": 0,
                            "cluster": [0] * 10 + [1] * 6 + [0] * 6})
     splits.loc[12:15, "cluster"] = 1
     splits.to_csv(t / "splits.csv", index=False)

@@ -53,3 +53,22 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
         dup = pool.uid[pool.uid.duplicated()].iloc[0]
         raise ValueError(f"duplicate sample uid {dup!r} in the pool")
     return pool.reset_index(drop=True)
+
+
+def load_split_pool(splits_csv: str | Path, prepared_dir: str | Path,
+                    augmented_dir: str | Path | None = None) -> pd.DataFrame:
+    """The pool (:func:`load_pool`) joined with stage 3's split table (cluster, fold, subset), in pool order.
+
+    Without ``augmented_dir`` the generated images' rows of the split table are left out.
+    """
+    path = Path(splits_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run stage 3 (python 03_cluster_split.py) first")
+    splits = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str})
+    if augmented_dir is None:
+        splits = splits[splits.origin != "aug"]
+    pool = load_pool(prepared_dir, augmented_dir)
+    df = pool.merge(splits[["uid", "cluster", "fold", "subset"]], on="uid", how="inner", validate="1:1")
+    if len(df) != len(splits):
+        raise ValueError(f"{path}: {len(splits) - len(df)} rows have no image in the pool; rerun stage 3")
+    return df

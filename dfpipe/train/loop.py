@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..config import ExpertConfig, TrainConfig
 from ..data.dataset import CacheDataset
-from ..data.samples import load_pool
+from ..data.samples import load_split_pool
 from ..data.transforms import seed_worker, to_model_input, train_augment
 from ..device import autocast, num_workers, pick_device
 from ..io import write_csv, write_json
@@ -46,19 +46,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_split_pool(cfg: TrainConfig) -> pd.DataFrame:
-    """The stage-2/3 pool joined with the split table (fold, subset, cluster)."""
-    path = Path(cfg.splits_csv)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 3 (python 03_cluster_split.py) first")
-    splits = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str})
-    pool = load_pool(cfg.prepared_dir, cfg.augmented_dir)
-    df = pool.merge(splits[["uid", "cluster", "fold", "subset"]], on="uid", how="inner", validate="1:1")
-    if len(df) != len(splits):
-        raise ValueError(f"{path}: {len(splits) - len(df)} rows have no image in the pool; rerun stage 3")
-    return df
 
 
 def cache_size_of(pool: pd.DataFrame) -> int:
@@ -94,7 +81,7 @@ def train_expert(cfg: TrainConfig, name: str) -> tuple[dict, pd.DataFrame]:
     ecfg = cfg.experts[name]
     seed_everything(ecfg.seed)
     device = pick_device()
-    df = load_split_pool(cfg)
+    df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir)
     train_df = df[(df.subset == "train") & (ecfg.use_augmented | (df.origin != "aug"))].reset_index(drop=True)
     val_df = df[(df.subset == "val") & (df.origin != "aug")].reset_index(drop=True)
     log.info("expert %s: %d train (%d generated), %d val images, device %s", name, len(train_df),
