@@ -78,3 +78,20 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically and byte-reproducibly.
+
+    Saving to a path names the zip archive's root folder after the file, and our temp files have
+    random names; saving through a buffer gives a fixed archive name, so the same checkpoint gives the
+    same bytes (and the same DVC hash) on every run.
+    """
+    import io as _io
+
+    import torch
+
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getbuffer())

@@ -173,3 +173,16 @@ def test_batches_do_not_depend_on_the_number_of_workers(pool):
     a = _load(pool / "models_w0" / "e" / "best.pt")["state_dict"]
     b = _load(pool / "models_w2" / "e" / "best.pt")["state_dict"]
     _assert_same_tensors(a, b)
+
+
+def test_checkpoints_are_byte_reproducible(tmp_path):
+    """The same checkpoint saved twice gives the same bytes (stable DVC hashes across runs)."""
+    from dfpipe.models import build_expert
+    from dfpipe.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_expert(ExpertConfig(pretrained="none", img_size=32))
+    for name in ("a", "b"):
+        save_checkpoint(tmp_path / name / "best.pt", model, model.describe(), ExpertConfig(), "x", {"auc": 0.5})
+    assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))

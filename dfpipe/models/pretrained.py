@@ -27,7 +27,7 @@ import timm
 import torch
 from timm.models import load_state_dict as timm_load_state_dict
 
-from ..io import atomic_path
+from ..io import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def bundled_checkpoint(timm_name: str, cache_dir: Path | None = None) -> Path:
     source = torch.load(src, map_location="cpu", weights_only=True)  # OrderedDict, 296 tensors for lite0
     target = timm.create_model(arch, pretrained=False).state_dict()  # random init: only keys/shapes used
     state = convert_state_dict(source, target, where=str(src))
-    with atomic_path(dst) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, dst)
     log.info("converted bundled %s weights %s -> %s", arch, src.name, dst)
     return dst
 

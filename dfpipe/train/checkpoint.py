@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from ..config import ExpertConfig
-from ..io import atomic_path
+from ..io import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, desc: dict, ecfg: Expert
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ckpt = {"name": name, "description": desc, "state_dict": state, "config": dataclasses.asdict(ecfg),
             "metrics": metrics, "format": 1}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)
 
 
 def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -> str:
@@ -71,8 +70,7 @@ def save_last(path: Path, *, key: dict, epoch: int, finished: bool, model: torch
     ckpt = {"format": LAST_FORMAT, "key": key, "epoch": epoch, "finished": finished,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict(), "best": best, "history": history, "rng": rng_state(loader_generator)}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)
 
 
 def load_resumable(out_dir: Path, key: dict) -> dict | None:
