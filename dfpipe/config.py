@@ -94,6 +94,16 @@ def load_section(cls: type[T], section: str, params_path: str | Path = "params.y
 
 # --------------------------------------------------------------------------- stage 1
 @dataclass(frozen=True)
+class DatasetConfig:
+    """One input of stage 1: an image folder feeding one split (paths relative to ``data_root``)."""
+
+    name: str  # unique; prefixes img_name ("<name>/<img_name>") when several datasets feed one split
+    split: str  # train | val | test
+    images: str  # image folder; img_name is a path relative to it
+    labels: str = ""  # train/val: label CSV img_name,target; test: a name list (*_nolabel.txt) or "" = all images
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     """Stage 1. Paths inside ``data_root`` are relative to it; ``out_dir`` to the repo root."""
 
@@ -109,12 +119,14 @@ class PrepareConfig:
     min_side: int = 16  # images with a smaller side are skipped as junk
     max_pixels: int = 100_000_000  # decompression-bomb guard
     workers: int = 0  # 0 = all cores
-    limit: int = 0  # >0: only the first N images of each split (smoke runs)
+    limit: int = 0  # >0: only the first N images of each dataset (smoke runs)
     duplicates: str = "data/duplicates.csv"  # near-duplicate / leak pairs (a, b, split_a, split_b, distance, ...)
     dup_max_distance: int = 4  # pHash (64-bit) Hamming distance <= this = near duplicate
     face_crop: str = "none"  # none | haar: crop each image to its (largest) face before caching
     face_margin: float = 1.3  # square crop side = margin * max(face w, h)
     face_policy: str = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
+    datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the competition layout keys above
+    chunk_size: int = 1024  # images per resumable unit of work (committed to <out_dir>.work/)
 
 
 # --------------------------------------------------------------------------- stage 2

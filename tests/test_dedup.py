@@ -75,3 +75,16 @@ def test_hex_roundtrip_and_bad_distance():
     assert to_uint64(["ffffffffffffffff", "0000000000000001"]).tolist() == [2**64 - 1, 1]
     with pytest.raises(ValueError, match="dup_max_distance"):
         find_duplicates(pd.DataFrame(columns=["uid", "split", "phash", "dhash", "digest"]), -1)
+
+
+def test_array_form_matches_the_table_form():
+    from dfpipe.data.dedup import find_duplicates_arrays
+
+    astro = skimage.data.astronaut()
+    table = _table({"train/a": ("train", astro), "val/b": ("val", astro.copy()),
+                    "test/c": ("test", _jpeg_roundtrip(astro)), "train/d": ("train", skimage.data.coffee())})
+    pairs, gid = find_duplicates(table, 4)
+    pairs2, gid2 = find_duplicates_arrays(table.uid.to_numpy(), table.split.to_numpy(), to_uint64(table.phash),
+                                          to_uint64(table.dhash), table.digest.to_numpy(dtype="S32"), 4)
+    pd.testing.assert_frame_equal(pairs, pairs2)
+    assert gid.tolist() == gid2.tolist() and (pairs2.kind == "exact").sum() == 1 and len(set(gid2)) == 2

@@ -94,3 +94,68 @@ def test_resize_square():
     out = resize_square(img, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert resize_square(out, 32) is out
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("img_name,target\na.jpg,1\na.jpg,1\n",
+         r":3: duplicate img_name 'a.jpg' \(first on line 2, same label 1\); delete"),
+        ("img_name,target\na.jpg,1\n\nb.jpg,0\r\na.jpg,0\n", r":5: duplicate .* conflicting labels 1 and 0; keep only"),
+        ("img_name;target\na.jpg;1\n", r":1: header is 'img_name;target'; expected 'img_name,target'"),
+        ("img_name,target,source\na.jpg,1,x\n", r":1: header"),
+        ("img_name,target\na.jpg,1.0\n", r":2: label '1.0' for 'a.jpg' is not 0 \(real\) or 1 \(fake\); write 0 or 1"),
+        ("img_name,target\na.jpg,-1\n", r":2: label '-1'"),
+        ("img_name,target\nC:\\x.jpg,1\n", r":2: img_name 'C:\\\\x.jpg' escapes"),
+        ("img_name,target\nsub/../../x.jpg,1\n", r":2: .* escapes"),
+        ("img_name,target\n,1\n", r":2: empty img_name"),
+        ('img_name,target\n"a.jpg,1\n', r"malformed CSV|expected 2 fields"),
+    ],
+)
+def test_more_label_errors_name_line_and_fix(tmp_path, text, match):
+    p = _write(tmp_path, text)
+    with pytest.raises(LabelError, match=match) as info:
+        read_labels(p)
+    assert str(p) in str(info.value)
+
+
+def test_label_file_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "labels.txt"
+    p.write_bytes("img_name,target\na.jpg,1\ncaf\u00e9.jpg,0\n".encode("latin-1"))
+    with pytest.raises(LabelError, match=r"labels.txt:3: not UTF-8 text .*save the file as UTF-8"):
+        read_labels(p)
+
+
+def test_line_numbers_count_blank_lines_and_subfolders_are_kept(tmp_path):
+    df = read_labels(_write(tmp_path, "img_name,target\n\nsub/a.jpg,1\n\n\nb.jpg,0\n"))
+    assert df.to_dict("list") == {"img_name": ["sub/a.jpg", "b.jpg"], "label": [1, 0], "line": [3, 6]}
+
+
+def test_read_names_lists(tmp_path):
+    from dfpipe.data.labels import read_names
+
+    df = read_names(_write(tmp_path, "\ufeffimg_name\r\nb.jpg\r\n\r\na.jpg\r\n"))
+    assert df.to_dict("list") == {"img_name": ["b.jpg", "a.jpg"], "line": [2, 4]}
+    assert read_names(_write(tmp_path, "x.jpg\ny.jpg\n", "n2.txt")).img_name.tolist() == ["x.jpg", "y.jpg"]
+    with pytest.raises(LabelError, match=r":2: expected one image name per line"):
+        read_names(_write(tmp_path, "img_name\na.jpg,1\n", "n3.txt"))
+    with pytest.raises(LabelError, match=r":3: duplicate img_name 'a.jpg' \(first on line 2\)"):
+        read_names(_write(tmp_path, "img_name\na.jpg\na.jpg\n", "n4.txt"))
+    with pytest.raises(LabelError, match=r":1: img_name '../a.jpg' escapes"):
+        read_names(_write(tmp_path, "../a.jpg\n", "n5.txt"))
+
+
+def test_decode_names_conversions_and_error_kinds():
+    from dfpipe.data.images import decode
+
+    grey16 = np.array([[0, 257, 65535, 1000]], np.uint16).repeat(4, 0)
+    d = decode(_png_bytes(Image.fromarray(grey16)))
+    assert d.notes == ("16bit", "greyscale") and d.format == "PNG"
+    assert d.img[0, :, 0].tolist() == [0, 1, 255, 4] and (d.img[..., 0] == d.img[..., 2]).all()
+    assert decode(_png_bytes(Image.new("RGB", (4, 4)))).notes == ()
+    with pytest.raises(ImageError) as info:
+        decode(b"")
+    assert info.value.kind == "empty_file"
+    with pytest.raises(ImageError) as info:
+        decode(_png_bytes(Image.new("RGB", (64, 64)), "JPEG"), max_pixels=100)
+    assert info.value.kind == "decompression_bomb"

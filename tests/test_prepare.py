@@ -1,4 +1,10 @@
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +18,7 @@ from dfpipe.data.samples import load_manifest
 
 
 def make_layout(root, rng, n=6, bad=True):
-    """A tiny competition layout with a few bad inputs. Returns the expected skips {file: reason}."""
+    """A tiny competition layout with a few bad inputs. Returns the expected skips {file: reason code}."""
     rows = {"train": [], "val": []}
     for split, folder in (("train", "trainset"), ("val", "valset")):
         for i in range(n):
@@ -25,15 +31,15 @@ def make_layout(root, rng, n=6, bad=True):
     if bad:
         (root / "trainset" / "empty.jpg").write_bytes(b"")
         rows["train"].append(("empty.jpg", 1))
-        expected["trainset/empty.jpg"] = "empty file"
+        expected["trainset/empty.jpg"] = "empty_file"
         (root / "trainset" / "text.jpg").write_text("not an image")
         rows["train"].append(("text.jpg", 0))
-        expected["trainset/text.jpg"] = "not an image"
+        expected["trainset/text.jpg"] = "not_an_image"
         rows["train"].append(("missing.jpg", 0))
-        expected["trainset/missing.jpg"] = "listed in labels but file missing"
+        expected["trainset/missing.jpg"] = "missing_file"
         good = (root / "testset" / "t0.jpg").read_bytes()
         (root / "testset" / "t_trunc.jpg").write_bytes(good[: len(good) // 3])
-        expected["testset/t_trunc.jpg"] = "corrupt or truncated image"
+        expected["testset/t_trunc.jpg"] = "corrupt"
     for split, fname in (("train", "trainset_label.txt"), ("val", "valset_label.txt")):
         pd.DataFrame(rows[split], columns=["img_name", "target"]).to_csv(root / fname, index=False)
     return expected
@@ -47,17 +53,19 @@ def test_prepare_caches_images_and_reports_bad_ones(tmp_path, rng):
     report = prepare(cfg)
     man = load_manifest(cfg.out_dir)
     assert (man.groupby("split").size().to_dict()) == {"train": 6, "val": 6, "test": 3}
+    full = load_manifest(cfg.out_dir, ok_only=False)
     for split in ("train", "val", "test"):
+        # one cache row per manifest row of the split (no compaction copy); a failed image's row stays zero
         arr = np.load(tmp_path / "prep" / f"{split}.npy", mmap_mode="r")
-        sub = man[man.split == split]
+        sub = full[full.split == split].reset_index(drop=True)
         assert arr.shape == (len(sub), 32, 32, 3) and arr.dtype == np.uint8
-        assert sorted(sub.cache_index) == list(range(len(sub)))
+        ok = sub.cache_index >= 0
+        assert (sub.cache_index[ok] == sub.index[ok]).all() and ok.sum() == (man.split == split).sum()
+        assert not arr[sub.index[~ok].to_numpy()].any() and all(arr[i].any() for i in sub.index[ok])
     # every bad input is reported once, with the expected reason, and nothing good is lost
-    skipped = {s["file"].split("raw/")[1]: s["reason"] for s in report["skipped"]}
-    assert skipped.keys() == expected.keys()
-    for f, reason in expected.items():
-        assert skipped[f].startswith(reason), (f, skipped[f])
-    assert report["n_skipped"] == 4 and sum(report["skipped_by_reason"].values()) == 4
+    skipped = {s["file"].split("raw/")[1]: s["kind"] for s in report["skipped"]}
+    assert skipped == expected
+    assert report["n_skipped"] == 4 and report["skipped_by_reason"] == dict.fromkeys(sorted(expected.values()), 1)
     assert json.loads((tmp_path / "rep.json").read_text())["n_images"] == {"train": 6, "val": 6, "test": 3}
     # the failed test image keeps a row (for the submission) with its reason
     full = load_manifest(cfg.out_dir, ok_only=False)
@@ -187,3 +195,160 @@ def test_bad_face_settings_are_clear_errors(tmp_path, rng):
         prepare(_cfg(tmp_path, raw, face_crop="haar", face_policy="biggest"))
     with pytest.raises(ValueError, match="dup_max_distance"):
         prepare(_cfg(tmp_path, raw, dup_max_distance=65))
+
+
+# --------------------------------------------------------------------------- resume after a kill
+_KILL_AFTER = """
+import json, os, signal, sys
+from dfpipe.config import PrepareConfig
+from dfpipe.data import prepare as P
+commit, n = P.Work.commit, [0]
+def commit_then_die(self, *args):
+    commit(self, *args)
+    n[0] += 1
+    if n[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as with a crash or OOM kill
+P.Work.commit = commit_then_die
+P.prepare(PrepareConfig(**json.loads(sys.argv[1])))
+"""
+
+
+def _outputs(cfg: PrepareConfig) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(Path(cfg.out_dir).iterdir())}
+    files["report"] = open(cfg.report, "rb").read()
+    files["duplicates"] = open(cfg.duplicates, "rb").read()
+    return files
+
+
+def _counting_decode(monkeypatch) -> list[str]:
+    import dfpipe.data.prepare as P
+
+    seen: list[str] = []
+    real = P.decode
+
+    def decode(path, **kw):
+        seen.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(P, "decode", decode)
+    return seen
+
+
+def test_killed_run_resumes_without_redoing_chunks_and_gives_the_same_bytes(tmp_path, rng, monkeypatch):
+    raw = tmp_path / "raw"
+    make_layout(raw, rng)  # train 8 items (2 fail), val 6, test 4 (1 fails); chunks of 4: 2 + 2 + 1
+    ref = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "ref" / "p"), report=str(tmp_path / "ref/r.json"),
+                        duplicates=str(tmp_path / "ref/d.csv"), cache_size=32, chunk_size=4, workers=2)
+    prepare(ref)
+    cfg = dataclasses.replace(ref, out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
+                              duplicates=str(tmp_path / "d.csv"), workers=1)
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _KILL_AFTER, json.dumps(dataclasses.asdict(cfg)), "3"],
+                         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr.decode()[-2000:]
+    work = tmp_path / "p.work"
+    assert sorted(p.name for p in (work / "chunks").glob("*.csv")) == ["train-000000.csv", "train-000001.csv",
+                                                                      "val-000000.csv"]
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r.json").exists()
+    seen = _counting_decode(monkeypatch)
+    prepare(cfg)
+    # only the chunks not committed were decoded again: val_4, val_5 and the test images
+    assert sorted(seen) == ["t0.jpg", "t1.jpg", "t2.jpg", "t_trunc.jpg", "val_4.jpg", "val_5.jpg"]
+    assert _outputs(cfg) == _outputs(ref)  # byte for byte, and whatever the number of workers
+    assert not work.exists()
+
+
+def test_changed_settings_start_afresh(tmp_path, rng, monkeypatch):
+    import dfpipe.data.prepare as P
+
+    raw = tmp_path / "raw"
+    make_layout(raw, rng, bad=False)
+    cfg = _cfg(tmp_path, raw, workers=1, chunk_size=4)
+    commit, calls = P.Work.commit, []
+
+    def commit_then_fail(self, *args):
+        commit(self, *args)
+        calls.append(args[:2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # an interrupted run: leaves its work dir behind
+
+    monkeypatch.setattr(P.Work, "commit", commit_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    monkeypatch.setattr(P.Work, "commit", commit)
+    assert len(list((tmp_path / "p.work" / "chunks").glob("*.csv"))) == 2
+    seen = _counting_decode(monkeypatch)
+    (raw / "trainset" / "train_0.jpg").write_bytes((raw / "trainset" / "train_1.jpg").read_bytes())  # input changed
+    prepare(cfg)
+    assert len(seen) == 15  # every image again: the old work does not match the inputs any more
+    seen.clear()
+    monkeypatch.setattr(P.Work, "commit", commit_then_fail)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    monkeypatch.setattr(P.Work, "commit", commit)
+    seen.clear()
+    prepare(dataclasses.replace(cfg, cache_size=40))  # a setting that changes the cache
+    assert len(seen) == 15 and np.load(tmp_path / "p" / "train.npy").shape[1] == 40
+
+
+# --------------------------------------------------------------------------- several datasets
+def test_several_datasets_feed_the_splits(tmp_path, rng):
+    from dfpipe.config import load_section
+
+    raw = tmp_path / "raw"
+    for ds, n in (("ffhq", 3), ("sd", 3)):
+        for i in range(n):
+            write_jpeg(raw / ds / "img" / f"x{i}.jpg", photo_like(rng, 50, 60))  # same names in both
+        pd.DataFrame({"img_name": [f"x{i}.jpg" for i in range(n)], "target": [int(ds == "sd")] * n}).to_csv(
+            raw / ds / "labels.csv", index=False)
+    for i in range(4):
+        write_jpeg(raw / "dev" / f"d{i}.jpg", photo_like(rng, 50, 60))
+        write_jpeg(raw / "challenge" / "test" / f"c{i}.jpg", photo_like(rng, 50, 60))
+    (raw / "dev" / "labels.txt").write_text("img_name,target\nd0.jpg,0\nd1.jpg,1\nd2.jpg,0\nd3.jpg,1\n")
+    (raw / "challenge" / "test_nolabel.txt").write_text("img_name\nc2.jpg\nc0.jpg\nc1.jpg\n")  # c3 not listed
+    params = tmp_path / "params.yaml"
+    params.write_text(f"""prepare:
+  data_root: {raw}
+  out_dir: {tmp_path / 'p'}
+  report: {tmp_path / 'r.json'}
+  duplicates: {tmp_path / 'd.csv'}
+  cache_size: 32
+  workers: 1
+  datasets:
+    - {{name: ffhq, split: train, images: ffhq/img, labels: ffhq/labels.csv}}
+    - {{name: sd, split: train, images: sd/img, labels: sd/labels.csv}}
+    - {{name: dev, split: val, images: dev, labels: dev/labels.txt}}
+    - {{name: challenge, split: test, images: challenge/test, labels: challenge/test_nolabel.txt}}
+""")
+    cfg = load_section(PrepareConfig, "prepare", params)
+    report = prepare(cfg)
+    man = load_manifest(tmp_path / "p")
+    train = man[man.split == "train"]
+    # two datasets feed train: names are prefixed so they stay unique; one dataset per split keeps its names
+    assert list(train.img_name) == ["ffhq/x0.jpg", "ffhq/x1.jpg", "ffhq/x2.jpg", "sd/x0.jpg", "sd/x1.jpg", "sd/x2.jpg"]
+    assert list(train.label) == [0, 0, 0, 1, 1, 1] and list(train.dataset) == ["ffhq"] * 3 + ["sd"] * 3
+    assert train.path.iloc[3] == str(raw / "sd" / "img" / "x0.jpg") and man.uid.is_unique
+    assert list(man.img_name[man.split == "val"]) == ["d0.jpg", "d1.jpg", "d2.jpg", "d3.jpg"]
+    assert list(man.img_name[man.split == "test"]) == ["c2.jpg", "c0.jpg", "c1.jpg"]  # the list's order
+    assert (man.label[man.split == "test"] == -1).all()
+    assert report["unlabelled"] == [str(raw / "challenge" / "test" / "c3.jpg")]
+    assert report["datasets"]["sd"] == {"n_listed": 3, "n_images": 3, "n_failed": 0, "n_missing": 0}
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("{name: a, split: train, images: a}", r"datasets\[0\]\.labels is empty"),
+    ("{name: a, split: dev, images: a, labels: a.csv}", r"datasets\[0\]\.split='dev'"),
+    ("{name: 'a/b', split: test, images: a}", r"datasets\[0\]\.name='a/b'"),
+    ("{name: a, split: test, images: nowhere}", r"nowhere: image folder of dataset 'a' not found"),
+    ("{name: a, split: test, images: a, labels: gone.txt}", r"gone.txt: label file not found"),
+])
+def test_bad_dataset_entries_are_clear_errors(tmp_path, rng, entry, match):
+    import yaml
+
+    from dfpipe.config import DatasetConfig, from_dict
+
+    (tmp_path / "a").mkdir()
+    ds = from_dict(DatasetConfig, yaml.safe_load(entry), "prepare.datasets[0]")
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        prepare(_cfg(tmp_path, tmp_path, datasets=[ds]))

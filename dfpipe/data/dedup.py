@@ -101,26 +101,32 @@ def find_duplicates(table: pd.DataFrame, max_distance: int) -> tuple[pd.DataFram
 
     Returns (pairs with DUP_COLUMNS, group id per row of ``table``).
     """
+    return find_duplicates_arrays(table.uid.to_numpy(), table.split.to_numpy(), to_uint64(table.phash),
+                                  to_uint64(table.dhash), table.digest.to_numpy(), max_distance)
+
+
+def find_duplicates_arrays(uids: np.ndarray, splits: np.ndarray, ph: np.ndarray, dh: np.ndarray,
+                           digests: np.ndarray, max_distance: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """:func:`find_duplicates` on parallel arrays: hashes as uint64, digests of any comparable dtype
+    (e.g. fixed-width bytes ``S32``), so a caller with 500k images holds no Python object per hash."""
     if max_distance < 0 or max_distance > 64:
         raise ValueError(f"dup_max_distance must be in [0, 64], got {max_distance}")
-    ph, dh = to_uint64(table.phash), to_uint64(table.dhash)
+    n = len(uids)
     i, j, dist = near_pairs(ph, max_distance)
     # identical pixels are duplicates whatever their pHash distance (always 0 in practice)
-    digests = table.digest.to_numpy()
     ex_i, ex_j = _exact_pairs(digests)
-    extra = ~np.isin(ex_i * len(table) + ex_j, i * len(table) + j)
+    extra = ~np.isin(ex_i * n + ex_j, i * n + j)
     if extra.any():
         i, j = np.concatenate([i, ex_i[extra]]), np.concatenate([j, ex_j[extra]])
         dist = np.concatenate([dist, hamming(ph[ex_i[extra]], ph[ex_j[extra]])])
         order = np.lexsort((j, i))
         i, j, dist = i[order], j[order], dist[order]
-    uids, splits = table.uid.to_numpy(), table.split.to_numpy()
     pairs = pd.DataFrame({
         "a": uids[i], "b": uids[j], "split_a": splits[i], "split_b": splits[j], "distance": dist.astype(int),
         "dhash_distance": hamming(dh[i], dh[j]).astype(int),
         "kind": np.where(digests[i] == digests[j], "exact", "near"),
     }, columns=DUP_COLUMNS)
-    return pairs, groups(len(table), i, j)
+    return pairs, groups(n, i, j)
 
 
 def _exact_pairs(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

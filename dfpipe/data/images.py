@@ -1,26 +1,53 @@
 """Decode any image file to RGB uint8 safely; resize to the cache size.
 
-Every failure is an :class:`ImageError` whose message says what is wrong, so a caller scanning a
-500k folder can report and skip the file instead of dying on a traceback from inside PIL.
+Every failure is an :class:`ImageError` whose message says what is wrong and whose ``kind`` is a short
+reason code (counted in the prepare report), so a caller scanning a 500k folder can report and skip
+the file instead of dying on a traceback from inside PIL. Inputs that are unusual but usable are
+converted and the conversion is named in :attr:`Decoded.notes` (never silent).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Formats we accept by content (the extension is not trusted).
+# Files listed from a folder must have one of these extensions; the content decides the format.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# The only decoders PIL may try: plain raster formats (no EPS/PDF, which would run external programs).
+FORMAT_EXTENSIONS = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"), "MPO": (".jpg", ".jpeg", ".mpo"), "PNG": (".png",),
+    "WEBP": (".webp",), "BMP": (".bmp", ".dib"), "TIFF": (".tif", ".tiff"), "GIF": (".gif",),
+}
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # PIL's JPEG opener also returns MPO files
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# Reason codes (ImageError.kind) and conversion notes (Decoded.notes), as they appear in reports.
+ERROR_KINDS = ("unreadable", "empty_file", "not_an_image", "decompression_bomb", "too_small", "corrupt",
+               "unsupported_mode")
+NOTE_KINDS = ("extension_mismatch", "animated_first_frame", "exif_rotated", "exif_unreadable", "cmyk",
+              "16bit", "float", "palette", "alpha_flattened", "greyscale")
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message is the reason shown in reports."""
+    """An image that cannot be used; the message is the reason shown in reports, ``kind`` its code."""
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Decoded:
+    img: np.ndarray  # (H, W, 3) uint8 RGB
+    notes: tuple[str, ...] = ()  # conversions applied, in NOTE_KINDS order
+    format: str = ""  # what the content is (JPEG, PNG, ...)
 
 
 def decode_image(
@@ -30,54 +57,114 @@ def decode_image(
     min_side: int = 1,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB array from a file path or raw bytes.
+    """Return an (H, W, 3) uint8 RGB array from a file path or raw bytes (see :func:`decode`)."""
+    return decode(data, max_pixels=max_pixels, min_side=min_side, background=background).img
+
+
+def decode(
+    data: bytes | str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 1,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Decoded:
+    """Decode a file path or raw bytes to RGB uint8, saying which conversions were needed.
 
     EXIF orientation is applied; greyscale, palette, CMYK and 16-bit inputs are converted to RGB;
-    alpha is flattened on ``background``; an animated image gives its first frame.
+    alpha is flattened on ``background``; an animated image gives its first frame. The pixel count
+    is checked from the header, before any pixel is decoded (decompression bombs stay cheap).
     """
+    raw, suffix = _read(data)
+    img = _open(raw)
+    fmt = img.format or ""  # before any transpose (which returns an image without a format)
+    notes = set()
+    if suffix and suffix not in FORMAT_EXTENSIONS.get(fmt, ()):
+        notes.add("extension_mismatch")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"decompression bomb: too many pixels ({w}x{h} > max_pixels {max_pixels})",
+                         "decompression_bomb")
+    if min(w, h) < min_side:
+        raise ImageError(f"too small ({w}x{h}, min side {min_side})", "too_small")
+    if getattr(img, "is_animated", False):
+        notes.add("animated_first_frame")
+    try:
+        img.seek(0)
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on broken data; one file must not stop a run
+        raise ImageError(f"corrupt or truncated image: {exc or type(exc).__name__}", "corrupt") from None
+    img = _exif_upright(img, notes)
+    try:
+        arr = _to_rgb(img, background, notes)
+    except (OSError, ValueError) as exc:  # a mode PIL cannot convert (e.g. LAB)
+        raise ImageError(f"unsupported image mode {img.mode}: {exc}", "unsupported_mode") from None
+    return Decoded(arr, tuple(k for k in NOTE_KINDS if k in notes), fmt)
+
+
+def _read(data: bytes | str | Path) -> tuple[bytes, str]:
+    """(bytes, lower-case extension or "" for raw bytes)."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+            raise ImageError(f"cannot read file: {exc.strerror or exc}", "unreadable") from None
+        suffix = path.suffix.lower()
     else:
-        raw = data
+        raw, suffix = data, ""
     if not raw:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes)", "empty_file")
+    return raw, suffix
+
+
+def _open(raw: bytes) -> Image.Image:
+    """PIL image from bytes (header only), restricted to plain raster formats."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # our max_pixels check replaces PIL's bomb warning; PIL's hard limit (2x) still raises below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(raw))
+            return Image.open(io.BytesIO(raw), formats=OPEN_FORMATS)
         except UnidentifiedImageError:
-            raise ImageError("not an image (unrecognised format)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError("decompression bomb (too many pixels)") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # e.g. a header cut short
-            raise ImageError(f"corrupt or truncated image: {exc}") from None
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(f"too many pixels ({w}x{h} > {max_pixels})")
-        if min(w, h) < min_side:
-            raise ImageError(f"too small ({w}x{h}, min side {min_side})")
-        try:
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"corrupt or truncated image: {exc}") from None
-    return _to_rgb(img, background)
+            raise ImageError("not an image (unrecognised format)", "not_an_image") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"decompression bomb: {exc}", "decompression_bomb") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. a header cut short; never fatal
+            raise ImageError(f"corrupt or truncated image: {exc or type(exc).__name__}", "corrupt") from None
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits by the actual range of the data type
+def _exif_upright(img: Image.Image, notes: set[str]) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the pixels as stored (noted)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in range(2, 9):
+            notes.add("exif_rotated")
+            return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - EXIF is metadata: the photo itself is still usable
+        notes.add("exif_unreadable")
+    return img
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int], notes: set[str]) -> np.ndarray:
+    if img.mode.startswith("I;16"):
+        notes.update(("16bit", "greyscale"))
+        arr = np.asarray(img).astype(np.uint32)
+        return np.repeat(((arr + 128) // 257).astype(np.uint8)[..., None], 3, axis=2)  # 0..65535 -> 0..255
+    if img.mode in ("I", "F"):
+        # 32-bit int / float greyscale: 16-bit range when above 255 (PIL's usual reading of 16-bit data)
+        notes.update(("16bit" if img.mode == "I" else "float", "greyscale"))
         arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8)
+        arr = np.clip(np.rint(arr / (257.0 if arr.max() > 255 else 1.0)), 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode == "CMYK":
+        notes.add("cmyk")
+    if img.mode in ("1", "L", "LA", "La"):
+        notes.add("greyscale")
+    if img.mode in ("P", "PA"):
+        notes.add("palette")
+        has_alpha = img.mode == "PA" or "transparency" in img.info or getattr(img.palette, "mode", "") == "RGBA"
+        img = img.convert("RGBA") if has_alpha else img.convert("RGB")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        notes.add("alpha_flattened")
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, background)
         canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -97,7 +184,29 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
 def list_images(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive), sorted by relative path."""
     root = Path(root)
-    return sorted(
-        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    return [root / n for n in scan_folder(root)[0]]
+
+
+def scan_folder(root: str | Path) -> tuple[list[str], list[str]]:
+    """(image files, other files) under ``root`` as sorted relative POSIX paths, recursive.
+
+    Hidden files and folders (``.DS_Store``, ...) are left out of both. ``os.scandir`` rather than
+    ``rglob``: one stat per entry matters at 500k files.
+    """
+    root = Path(root)
+    images: list[str] = []
+    others: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root / rel) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir():
+                    stack.append(name)
+                elif entry.is_file():
+                    ext = os.path.splitext(entry.name)[1].lower()
+                    (images if ext in IMAGE_EXTENSIONS else others).append(name)
+    return sorted(images), sorted(others)

@@ -1,0 +1,147 @@
+"""Benchmark stage 1 (prepare) on CPU: images/s and peak memory at several dataset sizes.
+
+    python bench/bench_prepare.py --out bench_prepare.json [--n 20000 --at 5000,20000 --workers 0]
+
+Writes N generated JPEGs of mixed sizes (--min-px..--max-px a side, smooth gradients + shapes + noise,
+seeded) once to a temp dir in the competition layout (all in ``trainset/``, labels alternating), then
+runs :func:`dfpipe.data.prepare.prepare` in a fresh process for each size in --at (``limit`` = that
+size) with the default settings (cache 160 px, dedup on, no face crop). Memory: the peak of the summed
+RSS of the process tree (the stage and its decode workers), sampled every 50 ms from outside, plus
+``ru_maxrss`` of the stage process and of its largest worker. Bounded memory means the peak at the
+largest size is within 20% of the peak at the smallest one (``bounded`` in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
+    os.environ.setdefault(_k, "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+# The stage, run in a child process so each size gets its own peak (ru_maxrss only ever grows).
+CHILD = """
+import json, resource, sys, time
+from dfpipe.config import PrepareConfig
+from dfpipe.data.prepare import prepare
+cfg = PrepareConfig(**json.loads(sys.argv[1]))
+t0 = time.perf_counter()
+report = prepare(cfg)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "n_images": report["n_images"]["train"], "n_skipped": report["n_skipped"],
+                  "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "maxrss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def make_images(root: Path, n: int, min_px: int, max_px: int, seed: int = 0) -> None:
+    """``n`` JPEGs in ``root/trainset`` and ``root/trainset_label.txt``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "trainset"
+    folder.mkdir(parents=True)
+    names = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(min_px, max_px + 1, 2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=2) * rng.uniform(60, 220, 3)
+        img = img.astype(np.uint8)
+        for _ in range(2):
+            cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(4, max(5, h // 3))),
+                       tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+        img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 96))])
+        name = f"{i:06d}.jpg"
+        (folder / name).write_bytes(buf.tobytes())
+        names.append(f"{name},{i % 2}")
+    (root / "trainset_label.txt").write_text("img_name,target\n" + "\n".join(names) + "\n")
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # a worker that just exited
+            pass
+    return total
+
+
+def run_stage(cfg: dict) -> dict:
+    """Run the stage in a child process; return its own numbers plus the sampled peak tree RSS."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc, peak, stop = psutil.Process(child.pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], tree_rss(proc))
+            except psutil.Error:
+                pass
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = child.communicate()
+    stop.set()
+    thread.join()
+    if child.returncode != 0:
+        raise RuntimeError(f"prepare failed with exit code {child.returncode}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["images_per_s"] = res["n_images"] / res["seconds"]
+    res["peak_tree_rss_mb"] = peak[0] / 2**20
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--n", type=int, default=20000, help="images generated")
+    ap.add_argument("--at", default="5000,20000", help="comma-separated sizes to prepare (each <= --n)")
+    ap.add_argument("--min-px", type=int, default=64)
+    ap.add_argument("--max-px", type=int, default=256)
+    ap.add_argument("--cache-size", type=int, default=160)
+    ap.add_argument("--workers", type=int, default=0, help="prepare.workers (0 = all cores)")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.at.split(",")]
+    if max(sizes) > args.n:
+        ap.error(f"--at {args.at}: sizes must be <= --n {args.n}")
+    result: dict = {"n_generated": args.n, "px_range": [args.min_px, args.max_px], "cache_size": args.cache_size,
+                    "workers": args.workers or os.cpu_count(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        make_images(tmp / "raw", args.n, args.min_px, args.max_px)
+        result["generate_seconds"] = time.perf_counter() - t0
+        for n in sizes:
+            cfg = {"data_root": str(tmp / "raw"), "out_dir": str(tmp / f"p{n}"), "report": str(tmp / f"r{n}.json"),
+                   "duplicates": str(tmp / f"d{n}.csv"), "cache_size": args.cache_size, "workers": args.workers,
+                   "limit": n}
+            result["runs"][str(n)] = run_stage(cfg)
+            print(f"{n} images: {result['runs'][str(n)]}", file=sys.stderr)
+    lo, hi = result["runs"][str(min(sizes))], result["runs"][str(max(sizes))]
+    result["peak_rss_ratio_largest_vs_smallest"] = hi["peak_tree_rss_mb"] / lo["peak_tree_rss_mb"]
+    result["bounded"] = abs(result["peak_rss_ratio_largest_vs_smallest"] - 1) < 0.2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
