@@ -1,0 +1,138 @@
+"""``dfpipe``: score images with the stage-5 ensemble from the command line, or serve it over HTTP.
+
+    dfpipe predict IMG [IMG...] [--json]         score and verdict per image
+    dfpipe scan DIR --out results.csv            every image under DIR -> CSV (resumable)
+    dfpipe serve --host 127.0.0.1 --port 8080    HTTP API + web page
+
+Every command loads the ensemble from ``--card`` (default submissions/ensemble.json) and the experts'
+checkpoints from ``--models`` (default models/). A problem the user can fix (missing card or model
+folder, unreadable image, empty folder) is one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS, ServeError
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=DEFAULT_MODELS, help="folder of the experts' checkpoints (default: %(default)s)")
+    p.add_argument("--card", default=DEFAULT_CARD, help="ensemble card written by stage 5 (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
+
+
+def _face(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--face-crop", default="none", help="none | haar: crop to the largest face first, as "
+                                                       "prepare.face_crop does (default: %(default)s)")
+    p.add_argument("--face-margin", type=float, default=1.3, help="crop side / face box side (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dfpipe", description="Deepfake image detector (the stage-5 ensemble).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="score one or more images")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
+    _face(p)
+    _common(p)
+    s = sub.add_parser("scan", help="score every image under a folder into a CSV (resumable)")
+    s.add_argument("folder", help="folder scanned recursively")
+    s.add_argument("--out", required=True, help="CSV to write or resume (columns path,score,verdict,error)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=-1, help="decoding processes (-1 = auto)")
+    _face(s)
+    _common(s)
+    v = sub.add_parser("serve", help="HTTP API (POST /predict, /predict/batch, /explain) and web page at /")
+    v.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 to listen on every interface)")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20, help="upload size limit per image "
+                                                                                    "(default: %(default)s)")
+    v.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image "
+                                                                              "(default: %(default)s)")
+    v.add_argument("--max-batch", type=int, default=16, help="images per model call (default: %(default)s)")
+    _common(v)
+    return ap
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .serve.scan import score_paths
+    from .serve.service import load_ensemble
+
+    ens = load_ensemble(args.card, args.models, args.device)
+    paths = [Path(p) for p in args.images]
+    scores, errors = score_paths(ens, paths, workers=0, face_crop=args.face_crop, face_margin=args.face_margin)
+    rows = []
+    for p, s in zip(paths, scores):
+        err = errors.get(str(p), "")
+        rows.append({"path": str(p), "score": None if err else round(float(s), 6),
+                     "verdict": "error" if err else ens.verdict(float(s)), "error": err or None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    for r in rows:
+        if r["error"]:
+            print(f"dfpipe: error: {r['path']}: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['path']}\t{r['score']:.4f}\t{r['verdict']}")
+    return 1 if errors else 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .serve.scan import plan_scan, scan_folder
+    from .serve.service import load_ensemble
+
+    paths, todo = plan_scan(args.folder, args.out)  # before loading the models: bad input fails fast
+    if not todo:
+        print(f"{args.out}: all {len(paths)} images already there; nothing to do")
+        return 0
+    ens = load_ensemble(args.card, args.models, args.device)
+    counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers, args.face_crop, args.face_margin)
+    verdicts = ", ".join(f"{counts[k]} {k}" for k in ("likely real", "uncertain", "likely fake") if counts.get(k))
+    print(f"{args.out}: {counts['n_scored']} scored ({verdicts or 'none'}), {counts['n_errors']} errors, "
+          f"{counts['n_skipped']} already there")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .serve.api import ServeSettings, create_app
+    from .serve.service import load_ensemble
+
+    settings = ServeSettings(models_dir=args.models, card=args.card, device=args.device,
+                             max_bytes=int(args.max_mb * 2**20), max_pixels=args.max_pixels, max_batch=args.max_batch)
+    ens = load_ensemble(args.card, args.models, args.device)  # here, so a bad card is one line, not a traceback
+    # uvicorn's access log (one line per request) only with -v: it costs throughput under load
+    uvicorn.run(create_app(settings, ens), host=args.host, port=args.port, log_level="info", access_log=args.verbose)
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "scan": cmd_scan, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .io import setup_logging
+
+    setup_logging()
+    # per command: scan and serve report progress, predict keeps stderr for errors
+    logging.getLogger().setLevel(logging.INFO if args.verbose or args.command != "predict" else logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except ServeError as exc:
+        print(f"dfpipe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dfpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

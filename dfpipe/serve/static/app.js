@@ -1,0 +1,82 @@
+// The page's logic: send the chosen image to /predict (fast score), then /explain (heatmap).
+"use strict";
+const $ = (id) => document.getElementById(id);
+const VERDICT_CLASS = { "likely real": "real", "uncertain": "unsure", "likely fake": "fake" };
+let thresholds = null;
+
+async function postImage(url, file) {
+  const form = new FormData();
+  form.append("file", file, file.name || "upload");
+  const res = await fetch(url, { method: "POST", body: form });
+  const body = await res.json().catch(() => ({ detail: `HTTP ${res.status}` }));
+  if (!res.ok) throw new Error(body.detail || `HTTP ${res.status}`);
+  return body;
+}
+
+function showError(msg) {
+  $("error").textContent = msg;
+  $("error").hidden = !msg;
+}
+
+function showScore(r) {
+  const s = Number(r.result);
+  $("score").textContent = s.toFixed(4);
+  $("score").dataset.score = String(s);
+  $("verdict").textContent = r.verdict;
+  $("verdict").className = "verdict " + (VERDICT_CLASS[r.verdict] || "");
+  $("bar").style.width = `${(100 * Math.min(1, Math.max(0, s))).toFixed(1)}%`;
+}
+
+function placeTicks() {
+  if (!thresholds) return;
+  $("t-real").style.left = `${100 * thresholds.t_real}%`;
+  $("t-fake").style.left = `${100 * thresholds.t_fake}%`;
+}
+
+async function analyse(file) {
+  showError("");
+  if (!file) return;
+  $("result").hidden = false;
+  $("preview").src = URL.createObjectURL(file);
+  $("heatmap").removeAttribute("src");
+  $("heat-wait").hidden = false;
+  $("heat-wait").textContent = "computing heatmap…";
+  $("score").textContent = "…";
+  $("score").dataset.score = "";
+  $("verdict").textContent = "";
+  document.body.dataset.state = "scoring";
+  try {
+    showScore(await postImage("/predict", file));
+    document.body.dataset.state = "scored";
+    const ex = await postImage("/explain", file);
+    $("heatmap").src = ex.heatmap;
+    $("heat-wait").hidden = true;
+    $("heat-caption").title = `${ex.method}; largest score change ${ex.heatmap_scale.toFixed(4)}`;
+    document.body.dataset.state = "explained";
+  } catch (err) {
+    $("result").hidden = $("score").dataset.score === "";
+    $("heat-wait").textContent = "no heatmap";
+    showError(err.message);
+    document.body.dataset.state = "error";
+  }
+}
+
+async function loadHealth() {
+  try {
+    const h = await (await fetch("/health")).json();
+    thresholds = h.thresholds;
+    $("model").textContent = `model ${h.model} · ${h.combine} · ${h.tta.length} TTA view(s) · ${h.device}`;
+    placeTicks();
+  } catch (err) {
+    $("model").textContent = "model unavailable";
+  }
+}
+
+const drop = $("drop");
+drop.addEventListener("click", (e) => { if (e.target.tagName !== "LABEL") $("file").click(); });
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+$("file").addEventListener("change", (e) => analyse(e.target.files[0]));
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", (e) => analyse(e.dataTransfer.files[0]));
+loadHealth();

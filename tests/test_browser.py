@@ -1,0 +1,130 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by
+Selenium against a real uvicorn server on 127.0.0.1. Uploads a photograph, reads the score and the
+verdict off the page, waits for the heatmap, and saves a screenshot to reports/serve_page.png."""
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_serve_api import expected_verdict, make_card
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "reports" / "serve_page.png"
+
+pytestmark = [
+    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                       reason=f"no headless browser: {CHROMIUM} / {CHROMEDRIVER} missing "
+                              "(apt-get install chromium chromium-driver; .ci/run does)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real uvicorn server in a thread; yields (base URL, the ensemble it serves)."""
+    import uvicorn
+
+    from dfpipe.predict import Ensemble
+    from dfpipe.serve.api import ServeSettings, create_app
+
+    models, card = make_card(tmp_path_factory.mktemp("browser"))
+    settings = ServeSettings(models_dir=str(models), card=str(card), device="cpu", explain_grid=6)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", Ensemble.from_card(card, models, torch.device("cpu"))
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-background-networking", "--disable-dev-shm-usage",
+                "--disable-gpu", "--window-size=1100,1080", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(arg)
+    # an explicit driver path: Selenium Manager (which would go to the network) is never run
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _photo(path: Path) -> Path:
+    """scikit-image's bundled astronaut photograph as a JPEG (no download)."""
+    import cv2
+    from skimage import data
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def test_upload_shows_score_verdict_and_heatmap(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dfpipe.data.images import decode_image
+    from dfpipe.io import atomic_path
+
+    url, ens = server
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("model m@"))
+    img = _photo(tmp_path / "astronaut.jpg")
+    browser.find_element(By.ID, "file").send_keys(str(img))
+    WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                     in ("explained", "error"))
+    assert browser.find_element(By.ID, "error").text == ""
+    shown = float(browser.find_element(By.ID, "score").get_attribute("data-score"))
+    want = float(ens.score_images([decode_image(img)])[0])
+    assert shown == pytest.approx(want, abs=1e-6)
+    assert browser.find_element(By.ID, "score").text == f"{want:.4f}"
+    assert browser.find_element(By.ID, "verdict").text == expected_verdict(want)
+    gauge = float(browser.find_element(By.CSS_SELECTOR, ".gauge").value_of_css_property("width")[:-2])  # "940px"
+    WebDriverWait(browser, 5).until(  # the bar animates to score x the gauge's width
+        lambda d: abs(float(d.find_element(By.ID, "bar").value_of_css_property("width")[:-2]) - want * gauge) < 2)
+    heat = browser.find_element(By.ID, "heatmap")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heat) == 512
+    with atomic_path(SCREENSHOT) as tmp:
+        shutil.copyfile(_screenshot(browser, tmp_path), tmp)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def _screenshot(driver, tmp_path: Path) -> Path:
+    out = tmp_path / "page.png"
+    assert driver.save_screenshot(str(out))
+    return out
+
+
+def test_a_non_image_shows_the_servers_message(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    browser.get(url + "/")
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a picture")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                     == "error")
+    assert "not a usable image" in browser.find_element(By.ID, "error").text

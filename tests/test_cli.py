@@ -1,0 +1,139 @@
+"""The ``dfpipe`` command line: predict, scan (CSV rows for good and bad images, resume) and its errors."""
+
+import csv
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from conftest import photo_like, write_jpeg
+from test_serve_api import expected_verdict, make_card
+
+from dfpipe.cli import main
+from dfpipe.predict import Ensemble
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory):
+    models, card = make_card(tmp_path_factory.mktemp("cli"))
+    return ["--models", str(models), "--card", str(card), "--device", "cpu"]
+
+
+@pytest.fixture
+def folder(tmp_path, rng):
+    """3 good JPEGs (one nested), a corrupt .jpg, an empty .png and a text file that is no image."""
+    root = tmp_path / "in"
+    for rel, (h, w) in {"a.jpg": (60, 80), "sub/b.jpg": (40, 40), "sub/deeper/c.jpg": (90, 50)}.items():
+        write_jpeg(root / rel, photo_like(rng, h, w))
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ref(card) -> Ensemble:
+    """The same ensemble loaded directly: what the CLI's numbers must equal."""
+    return Ensemble.from_card(card[3], card[1], torch.device("cpu"))
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_scan_writes_a_row_per_image_with_scores_verdicts_and_errors(card, ref, folder, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    rows = {r["path"]: r for r in _rows(out)}
+    assert sorted(rows) == ["a.jpg", "empty.png", "sub/b.jpg", "sub/broken.jpg", "sub/deeper/c.jpg"]
+    good = ["a.jpg", "sub/b.jpg", "sub/deeper/c.jpg"]
+    want, _ = ref.score_files([folder / p for p in good], workers=0)
+    for p, w in zip(good, want):
+        assert float(rows[p]["score"]) == pytest.approx(w, abs=1e-6)
+        assert rows[p]["verdict"] == expected_verdict(float(rows[p]["score"])) and rows[p]["error"] == ""
+    assert rows["empty.png"]["verdict"] == "error" and "empty" in rows["empty.png"]["error"]
+    assert rows["sub/broken.jpg"]["verdict"] == "error" and rows["sub/broken.jpg"]["score"] == ""
+    assert "3 scored" in capsys.readouterr().out
+
+
+def test_scan_resumes_after_a_kill_without_duplicates(card, folder, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][:7])  # header + 2 rows + a row cut short by the kill
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    resumed = _rows(out)
+    assert len(resumed) == 5 and len({r["path"] for r in resumed}) == 5
+    assert sorted(out.read_text().splitlines()) == sorted(full.splitlines())  # the same rows
+    (folder / "new.jpg").write_bytes((folder / "a.jpg").read_bytes())
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    rows = _rows(out)
+    assert [r["path"] for r in rows[5:]] == ["new.jpg"] and rows[5]["score"] == rows[0]["score"] != ""
+    assert main(["scan", str(folder), "--out", str(out), *card]) == 0
+    assert "nothing to do" in capsys.readouterr().out and len(_rows(out)) == 6
+
+
+def test_scan_with_face_crop_scores_the_crop(card, ref, tmp_path):
+    from skimage import data
+
+    from dfpipe.data.faces import apply_face_crop
+    from dfpipe.data.images import decode_image
+
+    write_jpeg(tmp_path / "in" / "astronaut.jpg", data.astronaut())  # bundled photograph with one face
+    out = tmp_path / "faces.csv"
+    assert main(["scan", str(tmp_path / "in"), "--out", str(out), "--face-crop", "haar", "--workers", "0", *card]) == 0
+    whole = decode_image(tmp_path / "in" / "astronaut.jpg")
+    crop, found = apply_face_crop(whole, "haar", 1.3, "whole")
+    assert found.status == "found" and crop.shape[0] < whole.shape[0]
+    want, without = ref.score_images([crop, whole])
+    assert float(_rows(out)[0]["score"]) == pytest.approx(want, abs=1e-6)
+    assert abs(want - without) > 1e-4  # so the row really is the face's score
+
+
+def test_predict_prints_scores_and_json(card, ref, folder, capsys):
+    a, b = folder / "a.jpg", folder / "sub" / "b.jpg"
+    assert main(["predict", str(a), str(b), *card]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want, _ = ref.score_files([a, b], workers=0)
+    for line, w in zip(lines, want):
+        path, score, verdict = line.split("\t")
+        assert float(score) == pytest.approx(w, abs=1e-4) and verdict == expected_verdict(w)
+    assert main(["predict", "--json", str(a), *card]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["path"] == str(a) and row["score"] == pytest.approx(want[0], abs=1e-6) and row["error"] is None
+
+
+def test_predict_unreadable_image_is_one_line_and_nonzero(card, folder, capsys):
+    assert main(["predict", str(folder / "a.jpg"), str(folder / "sub" / "broken.jpg"), *card]) == 1
+    cap = capsys.readouterr()
+    assert len(cap.out.strip().splitlines()) == 1  # the good image is still scored
+    (err,) = cap.err.strip().splitlines()
+    assert err.startswith("dfpipe: error: ") and "broken.jpg" in err
+
+
+@pytest.mark.parametrize("case", ["no models", "no card", "bad card", "empty folder", "not a scan csv", "serve no card"])
+def test_clear_one_line_errors(case, card, folder, tmp_path, capsys):
+    args = {"no models": ["predict", str(folder / "a.jpg"), "--models", str(tmp_path / "nope"), "--card", card[3]],
+            "no card": ["predict", str(folder / "a.jpg"), "--models", card[1], "--card", str(tmp_path / "x.json")],
+            "bad card": ["predict", str(folder / "a.jpg"), "--models", card[1], "--card", str(folder / "notes.txt")],
+            "empty folder": ["scan", str(tmp_path / "empty"), "--out", str(tmp_path / "r.csv"), *card],
+            "not a scan csv": ["scan", str(folder), "--out", str(folder / "notes.txt"), *card],
+            "serve no card": ["serve", "--port", "1", "--models", card[1], "--card", str(tmp_path / "x.json")]}[case]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(args) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    words = {"no models": "model folder not found", "no card": "ensemble card not found", "bad card": "not a JSON",
+             "empty folder": "no images", "not a scan csv": "not a scan CSV",
+             "serve no card": "ensemble card not found"}[case]
+    assert err.startswith("dfpipe: error: ") and words in err
+
+
+def test_console_script_is_registered_and_runs():
+    (ep,) = entry_points(group="console_scripts", name="dfpipe")
+    assert ep.value == "dfpipe.cli:main"
+    r = subprocess.run([sys.executable, "-m", "dfpipe.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "scan" in r.stdout and "serve" in r.stdout

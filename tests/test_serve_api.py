@@ -1,0 +1,232 @@
+"""The HTTP API through FastAPI's test client, on a tiny random-weight expert and its ensemble card."""
+
+import asyncio
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfpipe.config import ExpertConfig
+from dfpipe.data.images import decode_image
+from dfpipe.io import write_json
+from dfpipe.models import build_expert
+from dfpipe.predict import Ensemble
+from dfpipe.train.loop import save_checkpoint
+
+THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}
+
+
+def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip")) -> tuple[Path, Path]:
+    """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, cache 48) and a stage-5
+    card for it, as ``run_predict`` writes them. Returns (models_dir, card)."""
+    torch.manual_seed(0)
+    cfg = ExpertConfig(pretrained="none", img_size=32)
+    model = build_expert(cfg).eval()
+    save_checkpoint(root / "models" / "m" / "best.pt", model, {**model.describe(), "cache_size": 48}, cfg, "m", {})
+    ens = Ensemble.load(root / "models", ["m"], list(tta), "mean_prob", torch.device("cpu"))
+    write_json(root / "ensemble.json", ens.card(thresholds))
+    return root / "models", root / "ensemble.json"
+
+
+def expected_verdict(score: float, t: dict = THRESHOLDS) -> str:
+    return "likely fake" if score >= t["t_fake"] else "likely real" if score < t["t_real"] else "uncertain"
+
+
+def jpeg_bytes(rng: np.random.Generator, h: int = 60, w: int = 80) -> bytes:
+    from conftest import photo_like
+
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(rng, h, w)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from dfpipe.serve.api import ServeSettings, create_app
+
+    models, card = make_card(tmp_path_factory.mktemp("serve"))
+    settings = ServeSettings(models_dir=str(models), card=str(card), device="cpu", max_bytes=64 * 1024,
+                             max_batch_images=4, explain_grid=4)
+    with TestClient(create_app(settings)) as client:  # runs the lifespan: models loaded once here
+        yield client, Ensemble.from_card(card, models, torch.device("cpu"))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_predict_base64_contract_matches_the_ensemble(served, rng):
+    client, ens = served
+    data = jpeg_bytes(rng)
+    want = float(ens.score_images([decode_image(data)])[0])
+    r = client.post("/predict", json={"image": _b64(data)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"result", "verdict", "model"} and body["model"].startswith("m@")
+    assert body["result"] == pytest.approx(want, abs=1e-6)
+    assert body["verdict"] == expected_verdict(body["result"])
+    # the original clients' variants: a data URL, wrapped lines, URL-safe alphabet without padding
+    variants = [f"data:image/jpeg;base64,{_b64(data)}", base64.encodebytes(data).decode(),
+                base64.urlsafe_b64encode(data).decode().rstrip("=")]
+    for text in variants:
+        assert client.post("/predict", json={"image": text}).json()["result"] == pytest.approx(want, abs=1e-6)
+
+
+def test_multipart_upload_and_batch(served, rng):
+    client, ens = served
+    a, b = jpeg_bytes(rng, 50, 50), jpeg_bytes(rng, 90, 40)
+    want = ens.score_images([decode_image(a), decode_image(b)])
+    r = client.post("/predict", files={"file": ("a.jpg", a, "image/jpeg")})
+    assert r.status_code == 200 and r.json()["result"] == pytest.approx(want[0], abs=1e-6)
+    r = client.post("/predict/batch", json={"images": [_b64(a), _b64(b"not an image at all"), _b64(b)]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["result"] for x in (res[0], res[2])] == pytest.approx(list(want), abs=1e-6)
+    assert res[1]["result"] is None and "not a usable image" in res[1]["error"]
+    two = [("file", ("a.jpg", a, "image/jpeg")), ("file", ("b.jpg", b, "image/jpeg"))]
+    r = client.post("/predict/batch", files=two)
+    assert [x["result"] for x in r.json()["results"]] == pytest.approx(list(want), abs=1e-6)
+
+
+def _bomb_png() -> bytes:
+    """A 1-bit 12000 x 12000 PNG: ~20 KB on the wire, 144 megapixels once decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BAD_INPUTS = {  # name: (request kwargs, status, words in the message)
+    "not base64": (dict(json={"image": "@@ not base64 !!"}), 400, "base64"),
+    "data URL not base64": (dict(json={"image": "data:image/png,abc"}), 400, "base64"),
+    "not an image": (dict(json={"image": base64.b64encode(b"GIF89a, no more").decode()}), 422, "not a usable image"),
+    "empty": (dict(json={"image": ""}), 400, "empty"),
+    "empty upload": (dict(files={"file": ("e.jpg", b"", "image/jpeg")}), 400, "empty"),
+    "too large": (dict(json={"image": base64.b64encode(b"\xff" * 70_000).decode()}), 413, "limit"),
+    "too large upload": (dict(files={"file": ("big.jpg", b"\xff" * 70_000, "image/jpeg")}), 413, "limit"),
+    "wrong content type": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "content type"),
+    "no content type": (dict(content=b"hello"), 415, "content type"),
+    "missing field": (dict(json={"picture": "abc"}), 422, "missing field 'image'"),
+    "missing file field": (dict(files={"other": ("x.jpg", b"abc", "image/jpeg")}), 422, "missing field 'file'"),
+    "not a string": (dict(json={"image": 42}), 422, "base64 string"),
+    "invalid JSON": (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_4xx_with_a_message(served, case):
+    client, _ = served
+    kwargs, status, words = BAD_INPUTS[case]
+    for url in ("/predict", "/explain"):
+        r = client.post(url, **kwargs)
+        assert r.status_code == status, (url, r.text)
+        assert words in r.json()["detail"]
+
+
+def test_a_multipart_body_of_undeclared_length_is_refused(served):
+    client, _ = served
+    chunked = (part for part in [b"--x\r\n", b"\xff" * 1000])  # a generator: sent without Content-Length
+    r = client.post("/predict", content=chunked, headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 411 and "Content-Length" in r.json()["detail"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(served):
+    client, _ = served
+    bomb = _bomb_png()
+    assert len(bomb) < 64 * 1024  # under the byte limit: only the pixel check can stop it
+    r = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 422 and "pixels" in r.json()["detail"], r.text
+
+
+def test_batch_limits(served, rng):
+    client, _ = served
+    r = client.post("/predict/batch", json={"images": [_b64(jpeg_bytes(rng, 20, 20))] * 5})
+    assert r.status_code == 413 and "limit is 4" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"images": []})
+    assert r.status_code == 422
+    r = client.post("/predict/batch", json={"image": "x"})
+    assert r.status_code == 422 and "missing field 'images'" in r.json()["detail"]
+
+
+def test_health_docs_and_page(served):
+    client, _ = served
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["experts"] == ["m"] and h["thresholds"]["t_fake"] == 0.7
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                               "multipart/form-data"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="score"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_explain_returns_the_score_and_a_heatmap_overlay(served, rng):
+    client, ens = served
+    data = jpeg_bytes(rng, 60, 90)
+    r = client.post("/explain", files={"file": ("a.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["result"] == pytest.approx(float(ens.score_images([decode_image(data)])[0]), abs=1e-6)
+    png = base64.b64decode(body["heatmap"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (90, 60)  # the image's own size (under max_side)
+    assert body["heatmap_scale"] > 0  # a random net still reacts to blurring some region
+
+
+def test_occlusion_map_finds_the_region_the_score_depends_on(rng):
+    from dfpipe.serve.explain import occlusion_map, overlay
+
+    def detail_top_left(images):  # a "detector" that only looks at fine detail in the top-left 16 x 16
+        return np.array([np.abs(np.diff(im[:16, :16].astype(float), axis=1)).mean() / 255 for im in images])
+
+    img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # noise: blurring removes detail everywhere
+    score, heat = occlusion_map(detail_top_left, img, 64, grid=8)
+    assert score == pytest.approx(detail_top_left([img])[0])
+    assert heat[:16, :16].mean() > 0 and np.abs(heat[32:, 32:]).max() == 0
+    rgb, scale = overlay(img, heat)
+    assert rgb.shape == img.shape and scale == pytest.approx(heat.max())
+    np.testing.assert_array_equal(rgb[40:, 40:], img[40:, 40:])  # no evidence there: image untouched
+
+
+def test_micro_batcher_batches_concurrent_requests_and_keeps_order():
+    import time
+
+    from dfpipe.serve.service import MicroBatcher
+
+    def slow_mean(images):  # stands for a model call; the sleep lets requests queue up
+        time.sleep(0.02)
+        return np.array([float(im.mean()) for im in images])
+
+    async def go():
+        b = MicroBatcher(slow_mean, max_batch=8)
+        await b.start()
+        imgs = [np.full((4, 4, 3), i, dtype=np.uint8) for i in range(20)]
+        out = await asyncio.gather(*(b.score([im]) for im in imgs))
+        await b.stop()
+        return out, b.batch_sizes
+
+    out, sizes = asyncio.run(go())
+    assert [o[0] for o in out] == list(range(20))
+    assert sum(sizes) == 20 and max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_app_factory_reads_its_settings_from_the_environment(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from dfpipe.serve.api import app_from_env
+
+    models, card = make_card(tmp_path, tta=("identity",))
+    monkeypatch.setenv("DFPIPE_MODELS", str(models))
+    monkeypatch.setenv("DFPIPE_CARD", str(card))
+    monkeypatch.setenv("DFPIPE_DEVICE", "cpu")
+    monkeypatch.setenv("DFPIPE_MAX_BYTES", "1000")
+    with TestClient(app_from_env()) as client:
+        h = client.get("/health").json()
+        assert h["tta"] == ["identity"] and h["max_bytes"] == 1000
+        r = client.post("/predict", files={"file": ("a.jpg", b"\xff" * 1001, "image/jpeg")})
+        assert r.status_code == 413
