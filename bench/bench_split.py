@@ -1,14 +1,17 @@
-"""Benchmark stage 3 (cluster_split) on CPU: embedding and clustering time and peak memory for N images.
+"""Benchmark stage 3 (cluster_split) on CPU: embedding, clustering and fine-tune time and peak memory.
 
     python bench/bench_split.py --out bench_split.json [--n 20000 --size 64 --k 12]
 
-Builds a uint8 cache of N cheap procedural images (``np.lib.format.open_memmap``, in a temp dir),
-embeds it with ``dfpipe.split.embed.embed_pool`` (tf_efficientnet_lite0, bundled weights, at --size
-px), then times ``kmeans_labels`` (MiniBatchKMeans above ``MINIBATCH_ABOVE`` samples, else KMeans),
-MiniBatchKMeans (batch 2048, n_init 3) and, unless --no-full-kmeans, full KMeans (n_init 4) on the
-same features for comparison, and
-silhouette k selection (``choose_k``). Peak memory: ``ru_maxrss`` of the process and psutil RSS
-sampled every 50 ms per phase. Defaults (N 20000, 64 px) finish in well under 4 minutes on 2 cores.
+Builds a uint8 cache of N cheap procedural images (``np.lib.format.open_memmap``, in a temp dir) and
+streams their features (tf_efficientnet_lite0, bundled weights, at --size px) batch by batch into a
+float16 ``.npy`` memmap with ``dfpipe.split.embed.embed_to_file``, as stage 3 does (``--embed-in-memory``
+also times the in-memory ``embed_pool``). On the memmap it then times every k-means path of
+``dfpipe.split.kmeans``: in-memory ``KMeans`` (n_init 4, what stage 3 uses up to ``minibatch_above``
+rows), the chunked ``MiniBatchKMeans.partial_fit`` path (what it uses above), and ``torch_kmeans`` on
+CPU (and on CUDA when present), with their agreement (adjusted Rand index) with ``KMeans``; then
+silhouette k selection (``choose_k``) and one fine-tune epoch of the ``finetune`` embedder on
+--finetune-n images. Peak memory: ``ru_maxrss`` of the process and psutil RSS sampled every 50 ms per
+phase. On a shared machine, run it under ``nice`` and read the times as upper bounds.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class RssPeak:
             self._stop.wait(self.every)
 
     def __enter__(self) -> RssPeak:
-        self.peak = self._proc.memory_info().rss
+        self.start = self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.t0 = time.perf_counter()
@@ -81,6 +84,73 @@ def make_cache(path: Path, n: int, size: int, seed: int = 0) -> None:
     del arr
 
 
+def timed(fn, *args, **kwargs) -> tuple[object, dict]:
+    """(result, {"seconds", "peak_rss_mb"}) of ``fn(*args, **kwargs)``."""
+    with RssPeak() as m:
+        out = fn(*args, **kwargs)
+    return out, {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak / 2**20, 1),
+                 "rss_at_start_mb": round(m.start / 2**20, 1)}
+
+
+def bench_embedding(args, tmp: Path, result: dict) -> Path:
+    """Cache, streamed (and optionally in-memory) embedding; returns the features file."""
+    from dfpipe.split.embed import embed_pool, embed_to_file, load_backbone
+
+    cache, feats_path = tmp / "train.npy", tmp / "features.npy"
+    _, result["make_cache"] = timed(make_cache, cache, args.n, args.size)
+    result["make_cache"]["cache_mb"] = round(cache.stat().st_size / 2**20, 1)
+    pool = pd.DataFrame({"uid": [f"train/{i}.png" for i in range(args.n)], "label": np.arange(args.n) % 2,
+                         "origin": "train", "cache_path": str(cache), "cache_index": np.arange(args.n)})
+    model = load_backbone(args.backbone, "bundled")
+    (_, dim), r = timed(embed_to_file, pool, model, args.size, args.batch_size, feats_path, workers=0)
+    result["embed_stream"] = r | {"images_per_s": round(args.n / r["seconds"], 1), "dim": dim,
+                                  "features_mb": round(feats_path.stat().st_size / 2**20, 1)}
+    print(f"embed (streamed to memmap): {r['seconds']:.1f}s", flush=True)
+    if args.embed_in_memory:
+        mem, r = timed(embed_pool, pool, args.backbone, "bundled", args.size, args.batch_size, workers=0,
+                       model=model)
+        result["embed_in_memory"] = r | {"images_per_s": round(args.n / r["seconds"], 1),
+                                         "equal_to_streamed": bool((mem == np.load(feats_path)).all())}
+        print(f"embed (in memory): {r['seconds']:.1f}s", flush=True)
+    if args.finetune_n:
+        bench_finetune(args, pool.iloc[:args.finetune_n], result)
+    return feats_path
+
+
+def bench_finetune(args, pool: pd.DataFrame, result: dict) -> None:
+    from dfpipe.split.finetune import finetune_embedder
+
+    (_, hist), r = timed(finetune_embedder, pool, args.backbone, "bundled", args.size, 32, 1, 3e-4, 0, workers=0)
+    result["finetune_epoch"] = r | {"n": len(pool), "img_size": args.size, "batch_size": 32,
+                                    "images_per_s": round(len(pool) / hist[0]["seconds"], 1),
+                                    "epoch_seconds": hist[0]["seconds"]}
+    print(f"fine-tune: {hist[0]['seconds']:.1f}s per epoch of {len(pool)} images", flush=True)
+
+
+def bench_kmeans(args, feats: np.ndarray, result: dict) -> None:
+    """Every k-means path on the memmap, with its agreement with in-memory KMeans."""
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    from dfpipe.split import kmeans
+
+    engines = {"kmeans_in_memory": kmeans.KMeansEngine(minibatch_above=args.n),
+               "kmeans_chunked_partial_fit": kmeans.KMeansEngine(minibatch_above=0)}
+    if not args.no_torch_kmeans:
+        engines["kmeans_torch_cpu"] = kmeans.KMeansEngine("torch", "cpu")
+    if torch.cuda.is_available():
+        engines["kmeans_torch_cuda"] = kmeans.KMeansEngine("torch", "cuda")
+    ref = None
+    for name, engine in engines.items():
+        labels, r = timed(kmeans.kmeans_labels, feats, args.k, 0, engine=engine)
+        ref = labels if ref is None else ref
+        again = kmeans.kmeans_labels(feats, args.k, 0, engine=engine) if engine.device == "cpu" else labels
+        result[name] = r | {"path": engine.describe(args.n)["path"], "deterministic": bool((labels == again).all()),
+                            "n_clusters_found": int(len(np.unique(labels))),
+                            "ari_vs_kmeans_in_memory": round(float(adjusted_rand_score(ref, labels)), 4)}
+        print(f"{name}: {r['seconds']:.1f}s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -89,64 +159,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=12, help="clusters (default 12, as params.yaml)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--no-full-kmeans", action="store_true", help="skip the full-KMeans comparison")
+    ap.add_argument("--embed-in-memory", action="store_true", help="also time the in-memory embed_pool")
+    ap.add_argument("--no-torch-kmeans", action="store_true", help="skip torch_kmeans on CPU")
+    ap.add_argument("--finetune-n", type=int, default=512, help="images for one fine-tune epoch (0 = skip)")
     ap.add_argument("--k-candidates", default="4,6,8,12,16", help="for the silhouette timing; '' = skip")
     args = ap.parse_args(argv)
 
     import sklearn
     import torch
-    from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    from dfpipe.split import cluster
-    from dfpipe.split.embed import embed_pool
+    from dfpipe.split import cluster, kmeans
 
     result: dict = {
         "n": args.n, "size": args.size, "k": args.k, "backbone": args.backbone, "batch_size": args.batch_size,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
                     "torch_threads": torch.get_num_threads(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                     "torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
                     "cuda": torch.cuda.is_available()},
-        "kmeans_labels_uses": "MiniBatchKMeans(batch_size=2048, n_init=3)" if args.n > cluster.MINIBATCH_ABOVE
-        else "KMeans(n_init=4)",
-        "minibatch_above": cluster.MINIBATCH_ABOVE,
+        "minibatch_above": kmeans.MINIBATCH_ABOVE,
+        "stage3_kmeans_path": kmeans.make_engine("auto").describe(args.n)["path"],
     }
     with tempfile.TemporaryDirectory(prefix="bench_split_") as tmp:
-        cache = Path(tmp) / "train.npy"
-        with RssPeak() as m:
-            make_cache(cache, args.n, args.size)
-        result["make_cache"] = {"seconds": round(m.seconds, 2), "cache_mb": round(cache.stat().st_size / 2**20, 1)}
-        pool = pd.DataFrame({"uid": [f"train/{i}.png" for i in range(args.n)], "label": np.arange(args.n) % 2,
-                             "cache_path": str(cache), "cache_index": np.arange(args.n)})
-        with RssPeak() as m:
-            feats = embed_pool(pool, args.backbone, "bundled", args.size, args.batch_size, workers=0)
-        result["embed"] = {"seconds": round(m.seconds, 2), "images_per_s": round(args.n / m.seconds, 1),
-                           "peak_rss_mb": round(m.peak / 2**20, 1), "dim": int(feats.shape[1])}
-        print(f"embed: {m.seconds:.1f}s", flush=True)
-
-    x = feats.astype(np.float32)
-    with RssPeak() as m:
-        a = cluster.kmeans_labels(x, args.k, seed=0)
-    b = cluster.kmeans_labels(x, args.k, seed=0)
-    result["kmeans_labels"] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak / 2**20, 1),
-                               "deterministic": bool((a == b).all()), "n_clusters_found": int(len(np.unique(a)))}
-    print(f"kmeans_labels: {m.seconds:.1f}s", flush=True)
-    with RssPeak() as m:
-        MiniBatchKMeans(n_clusters=args.k, batch_size=2048, n_init=3, random_state=0).fit_predict(x)
-    result["minibatch_kmeans_n_init3"] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak / 2**20, 1)}
-    print(f"MiniBatchKMeans: {m.seconds:.1f}s", flush=True)
-    if not args.no_full_kmeans:
-        with RssPeak() as m:
-            KMeans(n_clusters=args.k, n_init=4, random_state=0).fit_predict(x)
-        result["full_kmeans_n_init4"] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak / 2**20, 1)}
-        print(f"full KMeans: {m.seconds:.1f}s", flush=True)
-    if args.k_candidates:
-        cands = [int(k) for k in args.k_candidates.split(",")]
-        with RssPeak() as m:
-            best, scores = cluster.choose_k(x, cands, seed=0)
-        result["choose_k"] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak / 2**20, 1),
-                              "best_k": best, "scores": scores}
-        print(f"choose_k: {m.seconds:.1f}s", flush=True)
+        feats = np.load(bench_embedding(args, Path(tmp), result), mmap_mode="r")
+        bench_kmeans(args, feats, result)
+        if args.k_candidates:
+            cands = [int(k) for k in args.k_candidates.split(",")]
+            (best, scores), r = timed(cluster.choose_k, feats, cands, 0)
+            result["choose_k"] = r | {"best_k": best, "scores": scores}
+            print(f"choose_k: {r['seconds']:.1f}s", flush=True)
+        del feats
+    result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

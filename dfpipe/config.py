@@ -167,11 +167,18 @@ class SplitConfig:
     augmented_dir: str = "data/augmented"
     out_csv: str = "data/splits.csv"
     report: str = "data/cluster_report.json"
-    features: str = "data/features.npy"
+    features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back as a memmap
+    features_index: str = "data/features_index.csv"  # row of features.npy -> uid, img_name, label, origin
+    embedder: str = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
-    img_size: int = 128
+    img_size: int = 128  # embedding (and fine-tune) input side
     batch_size: int = 64
+    finetune_epochs: int = 3  # embedder finetune: epochs on the train-origin originals
+    finetune_lr: float = 3e-4
+    finetune_batch_size: int = 32
+    kmeans_backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
+    minibatch_above: int = 100_000  # sklearn: more rows than this -> chunked MiniBatchKMeans.partial_fit
     n_clusters: int = 8  # 0 = choose k by silhouette score among k_candidates
     k_candidates: tuple[int, ...] = (4, 6, 8, 12, 16)
     silhouette_sample: int = 2000  # silhouette on this many sampled points (0 = all)

@@ -143,3 +143,215 @@ def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
     img = cv2.imread(str(out))
     assert img.shape[:2] == contact_sheet_shape(3, 4)
     assert not list(tmp_path.glob(".sheet.png.*"))  # no temp file left behind
+
+
+# --------------------------------------------------------------------------- embedders, streaming, k-means engines
+TINY = "test_efficientnet"  # timm's 0.1M-parameter test net: random init ("none"), fast on CPU
+
+
+def blobs(rng, n_blobs=4, per_blob=60, dim=16):
+    centres = rng.normal(0, 10, (n_blobs, dim))
+    truth = np.repeat(np.arange(n_blobs), per_blob)
+    return (centres[truth] + rng.normal(0, 0.3, (len(truth), dim))).astype(np.float16), truth
+
+
+def same_partition(a, b):
+    """Cluster ids a and b group the samples identically (ids may be permuted)."""
+    return len(set(zip(a.tolist(), b.tolist()))) == len(np.unique(a)) == len(np.unique(b))
+
+
+def image_pool(tmp_path, rng, n=20, size=32, name="train"):
+    """n uint8 images in a .npy cache (reals dark, fakes bright noise) and a pool over them."""
+    imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % 2
+    imgs[labels == 0] //= 4
+    cache = tmp_path / f"{name}.npy"
+    np.save(cache, imgs)
+    uids = [f"{name}/{i}.png" for i in range(n)]
+    return pd.DataFrame({"uid": uids, "img_name": [f"{i}.png" for i in range(n)], "label": labels,
+                         "origin": name, "cache_path": str(cache), "cache_index": np.arange(n)})
+
+
+def tiny_model(seed=0):
+    import torch
+
+    from dfpipe.split.embed import load_backbone
+
+    torch.manual_seed(seed)
+    return load_backbone(TINY, "none", torch.device("cpu"))
+
+
+def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
+    import torch
+
+    from dfpipe.split.embed import embed_pool, embed_to_file, load_features, write_index
+
+    pool = image_pool(tmp_path, rng, n=11)
+    model = tiny_model()
+    mem = embed_pool(pool, TINY, "none", 32, batch_size=4, workers=0, model=model)  # 3 batches, last one short
+    n, d = embed_to_file(pool, model, 32, 4, tmp_path / "f.npy", workers=0)
+    write_index(pool, tmp_path / "f.csv")
+    disk = load_features(tmp_path / "f.npy")
+    assert isinstance(disk, np.memmap) and disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
+    np.testing.assert_array_equal(np.asarray(disk), mem)
+    np.testing.assert_allclose(np.linalg.norm(mem.astype(np.float32), axis=1), 1, atol=2e-3)
+    # row i really is image i: embed image 7 alone
+    one = embed_pool(pool.iloc[[7]], TINY, "none", 32, batch_size=1, workers=0, model=model)
+    np.testing.assert_allclose(one[0].astype(np.float32), disk[7].astype(np.float32), atol=2e-3)
+    index = pd.read_csv(tmp_path / "f.csv")
+    assert index.row.tolist() == list(range(11)) and index.uid.tolist() == pool.uid.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "train.npy"]  # no temp files
+    assert not torch.is_inference_mode_enabled()  # the generator leaves inference mode between batches
+
+
+def test_checkpoint_embedder_loads_any_timm_model_from_a_local_file(tmp_path, rng):
+    import torch
+
+    from dfpipe.split.embed import embed_pool, load_backbone
+
+    pool = image_pool(tmp_path, rng, n=6)
+    source = tiny_model(seed=3)
+    torch.save(source.state_dict(), tmp_path / "tiny.pth")
+    loaded = load_backbone(TINY, str(tmp_path / "tiny.pth"), torch.device("cpu"))
+    a = embed_pool(pool, TINY, "none", 32, 3, workers=0, model=source)
+    b = embed_pool(pool, TINY, str(tmp_path / "tiny.pth"), 32, 3, workers=0, model=loaded)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, embed_pool(pool, TINY, "none", 32, 3, workers=0, model=tiny_model(seed=4)))
+
+
+def test_finetuned_embedder_learns_the_labels_and_is_seeded(tmp_path, rng):
+    import torch
+
+    from dfpipe.split.embed import embed_pool
+    from dfpipe.split.finetune import finetune_embedder
+
+    pool = image_pool(tmp_path, rng, n=24)
+    model, hist = finetune_embedder(pool, TINY, "none", 32, batch_size=8, epochs=2, lr=5e-3, seed=0, workers=0)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[0]["loss"] < 0.75  # zero-initialised head: starts near log 2
+    assert hist[-1]["loss"] < 0.45 and hist[-1]["train_acc"] >= 0.9  # it learnt the labels
+    assert not model.training and model.get_classifier().__class__.__name__ == "Identity"
+    feats = embed_pool(pool, TINY, "none", 32, 16, workers=0, model=model)
+    assert feats.shape == (24, 256) and np.isfinite(feats).all()
+    twice, _ = finetune_embedder(pool, TINY, "none", 32, batch_size=8, epochs=2, lr=5e-3, seed=0, workers=0)
+    other, _ = finetune_embedder(pool, TINY, "none", 32, batch_size=8, epochs=1, lr=5e-3, seed=1, workers=0)
+    sd = [m.state_dict() for m in (model, twice, other)]
+    assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])  # same seed, same weights
+    assert not all(torch.equal(sd[0][k], sd[2][k]) for k in sd[0])
+
+
+def test_finetune_needs_both_classes(tmp_path, rng):
+    from dfpipe.split.finetune import finetune_embedder
+
+    pool = image_pool(tmp_path, rng, n=8)
+    with pytest.raises(ValueError, match="real and fake"):
+        finetune_embedder(pool[pool.label == 1], TINY, "none", 32, 4, 1, 1e-3, seed=0, workers=0)
+
+
+@pytest.mark.parametrize("engine", ["minibatch", "torch"])
+def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, rng, monkeypatch, engine):
+    from dfpipe.split import kmeans
+
+    monkeypatch.setattr(kmeans, "INIT_SAMPLE", 100)  # < n: the chunked path starts from a sample
+    monkeypatch.setattr(kmeans, "READ_ROWS", 64)  # several chunks
+    eng = kmeans.KMeansEngine(minibatch_above=50) if engine == "minibatch" else kmeans.KMeansEngine("torch")
+    feats, truth = blobs(rng)
+    np.save(tmp_path / "f.npy", feats)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    labels = kmeans.kmeans_labels(mm, 4, seed=0, engine=eng)
+    assert labels.shape == (240,) and same_partition(labels, truth)
+    np.testing.assert_array_equal(labels, kmeans.kmeans_labels(mm, 4, seed=0, engine=eng))  # same seed
+    np.testing.assert_array_equal(labels, kmeans.kmeans_labels(feats, 4, seed=0, engine=eng))  # array == memmap
+    rows = np.flatnonzero(truth >= 2)  # a subset, as per-class clustering reads it
+    sub = kmeans.kmeans_labels(mm, 2, seed=0, rows=rows, engine=eng)
+    assert same_partition(sub, truth[rows])
+    assert kmeans.kmeans_labels(mm, 1, seed=0, engine=eng).tolist() == [0] * 240
+
+
+def test_torch_engine_splits_like_sklearn_on_blobs(rng):
+    from dfpipe.split.kmeans import KMeansEngine
+
+    pool, feats = make_pool(rng)
+    a = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0, engine=KMeansEngine("torch"))
+    b = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0)
+    assert same_partition(a.cluster.to_numpy(), b.cluster.to_numpy())
+    check_split(a)
+
+
+def test_sampled_silhouette_is_sklearns_silhouette_score(rng):
+    from sklearn.metrics import silhouette_score
+
+    from dfpipe.split.cluster import sampled_silhouette
+
+    feats, truth = blobs(rng)
+    labels = (truth + rng.integers(0, 2, len(truth))) % 4  # some noise, so the score is not ~1
+    x = feats.astype(np.float32)
+    for size in (50, 0):
+        want = silhouette_score(x, labels, sample_size=size or None, random_state=5)
+        assert sampled_silhouette(feats, None, labels, size, seed=5) == pytest.approx(want, abs=1e-6)
+
+
+def test_make_engine_resolves_auto_by_cuda(monkeypatch):
+    import torch
+
+    from dfpipe.split.kmeans import make_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (make_engine("auto").backend, make_engine("torch").device) == ("sklearn", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (make_engine("auto").backend, make_engine("auto").device) == ("torch", "cuda")
+    assert make_engine("sklearn", 7).minibatch_above == 7
+    with pytest.raises(ValueError, match="k-means backend"):
+        make_engine("faiss")
+
+
+def write_prepared(tmp_path, rng, n_train=24, n_val=8, n_aug=6):
+    """A stage-1 + stage-2 output in miniature: manifests and uint8 caches."""
+    prep, aug = tmp_path / "prepared", tmp_path / "augmented"
+    prep.mkdir()
+    aug.mkdir()
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        p = image_pool(prep, rng, n=n, name=split)
+        rows.append(p.assign(split=split, cache_file=f"{split}.npy", dup_group=-1))
+    man = pd.concat(rows, ignore_index=True)
+    man[["uid", "img_name", "split", "label", "cache_file", "cache_index", "dup_group"]].to_csv(
+        prep / "manifest.csv", index=False)
+    a = image_pool(aug, rng, n=n_aug, name="images")
+    reals = man.uid[man.label == 0].to_numpy()
+    pd.DataFrame({"uid": [f"aug/{i}.png" for i in range(n_aug)], "img_name": [f"{i}.png" for i in range(n_aug)],
+                  "label": 1, "source_uid": reals[:n_aug], "method": "self_blend", "cache_file": "images.npy",
+                  "cache_index": a.cache_index}).to_csv(aug / "manifest.csv", index=False)
+    return prep, aug
+
+
+def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
+    import json
+
+    from dfpipe.config import SplitConfig
+    from dfpipe.split.stage import run_split
+
+    prep, aug = write_prepared(tmp_path, rng)
+    out = tmp_path / "out"
+    cfg = SplitConfig(prepared_dir=str(prep), augmented_dir=str(aug), out_csv=str(out / "splits.csv"),
+                      report=str(out / "report.json"), features=str(out / "f.npy"),
+                      features_index=str(out / "f.csv"), embedder="finetune", backbone=TINY, pretrained="none",
+                      img_size=32, batch_size=8, finetune_epochs=1, finetune_batch_size=8, kmeans_backend="torch",
+                      n_clusters=2, per_class=False, n_folds=2, contact_sheet_per_cluster=2)
+    df = run_split(cfg)
+    check_split(df)
+    assert len(df) == 24 + 8 + 6 and set(df.fold) == {0, 1}
+    feats, index = np.load(cfg.features), pd.read_csv(cfg.features_index)
+    assert feats.shape == (32, 256) and index.uid.tolist() == df.uid[df.origin != "aug"].tolist()
+    report = json.loads((out / "report.json").read_text())
+    ft = report["embedding"]["finetune"]
+    assert report["embedding"]["embedder"] == "finetune" and ft["n_images"] == 24 and len(ft["history"]) == 1
+    assert report["kmeans"]["backend"] == "torch"
+
+
+def test_unknown_embedder_is_rejected(tmp_path):
+    from dfpipe.config import SplitConfig
+    from dfpipe.split.stage import build_embedder
+
+    with pytest.raises(ValueError, match="split.embedder"):
+        build_embedder(SplitConfig(embedder="clip"), pd.DataFrame())

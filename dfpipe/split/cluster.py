@@ -12,66 +12,64 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.model_selection import StratifiedGroupKFold
+
+# MINIBATCH_ABOVE and kmeans_labels are re-exported: they lived here before .kmeans
+from .kmeans import MINIBATCH_ABOVE, KMeansEngine, kmeans_labels, n_rows, take  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-
-MINIBATCH_ABOVE = 100_000  # more samples: MiniBatchKMeans (bench: full KMeans on 20k x 1280 takes ~6 s on 2 cores)
 DEFAULT_K_CANDIDATES = (4, 6, 8, 12, 16)
 
 
-def kmeans_labels(feats: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Cluster ids (N,) from k-means; k is clamped to the number of samples.
-
-    Up to ``MINIBATCH_ABOVE`` samples: full ``KMeans`` (n_init 4). Above: ``MiniBatchKMeans``
-    (batch 2048, n_init 3). Both are deterministic for a seed.
-    """
-    k = max(1, min(k, len(feats)))
-    if len(feats) > MINIBATCH_ABOVE:
-        km = MiniBatchKMeans(n_clusters=k, batch_size=2048, n_init=3, random_state=seed)
-    else:
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed)
-    return km.fit_predict(feats.astype(np.float32))
-
-
-def choose_k(feats: np.ndarray, candidates: Sequence[int], seed: int, sample_size: int = 2000
-             ) -> tuple[int, dict[str, float]]:
+def choose_k(feats: np.ndarray, candidates: Sequence[int], seed: int, sample_size: int = 2000,
+             engine: KMeansEngine | None = None, rows: np.ndarray | None = None) -> tuple[int, dict[str, float]]:
     """The candidate k with the best (sampled) silhouette score, and every candidate's score.
 
     Candidates are clamped to 2..N-1 (where a silhouette is defined) and deduplicated; ties go to the
-    smaller k. With fewer than 3 samples there is nothing to choose: k = 1.
+    smaller k. With fewer than 3 samples there is nothing to choose: k = 1. ``feats`` may be a memmap;
+    ``rows`` selects a subset (see :mod:`dfpipe.split.kmeans`).
     """
-    from sklearn.metrics import silhouette_score
-
-    n = len(feats)
+    n = n_rows(feats, rows)
     ks = sorted({min(max(int(k), 2), n - 1) for k in candidates}) if n >= 3 else []
     if not ks:
         return 1, {}
-    x = feats.astype(np.float32)
     scores: dict[str, float] = {}
     for k in ks:
-        lab = kmeans_labels(x, k, seed)
+        lab = kmeans_labels(feats, k, seed, rows=rows, engine=engine)
         if len(np.unique(lab)) < 2:  # degenerate (e.g. identical points): no silhouette
             scores[str(k)] = -1.0
             continue
-        ss = sample_size if 0 < sample_size < n else None
-        scores[str(k)] = float(silhouette_score(x, lab, sample_size=ss, random_state=seed))
+        scores[str(k)] = sampled_silhouette(feats, rows, lab, sample_size, seed)
     best = max(ks, key=lambda k: (scores[str(k)], -k))
     return best, scores
 
 
+def sampled_silhouette(feats: np.ndarray, rows: np.ndarray | None, labels: np.ndarray, sample_size: int,
+                       seed: int) -> float:
+    """``silhouette_score(x, labels, sample_size, random_state=seed)``, reading only the sampled rows.
+
+    Same sample (sklearn draws ``RandomState(seed).permutation(n)[:sample_size]``) and same value, but a
+    memmap of any size is never loaded whole.
+    """
+    from sklearn.metrics import silhouette_samples
+
+    n = len(labels)
+    idx = np.random.RandomState(seed).permutation(n)[:sample_size] if 0 < sample_size < n else np.arange(n)
+    x = take(feats, idx if rows is None else rows[idx])
+    return float(np.mean(silhouette_samples(x, labels[idx])))
+
+
 def select_k(feats: np.ndarray, labels: np.ndarray, per_class: bool, candidates: Sequence[int], seed: int,
-             sample_size: int = 2000) -> tuple[int | tuple[int, int], dict]:
+             sample_size: int = 2000, engine: KMeansEngine | None = None) -> tuple[int | tuple[int, int], dict]:
     """k for :func:`cluster_ids` chosen by silhouette: one k jointly, or (k_real, k_fake) per class."""
     if not per_class:
-        k, scores = choose_k(feats, candidates, seed, sample_size)
+        k, scores = choose_k(feats, candidates, seed, sample_size, engine)
         log.info("k by silhouette: %d (scores %s)", k, scores)
         return k, {"criterion": "silhouette", "candidates": list(candidates), "k": k, "scores": scores}
     ks, report = [], {"criterion": "silhouette", "candidates": list(candidates), "per_class": {}}
     for c, name in ((0, "real"), (1, "fake")):
-        k, scores = choose_k(feats[labels == c], candidates, seed, sample_size)
+        k, scores = choose_k(feats, candidates, seed, sample_size, engine, rows=np.flatnonzero(labels == c))
         log.info("k by silhouette for %s: %d (scores %s)", name, k, scores)
         ks.append(k)
         report["per_class"][name] = {"k": k, "scores": scores}
@@ -79,19 +77,19 @@ def select_k(feats: np.ndarray, labels: np.ndarray, per_class: bool, candidates:
 
 
 def cluster_ids(feats: np.ndarray, labels: np.ndarray, k: int | Sequence[int], per_class: bool,
-                seed: int) -> np.ndarray:
+                seed: int, engine: KMeansEngine | None = None) -> np.ndarray:
     """Global cluster ids. Per class: real clusters 0..k-1, fake clusters k..2k-1 (fakes vary more).
 
     Per class, ``k`` may also be a pair (k_real, k_fake): real 0..k_real-1, fake from k_real on.
     """
     if not per_class:
-        return kmeans_labels(feats, int(k), seed)
+        return kmeans_labels(feats, int(k), seed, engine=engine)
     k_real, k_fake = (k, k) if np.isscalar(k) else (int(k[0]), int(k[1]))
     ids = np.empty(len(feats), dtype=np.int64)
     for c, kc, offset in ((0, k_real, 0), (1, k_fake, k_real)):
         sel = labels == c
         if sel.any():
-            ids[sel] = kmeans_labels(feats[sel], kc, seed) + offset
+            ids[sel] = kmeans_labels(feats, kc, seed, rows=np.flatnonzero(sel), engine=engine) + offset
     return ids
 
 
@@ -127,21 +125,23 @@ def fold_groups(clusters: np.ndarray, dup_groups: np.ndarray | None) -> np.ndarr
 
 
 def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence[int], per_class: bool,
-               n_folds: int, seed: int, k_candidates: Sequence[int] = DEFAULT_K_CANDIDATES) -> pd.DataFrame:
+               n_folds: int, seed: int, k_candidates: Sequence[int] = DEFAULT_K_CANDIDATES,
+               engine: KMeansEngine | None = None) -> pd.DataFrame:
     """Cluster and fold the original images of ``pool``; generated ones inherit their source's.
 
     ``n_clusters`` 0: k chosen by silhouette among ``k_candidates`` (:func:`select_k`).
 
-    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order. With a
-    ``dup_group`` column (stage 1), near-duplicates always share a fold.
+    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order (an array or the
+    memmap of stage 3's features file). With a ``dup_group`` column (stage 1), near-duplicates always
+    share a fold. ``engine``: where k-means runs (default sklearn on CPU).
     """
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
     if len(orig) != len(feats):
         raise ValueError(f"{len(feats)} embeddings for {len(orig)} original images")
     labels = orig.label.to_numpy()
     if np.isscalar(n_clusters) and n_clusters == 0:
-        n_clusters, _ = select_k(feats, labels, per_class, k_candidates, seed)
-    orig = orig.assign(cluster=cluster_ids(feats, labels, n_clusters, per_class, seed))
+        n_clusters, _ = select_k(feats, labels, per_class, k_candidates, seed, engine=engine)
+    orig = orig.assign(cluster=cluster_ids(feats, labels, n_clusters, per_class, seed, engine))
     dups = orig.dup_group.to_numpy() if "dup_group" in orig else None
     orig["fold"] = assign_folds(fold_groups(orig.cluster.to_numpy(), dups), labels, n_folds, seed)
     derived = pool[pool.origin == "aug"]

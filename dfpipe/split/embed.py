@@ -1,40 +1,102 @@
-"""Pooled backbone features for every image of the pool, batched, cached as float16."""
+"""Pooled backbone features for every image of the pool: batched, L2-normalised, float16.
+
+:func:`embed_to_file` streams them batch by batch into a ``.npy`` memmap (plus a CSV index row -> uid),
+so embedding 500k images needs memory for one batch, not for all features (500k x 1280 float16 = 1.3 GB
+on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
+On CUDA: bf16 autocast and channels_last; always ``torch.inference_mode``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.dataset import CacheDataset
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
+from ..io import atomic_path, write_csv
 from ..models import create_backbone, normalization
 
 log = logging.getLogger(__name__)
 
+INDEX_COLUMNS = ["row", "uid", "img_name", "label", "origin"]
 
-@torch.inference_mode()
-def embed_pool(pool: pd.DataFrame, backbone: str, pretrained: str, img_size: int, batch_size: int,
-               workers: int = -1) -> np.ndarray:
-    """(N, D) float16 L2-normalised pooled features, in pool order."""
-    device = pick_device()
+
+def load_backbone(backbone: str, pretrained: str, device: torch.device | None = None) -> nn.Module:
+    """timm ``backbone`` giving pooled (B, D) features, eval mode, on ``device`` (default: pick_device()).
+
+    ``pretrained``: ``bundled`` | ``timm`` | ``none`` | path of a local timm checkpoint (any timm model).
+    """
+    device = device or pick_device()
     model = create_backbone(backbone, pretrained=pretrained, num_classes=0).eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def embed_batches(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_size: int, workers: int = -1
+                  ) -> Iterator[np.ndarray]:
+    """(B, D) float16 L2-normalised pooled features per batch, in pool order."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     mean, std = normalization(model)
+    model.eval()
     loader = DataLoader(CacheDataset(pool), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers(workers), pin_memory=device.type == "cuda")
-    feats: list[np.ndarray] = []
+                        num_workers=num_workers(workers), pin_memory=cuda)
     for x, _, _ in tqdm(loader, desc="embed", unit="batch"):
-        x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, device.type == "cuda")
-        with autocast(device):
-            f = model(x).float()  # (B, D) pooled features
-        feats.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy().astype(np.float16))
+        with torch.inference_mode(), autocast(device):  # left before the yield: the caller runs outside it
+            x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, cuda)  # (B, 3, S, S)
+            f = torch.nn.functional.normalize(model(x).float(), dim=1)  # (B, D) pooled features
+        yield f.cpu().numpy().astype(np.float16)
+
+
+def embed_pool(pool: pd.DataFrame, backbone: str, pretrained: str, img_size: int, batch_size: int,
+               workers: int = -1, model: nn.Module | None = None) -> np.ndarray:
+    """(N, D) float16 features in memory, in pool order; ``model`` (if given) replaces backbone/pretrained."""
+    model = model if model is not None else load_backbone(backbone, pretrained)
+    feats = list(embed_batches(pool, model, img_size, batch_size, workers))
     out = np.concatenate(feats) if feats else np.zeros((0, 0), np.float16)
     log.info("embedded %d images with %s (%s weights): dim %d", len(out), backbone, pretrained, out.shape[1])
     return out
+
+
+def embed_to_file(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_size: int, path: str | Path,
+                  workers: int = -1) -> tuple[int, int]:
+    """Write (N, D) float16 features of ``pool`` (in pool order) to the ``.npy`` file ``path``.
+
+    Each batch goes straight into a memmap of a temp file renamed onto ``path`` when complete, so a
+    killed run never leaves a partial features file. Returns (N, D).
+    """
+    if len(pool) == 0:
+        raise ValueError("no original images to embed")
+    out, row = None, 0
+    with atomic_path(path) as tmp:
+        for f in embed_batches(pool, model, img_size, batch_size, workers):
+            if out is None:  # D is known once the model has run
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(pool), f.shape[1]))
+            out[row:row + len(f)] = f
+            row += len(f)
+        if row != len(pool):
+            raise RuntimeError(f"embedded {row} of {len(pool)} images")
+        dim = out.shape[1]
+        out.flush()
+        del out  # close the memmap before the rename
+    log.info("streamed %d x %d float16 features to %s", row, dim, path)
+    return row, dim
+
+
+def write_index(pool: pd.DataFrame, path: str | Path) -> None:
+    """CSV mapping each row of the features file to its image (``row, uid, img_name, label, origin``)."""
+    index = pool.reset_index(drop=True).assign(row=np.arange(len(pool)))
+    write_csv(path, index[INDEX_COLUMNS])
+
+
+def load_features(path: str | Path) -> np.ndarray:
+    """The features file as a read-only memmap: rows are read from disk only when used."""
+    return np.load(path, mmap_mode="r")

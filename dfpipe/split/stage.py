@@ -7,40 +7,70 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..config import SplitConfig
 from ..data.samples import load_pool
 from ..io import atomic_path, write_csv, write_json
 from .cluster import cluster_report, select_k, split_pool
-from .embed import embed_pool
+from .embed import embed_to_file, load_backbone, load_features, write_index
+from .kmeans import make_engine
 
 log = logging.getLogger(__name__)
 SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cluster", "dup_group", "fold",
                  "subset"]
+EMBEDDERS = ("pretrained", "finetune")
+PLOT_MAX_POINTS = 20_000  # the PCA picture uses a seeded sample of this many originals at most
+FINETUNE_NOTE = ("fine-tuned on the labels of the train-origin originals it then clusters (as the winners "
+                 "did): clusters follow the labels more than with a pretrained embedder")
+
+
+def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Module, dict]:
+    """The feature extractor ``cfg.embedder`` names, and a description of it for the report."""
+    if cfg.embedder not in EMBEDDERS:
+        raise ValueError(f"unknown split.embedder {cfg.embedder!r}; choose one of {EMBEDDERS}")
+    info = {"embedder": cfg.embedder, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
+            "img_size": cfg.img_size}
+    if cfg.embedder == "pretrained":
+        return load_backbone(cfg.backbone, cfg.pretrained), info
+    from .finetune import finetune_embedder
+
+    train = orig[orig.origin == "train"]
+    model, history = finetune_embedder(train, cfg.backbone, cfg.pretrained, cfg.img_size, cfg.finetune_batch_size,
+                                       cfg.finetune_epochs, cfg.finetune_lr, cfg.seed)
+    info["finetune"] = {"n_images": int(len(train)), "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
+                        "batch_size": cfg.finetune_batch_size, "history": history, "note": FINETUNE_NOTE}
+    return model, info
 
 
 def run_split(cfg: SplitConfig) -> pd.DataFrame:
+    engine = make_engine(cfg.kmeans_backend, cfg.minibatch_above)  # checked before the slow part
     pool = load_pool(cfg.prepared_dir, cfg.augmented_dir)
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
-    feats = embed_pool(orig, cfg.backbone, cfg.pretrained, cfg.img_size, cfg.batch_size)
-    with atomic_path(cfg.features) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, feats)
+    model, embedder_info = build_embedder(cfg, orig)
+    _, embedder_info["dim"] = embed_to_file(orig, model, cfg.img_size, cfg.batch_size, cfg.features)
+    write_index(orig, cfg.features_index)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the GPU to torch k-means
+    feats = load_features(cfg.features)  # memmap: k-means reads it in chunks when the pool is large
     k, k_selection = cfg.n_clusters, None
     if k == 0:  # choose k by silhouette score
         k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
-                                  cfg.silhouette_sample)
-    df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed)
+                                  cfg.silhouette_sample, engine)
+    df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed, engine=engine)
     if not ((df.fold == cfg.val_fold) & (df.origin != "aug")).any():
         raise ValueError(f"val_fold {cfg.val_fold} is empty; folds are 0..{cfg.n_folds - 1}")
     df["subset"] = np.where(df.fold == cfg.val_fold, "val", "train")
     write_csv(cfg.out_csv, df[SPLIT_COLUMNS])
     report = cluster_report(df, cfg.val_fold)
+    report["embedding"] = embedder_info
+    report["kmeans"] = engine.describe(len(orig))
     if k_selection is not None:
         report["k_selection"] = k_selection
     write_json(cfg.report, report)
     plot_path = Path(cfg.report).with_suffix(".png")
-    plot_embedding(feats, df[df.origin != "aug"], plot_path)
+    plot_embedding(feats, df[df.origin != "aug"], plot_path, cfg.seed)
     sheet = cfg.contact_sheet or str(Path(cfg.report).parent / "cluster_examples.png")
     cluster_contact_sheet(pool, df, sheet, cfg.contact_sheet_per_cluster, cfg.seed)
     log.info("split %d originals + %d generated into %d folds over %d clusters; val fold %d: %d images",
@@ -48,15 +78,21 @@ def run_split(cfg: SplitConfig) -> pd.DataFrame:
     return df
 
 
-def plot_embedding(feats: np.ndarray, orig: pd.DataFrame, path: Path) -> None:
-    """2-D PCA of the embeddings, coloured by cluster (left) and by label (right)."""
+def plot_embedding(feats: np.ndarray, orig: pd.DataFrame, path: Path, seed: int = 0) -> None:
+    """2-D PCA of the embeddings, coloured by cluster (left) and by label (right).
+
+    ``orig`` rows match ``feats`` rows; above ``PLOT_MAX_POINTS`` a seeded sample of them is drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    xy = PCA(n_components=2, random_state=0).fit_transform(feats.astype(np.float32))
+    if len(orig) > PLOT_MAX_POINTS:
+        pick = np.sort(np.random.default_rng(seed).choice(len(orig), PLOT_MAX_POINTS, replace=False))
+        feats, orig = feats[pick], orig.iloc[pick]
+    xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(feats, dtype=np.float32))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     axes[0].scatter(xy[:, 0], xy[:, 1], c=orig.cluster, cmap="tab20", s=8)
     axes[0].set_title("clusters (colour) - PCA of embeddings")
