@@ -1,4 +1,9 @@
-"""Stage 4: train one expert (``--expert NAME``) or all experts of params train.experts."""
+"""Stage 4: train one expert (``--expert NAME``) or all experts of params train.experts.
+
+One process with ``python``; DDP over GPUs or nodes with the same arguments under a launcher, e.g.
+``accelerate launch --multi_gpu --num_processes 8 04_train_experts.py --expert NAME`` or
+``torchrun --nproc-per-node 8 04_train_experts.py --expert NAME`` (batch_size is the global batch).
+"""
 
 from dfpipe import stage
 from dfpipe.config import TrainConfig, load_section

@@ -206,7 +206,7 @@ class ExpertConfig:
     img_size: int = 128
     dropout: float = 0.2  # before the linear head
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32  # global batch: under DDP each of N processes takes batch_size / N
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
@@ -228,6 +228,9 @@ class TrainConfig:
     augmented_dir: str = "data/augmented"
     models_dir: str = "models"
     workers: int = 2
+    # the command dvc runs 04_train_experts.py with: "python" (one process) or a DDP launcher such as
+    # "accelerate launch --multi_gpu --num_processes 8" or "torchrun --nproc-per-node 8"
+    launcher: str = "python"
     experts: dict[str, ExpertConfig] = field(default_factory=dict)
 
 

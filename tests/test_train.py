@@ -1,4 +1,5 @@
-"""Stage 4 loop: exact resume after a kill, early stopping, EMA weights in best.pt (tiny, CPU)."""
+"""Stage 4 loop: exact resume after a kill, early stopping, EMA weights in best.pt, deterministic
+checkpoints, rank sharding of the seeded sampler (tiny, CPU). The 2-process DDP run: test_train_ddp.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.train import loop
 from dfpipe.train.loop import run_train
+from dfpipe.train.sampling import SeededSampler, epoch_length
 
 SIZE = 32
 
@@ -102,6 +104,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
 
     assert list(hist_b.epoch) == [1, 2, 3]
     pd.testing.assert_frame_equal(hist_a.drop(columns="images_per_s"), hist_b.drop(columns="images_per_s"))
+    assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's CSV
+    assert "images_per_s" not in last["history"][0]  # timings never enter last.pt
     assert best_a == best_b
     for f in ("best.pt", "last.pt"):
         a, b = _load(pool / "models_a" / "e" / f), _load(pool / "models_b" / "e" / f)
@@ -109,6 +113,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
             if part in a:
                 _assert_same_tensors(a[part], b[part])
     assert _load(pool / "models_a" / "e" / "last.pt")["finished"]
+    for f in ("best.pt", "last.pt"):  # resumed = uninterrupted, to the byte (the DVC hash of models/<name>)
+        assert (pool / "models_a" / "e" / f).read_bytes() == (pool / "models_b" / "e" / f).read_bytes(), f
 
 
 def test_changed_config_or_finished_run_starts_fresh(pool, caplog):
@@ -173,6 +179,49 @@ def test_batches_do_not_depend_on_the_number_of_workers(pool):
     a = _load(pool / "models_w0" / "e" / "best.pt")["state_dict"]
     b = _load(pool / "models_w2" / "e" / "best.pt")["state_dict"]
     _assert_same_tensors(a, b)
+    # two runs write the same bytes (timings stay in the CSV): models/<name> keeps its DVC hash
+    assert h0.images_per_s.notna().all()
+    for f in ("best.pt", "last.pt"):
+        assert (pool / "models_w0" / "e" / f).read_bytes() == (pool / "models_w2" / "e" / f).read_bytes(), f
+
+
+def _epoch_pairs(n: int, seed: int, rank: int, world: int, length: int, epochs: int = 2) -> list[list]:
+    g = torch.Generator().manual_seed(seed)
+    sampler = SeededSampler(n, g, rank=rank, world=world, length=length)
+    return [list(sampler) for _ in range(epochs)] + [g.get_state()]
+
+
+@pytest.mark.parametrize("n, batch", [(23, 8), (5, 8), (16, 4)])
+@pytest.mark.parametrize("world", [2, 4])
+def test_sampler_shards_are_disjoint_and_make_up_the_one_process_epoch(n, batch, world):
+    length = epoch_length(n, batch, world)
+    one = _epoch_pairs(n, 7, 0, 1, epoch_length(n, batch, 1))
+    shards = [_epoch_pairs(n, 7, r, world, length) for r in range(world)]
+    for e in range(2):
+        per_rank = [s[e] for s in shards]
+        assert len({len(p) for p in per_rank}) == 1  # equal steps on every rank (DDP would hang otherwise)
+        assert len(per_rank[0]) == len(SeededSampler(n, torch.Generator(), 0, world, length))
+        interleaved = [per_rank[i % world][i // world] for i in range(length)]
+        assert interleaved == one[e][:length]  # same global order, same augmentation seeds
+        idx = [i for p in per_rank for i, _ in p]
+        assert len(idx) == len(set(idx)) == length  # disjoint
+        if n > batch:  # whole global batches: the one-process epoch is exactly the union
+            assert length == len(one[e]) and length % batch == 0
+            per_rank_batch = batch // world
+            for k in range(length // batch):  # global step k = the one-process batch k
+                step = {i for p in per_rank for i, _ in p[k * per_rank_batch:(k + 1) * per_rank_batch]}
+                assert step == {i for i, _ in one[e][k * batch:(k + 1) * batch]}
+    for s in shards:  # every rank's generator moves on exactly like the one-process one
+        assert torch.equal(s[-1], one[-1])
+
+
+def test_sampler_rejects_bad_shards():
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="rank"):
+        SeededSampler(10, g, rank=2, world=2)
+    with pytest.raises(ValueError, match="divisible"):
+        SeededSampler(10, g, rank=0, world=4, length=10)
+    assert epoch_length(3, 8, 4) == 0  # fewer images than processes: train_expert refuses
 
 
 def test_checkpoints_are_byte_reproducible(tmp_path):

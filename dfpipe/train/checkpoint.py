@@ -4,6 +4,10 @@
 exactly where the run stopped: model, optimizer, scheduler and EMA states, the history rows, the best
 metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader generator). A run
 killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
+
+Both files are deterministic for a fixed seed, config and data (``models/<name>`` keeps its DVC hash
+from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the history CSV.
+Under DDP only rank 0 writes them; ``last.pt`` holds rank 0's state, which is every rank's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,8 @@ from ..io import save_torch
 
 log = logging.getLogger(__name__)
 
-LAST_FORMAT = 1
+LAST_FORMAT = 2  # 2: no timings in the history, CUDA RNG of the current device only, world size
+TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, desc: dict, ecfg: ExpertConfig, name: str,
@@ -50,7 +56,8 @@ def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "loader": loader_generator.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: under DDP rank r restores it onto its own cuda:r
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -60,17 +67,35 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> N
     torch.set_rng_state(state["torch"])
     loader_generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_last(path: Path, *, key: dict, epoch: int, finished: bool, model: torch.nn.Module,
               opt: torch.optim.Optimizer, sched: Any, ema: Any, best: dict, history: list[dict],
-              loader_generator: torch.Generator) -> None:
-    """Write the resumable state of the run after ``epoch`` (atomically)."""
-    ckpt = {"format": LAST_FORMAT, "key": key, "epoch": epoch, "finished": finished,
+              loader_generator: torch.Generator, world: int = 1) -> None:
+    """Write the resumable state of the run after ``epoch`` (atomically; timings left out of the history)."""
+    history = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+    ckpt = {"format": LAST_FORMAT, "key": key, "epoch": epoch, "finished": finished, "world": world,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict(), "best": best, "history": history, "rng": rng_state(loader_generator)}
-    save_torch(ckpt, path)
+    save_torch(_canonical(ckpt), path)
+
+
+def _canonical(obj: Any) -> Any:
+    """Plain containers rebuilt with every string interned, so equal values pickle to equal bytes.
+
+    Pickle writes an object once and then refers back to it by identity: a resumed run's strings
+    (unpickled from last.pt, e.g. the optimizer's ``"lr"``) are other objects than a fresh run's
+    literals, which alone changed the bytes of an otherwise equal ``last.pt``. Dict subclasses (module
+    state dicts, which carry ``_metadata``) are kept as they are: their keys come from the live model.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) is dict:
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 def load_resumable(out_dir: Path, key: dict) -> dict | None:

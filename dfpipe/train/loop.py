@@ -8,6 +8,11 @@ Every epoch end also writes ``last.pt`` (see :mod:`dfpipe.train.checkpoint`): a 
 resumes at the next epoch, with the same result as an uninterrupted run, if the expert config and the
 data are unchanged; a run killed mid-epoch restarts that epoch from its beginning. ``patience`` > 0
 stops training after that many epochs without a better val AUC.
+
+The same code runs one process (``python 04_train_experts.py``) or one rank of a DDP run
+(``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train.distributed`. ``batch_size`` is the global
+batch; each rank trains on its shard of the same seeded epoch order, val predictions of all ranks are
+gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
@@ -31,13 +37,14 @@ from ..config import ExpertConfig, TrainConfig
 from ..data.dataset import CacheDataset
 from ..data.samples import load_split_pool
 from ..data.transforms import seed_worker, to_model_input, train_augment
-from ..device import autocast, num_workers, pick_device
+from ..device import autocast, num_workers
 from ..io import write_csv, write_json
 from ..losses import JointLoss
 from ..metrics import summary
 from ..models import build_expert
-from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
-from .sampling import SeededAugmentDataset, SeededSampler
+from .checkpoint import TIMING_KEYS, data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
+from .distributed import check_same, gather_by_index, make_accelerator, per_rank_batch, reduce_sum, sync_buffers
+from .sampling import SeededAugmentDataset, SeededSampler, epoch_length
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +70,43 @@ def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int) -> t
 
 
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
+def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+                  with_index: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """P(fake) of each image of ``loader`` (and, ``with_index``, the dataset index of each)."""
     model.eval()
-    out = []
-    for x, _, _ in loader:
+    out, index = [], []
+    for x, _, idx in loader:
         x = to_model_input(x.to(device, non_blocking=True), model.img_size, model.mean, model.std,
                            device.type == "cuda")
         with autocast(device):
             out.append(model(x)["prob"].float().cpu().numpy())
-    return np.concatenate(out)
+        index.append(idx.numpy())
+    probs = np.concatenate(out) if out else np.zeros(0, np.float32)  # a rank may get no val image
+    if with_index:
+        return probs, (np.concatenate(index) if index else np.zeros(0, np.int64))
+    return probs
 
 
-def train_expert(cfg: TrainConfig, name: str) -> tuple[dict, pd.DataFrame]:
-    """Train expert ``name`` of ``cfg.experts``; save the best EMA checkpoint. Returns (best, history)."""
-    if name not in cfg.experts:
-        raise KeyError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
-    ecfg = cfg.experts[name]
-    seed_everything(ecfg.seed)
-    device = pick_device()
+def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
+                 history_csv: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
+    """Train expert ``name`` of ``cfg.experts``; save the best EMA checkpoint. Returns (best, history).
+
+    One process or one rank of a DDP run (``acc``, default: a new one; see :mod:`.distributed`).
+    ``history_csv``: rank 0 rewrites it after every epoch (timings included, unlike ``last.pt``).
+    """
+    ecfg = _expert(cfg, name)
+    acc = acc or make_accelerator(ecfg)
+    seed_everything(ecfg.seed)  # the same on every rank: same initial weights, equal RNG states
+    device, main = acc.device, acc.is_main_process
     df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir)
     train_df = df[(df.subset == "train") & (ecfg.use_augmented | (df.origin != "aug"))].reset_index(drop=True)
     val_df = df[(df.subset == "val") & (df.origin != "aug")].reset_index(drop=True)
-    log.info("expert %s: %d train (%d generated), %d val images, device %s", name, len(train_df),
-             int((train_df.origin == "aug").sum()), len(val_df), device)
+    log.info("expert %s: %d train (%d generated), %d val images, device %s, %d process(es), global batch %d",
+             name, len(train_df), int((train_df.origin == "aug").sum()), len(val_df), device,
+             acc.num_processes, ecfg.batch_size)
 
     g = torch.Generator().manual_seed(ecfg.seed)  # shuffle order + per-sample augmentation seeds
-    train_loader, val_loader = _loaders(cfg, ecfg, train_df, val_df, g, device)
+    train_loader, val_loader = _loaders(cfg, ecfg, train_df, val_df, g, acc)
     model = build_expert(ecfg).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
@@ -101,52 +119,74 @@ def train_expert(cfg: TrainConfig, name: str) -> tuple[dict, pd.DataFrame]:
     sched = cosine_with_warmup(opt, int(ecfg.warmup_epochs * steps_per_epoch), ecfg.epochs * steps_per_epoch)
 
     out_dir = Path(cfg.models_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     desc = {**model.describe(), "cache_size": cache_size_of(df)}
     key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc)}
-    history: list[dict] = []
-    best: dict = {"auc": -1.0}
-    first = 1
+    history, best, first = [], {"auc": -1.0}, 1
     ckpt = load_resumable(out_dir, key)
     if ckpt is not None:
-        _restore(ckpt, model, opt, sched, ema, teacher, g)
-        history, best, first = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
-    last = dict(key=key, model=model, opt=opt, sched=sched, ema=ema, loader_generator=g)
+        history, best, first = _resume(ckpt, acc, history_csv, model, opt, sched, ema, teacher, g)
+    check_same(acc, first, "the first epoch (resume from last.pt or not)")
+    step_model = acc.prepare_model(model, device_placement=False)  # DDP when launched on N > 1 processes
+    last = dict(key=key, model=model, opt=opt, sched=sched, ema=ema, loader_generator=g, world=acc.num_processes)
     for epoch in range(first, ecfg.epochs + 1):
-        row = _train_epoch(model, teacher, ema, train_loader, loss_fn, opt, sched, device, channels_last, epoch)
+        row = _train_epoch(step_model, teacher, ema, train_loader, loss_fn, opt, sched, acc, channels_last, epoch)
+        _end_of_epoch_sync(model, teacher, ema)
         with ema.average_parameters():
-            probs = predict_probs(model, val_loader, device)
+            probs = _predict_val(model, val_loader, acc, len(val_df))
             val = summary(val_df.label.to_numpy(), probs)
             row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
             if val["auc"] > best["auc"]:
                 best = {**val, "epoch": epoch}
-                save_checkpoint(out_dir / "best.pt", model, desc, ecfg, name, best)
+                if main:
+                    save_checkpoint(out_dir / "best.pt", model, desc, ecfg, name, best)
         history.append(row)
-        _log_epoch(name, row)
         stop = _should_stop(ecfg.patience, epoch, best)
-        if stop:
-            log.info("expert %s: early stop after epoch %d, no better val auc for %d epochs (best %.4f at epoch %d)",
-                     name, epoch, ecfg.patience, best["auc"], best["epoch"])
-        save_last(out_dir / "last.pt", epoch=epoch, finished=stop or epoch == ecfg.epochs, best=best,
-                  history=history, **last)
+        if main:
+            _log_epoch(name, row)
+            if stop:
+                log.info("expert %s: early stop after epoch %d, no better val auc for %d epochs (best %.4f at "
+                         "epoch %d)", name, epoch, ecfg.patience, best["auc"], best["epoch"])
+            save_last(out_dir / "last.pt", epoch=epoch, finished=stop or epoch == ecfg.epochs, best=best,
+                      history=history, **last)
+            if history_csv is not None:
+                write_csv(history_csv, pd.DataFrame(history))
         if stop:
             break
     return best, pd.DataFrame(history)
 
 
+def _expert(cfg: TrainConfig, name: str) -> ExpertConfig:
+    if name not in cfg.experts:
+        raise KeyError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
+    return cfg.experts[name]
+
+
 def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_df: pd.DataFrame,
-             g: torch.Generator, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """Training batches come from :class:`SeededSampler` (order and augmentation from ``g`` only)."""
+             g: torch.Generator, acc: Accelerator) -> tuple[DataLoader, DataLoader]:
+    """Training batches come from :class:`SeededSampler` (order and augmentation from ``g`` only).
+
+    Each rank loads its shard: ``batch_size / world`` training samples per step, every ``world``-th
+    val image (val predictions are gathered, see :func:`_predict_val`).
+    """
     workers = num_workers(cfg.workers)
+    rank, world = acc.process_index, acc.num_processes
+    batch = per_rank_batch(ecfg.batch_size, world)
+    length = epoch_length(len(train_df), ecfg.batch_size, world)
+    if length == 0:
+        raise ValueError(f"{len(train_df)} training images cannot be split over {world} processes")
+    pin = acc.device.type == "cuda"
     train_ds = SeededAugmentDataset(CacheDataset(train_df), train_augment(ecfg.augment, ecfg.seed))
-    train_loader = DataLoader(train_ds, batch_size=ecfg.batch_size, sampler=SeededSampler(len(train_ds), g),
-                              drop_last=len(train_df) > ecfg.batch_size, num_workers=workers,
-                              worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
+    sampler = SeededSampler(len(train_ds), g, rank=rank, world=world, length=length)
+    # the sampler yields whole batches only (the old drop_last), so every rank runs the same steps
+    train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=False, num_workers=workers,
+                              worker_init_fn=seed_worker, pin_memory=pin,
                               # a private generator for the workers' base seed: the global RNG stays untouched
                               generator=torch.Generator().manual_seed(ecfg.seed),
                               persistent_workers=workers > 0)
-    val_loader = DataLoader(CacheDataset(val_df), batch_size=ecfg.batch_size * 2, num_workers=workers,
-                            pin_memory=device.type == "cuda")
+    val_loader = DataLoader(CacheDataset(val_df), batch_size=batch * 2, sampler=range(rank, len(val_df), world),
+                            num_workers=workers, pin_memory=pin)
     return train_loader, val_loader
 
 
@@ -155,6 +195,15 @@ def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -
     class_weights = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     return JointLoss(ecfg.loss, label_smoothing=ecfg.label_smoothing, temperature=ecfg.temperature,
                      kl_temperature=ecfg.kl_temperature, class_weights=class_weights)
+
+
+def _resume(ckpt: dict, acc: Accelerator, history_csv: str | Path | None, *state) -> tuple[list[dict], dict, int]:
+    """Restore a ``last.pt`` into ``state`` (model, opt, sched, ema, teacher, g): (history, best, first epoch)."""
+    _restore(ckpt, *state)
+    if ckpt["world"] != acc.num_processes:
+        log.warning("resuming a %d-process run with %d processes: not bit-exact (per-rank BN, NCE, dropout)",
+                    ckpt["world"], acc.num_processes)
+    return _with_timings(ckpt["history"], history_csv), ckpt["best"], ckpt["epoch"] + 1
 
 
 def _restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, ema,
@@ -187,15 +236,52 @@ def _log_epoch(name: str, row: dict) -> None:
              row["val_tpr_at_fpr_1e-3"], row["images_per_s"])
 
 
-def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, device, channels_last, epoch) -> dict:
+def _with_timings(history: list[dict], history_csv: str | Path | None) -> list[dict]:
+    """Resumed history rows get back their timings from the CSV the killed run wrote, when it is that run's."""
+    path = None if history_csv is None else Path(history_csv)
+    if path is None or not path.is_file() or not history:
+        return history
+    try:
+        old = pd.read_csv(path)
+        ok = len(old) >= len(history) and all(
+            int(r["epoch"]) == int(o.epoch) and float(r["loss"]) == float(o.loss)
+            for r, o in zip(history, old.itertuples()))
+    except (ValueError, KeyError, AttributeError, pd.errors.ParserError):  # a foreign or damaged file
+        ok = False
+    if not ok:
+        return history
+    rows = zip(history, old.itertuples())
+    return [{**r, **{k: getattr(o, k) for k in TIMING_KEYS if hasattr(o, k)}} for r, o in rows]
+
+
+def _end_of_epoch_sync(model: torch.nn.Module, teacher: torch.nn.Module | None, ema) -> None:
+    """Every rank gets rank 0's BN statistics (val, teacher and last.pt see the same); a no-op on one process."""
+    sync_buffers(model)
+    if teacher is not None:
+        _sync_teacher(teacher, ema, model)
+
+
+def _predict_val(model: torch.nn.Module, loader: DataLoader, acc: Accelerator, n: int) -> np.ndarray:
+    """Probabilities of the whole val set, on every rank: each predicts its shard, then gather by index.
+
+    The unwrapped model: a DDP forward would broadcast buffers, a collective the uneven shards could hang.
+    """
+    probs, index = predict_probs(model, loader, acc.device, with_index=True)
+    return gather_by_index(acc, index, probs, n)
+
+
+def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels_last, epoch) -> dict:
+    """One epoch of ``model`` (DDP-wrapped under a launcher: backward all-reduces the gradients)."""
     model.train()
+    net = acc.unwrap_model(model)  # img_size, mean, std
+    device = acc.device
     sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "nce": 0.0}
     n_seen, t0 = 0, time.perf_counter()
-    for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
-        x = to_model_input(x.to(device, non_blocking=True), model.img_size, model.mean, model.std, channels_last)
+    for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not acc.is_main_process):
+        x = to_model_input(x.to(device, non_blocking=True), net.img_size, net.mean, net.std, channels_last)
         y = y.to(device, non_blocking=True)
         with autocast(device):
-            out = model(x)  # {"logits": (B, 2), "prob": (B,), "feat": (B, D)}
+            out = model(x)  # {"logits": (b, 2), "prob": (b,), "feat": (b, D)}, b = this rank's share
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
@@ -203,26 +289,32 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, device, chann
         out = {k: v.float() for k, v in out.items()}  # losses in fp32
         losses = loss_fn(out, y, teacher_logits=teacher_logits)
         opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)
+        acc.backward(losses["total"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)  # on the all-reduced gradients
         opt.step()
         sched.step()
-        ema.update()
+        ema.update()  # the same params on every rank: the same EMA
         if teacher is not None:
-            _sync_teacher(teacher, ema, model)
+            _sync_teacher(teacher, ema, net)
         b = len(y)
         n_seen += b
         sums["loss"] += float(losses["total"].detach()) * b
         for k in ("ce", "kl", "nce"):
             sums[k] += float(losses[k]) * b
+    totals = reduce_sum(acc, [float(n_seen), *sums.values()])  # over the ranks: means of the global epoch
+    n_all = totals[0]
     elapsed = time.perf_counter() - t0
-    row = {"epoch": epoch, **{k: v / max(1, n_seen) for k, v in sums.items()},
-           "lr": opt.param_groups[0]["lr"], "images_per_s": n_seen / max(elapsed, 1e-9)}
+    row = {"epoch": epoch, **{k: v / max(1.0, n_all) for k, v in zip(sums, totals[1:])},
+           "lr": opt.param_groups[0]["lr"], "images_per_s": n_all / max(elapsed, 1e-9)}
     return row
 
 
 def run_train(cfg: TrainConfig, name: str, history_csv: str | Path, metrics_json: str | Path) -> dict:
-    best, history = train_expert(cfg, name)
-    write_csv(history_csv, history)
-    write_json(metrics_json, {k: v for k, v in best.items()})
+    """Train one expert and write its reports (rank 0); every rank returns the same best metrics."""
+    acc = make_accelerator(_expert(cfg, name))
+    best, history = train_expert(cfg, name, acc, history_csv)
+    if acc.is_main_process:
+        write_csv(history_csv, history)
+        write_json(metrics_json, {k: v for k, v in best.items()})
+    acc.wait_for_everyone()  # no rank leaves before the reports exist
     return best

@@ -5,6 +5,11 @@ one ``torch.Generator`` in the main process. :class:`SeededAugmentDataset` re-se
 pipeline with that seed before augmenting the sample. So an epoch's batches depend only on that
 generator's state (saved in ``last.pt``), not on how many DataLoader workers there are nor on whether
 the run was resumed: workers and their private RNG copies play no part.
+
+Under DDP every rank holds a generator in the same state and draws the same global order; rank ``r`` of
+``world`` takes positions ``r, r + world, r + 2 * world, ...`` of it. The shards are disjoint, their union
+is exactly the one-process epoch, and global batch ``k`` (``world`` per-rank batches ``k``) holds the
+samples of the one-process batch ``k``.
 """
 
 from __future__ import annotations
@@ -21,20 +26,42 @@ from ..data.dataset import CacheDataset
 SEED_HIGH = 2**31 - 1
 
 
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Yield ``(index, augmentation_seed)`` pairs in a random order drawn from ``generator``."""
+def epoch_length(n: int, batch_size: int, world: int = 1) -> int:
+    """How many of ``n`` samples an epoch uses with global batch ``batch_size`` over ``world`` ranks.
 
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n = n
-        self.generator = generator
+    Whole batches only (the tail ``drop_last`` would drop), so every rank runs the same number of
+    equal-sized steps (DDP needs that); a set no bigger than one batch is used whole, less the remainder
+    of an even split over the ranks.
+    """
+    if n > batch_size:
+        return n - n % batch_size
+    return n - n % world
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yield ``(index, augmentation_seed)`` pairs in a random order drawn from ``generator``.
+
+    ``length`` (default ``n``) positions of the global order are used per epoch (see :func:`epoch_length`);
+    this rank yields every ``world``-th of them from ``rank``.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator, rank: int = 0, world: int = 1, length: int | None = None):
+        length = n if length is None else length
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} not in [0, {world})")
+        if not 0 < length <= n or length % world:
+            raise ValueError(f"epoch length {length} must be in (0, {n}] and divisible by {world} ranks")
+        self.n, self.generator, self.rank, self.world, self.length = n, generator, rank, world, length
 
     def __len__(self) -> int:
-        return self.n
+        return self.length // self.world
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        # always n draws of each: the generator's next state depends on neither rank, world nor length
         order = torch.randperm(self.n, generator=self.generator).tolist()
         seeds = torch.randint(0, SEED_HIGH, (self.n,), generator=self.generator).tolist()
-        return iter(zip(order, seeds))
+        pairs = list(zip(order, seeds))[:self.length]
+        return iter(pairs[self.rank::self.world])
 
 
 class SeededAugmentDataset(Dataset):
