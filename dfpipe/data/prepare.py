@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -434,7 +435,10 @@ def _run_tasks(fn: Callable[[list[str]], list[Loaded]], tasks: Iterable[Task], w
         for task in tasks:
             yield task, fn([it.path for it in task.items])
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    # spawn, not fork: forking a process whose threads (torch, OpenCV, a server) hold locks can deadlock
+    # the children; a fresh interpreter per worker costs about a second once per run
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=ctx) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append((task, pool.submit(fn, [it.path for it in task.items])))
