@@ -16,6 +16,13 @@ import pandas as pd
 from tqdm import tqdm
 
 
+def work_dir(out_dir: str | Path) -> Path:
+    """``<out_dir>.work``: where a resumable stage keeps finished work. It sits beside the declared
+    output, not inside it, so it survives dvc deleting the outs before a rerun."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".work")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""

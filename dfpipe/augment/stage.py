@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from ..config import AugmentConfig, DiffusionConfig
 from ..data.samples import load_manifest
-from ..io import write_csv, write_json
+from ..io import work_dir, write_csv, write_json
 from .dist import Dist, get_dist
 from .editing import METHODS, NEEDS_DONOR, get_method, region_mask
 from .real import widen_real
@@ -321,12 +321,6 @@ def contact_sheet(examples: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.n
 
 
 # --------------------------------------------------------------------------- work files (resume)
-def work_dir(out_dir: str | Path) -> Path:
-    """``<out_dir>.work``: one file per finished image, kept across a crash, removed after the merge."""
-    out = Path(out_dir)
-    return out.with_name(out.name + ".work")
-
-
 def _prepared_fingerprint(prepared_dir: str | Path) -> str:
     """Changes when stage 1 is rerun differently, so work made from other sources is never reused."""
     return hashlib.sha1((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()

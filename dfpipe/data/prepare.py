@@ -60,7 +60,7 @@ import PIL
 from tqdm import tqdm
 
 from ..config import ConfigError, PrepareConfig
-from ..io import atomic_open, write_csv, write_json
+from ..io import atomic_open, work_dir, write_csv, write_json
 from .dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, hash_image, to_uint64
 from .faces import FaceResult, apply_face_crop, check_face_config
 from .images import ImageError, decode, resize_square, scan_folder
@@ -256,12 +256,6 @@ def _init_worker() -> None:
 
 
 # --------------------------------------------------------------------------- work dir (resume)
-def work_dir(out_dir: str | Path) -> Path:
-    """``<out_dir>.work``: outside dvc's declared outs, so it survives the deletion before a rerun."""
-    out = Path(out_dir)
-    return out.with_name(out.name + ".work")
-
-
 def fingerprint(cfg: PrepareConfig, items: Iterable[Item]) -> str:
     """Hash of the settings that shape the work and of every input file's path, size and mtime."""
     h = hashlib.sha256()
