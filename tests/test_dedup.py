@@ -88,3 +88,108 @@ def test_array_form_matches_the_table_form():
                                           to_uint64(table.dhash), table.digest.to_numpy(dtype="S32"), 4)
     pd.testing.assert_frame_equal(pairs, pairs2)
     assert gid.tolist() == gid2.tolist() and (pairs2.kind == "exact").sum() == 1 and len(set(gid2)) == 2
+
+
+def _flip(h: np.uint64, bits) -> np.uint64:
+    for b in bits:
+        h ^= np.uint64(1) << np.uint64(b)
+    return h
+
+
+def _brute(h: np.ndarray, d: int) -> list[tuple[int, int, int]]:
+    out = []
+    for a in range(len(h)):
+        dist = np.bitwise_count(h[a] ^ h[a + 1:])
+        out += [(a, int(b) + a + 1, int(dist[b])) for b in np.flatnonzero(dist <= d)]
+    return out
+
+
+@pytest.mark.parametrize("d", [0, 1, 4, 6])
+def test_multi_index_pairs_are_exact_against_brute_force(d):
+    """Clusters of near-duplicates at every distance 0..d (must pair) and d+1 (must not), plus noise."""
+    from dfpipe.data.dedup import near_pairs_brute
+
+    rng = np.random.default_rng(100 + d)
+    hashes, must, must_not = [], [], []
+    for _ in range(300):  # clusters around a random centre
+        centre = rng.integers(0, 2**64, dtype=np.uint64, endpoint=False)
+        c = len(hashes)
+        hashes.append(centre)
+        for dist in list(range(d + 2)) + [int(rng.integers(0, d + 2))]:
+            bits = rng.choice(64, dist, replace=False)
+            (must if dist <= d else must_not).append((c, len(hashes)))
+            hashes.append(_flip(centre, bits))
+    hashes += list(rng.integers(0, 2**64, 1500, dtype=np.uint64, endpoint=False))
+    perm = rng.permutation(len(hashes))
+    h = np.array(hashes, dtype=np.uint64)[perm]
+    new = np.argsort(perm)  # old index -> new index
+    expected = _brute(h, d)
+    for block in (None, 7):
+        i, j, dist = near_pairs(h, d, block=block)
+        assert i.dtype == np.int64 and j.dtype == np.int64 and dist.dtype == np.int16
+        assert list(zip(i.tolist(), j.tolist(), dist.tolist())) == expected  # same pairs, same (i, j) order
+    found = set(zip(i.tolist(), j.tolist()))
+    pair = lambda a, b: (min(new[a], new[b]), max(new[a], new[b]))  # noqa: E731
+    assert all(pair(a, b) in found for a, b in must)
+    assert not any(pair(a, b) in found for a, b in must_not)
+    bi, bj, bd = near_pairs_brute(h, d)
+    assert (bi.tolist(), bj.tolist(), bd.tolist()) == (i.tolist(), j.tolist(), dist.tolist())
+    assert [x.tolist() for x in near_pairs(h, d, method="brute")] == [bi.tolist(), bj.tolist(), bd.tolist()]
+
+
+def test_multi_index_matches_brute_force_with_repeated_hashes():
+    """Many identical hashes mixed with near ones: the expansion of repeated values is exact too."""
+    from dfpipe.data.dedup import near_pairs_brute
+
+    rng = np.random.default_rng(7)
+    centres = rng.integers(0, 2**64, 40, dtype=np.uint64, endpoint=False)
+    h = centres[rng.integers(0, 40, 1200)]
+    flips = rng.integers(0, 64, (1200, 3)).astype(np.uint64)
+    masks = np.where(rng.random((1200, 3)) < 0.5, np.uint64(1) << flips, np.uint64(0))
+    h = h ^ np.bitwise_or.reduce(masks, axis=1)
+    for d in (0, 2, 4):
+        got = [x.tolist() for x in near_pairs(h, d, block=1000)]
+        assert got == [x.tolist() for x in near_pairs_brute(h, d)]
+
+
+def test_giant_bucket_of_identical_hashes_is_fast_and_one_group():
+    import time
+
+    rng = np.random.default_rng(3)
+    n_same = 3000
+    h = np.concatenate([np.full(n_same, 0xDEADBEEF, dtype=np.uint64),
+                        rng.integers(0, 2**64, 20000, dtype=np.uint64, endpoint=False)])
+    h = h[rng.permutation(len(h))]
+    t0 = time.perf_counter()
+    i, j, d = near_pairs(h, 4)
+    g = groups(len(h), i, j)
+    elapsed = time.perf_counter() - t0
+    same = np.flatnonzero(h == np.uint64(0xDEADBEEF))
+    assert len(i) == n_same * (n_same - 1) // 2 and (d == 0).all()  # random others pair with nothing
+    assert np.isin(i, same).all() and np.isin(j, same).all()
+    assert len(set(g[same].tolist())) == 1 and len(set(g.tolist())) == len(h) - n_same + 1
+    assert elapsed < 20, elapsed  # ~1 s; all-pairs over 24k hashes would not be the bottleneck, the bucket is
+
+
+def test_find_duplicates_with_many_repeats_matches_pairwise_definition():
+    """End to end: pairs, kinds, distances and groups equal the all-pairs definition."""
+    from dfpipe.data.dedup import find_duplicates_arrays
+
+    rng = np.random.default_rng(11)
+    n = 1500
+    base = rng.integers(0, 2**64, 300, dtype=np.uint64, endpoint=False)
+    pick = rng.integers(0, 300, n)
+    ph = base[pick] ^ np.where(rng.random(n) < 0.4, np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64),
+                               np.uint64(0))
+    digests = np.array([f"{int(x):032x}".encode() for x in ph], dtype="S32")
+    dh = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    uids = np.array([f"u{k}" for k in range(n)], dtype=object)
+    splits = np.array(["train", "val", "test"], dtype=object)[rng.integers(0, 3, n)]
+    pairs, gid = find_duplicates_arrays(uids, splits, ph, dh, digests, 2)
+    expected = _brute(ph, 2)
+    assert list(zip(pairs.a, pairs.b)) == [(uids[a], uids[b]) for a, b, _ in expected]
+    assert pairs.distance.tolist() == [dd for _, _, dd in expected]
+    assert list(pairs.columns) == ["a", "b", "split_a", "split_b", "distance", "dhash_distance", "kind"]
+    assert (pairs.kind == np.where(pairs.distance == 0, "exact", "near")).all()
+    ref = groups(n, np.array([a for a, _, _ in expected]), np.array([b for _, b, _ in expected]))
+    assert gid.tolist() == ref.tolist()
