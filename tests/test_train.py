@@ -171,6 +171,50 @@ def test_best_checkpoint_holds_the_ema_weights_not_the_raw_ones(pool, monkeypatc
             assert torch.equal(best[k], v), k
 
 
+def test_ema_shadow_is_the_closed_form_average_of_the_parameter_snapshots(pool, monkeypatch):
+    """After K updates the shadow is sum_k w_k p_k over the snapshots p_0 (the initial weights) .. p_K (after
+    each optimizer step), w_0 = prod_k d_k, w_k = (1 - d_k) prod_{j>k} d_j, with torch-ema's warm-up
+    d_k = min(decay, (1 + k) / (10 + k)) (use_num_updates, its default). decay 0.3 over 6 steps: the
+    warm-up rules updates 1-2 and the configured decay updates 3-6. Parameters only: BN buffers are not
+    averaged (see the test above)."""
+    decay, snaps, captured = 0.3, [], {}
+    real_ema = loop.ExponentialMovingAverage
+
+    def ema(params, decay):
+        params = list(params)
+        snaps.append([p.detach().double().clone() for p in params])  # p_0
+        captured["ema"] = e = real_ema(params, decay=decay)
+        real_update = e.update
+
+        def update(parameters=None):
+            snaps.append([p.detach().double().clone() for p in params])  # p_k, after step k
+            real_update(parameters)
+
+        e.update = update
+        return e
+
+    monkeypatch.setattr(loop, "ExponentialMovingAverage", ema)
+    _run(_cfg(pool, "models_ema", epochs=2, ema_decay=decay), pool, "ema")
+    k_max = len(snaps) - 1
+    assert k_max == 2 * epoch_length(24, 8, 1) // 8 == 6  # 24 train images, batch 8, 2 epochs
+    d = [min(decay, (1 + k) / (10 + k)) for k in range(1, k_max + 1)]  # d[k - 1] = d_k
+    assert d[0] < decay and d[-1] == decay  # both regimes are exercised
+    weights = [float(np.prod(d))] + [(1 - d[k - 1]) * float(np.prod(d[k:])) for k in range(1, k_max + 1)]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-12)
+    last = _load(pool / "models_ema" / "e" / "last.pt")["ema"]
+    assert last["num_updates"] == k_max and last["decay"] == decay
+    shadow = last["shadow_params"]
+    assert len(shadow) == len(snaps[0]) > 0
+    moved = 0
+    for i, s in enumerate(shadow):
+        want = sum(w * snap[i] for w, snap in zip(weights, snaps))
+        torch.testing.assert_close(s.double(), want, rtol=1e-5, atol=1e-6, msg=f"shadow param {i}")
+        moved += not torch.allclose(snaps[-1][i], snaps[0][i])
+    assert moved > len(shadow) // 2  # the snapshots differ, so the weights are really tested
+    for s, c in zip(shadow, captured["ema"].shadow_params):
+        assert torch.equal(s, c)  # last.pt holds the live shadow
+
+
 def test_batches_do_not_depend_on_the_number_of_workers(pool):
     """Order and augmentation seeds come from the main process's generator, not the workers' RNGs."""
     _, h0 = _run(_cfg(pool, "models_w0", epochs=1), pool, "w0")
