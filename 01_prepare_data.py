@@ -1,14 +1,14 @@
 """Stage 1: validate label CSVs and images, decode once, write the resized cache and manifests."""
 
-from dfpipe import stage
+from dfpipe import harness
 from dfpipe.config import PrepareConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.data.prepare import prepare
+    from dfpipe.data.prepare import run
 
-    prepare(load_section(PrepareConfig, "prepare", args.params))
+    run(load_section(PrepareConfig, "prepare", args.params))
 
 
 if __name__ == "__main__":
-    stage.run(main, stage.parser(__doc__).parse_args())
+    harness.run(main, harness.parser(__doc__).parse_args())

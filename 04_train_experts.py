@@ -5,7 +5,7 @@ One process with ``python``; DDP over GPUs or nodes with the same arguments unde
 ``torchrun --nproc-per-node 8 04_train_experts.py --expert NAME`` (batch_size is the global batch).
 """
 
-from dfpipe import stage
+from dfpipe import harness
 from dfpipe.config import TrainConfig, load_section
 
 
@@ -15,12 +15,15 @@ def main(args) -> None:
     cfg = load_section(TrainConfig, "train", args.params)
     names = [args.expert] if args.expert else list(cfg.experts)
     for name in names:
-        run_train(cfg, name, args.history.format(name=name), args.metrics.format(name=name))
+        history = args.history.format(name=name) if args.history else None
+        run_train(cfg, name, args.live_dir.format(name=name), history)
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--expert", help="name of the expert to train (default: all)")
-    p.add_argument("--history", default="reports/train/{name}.csv", help="per-epoch CSV for dvc plots")
-    p.add_argument("--metrics", default="reports/train/{name}.json", help="best-epoch metrics JSON")
-    stage.run(main, p.parse_args())
+    p.add_argument("--live-dir", default="reports/train/{name}",
+                   help="DVCLive directory: plots/metrics/*.tsv per epoch (dvc plots), metrics.json of the "
+                        "best epoch (dvc metrics)")
+    p.add_argument("--history", default="", help="also write the per-epoch history to this CSV (default: no)")
+    harness.run(main, p.parse_args())

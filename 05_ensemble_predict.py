@@ -1,14 +1,14 @@
 """Stage 5: ensemble the experts with TTA, write submissions/prediction.txt and the metrics."""
 
-from dfpipe import stage
+from dfpipe import harness
 from dfpipe.config import PredictConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.predict import run_predict
+    from dfpipe.predict import run
 
-    run_predict(load_section(PredictConfig, "predict", args.params))
+    run(load_section(PredictConfig, "predict", args.params))
 
 
 if __name__ == "__main__":
-    stage.run(main, stage.parser(__doc__).parse_args())
+    harness.run(main, harness.parser(__doc__).parse_args())

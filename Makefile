@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test demo bench clean-outputs
+.PHONY: setup repro test demo bench benchmark clean-outputs
 
 setup: $(STAMP)
 
@@ -41,3 +41,8 @@ bench: setup
 
 clean-outputs:
 	rm -rf data/prepared data/augmented data/splits.csv data/features.npy models submissions reports
+
+# The development benchmark: leave-one-source-out over ../shared/data, every recipe of bench/grid.yaml
+# against the seed-style baseline, two seeds; writes reports/benchmark/{grid.json,table.md} (README).
+benchmark: setup
+	$(PY) bench/benchmark.py --grid bench/grid.yaml --work data/benchmark --out reports/benchmark

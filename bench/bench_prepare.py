@@ -4,7 +4,7 @@
 
 Writes N generated JPEGs of mixed sizes (--min-px..--max-px a side, smooth gradients + shapes + noise,
 seeded) once to a temp dir in the competition layout (all in ``trainset/``, labels alternating), then
-runs :func:`dfpipe.data.prepare.prepare` in a fresh process for each size in --at (``limit`` = that
+runs :func:`dfpipe.data.prepare.run` in a fresh process for each size in --at (``limit`` = that
 size) with the default settings (cache 160 px, dedup on, no face crop). Memory: the peak of the summed
 RSS of the process tree (the stage and its decode workers), sampled every 50 ms from outside, plus
 ``ru_maxrss`` of the stage process and of its largest worker. Bounded memory means the peak at the
@@ -37,7 +37,7 @@ import psutil  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from dfpipe.config import PrepareConfig
-from dfpipe.data.prepare import prepare
+from dfpipe.data.prepare import run as prepare
 cfg = PrepareConfig(**json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 report = prepare(cfg)

@@ -6,7 +6,9 @@
 
 Every command loads the ensemble from ``--card`` (default submissions/ensemble.json) and the experts'
 checkpoints from ``--models`` (default models/). A problem the user can fix (missing card or model
-folder, unreadable image, empty folder) is one line on stderr and a non-zero exit code.
+folder, empty folder: a :class:`~dfpipe.errors.UserError`) is one line on stderr and exit code 2, as
+for the stage scripts (``DFPIPE_DEBUG=1`` shows its traceback); a bug keeps its traceback. ``predict``
+with some unreadable images scores the others and exits 1.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS, ServeError
+from .errors import UserError
+from .harness import USER_ERROR_EXIT
+from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(models_dir=args.models, card=args.card, device=args.device,
                              max_bytes=int(args.max_mb * 2**20), max_pixels=args.max_pixels, max_batch=args.max_batch)
-    ens = load_ensemble(args.card, args.models, args.device)  # here, so a bad card is one line, not a traceback
+    # here, so a bad card (or one that cannot be served) is one line, not a traceback
+    ens = load_ensemble(args.card, args.models, args.device, serving=True)
     # uvicorn's access log (one line per request) only with -v: it costs throughput under load
     uvicorn.run(create_app(settings, ens), host=args.host, port=args.port, log_level="info", access_log=args.verbose)
     return 0
@@ -126,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.INFO if args.verbose or args.command != "predict" else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except ServeError as exc:
+    except UserError as exc:  # ServeError included; any other exception is a bug, its traceback shown
+        if os.environ.get("DFPIPE_DEBUG"):
+            raise
         print(f"dfpipe: error: {exc}", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("dfpipe: interrupted", file=sys.stderr)
         return 130

@@ -11,15 +11,23 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: re-exported, it lived here)
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A params.yaml section that does not match its schema."""
+# Choices, declared once: the stage modules derive their tuples from these (typing.get_args).
+FaceCrop = Literal["none", "haar"]
+FacePolicy = Literal["whole", "largest", "skip"]
+DiffusionMode = Literal["img2img", "inpaint"]
+DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
+Embedder = Literal["pretrained", "finetune"]
+KMeansBackend = Literal["auto", "sklearn", "torch"]
+AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg"]
+Combine = Literal["mean_prob", "mean_logit", "rank", "stack"]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -55,6 +63,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}"
+                          f"{did_you_mean(value, args)}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -72,7 +85,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        if len(unknown) == 1:
+            hints = did_you_mean(unknown[0], names)
+        else:
+            hints = "".join(did_you_mean(k, names, f" ({k!r}: did you mean {{}}?)") for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hints}; allowed: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -122,9 +139,9 @@ class PrepareConfig:
     limit: int = 0  # >0: only the first N images of each dataset (smoke runs)
     duplicates: str = "data/duplicates.csv"  # near-duplicate / leak pairs (a, b, split_a, split_b, distance, ...)
     dup_max_distance: int = 4  # pHash (64-bit) Hamming distance <= this = near duplicate
-    face_crop: str = "none"  # none | haar: crop each image to its (largest) face before caching
+    face_crop: FaceCrop = "none"  # none | haar: crop each image to its (largest) face before caching
     face_margin: float = 1.3  # square crop side = margin * max(face w, h)
-    face_policy: str = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
+    face_policy: FacePolicy = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
     datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the competition layout keys above
     chunk_size: int = 1024  # images per resumable unit of work (committed to <out_dir>.work/)
 
@@ -133,14 +150,14 @@ class PrepareConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     model: str = ""  # local diffusers folder or hub id; empty = skip
-    mode: str = "img2img"  # img2img | inpaint
+    mode: DiffusionMode = "img2img"  # img2img | inpaint
     prompt: str = "a photo of a person's face, high quality"
     negative_prompt: str = ""
     strength: float = 0.5
     guidance_scale: float = 5.0
     steps: int = 20
     batch_size: int = 4
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    dtype: DiffusionDtype = "auto"  # auto | float32 | float16 | bfloat16
     per_image: int = 1  # diffusion fakes per selected real image
     fraction: float = 0.25  # share of real training images that get diffusion fakes
 
@@ -152,8 +169,9 @@ class AugmentConfig:
     seed: int = 42
     fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
     methods: dict[str, float] = field(
-        default_factory=lambda: {"self_blend": 1.0, "splice": 1.0}
-    )  # method name -> sampling weight
+        default_factory=lambda: {"self_blend": 1.0, "splice": 1.0, "copy_move": 0.0, "inpaint": 0.0,
+                                 "upsample": 0.0, "jpeg_double": 0.0}
+    )  # method name -> sampling weight (0 = off)
     real_widening: float = 0.0  # share of real images that get a widened (compressed/resized) copy
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     contact_sheet_per_method: int = 4
@@ -169,7 +187,7 @@ class SplitConfig:
     report: str = "data/cluster_report.json"
     features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back as a memmap
     features_index: str = "data/features_index.csv"  # row of features.npy -> uid, img_name, label, origin
-    embedder: str = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
+    embedder: Embedder = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     img_size: int = 128  # embedding (and fine-tune) input side
@@ -177,16 +195,16 @@ class SplitConfig:
     finetune_epochs: int = 3  # embedder finetune: epochs on the train-origin originals
     finetune_lr: float = 3e-4
     finetune_batch_size: int = 32
-    kmeans_backend: str = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
+    kmeans_backend: KMeansBackend = "auto"  # auto (torch on CUDA, else sklearn) | sklearn | torch
     minibatch_above: int = 100_000  # sklearn: more rows than this -> chunked MiniBatchKMeans.partial_fit
-    n_clusters: int = 8  # 0 = choose k by silhouette score among k_candidates
+    n_clusters: int = 12  # 0 = choose k by silhouette score among k_candidates
     k_candidates: tuple[int, ...] = (4, 6, 8, 12, 16)
     silhouette_sample: int = 2000  # silhouette on this many sampled points (0 = all)
-    per_class: bool = True  # k-means real and fake separately
-    n_folds: int = 4
+    per_class: bool = False  # True: k-means real and fake separately
+    n_folds: int = 5
     val_fold: int = 0
     seed: int = 42
-    contact_sheet: str = ""  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
+    contact_sheet: str = "data/cluster_examples.png"  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
     contact_sheet_per_cluster: int = 6
 
 
@@ -194,8 +212,8 @@ class SplitConfig:
 @dataclass(frozen=True)
 class LossWeights:
     ce: float = 1.0
-    kl: float = 0.5
-    nce: float = 0.1
+    kl: float = 0.0  # the winners' 0.5 lost on unseen sources (README benchmark)
+    nce: float = 0.0  # the winners' 0.1 lost on unseen sources
 
 
 @dataclass(frozen=True)
@@ -205,18 +223,19 @@ class ExpertConfig:
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     img_size: int = 128
     dropout: float = 0.2  # before the linear head
-    epochs: int = 3
+    proj_dim: int = 0  # >0: the NCE term uses a projection head of this width instead of the pooled features
+    epochs: int = 6
     batch_size: int = 32  # global batch: under DDP each of N processes takes batch_size / N
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     temperature: float = 0.1  # InfoNCE temperature
     kl_temperature: float = 2.0  # softening for the EMA-teacher KL term
-    ema_decay: float = 0.99
+    ema_decay: float = 0.0  # 0 = the EMA is the model itself
     loss: LossWeights = field(default_factory=LossWeights)
-    augment: str = "light"  # none | light | strong
-    use_augmented: bool = True  # train on stage-2 fakes too
+    augment: AugmentPreset = "randaugment"  # see dfpipe.data.transforms
+    use_augmented: bool = False  # train on stage-2 fakes too
     seed: int = 0
     patience: int = 0  # early stopping: stop after this many epochs without a better val AUC (0 = off)
 
@@ -227,11 +246,11 @@ class TrainConfig:
     prepared_dir: str = "data/prepared"
     augmented_dir: str = "data/augmented"
     models_dir: str = "models"
-    workers: int = 2
+    workers: int = -1  # -1 = auto (half the cores, at most 8)
     # the command dvc runs 04_train_experts.py with: "python" (one process) or a DDP launcher such as
     # "accelerate launch --multi_gpu --num_processes 8" or "torchrun --nproc-per-node 8"
     launcher: str = "python"
-    experts: dict[str, ExpertConfig] = field(default_factory=dict)
+    experts: dict[str, ExpertConfig] = field(default_factory=dict)  # ExpertConfig's defaults = params' lite0_a
 
 
 # --------------------------------------------------------------------------- stage 5
@@ -240,12 +259,12 @@ class PredictConfig:
     prepared_dir: str = "data/prepared"
     splits_csv: str = "data/splits.csv"
     models_dir: str = "models"
-    experts: list[str] = field(default_factory=list)
-    augmented_dir: str = ""  # stage-2 output: val-fold generated images for the per-method AUC; "" = skip
+    experts: list[str] = field(default_factory=lambda: ["lite0_a", "lite0_b"])
+    augmented_dir: str = "data/augmented"  # stage-2 output: val-fold generated images for the per-method AUC; "" = skip
     # TTA views: identity, hflip, vflip, rot90, rot180, rot270, scale<f> (input at f x the expert's size),
     # and "+"-joined combinations such as "hflip+scale1.25"
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
-    combine: str = "mean_prob"  # mean_prob | mean_logit | rank | stack (logistic regression fitted on val)
+    combine: Combine = "mean_prob"  # mean_prob | mean_logit | rank | stack (logistic regression fitted on val)
     stack_folds: int = 5  # stack: val metrics come from cross-validated predictions over these folds
     max_fpr: float = 0.01  # "likely fake" threshold: FPR on val at most this
     max_fnr: float = 0.01  # "likely real" threshold: fakes missed on val at most this
@@ -256,5 +275,37 @@ class PredictConfig:
     roc_png: str = "reports/roc.png"
     failures: str = "reports/test_failures.csv"  # test images that failed to decode (img_name, error)
     card: str = "submissions/ensemble.json"  # experts, TTA, combine, weights, thresholds: for the CLI/API
-    test_labels: str = ""  # optional labels of the test set (e.g. released after a challenge)
+    test_labels: str = "data/raw/testset_label_private.txt"  # test labels released later (demo); "" = none
     fallback_score: float = 0.5  # score for a test image that could not be decoded
+
+
+# --------------------------------------------------------------------------- stage 6
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """One labelled set that no training or selection step sees (paths relative to ``data_root``)."""
+
+    name: str  # unique; the key of this set in the metrics JSON, the table and the ROC file names
+    images: str  # image folder
+    labels: str = ""  # label CSV img_name,target (names relative to images); "" = images/real/* = 0, images/fake/* = 1
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Stage 6: score held-out labelled sets (and degraded copies) with the ensemble stage 5 wrote."""
+
+    card: str = "submissions/ensemble.json"  # the ensemble (experts, TTA, combine, verdict thresholds)
+    models_dir: str = "models"
+    data_root: str = "data/raw"  # eval set paths are relative to it (a DVC dep: a changed image reruns the stage)
+    sets: list[EvalSetConfig] = field(
+        default_factory=lambda: [EvalSetConfig("demo_test", "testset", "testset_label_private.txt")]
+    )
+    # each set is also scored under these (identity always): jpeg<q>, half (downscale to 1/2), blur<sigma>
+    degradations: list[str] = field(default_factory=lambda: ["jpeg75", "jpeg50", "half", "blur1"])
+    bootstrap: int = 1000  # bootstrap resamples for the AUC 95% interval (0 = no interval)
+    seed: int = 0  # bootstrap and degradation randomness
+    batch_size: int = 64
+    workers: int = -1  # decode processes (-1 = auto)
+    metrics: str = "reports/eval/metrics.json"  # per set (and degradation): auc, ci, ap, tpr@fpr, eer, f1, confusion
+    table: str = "reports/eval/table.md"  # the cross-dataset table, markdown
+    roc_dir: str = "reports/eval/roc"  # roc_<set>.csv per set (dvc plots)
+    scores: str = "reports/eval/scores.csv"  # set, degradation, img_name, label, score: for re-analysis

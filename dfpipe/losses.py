@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LossWeights
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def kl_consistency(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     """
     t = float(temperature)
     if t <= 0:
-        raise ValueError(f"kl temperature must be > 0, got {temperature}")
+        raise ConfigError(f"kl temperature must be > 0, got {temperature}")
     log_p_student = F.log_softmax(student_logits / t, dim=1)  # (B, K)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)  # (B, K)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
@@ -73,7 +74,7 @@ def supcon_infonce(feats: torch.Tensor, labels: torch.Tensor, temperature: float
     and negatives without gradient, which keeps the loss informative when batches are small.
     """
     if temperature <= 0:
-        raise ValueError(f"InfoNCE temperature must be > 0, got {temperature}")
+        raise ConfigError(f"InfoNCE temperature must be > 0, got {temperature}")
     anchors = F.normalize(feats, dim=1)  # (B, D)
     keys, key_labels = anchors, labels  # (B, D), (B,)
     if queue_feats is not None:
@@ -102,7 +103,7 @@ class JointLoss(nn.Module):
     r"""L_total = w_ce * L_CE + w_kl * L_KL + w_nce * L_NCE (see the functions for each term).
 
     ``forward(out, labels, teacher_logits=None)`` with ``out`` an expert's output dict
-    (``logits`` (B, 2), ``feat`` (B, D)) returns ``{"total", "ce", "kl", "nce"}``: ``total`` carries the
+    (``logits`` (B, 2), ``feat`` (B, D), optionally ``proj`` (B, P), which the NCE term then uses) returns ``{"total", "ce", "kl", "nce"}``: ``total`` carries the
     graph (call ``backward`` on it), the others are the unweighted terms, detached, for logging.
     A term whose weight is 0 is not computed and reported as 0; L_KL is 0 without teacher logits.
     """
@@ -111,9 +112,9 @@ class JointLoss(nn.Module):
                  kl_temperature: float = 2.0, class_weights: torch.Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
         if min(weights.ce, weights.kl, weights.nce) < 0:
-            raise ValueError(f"loss weights must be >= 0, got {weights}")
+            raise ConfigError(f"loss weights must be >= 0, got {weights}")
         if weights.ce == weights.kl == weights.nce == 0:
-            raise ValueError("all loss weights are 0: nothing to train")
+            raise ConfigError("all loss weights are 0: nothing to train")
         self.weights = weights
         self.label_smoothing = float(label_smoothing)
         self.temperature = float(temperature)
@@ -133,9 +134,10 @@ class JointLoss(nn.Module):
         if w.kl > 0 and teacher_logits is not None:
             terms["kl"] = kl_consistency(logits, teacher_logits, self.kl_temperature)
         if w.nce > 0:
-            if "feat" not in out:
-                raise KeyError("JointLoss: nce weight > 0 needs out['feat'] (B, D)")
-            terms["nce"] = supcon_infonce(out["feat"], labels, self.temperature, queue_feats, queue_labels)
+            feats = out.get("proj", out.get("feat"))  # the projection head's output when the expert has one
+            if feats is None:
+                raise KeyError("JointLoss: nce weight > 0 needs out['feat'] (B, D) or out['proj'] (B, P)")
+            terms["nce"] = supcon_infonce(feats, labels, self.temperature, queue_feats, queue_labels)
         total = w.ce * terms["ce"] + w.kl * terms["kl"] + w.nce * terms["nce"]
         if logits.requires_grad and not total.requires_grad:  # e.g. KL only, no teacher: keep backward() valid
             total = total + 0.0 * logits.sum()

@@ -17,10 +17,12 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.metrics import log_loss as sk_log_loss
 
+from .errors import DataError
+
 EPS = 1e-7
 
 
-class MetricError(ValueError):
+class MetricError(DataError):  # a UserError and a ValueError
     """Metrics that are undefined for the given labels (e.g. one class only)."""
 
 

@@ -13,11 +13,15 @@ import pytest
 from conftest import photo_like
 from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
 from dfpipe.augment.real import widen_real
-from dfpipe.augment import stage
+from dfpipe.augment import pipeline
+from dfpipe.augment import run as run_augment
 from dfpipe.augment.dist import Dist
-from dfpipe.augment.stage import (MANIFEST_COLUMNS, item_seed, n_workers, plan_jobs, regenerate, run_augment,
-                                  work_dir)
+from dfpipe.augment.generate import regenerate
+from dfpipe.augment.output import MANIFEST_COLUMNS
+from dfpipe.augment.pipeline import n_workers
+from dfpipe.augment.plan import item_seed, plan_jobs
 from dfpipe.config import AugmentConfig
+from dfpipe.io import work_dir
 
 ALL_METHODS = sorted(METHODS)
 
@@ -262,7 +266,7 @@ def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path,
     (out / "masks").mkdir(parents=True)
     (out / "stale.txt").write_text("old")
     (out / "masks" / "old.png").write_bytes(b"x")
-    with caplog.at_level(logging.INFO, logger="dfpipe.augment.stage"):
+    with caplog.at_level(logging.INFO, logger="dfpipe.augment.pipeline"):
         summary = run_augment(config(prepared, out, fakes_per_real=0.5, methods={"self_blend": 1.0},
                                      real_widening=0.0))
     assert "diffusion fakes skipped: no model configured" in caplog.text
@@ -317,7 +321,7 @@ def same_output(a, b):
     return True
 
 
-ORIGINAL = {"edit_one": stage.edit_one, "sd_batch": stage.sd_batch}
+ORIGINAL = {"edit_one": pipeline.edit_one, "sd_batch": pipeline.sd_batch}
 
 
 class Killed(Exception):
@@ -325,7 +329,7 @@ class Killed(Exception):
 
 
 def counting(monkeypatch, name, fail_after=None):
-    """Wrap ``stage.<name>`` (edit_one or sd_batch) to record the images it makes; raise after ``fail_after``."""
+    """Wrap ``pipeline.<name>`` (edit_one or sd_batch) to record the images it makes; raise after ``fail_after``."""
     real, made = ORIGINAL[name], []
 
     def wrapper(*args, **kwargs):
@@ -335,7 +339,7 @@ def counting(monkeypatch, name, fail_after=None):
         made.extend([args[0]] if name == "edit_one" else list(args[3]))  # method names / diffusion seeds
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage, name, wrapper)
+    monkeypatch.setattr(pipeline, name, wrapper)
     return made
 
 
@@ -368,8 +372,8 @@ def test_work_from_another_config_is_not_reused(prepared, tmp_path, monkeypatch)
 
 def test_worker_pool_gives_the_same_bytes(augmented, prepared, tmp_path, monkeypatch):
     ref, _ = augmented
-    monkeypatch.setattr(stage, "MIN_JOBS_PER_WORKER", 1)
-    monkeypatch.setattr(stage, "EDIT_CHUNK", 4)
+    monkeypatch.setattr(pipeline, "MIN_JOBS_PER_WORKER", 1)
+    monkeypatch.setattr(pipeline, "EDIT_CHUNK", 4)
     assert n_workers(2, 15) == 2
     out = tmp_path / "pool"
     run_augment(config(prepared, out, workers=2))

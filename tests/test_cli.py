@@ -124,7 +124,7 @@ def test_clear_one_line_errors(case, card, folder, tmp_path, capsys):
             "not a scan csv": ["scan", str(folder), "--out", str(folder / "notes.txt"), *card],
             "serve no card": ["serve", "--port", "1", "--models", card[1], "--card", str(tmp_path / "x.json")]}[case]
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    assert main(args) == 1
+    assert main(args) == 2  # a user error: one line, exit 2 as for the stage scripts
     (err,) = capsys.readouterr().err.strip().splitlines()
     words = {"no models": "model folder not found", "no card": "ensemble card not found", "bad card": "not a JSON",
              "empty folder": "no images", "not a scan csv": "not a scan CSV",

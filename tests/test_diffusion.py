@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from conftest import photo_like
+from dfpipe.augment import run as run_augment
 from dfpipe.augment.diffusion import (TINY_MODEL, generate, load_pipeline, native_size, placeholder_prompt_embeds,
                                       resolve_dtype, tiny_pipeline, work_size)
-from dfpipe.augment.stage import regenerate, run_augment, work_dir
+from dfpipe.augment.generate import regenerate
 from dfpipe.config import AugmentConfig, DiffusionConfig
+from dfpipe.io import work_dir
 
 CFG = DiffusionConfig(model=TINY_MODEL, steps=2, strength=0.5, guidance_scale=5.0, batch_size=2)
 

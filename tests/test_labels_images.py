@@ -147,3 +147,14 @@ def test_decode_names_conversions_and_error_kinds():
     with pytest.raises(ImageError) as info:
         decode(_png_bytes(Image.new("RGB", (64, 64)), "JPEG"), max_pixels=100)
     assert info.value.kind == "decompression_bomb"
+
+
+@pytest.mark.parametrize("text", ["img_name,target\n", "\ufeffimg_name,target\r\n\r\n  \r\n"])
+def test_label_file_with_a_header_and_no_rows_is_refused(tmp_path, text):
+    """Not an empty training set: the file is named, so a truncated export is noticed at once."""
+    from dfpipe.errors import UserError
+
+    p = _write(tmp_path, text)
+    with pytest.raises(LabelError, match=r"labels\.txt: header but no rows; add one line 'img_name,target'") as exc:
+        read_labels(p)
+    assert isinstance(exc.value, UserError) and isinstance(exc.value, ValueError)

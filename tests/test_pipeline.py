@@ -29,11 +29,11 @@ def tiny_expert(**kw) -> ExpertConfig:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from dfpipe.augment.stage import run_augment
-    from dfpipe.data.prepare import prepare
+    from dfpipe.augment import run as run_augment
+    from dfpipe.data.prepare import run as prepare
     from dfpipe.demo import make_demo_dataset
-    from dfpipe.predict import run_predict
-    from dfpipe.split.stage import run_split
+    from dfpipe.predict import run as run_predict
+    from dfpipe.split import run as run_split
     from dfpipe.train.loop import run_train
 
     t = tmp_path_factory.mktemp("pipe")
@@ -45,14 +45,14 @@ def run(tmp_path_factory):
     run_augment(aug)
     split = SplitConfig(prepared_dir=prep.out_dir, augmented_dir=aug.out_dir, out_csv=str(t / "splits.csv"),
                         report=str(t / "cluster.json"), features=str(t / "feats.npy"), img_size=64,
-                        n_clusters=3, n_folds=2)
+                        n_clusters=3, n_folds=2, per_class=True, contact_sheet="")
     run_split(split)
     train = TrainConfig(splits_csv=split.out_csv, prepared_dir=prep.out_dir, augmented_dir=aug.out_dir,
                         models_dir=str(t / "models"), workers=0,
                         experts={"a": tiny_expert(), "b": tiny_expert(img_size=48, loss=LossWeights(kl=0.0),
                                                                        augment="strong", seed=1)})
     for name in train.experts:
-        run_train(train, name, t / f"{name}.csv", t / f"{name}.json")
+        run_train(train, name, t / "train" / name)
     pred = PredictConfig(prepared_dir=prep.out_dir, splits_csv=split.out_csv, models_dir=train.models_dir,
                          experts=["a", "b"], submission=str(t / "sub" / "prediction.txt"),
                          metrics=str(t / "metrics.json"), roc=str(t / "roc.csv"), roc_png=str(t / "roc.png"),
@@ -104,7 +104,9 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
     d = ckpt["description"]
     assert d["img_size"] == 64 and d["cache_size"] == 64 and len(d["mean"]) == 3
     assert ckpt["config"]["loss"]["kl"] == 0.5
-    hist = pd.read_csv(t / "a.csv")
+    from test_train import live_history
+
+    hist = live_history(t / "train" / "a")
     assert list(hist.epoch) == [1, 2]
     assert {"loss", "ce", "kl", "nce", "val_auc", "val_tpr_at_fpr_1e-3", "lr", "images_per_s"} <= set(hist.columns)
     assert hist.kl.iloc[-1] > 0  # the EMA teacher differs from the student, so KL is active
@@ -148,11 +150,27 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     for e in params["train"]["experts"].values():
         e.update(img_size=48, epochs=1, batch_size=16)
     params["train"]["workers"] = 0
+    params["evaluate"].update(degradations=["jpeg50"], bootstrap=50, workers=0)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+    dvc_yaml = (work / "dvc.yaml").read_bytes()
     _dvc(work, "repro", "-q")
     assert (work / "submissions" / "prediction.txt").is_file()
-    assert "ensemble" in _dvc(work, "metrics", "show")
+    shown = _dvc(work, "metrics", "show")
+    assert "ensemble" in shown and "demo_test" in shown  # stage 5's and stage 6's metrics
+    # stage 4's DVCLive summaries: the best epoch of each expert
+    assert "reports/train/lite0_a/metrics.json" in shown and "reports/train/lite0_b/metrics.json" in shown
+    metrics = json.loads(_dvc(work, "metrics", "show", "--json"))
+    expert = metrics[""]["data"]["reports/train/lite0_a/metrics.json"]["data"]
+    assert 0 <= expert["val_auc"] <= 1 and expert["best_epoch"] == 1 and expert["step"] == 1
+    # and its per-epoch curves, one .tsv per metric, x = step
+    plots = json.loads(_dvc(work, "plots", "show", "--json"))["data"]
+    curve = "reports/train/lite0_a/plots/metrics/val_auc.tsv"
+    assert curve in plots and "reports/train/lite0_b/plots/metrics/loss.tsv" in plots, sorted(plots)
+    points = plots[curve][0]["content"]["data"]["values"]
+    assert [(p["step"], float(p["val_auc"])) for p in points] == [("1", expert["val_auc"])]
+    assert (work / "dvc.yaml").read_bytes() == dvc_yaml  # DVCLive left the pipeline alone
+    assert (work / "reports" / "eval" / "table.md").read_text().count("demo_test") == 1
     # nothing changed: nothing to run
     assert json.loads(_dvc(work, "status", "--json")) == {}
     # one expert's param changed: only that expert and the ensemble run again
@@ -160,7 +178,7 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert set(json.loads(_dvc(work, "status", "--json"))) == {"train_experts@lite0_a"}
     ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro")))
-    assert ran == {"train_experts@lite0_a", "ensemble_predict"}
+    assert ran == {"train_experts@lite0_a", "ensemble_predict", "evaluate"}
     # `dvc repro <stage>` reruns that one stage when forced, nothing else
     ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro", "-f", "-s", "augment")))
     assert ran == {"augment"}

@@ -212,7 +212,7 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     import json
 
     from dfpipe.config import PredictConfig
-    from dfpipe.predict import run_predict
+    from dfpipe.predict import run as run_predict
 
     prep, aug = _fake_stage_outputs(tmp_path, rng)
     out = tmp_path / "out"
@@ -220,7 +220,7 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
                         models_dir=str(tmp_path / "models"), experts=["a", "b"], tta=["identity", "rot180"],
                         combine="stack", stack_folds=3, batch_size=8, submission=str(out / "prediction.txt"),
                         metrics=str(out / "metrics.json"), roc=str(out / "roc.csv"), roc_png=str(out / "roc.png"),
-                        failures=str(out / "failures.csv"), card=str(out / "ensemble.json"))
+                        failures=str(out / "failures.csv"), card=str(out / "ensemble.json"), test_labels="")
     metrics = run_predict(cfg)
     sub = pd.read_csv(out / "prediction.txt")
     assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]

@@ -221,7 +221,7 @@ def _outputs(cfg: PrepareConfig) -> dict[str, bytes]:
 
 
 def _counting_decode(monkeypatch) -> list[str]:
-    import dfpipe.data.prepare as P
+    import dfpipe.data.prepare.pool as P  # the decoding workers' module (in-process with workers=1)
 
     seen: list[str] = []
     real = P.decode

@@ -20,14 +20,15 @@ from dfpipe.train.loop import save_checkpoint
 THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}
 
 
-def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip")) -> tuple[Path, Path]:
+def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
+              combine: str = "mean_prob") -> tuple[Path, Path]:
     """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, cache 48) and a stage-5
-    card for it, as ``run_predict`` writes them. Returns (models_dir, card)."""
+    card for it, as ``dfpipe.predict.run`` writes them. Returns (models_dir, card)."""
     torch.manual_seed(0)
     cfg = ExpertConfig(pretrained="none", img_size=32)
     model = build_expert(cfg).eval()
     save_checkpoint(root / "models" / "m" / "best.pt", model, {**model.describe(), "cache_size": 48}, cfg, "m", {})
-    ens = Ensemble.load(root / "models", ["m"], list(tta), "mean_prob", torch.device("cpu"))
+    ens = Ensemble.load(root / "models", ["m"], list(tta), combine, torch.device("cpu"))
     write_json(root / "ensemble.json", ens.card(thresholds))
     return root / "models", root / "ensemble.json"
 
@@ -105,7 +106,8 @@ BAD_INPUTS = {  # name: (request kwargs, status, words in the message)
     "not base64": (dict(json={"image": "@@ not base64 !!"}), 400, "base64"),
     "data URL not base64": (dict(json={"image": "data:image/png,abc"}), 400, "base64"),
     "not an image": (dict(json={"image": base64.b64encode(b"GIF89a, no more").decode()}), 422, "not a usable image"),
-    "empty": (dict(json={"image": ""}), 400, "empty"),
+    "empty": (dict(json={"image": ""}), 422, "'image' is empty"),  # the schema says minLength 1
+    "empty once decoded": (dict(json={"image": "  \n"}), 400, "empty"),
     "empty upload": (dict(files={"file": ("e.jpg", b"", "image/jpeg")}), 400, "empty"),
     "too large": (dict(json={"image": base64.b64encode(b"\xff" * 70_000).decode()}), 413, "limit"),
     "too large upload": (dict(files={"file": ("big.jpg", b"\xff" * 70_000, "image/jpeg")}), 413, "limit"),
@@ -113,7 +115,23 @@ BAD_INPUTS = {  # name: (request kwargs, status, words in the message)
     "no content type": (dict(content=b"hello"), 415, "content type"),
     "missing field": (dict(json={"picture": "abc"}), 422, "missing field 'image'"),
     "missing file field": (dict(files={"other": ("x.jpg", b"abc", "image/jpeg")}), 422, "missing field 'file'"),
-    "not a string": (dict(json={"image": 42}), 422, "base64 string"),
+    "another file field": (dict(files={"image": ("x.jpg", b"abc", "image/jpeg")}), 422,
+                           "missing field 'file': upload the image as multipart field 'file' "
+                           "(unexpected field 'image'"),
+    # the form schema says additionalProperties: false; the server names the stray field rather than ignore it
+    "unexpected form field": (dict(files={"file": ("a.jpg", b"abc", "image/jpeg")}, data={"note": "x"}), 422,
+                              "unexpected field 'note' in the form"),
+    "unnamed form field": (dict(files={"file": ("a.jpg", b"abc", "image/jpeg")}, data={"": "-1.5"}), 422,
+                           "unexpected field '' in the form"),
+    "unexpected form file": (dict(files=[("file", ("a.jpg", b"abc", "image/jpeg")),
+                                         ("other", ("b.jpg", b"abc", "image/jpeg"))]), 422, "unexpected field 'other'"),
+    "too many form parts": (dict(files={"file": ("a.jpg", b"abc", "image/jpeg")},
+                                 data={f"x{i}": "1" for i in range(10)}), 413, "too many parts in the form"),
+    "not a string": (dict(json={"image": 42}), 422, "'image' must be a base64 string"),
+    "not an object": (dict(json=["abc"]), 422, "must be an object"),
+    "too long": (dict(json={"image": "A" * 200_000}), 413, "limit"),
+    "two files": (dict(files=[("file", ("a.jpg", b"a", "image/jpeg")), ("file", ("b.jpg", b"b", "image/jpeg"))]),
+                  413, "limit is 1"),
     "invalid JSON": (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
 }
 
@@ -148,15 +166,29 @@ def test_batch_limits(served, rng):
     r = client.post("/predict/batch", json={"images": [_b64(jpeg_bytes(rng, 20, 20))] * 5})
     assert r.status_code == 413 and "limit is 4" in r.json()["detail"]
     r = client.post("/predict/batch", json={"images": []})
-    assert r.status_code == 422
+    assert r.status_code == 422 and "'images' is empty" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"images": [_b64(jpeg_bytes(rng, 20, 20)), ""]})
+    assert r.status_code == 422 and "'images' item 1 is empty" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"images": "abc"})
+    assert r.status_code == 422 and "must be a list" in r.json()["detail"]
+    r = client.post("/predict/batch", files=[("file", ("a.jpg", jpeg_bytes(rng, 20, 20), "image/jpeg"))] * 5)
+    assert r.status_code == 413 and "limit is 4" in r.json()["detail"]
     r = client.post("/predict/batch", json={"image": "x"})
     assert r.status_code == 422 and "missing field 'images'" in r.json()["detail"]
+    two = [("file", ("a.jpg", jpeg_bytes(rng, 20, 20), "image/jpeg"))] * 2
+    r = client.post("/predict/batch", files=[*two, ("images", ("c.jpg", b"abc", "image/jpeg"))])
+    assert r.status_code == 422 and "unexpected field 'images' in the form" in r.json()["detail"]
+    r = client.post("/predict/batch", files=two, data={"note": "x"})
+    assert r.status_code == 422 and "unexpected field 'note' in the form" in r.json()["detail"]
+    r = client.post("/predict/batch", files=two, data={f"x{i}": "1" for i in range(13)})  # 4 images + 8: 12 fields
+    assert r.status_code == 413 and "too many parts in the form" in r.json()["detail"]
 
 
 def test_health_docs_and_page(served):
     client, _ = served
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["experts"] == ["m"] and h["thresholds"]["t_fake"] == 0.7
+    assert h["max_batch_images"] == 4
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"application/json",
                                                                                "multipart/form-data"}
@@ -164,6 +196,54 @@ def test_health_docs_and_page(served):
     page = client.get("/")
     assert page.status_code == 200 and 'id="score"' in page.text
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_the_schema_states_the_enforced_limits(served):
+    """The request schema carries the limits the server enforces (tests/test_api_fuzz.py holds the server to
+    it); every 4xx an endpoint can answer is documented with the error body."""
+    client, _ = served
+    spec = client.get("/openapi.json").json()
+    ops = {path: spec["paths"][path]["post"] for path in ("/predict", "/predict/batch", "/explain")}
+    single = ops["/predict"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["image"]
+    assert single["minLength"] == 1 and single["maxLength"] == 64 * 1024 * 3 // 2 + 1024
+    assert "0.0625 MB" in single["description"]  # max_bytes = 64 KB, as the fixture sets it
+    batch = ops["/predict/batch"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["images"]
+    assert (batch["minItems"], batch["maxItems"], batch["items"]["minLength"]) == (1, 4, 1)
+    form = ops["/predict/batch"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"]
+    assert (form["minItems"], form["maxItems"]) == (1, 4)
+    for path, op in ops.items():
+        form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert (set(form["properties"]), form["required"], form["additionalProperties"]) == ({"file"}, ["file"], False)
+        assert {"200", "400", "411", "413", "415", "422"} <= set(op["responses"]), path
+        assert op["responses"]["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].startswith("#/components")
+    assert spec["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Health"}
+
+
+def test_a_rank_card_is_refused_for_serving(tmp_path, capsys):
+    """combine: rank scores an image by its rank in the batch: served, one user's score would depend on
+    the other requests batched with it. The service, the app and `dfpipe serve` refuse it at load time."""
+    from fastapi.testclient import TestClient
+
+    from dfpipe.cli import main
+    from dfpipe.serve.api import ServeSettings, create_app
+    from dfpipe.serve.service import ServeError, load_ensemble
+
+    models, card = make_card(tmp_path, tta=("identity",), combine="rank")
+    words = [str(card), "combine 'rank' cannot be served", "predict.combine: mean_prob, mean_logit or stack"]
+    with pytest.raises(ServeError) as err:
+        load_ensemble(card, models, "cpu", serving=True)
+    assert all(w in str(err.value) for w in words)
+    assert load_ensemble(card, models, "cpu").combine == "rank"  # dfpipe predict / scan still score with it
+    settings = ServeSettings(models_dir=str(models), card=str(card), device="cpu")
+    with pytest.raises(ServeError, match="cannot be served"):
+        create_app(settings, Ensemble.from_card(card, models, torch.device("cpu")))
+    with pytest.raises(ServeError, match="cannot be served"), TestClient(create_app(settings)):
+        pass  # the lifespan (service start-up) loads the card and refuses it
+    assert main(["serve", "--port", "1", "--models", str(models), "--card", str(card), "--device", "cpu"]) == 2
+    err_line = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dfpipe: error: ")]
+    assert len(err_line) == 1 and all(w in err_line[0] for w in words)
 
 
 def test_explain_returns_the_score_and_a_heatmap_overlay(served, rng):

@@ -131,7 +131,7 @@ def test_k_chosen_per_class_and_candidates_clamped(rng):
 def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
     import cv2
 
-    from dfpipe.split.stage import cluster_contact_sheet, contact_sheet_shape
+    from dfpipe.split.pipeline import cluster_contact_sheet, contact_sheet_shape
 
     cache = tmp_path / "train.npy"
     np.save(cache, rng.integers(0, 255, (20, 40, 40, 3), dtype=np.uint8))
@@ -329,7 +329,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
     import json
 
     from dfpipe.config import SplitConfig
-    from dfpipe.split.stage import run_split
+    from dfpipe.split import run as run_split
 
     prep, aug = write_prepared(tmp_path, rng)
     out = tmp_path / "out"
@@ -337,7 +337,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
                       report=str(out / "report.json"), features=str(out / "f.npy"),
                       features_index=str(out / "f.csv"), embedder="finetune", backbone=TINY, pretrained="none",
                       img_size=32, batch_size=8, finetune_epochs=1, finetune_batch_size=8, kmeans_backend="torch",
-                      n_clusters=2, per_class=False, n_folds=2, contact_sheet_per_cluster=2)
+                      n_clusters=2, per_class=False, n_folds=2, contact_sheet="", contact_sheet_per_cluster=2)
     df = run_split(cfg)
     check_split(df)
     assert len(df) == 24 + 8 + 6 and set(df.fold) == {0, 1}
@@ -351,7 +351,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
 
 def test_unknown_embedder_is_rejected(tmp_path):
     from dfpipe.config import SplitConfig
-    from dfpipe.split.stage import build_embedder
+    from dfpipe.split.pipeline import build_embedder
 
     with pytest.raises(ValueError, match="split.embedder"):
         build_embedder(SplitConfig(embedder="clip"), pd.DataFrame())

@@ -23,7 +23,7 @@ def _run(script: str, params: Path) -> subprocess.CompletedProcess:
         ("01_prepare_data.py", "prepare:\n  cache_sise: 64\n", "unknown key(s) ['cache_sise']"),
         ("03_cluster_split.py", "split: {}\n", "data/prepared/manifest.csv not found: run stage 1"),
         ("04_train_experts.py", "train: {}\n", "data/splits.csv not found: run stage 3"),
-        ("05_ensemble_predict.py", "predict: {}\n", "predict.experts is empty"),
+        ("05_ensemble_predict.py", "predict:\n  experts: []\n", "predict.experts is empty"),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, script, params_text, message):

@@ -1,9 +1,14 @@
 """Stage 4 loop: exact resume after a kill, early stopping, EMA weights in best.pt, deterministic
-checkpoints, rank sharding of the seeded sampler (tiny, CPU). The 2-process DDP run: test_train_ddp.py."""
+checkpoints, rank sharding of the seeded sampler, the DVCLive logs (tiny, CPU). The 2-process DDP run:
+test_train_ddp.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +64,26 @@ def _cfg(root: Path, models: str, **kw) -> TrainConfig:
                        experts={"e": ExpertConfig(**base)})
 
 
+LIVE_FILES = {"metrics.json", "plots/metrics"}  # what dvc.yaml declares of reports/train/<name>
+
+
+def live_history(live_dir: Path) -> pd.DataFrame:
+    """The per-epoch rows of a DVCLive directory, read independently of dfpipe: one .tsv per metric."""
+    tsvs = sorted((live_dir / "plots" / "metrics").glob("*.tsv"))
+    assert tsvs, f"no per-epoch logs in {live_dir}"
+    cols = [pd.read_csv(f, sep="\t").set_index("step")[f.stem] for f in tsvs]
+    return pd.concat(cols, axis=1).rename_axis("epoch").reset_index()
+
+
+def live_files(live_dir: Path) -> set[str]:
+    """Every file of ``live_dir``, relative, the .tsv files as their folder."""
+    return {str(p.relative_to(live_dir).parent if p.suffix == ".tsv" else p.relative_to(live_dir))
+            for p in live_dir.rglob("*") if p.is_file()}
+
+
 def _run(cfg: TrainConfig, root: Path, tag: str) -> tuple[dict, pd.DataFrame]:
-    best = run_train(cfg, "e", root / f"{tag}.csv", root / f"{tag}.json")
-    return best, pd.read_csv(root / f"{tag}.csv")
+    best = run_train(cfg, "e", root / tag)
+    return best, live_history(root / tag)
 
 
 def _load(path: Path) -> dict:
@@ -104,9 +126,18 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
 
     assert list(hist_b.epoch) == [1, 2, 3]
     pd.testing.assert_frame_equal(hist_a.drop(columns="images_per_s"), hist_b.drop(columns="images_per_s"))
-    assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's CSV
+    assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's logs
     assert "images_per_s" not in last["history"][0]  # timings never enter last.pt
     assert best_a == best_b
+    # the logs of the resumed run are those of the uninterrupted one, to the byte (timings aside)
+    assert live_files(pool / "a") == live_files(pool / "b") == LIVE_FILES
+    for f in sorted((pool / "a" / "plots" / "metrics").glob("*.tsv")):
+        if f.name != "images_per_s.tsv":
+            assert f.read_bytes() == (pool / "b" / "plots" / "metrics" / f.name).read_bytes(), f.name
+    assert (pool / "a" / "metrics.json").read_bytes() == (pool / "b" / "metrics.json").read_bytes()
+    summary = json.loads((pool / "b" / "metrics.json").read_text())
+    assert summary["step"] == 3 and summary["best_epoch"] == best_b["epoch"]
+    assert summary["val_auc"] == best_b["auc"] and summary["val_n_pos"] == best_b["n_pos"]
     for f in ("best.pt", "last.pt"):
         a, b = _load(pool / "models_a" / "e" / f), _load(pool / "models_b" / "e" / f)
         for part in ("state_dict", "model", "ema", "optimizer"):
@@ -140,7 +171,45 @@ def test_early_stopping_on_val_auc(pool, monkeypatch, caplog):
         best, hist = _run(_cfg(pool, "models_p", epochs=6, patience=2, loss=LossWeights(kl=0.0)), pool, "p")
     assert list(hist.epoch) == [1, 2, 3, 4] and best["epoch"] == 2 and best["auc"] == 0.7
     assert "early stop after epoch 4" in caplog.text
+    # per-epoch curves hold every epoch; the summary (dvc metrics show) the best one, not the last
+    assert list(hist.val_auc) == [0.6, 0.7, 0.65, 0.7]
+    summary = json.loads((pool / "p" / "metrics.json").read_text())
+    assert summary["best_epoch"] == 2 and summary["val_auc"] == 0.7 and summary["step"] == 4
+    assert summary["loss"] == hist.loss[1] and "images_per_s" not in summary
     assert _load(pool / "models_p" / "e" / "last.pt")["finished"]
+
+
+def test_logs_go_to_their_directory_only_no_dvc_yaml_no_experiment(pool, tmp_path, monkeypatch):
+    """In a Git + DVC repo with a commit, DVCLive's defaults would write dvc.yaml and save a DVC experiment
+    (a commit under refs/exps) at the end: stage 4 asks for neither. The optional CSV holds the same rows."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, env=env,
+                              check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, env=env, check=True)
+    monkeypatch.chdir(repo)
+    # no commit yet (git init; dvc init; dvc repro): DVCLive cannot read the repo, logs all the same
+    run_train(_cfg(pool, "models_x0", epochs=1), "e", "reports/train/e0")
+    assert live_files(repo / "reports" / "train" / "e0") == LIVE_FILES
+    git("commit", "-qm", "init")
+    head = git("rev-parse", "HEAD")
+    best = run_train(_cfg(pool, "models_x", epochs=2), "e", "reports/train/e", history_csv="h.csv")
+
+    live = repo / "reports" / "train" / "e"
+    assert live_files(live) == LIVE_FILES
+    assert json.loads((live / "metrics.json").read_text())["val_auc"] == best["auc"]
+    assert not (repo / "dvc.yaml").exists() and not list(repo.rglob("dvc.yaml"))
+    assert git("for-each-ref", "refs/exps") == "" and git("rev-parse", "HEAD") == head
+    assert git("diff", "--cached", "--name-only") == ""  # nothing staged either
+    assert not (repo / ".dvc" / "tmp" / "exps" / "run" / "DVCLIVE_ONLY").exists()
+    hist, csv = live_history(live), pd.read_csv(repo / "h.csv")
+    assert set(csv.columns) == set(hist.columns)
+    pd.testing.assert_frame_equal(csv[hist.columns], hist)
 
 
 def test_best_checkpoint_holds_the_ema_weights_not_the_raw_ones(pool, monkeypatch):

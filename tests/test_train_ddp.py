@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train import _cfg, _write_pool
+from test_train import LIVE_FILES, _cfg, _write_pool, live_files, live_history
 
 WORLD = 2
 N_TRAIN, N_VAL = 24, 11  # 24 = 3 global batches of 8 (4 per rank); 11 val: uneven shards, 6 + 5
@@ -37,7 +37,9 @@ def _rank_main(rank: int, port: int, root: str) -> None:
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="1",
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from dfpipe.train import checkpoint, loop
+    import dvclive
+
+    from dfpipe.train import checkpoint, logs, loop
 
     root_p = Path(root)
     spy = {"epoch": 0, "seen": [], "val": [], "writes": []}
@@ -64,6 +66,12 @@ def _rank_main(rank: int, port: int, root: str) -> None:
         spy["writes"].append(str(path))
         real_save(obj, path)
 
+    real_live_init = dvclive.Live.__init__
+
+    def live_init(self, *args, **kwargs):  # every DVCLive logger a rank opens (each writes its dir)
+        spy["writes"].append(str(kwargs.get("dir", args[0] if args else "dvclive")))
+        real_live_init(self, *args, **kwargs)
+
     def writer(real):
         def write(path, obj):
             spy["writes"].append(str(path))
@@ -83,9 +91,9 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
     loop.SeededAugmentDataset, loop._train_epoch, loop.summary = Recording, train_epoch, summary
     loop.build_expert, loop.ExponentialMovingAverage = build, ema
-    loop.write_csv, loop.write_json, checkpoint.save_torch = writer(loop.write_csv), writer(loop.write_json), save_torch
+    logs.write_csv, checkpoint.save_torch, dvclive.Live.__init__ = writer(logs.write_csv), save_torch, live_init
 
-    best_a = loop.run_train(_cfg(root_p, "models_a", epochs=2), "e", root_p / "a.csv", root_p / "a.json")
+    best_a = loop.run_train(_cfg(root_p, "models_a", epochs=2), "e", root_p / "a", root_p / "a.csv")
     state = {"params": {k: v.detach().clone() for k, v in captured["model"].state_dict().items()},
              "ema": [t.clone() for t in captured["ema"].shadow_params]}
     record = {"best": best_a, "seen": spy["seen"], "val": spy["val"], "writes": spy["writes"]}
@@ -94,11 +102,11 @@ def _rank_main(rank: int, port: int, root: str) -> None:
     kill_at["epoch"] = 2
     cfg_b = _cfg(root_p, "models_b", epochs=2)
     try:
-        loop.run_train(cfg_b, "e", root_p / "b.csv", root_p / "b.json")
+        loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
     except KeyboardInterrupt:
         torch.distributed.barrier()  # a launcher restarts every rank after rank 0 wrote last.pt
     kill_at["epoch"] = None
-    record["best_b"] = loop.run_train(cfg_b, "e", root_p / "b.csv", root_p / "b.json")
+    record["best_b"] = loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
     record["writes_b"] = spy["writes"]
     torch.save(state, root_p / f"rank{rank}.pt")
     (root_p / f"rank{rank}.json").write_text(json.dumps(record))
@@ -134,8 +142,11 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     recs = [_record(ddp_run, r) for r in range(WORLD)]
     df = load_split_pool(ddp_run / "splits.csv", ddp_run / "prepared", ddp_run / "aug")
     val_df = df[df.subset == "val"].reset_index(drop=True)
-    metrics = json.loads((ddp_run / "a.json").read_text())
+    metrics = recs[0]["best"]
     assert metrics["n_pos"] + metrics["n_neg"] == N_VAL
+    logged = json.loads((ddp_run / "a" / "metrics.json").read_text())  # DVCLive's summary: the best epoch
+    assert logged["val_auc"] == metrics["auc"] and logged["best_epoch"] == metrics["epoch"]
+    assert logged["val_n_pos"] + logged["val_n_neg"] == N_VAL
     for rec in recs:  # every rank scored the same, whole, val set in its original order
         assert rec["val"] == recs[0]["val"] and rec["best"] == metrics
         for y, _ in rec["val"]:
@@ -152,12 +163,15 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
 def test_only_rank_0_writes_one_checkpoint_set_and_the_reports(ddp_run):
     recs = [_record(ddp_run, r) for r in range(WORLD)]
     assert recs[1]["writes"] == [] and recs[1]["writes_b"] == []
-    assert {Path(p).name for p in recs[0]["writes"]} == {"best.pt", "last.pt", "a.csv", "a.json"}
+    assert {Path(p).name for p in recs[0]["writes"]} == {"best.pt", "last.pt", "a", "a.csv"}
     assert sorted(p.name for p in (ddp_run / "models_a" / "e").iterdir()) == ["best.pt", "last.pt"]
     last = torch.load(ddp_run / "models_a" / "e" / "last.pt", map_location="cpu", weights_only=False)
     assert last["finished"] and last["world"] == WORLD and last["epoch"] == 2
-    hist = pd.read_csv(ddp_run / "a.csv")
+    assert live_files(ddp_run / "a") == LIVE_FILES
+    hist = live_history(ddp_run / "a")
     assert list(hist.epoch) == [1, 2] and hist.images_per_s.gt(0).all()
+    csv = pd.read_csv(ddp_run / "a.csv")  # the optional plain CSV: the same rows
+    pd.testing.assert_frame_equal(csv[hist.columns], hist)
 
 
 def test_params_and_ema_stay_identical_on_every_rank(ddp_run):
@@ -174,5 +188,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(ddp_run):
     assert rec["best_b"] == rec["best"]
     for f in ("best.pt", "last.pt"):
         assert (ddp_run / "models_a" / "e" / f).read_bytes() == (ddp_run / "models_b" / "e" / f).read_bytes(), f
-    hist_a, hist_b = pd.read_csv(ddp_run / "a.csv"), pd.read_csv(ddp_run / "b.csv")
+    hist_a, hist_b = live_history(ddp_run / "a"), live_history(ddp_run / "b")
     pd.testing.assert_frame_equal(hist_a.drop(columns="images_per_s"), hist_b.drop(columns="images_per_s"))
+    assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's logs
+    assert (ddp_run / "a" / "metrics.json").read_bytes() == (ddp_run / "b" / "metrics.json").read_bytes()

@@ -5,6 +5,7 @@ diffusion model is actually configured.
 """
 
 from .editing import METHODS, NEEDS_DONOR, get_method, region_mask
+from .pipeline import run
 from .real import widen_real
 
-__all__ = ["METHODS", "NEEDS_DONOR", "get_method", "region_mask", "widen_real"]
+__all__ = ["METHODS", "NEEDS_DONOR", "get_method", "region_mask", "run", "widen_real"]

@@ -22,18 +22,19 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import cv2
 import numpy as np
 import torch
 
-from ..config import DiffusionConfig
+from ..config import DiffusionConfig, DiffusionDtype, DiffusionMode
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-MODES = ("img2img", "inpaint")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = get_args(DiffusionMode)  # ("img2img", "inpaint")
+DTYPES = {name: getattr(torch, name) for name in get_args(DiffusionDtype) if name != "auto"}  # float32/16, bfloat16
 TINY_MODEL = ":tiny-random:"  # model name for tiny_pipeline(): random weights, tests/smoke runs only
 _TINY_LOCK = threading.Lock()
 
@@ -46,7 +47,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown diffusion dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown diffusion dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -60,7 +61,7 @@ def _pipeline_class(mode: str) -> Any:
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     if mode not in MODES:
-        raise ValueError(f"unknown diffusion mode {mode!r}; choose one of {list(MODES)}")
+        raise ConfigError(f"unknown diffusion mode {mode!r}; choose one of {list(MODES)}")
     return AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForInpainting
 
 
@@ -75,7 +76,7 @@ def load_pipeline(model: str | Path, mode: str = "img2img", dtype: str = "auto",
     torch_dtype = resolve_dtype(dtype, device)
     model = str(model)
     if not model:
-        raise ValueError("no diffusion model given (augment.diffusion.model is empty)")
+        raise ConfigError("no diffusion model given (augment.diffusion.model is empty)")
     if model == TINY_MODEL:
         log.warning("using the tiny RANDOM-weight diffusion pipeline: outputs are for tests only")
         pipe = tiny_pipeline(mode)
@@ -90,7 +91,7 @@ def load_pipeline(model: str | Path, mode: str = "img2img", dtype: str = "auto",
             pipe = cls.from_pretrained(source, dtype=torch_dtype, **kwargs)
         except OSError as exc:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise FileNotFoundError(
+            raise InputError(
                 f"diffusion model {model!r} could not be loaded: it is not a local diffusers folder and "
                 f"is not in the Hugging Face cache{' (HF_HUB_OFFLINE=1: no download)' if offline else ''}. "
                 f"Set augment.diffusion.model to a folder holding model_index.json. ({exc})"
@@ -106,10 +107,10 @@ def _check_source(model: str) -> str:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"diffusion model folder {path} has no model_index.json (not a diffusers folder)")
+            raise InputError(f"diffusion model folder {path} has no model_index.json (not a diffusers folder)")
         return str(path)
     if _looks_like_path(model):
-        raise FileNotFoundError(f"diffusion model folder {path} does not exist")
+        raise InputError(f"diffusion model folder {path} does not exist")
     return model  # a hub id
 
 
@@ -127,7 +128,7 @@ def _check_mode(pipe: Any, mode: str, model: str) -> None:
     """An inpainting UNet (9 input channels) cannot run img2img; say so instead of a shape error."""
     in_ch = pipe.unet.config.in_channels
     if mode == "img2img" and in_ch != 4:
-        raise ValueError(f"diffusion model {model!r} is an inpainting model (UNet in_channels={in_ch}): "
+        raise ConfigError(f"diffusion model {model!r} is an inpainting model (UNet in_channels={in_ch}): "
                          "set augment.diffusion.mode to inpaint")
     if mode == "inpaint" and in_ch == 4:
         log.info("%s: plain (4-channel) UNet used for inpainting: masked latent blending", model)
@@ -145,7 +146,7 @@ def tiny_pipeline(mode: str = "img2img", seed: int = 0) -> Any:
                            StableDiffusionInpaintPipeline, UNet2DConditionModel)
 
     if mode not in MODES:
-        raise ValueError(f"unknown diffusion mode {mode!r}; choose one of {list(MODES)}")
+        raise ConfigError(f"unknown diffusion mode {mode!r}; choose one of {list(MODES)}")
     # Fork the RNG so building the test pipeline does not shift anybody else's torch random stream; the
     # lock keeps two threads (ranks simulated by threads in tests) from seeding the shared generator at once.
     with _TINY_LOCK, torch.random.fork_rng(devices=[]):
@@ -223,15 +224,15 @@ def _check_generate_args(pipe: Any, images: Sequence[np.ndarray], masks: Sequenc
 def check_config(cfg: DiffusionConfig) -> None:
     """Catch settings that would fail inside diffusers, with the setting's name."""
     if cfg.mode not in MODES:
-        raise ValueError(f"unknown diffusion mode {cfg.mode!r}; choose one of {list(MODES)}")
+        raise ConfigError(f"unknown diffusion mode {cfg.mode!r}; choose one of {list(MODES)}")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown diffusion dtype {cfg.dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown diffusion dtype {cfg.dtype!r}; choose auto or one of {sorted(DTYPES)}")
     if not 0.0 < cfg.strength <= 1.0:
-        raise ValueError(f"diffusion strength must be in (0, 1], got {cfg.strength}")
+        raise ConfigError(f"diffusion strength must be in (0, 1], got {cfg.strength}")
     if int(cfg.steps * cfg.strength) < 1:
-        raise ValueError(f"steps * strength = {cfg.steps} * {cfg.strength} < 1: no denoising step would run")
+        raise ConfigError(f"steps * strength = {cfg.steps} * {cfg.strength} < 1: no denoising step would run")
     if cfg.batch_size < 1:
-        raise ValueError(f"diffusion batch_size must be >= 1, got {cfg.batch_size}")
+        raise ConfigError(f"diffusion batch_size must be >= 1, got {cfg.batch_size}")
 
 
 def _call_params(pipe: Any) -> set[str]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,7 +58,7 @@ def world_size_from_env() -> int:
             try:
                 return int(value)
             except ValueError:
-                raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+                raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
     return 1
 
 

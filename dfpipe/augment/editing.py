@@ -24,6 +24,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from ..errors import ConfigError
+
 EditFn = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, dict]]
 
 # Mask values below this change no 8-bit pixel; zeroing them keeps the mask tight to the change.
@@ -329,4 +331,4 @@ def get_method(name: str) -> EditFn:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown editing method {name!r}; valid: {sorted(METHODS)}") from None
+        raise ConfigError(f"unknown editing method {name!r}; valid: {sorted(METHODS)}") from None

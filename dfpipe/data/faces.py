@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol, get_args
 
 import cv2
 import numpy as np
+from ..config import FaceCrop, FacePolicy
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FACE_CROPS = ("none", "haar")
-FACE_POLICIES = ("whole", "largest", "skip")
+FACE_CROPS = get_args(FaceCrop)  # ("none", "haar")
+FACE_POLICIES = get_args(FacePolicy)  # ("whole", "largest", "skip")
 
 
 class Box(NamedTuple):
@@ -88,7 +90,7 @@ def register_detector(name: str, factory: Callable[[], FaceDetector]) -> None:
 def get_detector(name: str) -> FaceDetector:
     """The detector called ``name``, built once per process (cascades cannot be pickled)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown face detector {name!r}; choose one of {['none', *sorted(_REGISTRY)]}")
+        raise ConfigError(f"unknown face detector {name!r}; choose one of {['none', *sorted(_REGISTRY)]}")
     return _REGISTRY[name]()
 
 
@@ -101,7 +103,7 @@ def crop_face(img: np.ndarray, box: Box | tuple, margin: float = 1.3) -> np.ndar
 def crop_window(shape: tuple[int, int], box: Box | tuple, margin: float) -> tuple[int, int, int]:
     """(x0, y0, side) of :func:`crop_face`'s square inside an image of ``shape`` (H, W)."""
     if margin <= 0:
-        raise ValueError(f"face margin must be > 0, got {margin}")
+        raise ConfigError(f"face margin must be > 0, got {margin}")
     h, w = shape
     bx, by, bw, bh = box[:4]
     side = int(round(max(bw, bh) * margin))
@@ -139,8 +141,8 @@ def apply_face_crop(img: np.ndarray, detector_name: str, margin: float,
 def check_face_config(face_crop: str, margin: float, policy: str) -> None:
     """Raise a clear ValueError for an unknown detector / policy or a bad margin."""
     if face_crop != "none" and face_crop not in _REGISTRY:
-        raise ValueError(f"prepare.face_crop={face_crop!r}: choose one of {['none', *sorted(_REGISTRY)]}")
+        raise ConfigError(f"prepare.face_crop={face_crop!r}: choose one of {['none', *sorted(_REGISTRY)]}")
     if policy not in FACE_POLICIES:
-        raise ValueError(f"prepare.face_policy={policy!r}: choose one of {list(FACE_POLICIES)}")
+        raise ConfigError(f"prepare.face_policy={policy!r}: choose one of {list(FACE_POLICIES)}")
     if margin < 1.0:
-        raise ValueError(f"prepare.face_margin={margin}: must be >= 1.0 (1.0 = the detector's box)")
+        raise ConfigError(f"prepare.face_margin={margin}: must be >= 1.0 (1.0 = the detector's box)")

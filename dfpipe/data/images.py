@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DataError
+
 # Files listed from a folder must have one of these extensions; the content decides the format.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # The only decoders PIL may try: plain raster formats (no EPS/PDF, which would run external programs).
@@ -35,7 +37,7 @@ NOTE_KINDS = ("extension_mismatch", "animated_first_frame", "exif_rotated", "exi
               "16bit", "float", "palette", "alpha_flattened", "greyscale")
 
 
-class ImageError(ValueError):
+class ImageError(DataError):  # a UserError and a ValueError
     """An image that cannot be used; the message is the reason shown in reports, ``kind`` its code."""
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:

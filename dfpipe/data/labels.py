@@ -14,13 +14,15 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 EXPECTED_HEADER = ("img_name", "target")
 NAMES_HEADER = ("img_name",)
 
 
-class LabelError(ValueError):
+class LabelError(DataError):  # a UserError and a ValueError
     """A label file that cannot be used; the message names the file, the line and the fix."""
 
 
@@ -41,6 +43,9 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
             f"{path}:{line}: header is {','.join(header)!r}; expected 'img_name,target' "
             "(add or rename the header row)"
         )
+    if len(rows) == 1:
+        raise LabelError(f"{path}: header but no rows; add one line 'img_name,target' per image "
+                         "(or point params.yaml at the right label file)")
     names: list[str] = []
     labels: list[int] = []
     lines: list[int] = []

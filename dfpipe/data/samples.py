@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import DataError, InputError
+
 POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cache_path", "cache_index",
                 "dup_group"]
 
@@ -19,7 +21,7 @@ def load_manifest(prepared_dir: str | Path, ok_only: bool = True) -> pd.DataFram
     """The stage-1 manifest; ``ok_only`` drops images that failed to decode."""
     path = Path(prepared_dir) / "manifest.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 1 (python 01_prepare_data.py) first")
+        raise InputError(f"{path} not found: run stage 1 (python 01_prepare_data.py) first")
     df = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str, "error": str})
     return df[df.cache_index >= 0].reset_index(drop=True) if ok_only else df
 
@@ -40,7 +42,7 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
     if augmented_dir is not None:
         aug_path = Path(augmented_dir) / "manifest.csv"
         if not aug_path.is_file():
-            raise FileNotFoundError(f"{aug_path} not found: run stage 2 (python 02_augment_sd.py) first")
+            raise InputError(f"{aug_path} not found: run stage 2 (python 02_augment_sd.py) first")
         aug = pd.read_csv(aug_path, keep_default_na=False, dtype={"img_name": str})
         if len(aug):
             pool = pd.concat([pool, pd.DataFrame({
@@ -51,7 +53,7 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
             })], ignore_index=True)
     if pool.uid.duplicated().any():
         dup = pool.uid[pool.uid.duplicated()].iloc[0]
-        raise ValueError(f"duplicate sample uid {dup!r} in the pool")
+        raise DataError(f"duplicate sample uid {dup!r} in the pool")
     return pool.reset_index(drop=True)
 
 
@@ -63,12 +65,12 @@ def load_split_pool(splits_csv: str | Path, prepared_dir: str | Path,
     """
     path = Path(splits_csv)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run stage 3 (python 03_cluster_split.py) first")
+        raise InputError(f"{path} not found: run stage 3 (python 03_cluster_split.py) first")
     splits = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str})
     if augmented_dir is None:
         splits = splits[splits.origin != "aug"]
     pool = load_pool(prepared_dir, augmented_dir)
     df = pool.merge(splits[["uid", "cluster", "fold", "subset"]], on="uid", how="inner", validate="1:1")
     if len(df) != len(splits):
-        raise ValueError(f"{path}: {len(splits) - len(df)} rows have no image in the pool; rerun stage 3")
+        raise DataError(f"{path}: {len(splits) - len(df)} rows have no image in the pool; rerun stage 3")
     return df

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home on import
 
@@ -11,17 +12,61 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PRESETS = ("none", "light", "strong")
+from ..config import AugmentPreset  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
+
+PRESETS = typing.get_args(AugmentPreset)  # none, light, strong, randaugment, blur_jpeg, light_blur_jpeg
+
+
+def _randaugment() -> list:
+    """RandAugment (Cubuk et al. 2020) as the seed systems used it: 2 ops drawn uniformly from a list
+    of photometric and geometric ops at a fixed moderate magnitude (about 9 of 30)."""
+    ops = [
+        A.NoOp(),
+        A.AutoContrast(p=1.0),
+        A.Equalize(p=1.0),
+        A.Affine(rotate=(-30, 30), p=1.0),
+        A.Solarize(threshold_range=(0.6, 0.9), p=1.0),
+        A.Posterize(num_bits=(5, 7), p=1.0),
+        A.ColorJitter(brightness=0.3, contrast=0, saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0.3, saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0, saturation=0.3, hue=0, p=1.0),
+        A.Sharpen(alpha=(0.2, 0.5), p=1.0),
+        A.Affine(shear={"x": (-15, 15), "y": (0, 0)}, p=1.0),
+        A.Affine(shear={"x": (0, 0), "y": (-15, 15)}, p=1.0),
+        A.Affine(translate_percent={"x": (-0.15, 0.15), "y": (0, 0)}, p=1.0),
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.15, 0.15)}, p=1.0),
+    ]
+    return [A.SomeOf(ops, n=2, replace=False, p=1.0)]
+
+
+def _blur_jpeg(p: float = 0.5) -> list:
+    """Wang et al. (CVPR 2020), "Blur+JPEG (0.5)": Gaussian blur sigma ~ U[0, 3] with probability p,
+    then JPEG quality ~ U[30, 100] with probability p. Trained so, a detector cannot lean on the
+    finest pixels alone, which online re-encoding and resizing destroy; it transfers across generators."""
+    return [A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 3.0), p=p),
+            A.ImageCompression(quality_range=(30, 100), p=p)]
 
 
 def train_augment(preset: str, seed: int) -> A.Compose | None:
-    """Albumentations pipeline on uint8 HWC images. 'light' keeps forgery traces mostly intact."""
+    """Albumentations pipeline on uint8 HWC images (every preset but 'none' flips horizontally).
+
+    'light' keeps forgery traces mostly intact; 'strong' adds geometry, noise, colour and dropout;
+    'randaugment' is the seed-style baseline's; 'blur_jpeg' is Wang et al.'s blur + JPEG;
+    'light_blur_jpeg' is 'light' then blur + JPEG.
+    """
     if preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}")
+        raise ConfigError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}")
     if preset == "none":
         return None
     ops: list = [A.HorizontalFlip(p=0.5)]
-    if preset == "light":
+    if preset == "randaugment":
+        ops += _randaugment()
+    elif preset == "blur_jpeg":
+        ops += _blur_jpeg()
+    elif preset == "light_blur_jpeg":
+        ops += [A.RandomBrightnessContrast(0.1, 0.1, p=0.3), *_blur_jpeg()]
+    elif preset == "light":
         ops += [
             A.ImageCompression(quality_range=(70, 100), p=0.3),
             A.RandomBrightnessContrast(0.1, 0.1, p=0.3),

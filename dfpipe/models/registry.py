@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ExpertConfig
+from ..errors import UnknownNameError
 from .pretrained import create_backbone, normalization
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
+FnT = TypeVar("FnT", bound=Callable[..., Any])
 
 NUM_CLASSES = 2  # 0 = real, 1 = fake
 DEFAULT_DROPOUT = ExpertConfig.dropout
@@ -32,8 +34,8 @@ class Registry:
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        def deco(fn: F) -> F:
+    def register(self, name: str) -> Callable[[FnT], FnT]:
+        def deco(fn: FnT) -> FnT:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} is already registered")
             self._items[name] = fn
@@ -43,7 +45,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:
@@ -60,43 +62,86 @@ EXPERTS = Registry("expert")
 
 
 class Expert(nn.Module):
-    """timm backbone (pooled features) + dropout + Linear(D, 2).
+    """timm backbone (pooled features) + dropout + Linear(D, 2), and optionally a projection head for NCE.
 
     ``forward(x)`` with x (B, 3, H, W) normalised by ``mean``/``std`` returns
-    ``{"logits": (B, 2), "prob": (B,) softmax probability of fake, "feat": (B, D) pooled feature}``.
+    ``{"logits": (B, 2), "prob": (B,) softmax probability of fake, "feat": (B, D) pooled feature}``
+    plus ``"proj": (B, proj_dim)`` when ``proj_dim > 0``: a small MLP (D -> D/2 -> proj_dim) whose output
+    the contrastive term uses instead of ``feat``. Why: the pooled features of a ReLU network are all
+    >= 0, so their cosine similarities are all positive and supervised InfoNCE on them stays near
+    chance (log of the batch size); SimCLR / SupCon put the contrastive loss on such a head instead.
     """
 
     def __init__(self, backbone: str, img_size: int, pretrained: str = "bundled", dropout: float = DEFAULT_DROPOUT,
-                 arch: str = "timm") -> None:
+                 arch: str = "timm", proj_dim: int = 0) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.img_size = int(img_size)
         self.arch = arch
         self.dropout = float(dropout)
+        self.proj_dim = int(proj_dim)
         self.backbone = create_backbone(backbone, pretrained=pretrained, num_classes=0)  # x -> (B, D)
         self.feat_dim = int(self.backbone.num_features)  # D, e.g. 1280 for tf_efficientnet_lite0
         self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.feat_dim, NUM_CLASSES))  # (B, D) -> (B, 2)
+        if self.proj_dim > 0:  # (B, D) -> (B, proj_dim), for the NCE term only
+            hidden = max(self.proj_dim, self.feat_dim // 2)
+            self.proj = nn.Sequential(nn.Linear(self.feat_dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, self.proj_dim))
         self.mean, self.std = normalization(self.backbone)  # 3-tuples the input pipeline must use
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised input -> (B, D) pooled features (subclasses filter the input first)."""
+        return self.backbone(x)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.backbone(x)  # (B, D)
+        feat = self.features(x)  # (B, D)
         logits = self.head(feat)  # (B, 2)
         prob = torch.softmax(logits.float(), dim=1)[:, 1]  # (B,) fp32 even under autocast
-        return {"logits": logits, "prob": prob, "feat": feat}
+        out = {"logits": logits, "prob": prob, "feat": feat}
+        if self.proj_dim > 0:
+            out["proj"] = self.proj(feat)  # (B, proj_dim)
+        return out
 
     def describe(self) -> dict[str, Any]:
         """Everything needed to rebuild this architecture and feed it correctly (JSON-serialisable)."""
         return {"arch": self.arch, "backbone": self.backbone_name, "img_size": self.img_size,
                 "mean": list(self.mean), "std": list(self.std), "num_classes": NUM_CLASSES,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "proj_dim": self.proj_dim}
 
 
-@EXPERTS.register("timm")
-def build_timm_expert(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
-    """The default expert. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` overrides
-    ``cfg.pretrained`` (``"none"`` when rebuilding from a checkpoint), ``dropout`` ``cfg.dropout``."""
-    return Expert(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
-                  dropout=cfg.dropout if dropout is None else dropout, arch="timm")
+def npr(x: torch.Tensor) -> torch.Tensor:
+    """Neighbouring pixel relationships (Tan et al., CVPR 2024): x minus its nearest-neighbour
+    down-(x0.5)-then-up-sampled copy. (B, C, H, W) -> (B, C, H, W).
+
+    Up-sampling layers of generators (GANs and diffusion decoders alike) leave correlations between
+    adjacent pixels of each 2 x 2 cell; the residual keeps just those local relations and drops the
+    content, which is why it transfers across generators better than the RGB image does.
+    """
+    h, w = x.shape[-2:]
+    down = F.interpolate(x, size=(max(1, h // 2), max(1, w // 2)), mode="nearest")
+    return x - F.interpolate(down, size=(h, w), mode="nearest")
+
+
+class NPRExpert(Expert):
+    """The artifact expert: the same backbone and heads, fed the NPR residual (:func:`npr`) of its input."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(npr(x))
+
+
+def _builder(cls: type[Expert], arch: str) -> Callable[..., Expert]:
+    def build(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
+        return cls(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
+                   dropout=cfg.dropout if dropout is None else dropout, arch=arch, proj_dim=cfg.proj_dim)
+
+    build.__doc__ = (f"Builds a {cls.__name__}. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` "
+                     "overrides ``cfg.pretrained`` (``\"none\"`` when rebuilding from a checkpoint), ``dropout`` "
+                     "``cfg.dropout``.")
+    return build
+
+
+build_timm_expert = EXPERTS.register("timm")(_builder(Expert, "timm"))  # the default expert
+build_npr_expert = EXPERTS.register("npr")(_builder(NPRExpert, "npr"))  # the artifact expert
 
 
 def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
@@ -113,7 +158,8 @@ def expert_from_description(desc: dict[str, Any]) -> Expert:
     num_classes = int(desc.get("num_classes", NUM_CLASSES))
     if num_classes != NUM_CLASSES:
         raise ValueError(f"expert description has num_classes={num_classes}; only {NUM_CLASSES} is supported")
-    cfg = ExpertConfig(backbone=desc["backbone"], img_size=int(desc["img_size"]), pretrained="none")
+    cfg = ExpertConfig(backbone=desc["backbone"], img_size=int(desc["img_size"]), pretrained="none",
+                       proj_dim=int(desc.get("proj_dim", 0)))
     dropout = float(desc.get("dropout", DEFAULT_DROPOUT))
     expert = EXPERTS.get(desc.get("arch", "timm"))(cfg, pretrained="none", dropout=dropout)
     if "mean" in desc and "std" in desc:

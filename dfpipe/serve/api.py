@@ -7,10 +7,21 @@
 - ``POST /explain``: as ``/predict``, plus an occlusion heatmap over the image (PNG data URL).
 - ``GET /health``; ``GET /`` the web page; ``GET /docs`` the OpenAPI documentation.
 
-Bad input is a 4xx with ``{"detail": message}``, never a 500. The ensemble is loaded once at
-start-up (lifespan) and every model call runs on one worker thread through :class:`MicroBatcher`.
-Several processes: ``DFPIPE_MODELS=models DFPIPE_CARD=submissions/ensemble.json uvicorn --factory
-dfpipe.serve.api:app_from_env --workers 2``.
+The OpenAPI schema states what is enforced: the request models below are built from the settings
+(non-empty strings and lists, the batch size and image size limits) and every JSON body is validated
+against exactly them. Bad input is a 4xx with ``{"detail": message}``, never a 500; each endpoint
+lists its 4xx codes (:data:`ERRORS`):
+
+- 400: the body is not JSON / not a well-formed form; an image is not base64 or decodes to 0 bytes;
+- 411: a multipart upload without Content-Length; 413: too large (body, image or image count, or a form
+  of too many parts);
+- 415: neither JSON nor multipart; 422: the body does not match the request schema (a form may hold
+  field ``file`` and nothing else), or the bytes are not a usable image (unknown format, truncated, too
+  many pixels).
+
+The ensemble is loaded once at start-up (lifespan) and every model call runs on one worker thread
+through :class:`MicroBatcher`. Several processes: ``DFPIPE_MODELS=models DFPIPE_CARD=submissions/ensemble.json
+uvicorn --factory dfpipe.serve.api:app_from_env --workers 2``.
 """
 
 from __future__ import annotations
@@ -23,26 +34,30 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from .explain import occlusion_map, overlay, png_bytes
 from .service import (DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS, InputError,
-                      MicroBatcher, b64_to_bytes, check_size, decode_upload, load_ensemble, model_id)
+                      MicroBatcher, b64_to_bytes, check_servable, check_size, decode_upload, load_ensemble,
+                      model_id)
 
 if TYPE_CHECKING:
     from ..predict import Ensemble
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-FILE_FIELDS = ("file", "image", "files", "images")
+FILE_FIELD = "file"  # the one multipart field: the image (several parts of it for /predict/batch)
+FORM_SLACK = 8  # parts a form may have beyond its images, so that a stray field is named (422), not just counted
+IMAGE_FORMAT = "image-base64"  # the schema's format for "base64 (or a base64 data URL) of an image file"
+JSON_OVERHEAD = 65536  # JSON syntax and escapes around the base64 text, on top of the per-image limit
 
 
 @dataclass(frozen=True)
@@ -57,47 +72,124 @@ class ServeSettings:
     max_batch: int = 16                       # images per model call (micro-batching)
     explain_grid: int = 8
 
+    @property
+    def max_image_chars(self) -> int:
+        """Longest accepted base64 text per image: max_bytes in base64 (4/3), wrapped lines and a data URL header
+        included (3/2 + 1 KB covers both); the decoded bytes are checked against max_bytes as well."""
+        return self.max_bytes * 3 // 2 + 1024
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body of /predict and /explain."""
+        return self.max_image_chars + JSON_OVERHEAD
+
 
 # ----------------------------------------------------------------------------- schemas (OpenAPI docs)
-class ImageRequest(BaseModel):
-    image: str = Field(description="the image file's bytes in base64 (a data:image/...;base64, URL is fine)")
+def _mb(n: int) -> str:
+    return f"{n / 2**20:g} MB"
 
 
-class BatchRequest(BaseModel):
-    images: list[str] = Field(description="images in base64, as for /predict")
+def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The JSON request bodies of /predict (and /explain) and /predict/batch, with the limits of ``settings``.
+
+    These models ARE the validation (:func:`_validated`), so the schema cannot drift from what is enforced.
+    """
+    image_doc = (f"the image file (JPEG, PNG, WebP, BMP, GIF, TIFF...) in base64; a data:image/...;base64, URL, "
+                 f"URL-safe base64 and wrapped lines are fine. At most {_mb(settings.max_bytes)} once decoded "
+                 f"(413 above) and {settings.max_pixels:,} pixels (422 above).")
+    b64 = Annotated[str, Field(min_length=1, max_length=settings.max_image_chars,
+                               json_schema_extra={"format": IMAGE_FORMAT})]
+
+    class ImageRequest(BaseModel):
+        image: b64 = Field(description=image_doc)
+
+    class BatchRequest(BaseModel):
+        images: list[b64] = Field(min_length=1, max_length=settings.max_batch_images,
+                                  description=f"1 to {settings.max_batch_images} images, each as 'image' of "
+                                              f"/predict; the whole body at most {_mb(settings.max_batch_bytes)}")
+
+    return ImageRequest, BatchRequest
+
+
+ImageRequest, BatchRequest = request_models(ServeSettings())  # with the default limits, for reference
+
+Verdict = Literal["likely real", "uncertain", "likely fake"]
 
 
 class Prediction(BaseModel):
-    result: float = Field(description="ensemble score in [0, 1]; higher = more likely fake")
-    verdict: str = Field(description="likely real | uncertain | likely fake")
+    result: float = Field(ge=0, le=1, description="ensemble score in [0, 1]; higher = more likely fake")
+    verdict: Verdict = Field(description="from the card's thresholds: likely real | uncertain | likely fake")
     model: str = Field(description="the ensemble that scored it: expert names @ card digest")
 
 
 class BatchItem(BaseModel):
-    result: float | None = None
-    verdict: str | None = None
-    error: str | None = None
+    result: float | None = Field(default=None, ge=0, le=1, description="as /predict; null if the image failed")
+    verdict: Verdict | None = Field(default=None, description="as /predict; null if the image failed")
+    error: str | None = Field(default=None, description="why this image could not be scored; null if it was")
 
 
 class BatchPrediction(BaseModel):
-    results: list[BatchItem]
-    model: str
+    results: list[BatchItem] = Field(description="one per image, in the order sent")
+    model: str = Field(description="as /predict")
 
 
 class Explanation(Prediction):
     heatmap: str = Field(description="PNG data URL: the image with red (towards fake) / blue (towards real) regions")
-    heatmap_scale: float = Field(description="largest score change one occluded region caused")
-    method: str
+    heatmap_scale: float = Field(ge=0, description="largest score change one occluded region caused")
+    method: str = Field(description="how the map was made")
 
 
-def _body_doc(schema: type[BaseModel], many: bool) -> dict:
-    """Both accepted request bodies, for /docs (the handlers read the body themselves)."""
-    file_schema = {"type": "string", "format": "binary"}
-    form = {"type": "object", "properties": {"file": {"type": "array", "items": file_schema} if many else file_schema},
-            "required": ["file"]}
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str = Field(description="expert names @ card digest")
+    experts: list[str]
+    combine: str = Field(description="how the experts' scores are combined (mean_prob | mean_logit | stack)")
+    tta: list[str] = Field(description="test-time augmentation views averaged per expert")
+    device: str
+    thresholds: dict[str, float] = Field(description="the card's thresholds (t_real, t_fake, t_decision...)")
+    max_bytes: int = Field(description="largest image accepted, in bytes")
+    max_pixels: int = Field(description="most pixels an image may have")
+    max_batch_images: int = Field(description="most images in one /predict/batch request")
+    mean_batch: float | None = Field(description="mean images per model call so far (null before the first)")
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what is wrong, in one line")
+
+
+def _errors(settings: ServeSettings, many: bool) -> dict[int | str, dict[str, Any]]:
+    """The 4xx responses of an image endpoint, for ``responses=``."""
+    body = _mb(settings.max_batch_bytes if many else settings.max_body_bytes)
+    n = settings.max_batch_images if many else 1
+    too_large = (f"request body over {body}, an image over {_mb(settings.max_bytes)}" +
+                 (f", more than {n} images" if many else "") +
+                 f", or a multipart form of more than {n + FORM_SLACK} text fields or files")
+    docs = {400: "body is not valid JSON or not a well-formed multipart form; an image is not valid base64 or "
+                 "decodes to 0 bytes",
+            411: "multipart upload without a Content-Length header",
+            413: too_large,
+            415: "content type is neither application/json nor multipart/form-data",
+            422: "body does not match the request schema (missing field, wrong type, empty string or list, "
+                 f"a multipart field other than '{FILE_FIELD}')" +
+                 ("; an image that is not usable (unknown format, truncated, too many pixels) is not a 422 here "
+                  "but an error in its slot of the 200 response" if many else
+                  ", or the bytes are not a usable image (unknown format, truncated, too many pixels)")}
+    return {code: {"model": Error, "description": text} for code, text in docs.items()}
+
+
+def _body_doc(schema: type[BaseModel], many: bool, settings: ServeSettings) -> dict:
+    """Both accepted request bodies, for /docs (the handlers read and validate the body themselves)."""
+    file_schema = {"type": "string", "format": "binary",
+                   "description": f"an image file, at most {_mb(settings.max_bytes)}"}
+    prop = ({"type": "array", "items": file_schema, "minItems": 1, "maxItems": settings.max_batch_images}
+            if many else file_schema)
+    # the server refuses any other field (422 naming it): the schema says so, rather than let clients think a
+    # stray field is ignored
+    form = {"type": "object", "properties": {FILE_FIELD: prop}, "required": [FILE_FIELD],
+            "additionalProperties": False}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": schema.model_json_schema()},
-        "multipart/form-data": {"schema": form}}}}
+        "multipart/form-data": {"schema": form, "encoding": {FILE_FIELD: {"contentType": "image/*"}}}}}}
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -105,12 +197,12 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise InputError(413, f"request body is larger than the {limit / 2**20:g} MB limit")
+        raise InputError(413, f"request body is larger than the {_mb(limit)} limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InputError(413, f"request body is larger than the {limit / 2**20:g} MB limit")
+            raise InputError(413, f"request body is larger than the {_mb(limit)} limit")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -119,58 +211,129 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _json_images(request: Request, key: str, limit: int, max_bytes: int) -> list[bytes]:
+def _validated(model: type[BaseModel], payload: Any, key: str, settings: ServeSettings) -> BaseModel:
+    """``payload`` validated by the request model (the schema) -> 422, or 413 for a size limit; one line
+    that names the field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = exc.errors()
+    want = '{"image": "<base64>"}' if key == "image" else '{"images": ["<base64>", ...]}'
+    by_type = {e["type"]: e for e in errors}
+    if "too_long" in by_type:
+        n = len(payload[key])
+        raise InputError(413, f"{n} images in one request; the limit is {settings.max_batch_images}")
+    if "string_too_long" in by_type:
+        raise InputError(413, f"{_where(by_type['string_too_long']['loc'])} is longer than "
+                              f"{settings.max_image_chars} characters: the image limit is {_mb(settings.max_bytes)}")
+    e = errors[0]
+    where = _where(e["loc"])
+    if e["type"] == "model_type":
+        msg = f"the JSON body must be an object: send {want}"
+    elif e["type"] == "missing":
+        msg = f"missing field '{key}': send {want}"
+    elif e["type"] == "string_type":
+        msg = f"{where} must be a base64 string, got {type(e['input']).__name__}"
+    elif e["type"] == "string_too_short":
+        msg = f"{where} is empty: send the image file's bytes in base64"
+    elif e["type"] == "list_type":
+        msg = f"'{key}' must be a list of base64 strings, got {type(e['input']).__name__}"
+    elif e["type"] == "too_short":
+        msg = f"'{key}' is empty: send 1 to {settings.max_batch_images} images"
+    else:
+        msg = f"{where}: {e['msg']}"
+    raise InputError(422, msg)
+
+
+def _where(loc: tuple) -> str:
+    if len(loc) >= 2 and isinstance(loc[1], int):
+        return f"'{loc[0]}' item {loc[1]}"
+    return f"'{loc[0]}'" if loc else "the body"
+
+
+async def _json_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
+    limit = settings.max_batch_bytes if many else settings.max_body_bytes
     try:
         payload = json.loads(await _read_capped(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(400, "request body is not valid JSON") from None
-    if not isinstance(payload, dict) or key not in payload:
-        want = '{"image": "<base64>"}' if key == "image" else '{"images": ["<base64>", ...]}'
-        raise InputError(422, f"missing field '{key}': send {want}")
-    values = payload[key] if key == "images" else [payload[key]]
-    if not isinstance(values, list):
-        raise InputError(422, "'images' must be a list of base64 strings")
-    return [b64_to_bytes(v, max_bytes) for v in values]
+    image_model, batch_model = request_models(settings)
+    if many:
+        values = _validated(batch_model, payload, "images", settings).images  # type: ignore[attr-defined]
+    else:
+        values = [_validated(image_model, payload, "image", settings).image]  # type: ignore[attr-defined]
+    return [b64_to_bytes(v, settings.max_bytes) for v in values]
 
 
 async def _form_images(request: Request, limit: int, max_bytes: int, max_files: int) -> list[bytes]:
+    """The images of a multipart form: up to ``max_files`` parts named ``file`` (with a filename or without),
+    and no other field (422, naming it; a form of far more parts than that is a 413 before it is read)."""
     declared = request.headers.get("content-length", "")
     if not declared.isdigit():  # the form parser spools whole parts: only a declared size bounds them
         raise InputError(411, "a multipart upload needs a Content-Length header")
     if int(declared) > limit:
-        raise InputError(413, f"request body is larger than the {limit / 2**20:g} MB limit")
+        raise InputError(413, f"request body is larger than the {_mb(limit)} limit")
+    max_parts = max_files + FORM_SLACK  # per kind (files, fields); the images are counted below
     try:
-        form = await request.form(max_files=max_files, max_fields=max_files + 8, max_part_size=limit)
+        form = await request.form(max_files=max_parts, max_fields=max_parts, max_part_size=limit)
     except Exception as exc:  # noqa: BLE001 - starlette raises several types for a malformed form
-        raise InputError(400, f"malformed multipart form: {getattr(exc, 'detail', exc)}") from None
+        detail = str(getattr(exc, "detail", exc))
+        if detail.startswith("Too many"):  # files or fields
+            raise InputError(413, f"too many parts in the form: the limit is {max_parts} fields or files; "
+                                  f"send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
+                                  "and nothing else") from None
+        raise InputError(400, f"malformed multipart form: {detail}") from None
+    unexpected = [name for name in form.keys() if name != FILE_FIELD]
+    stray = (f"unexpected field{'s' if len(unexpected) > 1 else ''} "
+             f"{', '.join(repr(name) for name in unexpected)} in the form") if unexpected else ""
+    values = form.getlist(FILE_FIELD)
+    if not values:
+        raise InputError(422, f"missing field '{FILE_FIELD}': upload the image as multipart field '{FILE_FIELD}'" +
+                              (f" ({stray})" if stray else ""))
+    if stray:
+        raise InputError(422, f"{stray}: send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
+                              "and nothing else")
+    if len(values) > max_files:
+        raise InputError(413, f"{len(values)} images in one request; the limit is {max_files}")
     out = []
-    for name in FILE_FIELDS:
-        for v in form.getlist(name):
-            if isinstance(v, UploadFile):
-                out.append(check_size(await v.read(max_bytes + 1), max_bytes))
-            else:  # a text field holding base64
-                out.append(b64_to_bytes(v, max_bytes))
-    if not out:
-        raise InputError(422, "missing field 'file': upload the image as multipart field 'file'")
+    for v in values:
+        if isinstance(v, UploadFile):
+            out.append(check_size(await v.read(max_bytes + 1), max_bytes))
+        else:  # a part without a filename: the file's bytes, or base64 text of them
+            out.append(_text_part_bytes(v, max_bytes))
     return out
+
+
+def _text_part_bytes(value: str, max_bytes: int) -> bytes:
+    """The image in a form part sent without a filename, which starlette hands over as text: base64 text of
+    the file (data URLs too) is decoded; anything else is the file's own bytes, recovered from that text."""
+    try:
+        return b64_to_bytes(value, max_bytes)
+    except InputError as exc:
+        if exc.status != 400:
+            raise
+    # starlette decoded the part as UTF-8, or as Latin-1 where that failed: undo whichever it did (an image
+    # file is never valid UTF-8, so its Latin-1 reading is the one that round-trips)
+    try:
+        raw = value.encode("latin-1")
+        raw.decode("utf-8")
+        raw = value.encode("utf-8")  # valid UTF-8: it was decoded as UTF-8
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8")
+    except UnicodeDecodeError:
+        pass  # not UTF-8: it was decoded as Latin-1
+    return check_size(raw, max_bytes)
 
 
 async def _request_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
     ctype = _content_type(request)
-    limit = settings.max_batch_bytes if many else settings.max_bytes * 4 // 3 + 65536  # base64 is 4/3 larger
-    cap = settings.max_batch_images if many else 1
     if ctype == "application/json":
-        images = await _json_images(request, "images" if many else "image", limit, settings.max_bytes)
-    elif ctype == "multipart/form-data":
-        images = await _form_images(request, limit, settings.max_bytes, cap)
-    else:
-        raise InputError(415, f"unsupported content type {ctype or '(none)'}: send application/json "
-                              "{\"image\": \"<base64>\"} or multipart/form-data with a 'file' field")
-    if not images:
-        raise InputError(422, "'images' is empty")
-    if len(images) > cap:
-        raise InputError(413, f"{len(images)} images in one request; the limit is {cap}")
-    return images
+        return await _json_images(request, settings, many)
+    if ctype == "multipart/form-data":
+        limit = settings.max_batch_bytes if many else settings.max_body_bytes
+        return await _form_images(request, limit, settings.max_bytes, settings.max_batch_images if many else 1)
+    raise InputError(415, f"unsupported content type {ctype or '(none)'}: send application/json "
+                          f"{{\"image\": \"<base64>\"}} or multipart/form-data with a '{FILE_FIELD}' field")
 
 
 # ----------------------------------------------------------------------------- the app
@@ -182,12 +345,19 @@ class _State:
 
 
 def create_app(settings: ServeSettings | None = None, ensemble: Ensemble | None = None) -> FastAPI:
-    """The app; the ensemble is loaded from ``settings`` at start-up unless one is given."""
+    """The app; the ensemble is loaded from ``settings`` at start-up unless one is given.
+
+    Raises :class:`~dfpipe.serve.service.ServeError` for an ensemble that cannot be served (``combine: rank``):
+    here for a given one, at start-up for one loaded from the card.
+    """
     settings = settings or ServeSettings()
+    if ensemble is not None:
+        check_servable(ensemble, settings.card)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        ens = ensemble if ensemble is not None else load_ensemble(settings.card, settings.models_dir, settings.device)
+        ens = (ensemble if ensemble is not None else
+               load_ensemble(settings.card, settings.models_dir, settings.device, serving=True))
         batcher = MicroBatcher(ens.score_images, settings.max_batch)
         await batcher.start()
         app.state.dfpipe = _State(ens, model_id(settings.card, ens.names), batcher)
@@ -195,7 +365,8 @@ def create_app(settings: ServeSettings | None = None, ensemble: Ensemble | None 
         await batcher.stop()
 
     app = FastAPI(title="dfpipe deepfake detector", version="0.1.0", lifespan=lifespan,
-                  description="Scores images with the stage-5 ensemble (higher = more likely fake).")
+                  description="Scores images with the stage-5 ensemble (higher = more likely fake). Every error "
+                              "is a 4xx with {\"detail\": message}; the codes are listed per endpoint.")
     app.add_exception_handler(InputError, _input_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _routes(app, settings)
@@ -208,6 +379,8 @@ async def _input_error(request: Request, exc: InputError) -> JSONResponse:
 
 
 def _routes(app: FastAPI, settings: ServeSettings) -> None:
+    image_model, batch_model = request_models(settings)
+
     def state(request: Request) -> _State:
         return request.app.state.dfpipe
 
@@ -218,25 +391,25 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
-    async def health(request: Request) -> dict:
+    @app.get("/health", response_model=Health)
+    async def health(request: Request) -> Health:
         s = state(request)
         ens = s.ensemble
-        return {"status": "ok", "model": s.model, "experts": ens.names, "combine": ens.combine, "tta": ens.tta,
-                "device": str(ens.device), "thresholds": ens.thresholds, "max_bytes": settings.max_bytes,
-                "max_pixels": settings.max_pixels,
-                "mean_batch": float(np.mean(s.batcher.batch_sizes)) if s.batcher.batch_sizes else None}
+        return Health(status="ok", model=s.model, experts=ens.names, combine=ens.combine, tta=ens.tta,
+                      device=str(ens.device), thresholds=ens.thresholds or {}, max_bytes=settings.max_bytes,
+                      max_pixels=settings.max_pixels, max_batch_images=settings.max_batch_images,
+                      mean_batch=float(np.mean(s.batcher.batch_sizes)) if s.batcher.batch_sizes else None)
 
-    @app.post("/predict", response_model=Prediction, openapi_extra=_body_doc(ImageRequest, False),
-              responses={400: {}, 413: {}, 415: {}, 422: {}})
+    @app.post("/predict", response_model=Prediction, openapi_extra=_body_doc(image_model, False, settings),
+              responses=_errors(settings, False))
     async def predict(request: Request) -> Prediction:
         s = state(request)
         img = await decode((await _request_images(request, settings, many=False))[0])
         score = (await s.batcher.score([img]))[0]
         return Prediction(result=score, verdict=s.ensemble.verdict(score), model=s.model)
 
-    @app.post("/predict/batch", response_model=BatchPrediction, openapi_extra=_body_doc(BatchRequest, True),
-              responses={400: {}, 413: {}, 415: {}, 422: {}})
+    @app.post("/predict/batch", response_model=BatchPrediction, openapi_extra=_body_doc(batch_model, True, settings),
+              responses=_errors(settings, True))
     async def predict_batch(request: Request) -> BatchPrediction:
         s = state(request)
         datas = await _request_images(request, settings, many=True)
@@ -252,8 +425,8 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
             items[i] = BatchItem(result=sc, verdict=s.ensemble.verdict(sc))
         return BatchPrediction(results=items, model=s.model)
 
-    @app.post("/explain", response_model=Explanation, openapi_extra=_body_doc(ImageRequest, False),
-              responses={400: {}, 413: {}, 415: {}, 422: {}})
+    @app.post("/explain", response_model=Explanation, openapi_extra=_body_doc(image_model, False, settings),
+              responses=_errors(settings, False))
     async def explain(request: Request) -> Explanation:
         s = state(request)
         img = await decode((await _request_images(request, settings, many=False))[0])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from ..errors import UserError
 from ..data.images import ImageError, decode_image
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
@@ -35,7 +36,7 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """A problem the user can fix (missing card, empty folder...): shown as one line, no traceback."""
 
 
@@ -47,8 +48,11 @@ class InputError(ValueError):
         self.status = status
 
 
-def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto") -> Ensemble:
-    """The ensemble stage 5 wrote ``card`` for, loaded once; every failure is a one-line ServeError."""
+def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto", serving: bool = False) -> Ensemble:
+    """The ensemble stage 5 wrote ``card`` for, loaded once; every failure is a one-line ServeError.
+
+    ``serving``: for the HTTP API, which refuses a card it cannot serve (:func:`check_servable`).
+    """
     import torch
 
     from ..predict import Ensemble
@@ -58,6 +62,13 @@ def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto"
         raise ServeError(f"{models_dir}: model folder not found (train the experts with dvc repro, or pass --models)")
     if not card.is_file():
         raise ServeError(f"{card}: ensemble card not found (make it with dvc repro ensemble_predict, or pass --card)")
+    if serving:  # before loading the models: a card that cannot be served fails at once
+        try:
+            combine = json.loads(card.read_text()).get("combine")
+        except (OSError, ValueError, AttributeError):
+            combine = None  # reported below, by from_card
+        if combine == "rank":
+            raise ServeError(_RANK_REFUSED.format(card=card))
     dev = None if device == "auto" else torch.device(device)
     try:
         ens = Ensemble.from_card(card, models_dir, dev)
@@ -67,10 +78,28 @@ def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto"
         raise ServeError(f"{card}: ensemble card has no {exc} entry (rerun stage 5)") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ServeError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    if ens.combine == "rank":
+    if serving:
+        check_servable(ens, card)
+    elif ens.combine == "rank":
         log.warning("combine 'rank' scores are ranks within a batch: single-image scores and verdicts mean little")
     log.info("loaded %s (%s, %d TTA views) on %s", "+".join(ens.names), ens.combine, len(ens.views), ens.device)
     return ens
+
+
+def check_servable(ens: Ensemble, card: str | Path) -> None:
+    """Refuse (ServeError) an ensemble whose score for one image depends on the other images scored with it.
+
+    ``combine: rank`` turns each expert's scores into ranks within the scored batch: behind the API a
+    user's score, and verdict, would depend on whichever requests the micro-batcher grouped with theirs.
+    """
+    if ens.combine == "rank":
+        raise ServeError(_RANK_REFUSED.format(card=card))
+
+
+_RANK_REFUSED = ("{card}: combine 'rank' cannot be served: it scores an image by its rank among the images scored "
+                 "with it, so one request's score would depend on other requests in the same batch. Re-run stage 5 "
+                 "with predict.combine: mean_prob, mean_logit or stack (in params.yaml, then dvc repro "
+                 "ensemble_predict) and serve the new card")
 
 
 def model_id(card: str | Path, names: list[str]) -> str:

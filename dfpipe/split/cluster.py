@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from ..errors import ConfigError, DataError
+
 # MINIBATCH_ABOVE and kmeans_labels are re-exported: they lived here before .kmeans
 from .kmeans import MINIBATCH_ABOVE, KMeansEngine, kmeans_labels, n_rows, take  # noqa: F401
 
@@ -97,7 +99,7 @@ def assign_folds(clusters: np.ndarray, labels: np.ndarray, n_folds: int, seed: i
     """Fold per sample; every cluster lies in exactly one fold, class balance kept where possible."""
     n_groups = len(np.unique(clusters))
     if n_groups < n_folds:
-        raise ValueError(f"{n_groups} clusters cannot fill {n_folds} folds: raise n_clusters or lower n_folds")
+        raise ConfigError(f"{n_groups} clusters cannot fill {n_folds} folds: raise n_clusters or lower n_folds")
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = np.full(len(clusters), -1, dtype=np.int64)
     for f, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(labels)), labels, groups=clusters)):
@@ -148,7 +150,7 @@ def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence
     src = orig.set_index("uid")
     missing = sorted(set(derived.source_uid) - set(src.index))
     if missing:
-        raise ValueError(f"generated images derive from unknown sources, e.g. {missing[:3]}")
+        raise DataError(f"generated images derive from unknown sources, e.g. {missing[:3]}")
     derived = derived.assign(cluster=src.cluster.loc[derived.source_uid].to_numpy(),
                              fold=src.fold.loc[derived.source_uid].to_numpy())
     out = pd.concat([orig, derived], ignore_index=True)

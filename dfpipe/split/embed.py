@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..data.dataset import CacheDataset
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
+from ..errors import DataError
 from ..io import atomic_path, write_csv
 from ..models import create_backbone, normalization
 
@@ -74,7 +75,7 @@ def embed_to_file(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_siz
     killed run never leaves a partial features file. Returns (N, D).
     """
     if len(pool) == 0:
-        raise ValueError("no original images to embed")
+        raise DataError("no original images to embed")
     out, row = None, 0
     with atomic_path(path) as tmp:
         for f in embed_batches(pool, model, img_size, batch_size, workers):

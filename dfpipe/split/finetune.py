@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..data.dataset import CacheDataset
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
+from ..errors import DataError
 from ..losses import ce_loss
 from ..models import create_backbone, normalization
 
@@ -34,7 +35,7 @@ def balanced_class_weights(labels: np.ndarray) -> np.ndarray:
     """(2,) weights n / (2 n_c): each class contributes equally to the loss."""
     counts = np.bincount(labels, minlength=2)
     if (counts == 0).any():
-        raise ValueError(f"fine-tuning the embedder needs real and fake images; class counts {counts.tolist()}")
+        raise DataError(f"fine-tuning the embedder needs real and fake images; class counts {counts.tolist()}")
     return len(labels) / (2.0 * counts)
 
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from ..config import KMeansBackend
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sklearn", "torch")
+BACKENDS = get_args(KMeansBackend)  # ("auto", "sklearn", "torch")
 MINIBATCH_ABOVE = 100_000  # more rows: chunked MiniBatchKMeans (bench: KMeans on 20k x 1280, 6-70 s on 2 cores)
 MINIBATCH_BATCH = 2048  # rows per partial_fit step
 INIT_SAMPLE = 20_000  # rows whose KMeans centres start the chunked path
@@ -56,7 +59,7 @@ class KMeansEngine:
 def make_engine(backend: str = "auto", minibatch_above: int = MINIBATCH_ABOVE) -> KMeansEngine:
     """``auto``: torch on CUDA when a GPU is visible, else sklearn. ``torch`` without a GPU runs on CPU."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
     import torch
 
     cuda = torch.cuda.is_available()

@@ -6,7 +6,7 @@ metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoade
 killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
 
 Both files are deterministic for a fixed seed, config and data (``models/<name>`` keeps its DVC hash
-from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the history CSV.
+from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the training logs (:mod:`.logs`).
 Under DDP only rank 0 writes them; ``last.pt`` holds rank 0's state, which is every rank's.
 """
 

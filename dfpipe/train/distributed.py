@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast
 
 from ..config import ExpertConfig
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def make_accelerator(ecfg: ExpertConfig) -> Accelerator:
 def per_rank_batch(batch_size: int, world: int) -> int:
     """This process's share of the global ``batch_size``."""
     if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} is the global batch: it must be divisible by the "
+        raise ConfigError(f"batch_size {batch_size} is the global batch: it must be divisible by the "
                          f"{world} processes (each takes batch_size / {world})")
     return batch_size // world
 

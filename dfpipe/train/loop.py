@@ -13,6 +13,9 @@ The same code runs one process (``python 04_train_experts.py``) or one rank of a
 (``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train.distributed`. ``batch_size`` is the global
 batch; each rank trains on its shard of the same seeded epoch order, val predictions of all ranks are
 gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
+
+Per-epoch logs go through DVCLive (:mod:`dfpipe.train.logs`): ``run_train(cfg, name, live_dir)`` writes
+``<live_dir>/plots/metrics/*.tsv`` (one step per epoch) and ``<live_dir>/metrics.json`` (the best epoch).
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ from ..data.dataset import CacheDataset
 from ..data.samples import load_split_pool
 from ..data.transforms import seed_worker, to_model_input, train_augment
 from ..device import autocast, num_workers
-from ..io import write_csv, write_json
+from ..errors import DataError, UnknownNameError
 from ..losses import JointLoss
 from ..metrics import summary
 from ..models import build_expert
-from .checkpoint import TIMING_KEYS, data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
+from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
 from .distributed import check_same, gather_by_index, make_accelerator, per_rank_batch, reduce_sum, sync_buffers
+from .logs import TrainLog
 from .sampling import SeededAugmentDataset, SeededSampler, epoch_length
 
 log = logging.getLogger(__name__)
@@ -88,11 +92,13 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.devi
 
 
 def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
-                 history_csv: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
+                 history_csv: str | Path | None = None,
+                 live_dir: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
     """Train expert ``name`` of ``cfg.experts``; save the best EMA checkpoint. Returns (best, history).
 
     One process or one rank of a DDP run (``acc``, default: a new one; see :mod:`.distributed`).
-    ``history_csv``: rank 0 rewrites it after every epoch (timings included, unlike ``last.pt``).
+    Rank 0 logs every epoch (timings included, unlike ``last.pt``) to the DVCLive directory ``live_dir``
+    and/or rewrites the plain CSV ``history_csv`` (see :mod:`.logs`; each optional).
     """
     ecfg = _expert(cfg, name)
     acc = acc or make_accelerator(ecfg)
@@ -126,8 +132,10 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     history, best, first = [], {"auc": -1.0}, 1
     ckpt = load_resumable(out_dir, key)
     if ckpt is not None:
-        history, best, first = _resume(ckpt, acc, history_csv, model, opt, sched, ema, teacher, g)
+        history, best, first = _resume(ckpt, acc, model, opt, sched, ema, teacher, g)
     check_same(acc, first, "the first epoch (resume from last.pt or not)")
+    logs = TrainLog(live_dir, history_csv) if main else TrainLog()
+    history = logs.start(history, best)  # a resumed run's rows again, first
     step_model = acc.prepare_model(model, device_placement=False)  # DDP when launched on N > 1 processes
     last = dict(key=key, model=model, opt=opt, sched=sched, ema=ema, loader_generator=g, world=acc.num_processes)
     for epoch in range(first, ecfg.epochs + 1):
@@ -150,16 +158,16 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
                          "epoch %d)", name, epoch, ecfg.patience, best["auc"], best["epoch"])
             save_last(out_dir / "last.pt", epoch=epoch, finished=stop or epoch == ecfg.epochs, best=best,
                       history=history, **last)
-            if history_csv is not None:
-                write_csv(history_csv, pd.DataFrame(history))
+            logs.epoch(history, best)
         if stop:
             break
+    logs.end()
     return best, pd.DataFrame(history)
 
 
 def _expert(cfg: TrainConfig, name: str) -> ExpertConfig:
     if name not in cfg.experts:
-        raise KeyError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
+        raise UnknownNameError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
     return cfg.experts[name]
 
 
@@ -175,7 +183,7 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
     batch = per_rank_batch(ecfg.batch_size, world)
     length = epoch_length(len(train_df), ecfg.batch_size, world)
     if length == 0:
-        raise ValueError(f"{len(train_df)} training images cannot be split over {world} processes")
+        raise DataError(f"{len(train_df)} training images cannot be split over {world} processes")
     pin = acc.device.type == "cuda"
     train_ds = SeededAugmentDataset(CacheDataset(train_df), train_augment(ecfg.augment, ecfg.seed))
     sampler = SeededSampler(len(train_ds), g, rank=rank, world=world, length=length)
@@ -197,13 +205,13 @@ def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -
                      kl_temperature=ecfg.kl_temperature, class_weights=class_weights)
 
 
-def _resume(ckpt: dict, acc: Accelerator, history_csv: str | Path | None, *state) -> tuple[list[dict], dict, int]:
+def _resume(ckpt: dict, acc: Accelerator, *state) -> tuple[list[dict], dict, int]:
     """Restore a ``last.pt`` into ``state`` (model, opt, sched, ema, teacher, g): (history, best, first epoch)."""
     _restore(ckpt, *state)
     if ckpt["world"] != acc.num_processes:
         log.warning("resuming a %d-process run with %d processes: not bit-exact (per-rank BN, NCE, dropout)",
                     ckpt["world"], acc.num_processes)
-    return _with_timings(ckpt["history"], history_csv), ckpt["best"], ckpt["epoch"] + 1
+    return ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
 
 
 def _restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, ema,
@@ -234,24 +242,6 @@ def _log_epoch(name: str, row: dict) -> None:
     log.info("expert %s epoch %d: loss %.4f (ce %.4f kl %.4f nce %.4f) val auc %.4f tpr@1e-3 %.3f, %.0f img/s",
              name, row["epoch"], row["loss"], row["ce"], row["kl"], row["nce"], row["val_auc"],
              row["val_tpr_at_fpr_1e-3"], row["images_per_s"])
-
-
-def _with_timings(history: list[dict], history_csv: str | Path | None) -> list[dict]:
-    """Resumed history rows get back their timings from the CSV the killed run wrote, when it is that run's."""
-    path = None if history_csv is None else Path(history_csv)
-    if path is None or not path.is_file() or not history:
-        return history
-    try:
-        old = pd.read_csv(path)
-        ok = len(old) >= len(history) and all(
-            int(r["epoch"]) == int(o.epoch) and float(r["loss"]) == float(o.loss)
-            for r, o in zip(history, old.itertuples()))
-    except (ValueError, KeyError, AttributeError, pd.errors.ParserError):  # a foreign or damaged file
-        ok = False
-    if not ok:
-        return history
-    rows = zip(history, old.itertuples())
-    return [{**r, **{k: getattr(o, k) for k in TIMING_KEYS if hasattr(o, k)}} for r, o in rows]
 
 
 def _end_of_epoch_sync(model: torch.nn.Module, teacher: torch.nn.Module | None, ema) -> None:
@@ -309,12 +299,11 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels
     return row
 
 
-def run_train(cfg: TrainConfig, name: str, history_csv: str | Path, metrics_json: str | Path) -> dict:
-    """Train one expert and write its reports (rank 0); every rank returns the same best metrics."""
+def run_train(cfg: TrainConfig, name: str, live_dir: str | Path,
+              history_csv: str | Path | None = None) -> dict:
+    """Train one expert, logging to the DVCLive directory ``live_dir`` (rank 0; see :mod:`.logs`; and to
+    ``history_csv``, an optional plain per-epoch CSV); every rank returns the same best metrics."""
     acc = make_accelerator(_expert(cfg, name))
-    best, history = train_expert(cfg, name, acc, history_csv)
-    if acc.is_main_process:
-        write_csv(history_csv, history)
-        write_json(metrics_json, {k: v for k, v in best.items()})
+    best, _ = train_expert(cfg, name, acc, history_csv=history_csv, live_dir=live_dir)
     acc.wait_for_everyone()  # no rank leaves before the reports exist
     return best

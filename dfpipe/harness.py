@@ -1,4 +1,8 @@
-"""What every numbered stage script shares: argument parsing, logging, clean errors."""
+"""What every numbered stage script shares: argument parsing, logging, clean errors.
+
+A :class:`~dfpipe.errors.UserError` (bad params, missing input, unusable data) is one line naming the
+file or key and the fix, exit code 2. Anything else is a bug: its full traceback, exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,16 @@ import os
 import sys
 from collections.abc import Callable
 
-from .config import ConfigError
+from .errors import UserError
 from .io import setup_logging
 
 # Nothing may wait on the network (set before heavy imports in the stage functions).
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
     os.environ.setdefault(_k, "1")
 
-log = logging.getLogger("dfpipe.stage")
+log = logging.getLogger(__name__)
 
-# Errors that mean "bad input or configuration": one clear line, exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, KeyError, ValueError)
+USER_ERROR_EXIT = 2  # like argparse's exit code for a bad command line
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -29,13 +32,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """Call ``main(args)``; report user errors in one line (DFPIPE_DEBUG=1 shows the traceback)."""
+    """Call ``main(args)``; report a UserError in one line (DFPIPE_DEBUG=1 shows the traceback)."""
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         main(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:  # only these: a bug (a KeyError deep in pandas...) keeps its traceback
         if os.environ.get("DFPIPE_DEBUG"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        log.error("%s: %s", type(exc).__name__, msg)
-        sys.exit(2)
+        log.error("%s: %s", type(exc).__name__, exc)
+        sys.exit(USER_ERROR_EXIT)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import typing
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..config import SplitConfig
+from ..config import Embedder, SplitConfig
 from ..data.samples import load_pool
+from ..errors import ConfigError
 from ..io import atomic_path, write_csv, write_json
 from .cluster import cluster_report, select_k, split_pool
 from .embed import embed_to_file, load_backbone, load_features, write_index
@@ -19,7 +21,7 @@ from .kmeans import make_engine
 log = logging.getLogger(__name__)
 SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cluster", "dup_group", "fold",
                  "subset"]
-EMBEDDERS = ("pretrained", "finetune")
+EMBEDDERS = typing.get_args(Embedder)  # ("pretrained", "finetune")
 PLOT_MAX_POINTS = 20_000  # the PCA picture uses a seeded sample of this many originals at most
 FINETUNE_NOTE = ("fine-tuned on the labels of the train-origin originals it then clusters (as the winners "
                  "did): clusters follow the labels more than with a pretrained embedder")
@@ -28,7 +30,7 @@ FINETUNE_NOTE = ("fine-tuned on the labels of the train-origin originals it then
 def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Module, dict]:
     """The feature extractor ``cfg.embedder`` names, and a description of it for the report."""
     if cfg.embedder not in EMBEDDERS:
-        raise ValueError(f"unknown split.embedder {cfg.embedder!r}; choose one of {EMBEDDERS}")
+        raise ConfigError(f"unknown split.embedder {cfg.embedder!r}; choose one of {EMBEDDERS}")
     info = {"embedder": cfg.embedder, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
             "img_size": cfg.img_size}
     if cfg.embedder == "pretrained":
@@ -43,7 +45,8 @@ def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Modul
     return model, info
 
 
-def run_split(cfg: SplitConfig) -> pd.DataFrame:
+def run(cfg: SplitConfig) -> pd.DataFrame:
+    """Run stage 3 and return the split table (also written to ``cfg.out_csv``)."""
     engine = make_engine(cfg.kmeans_backend, cfg.minibatch_above)  # checked before the slow part
     pool = load_pool(cfg.prepared_dir, cfg.augmented_dir)
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
@@ -60,7 +63,7 @@ def run_split(cfg: SplitConfig) -> pd.DataFrame:
                                   cfg.silhouette_sample, engine)
     df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed, engine=engine)
     if not ((df.fold == cfg.val_fold) & (df.origin != "aug")).any():
-        raise ValueError(f"val_fold {cfg.val_fold} is empty; folds are 0..{cfg.n_folds - 1}")
+        raise ConfigError(f"val_fold {cfg.val_fold} is empty; folds are 0..{cfg.n_folds - 1}")
     df["subset"] = np.where(df.fold == cfg.val_fold, "val", "train")
     write_csv(cfg.out_csv, df[SPLIT_COLUMNS])
     report = cluster_report(df, cfg.val_fold)
@@ -155,3 +158,6 @@ def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path
         Path(tmp).write_bytes(buf.tobytes())
     log.info("contact sheet of %d clusters: %s", len(clusters), path)
     return Path(path)
+
+
+run_split = run  # the former name (dfpipe.benchmark, tests)

@@ -1,0 +1,132 @@
+"""One generated image from its seed (editing fake, widened real, diffusion batch): the one code path of the
+stage and of :func:`regenerate`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..config import DiffusionConfig
+from ..errors import InputError, UnknownNameError
+from .editing import get_method, region_mask
+from .plan import SD_PREFIX, WIDEN
+from .real import widen_real
+from .sources import CacheReader
+
+log = logging.getLogger(__name__)
+
+
+def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """One editing fake or widened real from its seed (the one code path for run and regenerate)."""
+    rng = np.random.default_rng(seed)
+    if method == WIDEN:
+        fake, params = widen_real(src, rng)
+        return fake, None, params
+    return get_method(method)(src, rng, donor)
+
+
+def sd_mask(h: int, w: int, seed: int, mode: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(binary mask for the pipeline, soft mask for pasting back, params) for one diffusion row."""
+    if mode != "inpaint":
+        ones = np.ones((h, w), np.float32)
+        return ones, ones, {}
+    rng = np.random.default_rng(seed)
+    mask, params = region_mask(h, w, rng, face=True, soft=False)
+    binary = (mask >= 0.5).astype(np.float32)
+    # Feather outwards only: the repainted interior is kept whole, the seam fades into the original.
+    sigma = max(1.0, 0.02 * min(h, w))
+    k = int(6 * sigma) | 1
+    soft = np.maximum(binary, cv2.GaussianBlur(binary, (k, k), sigma))
+    soft[soft < 1.0 / 255.0] = 0.0
+    return binary, (np.round(soft * 255.0) / 255.0).astype(np.float32), params
+
+
+def _sd_params(d: DiffusionConfig, pipe: Any, mask_params: dict) -> dict:
+    from .diffusion import native_size
+
+    return {"model": d.model, "mode": d.mode, "prompt": d.prompt, "negative_prompt": d.negative_prompt,
+            "strength": d.strength, "guidance_scale": d.guidance_scale, "steps": d.steps, "dtype": d.dtype,
+            "size": native_size(pipe), "mask": mask_params}
+
+
+def _prompt_embeds(pipe: Any) -> Any:
+    from .diffusion import placeholder_prompt_embeds
+
+    if getattr(pipe, "text_encoder", None) is not None:
+        return None
+    log.warning("diffusion pipeline has no text encoder: using fixed random prompt embeddings (tests only)")
+    return placeholder_prompt_embeds(pipe)
+
+
+def sd_batch(pipe: Any, d: DiffusionConfig, srcs: list[np.ndarray], seeds: list[int], prompt_embeds: Any = None
+             ) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """Diffusion fakes for a batch of sources: (fake, mask of the change, params) each.
+
+    ``prompt_embeds``: see :func:`_prompt_embeds` (None for a pipeline with a text encoder).
+    """
+    from .diffusion import composite, generate
+
+    masks = [sd_mask(*s.shape[:2], seed, d.mode) for s, seed in zip(srcs, seeds)]
+    gens = generate(pipe, srcs, [m[0] for m in masks] if d.mode == "inpaint" else None, seeds, d,
+                    prompt_embeds=prompt_embeds)
+    out = []
+    for src, gen, (_, soft, mparams) in zip(srcs, gens, masks):
+        fake = composite(src, gen, soft) if d.mode == "inpaint" else gen
+        out.append((fake, soft, _sd_params(d, pipe, mparams)))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_pipeline(model: str, mode: str, dtype: str) -> Any:
+    from .diffusion import load_pipeline
+
+    return load_pipeline(model, mode, dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _prepared(manifest: str, mtime_ns: int) -> tuple[pd.DataFrame, CacheReader]:
+    """The prepared manifest indexed by uid and a cache reader (kept while the file is unchanged)."""
+    man = pd.read_csv(manifest, keep_default_na=False, dtype={"uid": str})
+    return man.set_index("uid"), CacheReader(Path(manifest).parent)
+
+
+def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rebuild one manifest row's (image, mask) from its source, donor and seed.
+
+    Editing fakes and widened reals come back byte-identical. Diffusion rows reload the model named
+    in ``params`` and run it alone (batch of one): identical when the stage also ran with
+    ``batch_size: 1`` on the same hardware, otherwise equal up to floating-point batch effects.
+    """
+    path = Path(prepared_dir) / "manifest.csv"
+    if not path.is_file():
+        raise InputError(f"{path} not found: regenerate needs the prepared dir the row came from")
+    by_uid, cache = _prepared(str(path.resolve()), path.stat().st_mtime_ns)
+
+    def image(uid: str) -> np.ndarray:
+        if uid not in by_uid.index:
+            raise UnknownNameError(f"{uid!r} is not in {prepared_dir}/manifest.csv")
+        r = by_uid.loc[uid]
+        return cache.get(r.cache_file, r.cache_index)
+
+    method, seed = str(row["method"]), int(row["seed"])
+    src = image(str(row["source_uid"]))
+    if method.startswith(SD_PREFIX):
+        p = json.loads(row["params"])
+        d = DiffusionConfig(**{k: p[k] for k in asdict(DiffusionConfig()) if k in p}, batch_size=1)
+        pipe = _cached_pipeline(d.model, d.mode, d.dtype)
+        fake, mask, _ = sd_batch(pipe, d, [src], [seed], _prompt_embeds(pipe))[0]
+        return fake, mask
+    donor_uid = row.get("donor_uid")
+    donor = image(donor_uid) if isinstance(donor_uid, str) and donor_uid else None  # "" or NaN: none
+    fake, mask, _ = edit_one(method, src, seed, donor)
+    return fake, mask

@@ -1,0 +1,185 @@
+"""Stage 2: generated training images from the real images of the prepared train and val splits.
+
+Three kinds of rows, all derived from real (label 0) train/val images (stage 3 re-splits train+val by
+cluster, so both splits are sources):
+
+* editing forgeries (label 1): :data:`editing.METHODS`, chosen by ``cfg.methods`` weights;
+* widened reals (label 0): JPEG/resize/blur/noise/colour copies, so degradation is not a fake cue;
+* Stable Diffusion fakes (label 1): only when ``cfg.diffusion.model`` is set.
+
+Every row has its own integer seed (derived from ``cfg.seed``, the row's kind and index), so the
+same config gives the same bytes and :func:`regenerate` rebuilds any row from the manifest alone.
+
+Several processes (GPUs)::
+
+    accelerate launch --num_processes 4 02_augment_sd.py   # 4 GPUs (or: torchrun --nproc_per_node 4 ...)
+    torchrun --standalone --nproc_per_node 2 02_augment_sd.py  # CPU-only: gloo (accelerate's --cpu is 1 process)
+
+Every process plans the same job list, takes every ``world``-th pending editing image (each with
+``workers`` pool processes, 0 = its share of the cores) and every ``world``-th pending diffusion batch
+(on its own device, ``cuda:<local rank>``), and stores each finished image in the work dir. After a
+barrier the main process merges the work files, in plan order, into ``out_dir``; the output does not
+depend on the number of processes. A plain ``python 02_augment_sd.py`` is the one-process case of the
+same code. All processes must see the same filesystem (one machine, or a shared disk).
+
+Resuming: ``<out_dir>.work/`` holds one ``.npz`` per finished image, written atomically and named by a
+hash of everything its bytes depend on (source and donor uids, seed, method, image size, the prepared
+manifest and, for diffusion, the diffusion settings and the batch it is made in). A killed run
+rerun with the same config makes only the missing images and gives the same bytes; work made under
+another config is never reused. The work dir is removed once ``out_dir`` is written.
+
+Output (``cfg.out_dir``, replaced as a whole; it is a DVC output):
+  images.npy        uint8 (M, S, S, 3) RGB, S = the prepared cache size, row = ``cache_index``
+  manifest.csv      uid,img_name,label,source_uid,donor_uid,method,params,seed,mask_path,cache_file,cache_index
+  masks/<stem>.png  uint8 mask of the changed pixels (0 = untouched), fakes only
+  contact_sheet.png one row per method: source | fake | mask examples
+  summary.json      counts (also returned by :func:`run`)
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+from tqdm import tqdm
+
+from ..config import AugmentConfig, DiffusionConfig
+from ..errors import ConfigError
+from ..io import work_dir
+from .dist import Dist, get_dist
+from .generate import _prompt_embeds, edit_one, sd_batch
+from .output import _assemble
+from .plan import WIDEN, Job, plan_jobs
+from .sources import CacheReader, Sources, load_reals
+from .work import save_work, sd_batches, work_names
+
+log = logging.getLogger(__name__)
+EDIT_CHUNK = 16  # editing images per pool task
+MIN_JOBS_PER_WORKER = 256  # fewer images per process: its start-up (~1 s) outweighs the work
+
+__all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers", "run", "run_augment", "sd_batch"]
+
+
+_WORKER: dict[str, Any] = {}  # in a pool process: image reader and work dir (set by _init_worker)
+
+
+def _worker_state(sources: Sources, work: str | Path) -> dict[str, Any]:
+    return {"image": sources.reader(), "work": Path(work)}
+
+
+def _init_worker(sources: Sources, work: str) -> None:
+    cv2.setNumThreads(1)  # one process per core: no thread oversubscription
+    _WORKER.update(_worker_state(sources, work))
+
+
+def _edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = None) -> int:
+    """Make and store the editing fakes / widened reals of ``tasks`` ((job, work file name) pairs)."""
+    state = _WORKER if state is None else state
+    image, work = state["image"], state["work"]
+    for job, name in tasks:
+        donor = image(job.donor) if job.donor >= 0 else None
+        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor)
+        save_work(work / name, fake, mask, params)
+    return len(tasks)
+
+
+def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
+    """Editing processes: ``requested`` (0 = this process's share of the cores), fewer for small runs."""
+    if requested < 0:
+        raise ConfigError(f"augment.workers must be >= 0 (0 = all cores), got {requested}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = requested or max(1, cores // max(1, world))
+    return max(1, min(wanted, n_tasks // MIN_JOBS_PER_WORKER))
+
+
+def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, workers: int, dist: Dist) -> None:
+    """Editing fakes and widened reals, in this process (1 worker) or a spawn pool; same bytes either way."""
+    if not tasks:
+        return
+    chunks = [tasks[s:s + EDIT_CHUNK] for s in range(0, len(tasks), EDIT_CHUNK)]
+    n_proc = n_workers(workers, len(tasks), dist.world)
+    log.info("%saugment: %d editing images with %d process(es)", dist.tag(), len(tasks), n_proc)
+    with tqdm(total=len(tasks), desc=f"{dist.tag()}augment edit", unit="img") as bar:
+        if n_proc == 1:
+            state = _worker_state(sources, work)
+            for chunk in chunks:
+                bar.update(_edit_chunk(chunk, state))
+            return
+        # spawn, not fork: torch/CUDA may already be initialised in this process (diffusion pipeline).
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(n_proc, initializer=_init_worker, initargs=(sources, str(work))) as pool:
+            for n in pool.imap_unordered(_edit_chunk, chunks):
+                bar.update(n)
+
+
+def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
+    """Run stage 2 (this process's shard under a launcher, see the module docstring).
+
+    Returns the summary counts (also written to ``out_dir/summary.json``) on the main process; other
+    processes return ``{"rank": r, "world": w, "generated": n}`` once their shard is stored.
+    """
+    dist = dist or get_dist()
+    reals = load_reals(cfg.prepared_dir)
+    sources = Sources.from_reals(cfg.prepared_dir, reals)
+    cache = CacheReader(cfg.prepared_dir)
+    size = cache.size(reals.cache_file[0])
+    jobs = plan_jobs(cfg, len(reals))  # validates the config before anything is written or loaded
+    names = work_names(jobs, reals, cfg, size)
+    work = work_dir(cfg.out_dir)
+    done = {p.name for p in work.glob("*.npz")} if work.is_dir() else set()
+    edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind != "sd" and n not in done]
+    sd_todo = [b for b in sd_batches(jobs, cfg.diffusion.batch_size) if any(names[i] not in done for i in b)]
+    n_done = sum(n in done for n in names)
+    if n_done and dist.is_main:
+        log.info("augment: resuming from %s: %d of %d images already made", work, n_done, len(jobs))
+    if not cfg.diffusion.model and dist.is_main:
+        log.info("diffusion fakes skipped: no model configured")
+    my_edits, my_sd = dist.shard(edit_todo), dist.shard(sd_todo)
+    pipe = _load_diffusion(cfg.diffusion, dist.device) if my_sd else None  # fail fast, before hours of editing
+    if dist.is_main:
+        log.info("augment: %d real sources -> %d images (%d px), %d to make", len(reals), len(jobs), size,
+                 len(jobs) - n_done)
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every process has listed `done` before anyone writes, and the work dir exists
+    _run_edits(my_edits, sources, work, cfg.workers, dist)
+    if my_sd:
+        _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, sources, work, dist)
+    n_mine = len(my_edits) + sum(len(b) for b in my_sd)
+    dist.barrier()  # every shard is stored
+    if not dist.is_main:
+        return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
+    summary = _assemble(cfg, jobs, names, reals, cache, size)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("augment: wrote %d images to %s %s", summary["n_images"], cfg.out_dir, summary["by_method"])
+    return summary
+
+
+def _load_diffusion(d: DiffusionConfig, device: str | None = None) -> Any:
+    from .diffusion import load_pipeline
+
+    return load_pipeline(d.model, d.mode, d.dtype, device)
+
+
+def _run_diffusion(pipe: Any, d: DiffusionConfig, batches: list[list[int]], jobs: list[Job], names: list[str],
+                   done: set[str], sources: Sources, work: Path, dist: Dist) -> None:
+    """This process's diffusion batches; images of a batch already stored are not written again."""
+    n = sum(len(b) for b in batches)
+    log.info("%sdiffusion: %d %s fakes with %s on %s", dist.tag(), n, d.mode, d.model, pipe.device)
+    embeds = _prompt_embeds(pipe)
+    image = sources.reader()
+    with tqdm(total=n, desc=f"{dist.tag()}augment sd_{d.mode}", unit="img") as bar:
+        for batch in batches:
+            srcs = [image(jobs[i].source) for i in batch]
+            made = sd_batch(pipe, d, srcs, [jobs[i].seed for i in batch], embeds)
+            for i, (fake, mask, params) in zip(batch, made):
+                if names[i] not in done:
+                    save_work(work / names[i], fake, mask, params)
+            bar.update(len(batch))
+
+
+run_augment = run  # the former name (dfpipe.benchmark, bench/, tests)

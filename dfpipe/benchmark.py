@@ -1,0 +1,393 @@
+"""The development benchmark: leave-one-source-out over ``../shared/data``, every recipe against the
+seed-style baseline, with the same data, folds, epochs and seeds.
+
+For each training source, each recipe and each seed, one *cell* runs the pipeline's own stages
+in-process, in a work folder of its own (``<work>/<source>/...``):
+
+1. stage 1 on the source's *training part* only (the held-out part is never prepared);
+2. stage 2 (editing fakes) and stage 3 (cluster split) once per source, shared by every recipe, so
+   all rows train on the same folds; recipes with ``use_augmented: false`` ignore the generated images;
+3. stage 4 (one expert: the recipe), stage 5 (val fold: epoch selection and verdict thresholds);
+4. stage 6 on the sets no step above saw: the source's held-out part (the *in-source* column) and the
+   other sources (the *leave-one-source-out* columns).
+
+The selection fold (stage 3's val fold) is never a reported column: every number in the table comes
+from stage 6. Held-out parts: ``yonsei_faces`` keeps its own ``valset``; the two folder sources are
+split 70/30 with a fixed seed (``genphotos_frll`` by identity: ``NNN_03`` and ``NNN_08`` are one person).
+Cross-source columns use ``yonsei_faces/valset`` and the whole of the other two sources.
+
+Results: ``<out>/grid.json`` (every cell's stage-6 metrics), ``<out>/table.md`` (AUC per seed and their
+mean, TPR at FPR 1e-2, mean of the leave-one-source-out columns, the difference to the baseline with a
+paired bootstrap interval over the images).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .config import (AugmentConfig, EvalSetConfig, EvaluateConfig, ExpertConfig, PredictConfig, PrepareConfig,
+                     SplitConfig, TrainConfig, from_dict)
+from .errors import InputError, UnknownNameError
+from .io import write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class Source:
+    """A labelled source of ``../shared/data``: its training part and its held-out part."""
+
+    name: str
+    train: pd.DataFrame  # img_name (relative to root), label
+    heldout: pd.DataFrame  # img_name, label: the in-source column
+    cross: pd.DataFrame  # img_name, label: what other sources' cells are evaluated on
+    root: Path
+
+
+def _folder_items(root: Path) -> pd.DataFrame:
+    rows = [(p.relative_to(root).as_posix(), label) for label, sub in ((0, "real"), (1, "fake"))
+            for p in sorted((root / sub).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    if not rows:
+        raise InputError(f"{root}: no images under real/ or fake/")
+    return pd.DataFrame(rows, columns=["img_name", "label"])
+
+
+_SAME_PERSON = re.compile(r"^(\d+)_(03|08)$")  # genphotos_frll: NNN_03 (neutral) and NNN_08 (smiling)
+
+
+def identity_group(img_name: str) -> str:
+    """``real/001_03.jpg`` and ``real/001_08.jpg`` -> ``real/001`` (one person, never on both sides of a
+    split); any other file is a group of its own."""
+    p = Path(img_name)
+    m = _SAME_PERSON.match(p.stem)
+    return f"{p.parent.as_posix()}/{m.group(1) if m else p.stem}"
+
+
+def split_groups(items: pd.DataFrame, groups: pd.Series, heldout: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random (train, held-out) split of whole groups, stratified by label; deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(items), bool)
+    for label in (0, 1):
+        uniq = np.array(sorted(set(groups[items.label == label])))
+        pick = set(rng.permutation(uniq)[: int(round(heldout * len(uniq)))])
+        held |= (items.label == label).to_numpy() & groups.isin(pick).to_numpy()
+    return items[~held].reset_index(drop=True), items[held].reset_index(drop=True)
+
+
+def load_source(root: Path, heldout: float = 0.3, seed: int = 0) -> Source:
+    """A source in the competition layout (trainset/ + valset/ label CSVs) or as real/ + fake/ folders."""
+    from .data.labels import read_labels
+
+    root = Path(root).resolve()
+    if (root / "trainset_label.txt").is_file():
+        tr = read_labels(root / "trainset_label.txt")[["img_name", "label"]]
+        va = read_labels(root / "valset_label.txt")[["img_name", "label"]]
+        tr["img_name"] = "trainset/" + tr.img_name
+        va["img_name"] = "valset/" + va.img_name
+        return Source(root.name, tr, va, va, root)
+    items = _folder_items(root)
+    train, held = split_groups(items, items.img_name.map(identity_group), heldout, seed)
+    return Source(root.name, train, held, items, root)
+
+
+# ----------------------------------------------------------------------------- grid spec
+@dataclass(frozen=True)
+class GridSpec:
+    """``bench/grid.yaml``: the recipes, seeds, sources and the shared budget."""
+
+    data_root: str = "../shared/data"
+    params: str = "params.yaml"  # stage 2 and 3 settings come from here (the recipe as configured) ...
+    sources: list[str] = field(default_factory=lambda: ["yonsei_faces", "stylegan3_utk", "genphotos_frll"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    epochs: int = 3  # the budget: every recipe trains this many epochs
+    heldout: float = 0.3  # folder sources: share of identities held out (the in-source column)
+    split_seed: int = 0  # the train / held-out split of the folder sources (fixed across seeds)
+    baseline: str = "baseline"  # the row every other is compared with
+    cache_size: int = 160
+    augment: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
+    split: dict[str, Any] = field(default_factory=dict)
+    predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
+    evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides (degradations, bootstrap)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ExpertConfig overrides
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    with open(path, encoding="utf-8") as fh:
+        return from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
+
+
+def recipe_config(spec: GridSpec, name: str, seed: int) -> ExpertConfig:
+    """The expert a recipe trains: ExpertConfig defaults, the recipe's overrides, the grid's budget and seed."""
+    if name not in spec.recipes:
+        raise UnknownNameError(f"recipe {name!r} not in the grid (have {sorted(spec.recipes)})")
+    over = {**copy.deepcopy(spec.recipes[name]), "epochs": spec.epochs, "seed": seed}
+    return from_dict(ExpertConfig, over, f"recipes.{name}")
+
+
+# ----------------------------------------------------------------------------- one source's shared stages
+def _write_labels(path: Path, df: pd.DataFrame) -> None:
+    write_csv(path, pd.DataFrame({"img_name": df.img_name, "target": df.label}))
+
+
+def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
+    """Stages 1-3 on the source's training part, once (a later call reuses them). Returns the paths."""
+    from . import augment, split
+    from .data import prepare
+
+    d = work / src.name
+    paths = {"prepared": str(d / "prepared"), "augmented": str(d / "augmented"), "splits": str(d / "splits.csv")}
+    if (d / "splits.csv").is_file():
+        return paths
+    labels = d / "train_labels.csv"
+    _write_labels(labels, src.train)
+    prepare.run(PrepareConfig(data_root=str(src.root), out_dir=paths["prepared"], report=str(d / "prepare_report.json"),
+                          duplicates=str(d / "duplicates.csv"), cache_size=spec.cache_size,
+                          datasets=[from_dict(_dataset_cls(), {"name": src.name, "split": "train", "images": ".",
+                                                               "labels": str(labels.resolve())}, "dataset")]))
+    augment.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
+                                          "out_dir": paths["augmented"]}, "augment"))
+    split.run(from_dict(SplitConfig, {**_section(spec, "split"), "prepared_dir": paths["prepared"],
+                                      "augmented_dir": paths["augmented"], "out_csv": paths["splits"],
+                                      "report": str(d / "cluster_report.json"),
+                                      "features": str(d / "features.npy"),
+                                      "features_index": str(d / "features_index.csv"),
+                                      "contact_sheet": str(d / "cluster_examples.png")}, "split"))
+    return paths
+
+
+def _section(spec: GridSpec, name: str) -> dict[str, Any]:
+    """A params.yaml section with the grid's overrides (nested mappings are replaced, not merged)."""
+    with open(spec.params, encoding="utf-8") as fh:
+        base = yaml.safe_load(fh)[name]
+    return {**base, **getattr(spec, name)}
+
+
+def _dataset_cls():
+    from .config import DatasetConfig
+
+    return DatasetConfig
+
+
+def eval_sets(spec: GridSpec, train_src: Source, sources: dict[str, Source], work: Path) -> list[EvalSetConfig]:
+    """The in-source held-out part of ``train_src`` and the cross part of every other source."""
+    out = []
+    for name, src in sources.items():
+        df = src.heldout if name == train_src.name else src.cross
+        labels = work / "eval_labels" / f"{name}_{'heldout' if name == train_src.name else 'cross'}.csv"
+        _write_labels(labels, df)
+        out.append(EvalSetConfig(name=name, images=str(src.root), labels=str(labels.resolve())))
+    return out
+
+
+# ----------------------------------------------------------------------------- one cell
+def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
+    """8 hex digits of everything a cell's result depends on: a changed recipe or budget is a new cell."""
+    key = json.dumps({"expert": dataclasses.asdict(ecfg), "predict": spec.predict, "evaluate": spec.evaluate,
+                      "heldout": spec.heldout, "split_seed": spec.split_seed, "cache_size": spec.cache_size,
+                      "augment": _section(spec, "augment"), "split": _section(spec, "split")}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources: dict[str, Source],
+             work: Path) -> dict:
+    """Train one recipe on one source with one seed, select on its val fold, evaluate on the held-out sets.
+
+    Reuses a finished cell (its ``eval.json``) so an interrupted grid resumes where it stopped.
+    """
+    from .evaluate import run_evaluate
+    from . import predict
+    from .train.loop import train_expert
+
+    ecfg = recipe_config(spec, recipe, seed)
+    cell = work / train_src.name / f"{recipe}_s{seed}_{_cell_key(spec, ecfg)}"
+    done = cell / "eval.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    paths = prepare_source(spec, train_src, work)
+    tcfg = TrainConfig(splits_csv=paths["splits"], prepared_dir=paths["prepared"], augmented_dir=paths["augmented"],
+                       models_dir=str(cell / "models"), workers=-1, experts={recipe: ecfg})
+    t0 = time.perf_counter()
+    best, _ = train_expert(tcfg, recipe, history_csv=cell / "history.csv")
+    train_s = time.perf_counter() - t0
+    pcfg = from_dict(PredictConfig, {**spec.predict, "prepared_dir": paths["prepared"], "splits_csv": paths["splits"],
+                                     "models_dir": str(cell / "models"), "augmented_dir": paths["augmented"],
+                                     "experts": [recipe], "submission": str(cell / "prediction.txt"),
+                                     "card": str(cell / "ensemble.json"), "metrics": str(cell / "predict.json"),
+                                     "roc": str(cell / "roc.csv"), "roc_png": str(cell / "roc.png"),
+                                     "failures": str(cell / "failures.csv"), "test_labels": ""}, "predict")
+    predict.run(pcfg)
+    ev = from_dict(EvaluateConfig, {**spec.evaluate, "card": pcfg.card, "models_dir": pcfg.models_dir,
+                                    "data_root": str(Path(spec.data_root).resolve()),
+                                    "metrics": str(cell / "eval_metrics.json"), "table": str(cell / "eval_table.md"),
+                                    "roc_dir": str(cell / "roc"), "scores": str(cell / "scores.csv")}, "evaluate")
+    ev = dataclasses.replace(ev, sets=eval_sets(spec, train_src, sources, work))
+    metrics = run_evaluate(ev)
+    result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
+              "train_seconds": train_s, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+    write_json(done, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- the grid and its table
+def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[str] | None = None) -> dict:
+    """Every (training source, recipe, seed) cell, then ``grid.json`` and ``table.md`` under ``out``."""
+    work, out = Path(work), Path(out)
+    recipes = recipes or list(spec.recipes)
+    if spec.baseline not in recipes:
+        recipes = [spec.baseline, *recipes]
+    root = Path(spec.data_root)
+    sources = {name: load_source(root / name, spec.heldout, spec.split_seed) for name in spec.sources}
+    cells = []
+    t0 = time.perf_counter()
+    # recipe-major order: an interrupted grid still has every source for the recipes it finished
+    for recipe in recipes:
+        for seed in spec.seeds:
+            for src_name in spec.sources:
+                log.info("benchmark cell: train on %s, recipe %s, seed %d", src_name, recipe, seed)
+                cells.append(run_cell(spec, recipe, seed, sources[src_name], sources, work))
+                grid = write_grid(cells, spec, out, time.perf_counter() - t0)
+    return grid
+
+
+def write_grid(cells: list[dict], spec: GridSpec, out: Path, seconds: float) -> dict:
+    """``grid.json`` (every cell) and ``table.md``, rewritten after each cell so partial results show."""
+    grid = {"spec": dataclasses.asdict(spec), "cells": cells, "seconds": seconds}
+    write_json(out / "grid.json", grid)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "table.md.tmp"
+    tmp.write_text(grid_table(cells, spec), encoding="utf-8")
+    tmp.replace(out / "table.md")
+    return grid
+
+
+def _auc(cell: dict, eval_set: str, degradation: str = "clean") -> float:
+    return float(cell["eval"][eval_set][degradation]["auc"])
+
+
+def _tpr(cell: dict, eval_set: str) -> float:
+    return float(cell["eval"][eval_set]["clean"]["tpr_at_fpr_1e-2"])
+
+
+def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(a) - AUC(b) on the same images of ``eval_set``, with a paired stratified bootstrap 95% interval
+    (each resample weighs the same images for both; vectorised, see :func:`dfpipe.evaluate.weighted_auc`)."""
+    from .evaluate import _resample_counts, weighted_auc
+    from .metrics import roc_auc
+
+    a, b = (pd.read_csv(p, keep_default_na=False) for p in (a_csv, b_csv))
+    a = a[(a.set == eval_set) & (a.degradation == "clean")].set_index("img_name")
+    b = b[(b.set == eval_set) & (b.degradation == "clean")].set_index("img_name")
+    common = a.index.intersection(b.index)
+    y = a.label.loc[common].to_numpy().astype(int)
+    sa, sb = a.score.loc[common].to_numpy(float), b.score.loc[common].to_numpy(float)
+    diff = roc_auc(y, sa) - roc_auc(y, sb)
+    rng_pos, rng_neg = np.random.default_rng(seed).spawn(2)
+    w_pos, w_neg = _resample_counts(rng_pos, n_boot, int(y.sum())), _resample_counts(rng_neg, n_boot, int((y == 0).sum()))
+    boots = (weighted_auc(sa[y == 1], sa[y == 0], w_pos, w_neg) - weighted_auc(sb[y == 1], sb[y == 0], w_pos, w_neg))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(diff), float(lo), float(hi)
+
+
+def grid_table(cells: list[dict], spec: GridSpec) -> str:
+    """Markdown: one block per training source; rows = recipes; columns = eval sets (in-source first)."""
+    df = pd.DataFrame([{"train": c["train_source"], "recipe": c["recipe"], "seed": c["seed"], "cell": c}
+                       for c in cells])
+    lines = [f"Budget: {spec.epochs} epochs per expert, seeds {spec.seeds}. Cells: ROC AUC seed "
+             + " / seed ".join(str(s) for s in spec.seeds) + " (mean), TPR at FPR 1e-2 of the mean run below it. "
+             "Every column is a set that no training or selection step saw; the in-source column is the training "
+             "source's held-out part. delta = mean AUC minus the baseline's, paired bootstrap 95% interval of seed "
+             f"{spec.seeds[0]}'s difference.", ""]
+    lines += _summary(df, spec)
+    for train in spec.sources:
+        sub = df[df.train == train]
+        if sub.empty:
+            continue
+        sets = [train] + [s for s in spec.sources if s != train]
+        head = ["recipe"] + [f"{s} (in-source)" if s == train else s for s in sets] + ["mean cross", "delta mean cross"]
+        lines += [f"### trained on {train}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        base = _mean_cross(sub[sub.recipe == spec.baseline], sets[1:])
+        for recipe in dict.fromkeys(sub.recipe):
+            runs = sub[sub.recipe == recipe].sort_values("seed")
+            row = [recipe]
+            for s in sets:
+                aucs = [_auc(c, s) for c in runs.cell]
+                tprs = [_tpr(c, s) for c in runs.cell]
+                row.append(" / ".join(f"{a:.3f}" for a in aucs) + f" ({np.mean(aucs):.3f}); "
+                           f"TPR@1e-2 {np.mean(tprs):.3f}")
+            mc = _mean_cross(runs, sets[1:])
+            row.append(f"{mc:.3f}")
+            row.append("-" if recipe == spec.baseline else f"{mc - base:+.3f}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines += _deltas(sub, sets, spec)
+    return "\n".join(lines) + "\n"
+
+
+def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
+    """One row per recipe: per training source the in-source AUC and the mean AUC on the other sources
+    (each the mean of the seeds), then the mean of all leave-one-source-out columns and its difference
+    to the baseline's."""
+    trains = [t for t in spec.sources if (df.train == t).any()]
+    head = ["recipe", *[f"{t}: in-source / cross" for t in trains], "mean cross", "delta vs baseline"]
+    out = ["### summary (ROC AUC, mean of seeds)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = None
+    for recipe in dict.fromkeys(df.recipe):
+        cells, crosses = [recipe], []
+        for t in trains:
+            runs = df[(df.train == t) & (df.recipe == recipe)]
+            if runs.empty:
+                cells.append("-")
+                continue
+            cross = _mean_cross(runs, [s for s in spec.sources if s != t])
+            crosses.append(cross)
+            cells.append(f"{np.mean([_auc(c, t) for c in runs.cell]):.3f} / {cross:.3f}")
+        mean = float(np.mean(crosses)) if len(crosses) == len(trains) else float("nan")
+        if recipe == spec.baseline:
+            base = mean
+        delta = "-" if recipe == spec.baseline or base is None else f"{mean - base:+.3f}"
+        out.append("| " + " | ".join([*cells, f"{mean:.3f}", delta]) + " |")
+    return out + [""]
+
+
+def _mean_cross(runs: pd.DataFrame, cross_sets: list[str]) -> float:
+    if runs.empty or not cross_sets:
+        return float("nan")
+    return float(np.mean([[_auc(c, s) for s in cross_sets] for c in runs.cell]))
+
+
+def _deltas(sub: pd.DataFrame, sets: list[str], spec: GridSpec) -> list[str]:
+    """Per recipe and set: paired AUC difference to the baseline (first seed), with its interval."""
+    seed = spec.seeds[0]
+    base = sub[(sub.recipe == spec.baseline) & (sub.seed == seed)]
+    if base.empty:
+        return []
+    base_csv = base.cell.iloc[0]["scores_csv"]
+    out = []
+    for recipe in dict.fromkeys(sub.recipe):
+        if recipe == spec.baseline:
+            continue
+        run = sub[(sub.recipe == recipe) & (sub.seed == seed)]
+        if run.empty:
+            continue
+        parts = []
+        for s in sets:
+            d, lo, hi = paired_auc_diff(run.cell.iloc[0]["scores_csv"], base_csv, s)
+            parts.append(f"{s} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        out.append(f"- {recipe} minus {spec.baseline} (seed {seed}): " + "; ".join(parts))
+    return out + [""] if out else out

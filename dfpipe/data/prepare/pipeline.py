@@ -1,0 +1,34 @@
+"""Stage 1: check the settings, list the inputs, decode what the work dir lacks, publish."""
+
+from __future__ import annotations
+
+from ...config import ConfigError, PrepareConfig
+from ...io import work_dir
+from ..faces import check_face_config
+from .pool import _decode_all
+from .publish import _publish
+from .sources import SPLITS, collect_items
+from .work import WORK_VERSION, Work, fingerprint
+
+
+def run(cfg: PrepareConfig) -> dict:
+    """Run stage 1 and return the report dict (also written to ``cfg.report``)."""
+    check_face_config(cfg.face_crop, cfg.face_margin, cfg.face_policy)
+    if not 0 <= cfg.dup_max_distance <= 64:
+        raise ConfigError(f"prepare.dup_max_distance={cfg.dup_max_distance}: must be in [0, 64]")
+    if cfg.chunk_size < 1 or cfg.cache_size < 1 or cfg.workers < 0:
+        raise ConfigError(f"prepare: chunk_size ({cfg.chunk_size}) and cache_size ({cfg.cache_size}) must be >= 1, "
+                         f"workers ({cfg.workers}) >= 0")
+    col = collect_items(cfg)
+    sizes = {s: sum(1 for it in col.items if it.split == s) for s in SPLITS}
+    journal = {"version": WORK_VERSION, "fingerprint": fingerprint(cfg, col.items), "n_items": sizes,
+               "cache_size": cfg.cache_size, "chunk_size": cfg.chunk_size}
+    work = Work.open(work_dir(cfg.out_dir), journal)
+    try:
+        _decode_all(cfg, col.items, work)
+    finally:
+        work.close()
+    return _publish(cfg, col, work)
+
+
+prepare = run  # the former name (dfpipe.benchmark, bench/bench_prepare.py, tests)

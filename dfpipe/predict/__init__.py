@@ -1,0 +1,27 @@
+"""Load the experts and score images: the ONE scoring path of the submission (and later CLI/API).
+
+Input is always uint8 RGB. Images from the stage-1 cache are already ``cache_size`` square; any other
+image (a file given to a CLI, :meth:`Ensemble.score_files`) is decoded and resized exactly as stage 1
+does (:class:`FileDataset`), so every path sees the same pixels. A batch is decoded once for all
+experts; each expert then resizes/normalises it on the device (:func:`to_model_input`, shared by
+experts with the same size and normalisation), runs every TTA view (:mod:`.tta`) and averages its
+probabilities over the views; experts are combined over the whole set (:func:`combine_scores`).
+
+Modules, by job: :mod:`.experts` (checkpoint -> inference model, BatchNorm folded), :mod:`.tta` (views),
+:mod:`.combine` (mean / rank / stacking), :mod:`.ensemble` (:class:`Ensemble`, :class:`FileDataset`),
+:mod:`.submission`, :mod:`.reports` (metrics by cluster / method, ROC plot), :mod:`.pipeline` (stage 5,
+:func:`run`).
+"""
+
+from ..metrics import verdict
+from .combine import COMBINE, combine_scores, fit_stacking
+from .ensemble import CARD_FORMAT, Ensemble, FileDataset
+from .experts import LoadedExpert, fold_batchnorm, load_expert
+from .pipeline import run, run_predict
+from .reports import by_cluster, by_method, plot_roc
+from .submission import build_submission, check_submission
+from .tta import GEOMETRIC, TTA_VIEWS, View, parse_view
+
+__all__ = ["CARD_FORMAT", "COMBINE", "Ensemble", "FileDataset", "GEOMETRIC", "LoadedExpert", "TTA_VIEWS", "View",
+           "build_submission", "by_cluster", "by_method", "check_submission", "combine_scores", "fit_stacking",
+           "fold_batchnorm", "load_expert", "parse_view", "plot_roc", "run", "run_predict", "verdict"]

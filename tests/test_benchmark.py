@@ -1,0 +1,109 @@
+"""The development benchmark's protocol (dfpipe.benchmark): held-out parts, identities, the table."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dfpipe.benchmark import (GridSpec, grid_table, identity_group, load_grid, load_source, paired_auc_diff,
+                              recipe_config, split_groups)
+from dfpipe.config import ConfigError
+
+
+def _img(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 20, 3), value, np.uint8)).save(path)
+
+
+def test_identity_groups_pair_neutral_and_smiling_only():
+    assert identity_group("real/001_03.jpg") == identity_group("real/001_08.jpg") == "real/001"
+    assert identity_group("real/002_03.jpg") != identity_group("real/001_03.jpg")
+    # other names (UTKFace's age_gender_race_date, StyleGAN seeds) are one image each
+    assert identity_group("real/100_1_0_2017.jpg") != identity_group("real/100_0_0_2018.jpg")
+    assert identity_group("fake/sg3_seed1_psi0.5.jpg") != identity_group("fake/sg3_seed2_psi0.5.jpg")
+
+
+def test_split_keeps_identities_whole_is_stratified_and_deterministic():
+    names = [f"real/{i:03d}_{k}.jpg" for i in range(40) for k in ("03", "08")] + [f"fake/{i}.jpg" for i in range(60)]
+    items = pd.DataFrame({"img_name": names, "label": [0] * 80 + [1] * 60})
+    groups = items.img_name.map(identity_group)
+    train, held = split_groups(items, groups, 0.3, seed=0)
+    assert len(train) + len(held) == len(items) and not set(train.img_name) & set(held.img_name)
+    assert not set(train.img_name.map(identity_group)) & set(held.img_name.map(identity_group))
+    assert (held.label == 0).sum() == 2 * 12 and (held.label == 1).sum() == 18  # 30% of 40 people, of 60 fakes
+    again, _ = split_groups(items, groups, 0.3, seed=0)
+    other, _ = split_groups(items, groups, 0.3, seed=1)
+    assert again.equals(train) and not other.equals(train)
+
+
+def test_load_source_reads_both_layouts(tmp_path):
+    comp = tmp_path / "comp"
+    for split, n in (("trainset", 4), ("valset", 2)):
+        for i in range(n):
+            _img(comp / split / f"{i}.jpg", i)
+        (comp / f"{split}_label.txt").write_text("img_name,target\n" + "".join(f"{i}.jpg,{i % 2}\n" for i in range(n)))
+    src = load_source(comp)
+    assert list(src.train.img_name) == [f"trainset/{i}.jpg" for i in range(4)]
+    assert list(src.heldout.img_name) == ["valset/0.jpg", "valset/1.jpg"] and src.cross.equals(src.heldout)
+
+    folders = tmp_path / "folders"
+    for i in range(10):
+        _img(folders / "real" / f"r{i}.jpg")
+        _img(folders / "fake" / f"f{i}.png")
+    src = load_source(folders, heldout=0.3, seed=0)
+    assert len(src.cross) == 20 and src.cross.label.sum() == 10
+    assert len(src.heldout) == 6 and len(src.train) == 14  # 3 of each class held out
+    assert set(src.heldout.img_name).isdisjoint(src.train.img_name)
+    with pytest.raises(FileNotFoundError, match="real/ or fake/"):
+        load_source(tmp_path / "comp" / "trainset")
+
+
+def test_recipe_gets_the_grids_budget_and_seed_and_typos_are_refused(tmp_path):
+    spec = GridSpec(epochs=2, recipes={"a": {"img_size": 96, "epochs": 50, "augment": "blur_jpeg"},
+                                       "bad": {"lerning_rate": 1}})
+    cfg = recipe_config(spec, "a", seed=7)
+    assert (cfg.img_size, cfg.epochs, cfg.seed, cfg.augment) == (96, 2, 7, "blur_jpeg")
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        recipe_config(spec, "bad", 0)
+    with pytest.raises(KeyError, match="not in the grid"):
+        recipe_config(spec, "missing", 0)
+
+
+def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert():
+    spec = load_grid("bench/grid.yaml")
+    assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
+    for name in spec.recipes:
+        recipe_config(spec, name, 0)
+
+
+def _scores(path, y, s):
+    one = pd.DataFrame({"degradation": "clean", "img_name": [f"{i}.jpg" for i in range(len(y))], "label": y, "score": s})
+    pd.concat([one.assign(set=name) for name in ("src", "x")]).to_csv(path, index=False)
+    return str(path)
+
+
+def test_paired_difference_and_table(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100, int), np.ones(100, int)]
+    good = _scores(tmp_path / "good.csv", y, y + rng.normal(0, 0.7, 200))
+    bad = _scores(tmp_path / "bad.csv", y, rng.normal(0, 1, 200))
+    d, lo, hi = paired_auc_diff(good, bad, "x", n_boot=200)
+    assert lo < d < hi and lo > 0  # clearly better: the interval excludes 0
+    d2, lo2, hi2 = paired_auc_diff(bad, good, "x", n_boot=200)
+    assert d2 == pytest.approx(-d) and hi2 < 0
+
+    def cell(recipe, seed, auc_in, auc_x, csv):
+        ev = {"src": {"clean": {"auc": auc_in, "tpr_at_fpr_1e-2": 0.5}},
+              "x": {"clean": {"auc": auc_x, "tpr_at_fpr_1e-2": 0.1}}}
+        return {"train_source": "src", "recipe": recipe, "seed": seed, "eval": ev, "scores_csv": csv}
+
+    spec = GridSpec(sources=["src", "x"], seeds=[0, 1], baseline="base")
+    cells = [cell("base", 0, 0.9, 0.5, bad), cell("base", 1, 0.9, 0.6, bad),
+             cell("new", 0, 0.95, 0.7, good), cell("new", 1, 0.97, 0.8, good)]
+    table = grid_table(cells, spec)
+    assert "### trained on src" in table
+    row = next(line for line in table.splitlines() if line.startswith("| new"))
+    assert "0.700 / 0.800 (0.750)" in row and row.rstrip(" |").endswith("+0.200")
+    assert "new minus base (seed 0)" in table
+    summary = next(line for line in table.splitlines() if line.startswith("| new | 0.960"))
+    assert summary == "| new | 0.960 / 0.750 | 0.750 | +0.200 |"
