@@ -102,7 +102,7 @@ def test_paired_difference_and_table(tmp_path):
              cell("new", 0, 0.95, 0.7, good), cell("new", 1, 0.97, 0.8, good)]
     table = grid_table(cells, spec)
     assert "### trained on src" in table
-    row = next(line for line in table.splitlines() if line.startswith("| new"))
+    row = next(line for line in table.splitlines() if line.startswith("| new") and "TPR@1e-2" in line)
     assert "0.700 / 0.800 (0.750)" in row and row.rstrip(" |").endswith("+0.200")
     assert "new minus base (seed 0)" in table
     summary = next(line for line in table.splitlines() if line.startswith("| new | 0.960"))
