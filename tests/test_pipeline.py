@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_expert(**kw) -> ExpertConfig:
-    base = dict(img_size=64, epochs=2, batch_size=16, lr=2e-3, ema_decay=0.9, warmup_epochs=0.2)
+    # the winners' full recipe (generated fakes, KL to the EMA teacher, NCE), so every code path runs end to end
+    base = dict(img_size=64, epochs=2, batch_size=16, lr=2e-3, ema_decay=0.9, warmup_epochs=0.2, augment="light",
+                use_augmented=True, loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     base.update(kw)
     return ExpertConfig(**base)
 
@@ -49,7 +51,7 @@ def run(tmp_path_factory):
     run_split(split)
     train = TrainConfig(splits_csv=split.out_csv, prepared_dir=prep.out_dir, augmented_dir=aug.out_dir,
                         models_dir=str(t / "models"), workers=0,
-                        experts={"a": tiny_expert(), "b": tiny_expert(img_size=48, loss=LossWeights(kl=0.0),
+                        experts={"a": tiny_expert(), "b": tiny_expert(img_size=48, loss=LossWeights(kl=0.0, nce=0.2),
                                                                        augment="strong", seed=1)})
     for name in train.experts:
         run_train(train, name, t / "train" / name)
