@@ -33,3 +33,40 @@ def write_jpeg(path, img: np.ndarray, quality: int = 92) -> None:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def write_cache_pool(root, splits: dict, n_clusters: int) -> None:
+    """What stage 4 reads, written directly: a prepared cache (``<split>.npy`` + manifest), an empty
+    stage-2 manifest and ``splits.csv`` (val = fold 1). ``splits``: split -> (uint8 images (n, S, S, 3),
+    labels written to the manifest)."""
+    import pandas as pd
+
+    prepared, aug = root / "prepared", root / "aug"
+    prepared.mkdir(parents=True)
+    aug.mkdir()
+    rows = []
+    for split, (imgs, labels) in splits.items():
+        np.save(prepared / f"{split}.npy", imgs)
+        size = imgs.shape[1]
+        rows += [dict(uid=f"{split}/{i}.jpg", img_name=f"{i}.jpg", split=split, label=int(y), path="",
+                      cache_file=f"{split}.npy", cache_index=i, orig_w=size, orig_h=size, error="")
+                 for i, y in enumerate(labels)]
+    man = pd.DataFrame(rows)
+    man.to_csv(prepared / "manifest.csv", index=False)
+    pd.DataFrame(columns=["uid", "img_name", "label", "source_uid", "method", "cache_file", "cache_index"]
+                 ).to_csv(aug / "manifest.csv", index=False)
+    subset = np.where(man.split == "train", "train", "val")
+    pd.DataFrame({"uid": man.uid, "origin": man.split, "cluster": np.arange(len(man)) % n_clusters,
+                  "fold": (subset == "val").astype(int), "subset": subset}).to_csv(root / "splits.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: on 2 cores shared with other work, two contending
+    threads make such steps 5-20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

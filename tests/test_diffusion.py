@@ -19,16 +19,9 @@ from dfpipe.augment.generate import regenerate
 from dfpipe.config import AugmentConfig, DiffusionConfig
 from dfpipe.io import work_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
+
 CFG = DiffusionConfig(model=TINY_MODEL, steps=2, strength=0.5, guidance_scale=5.0, batch_size=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one thread is ~20x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

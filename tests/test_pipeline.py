@@ -46,7 +46,8 @@ def run(tmp_path_factory):
     aug = AugmentConfig(prepared_dir=prep.out_dir, out_dir=str(t / "aug"), fakes_per_real=0.5)
     run_augment(aug)
     split = SplitConfig(prepared_dir=prep.out_dir, augmented_dir=aug.out_dir, out_csv=str(t / "splits.csv"),
-                        report=str(t / "cluster.json"), features=str(t / "feats.npy"), img_size=64,
+                        report=str(t / "cluster.json"), features=str(t / "feats.npy"),
+                        features_index=str(t / "feats.csv"), img_size=64,
                         n_clusters=3, n_folds=2, per_class=True, contact_sheet="")
     run_split(split)
     train = TrainConfig(splits_csv=split.out_csv, prepared_dir=prep.out_dir, augmented_dir=aug.out_dir,

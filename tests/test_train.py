@@ -20,6 +20,7 @@ from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.train import loop
 from dfpipe.train.loop import run_train
 from dfpipe.train.sampling import SeededSampler, epoch_length
+from conftest import write_cache_pool
 
 SIZE = 32
 
@@ -27,25 +28,13 @@ SIZE = 32
 def _write_pool(root: Path, n_train: int = 24, n_val: int = 12) -> None:
     """A prepared cache (train/val .npy + manifest), an empty stage-2 manifest and a split table."""
     rng = np.random.default_rng(0)
-    prepared, aug = root / "prepared", root / "aug"
-    prepared.mkdir()
-    aug.mkdir()
-    rows = []
+    splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
         labels = np.arange(n) % 2
         imgs = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
         imgs[labels == 1, 8:24, 8:24] = (imgs[labels == 1, 8:24, 8:24] // 4) * 4  # a "manipulated" patch
-        np.save(prepared / f"{split}.npy", imgs)
-        rows += [dict(uid=f"{split}/{i}.jpg", img_name=f"{i}.jpg", split=split, label=int(y), path="",
-                      cache_file=f"{split}.npy", cache_index=i, orig_w=SIZE, orig_h=SIZE, error="")
-                 for i, y in enumerate(labels)]
-    man = pd.DataFrame(rows)
-    man.to_csv(prepared / "manifest.csv", index=False)
-    pd.DataFrame(columns=["uid", "img_name", "label", "source_uid", "method", "cache_file", "cache_index"]
-                 ).to_csv(aug / "manifest.csv", index=False)
-    subset = np.where(man.split == "train", "train", "val")
-    pd.DataFrame({"uid": man.uid, "origin": man.split, "cluster": np.arange(len(man)) % 3,
-                  "fold": (subset == "val").astype(int), "subset": subset}).to_csv(root / "splits.csv", index=False)
+        splits[split] = (imgs, labels)
+    write_cache_pool(root, splits, n_clusters=3)
 
 
 @pytest.fixture(scope="module")

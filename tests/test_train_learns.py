@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import write_cache_pool
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.models.registry import Expert
 from dfpipe.train.loop import train_expert
@@ -28,6 +29,9 @@ from dfpipe.train.loop import train_expert
 CACHE, IMG = 64, 48
 N_TRAIN, N_VAL = 128, 48
 PATCH, CELL = 16, 4  # fake marker: a PATCH x PATCH checkerboard of CELL-pixel squares (CACHE pixels)
+
+# tiny steps: one intra-op thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
@@ -49,24 +53,12 @@ def _images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 def _write_pool(root: Path, flip_train: bool = False) -> None:
     """prepared/{train,val}.npy + manifest.csv, aug/manifest.csv (empty), splits.csv (train / val)."""
     rng = np.random.default_rng(0)
-    prepared, aug = root / "prepared", root / "aug"
-    prepared.mkdir(parents=True)
-    aug.mkdir()
-    rows = []
+    splits = {}
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         labels = rng.permutation(np.arange(n) % 2)  # balanced, shuffled
-        np.save(prepared / f"{split}.npy", _images(rng, labels))
-        written = 1 - labels if (flip_train and split == "train") else labels  # the pixels stay the same
-        rows += [dict(uid=f"{split}/{i}.jpg", img_name=f"{i}.jpg", split=split, label=int(y), path="",
-                      cache_file=f"{split}.npy", cache_index=i, orig_w=CACHE, orig_h=CACHE, error="")
-                 for i, y in enumerate(written)]
-    man = pd.DataFrame(rows)
-    man.to_csv(prepared / "manifest.csv", index=False)
-    pd.DataFrame(columns=["uid", "img_name", "label", "source_uid", "method", "cache_file", "cache_index"]
-                 ).to_csv(aug / "manifest.csv", index=False)
-    pd.DataFrame({"uid": man.uid, "origin": man.split, "cluster": np.arange(len(man)) % 4,
-                  "fold": (man.split == "val").astype(int), "subset": man.split}).to_csv(root / "splits.csv",
-                                                                                         index=False)
+        imgs = _images(rng, labels)
+        splits[split] = (imgs, 1 - labels if (flip_train and split == "train") else labels)  # same pixels
+    write_cache_pool(root, splits, n_clusters=4)
 
 
 def _train(root: Path) -> tuple[dict, pd.DataFrame]:
@@ -76,15 +68,6 @@ def _train(root: Path) -> tuple[dict, pd.DataFrame]:
                       augmented_dir=str(root / "aug"), models_dir=str(root / "models"), workers=0,
                       experts={"e": expert})
     return train_expert(cfg, "e")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on two cores shared with another job, two threads run these tiny steps ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
