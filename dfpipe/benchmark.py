@@ -45,9 +45,6 @@ from .io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
 # ----------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class Source:
@@ -61,11 +58,12 @@ class Source:
 
 
 def _folder_items(root: Path) -> pd.DataFrame:
-    rows = [(p.relative_to(root).as_posix(), label) for label, sub in ((0, "real"), (1, "fake"))
-            for p in sorted((root / sub).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
-    if not rows:
+    """``real/**`` = 0, ``fake/**`` = 1, listed as stage 6 lists a folder set."""
+    from .evaluate import list_class_folders
+
+    if not ((root / "real").is_dir() or (root / "fake").is_dir()):
         raise InputError(f"{root}: no images under real/ or fake/")
-    return pd.DataFrame(rows, columns=["img_name", "label"])
+    return list_class_folders(root.name, root)
 
 
 _SAME_PERSON = re.compile(r"^(\d+)_(03|08)$")  # genphotos_frll: NNN_03 (neutral) and NNN_08 (smiling)

@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _JPEG = re.compile(r"^jpeg(\d+)$")
 _BLUR = re.compile(r"^blur(\d+(?:\.\d+)?)$")
 
-__all__ = ["Degradation", "bootstrap_auc", "list_set", "markdown_table", "parse_degradation", "run_evaluate",
+__all__ = ["Degradation", "bootstrap_auc", "list_class_folders", "list_set", "markdown_table", "parse_degradation", "run_evaluate",
            "set_metrics", "weighted_auc"]
 
 
@@ -64,12 +64,12 @@ def list_set(spec: EvalSetConfig, data_root: str | Path) -> pd.DataFrame:
         labels = read_labels(Path(data_root) / spec.labels)
         df = pd.DataFrame({"img_name": labels.img_name, "label": labels.label.astype(int)})
     else:
-        df = _list_class_folders(spec.name, root)
+        df = list_class_folders(spec.name, root)
     df["path"] = [str(root / n) for n in df.img_name]
     return df[["img_name", "path", "label"]].reset_index(drop=True)
 
 
-def _list_class_folders(name: str, root: Path) -> pd.DataFrame:
+def list_class_folders(name: str, root: Path) -> pd.DataFrame:
     """``real/**`` = 0, ``fake/**`` = 1; both classes must have at least one image file."""
     found = {cls: scan_folder(root / cls)[0] if (root / cls).is_dir() else [] for cls in ("real", "fake")}
     if not any(found.values()):
