@@ -28,6 +28,7 @@ Embedder = Literal["pretrained", "finetune"]
 KMeansBackend = Literal["auto", "sklearn", "torch"]
 AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg"]
 Combine = Literal["mean_prob", "mean_logit", "rank", "stack"]
+InputMode = Literal["resize", "resize_short_crop", "crop"]  # see dfpipe.data.preprocess
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -132,7 +133,7 @@ class PrepareConfig:
     test_dir: str = "testset"  # no labels: every image file in it is a test image
     out_dir: str = "data/prepared"
     report: str = "data/prepare_report.json"
-    cache_size: int = 160  # images are resized to cache_size x cache_size (aspect not kept)
+    max_side: int = 0  # stored images: longer side above this is downscaled (aspect kept); 0 = native resolution
     min_side: int = 16  # images with a smaller side are skipped as junk
     max_pixels: int = 100_000_000  # decompression-bomb guard
     workers: int = 0  # 0 = all cores
@@ -221,7 +222,8 @@ class ExpertConfig:
     arch: str = "timm"  # builder in dfpipe.models.EXPERTS
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
-    img_size: int = 128
+    img_size: int = 128  # the model's input side (the input policy's size)
+    input_mode: InputMode = "resize"  # resize | resize_short_crop | crop (native pixels): dfpipe.data.preprocess
     dropout: float = 0.2  # before the linear head
     proj_dim: int = 0  # >0: the NCE term uses a projection head of this width instead of the pooled features
     epochs: int = 6

@@ -36,21 +36,25 @@ def rng() -> np.random.Generator:
 
 
 def write_cache_pool(root, splits: dict, n_clusters: int) -> None:
-    """What stage 4 reads, written directly: a prepared cache (``<split>.npy`` + manifest), an empty
-    stage-2 manifest and ``splits.csv`` (val = fold 1). ``splits``: split -> (uint8 images (n, S, S, 3),
-    labels written to the manifest)."""
+    """What stage 4 reads, written directly: a prepared image store (one PNG shard per split, manifest,
+    ``store.json``), an empty stage-2 manifest and ``splits.csv`` (val = fold 1). ``splits``: split ->
+    (uint8 images (n, H, W, 3) or a list of (H, W, 3), labels written to the manifest)."""
     import pandas as pd
+
+    from dfpipe.data.preprocess import Stage1
+    from dfpipe.data.store import shard_name, write_png_shard, write_store_record
 
     prepared, aug = root / "prepared", root / "aug"
     prepared.mkdir(parents=True)
     aug.mkdir()
     rows = []
     for split, (imgs, labels) in splits.items():
-        np.save(prepared / f"{split}.npy", imgs)
-        size = imgs.shape[1]
+        shard = shard_name(split, 0)
+        index = write_png_shard(prepared / shard, imgs)
         rows += [dict(uid=f"{split}/{i}.jpg", img_name=f"{i}.jpg", split=split, label=int(y), path="",
-                      cache_file=f"{split}.npy", cache_index=i, orig_w=size, orig_h=size, error="")
-                 for i, y in enumerate(labels)]
+                      cache_file=shard, cache_index=k, orig_w=im.shape[1], orig_h=im.shape[0], error="")
+                 for i, (im, y, k) in enumerate(zip(imgs, labels, index))]
+    write_store_record(prepared, Stage1())
     man = pd.DataFrame(rows)
     man.to_csv(prepared / "manifest.csv", index=False)
     pd.DataFrame(columns=["uid", "img_name", "label", "source_uid", "method", "cache_file", "cache_index"]

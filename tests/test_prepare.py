@@ -15,6 +15,7 @@ from dfpipe.config import PrepareConfig
 from dfpipe.data.labels import LabelError
 from dfpipe.data.prepare import prepare
 from dfpipe.data.samples import load_manifest
+from dfpipe.data.store import StoreReader
 
 
 def make_layout(root, rng, n=6, bad=True):
@@ -45,23 +46,30 @@ def make_layout(root, rng, n=6, bad=True):
     return expected
 
 
-def test_prepare_caches_images_and_reports_bad_ones(tmp_path, rng):
+def test_prepare_stores_images_and_reports_bad_ones(tmp_path, rng):
     raw = tmp_path / "raw"
     expected = make_layout(raw, rng)
     cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "prep"), report=str(tmp_path / "rep.json"),
-                        duplicates=str(tmp_path / "dup.csv"), cache_size=32, workers=2)
+                        duplicates=str(tmp_path / "dup.csv"), workers=2)
     report = prepare(cfg)
     man = load_manifest(cfg.out_dir)
     assert (man.groupby("split").size().to_dict()) == {"train": 6, "val": 6, "test": 3}
     full = load_manifest(cfg.out_dir, ok_only=False)
+    reader = StoreReader()
     for split in ("train", "val", "test"):
-        # one cache row per manifest row of the split (no compaction copy); a failed image's row stays zero
-        arr = np.load(tmp_path / "prep" / f"{split}.npy", mmap_mode="r")
+        # one shard position per manifest row of the split; a failed image's position holds nothing
         sub = full[full.split == split].reset_index(drop=True)
-        assert arr.shape == (len(sub), 32, 32, 3) and arr.dtype == np.uint8
-        ok = sub.cache_index >= 0
+        assert set(sub.cache_file) == {f"{split}-000000.bin"}
+        entries = np.load(tmp_path / "prep" / f"{split}-000000.idx.npy")
+        assert len(entries) == len(sub)
+        ok = (sub.cache_index >= 0).to_numpy()
         assert (sub.cache_index[ok] == sub.index[ok]).all() and ok.sum() == (man.split == split).sum()
-        assert not arr[sub.index[~ok].to_numpy()].any() and all(arr[i].any() for i in sub.index[ok])
+        assert (entries[~ok, 1] == 0).all() and (entries[ok, 1] > 0).all()
+        for r in sub[ok].itertuples():  # clean JPEGs are kept byte for byte, at native size
+            assert reader.read(tmp_path / "prep" / r.cache_file, r.cache_index) == Path(r.path).read_bytes()
+            assert (r.width, r.height) == (r.orig_w, r.orig_h)
+    assert report["store"]["n_original"] == 15 and report["store"]["n_png"] == 0
+    assert report["store"]["ratio"] == 1.0 and report["store"]["bytes"] == report["store"]["input_bytes"]
     # every bad input is reported once, with the expected reason, and nothing good is lost
     skipped = {s["file"].split("raw/")[1]: s["kind"] for s in report["skipped"]}
     assert skipped == expected
@@ -73,24 +81,40 @@ def test_prepare_caches_images_and_reports_bad_ones(tmp_path, rng):
     assert trunc.cache_index == -1 and "truncated" in trunc.error
 
 
-def test_prepare_cache_pixels_match_decode(tmp_path, rng):
+def test_stored_pixels_match_decode_at_native_size(tmp_path, rng):
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
     cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                        duplicates=str(tmp_path / "dup.csv"), cache_size=48, workers=1)
+                        duplicates=str(tmp_path / "dup.csv"), workers=1)
     prepare(cfg)
     man = load_manifest(cfg.out_dir)
-    from dfpipe.data.images import decode_image, resize_square
+    from dfpipe.data.images import decode_image
 
     row = man[man.img_name == "val_3.jpg"].iloc[0]
-    cached = np.load(tmp_path / "p" / "val.npy")[row.cache_index]
-    np.testing.assert_array_equal(cached, resize_square(decode_image(row.path), 48))
+    stored = StoreReader().image(tmp_path / "p" / row.cache_file, row.cache_index)
+    assert stored.shape == (90, 80, 3)  # native (h, w): nothing squashed
+    np.testing.assert_array_equal(stored, decode_image(row.path))
     # a rerun gives byte-identical outputs (deterministic stage)
-    before = (tmp_path / "p" / "train.npy").read_bytes()
+    before = (tmp_path / "p" / "train-000000.bin").read_bytes()
     prepare(cfg)
-    assert (tmp_path / "p" / "train.npy").read_bytes() == before
+    assert (tmp_path / "p" / "train-000000.bin").read_bytes() == before
 
 
+def test_max_side_downscales_and_stores_lossless(tmp_path, rng):
+    from dfpipe.data.images import decode_image
+    from dfpipe.data.preprocess import downscale
+
+    raw = tmp_path / "raw"
+    make_layout(raw, rng, bad=False)
+    report = prepare(_cfg(tmp_path, raw, workers=1, max_side=64))
+    man = load_manifest(tmp_path / "p")
+    big = man[man.img_name == "val_5.jpg"].iloc[0]  # 110 x 80 -> 64 x 47 (aspect kept)
+    assert (big.height, big.width) == (64, 47)
+    img = StoreReader().image(tmp_path / "p" / big.cache_file, big.cache_index)
+    np.testing.assert_array_equal(img, downscale(decode_image(big.path), 64))
+    wide = man[man.img_name == "train_0.jpg"].iloc[0]  # 60 x 80 -> 48 x 64
+    assert (wide.height, wide.width) == (48, 64)
+    assert report["store"]["n_png"] == 15  # every image was shrunk: each is a lossless PNG now
 def test_bad_label_file_is_a_clear_error(tmp_path, rng):
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
@@ -122,7 +146,7 @@ def test_missing_data_root(tmp_path):
 
 def _cfg(tmp_path, raw, **kw) -> PrepareConfig:
     return PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                         duplicates=str(tmp_path / "dup.csv"), cache_size=48, **kw)
+                         duplicates=str(tmp_path / "dup.csv"), **kw)
 
 
 def test_duplicates_across_splits_are_reported_and_grouped(tmp_path, rng):
@@ -224,13 +248,13 @@ def _counting_decode(monkeypatch) -> list[str]:
     import dfpipe.data.prepare.pool as P  # the decoding workers' module (in-process with workers=1)
 
     seen: list[str] = []
-    real = P.decode
+    real = P.decode_file
 
     def decode(path, **kw):
         seen.append(Path(path).name)
         return real(path, **kw)
 
-    monkeypatch.setattr(P, "decode", decode)
+    monkeypatch.setattr(P, "decode_file", decode)
     return seen
 
 
@@ -238,7 +262,7 @@ def test_killed_run_resumes_without_redoing_chunks_and_gives_the_same_bytes(tmp_
     raw = tmp_path / "raw"
     make_layout(raw, rng)  # train 8 items (2 fail), val 6, test 4 (1 fails); chunks of 4: 2 + 2 + 1
     ref = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "ref" / "p"), report=str(tmp_path / "ref/r.json"),
-                        duplicates=str(tmp_path / "ref/d.csv"), cache_size=32, chunk_size=4, workers=2)
+                        duplicates=str(tmp_path / "ref/d.csv"), chunk_size=4, workers=2)
     prepare(ref)
     cfg = dataclasses.replace(ref, out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
                               duplicates=str(tmp_path / "d.csv"), workers=1)
@@ -288,8 +312,9 @@ def test_changed_settings_start_afresh(tmp_path, rng, monkeypatch):
         prepare(cfg)
     monkeypatch.setattr(P.Work, "commit", commit)
     seen.clear()
-    prepare(dataclasses.replace(cfg, cache_size=40))  # a setting that changes the cache
-    assert len(seen) == 15 and np.load(tmp_path / "p" / "train.npy").shape[1] == 40
+    prepare(dataclasses.replace(cfg, max_side=40))  # a setting that changes the stored images
+    man = load_manifest(tmp_path / "p")
+    assert len(seen) == 15 and (np.maximum(man.width, man.height) == 40).all()
 
 
 # --------------------------------------------------------------------------- several datasets
@@ -313,7 +338,6 @@ def test_several_datasets_feed_the_splits(tmp_path, rng):
   out_dir: {tmp_path / 'p'}
   report: {tmp_path / 'r.json'}
   duplicates: {tmp_path / 'd.csv'}
-  cache_size: 32
   workers: 1
   datasets:
     - {{name: ffhq, split: train, images: ffhq/img, labels: ffhq/labels.csv}}

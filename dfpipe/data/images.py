@@ -1,4 +1,4 @@
-"""Decode any image file to RGB uint8 safely; resize to the cache size.
+"""Decode any image file to RGB uint8 safely.
 
 Every failure is an :class:`ImageError` whose message says what is wrong and whose ``kind`` is a short
 reason code (counted in the prepare report), so a caller scanning a 500k folder can report and skip
@@ -77,6 +77,19 @@ def decode(
     is checked from the header, before any pixel is decoded (decompression bombs stay cheap).
     """
     raw, suffix = _read(data)
+    return _decode(raw, suffix, max_pixels, min_side, background)
+
+
+def decode_file(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> tuple[bytes, Decoded]:
+    """(the file's bytes, :func:`decode` of them): stage 1 keeps the bytes of a clean file as they are."""
+    raw, suffix = _read(path)
+    return raw, _decode(raw, suffix, max_pixels, min_side, background)
+
+
+def _decode(raw: bytes, suffix: str, max_pixels: int, min_side: int, background: tuple[int, int, int]) -> Decoded:
     img = _open(raw)
     fmt = img.format or ""  # before any transpose (which returns an image without a format)
     notes = set()

@@ -1,11 +1,13 @@
 """Load the experts and score images: the ONE scoring path of the submission (and later CLI/API).
 
-Input is always uint8 RGB. Images from the stage-1 cache are already ``cache_size`` square; any other
-image (a file given to a CLI, :meth:`Ensemble.score_files`) is decoded and resized exactly as stage 1
-does (:class:`FileDataset`), so every path sees the same pixels. A batch is decoded once for all
-experts; each expert then resizes/normalises it on the device (:func:`to_model_input`, shared by
-experts with the same size and normalisation), runs every TTA view (:mod:`.tta`) and averages its
-probabilities over the views; experts are combined over the whole set (:func:`combine_scores`).
+Every image goes through the one preprocessing contract (:mod:`dfpipe.data.preprocess`), read from
+the experts' checkpoints: images of the stage-1 store are stage-1 images already; any other image (a
+file given to the CLI or API, :meth:`Ensemble.score_files`) is decoded and made into its stage-1 image
+exactly as stage 1 does (``max_side``, face crop: :class:`FileDataset`), so every path sees the same
+pixels. Each image is cut once per distinct input policy of the experts (in the DataLoader workers);
+each expert then normalises its batch on the device (:func:`to_model_input`, shared by experts with the
+same policy and normalisation), runs every TTA view (:mod:`.tta`) and averages its probabilities over
+the views; experts are combined over the whole set (:func:`combine_scores`).
 
 Modules, by job: :mod:`.experts` (checkpoint -> inference model, BatchNorm folded), :mod:`.tta` (views),
 :mod:`.combine` (mean / rank / stacking), :mod:`.ensemble` (:class:`Ensemble`, :class:`FileDataset`),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.images import DEFAULT_MAX_PIXELS, decode_image, resize_square
+from ..data.images import decode_image
+from ..data.preprocess import InputPolicy, Preprocess, Stage1, fit, scoring_image
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
 from ..errors import ConfigError, DataError
@@ -20,38 +22,48 @@ from .combine import COMBINE, combine_scores
 from .experts import LoadedExpert, load_expert
 from .tta import TTA_VIEWS, View, parse_view
 
-CARD_FORMAT = 1
+CARD_FORMAT = 2  # 2: the preprocessing contract (stage1 + each expert's preprocess) replaces cache_size
 
 
 class FileDataset(Dataset):
-    """Image files -> uint8 (S, S, 3) tensors with stage 1's exact pixels (decode_image + resize_square).
+    """Image files -> each input policy's uint8 (S, S, 3) tensor, through the preprocessing contract:
+    decode, stage 1 (``max_side``, face crop), input policy (:mod:`dfpipe.data.preprocess`).
 
-    A file that cannot be decoded gives a black image and its error message instead of raising, so
-    one bad upload never stops a batch; items are ``(image, index, error)`` with ``error == ""`` if OK.
-    ``degrade`` (optional, picklable for worker processes) changes the full-size decoded image before
-    the resize, as a re-encode or rescale on the way to us would (the evaluation's degraded copies).
+    A file that cannot be decoded gives black images and its error message instead of raising, so
+    one bad upload never stops a batch; items are ``(inputs, index, error)`` with ``inputs`` a dict
+    ``{policy.key: tensor}`` and ``error == ""`` if OK. ``degrade`` (optional, picklable for worker
+    processes) changes the full-size decoded image first, as a re-encode or rescale on the way to us
+    would (the evaluation's degraded copies).
     """
 
-    def __init__(self, paths: list[str | Path], cache_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+    def __init__(self, paths: list[str | Path], stage1: Stage1, policies: Sequence[InputPolicy],
                  degrade: Callable[[np.ndarray], np.ndarray] | None = None):
         self.paths = [str(p) for p in paths]
-        self.cache_size = int(cache_size)
-        self.max_pixels = max_pixels
+        self.stage1 = stage1
+        self.policies = tuple(dict.fromkeys(policies))
         self.degrade = degrade
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int, str]:
         try:
-            img = decode_image(self.paths[i], max_pixels=self.max_pixels)
+            img = decode_image(self.paths[i], max_pixels=self.stage1.max_pixels)
             if self.degrade is not None:
                 img = self.degrade(img)
-            img = resize_square(img, self.cache_size)
-            return torch.from_numpy(np.ascontiguousarray(img)), i, ""
+            img = scoring_image(img, self.stage1)
+            return {p.key: torch.from_numpy(fit(img, p)) for p in self.policies}, i, ""
         except Exception as exc:  # noqa: BLE001 - any failure becomes a reported row, never a crash
-            blank = torch.zeros((self.cache_size, self.cache_size, 3), dtype=torch.uint8)
+            blank = {p.key: torch.zeros((p.size, p.size, 3), dtype=torch.uint8) for p in self.policies}
             return blank, i, str(exc) or type(exc).__name__
+
+
+def expert_preprocess(e: LoadedExpert) -> Preprocess:
+    """The preprocessing record an expert was trained with (its checkpoint's description)."""
+    if "preprocess" not in e.description:
+        raise DataError(f"expert {e.name!r}: its checkpoint predates the preprocessing contract (no "
+                        "'preprocess' in its description): retrain it (dvc repro train_experts)")
+    return Preprocess.from_dict(e.description["preprocess"])
 
 
 class Ensemble:
@@ -64,11 +76,14 @@ class Ensemble:
         self.views = [parse_view(v) for v in tta]
         if combine not in COMBINE:
             raise ConfigError(f"unknown combine {combine!r}; choose one of {COMBINE}")
-        sizes = {e.description["cache_size"] for e in experts}
-        if len(sizes) > 1:
-            raise ConfigError(f"experts were trained on different cache sizes {sorted(sizes)}")
+        self.preps = [expert_preprocess(e) for e in experts]
+        stage1s = {p.stage1 for p in self.preps}
+        if len(stage1s) > 1:
+            raise ConfigError(f"experts were trained on images prepared differently (stage 1: {sorted(map(str, stage1s))}): "
+                              "an ensemble takes one stage-1 image per input")
         self.experts, self.tta, self.combine, self.device = experts, list(tta), combine, device
-        self.cache_size = int(sizes.pop())
+        self.stage1: Stage1 = stage1s.pop()
+        self.policies: list[InputPolicy] = list(dict.fromkeys(p.input for p in self.preps))
         self.stack, self.thresholds = stack, thresholds
 
     @property
@@ -105,51 +120,64 @@ class Ensemble:
 
     def card(self, thresholds: dict, extra: dict | None = None) -> dict:
         """Everything a CLI/API needs to score and give verdicts as stage 5 did (JSON-serialisable)."""
-        return {"format": CARD_FORMAT, "cache_size": self.cache_size, "tta": self.tta, "combine": self.combine,
+        return {"format": CARD_FORMAT, "stage1": asdict(self.stage1), "tta": self.tta, "combine": self.combine,
                 "stack": self.stack, "thresholds": thresholds,
                 "experts": [{"name": e.name, "checkpoint": f"{e.name}/best.pt", "sha256": e.sha256,
                              "description": e.description} for e in self.experts],
                 **(extra or {})}
 
     # -- scoring
-    def _expert_probs(self, m: torch.nn.Module, x: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """(B,) probability of one expert, averaged over the views; ``inputs`` caches the resized,
-        normalised batches by (size, mean, std) so experts that share them compute them once."""
+    def _expert_probs(self, m: torch.nn.Module, x: torch.Tensor, key: str, inputs: dict) -> torch.Tensor:
+        """(B,) probability of one expert, averaged over the views. ``x``: uint8 (B, S, S, 3) at the
+        expert's input policy ``key``; ``inputs`` caches the normalised batches by (key, size, mean, std)
+        so experts that share them compute them once."""
         by_size: dict[int, list[View]] = {}
         for v in self.views:
             by_size.setdefault(v.size(m.img_size), []).append(v)
         probs = []
         for size, views in by_size.items():
-            key = (size, tuple(m.mean), tuple(m.std))
-            if key not in inputs:
-                inputs[key] = to_model_input(x, size, m.mean, m.std, channels_last=True)
-            batch = torch.cat([v.apply(inputs[key]) for v in views]) if len(views) > 1 else views[0].apply(inputs[key])
+            ck = (key, size, tuple(m.mean), tuple(m.std))
+            if ck not in inputs:
+                inputs[ck] = to_model_input(x, size, m.mean, m.std, channels_last=True)
+            batch = torch.cat([v.apply(inputs[ck]) for v in views]) if len(views) > 1 else views[0].apply(inputs[ck])
             batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(self.device):
                 probs.append(m(batch)["prob"].float().view(len(views), -1))
         return torch.cat(probs).mean(0)
 
     @torch.inference_mode()
-    def score_batch(self, x: torch.Tensor) -> np.ndarray:
-        """uint8 (B, S, S, 3) -> (E, B) per-expert probabilities, averaged over TTA views."""
-        x = x.to(self.device, non_blocking=True)
+    def score_batch(self, xs: dict[str, torch.Tensor]) -> np.ndarray:
+        """``{policy key: uint8 (B, S, S, 3)}`` (one entry per input policy of the experts, e.g. from
+        :class:`FileDataset` or :class:`dfpipe.data.dataset.StoreDataset`) -> (E, B) per-expert
+        probabilities, averaged over TTA views."""
+        on_device = {k: xs[k].to(self.device, non_blocking=True) for k in {p.input.key for p in self.preps}}
         inputs: dict = {}
-        return np.stack([self._expert_probs(e.model, x, inputs).cpu().numpy() for e in self.experts])
+        return np.stack([self._expert_probs(e.model, on_device[p.input.key], p.input.key, inputs).cpu().numpy()
+                         for e, p in zip(self.experts, self.preps)])
 
     def score_loader(self, loader: DataLoader, desc: str = "score") -> np.ndarray:
-        """(E, N) per-expert probabilities over a loader of uint8 batches (order kept)."""
+        """(E, N) per-expert probabilities over a loader of ``({key: uint8 batch}, ...)`` items (order kept)."""
         parts = [self.score_batch(batch[0]) for batch in tqdm(loader, desc=desc, unit="batch")]
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(self.experts), 0))
 
     def combine_experts(self, per_expert: np.ndarray) -> np.ndarray:
         return combine_scores(per_expert, self.combine, self.stack)
 
-    def score_images(self, images: list[np.ndarray]) -> np.ndarray:
-        """Ensemble scores (N,) of uint8 RGB images of any size (same resize as stage 1)."""
+    def stage1_image(self, img: np.ndarray) -> np.ndarray:
+        """A decoded image's stage-1 image under this ensemble's contract (``max_side``, face crop)."""
+        return scoring_image(img, self.stage1)
+
+    def score_prepared(self, images: list[np.ndarray]) -> np.ndarray:
+        """Ensemble scores (N,) of stage-1 images (already through :meth:`stage1_image`), any sizes."""
         if not images:
             return np.zeros(0)
-        x = torch.from_numpy(np.stack([resize_square(im, self.cache_size) for im in images]))
-        return self.combine_experts(self.score_batch(x))
+        xs = {p.key: torch.from_numpy(np.stack([fit(im, p) for im in images])) for p in self.policies}
+        return self.combine_experts(self.score_batch(xs))
+
+    def score_images(self, images: list[np.ndarray]) -> np.ndarray:
+        """Ensemble scores (N,) of decoded uint8 RGB images of any size: the same steps as files and stage 5
+        (stage 1, then each expert's input policy)."""
+        return self.score_prepared([self.stage1_image(im) for im in images])
 
     def score_files(self, paths: list[str | Path], batch_size: int = 64, workers: int = -1,
                     degrade: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -159,7 +187,7 @@ class Ensemble:
         A file that fails to decode scores NaN (the caller picks a fallback) and is listed in the
         returned ``[(path, error)]``. ``degrade`` is passed to :class:`FileDataset`.
         """
-        ds = FileDataset(paths, self.cache_size, degrade=degrade)
+        ds = FileDataset(paths, self.stage1, self.policies, degrade=degrade)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers(workers),
                             pin_memory=self.device.type == "cuda")
         per_expert = np.full((len(self.experts), len(ds)), np.nan)
@@ -168,7 +196,8 @@ class Ensemble:
             ok = np.array([e == "" for e in err])
             errors += [(ds.paths[int(i)], e) for i, e in zip(idx, err) if e]
             if ok.any():
-                per_expert[:, idx.numpy()[ok]] = self.score_batch(x[torch.from_numpy(ok)])
+                keep = torch.from_numpy(ok)
+                per_expert[:, idx.numpy()[ok]] = self.score_batch({k: v[keep] for k, v in x.items()})
         scores = np.full(len(ds), np.nan)
         good = ~np.isnan(per_expert[0])
         if good.any():

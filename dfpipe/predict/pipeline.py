@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import PredictConfig
-from ..data.dataset import CacheDataset
+from ..data.dataset import StoreDataset
 from ..data.samples import load_manifest, load_split_pool
 from ..device import num_workers
 from ..io import write_csv, write_json
@@ -25,9 +25,10 @@ from .submission import build_submission
 log = logging.getLogger(__name__)
 
 
-def _loader(pool: pd.DataFrame, batch_size: int, device: torch.device) -> DataLoader:
-    return DataLoader(CacheDataset(pool), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers(-1), pin_memory=device.type == "cuda")
+def _loader(pool: pd.DataFrame, ens: Ensemble, batch_size: int) -> DataLoader:
+    """Stored images cut to every input policy of the ensemble's experts, decoded in workers."""
+    return DataLoader(StoreDataset(pool, ens.policies), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers(-1), pin_memory=ens.device.type == "cuda")
 
 
 def _val_sets(cfg: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -68,7 +69,7 @@ def _score_test(ens: Ensemble, cfg: PredictConfig) -> tuple[pd.DataFrame, pd.Dat
     test_ok = test_all[test_all.cache_index >= 0].reset_index(drop=True)
     test_pool = pd.DataFrame({"cache_path": [str(Path(cfg.prepared_dir) / f) for f in test_ok.cache_file],
                               "cache_index": test_ok.cache_index, "label": -1})
-    test_pe = ens.score_loader(_loader(test_pool, cfg.batch_size, ens.device), "score test")
+    test_pe = ens.score_loader(_loader(test_pool, ens, cfg.batch_size), "score test")
     test_scores = ens.combine_experts(test_pe) if len(test_ok) else np.zeros(0)
     return test_all, test_ok, test_pe, test_scores
 
@@ -92,7 +93,7 @@ def run(cfg: PredictConfig) -> dict:
                     "(verdicts, accuracy) do not carry over to other sets or to single images")
     val, gen = _val_sets(cfg)
     y = val.label.to_numpy()
-    val_pe = ens.score_loader(_loader(val, cfg.batch_size, ens.device), "score val")
+    val_pe = ens.score_loader(_loader(val, ens, cfg.batch_size), "score val")
     val_scores, combination = _combine_val(ens, cfg, val_pe, y)
     thresholds = choose_thresholds(y, val_scores, cfg.max_fpr, cfg.max_fnr)
     thr = {"ensemble": thresholds["t_decision"], **{n: choose_thresholds(y, p)["t_decision"]
@@ -100,7 +101,7 @@ def run(cfg: PredictConfig) -> dict:
     metrics: dict[str, Any] = {"val": _metrics(y, val_pe, val_scores, names, thr)}
     metrics["val"]["by_cluster"] = by_cluster(val, val_scores, thresholds["t_decision"])
     if len(gen):
-        gen_pe = ens.score_loader(_loader(gen, cfg.batch_size, ens.device), "score gen")
+        gen_pe = ens.score_loader(_loader(gen, ens, cfg.batch_size), "score gen")
         metrics["val"]["by_method"] = by_method(val, *_with_generated(ens, val_pe, val_scores, gen_pe), gen,
                                                 thresholds["t_decision"])
     metrics["combine"], metrics["thresholds"], metrics["n_tta_views"] = combination, thresholds, len(ens.views)

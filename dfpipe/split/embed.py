@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import CacheDataset
+from ..data.dataset import StoreDataset
+from ..data.preprocess import InputPolicy
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
 from ..errors import DataError
@@ -48,9 +49,11 @@ def embed_batches(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_siz
     cuda = device.type == "cuda"
     mean, std = normalization(model)
     model.eval()
-    loader = DataLoader(CacheDataset(pool), batch_size=batch_size, shuffle=False,
+    policy = InputPolicy("resize", img_size)  # the whole image, squashed: clusters are about content
+    loader = DataLoader(StoreDataset(pool, [policy]), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers(workers), pin_memory=cuda)
-    for x, _, _ in tqdm(loader, desc="embed", unit="batch"):
+    for xs, _, _ in tqdm(loader, desc="embed", unit="batch"):
+        x = xs[policy.key]  # uint8 (B, S, S, 3)
         with torch.inference_mode(), autocast(device):  # left before the yield: the caller runs outside it
             x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, cuda)  # (B, 3, S, S)
             f = torch.nn.functional.normalize(model(x).float(), dim=1)  # (B, D) pooled features

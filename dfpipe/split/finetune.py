@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import CacheDataset
+from ..data.dataset import StoreDataset
+from ..data.preprocess import InputPolicy
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
 from ..errors import DataError
@@ -64,7 +65,7 @@ def finetune_embedder(train: pd.DataFrame, backbone: str, pretrained: str, img_s
     weights = torch.as_tensor(balanced_class_weights(labels), dtype=torch.float32, device=device)
     order = torch.Generator().manual_seed(seed)  # shuffle order (and worker seeds)
     flips = torch.Generator().manual_seed(seed + 1)  # its own stream: no coupling to the loader's draws
-    loader = DataLoader(CacheDataset(train), batch_size=batch_size, shuffle=True, generator=order,
+    loader = DataLoader(StoreDataset(train, [InputPolicy("resize", img_size)]), batch_size=batch_size, shuffle=True, generator=order,
                         drop_last=len(train) > batch_size,  # a batch of 1 would break BatchNorm
                         num_workers=num_workers(workers), pin_memory=cuda)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
@@ -85,7 +86,8 @@ def _train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimize
     cuda = device.type == "cuda"
     model.train()
     t0, loss_sum, correct, n = time.perf_counter(), 0.0, 0, 0
-    for x, y, _ in tqdm(loader, desc="fine-tune embedder", unit="batch", leave=False):
+    for xs, y, _ in tqdm(loader, desc="fine-tune embedder", unit="batch", leave=False):
+        (x,) = xs.values()  # uint8 (B, S, S, 3)
         flip = torch.rand(len(x), generator=gen) < 0.5  # (B,) drawn in the main process
         x = torch.where(flip[:, None, None, None], x.flip(2), x)  # uint8 (B, H, W, 3): flip along W
         x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, cuda)

@@ -12,6 +12,7 @@ import torch
 
 from ..config import Embedder, SplitConfig
 from ..data.samples import load_pool
+from ..data.store import StoreReader
 from ..errors import ConfigError
 from ..io import atomic_path, write_csv, write_json
 from .cluster import cluster_report, select_k, split_pool
@@ -125,7 +126,7 @@ def contact_sheet_shape(n_clusters: int, per_cluster: int) -> tuple[int, int]:
 def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path, per_cluster: int,
                           seed: int) -> Path:
     """PNG with one row per cluster (sorted by id): up to ``per_cluster`` original images of it, drawn
-    from the uint8 caches (seeded choice), each framed red (fake) or blue (real). Written atomically."""
+    from the image store (seeded choice), each framed red (fake) or blue (real). Written atomically."""
     import cv2
 
     orig = df[df.origin != "aug"].drop(columns=["cache_path", "cache_index"], errors="ignore")
@@ -134,7 +135,7 @@ def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path
     h, w = contact_sheet_shape(len(clusters), per_cluster)
     sheet = np.full((h, w, 3), 255, np.uint8)  # BGR
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
+    reader = StoreReader()
     cell, t, b = SHEET_THUMB + SHEET_GAP, SHEET_THUMB, SHEET_BORDER
     for r, c in enumerate(clusters):
         g = orig[orig.cluster == c]
@@ -143,10 +144,7 @@ def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path
         cv2.putText(sheet, str(c), (6, y + t // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         for j, i in enumerate(pick):
             row = g.iloc[i]
-            arr = arrays.get(row.cache_path)
-            if arr is None:
-                arr = arrays[row.cache_path] = np.load(row.cache_path, mmap_mode="r")
-            img = cv2.cvtColor(np.ascontiguousarray(arr[int(row.cache_index)]), cv2.COLOR_RGB2BGR)
+            img = cv2.cvtColor(reader.image(row.cache_path, int(row.cache_index)), cv2.COLOR_RGB2BGR)
             thumb = cv2.resize(img, (t - 2 * b, t - 2 * b), interpolation=cv2.INTER_AREA)
             x = SHEET_LABEL_W + SHEET_GAP + j * cell
             sheet[y:y + t, x:x + t] = (0, 0, 255) if int(row.label) == 1 else (255, 0, 0)

@@ -2,7 +2,7 @@
 
 The EMA model (torch-ema) is both what gets evaluated and saved, and the teacher of the KL term.
 The best checkpoint (by val AUC of the EMA weights) is self-describing: backbone, image size,
-normalisation, cache size and the resolved config travel with the weights.
+the preprocessing contract (dfpipe.data.preprocess) and the resolved config travel with the weights.
 
 Every epoch end also writes ``last.pt`` (see :mod:`dfpipe.train.checkpoint`): a run that is killed
 resumes at the next epoch, with the same result as an uninterrupted run, if the expert config and the
@@ -37,8 +37,10 @@ from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
 from ..config import ExpertConfig, TrainConfig
-from ..data.dataset import CacheDataset
+from ..data.dataset import StoreDataset
+from ..data.preprocess import InputPolicy, Preprocess
 from ..data.samples import load_split_pool
+from ..data.store import read_store_record
 from ..data.transforms import seed_worker, to_model_input, train_augment
 from ..device import autocast, num_workers
 from ..errors import DataError, UnknownNameError
@@ -59,8 +61,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cache_size_of(pool: pd.DataFrame) -> int:
-    return int(np.load(pool.cache_path.iloc[0], mmap_mode="r").shape[1])
+def input_policy(ecfg: ExpertConfig) -> InputPolicy:
+    return InputPolicy(ecfg.input_mode, ecfg.img_size)
 
 
 def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -79,7 +81,8 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     """P(fake) of each image of ``loader`` (and, ``with_index``, the dataset index of each)."""
     model.eval()
     out, index = [], []
-    for x, _, idx in loader:
+    for xs, _, idx in loader:
+        (x,) = xs.values()  # a one-policy loader: {policy key: uint8 (B, S, S, 3)}
         x = to_model_input(x.to(device, non_blocking=True), model.img_size, model.mean, model.std,
                            device.type == "cuda")
         with autocast(device):
@@ -127,7 +130,9 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     out_dir = Path(cfg.models_dir) / name
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    desc = {**model.describe(), "cache_size": cache_size_of(df)}
+    # the preprocessing contract: stage 1's record + this expert's input policy + its normalisation
+    prep = Preprocess(read_store_record(cfg.prepared_dir), input_policy(ecfg), model.mean, model.std)
+    desc = {**model.describe(), "preprocess": prep.to_dict()}
     key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc)}
     history, best, first = [], {"auc": -1.0}, 1
     ckpt = load_resumable(out_dir, key)
@@ -185,7 +190,8 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
     if length == 0:
         raise DataError(f"{len(train_df)} training images cannot be split over {world} processes")
     pin = acc.device.type == "cuda"
-    train_ds = SeededAugmentDataset(CacheDataset(train_df), train_augment(ecfg.augment, ecfg.seed))
+    policy = input_policy(ecfg)
+    train_ds = SeededAugmentDataset(StoreDataset(train_df, [policy]), policy, train_augment(ecfg.augment, ecfg.seed))
     sampler = SeededSampler(len(train_ds), g, rank=rank, world=world, length=length)
     # the sampler yields whole batches only (the old drop_last), so every rank runs the same steps
     train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=False, num_workers=workers,
@@ -193,7 +199,7 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
                               # a private generator for the workers' base seed: the global RNG stays untouched
                               generator=torch.Generator().manual_seed(ecfg.seed),
                               persistent_workers=workers > 0)
-    val_loader = DataLoader(CacheDataset(val_df), batch_size=batch * 2, sampler=range(rank, len(val_df), world),
+    val_loader = DataLoader(StoreDataset(val_df, [policy]), batch_size=batch * 2, sampler=range(rank, len(val_df), world),
                             num_workers=workers, pin_memory=pin)
     return train_loader, val_loader
 
@@ -267,7 +273,8 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels
     device = acc.device
     sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "nce": 0.0}
     n_seen, t0 = 0, time.perf_counter()
-    for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not acc.is_main_process):
+    for xs, y, _ in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not acc.is_main_process):
+        (x,) = xs.values()  # uint8 (b, S, S, 3), already cut to the expert's input policy in the workers
         x = to_model_input(x.to(device, non_blocking=True), net.img_size, net.mean, net.std, channels_last)
         y = y.to(device, non_blocking=True)
         with autocast(device):

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.dataset import CacheDataset
+from ..data.dataset import StoreDataset
+from ..data.preprocess import InputPolicy, fit
 
 SEED_HIGH = 2**31 - 1
 
@@ -65,22 +66,19 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
 
 class SeededAugmentDataset(Dataset):
-    """A :class:`CacheDataset` item augmented by ``aug`` re-seeded with the sampler's per-sample seed."""
+    """A :class:`StoreDataset` item cut to ``policy`` (random crop) and augmented by ``aug``, both seeded
+    with the sampler's per-sample seed. Items are ``({policy.key: uint8 tensor}, label, index)``."""
 
-    def __init__(self, base: CacheDataset, aug: A.Compose | None):
-        if base.transform is not None:
-            raise ValueError("the base dataset must not transform: augmentation is seeded here")
-        self.base = base
-        self.aug = aug
+    def __init__(self, base: StoreDataset, policy: InputPolicy, aug: A.Compose | None):
+        self.base, self.policy, self.aug = base, policy, aug
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int, int]:
         i, seed = item
-        x, y, idx = self.base[i]
-        if self.aug is None:
-            return x, y, idx
-        self.aug.set_random_seed(int(seed))
-        img = self.aug(image=x.numpy())["image"]
-        return torch.from_numpy(np.ascontiguousarray(img)), y, idx
+        img = fit(self.base.image(i), self.policy, np.random.default_rng(seed))
+        if self.aug is not None:
+            self.aug.set_random_seed(int(seed))
+            img = self.aug(image=img)["image"]
+        return {self.policy.key: torch.from_numpy(np.ascontiguousarray(img))}, int(self.base.labels[i]), i

@@ -16,18 +16,15 @@ def run(cfg: PrepareConfig) -> dict:
     check_face_config(cfg.face_crop, cfg.face_margin, cfg.face_policy)
     if not 0 <= cfg.dup_max_distance <= 64:
         raise ConfigError(f"prepare.dup_max_distance={cfg.dup_max_distance}: must be in [0, 64]")
-    if cfg.chunk_size < 1 or cfg.cache_size < 1 or cfg.workers < 0:
-        raise ConfigError(f"prepare: chunk_size ({cfg.chunk_size}) and cache_size ({cfg.cache_size}) must be >= 1, "
-                         f"workers ({cfg.workers}) >= 0")
+    if cfg.chunk_size < 1 or cfg.max_side < 0 or cfg.workers < 0:
+        raise ConfigError(f"prepare: chunk_size ({cfg.chunk_size}) must be >= 1, max_side ({cfg.max_side}) and "
+                          f"workers ({cfg.workers}) >= 0")
     col = collect_items(cfg)
     sizes = {s: sum(1 for it in col.items if it.split == s) for s in SPLITS}
     journal = {"version": WORK_VERSION, "fingerprint": fingerprint(cfg, col.items), "n_items": sizes,
-               "cache_size": cfg.cache_size, "chunk_size": cfg.chunk_size}
+               "max_side": cfg.max_side, "chunk_size": cfg.chunk_size}
     work = Work.open(work_dir(cfg.out_dir), journal)
-    try:
-        _decode_all(cfg, col.items, work)
-    finally:
-        work.close()
+    _decode_all(cfg, col.items, work)
     return _publish(cfg, col, work)
 
 

@@ -1,5 +1,5 @@
-"""Stage 1 decoding: worker processes decode, hash, face-crop and resize; the caller writes the pixels and
-commits each chunk."""
+"""Stage 1 decoding: worker processes decode, hash and make each stage-1 image (downscale, face crop) and its
+stored bytes; the caller appends them to the chunk's shard and commits each chunk."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from functools import partial
 from typing import NamedTuple
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
 from ...config import PrepareConfig
 from ..dedup import hash_image
-from ..faces import FaceResult, apply_face_crop
-from ..images import ImageError, decode, resize_square
+from ..faces import FaceResult
+from ..images import ImageError, decode_file
+from ..preprocess import Stage1, stage1_image
+from ..store import ShardWriter, shard_name, stored_bytes
 from .sources import Item
 from .work import Work, _chunks
 
@@ -32,8 +33,8 @@ TASK_SIZE = 16  # images per worker task: amortises inter-process overhead, boun
 class Loaded:
     """What the worker sends back for one image (picklable)."""
 
-    img: np.ndarray | None  # the resized cache image; None when the image is not used
-    size: tuple[int, int] = (0, 0)  # original (w, h)
+    data: bytes | None  # the stored bytes (see dfpipe.data.store); None when the image is not used
+    size: tuple[int, int] = (0, 0)  # original (w, h), after EXIF rotation
     error: str = ""
     kind: str = ""  # reason code of ``error``
     phash: str = ""
@@ -41,12 +42,15 @@ class Loaded:
     digest: str = ""
     face: FaceResult = FaceResult("")
     notes: tuple[str, ...] = ()
+    stored_size: tuple[int, int] = (0, 0)  # (w, h) of the stage-1 image
+    stored: str = ""  # original | png
+    file_bytes: int = 0
 
 
 def _load(path: str, cfg: PrepareConfig) -> Loaded:
-    """Worker: decode once, hash, optionally crop to the face, resize into the cache. Never raises."""
+    """Worker: decode once, hash, make the stage-1 image and its stored bytes. Never raises."""
     try:
-        dec = decode(path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+        raw, dec = decode_file(path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
     except ImageError as exc:
         return Loaded(None, error=str(exc), kind=exc.kind)
     except Exception as exc:  # noqa: BLE001 - one file must never stop a 500k run
@@ -54,12 +58,19 @@ def _load(path: str, cfg: PrepareConfig) -> Loaded:
     img = dec.img
     h, w = img.shape[:2]
     hashes = hash_image(img)  # of the whole decoded image: duplicates are about the source photo
-    crop, face = apply_face_crop(img, cfg.face_crop, cfg.face_margin, cfg.face_policy)
-    if crop is None:
-        return Loaded(None, (w, h), f"no face found (face_policy={cfg.face_policy})", "no_face", hashes.phash,
-                      hashes.dhash, hashes.digest, face, dec.notes)
-    return Loaded(resize_square(crop, cfg.cache_size), (w, h), "", "", hashes.phash, hashes.dhash, hashes.digest,
-                  face, dec.notes)
+    out, face = stage1_image(img, stage1_of(cfg))
+    common = dict(size=(w, h), phash=hashes.phash, dhash=hashes.dhash, digest=hashes.digest, face=face,
+                  notes=dec.notes, file_bytes=len(raw))
+    if out is None:
+        return Loaded(None, error=f"no face found (face_policy={cfg.face_policy})", kind="no_face", **common)
+    data, how = stored_bytes(raw, dec.format, dec.notes, out, changed=out is not img)
+    return Loaded(data, stored_size=(out.shape[1], out.shape[0]), stored=how, **common)
+
+
+def stage1_of(cfg: PrepareConfig) -> Stage1:
+    """The stage-1 part of the preprocessing contract, from stage 1's settings."""
+    return Stage1(max_side=cfg.max_side, face_crop=cfg.face_crop, face_margin=cfg.face_margin,
+                  face_policy=cfg.face_policy, max_pixels=cfg.max_pixels)
 
 
 def _load_batch(paths: list[str], cfg: PrepareConfig) -> list[Loaded]:
@@ -81,8 +92,8 @@ class Task(NamedTuple):
 
 
 def _decode_all(cfg: PrepareConfig, items: list[Item], work: Work) -> None:
-    """Decode every chunk not yet committed; commit each as soon as its last image is written."""
-    todo = [(s, k, c) for s, k, c in _chunks(items, cfg.chunk_size) if not work.chunk_file(s, k).is_file()]
+    """Decode every chunk not yet committed; commit each (shard, then rows) as soon as its last image is in."""
+    todo = [(s, k, c) for s, k, c in _chunks(items, cfg.chunk_size) if not work.done(s, k)]
     n_chunks = sum(1 for _ in _chunks(items, cfg.chunk_size))
     if len(todo) < n_chunks:
         log.info("resuming from %s: %d of %d chunks already done", work.path, n_chunks - len(todo), n_chunks)
@@ -90,21 +101,20 @@ def _decode_all(cfg: PrepareConfig, items: list[Item], work: Work) -> None:
              for split, k, chunk in todo for j in range(0, len(chunk), TASK_SIZE))
     workers = cfg.workers or os.cpu_count() or 1
     rows: list[dict] = []
+    shard: ShardWriter | None = None
     with tqdm(total=len(items), initial=len(items) - sum(len(c) for _, _, c in todo), desc="prepare",
               unit="img") as bar:
         for task, results in _run_tasks(partial(_load_batch, cfg=cfg), tasks, workers):
-            start = task.chunk * cfg.chunk_size + task.offset  # cache row of the task's first image
-            block = np.zeros((len(results), cfg.cache_size, cfg.cache_size, 3), np.uint8)  # (B, S, S, 3)
-            for i, (it, res) in enumerate(zip(task.items, results)):
-                if res.img is not None:
-                    block[i] = res.img
-                else:
+            if task.offset == 0:
+                shard = work.shard(task.split, task.chunk)
+            assert shard is not None  # tasks come in order: a chunk's first task opens its shard
+            for it, res in zip(task.items, results):
+                if res.data is None:
                     log.warning("%s: skipped: %s", it.path, res.error)
-                rows.append(_row(it, start + i, res))
-            work.write_rows(task.split, start, block)
+                rows.append(_row(it, task.split, task.chunk, shard.add(res.data), res))
             if task.last:
-                work.commit(task.split, task.chunk, rows)
-                rows = []
+                work.commit(task.split, task.chunk, shard, rows)
+                rows, shard = [], None
             bar.update(len(results))
 
 
@@ -134,12 +144,15 @@ def _run_tasks(fn: Callable[[list[str]], list[Loaded]], tasks: Iterable[Task], w
             yield done, fut.result()
 
 
-def _row(it: Item, index: int, res: Loaded) -> dict:
+def _row(it: Item, split: str, chunk: int, index: int, res: Loaded) -> dict:
     """The work-file row of one image (dup_group is filled in at the end)."""
     w, h = res.size
     fx, fy, fw, fh = res.face.box
+    ok = res.data is not None
     return dict(uid=f"{it.split}/{it.img_name}", img_name=it.img_name, split=it.split, label=it.label,
-                path=it.path, cache_file=f"{it.split}.npy", cache_index=index if res.img is not None else -1,
-                orig_w=w, orig_h=h, error=res.error, phash=res.phash, dhash=res.dhash, dup_group=-1,
+                path=it.path, cache_file=shard_name(split, chunk), cache_index=index if ok else -1,
+                orig_w=w, orig_h=h, width=res.stored_size[0], height=res.stored_size[1], error=res.error,
+                phash=res.phash, dhash=res.dhash, dup_group=-1,
                 face=res.face.status, face_x=fx, face_y=fy, face_w=fw, face_h=fh, dataset=it.dataset,
-                converted=";".join(res.notes), error_kind=res.kind, digest=res.digest)
+                converted=";".join(res.notes), error_kind=res.kind, digest=res.digest,
+                file_bytes=res.file_bytes, stored_bytes=len(res.data) if ok else 0, stored=res.stored)

@@ -1,5 +1,5 @@
-"""Stage 1 outputs: manifest, near-duplicates and report from the committed chunks; the caches renamed into
-place."""
+"""Stage 1 outputs: manifest, near-duplicates and report from the committed chunks; the store renamed into
+place with its ``store.json`` (the stage-1 part of the preprocessing contract)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from ...config import PrepareConfig
 from ...errors import DataError
 from ...io import atomic_open, write_csv, write_json
 from ..dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
+from ..store import write_store_record
+from .pool import stage1_of
 from .sources import SPLITS, Collected, Item
 from .work import MANIFEST_COLUMNS, Work, _chunks
 
@@ -29,7 +31,8 @@ class Tally:
 
     def __init__(self) -> None:
         self.counts: dict[str, Counter] = {k: Counter() for k in ("images", "fake", "labels", "converted", "faces",
-                                                                  "ds_ok", "ds_failed")}
+                                                                  "ds_ok", "ds_failed", "stored")}
+        self.file_bytes = self.stored_bytes = 0
         self.failed: list[dict] = []
         self.n_rows = self.n_converted = 0
         self.hashed: list[np.ndarray] = []  # manifest row numbers of hashed images, per chunk
@@ -51,6 +54,9 @@ class Tally:
         self.n_converted += len(conv)
         c["converted"].update(k for notes in conv for k in notes.split(";"))
         c["faces"].update(df.face[df.face != ""].str.replace(r"_of_\d+$", "_of_n", regex=True))
+        c["stored"].update(df.stored[ok])
+        self.file_bytes += int(df.file_bytes[ok].astype(np.int64).sum())
+        self.stored_bytes += int(df.stored_bytes[ok].astype(np.int64).sum())
         for r in df[~ok].itertuples():
             self.failed.append({"split": r.split, "dataset": r.dataset, "file": r.path, "kind": r.error_kind,
                                 "reason": r.error})
@@ -80,7 +86,7 @@ def _committed(work: Work, items: list[Item], chunk_size: int) -> Iterator[pd.Da
 
 
 def _publish(cfg: PrepareConfig, col: Collected, work: Work) -> dict:
-    """Manifest, dedup, report: then rename the cache dir onto ``out_dir`` and drop the work dir."""
+    """Manifest, dedup, report: then rename the store onto ``out_dir`` and drop the work dir."""
     tally = Tally()
     for df in _committed(work, col.items, cfg.chunk_size):
         tally.add(df)
@@ -88,16 +94,18 @@ def _publish(cfg: PrepareConfig, col: Collected, work: Work) -> dict:
     pairs, dup, dup_summary = tally.duplicates(cfg.dup_max_distance)
     _log_duplicates(dup_summary)
     _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
+    write_store_record(work.cache, stage1_of(cfg))
     out = Path(cfg.out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(work.cache, out)  # a rename: the caches are never copied
+    os.replace(work.cache, out)  # a rename: the store is never copied
     write_csv(cfg.duplicates, pairs[DUP_COLUMNS])
     report = _report(cfg, col, tally)
     report["duplicates"] = dup_summary
     write_json(cfg.report, report)
     shutil.rmtree(work.path)
-    log.info("prepared %d images (%s), skipped %d", sum(tally.counts["images"].values()),
-             dict(tally.counts["images"]), report["n_skipped"])
+    log.info("prepared %d images (%s), skipped %d; store %.1f MB = %.2fx the input files (%s)",
+             sum(tally.counts["images"].values()), dict(tally.counts["images"]), report["n_skipped"],
+             tally.stored_bytes / 1e6, report["store"]["ratio"], dict(tally.counts["stored"]))
     return report
 
 
@@ -135,7 +143,10 @@ def _report(cfg: PrepareConfig, col: Collected, tally: Tally) -> dict:
                        "n_missing": sum(1 for s in col.skipped if s["dataset"] == name)}
                 for name, n in col.listed.items()}
     return {
-        "cache_size": cfg.cache_size,
+        "max_side": cfg.max_side,
+        "store": {"bytes": tally.stored_bytes, "input_bytes": tally.file_bytes,
+                  "ratio": round(tally.stored_bytes / max(1, tally.file_bytes), 4),
+                  **{f"n_{k}": c["stored"][k] for k in ("original", "png")}},
         "n_images": {s: c["images"][s] for s in SPLITS},
         "n_fake": {s: c["fake"][s] for s in ("train", "val")},
         "n_skipped": len(skipped),

@@ -1,5 +1,5 @@
-"""Stage 1's work dir: the journal that decides what a rerun may reuse, the caches filled in place, the
-committed chunks."""
+"""Stage 1's work dir: the journal that decides what a rerun may reuse, the store's shards, the committed
+chunks."""
 
 from __future__ import annotations
 
@@ -12,22 +12,23 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 import PIL
 
 from ...config import PrepareConfig
 from ...io import write_csv, write_json
+from ..store import ShardWriter, shard_name
 from .sources import SPLITS, Item
 
 log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ["uid", "img_name", "split", "label", "path", "cache_file", "cache_index", "orig_w",
-                    "orig_h", "error", "phash", "dhash", "dup_group", "face", "face_x", "face_y", "face_w", "face_h",
+                    "orig_h", "width", "height", "error", "phash", "dhash", "dup_group", "face", "face_x", "face_y", "face_w", "face_h",
                     "dataset", "converted"]
-CHUNK_COLUMNS = [*MANIFEST_COLUMNS, "error_kind", "digest"]  # the work files keep what the report needs
-WORK_VERSION = 1  # bump when a code change makes old work files wrong
+# the work files keep what the report needs: file / stored bytes, how it was stored (original / png)
+CHUNK_COLUMNS = [*MANIFEST_COLUMNS, "error_kind", "digest", "file_bytes", "stored_bytes", "stored"]
+WORK_VERSION = 2  # bump when a code change makes old work files wrong
 # settings that change what a chunk holds (the others, e.g. dup_max_distance or workers, reuse the work)
-WORK_KEYS = ("cache_size", "min_side", "max_pixels", "face_crop", "face_margin", "face_policy", "chunk_size")
+WORK_KEYS = ("max_side", "min_side", "max_pixels", "face_crop", "face_margin", "face_policy", "chunk_size")
 
 
 def fingerprint(cfg: PrepareConfig, items: Iterable[Item]) -> str:
@@ -47,16 +48,12 @@ def fingerprint(cfg: PrepareConfig, items: Iterable[Item]) -> str:
 
 
 class Work:
-    """The work dir: ``journal.json``, ``cache/{split}.npy`` (full size, filled in place), and one
-    ``chunks/{split}-{k:06d}.csv`` per committed chunk. ``cache/`` becomes ``out_dir`` at the end."""
+    """The work dir: ``journal.json``, ``cache/<split>-<k>.bin`` (+ ``.idx.npy``) shards, one per committed
+    chunk, and one ``chunks/{split}-{k:06d}.csv`` per committed chunk. ``cache/`` becomes ``out_dir``."""
 
     def __init__(self, path: Path, journal: dict) -> None:
         self.path, self.journal = path, journal
         self.cache = path / "cache"
-        self.size = int(journal["cache_size"])
-        self.row_bytes = self.size * self.size * 3
-        self._fds: dict[str, int] = {}
-        self._offsets: dict[str, int] = {}
 
     @classmethod
     def open(cls, path: Path, journal: dict) -> Work:
@@ -68,61 +65,30 @@ class Work:
         if not path.exists():
             (path / "chunks").mkdir(parents=True)
             work.cache.mkdir()
-            for split, n in journal["n_items"].items():
-                _create_npy(work.cache / f"{split}.npy", (n, work.size, work.size, 3))
-            write_json(path / "journal.json", journal)  # last: the journal vouches for the caches
-        for split in journal["n_items"]:
-            npy = work.cache / f"{split}.npy"
-            work._offsets[split] = _npy_offset(npy)
-            work._fds[split] = os.open(npy, os.O_WRONLY)
+            write_json(path / "journal.json", journal)  # last: the journal vouches for the folder
         return work
 
     def _reusable(self) -> bool:
         try:
-            if json.loads((self.path / "journal.json").read_text()) != self.journal:
-                return False
-            for split, n in self.journal["n_items"].items():
-                npy = self.cache / f"{split}.npy"
-                if npy.stat().st_size != _npy_offset(npy) + n * self.row_bytes:
-                    return False
+            return json.loads((self.path / "journal.json").read_text()) == self.journal and self.cache.is_dir()
         except (OSError, ValueError):
             return False
-        return True
 
     def chunk_file(self, split: str, k: int) -> Path:
         return self.path / "chunks" / f"{split}-{k:06d}.csv"
 
-    def write_rows(self, split: str, start: int, block: np.ndarray) -> None:
-        """Write cache rows ``start ...`` (page cache: survives a killed process)."""
-        data = memoryview(np.ascontiguousarray(block)).cast("B")
-        pos = self._offsets[split] + start * self.row_bytes
-        while len(data):
-            n = os.pwrite(self._fds[split], data, pos)
-            data, pos = data[n:], pos + n
+    def shard(self, split: str, k: int) -> ShardWriter:
+        """A writer for chunk ``k`` of ``split``'s shard (a killed run's half-written one is overwritten)."""
+        return ShardWriter(self.cache / shard_name(split, k))
 
-    def commit(self, split: str, k: int, rows: list[dict]) -> None:
-        """A finished chunk: its manifest rows, written atomically (its pixels are already in the cache)."""
+    def done(self, split: str, k: int) -> bool:
+        """Chunk committed: its rows (written last) and its shard are both there."""
+        return self.chunk_file(split, k).is_file() and (self.cache / shard_name(split, k)).is_file()
+
+    def commit(self, split: str, k: int, shard: ShardWriter, rows: list[dict]) -> None:
+        """A finished chunk: its shard renamed into place, then its manifest rows written atomically."""
+        shard.commit()
         write_csv(self.chunk_file(split, k), pd.DataFrame(rows, columns=CHUNK_COLUMNS))
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _create_npy(path: Path, shape: tuple[int, ...]) -> None:
-    """An all-zero uint8 .npy of ``shape`` (sparse on disk until written; nothing mapped in memory)."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-    with open(path, "wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, header)
-        fh.truncate(fh.tell() + int(np.prod(shape)))
-
-
-def _npy_offset(path: Path) -> int:
-    with open(path, "rb") as fh:
-        np.lib.format.read_magic(fh)
-        np.lib.format.read_array_header_1_0(fh)
-        return fh.tell()
 
 
 def _chunks(items: list[Item], chunk_size: int) -> Iterator[tuple[str, int, list[Item]]]:

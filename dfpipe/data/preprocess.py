@@ -1,0 +1,164 @@
+"""One preprocessing contract from stage 1 to the API: what is done to an image before a model sees it.
+
+An image goes through the same steps wherever it comes from (training, validation, stage 5, the
+evaluation, ``dfpipe predict`` / ``scan``, the HTTP API):
+
+1. **decode** (:func:`dfpipe.data.images.decode`): RGB uint8, EXIF rotation applied, alpha flattened...;
+2. **stage 1** (:class:`Stage1`, :func:`stage1_image`): downscale so the longer side is at most
+   ``max_side`` (0 = never; only ever down), then the optional face crop (detector, margin, policy).
+   The result is the *stage-1 image*: what the image store holds (:mod:`dfpipe.data.store`);
+3. **input policy** (:class:`InputPolicy`, :func:`fit`), per expert: ``resize`` squashes to
+   ``size`` x ``size``; ``resize_short_crop`` resizes the shorter side to ``size`` (aspect kept) and
+   crops a square; ``crop`` crops ``size`` x ``size`` at native resolution (every pixel as it came). The
+   crop is random in training and central at test time. An image whose shorter side is below ``size``
+   is first enlarged (bicubic) so its shorter side is ``size``: nothing is padded;
+4. **normalise** (on the device, in batches: :func:`dfpipe.data.transforms.to_model_input`) with the
+   expert's ``mean`` / ``std``.
+
+:class:`Preprocess` holds the settings of all four; training writes it into every checkpoint
+(``description["preprocess"]``) and stage 5 into the ensemble card, so nothing an expert was trained
+with is retyped on a command line: a model trained on face crops is served face-cropped.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..config import FaceCrop, FacePolicy, InputMode
+from ..errors import ConfigError, DataError
+from .faces import FaceResult, apply_face_crop
+from .images import DEFAULT_MAX_PIXELS, decode, resize_square
+
+INPUT_MODES = typing.get_args(InputMode)  # resize, resize_short_crop, crop
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """How stage 1 turns a decoded image into the stored one (``store.json`` of the prepared folder)."""
+
+    max_side: int = 0  # longer side above this is downscaled (INTER_AREA, aspect kept); 0 = never
+    face_crop: FaceCrop = "none"
+    face_margin: float = 1.3
+    face_policy: FacePolicy = "whole"
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked from the header
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How one expert takes its ``size`` x ``size`` input from a stage-1 image."""
+
+    mode: InputMode = "resize"
+    size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in INPUT_MODES:
+            raise ConfigError(f"input mode {self.mode!r}: choose one of {list(INPUT_MODES)}")
+        if self.size < 8:
+            raise ConfigError(f"input size {self.size}: must be >= 8")
+
+    @property
+    def key(self) -> str:
+        """A short name (``resize128``): experts with the same policy share one decoded batch."""
+        return f"{self.mode}{self.size}"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything between the file and the model's input tensor (written into checkpoints and the card)."""
+
+    stage1: Stage1 = Stage1()
+    input: InputPolicy = InputPolicy()
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        try:
+            return cls(stage1=_build(Stage1, d["stage1"]), input=_build(InputPolicy, d["input"]),
+                       mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"malformed preprocessing record {d!r}: {exc}") from None
+
+
+def _build(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise DataError(f"preprocessing record: unknown {cls.__name__} keys {sorted(unknown)}")
+    return cls(**d)
+
+
+# ----------------------------------------------------------------------------- step 2: stage 1
+def downscale(img: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink (area filter, aspect kept) so the longer side is ``max_side``; never enlarges; 0 = as is."""
+    h, w = img.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return img
+    s = max_side / max(h, w)
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def stage1_image(img: np.ndarray, s1: Stage1) -> tuple[np.ndarray | None, FaceResult]:
+    """The stage-1 image of a decoded one: (image, or None when ``face_policy: skip`` finds no face; the
+    face step's result). Stage 1 stores exactly this; every scoring path computes it the same way."""
+    return apply_face_crop(downscale(img, s1.max_side), s1.face_crop, s1.face_margin, s1.face_policy)
+
+
+def scoring_image(img: np.ndarray, s1: Stage1) -> np.ndarray:
+    """The stage-1 image of a decoded image, for scoring: an image without a face under
+    ``face_policy: skip`` is scored whole (a user's upload always gets a score)."""
+    out, _ = stage1_image(img, s1)
+    return downscale(img, s1.max_side) if out is None else out
+
+
+def load_stage1(data: bytes | str | Path, s1: Stage1) -> np.ndarray:
+    """Decode a file (or bytes) and make its stage-1 image for scoring (:func:`scoring_image`)."""
+    return scoring_image(decode(data, max_pixels=s1.max_pixels).img, s1)
+
+
+# ----------------------------------------------------------------------------- step 3: input policy
+def _enlarge_short(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if min(h, w) >= size:
+        return img
+    s = size / min(h, w)
+    return cv2.resize(img, (max(size, round(w * s)), max(size, round(h * s))), interpolation=cv2.INTER_CUBIC)
+
+
+def _resize_short(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if min(h, w) == size:
+        return img
+    s = size / min(h, w)
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    return cv2.resize(img, (max(size, round(w * s)), max(size, round(h * s))), interpolation=interp)
+
+
+def crop_origin(shape: tuple[int, int], size: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(y0, x0) of a ``size`` square inside ``shape``: uniform with ``rng``, central without."""
+    h, w = shape
+    if rng is None:
+        return (h - size) // 2, (w - size) // 2
+    return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+
+
+def fit(img: np.ndarray, policy: InputPolicy, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 per ``policy``; ``rng`` given = training (random crop)."""
+    size = policy.size
+    if policy.mode == "resize":
+        out = resize_square(img, size)
+    else:
+        img = _resize_short(img, size) if policy.mode == "resize_short_crop" else _enlarge_short(img, size)
+        y0, x0 = crop_origin(img.shape[:2], size, rng)
+        out = img[y0:y0 + size, x0:x0 + size]
+    return np.require(out, requirements=["C", "W"])  # a writable contiguous array (a copy when needed)

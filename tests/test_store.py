@@ -1,0 +1,185 @@
+"""The native-resolution image store and the preprocessing contract (dfpipe.data.store / .preprocess)."""
+
+import io
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import photo_like, write_jpeg
+from dfpipe.config import PrepareConfig
+from dfpipe.data.dataset import StoreDataset
+from dfpipe.data.images import decode_image
+from dfpipe.data.prepare import prepare
+from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1, downscale, fit, scoring_image
+from dfpipe.data.samples import load_pool
+from dfpipe.data.store import ShardWriter, StoreReader, read_store_record, stored_bytes, write_png_shard
+from dfpipe.errors import DataError, InputError
+
+
+def _prepare(tmp_path, raw, **kw):
+    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
+                        duplicates=str(tmp_path / "d.csv"), workers=1, **kw)
+    return cfg, prepare(cfg)
+
+
+def _layout(raw, imgs_by_split: dict) -> None:
+    for split, folder in (("train", "trainset"), ("val", "valset")):
+        rows = []
+        for i, img in enumerate(imgs_by_split[split]):
+            write_jpeg(raw / folder / f"{split}{i}.jpg", img, quality=90)
+            rows.append((f"{split}{i}.jpg", i % 2))
+        pd.DataFrame(rows, columns=["img_name", "target"]).to_csv(raw / f"{folder}_label.txt", index=False)
+    (raw / "testset").mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- shards
+def test_shard_round_trip_with_gaps_and_clear_errors(tmp_path, rng):
+    imgs = [photo_like(rng, 30 + 7 * i, 41) for i in range(3)]
+    idx = write_png_shard(tmp_path / "s-000000.bin", [imgs[0], None, imgs[1], imgs[2]])
+    assert idx == [0, 1, 2, 3] and not list(tmp_path.glob("*.tmp"))
+    reader = StoreReader()
+    for k, im in zip((0, 2, 3), imgs):
+        np.testing.assert_array_equal(reader.image(tmp_path / "s-000000.bin", k), im)  # lossless, own size
+    with pytest.raises(DataError, match="holds no image"):
+        reader.read(tmp_path / "s-000000.bin", 1)
+    with pytest.raises(DataError, match="no image 9"):
+        reader.read(tmp_path / "s-000000.bin", 9)
+    with pytest.raises(DataError, match="shard index"):
+        reader.read(tmp_path / "missing-000000.bin", 0)
+    clone = pickle.loads(pickle.dumps(reader))  # what a DataLoader worker gets: it opens its own files
+    np.testing.assert_array_equal(clone.image(tmp_path / "s-000000.bin", 3), imgs[2])
+
+
+def test_an_aborted_shard_leaves_nothing_under_its_name(tmp_path, rng):
+    w = ShardWriter(tmp_path / "a-000000.bin")
+    w.add(b"xyz")
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def test_what_is_stored_original_bytes_or_lossless_png(tmp_path, rng):
+    from dfpipe.data.images import decode
+
+    img = photo_like(rng, 40, 50)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    raw = buf.getvalue()
+    dec = decode(raw)
+    assert stored_bytes(raw, dec.format, dec.notes, dec.img, changed=False) == (raw, "original")
+    # EXIF-rotated: decode applies the rotation, so the stored image is the upright one, losslessly
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    dec = decode(buf.getvalue())
+    assert "exif_rotated" in dec.notes and dec.img.shape[:2] == (50, 40)
+    data, how = stored_bytes(buf.getvalue(), dec.format, dec.notes, dec.img, changed=False)
+    assert how == "png" and data.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(decode_image(data), dec.img)
+    # a face crop or a downscale changes the pixels: the stage-1 image is stored, not the file
+    data, how = stored_bytes(raw, "JPEG", (), img[5:30, 5:30], changed=True)
+    assert how == "png"
+    np.testing.assert_array_equal(decode_image(data), img[5:30, 5:30])
+
+
+def test_store_record_is_required_and_read_back(tmp_path, rng):
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": [photo_like(rng, 50, 60) for _ in range(4)], "val": [photo_like(rng, 50, 60)] * 2})
+    cfg, _ = _prepare(tmp_path, raw, max_side=48, face_margin=1.5)
+    assert read_store_record(cfg.out_dir) == Stage1(max_side=48, face_crop="none", face_margin=1.5)
+    with pytest.raises(InputError, match="not a stage-1 image store"):
+        read_store_record(tmp_path)
+
+
+# --------------------------------------------------------------------------- storage at real sizes
+def test_storage_of_large_jpegs_is_about_their_size(tmp_path, rng):
+    """Issue: on JPEGs of 700-1200 px with the default params, the store is 0.8-1.2x the input bytes (a raw
+    uint8 cache at 512 px would be about 6x)."""
+    sizes = rng.integers(700, 1201, size=(12, 2))
+    imgs = [photo_like(rng, int(h), int(w)) for h, w in sizes]
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": imgs[:8], "val": imgs[8:]})
+    cfg, report = _prepare(tmp_path, raw)
+    in_bytes = sum(p.stat().st_size for p in raw.rglob("*.jpg"))
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "p").glob("*-*.*"))  # shards + their indexes
+    assert report["store"]["input_bytes"] == in_bytes
+    assert 0.8 <= on_disk / in_bytes <= 1.2, on_disk / in_bytes
+    pool = load_pool(cfg.out_dir)
+    first = StoreDataset(pool, [InputPolicy("resize", 32)]).image(0)
+    assert first.shape == (int(sizes[0][0]), int(sizes[0][1]), 3)  # every pixel kept
+
+
+# --------------------------------------------------------------------------- input policies
+def test_a_native_image_reaches_a_crop_expert_pixel_for_pixel(tmp_path, rng):
+    """Issue: a native 256 px image reaches a 256 px ``crop`` expert pixel for pixel, in training (random
+    crop: there is one position) and at test time, through stage 1's store."""
+    from dfpipe.train.sampling import SeededAugmentDataset
+
+    imgs = [photo_like(rng, 256, 256) for _ in range(4)]
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": imgs, "val": imgs[:2]})
+    cfg, _ = _prepare(tmp_path, raw)
+    pool = load_pool(cfg.out_dir)
+    policy = InputPolicy("crop", 256)
+    want = decode_image(raw / "trainset" / "train1.jpg")  # the decoded file, nothing else
+    k = int(np.flatnonzero(pool.uid == "train/train1.jpg")[0])
+    test_time = StoreDataset(pool, [policy])[k][0][policy.key].numpy()
+    np.testing.assert_array_equal(test_time, want)
+    train_time = SeededAugmentDataset(StoreDataset(pool, [policy]), policy, None)[(k, 12345)][0][policy.key].numpy()
+    np.testing.assert_array_equal(train_time, want)
+    # a squash to the same size is not the identity on a non-square image, a crop is a window of it
+    tall = photo_like(rng, 300, 256)
+    np.testing.assert_array_equal(fit(tall, policy), tall[22:278])
+
+
+def test_crop_policies_random_in_training_central_at_test_time(rng):
+    img = photo_like(rng, 200, 300)
+    crop = InputPolicy("crop", 64)
+    a = fit(img, crop, np.random.default_rng(1))
+    b = fit(img, crop, np.random.default_rng(1))
+    c = fit(img, crop, np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)  # seeded: the same crop again
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(fit(img, crop), img[68:132, 118:182])  # centre
+    # resize_short_crop keeps the aspect: the short side becomes the size, then a central square
+    rs = fit(img, InputPolicy("resize_short_crop", 100))
+    assert rs.shape == (100, 100, 3)
+    import cv2
+    np.testing.assert_array_equal(rs, cv2.resize(img, (150, 100), interpolation=cv2.INTER_AREA)[:, 25:125])
+    # smaller than the size: enlarged (short side = size), never padded
+    small = photo_like(rng, 40, 60)
+    out = fit(small, crop)
+    assert out.shape == (64, 64, 3) and out.std() > 5
+    assert fit(img, InputPolicy("resize", 48)).shape == (48, 48, 3)
+    with pytest.raises(Exception, match="input mode"):
+        InputPolicy("squash", 64)
+
+
+def test_downscale_only_ever_shrinks(rng):
+    img = photo_like(rng, 100, 50)
+    assert downscale(img, 0) is img and downscale(img, 100) is img and downscale(img, 400) is img
+    assert downscale(img, 40).shape == (40, 20, 3)
+
+
+def test_scoring_image_applies_stage1_as_prepare_does(tmp_path, rng):
+    """The stage-1 image computed for scoring (CLI/API) equals what stage 1 stored, downscale included."""
+    imgs = [photo_like(rng, 90, 130) for _ in range(4)]
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": imgs, "val": imgs[:2]})
+    cfg, _ = _prepare(tmp_path, raw, max_side=70)
+    pool = load_pool(cfg.out_dir)
+    stored = StoreDataset(pool, [InputPolicy("resize", 32)]).image(0)
+    path = raw / "trainset" / pool.img_name[0]
+    np.testing.assert_array_equal(scoring_image(decode_image(path), read_store_record(cfg.out_dir)), stored)
+
+
+def test_preprocess_record_round_trips_and_rejects_unknown_keys():
+    rec = Preprocess(Stage1(max_side=512, face_crop="haar"), InputPolicy("crop", 224), (0.1, 0.2, 0.3), (1, 1, 1))
+    assert Preprocess.from_dict(pickle.loads(pickle.dumps(rec.to_dict()))) == rec
+    d = rec.to_dict()
+    d["input"]["jitter"] = 1
+    with pytest.raises(DataError, match="unknown InputPolicy keys"):
+        Preprocess.from_dict(d)
