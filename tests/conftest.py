@@ -74,3 +74,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def expert_description(model, stage1=None, mode: str = "resize") -> dict:
+    """A checkpoint description as training writes it: the model's own plus its preprocessing record."""
+    from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
+
+    prep = Preprocess(stage1 or Stage1(), InputPolicy(mode, model.img_size), model.mean, model.std)
+    return {**model.describe(), "preprocess": prep.to_dict()}

@@ -10,17 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import photo_like
-from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
-from dfpipe.augment.real import widen_real
-from dfpipe.augment import pipeline
+from conftest import photo_like, write_jpeg
+from dfpipe.augment import output, pipeline
 from dfpipe.augment import run as run_augment
 from dfpipe.augment.dist import Dist
+from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
 from dfpipe.augment.generate import regenerate
 from dfpipe.augment.output import MANIFEST_COLUMNS
 from dfpipe.augment.pipeline import n_workers
 from dfpipe.augment.plan import item_seed, plan_jobs
+from dfpipe.augment.real import widen_real
 from dfpipe.config import AugmentConfig
+from dfpipe.data.preprocess import Stage1
+from dfpipe.data.samples import load_pool
+from dfpipe.data.store import StoreReader, read_store_record, shard_name, write_png_shard, write_store_record
 from dfpipe.io import work_dir
 
 ALL_METHODS = sorted(METHODS)
@@ -145,22 +148,45 @@ def test_widen_real_changes_image_keeps_shape_and_is_seeded(pair):
 
 
 # --------------------------------------------------------------------------- the stage
-def make_prepared(root, n_train=8, n_val=4, size=64):
-    """A stage-1 style prepared dir: train/val/test caches and a manifest (one failed decode)."""
+SIZES = [(64, 64), (48, 80), (80, 56)]  # (h, w) of the prepared images, cycled: native sizes differ
+
+
+def make_prepared(root, n_train=8, n_val=4, shard_images=5):
+    """A stage-1 style image store: PNG shards of ``shard_images`` images per split (train spans two),
+    ``store.json`` and a manifest (one failed decode); images of several sizes (:data:`SIZES`)."""
     rng = np.random.default_rng(5)
-    rows = []
+    rows, k = [], 0
     for split, n in (("train", n_train), ("val", n_val), ("test", 2)):
-        imgs = np.stack([photo_like(rng, size, size) for _ in range(n)])
-        np.save(root / f"{split}.npy", imgs)
-        for i in range(n):
-            label = -1 if split == "test" else int(i % 2 != 0)
-            rows.append(dict(uid=f"{split}/{split}_{i}.jpg", img_name=f"{split}_{i}.jpg", split=split, label=label,
-                             path=f"/raw/{split}_{i}.jpg", cache_file=f"{split}.npy", cache_index=i,
-                             orig_w=size, orig_h=size, error=""))
+        imgs = []
+        for _ in range(n):
+            imgs.append(photo_like(rng, *SIZES[k % len(SIZES)]))
+            k += 1
+        for c in range(0, n, shard_images):
+            shard = shard_name(split, c // shard_images)
+            index = write_png_shard(root / shard, imgs[c:c + shard_images])
+            for i, idx in zip(range(c, c + shard_images), index):
+                h, w = imgs[i].shape[:2]
+                label = -1 if split == "test" else int(i % 2 != 0)
+                rows.append(dict(uid=f"{split}/{split}_{i}.jpg", img_name=f"{split}_{i}.jpg", split=split,
+                                 label=label, path=f"/raw/{split}_{i}.jpg", cache_file=shard, cache_index=idx,
+                                 orig_w=w, orig_h=h, width=w, height=h, error=""))
     rows.append(dict(uid="train/broken.jpg", img_name="broken.jpg", split="train", label=0, path="/raw/broken.jpg",
-                     cache_file="train.npy", cache_index=-1, orig_w=0, orig_h=0, error="empty file (0 bytes)"))
+                     cache_file=shard_name("train", 0), cache_index=-1, orig_w=0, orig_h=0, width=0, height=0,
+                     error="empty file (0 bytes)"))
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    write_store_record(root, Stage1())
     return root
+
+
+def prepared_image(prepared, uid):
+    """The stage-1 image of ``uid`` in a prepared store."""
+    row = pd.read_csv(prepared / "manifest.csv", keep_default_na=False).set_index("uid").loc[uid]
+    return StoreReader().image(prepared / row.cache_file, int(row.cache_index))
+
+
+def stored(out, row):
+    """A stage-2 row's image, read back from the stage-2 store."""
+    return StoreReader().image(out / row.cache_file, int(row.cache_index))
 
 
 @pytest.fixture(scope="module")
@@ -201,34 +227,38 @@ def test_stage_manifest_counts_and_labels(augmented, prepared):
     assert set(man.source_uid) <= reals
     assert set(man.source_uid[:6]) == reals  # every real is used once before any is used twice
     assert man.uid.is_unique and (man.uid == "aug/" + man.img_name).all()
-    assert (man.cache_file == "images.npy").all() and list(man.cache_index) == list(range(len(man)))
+    # one shard (fewer than SHARD_IMAGES images), rows in plan order
+    assert (man.cache_file == "aug-000000.bin").all() and list(man.cache_index) == list(range(len(man)))
     splice = man[man.method == "splice"]
     assert (splice.donor_uid != "").all() and (splice.donor_uid != splice.source_uid).all()
     assert set(splice.donor_uid) <= reals and (man[man.method != "splice"].donor_uid == "").all()
     assert summary["n_images"] == 15 and summary["n_fake"] == 12 and summary["n_widened_real"] == 3
-    assert summary["n_diffusion"] == 0 and sum(summary["by_method"].values()) == 15
+    assert summary["n_diffusion"] == 0 and sum(summary["by_method"].values()) == 15 and summary["n_shards"] == 1
+    assert summary["image_sizes"] == {"width": [56, 80], "height": [48, 80], "n_distinct": 3}
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert read_store_record(out) == read_store_record(prepared)  # generated images: same stage-1 contract
+    assert sorted(p.name for p in out.iterdir()) == ["aug-000000.bin", "aug-000000.idx.npy", "contact_sheet.png",
+                                                     "manifest.csv", "masks", "store.json", "summary.json"]
 
 
 def test_stage_images_masks_and_contact_sheet(augmented, prepared):
     out, _ = augmented
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
-    images = np.load(out / "images.npy")
-    assert images.dtype == np.uint8 and images.shape == (len(man), 64, 64, 3)
-    _, by_uid = real_uids(prepared)
-    caches = {f: np.load(prepared / f) for f in ("train.npy", "val.npy")}
+    shapes = set()
     for row in man.itertuples():
-        src_row = by_uid.loc[row.source_uid]
-        src = caches[src_row.cache_file][src_row.cache_index]
-        fake = images[row.cache_index]
+        src = prepared_image(prepared, row.source_uid)
+        fake = stored(out, row)
+        assert fake.dtype == np.uint8 and fake.shape == src.shape  # each image keeps its source's own size
+        shapes.add(src.shape)
         if row.label == 0:
             assert row.mask_path == "" and not np.array_equal(fake, src)
             continue
         mask = cv2.imread(str(out / row.mask_path), cv2.IMREAD_UNCHANGED)
-        assert mask.dtype == np.uint8 and mask.shape == (64, 64) and (mask > 0).mean() > 0.01
+        assert mask.dtype == np.uint8 and mask.shape == src.shape[:2] and (mask > 0).mean() > 0.01
         np.testing.assert_array_equal(fake[mask == 0], src[mask == 0])
         assert (fake[mask > 0] != src[mask > 0]).any()
         assert json.loads(row.params)
+    assert len(shapes) == 3  # sources of different sizes: fakes of their own sizes
     sheet = cv2.imread(str(out / "contact_sheet.png"))
     n_methods = man.method.nunique()
     assert sheet is not None and sheet.shape[0] >= n_methods * 64 and sheet.shape[1] >= 2 * 3 * 64
@@ -239,26 +269,85 @@ def test_stage_is_deterministic_and_regenerates_rows(augmented, prepared, tmp_pa
     out, _ = augmented
     again = tmp_path / "again"
     run_augment(config(prepared, again))
-    assert (out / "images.npy").read_bytes() == (again / "images.npy").read_bytes()
-    assert (out / "manifest.csv").read_bytes() == (again / "manifest.csv").read_bytes()
-    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(p.name for p in (again / "masks").iterdir())
+    assert same_output(out, again)  # shards, index, manifest, masks, sheet: the same bytes
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
-    images = np.load(out / "images.npy")
     for _, row in man.iterrows():
         fake, mask = regenerate(row, prepared)
-        assert fake.tobytes() == images[row.cache_index].tobytes(), row.uid
+        # the store is lossless: the image read back is, pixel for pixel, what the method made
+        back = stored(out, row)
+        assert fake.shape == back.shape == prepared_image(prepared, row.source_uid).shape, row.uid
+        assert fake.tobytes() == back.tobytes(), row.uid
         if row.mask_path:
-            stored = cv2.imread(str(out / row.mask_path), cv2.IMREAD_UNCHANGED)
-            np.testing.assert_array_equal(np.round(mask * 255).astype(np.uint8), stored)
+            saved = cv2.imread(str(out / row.mask_path), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(np.round(mask * 255).astype(np.uint8), saved)
         else:
             assert mask is None
+
+
+def test_stage_writes_shards_of_at_most_shard_images(prepared, tmp_path, monkeypatch, augmented):
+    ref, _ = augmented
+    monkeypatch.setattr(output, "SHARD_IMAGES", 4)
+    out = tmp_path / "sharded"
+    summary = run_augment(config(prepared, out))
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert summary["n_shards"] == 4 and list(man.cache_file) == [f"aug-{k // 4:06d}.bin" for k in range(15)]
+    assert list(man.cache_index) == [k % 4 for k in range(15)]
+    assert [len(np.load(out / f"aug-{k:06d}.idx.npy")) for k in range(4)] == [4, 4, 4, 3]
+    ref_man = pd.read_csv(ref / "manifest.csv", keep_default_na=False)
+    for a, b in zip(man.itertuples(), ref_man.itertuples()):
+        assert stored(out, a).tobytes() == stored(ref, b).tobytes()  # same images, other shard layout
+    # what stages 3-5 read: load_pool points at <augmented_dir>/<cache_file>
+    pool = load_pool(prepared, out)
+    gen = pool[pool.origin == "aug"].reset_index(drop=True)
+    assert len(gen) == 15
+    for r, m in zip(gen.itertuples(), man.itertuples()):
+        img = StoreReader().image(r.cache_path, int(r.cache_index))
+        assert img.tobytes() == stored(out, m).tobytes()
+
+
+def test_stage_on_a_stage1_store_of_jpegs(tmp_path):
+    """Stage 1 for real on JPEGs of several sizes (stored as their original bytes), then stage 2 on its store."""
+    from dfpipe.config import PrepareConfig
+    from dfpipe.data.prepare import prepare
+
+    rng = np.random.default_rng(11)
+    raw = tmp_path / "raw"
+    sizes = [(60, 90), (96, 72), (70, 70), (88, 64)]
+    for split, folder in (("train", "trainset"), ("val", "valset")):
+        names = []
+        for i, (h, w) in enumerate(sizes):
+            write_jpeg(raw / folder / f"{split}_{i}.jpg", photo_like(rng, h, w))
+            names.append((f"{split}_{i}.jpg", i % 2))
+        pd.DataFrame(names, columns=["img_name", "target"]).to_csv(raw / f"{folder}_label.txt", index=False)
+    write_jpeg(raw / "testset" / "t0.jpg", photo_like(rng, 50, 50))
+    prep = tmp_path / "prepared"
+    prepare(PrepareConfig(data_root=str(raw), out_dir=str(prep), report=str(tmp_path / "r.json"),
+                          duplicates=str(tmp_path / "d.csv"), workers=1))
+    out = tmp_path / "aug"
+    summary = run_augment(config(prep, out, fakes_per_real=1.5, real_widening=0.5))
+    assert summary["n_real_sources"] == 4 and summary["n_images"] == 8
+    assert read_store_record(out) == read_store_record(prep)
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    for _, row in man.iterrows():
+        src = prepared_image(prep, row.source_uid)
+        fake, _ = regenerate(row, prep)
+        assert fake.shape == src.shape and stored(out, row).tobytes() == fake.tobytes(), row.uid
+
+
+def test_stage_refuses_a_prepared_dir_that_is_not_a_store(tmp_path):
+    (tmp_path / "p").mkdir()
+    prep = make_prepared(tmp_path / "p")
+    (prep / "store.json").unlink()  # e.g. an old stage 1 (.npy caches)
+    with pytest.raises(FileNotFoundError, match="store.json not found.*01_prepare_data"):
+        run_augment(config(prep, tmp_path / "aug"))
+    assert not (tmp_path / "aug").exists()
 
 
 def test_stage_other_seed_gives_other_images(augmented, prepared, tmp_path):
     out, _ = augmented
     other = tmp_path / "other"
     run_augment(config(prepared, other, seed=4))
-    assert (out / "images.npy").read_bytes() != (other / "images.npy").read_bytes()
+    assert (out / "aug-000000.bin").read_bytes() != (other / "aug-000000.bin").read_bytes()
 
 
 def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path, caplog):
@@ -277,10 +366,11 @@ def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path,
 def test_stage_with_nothing_to_make_writes_an_empty_valid_output(prepared, tmp_path):
     out = tmp_path / "empty"
     summary = run_augment(config(prepared, out, fakes_per_real=0.0, real_widening=0.0))
-    assert summary["n_images"] == 0
-    assert np.load(out / "images.npy").shape == (0, 64, 64, 3)
+    assert summary["n_images"] == 0 and summary["n_shards"] == 0 and summary["image_sizes"] is None
+    assert not list(out.glob("*.bin")) and (out / "store.json").is_file()
     man = pd.read_csv(out / "manifest.csv")
     assert list(man.columns) == MANIFEST_COLUMNS and len(man) == 0
+    assert len(load_pool(prepared, out)) == len(load_pool(prepared))  # stages 3-5 read the empty output
 
 
 def test_stage_rejects_unknown_method_and_no_reals(prepared, tmp_path):

@@ -86,8 +86,8 @@ def test_params_list_every_editing_method():
 def test_unknown_key_suggests_the_closest_one():
     from dfpipe.config import PrepareConfig
 
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['cache_sise'\] \(did you mean 'cache_size'\?\)"):
-        from_dict(PrepareConfig, {"cache_sise": 64}, "params.yaml:prepare")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_sides'\] \(did you mean 'max_side'\?\)"):
+        from_dict(PrepareConfig, {"max_sides": 64}, "params.yaml:prepare")
     with pytest.raises(ConfigError, match=r"'lerning_rate'.*did you mean 'lr'|'epoch': did you mean 'epochs'"):
         from_dict(ExpertConfig, {"epoch": 1, "lerning_rate": 1.0}, "train.experts.a")
     with pytest.raises(ConfigError) as exc:  # nothing close: no suggestion, the allowed keys still listed

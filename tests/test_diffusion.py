@@ -66,6 +66,10 @@ def test_odd_sizes_are_resized_for_the_pipeline_and_back(pipes):
     imgs = [photo_like(rng, 60, 60), photo_like(rng, 60, 60)]
     out = run(pipes["img2img"], imgs, [0, 1], "img2img", size=44)  # runs at 48 x 48
     assert [o.shape for o in out] == [(60, 60, 3)] * 2
+    odd = [photo_like(rng, 37, 53)]  # no side a multiple of 8: runs at 48 x 64, back to 37 x 53
+    masks = [np.ones((37, 53), np.float32)]
+    pe = placeholder_prompt_embeds(pipes["inpaint"])
+    assert generate(pipes["inpaint"], odd, masks, [0], CFG, prompt_embeds=pe)[0].shape == (37, 53, 3)
     assert work_size(60, 60, None) == (64, 64) and work_size(160, 160, 512) == (512, 512)
     assert work_size(100, 50, 64) == (64, 32) and work_size(3, 3, None) == (8, 8)
     assert native_size(pipes["img2img"]) == 64
@@ -112,7 +116,7 @@ def test_local_folder_round_trip(pipes, images, tmp_path, mode):
 
 
 def test_stage_with_tiny_inpainting_model(tmp_path):
-    from test_augment import make_prepared
+    from test_augment import SIZES, make_prepared, prepared_image, stored
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -123,20 +127,47 @@ def test_stage_with_tiny_inpainting_model(tmp_path):
                         methods={"self_blend": 1.0}, diffusion=diff)
     summary = run_augment(cfg)
     assert summary["n_diffusion"] == 6 and summary["by_method"] == {"sd_inpaint": 6, "self_blend": 3}
-    man = pd.read_csv(tmp_path / "aug" / "manifest.csv", keep_default_na=False)
-    images = np.load(tmp_path / "aug" / "images.npy")
+    out = tmp_path / "aug"
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     sd = man[man.method == "sd_inpaint"]
     assert (sd.label == 1).all() and (sd.mask_path != "").all() and sd.source_uid.nunique() == 3
-    prep = pd.read_csv(prepared / "manifest.csv", keep_default_na=False).set_index("uid")
+    shapes = set()
     for _, row in sd.iterrows():
         assert json.loads(row.params)["model"] == TINY_MODEL
         fake, mask = regenerate(row, prepared)
-        assert fake.tobytes() == images[row.cache_index].tobytes()  # batch_size 1: exact
-        src_row = prep.loc[row.source_uid]
-        src = np.load(prepared / src_row.cache_file)[src_row.cache_index]
-        assert mask.shape == (64, 64) and 0.05 < (mask > 0).mean() < 0.9
+        assert fake.tobytes() == stored(out, row).tobytes()  # batch_size 1: exact, and the store is lossless
+        src = prepared_image(prepared, row.source_uid)
+        assert fake.shape == src.shape and mask.shape == src.shape[:2]  # the source's own size, not 8-aligned
+        shapes.add(src.shape[:2])
+        assert 0.05 < (mask > 0).mean() < 0.9
         np.testing.assert_array_equal(fake[mask == 0], src[mask == 0])  # pasted back outside the mask
         assert np.abs(fake.astype(int) - src.astype(int))[mask == 1].mean() > 5
+    assert len(shapes) >= 2 and shapes <= set(SIZES)
+
+
+def test_mixed_sizes_in_one_batch_keep_their_shapes(pipes, monkeypatch):
+    """A batch of differently shaped images: each runs at its own multiple-of-8 working size (sub-batches),
+    none squashed to another's shape, each back at its exact shape; same result as alone in its batch group."""
+    rng = np.random.default_rng(2)
+    imgs = [photo_like(rng, 50, 90), photo_like(rng, 77, 61), photo_like(rng, 45, 81)]
+    cfg = DiffusionConfig(model=TINY_MODEL, steps=2, strength=0.5, guidance_scale=5.0, batch_size=3)
+    pe = placeholder_prompt_embeds(pipes["img2img"])
+    calls = []
+    real_call = type(pipes["img2img"]).__call__
+
+    def spy(self, **kw):
+        calls.append(kw["image"].shape)
+        return real_call(self, **kw)
+
+    pipe = pipes["img2img"]
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    out = generate(pipe, imgs, None, [1, 2, 3], cfg, prompt_embeds=pe)
+    assert [o.shape for o in out] == [im.shape for im in imgs]
+    # 50x90 and 45x81 share the working size 32x64 (longer side 64); 77x61 runs alone at 64x48
+    assert sorted(calls) == sorted([(2, 32, 64, 3), (1, 64, 48, 3)])
+    assert all(h % 8 == 0 and w % 8 == 0 for _, h, w, _ in calls)
+    alone = generate(pipe, imgs[1:2], None, [2], cfg, prompt_embeds=pe)[0]
+    assert alone.tobytes() == out[1].tobytes()  # its sub-batch held only itself
 
 
 def test_stage_checks_the_diffusion_model_before_editing(tmp_path, caplog):

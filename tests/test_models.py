@@ -165,7 +165,7 @@ def test_description_round_trip_gives_identical_outputs():
     expert = build_expert(ExpertConfig(backbone=LITE0, pretrained="bundled", img_size=96)).eval()
     with torch.no_grad():
         expert.head[1].weight.normal_()  # a non-default head, so a fresh one could not match by chance
-    desc = {**expert.describe(), "cache_size": 160}  # training adds keys; rebuilding ignores them
+    desc = {**expert.describe(), "preprocess": {"input": {"mode": "crop"}}}  # training adds keys; rebuilding ignores them
     assert desc["backbone"] == LITE0 and desc["img_size"] == 96 and desc["num_classes"] == 2
     rebuilt = expert_from_description(desc).eval()
     x = torch.randn(2, 3, 96, 96)

@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     t = tmp_path_factory.mktemp("pipe")
     make_demo_dataset(t / "raw", seed=0, n_train=48, n_val=16, n_test=16, size_range=(64, 96))
     prep = PrepareConfig(data_root=str(t / "raw"), out_dir=str(t / "prepared"), report=str(t / "prep.json"),
-                         duplicates=str(t / "dup.csv"), cache_size=64, workers=1)
+                         duplicates=str(t / "dup.csv"), workers=1)
     prepare(prep)
     aug = AugmentConfig(prepared_dir=prep.out_dir, out_dir=str(t / "aug"), fakes_per_real=0.5)
     run_augment(aug)
@@ -78,7 +78,9 @@ def test_submission_has_one_row_per_test_image_in_sorted_order(run):
 def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     from sklearn.metrics import roc_auc_score
 
+    from dfpipe.data.preprocess import fit
     from dfpipe.data.samples import load_pool
+    from dfpipe.data.store import StoreReader
     from dfpipe.predict import Ensemble, combine_scores
 
     t, metrics = run
@@ -88,7 +90,8 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     pool = load_pool(t / "prepared")
     val = pool[pool.uid.isin(val_uids)]
     ens = Ensemble.load(t / "models", ["a", "b"], ["identity", "hflip"], "mean_prob", torch.device("cpu"))
-    imgs = [np.load(p, mmap_mode="r")[i] for p, i in zip(val.cache_path, val.cache_index)]
+    reader = StoreReader()
+    imgs = [reader.image(p, i) for p, i in zip(val.cache_path, val.cache_index)]  # native sizes
     scores = ens.score_images(imgs)
     assert metrics["val"]["ensemble"]["auc"] == pytest.approx(roc_auc_score(val.label, scores), abs=1e-6)
     assert set(metrics["val"]["experts"]) == {"a", "b"}
@@ -97,7 +100,7 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     assert set(metrics["val"]["by_method"]) >= {"original"} and len(metrics["val"]["by_method"]) >= 2
     assert (t / "roc.png").stat().st_size > 1000 and (t / "ensemble.json").is_file()
     # the ensemble of the two is the mean of the experts' own scores
-    pe = ens.score_batch(torch.from_numpy(np.stack(imgs)))
+    pe = ens.score_batch({p.key: torch.from_numpy(np.stack([fit(im, p) for im in imgs])) for p in ens.policies})
     np.testing.assert_allclose(combine_scores(pe, "mean_prob"), scores, atol=1e-6)
 
 
@@ -105,7 +108,9 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
     t, _ = run
     ckpt = torch.load(t / "models" / "a" / "best.pt", map_location="cpu", weights_only=True)
     d = ckpt["description"]
-    assert d["img_size"] == 64 and d["cache_size"] == 64 and len(d["mean"]) == 3
+    assert d["img_size"] == 64 and len(d["mean"]) == 3
+    assert d["preprocess"]["input"] == {"mode": "resize", "size": 64} and d["preprocess"]["stage1"]["max_side"] == 0
+    assert d["preprocess"]["mean"] == d["mean"]
     assert ckpt["config"]["loss"]["kl"] == 0.5
     from test_train import live_history
 
@@ -148,7 +153,7 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     _dvc(work, "config", "core.analytics", "false")
     make_demo_dataset(work / "data" / "raw", seed=0, n_train=32, n_val=12, n_test=8, size_range=(64, 80))
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["prepare"].update(cache_size=64, workers=1)
+    params["prepare"].update(workers=1)
     params["split"].update(img_size=64, n_clusters=2, n_folds=2)
     for e in params["train"]["experts"].values():
         e.update(img_size=48, epochs=1, batch_size=16)

@@ -3,7 +3,10 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import expert_description
 from dfpipe.config import ExpertConfig
+from dfpipe.data.preprocess import Stage1
+from dfpipe.data.store import write_png_shard, write_store_record
 from dfpipe.models import build_expert
 from dfpipe.predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
                             parse_view)
@@ -49,7 +52,7 @@ def test_check_submission_refuses_wrong_names_and_scores():
 def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = build_expert(ExpertConfig(pretrained="none", img_size=32)).eval()
-    desc = {**model.describe(), "cache_size": 48}
+    desc = expert_description(model)
     path = tmp_path / "m" / "best.pt"
     save_checkpoint(path, model, desc, ExpertConfig(img_size=32), "m", {"auc": 0.5})
     return path, model
@@ -61,7 +64,7 @@ def test_load_expert_restores_the_weights(checkpoint):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x)["prob"], model(x)["prob"])
-    assert loaded.description["cache_size"] == 48
+    assert loaded.description["preprocess"]["input"] == {"mode": "resize", "size": 32}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -97,7 +100,7 @@ def _cpu_ensemble(checkpoint, tta, combine="mean_prob"):
 
 
 def test_four_rotations_make_scores_rotation_invariant(checkpoint, rng):
-    img = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)  # cache-sized: no stage-1 resize in the way
+    img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)  # the expert's size: no resize in the way
     turned = [np.ascontiguousarray(np.rot90(img, k)) for k in range(4)]
     rot = _cpu_ensemble(checkpoint, ["identity", "rot90", "rot180", "rot270"])
     np.testing.assert_allclose(rot.score_images(turned), rot.score_images([img])[0], atol=1e-5)
@@ -110,13 +113,13 @@ def test_scale_view_feeds_the_expert_at_a_different_size(checkpoint, rng):
 
     ens = _cpu_ensemble(checkpoint, ["scale0.75", "hflip+scale0.75"])
     m = ens.experts[0].model
-    x = torch.from_numpy(rng.integers(0, 255, (3, 48, 48, 3), dtype=np.uint8))
+    x = torch.from_numpy(rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))  # the expert's resize32 input
     inp = to_model_input(x, 24, m.mean, m.std)  # 0.75 * img_size 32
     with torch.no_grad():
         want = (m(inp)["prob"] + m(torch.flip(inp, dims=[3]))["prob"]) / 2
-    np.testing.assert_allclose(ens.score_batch(x)[0], want.numpy(), atol=1e-5)
-    full = _cpu_ensemble(checkpoint, ["identity"]).score_batch(x)[0]
-    assert np.abs(full - ens.score_batch(x)[0]).max() > 1e-6
+    np.testing.assert_allclose(ens.score_batch({"resize32": x})[0], want.numpy(), atol=1e-5)
+    full = _cpu_ensemble(checkpoint, ["identity"]).score_batch({"resize32": x})[0]
+    assert np.abs(full - ens.score_batch({"resize32": x})[0]).max() > 1e-6
 
 
 def test_parse_view_accepts_combinations_and_rejects_nonsense():
@@ -170,42 +173,43 @@ def test_score_files_matches_stage1_pixels_and_reports_bad_files(checkpoint, rng
 
 # ----------------------------------------------------------------------------- stage 5 on a tiny made-up pool
 def _fake_stage_outputs(t, rng):
-    """Stage 1-4 outputs in miniature: a cache (val + test, one test image undecodable), generated
-    images, splits with clusters, and two random-weight experts of different sizes."""
+    """Stage 1-4 outputs in miniature: a store (val + test, one test image undecodable), generated
+    images, splits with clusters, and two random-weight experts of different sizes and input policies."""
     from conftest import photo_like
 
     prep, aug = t / "prepared", t / "aug"
     prep.mkdir()
     aug.mkdir()
-    val_imgs = np.stack([photo_like(rng, 48, 48) for _ in range(16)])
-    test_imgs = np.stack([photo_like(rng, 48, 48) for _ in range(5)])
-    np.save(prep / "val.npy", val_imgs)
-    np.save(prep / "test.npy", test_imgs)
-    rows = [dict(uid=f"val/v{i:02d}.jpg", img_name=f"v{i:02d}.jpg", split="val", label=i % 2, cache_file="val.npy",
-                 cache_index=i, error="") for i in range(16)]
-    rows += [dict(uid=f"test/t{i}.jpg", img_name=f"t{i}.jpg", split="test", label=-1, cache_file="test.npy",
+    val_imgs = [photo_like(rng, 48, 40 + i) for i in range(16)]  # native sizes differ
+    test_imgs = [photo_like(rng, 44 + i, 48) for i in range(5)]
+    write_png_shard(prep / "val-000000.bin", val_imgs)
+    write_png_shard(prep / "test-000000.bin", test_imgs)
+    write_store_record(prep, Stage1())
+    rows = [dict(uid=f"val/v{i:02d}.jpg", img_name=f"v{i:02d}.jpg", split="val", label=i % 2,
+                 cache_file="val-000000.bin", cache_index=i, error="") for i in range(16)]
+    rows += [dict(uid=f"test/t{i}.jpg", img_name=f"t{i}.jpg", split="test", label=-1, cache_file="test-000000.bin",
                   cache_index=i, error="") for i in range(5)]
     rows.append(dict(uid="test/broken.jpg", img_name="broken.jpg", split="test", label=-1, cache_file="",
                      cache_index=-1, error="corrupt or truncated image: x"))
     man = pd.DataFrame(rows).assign(path="", orig_w=48, orig_h=48)
     man.to_csv(prep / "manifest.csv", index=False)
-    np.save(aug / "images.npy", np.stack([photo_like(rng, 48, 48) for _ in range(6)]))
+    write_png_shard(aug / "aug-000000.bin", [photo_like(rng, 48, 48) for _ in range(6)])
     methods = ["self_blend", "splice"] * 3
     pd.DataFrame({"uid": [f"aug/{m}_{i}.png" for i, m in enumerate(methods)],
                   "img_name": [f"{m}_{i}.png" for i, m in enumerate(methods)], "label": 1,
                   "source_uid": [f"val/v{2 * i:02d}.jpg" for i in range(6)], "method": methods,
-                  "cache_file": "images.npy", "cache_index": range(6)}).to_csv(aug / "manifest.csv", index=False)
+                  "cache_file": "aug-000000.bin", "cache_index": range(6)}).to_csv(aug / "manifest.csv", index=False)
     splits = pd.DataFrame({"uid": [r["uid"] for r in rows[:16]] + [f"aug/{m}_{i}.png" for i, m in enumerate(methods)],
                            "origin": ["val"] * 16 + ["aug"] * 6, "subset": "val", "fold": 0,
                            "cluster": [0] * 10 + [1] * 6 + [0] * 6})
     splits.loc[12:15, "cluster"] = 1
     splits.to_csv(t / "splits.csv", index=False)
-    for name, size in (("a", 32), ("b", 24)):
+    for name, size, mode in (("a", 32, "resize"), ("b", 24, "crop")):  # two sizes, two input policies
         torch.manual_seed(size)
         model = build_expert(ExpertConfig(pretrained="none", img_size=size)).eval()
-        save_checkpoint(t / "models" / name / "best.pt", model, {**model.describe(), "cache_size": 48},
-                        ExpertConfig(img_size=size), name, {})
-    return prep, aug
+        save_checkpoint(t / "models" / name / "best.pt", model, expert_description(model, mode=mode),
+                        ExpertConfig(img_size=size, input_mode=mode), name, {})
+    return prep, aug, test_imgs
 
 
 def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng):
@@ -214,7 +218,7 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     from dfpipe.config import PredictConfig
     from dfpipe.predict import run as run_predict
 
-    prep, aug = _fake_stage_outputs(tmp_path, rng)
+    prep, aug, test_imgs = _fake_stage_outputs(tmp_path, rng)
     out = tmp_path / "out"
     cfg = PredictConfig(prepared_dir=str(prep), augmented_dir=str(aug), splits_csv=str(tmp_path / "splits.csv"),
                         models_dir=str(tmp_path / "models"), experts=["a", "b"], tta=["identity", "rot180"],
@@ -241,7 +245,6 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     ens = Ensemble.from_card(out / "ensemble.json", tmp_path / "models", torch.device("cpu"))
     assert ens.combine == "stack" and ens.stack["coef"] == [saved["combine"]["stack"]["coef_a"],
                                                             saved["combine"]["stack"]["coef_b"]]
-    test_imgs = list(np.load(prep / "test.npy"))
     np.testing.assert_allclose(ens.score_images(test_imgs), sub.y_pred.iloc[1:], atol=2e-6)
     assert ens.verdict(1.0) == "likely fake" and ens.verdict(-1.0) == "likely real"
     # a retrained expert no longer matches the card

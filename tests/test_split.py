@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dfpipe.data.store import write_png_shard
 from dfpipe.split.cluster import assign_folds, check_split, cluster_ids, split_pool
 
 
@@ -133,8 +134,8 @@ def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
 
     from dfpipe.split.pipeline import cluster_contact_sheet, contact_sheet_shape
 
-    cache = tmp_path / "train.npy"
-    np.save(cache, rng.integers(0, 255, (20, 40, 40, 3), dtype=np.uint8))
+    cache = tmp_path / "train-000000.bin"
+    write_png_shard(cache, [rng.integers(0, 255, (40, 30 + i, 3), dtype=np.uint8) for i in range(20)])
     uids = [f"train/{i}.jpg" for i in range(20)]
     pool = pd.DataFrame({"uid": uids, "cache_path": str(cache), "cache_index": np.arange(20)})
     df = pd.DataFrame({"uid": uids, "origin": "train", "label": np.arange(20) % 2,
@@ -161,12 +162,12 @@ def same_partition(a, b):
 
 
 def image_pool(tmp_path, rng, n=20, size=32, name="train"):
-    """n uint8 images in a .npy cache (reals dark, fakes bright noise) and a pool over them."""
+    """n uint8 images in a store shard (reals dark, fakes bright noise) and a pool over them."""
     imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = np.arange(n) % 2
     imgs[labels == 0] //= 4
-    cache = tmp_path / f"{name}.npy"
-    np.save(cache, imgs)
+    cache = tmp_path / f"{name}-000000.bin"
+    write_png_shard(cache, list(imgs))
     uids = [f"{name}/{i}.png" for i in range(n)]
     return pd.DataFrame({"uid": uids, "img_name": [f"{i}.png" for i in range(n)], "label": labels,
                          "origin": name, "cache_path": str(cache), "cache_index": np.arange(n)})
@@ -200,7 +201,8 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     np.testing.assert_allclose(one[0].astype(np.float32), disk[7].astype(np.float32), atol=2e-3)
     index = pd.read_csv(tmp_path / "f.csv")
     assert index.row.tolist() == list(range(11)) and index.uid.tolist() == pool.uid.tolist()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "train.npy"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "train-000000.bin",
+                                                          "train-000000.idx.npy"]  # no temp files
     assert not torch.is_inference_mode_enabled()  # the generator leaves inference mode between batches
 
 
@@ -313,14 +315,14 @@ def write_prepared(tmp_path, rng, n_train=24, n_val=8, n_aug=6):
     rows = []
     for split, n in (("train", n_train), ("val", n_val)):
         p = image_pool(prep, rng, n=n, name=split)
-        rows.append(p.assign(split=split, cache_file=f"{split}.npy", dup_group=-1))
+        rows.append(p.assign(split=split, cache_file=f"{split}-000000.bin", dup_group=-1))
     man = pd.concat(rows, ignore_index=True)
     man[["uid", "img_name", "split", "label", "cache_file", "cache_index", "dup_group"]].to_csv(
         prep / "manifest.csv", index=False)
     a = image_pool(aug, rng, n=n_aug, name="images")
     reals = man.uid[man.label == 0].to_numpy()
     pd.DataFrame({"uid": [f"aug/{i}.png" for i in range(n_aug)], "img_name": [f"{i}.png" for i in range(n_aug)],
-                  "label": 1, "source_uid": reals[:n_aug], "method": "self_blend", "cache_file": "images.npy",
+                  "label": 1, "source_uid": reals[:n_aug], "method": "self_blend", "cache_file": "images-000000.bin",
                   "cache_index": a.cache_index}).to_csv(aug / "manifest.csv", index=False)
     return prep, aug
 

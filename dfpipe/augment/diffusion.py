@@ -264,38 +264,54 @@ def generate(
     prompt_embeds: torch.Tensor | None = None,
     size: int | None = None,
 ) -> list[np.ndarray]:
-    """Run ``pipe`` on (H, W, 3) uint8 RGB ``images``; return uint8 images of the input sizes.
+    """Run ``pipe`` on (H, W, 3) uint8 RGB ``images`` of any sizes; return uint8 images of the input sizes.
 
-    ``masks`` (inpainting only): (H, W) arrays, > 0.5 = repaint. Images are resized so the longer
-    side is ``size`` (default: the model's native size, e.g. 512 for SD 1.5, as SD degrades far
-    from it) rounded to a multiple of 8, and back afterwards. One CPU ``torch.Generator`` per image,
-    seeded by its seed, makes each image reproducible from its seed (bit-exact on the same hardware
-    and batch composition; the initial noise does not depend on the device).
+    ``masks`` (inpainting only): (H, W) arrays of their image's size, > 0.5 = repaint. Each image is
+    resized so its longer side is ``size`` (default: the model's native size, e.g. 512 for SD 1.5, as SD
+    degrades far from it), aspect kept, sides rounded to multiples of 8 (SD's VAE and UNet need them), and
+    the result resized back to the image's exact shape. A batch holds images of one working size: images
+    of ``cfg.batch_size`` consecutive inputs with different working sizes run as separate sub-batches
+    (grouped by size, in input order), so an image is never squashed to another image's shape. One CPU
+    ``torch.Generator`` per image, seeded by its seed, makes each image reproducible from its seed
+    (bit-exact on the same hardware and batch composition; the initial noise does not depend on the device).
     """
     inpaint = _check_generate_args(pipe, images, masks, seeds, cfg)
     size = size or native_size(pipe)
-    out: list[np.ndarray] = []
+    out: list[np.ndarray | None] = [None] * len(images)
     for start in range(0, len(images), cfg.batch_size):
-        stop = min(len(images), start + cfg.batch_size)
-        batch = list(images[start:stop])
-        h, w = work_size(*batch[0].shape[:2], size)
-        kwargs: dict[str, Any] = {
-            "image": np.stack([_resize(im, (h, w)).astype(np.float32) / 255.0 for im in batch]),
-            "strength": cfg.strength, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]],
-            "output_type": "np",
-            **_prompt_kwargs(pipe, cfg, len(batch), prompt_embeds),
-        }
-        if inpaint:
-            kwargs["mask_image"] = np.stack([
-                (_resize(np.asarray(m, np.float32), (h, w), cv2.INTER_LINEAR) > 0.5).astype(np.float32)[..., None]
-                for m in masks[start:stop]  # type: ignore[index]
-            ])
-            kwargs["height"], kwargs["width"] = h, w
-        result = pipe(**kwargs).images
-        for im, gen in zip(batch, result):
-            u8 = np.clip(np.round(np.asarray(gen, np.float32) * 255.0), 0, 255).astype(np.uint8)
-            out.append(np.ascontiguousarray(_resize(u8, im.shape[:2])))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(start, min(len(images), start + cfg.batch_size)):
+            groups.setdefault(work_size(*images[i].shape[:2], size), []).append(i)
+        for (h, w), idx in groups.items():
+            for i, gen in zip(idx, _run_batch(pipe, images, masks if inpaint else None, seeds, cfg, prompt_embeds,
+                                              idx, (h, w))):
+                out[i] = gen
+    return out  # type: ignore[return-value]
+
+
+def _run_batch(pipe: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None, seeds: Sequence[int],
+               cfg: DiffusionConfig, prompt_embeds: torch.Tensor | None, idx: list[int], hw: tuple[int, int]
+               ) -> list[np.ndarray]:
+    """One pipeline call on ``images[idx]`` at working size ``hw``; results at each input's shape."""
+    h, w = hw
+    kwargs: dict[str, Any] = {
+        "image": np.stack([_resize(images[i], (h, w)).astype(np.float32) / 255.0 for i in idx]),
+        "strength": cfg.strength, "num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+        "generator": [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx],
+        "output_type": "np",
+        **_prompt_kwargs(pipe, cfg, len(idx), prompt_embeds),
+    }
+    if masks is not None:
+        kwargs["mask_image"] = np.stack([
+            (_resize(np.asarray(masks[i], np.float32), (h, w), cv2.INTER_LINEAR) > 0.5).astype(np.float32)[..., None]
+            for i in idx
+        ])
+        kwargs["height"], kwargs["width"] = h, w
+    result = pipe(**kwargs).images
+    out = []
+    for i, gen in zip(idx, result):
+        u8 = np.clip(np.round(np.asarray(gen, np.float32) * 255.0), 0, 255).astype(np.uint8)
+        out.append(np.ascontiguousarray(_resize(u8, images[i].shape[:2])))
     return out
 
 

@@ -25,14 +25,29 @@ from .sources import CacheReader
 log = logging.getLogger(__name__)
 
 
+def check_made(method: str, src: np.ndarray, fake: np.ndarray, mask: np.ndarray | None) -> None:
+    """A generated image has its source's exact shape (sources differ in size), uint8; its mask that size."""
+    if fake.shape != src.shape or fake.dtype != np.uint8:
+        raise RuntimeError(f"{method} returned {fake.dtype} {fake.shape} for a {src.shape} image")
+    if mask is not None and mask.shape != src.shape[:2]:
+        raise RuntimeError(f"{method} returned a {mask.shape} mask for a {src.shape} image")
+
+
 def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None
              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """One editing fake or widened real from its seed (the one code path for run and regenerate)."""
+    """One editing fake or widened real from its seed (the one code path for run and regenerate).
+
+    ``src`` and ``donor`` are stage-1 images of any sizes; the result has ``src``'s shape (a donor of
+    another size is resized to it by the method).
+    """
     rng = np.random.default_rng(seed)
     if method == WIDEN:
         fake, params = widen_real(src, rng)
-        return fake, None, params
-    return get_method(method)(src, rng, donor)
+        mask = None
+    else:
+        fake, mask, params = get_method(method)(src, rng, donor)
+    check_made(method, src, fake, mask)
+    return fake, mask, params
 
 
 def sd_mask(h: int, w: int, seed: int, mode: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -72,6 +87,9 @@ def sd_batch(pipe: Any, d: DiffusionConfig, srcs: list[np.ndarray], seeds: list[
              ) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """Diffusion fakes for a batch of sources: (fake, mask of the change, params) each.
 
+    Sources may differ in size: each fake and mask has its own source's shape (the model runs at a
+    multiple-of-8 working size, see :func:`dfpipe.augment.diffusion.generate`).
+
     ``prompt_embeds``: see :func:`_prompt_embeds` (None for a pipeline with a text encoder).
     """
     from .diffusion import composite, generate
@@ -82,6 +100,7 @@ def sd_batch(pipe: Any, d: DiffusionConfig, srcs: list[np.ndarray], seeds: list[
     out = []
     for src, gen, (_, soft, mparams) in zip(srcs, gens, masks):
         fake = composite(src, gen, soft) if d.mode == "inpaint" else gen
+        check_made(SD_PREFIX + d.mode, src, fake, soft)
         out.append((fake, soft, _sd_params(d, pipe, mparams)))
     return out
 
@@ -95,7 +114,7 @@ def _cached_pipeline(model: str, mode: str, dtype: str) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _prepared(manifest: str, mtime_ns: int) -> tuple[pd.DataFrame, CacheReader]:
-    """The prepared manifest indexed by uid and a cache reader (kept while the file is unchanged)."""
+    """The prepared manifest indexed by uid and a store reader (kept while the file is unchanged)."""
     man = pd.read_csv(manifest, keep_default_na=False, dtype={"uid": str})
     return man.set_index("uid"), CacheReader(Path(manifest).parent)
 
@@ -103,7 +122,8 @@ def _prepared(manifest: str, mtime_ns: int) -> tuple[pd.DataFrame, CacheReader]:
 def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Rebuild one manifest row's (image, mask) from its source, donor and seed.
 
-    Editing fakes and widened reals come back byte-identical. Diffusion rows reload the model named
+    Editing fakes and widened reals come back byte-identical to the image the stage stored (its store is
+    lossless PNG), at the source's native size. Diffusion rows reload the model named
     in ``params`` and run it alone (batch of one): identical when the stage also ran with
     ``batch_size: 1`` on the same hardware, otherwise equal up to floating-point batch effects.
     """

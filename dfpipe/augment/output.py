@@ -1,10 +1,12 @@
-"""Stage 2's output: the work files merged in plan order into ``out_dir`` (images, manifest, masks, contact
-sheet, summary)."""
+"""Stage 2's output: the work files merged in plan order into ``out_dir``: the generated images as an image
+store (PNG shards ``aug-000000.bin`` ... of :data:`SHARD_IMAGES` images, see :mod:`dfpipe.data.store`,
+plus the prepared folder's ``store.json``), manifest, masks, contact sheet, summary."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..config import AugmentConfig
+from ..data.images import decode_image
+from ..data.store import ShardWriter, read_store_record, shard_name, write_store_record
 from ..io import work_dir, write_csv, write_json
 from .plan import SD_PREFIX, WIDEN, Job
 from .sources import CacheReader
@@ -21,50 +25,98 @@ from .work import load_work
 
 MANIFEST_COLUMNS = ["uid", "img_name", "label", "source_uid", "donor_uid", "method", "params", "seed",
                     "mask_path", "cache_file", "cache_index"]
-CACHE_FILE = "images.npy"
+SHARD_PREFIX = "aug"
+SHARD_IMAGES = 1024  # images per shard of the stage-2 store
+TILE = 128  # contact-sheet tile side
+
+Example = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # source, generated image, mask (or None)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG from its header (IHDR), without decoding it."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    w, h = struct.unpack(">II", data[16:24])
+    return int(w), int(h)
+
+
+def _decode_mask(data: bytes) -> np.ndarray:
+    m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return m.astype(np.float32) / 255.0
 
 
 class _Writer:
-    """Streams images into the memmap, masks to PNG, rows to a list; keeps contact-sheet examples."""
+    """Streams PNG-encoded images into shards of the staging store (a new shard every ``shard_images``),
+    masks to PNG files, rows to a list; keeps contact-sheet examples."""
 
-    def __init__(self, tmp: Path, n: int, size: int, per_method: int) -> None:
+    def __init__(self, tmp: Path, per_method: int, shard_images: int | None = None) -> None:
         self.tmp, self.per_method = tmp, per_method
+        self.shard_images = max(1, SHARD_IMAGES if shard_images is None else shard_images)
         (tmp / "masks").mkdir(parents=True)
-        self.images_tmp = tmp / f".{CACHE_FILE}.tmp"
-        self.images = np.lib.format.open_memmap(self.images_tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         self.rows: list[dict] = []
-        self.examples: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
+        self.examples: dict[str, list[Example]] = {}
+        self.shard: ShardWriter | None = None
+        self.n_shards = 0
+        self.sizes: set[tuple[int, int]] = set()  # (width, height) of the images written
 
-    def add(self, job: Job, reals: pd.DataFrame, src: np.ndarray, fake: np.ndarray, mask: np.ndarray | None,
-            params_json: str) -> None:
+    def wants_example(self, method: str) -> bool:
+        return len(self.examples.get(method, ())) < self.per_method
+
+    def add(self, job: Job, reals: pd.DataFrame, png: bytes, mask_png: bytes | None, params_json: str,
+            src: np.ndarray | None = None) -> None:
+        """One row; ``src`` (the source image) only when :meth:`wants_example` said so."""
         i = len(self.rows)
-        if fake.shape != src.shape or fake.dtype != np.uint8:
-            raise RuntimeError(f"{job.method} returned {fake.dtype} {fake.shape} for a {src.shape} image")
-        self.images[i] = fake
+        self.sizes.add(png_size(png))
+        if self.shard is None:
+            self.shard = ShardWriter(self.tmp / shard_name(SHARD_PREFIX, self.n_shards))
+        cache_file = self.shard.path.name
+        index = self.shard.add(png)
+        if len(self.shard.entries) >= self.shard_images:
+            self._commit()
         name = f"{job.method}_{i:06d}.png"
         mask_path = ""
-        if mask is not None:
+        if mask_png is not None:
             mask_path = f"masks/{Path(name).stem}.png"
-            cv2.imwrite(str(self.tmp / mask_path), np.round(mask * 255.0).astype(np.uint8))
+            (self.tmp / mask_path).write_bytes(mask_png)
         self.rows.append({
             "uid": f"aug/{name}", "img_name": name, "label": 0 if job.kind == "widen" else 1,
             "source_uid": reals.uid[job.source], "donor_uid": reals.uid[job.donor] if job.donor >= 0 else "",
             "method": job.method, "params": params_json,
-            "seed": job.seed, "mask_path": mask_path, "cache_file": CACHE_FILE, "cache_index": i,
+            "seed": job.seed, "mask_path": mask_path, "cache_file": cache_file, "cache_index": index,
         })
-        ex = self.examples.setdefault(job.method, [])
-        if len(ex) < self.per_method:
-            ex.append((src, fake, mask))
+        if src is not None and self.wants_example(job.method):
+            self.examples.setdefault(job.method, []).append(
+                (src, decode_image(png), None if mask_png is None else _decode_mask(mask_png)))
+
+    def _commit(self) -> None:
+        if self.shard is not None:
+            self.shard.commit()
+            self.shard, self.n_shards = None, self.n_shards + 1
 
     def close(self) -> None:
-        self.images.flush()
-        del self.images
-        os.replace(self.images_tmp, self.tmp / CACHE_FILE)
+        self._commit()
+
+    def abort(self) -> None:
+        if self.shard is not None:
+            self.shard.abort()
+            self.shard = None
 
 
-def contact_sheet(examples: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]],
-                  per_method: int, tile: int = 128) -> np.ndarray:
-    """RGB grid: one row per method, ``per_method`` groups of source | fake | mask (or |diff| x4)."""
+def _tile(img: np.ndarray, tile: int) -> np.ndarray:
+    """``img`` fitted into a white ``tile`` x ``tile`` square, aspect kept (sources differ in size and shape)."""
+    h, w = img.shape[:2]
+    s = tile / max(h, w)
+    nh, nw = max(1, min(tile, round(h * s))), max(1, min(tile, round(w * s)))
+    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    out = np.full((tile, tile, 3), 255, np.uint8)
+    y0, x0 = (tile - nh) // 2, (tile - nw) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = small
+    return out
+
+
+def contact_sheet(examples: Mapping[str, list[Example]], per_method: int, tile: int = TILE) -> np.ndarray:
+    """RGB grid: one row per method, ``per_method`` groups of source | fake | mask (or |diff| x4); each
+    image fitted into a ``tile`` square, aspect kept."""
     label_w, gap = 110, 2
     width = label_w + per_method * (3 * tile + 2 * gap) + (per_method - 1) * 3 * gap
     rows = []
@@ -72,13 +124,13 @@ def contact_sheet(examples: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.n
         row = np.full((tile, width, 3), 255, np.uint8)
         cv2.putText(row, method, (4, tile // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         x = label_w
-        for src, fake, mask in items:
+        for src, fake, mask in items[:per_method]:
             if mask is not None:
                 third = np.repeat((np.round(mask * 255.0).astype(np.uint8))[..., None], 3, axis=2)
             else:  # no mask (widened real): show where it changed instead
                 third = np.clip(np.abs(fake.astype(np.int16) - src.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
             for t in (src, fake, third):
-                row[:, x:x + tile] = cv2.resize(t, (tile, tile), interpolation=cv2.INTER_AREA)
+                row[:, x:x + tile] = _tile(t, tile)
                 x += tile + gap
             x += 2 * gap
         rows.append(row)
@@ -86,21 +138,28 @@ def contact_sheet(examples: Mapping[str, list[tuple[np.ndarray, np.ndarray, np.n
     return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
-def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.DataFrame, cache: CacheReader,
-              size: int) -> dict:
+def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.DataFrame, cache: CacheReader
+              ) -> dict:
     """Merge the work files, in plan order, into a staging dir, then swap it in for ``out_dir``."""
     out, work = Path(cfg.out_dir), work_dir(cfg.out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    writer: _Writer | None = None
     try:
-        writer = _Writer(tmp, len(jobs), size, cfg.contact_sheet_per_method)
+        writer = _Writer(tmp, cfg.contact_sheet_per_method)
         for job, name in tqdm(list(zip(jobs, names)), desc="augment merge", unit="img"):
-            fake, mask, params = load_work(work / name)
-            src = cache.get(reals.cache_file[job.source], reals.cache_index[job.source])
-            writer.add(job, reals, src, fake, mask, params)
+            png, mask_png, params = load_work(work / name)
+            # the source is decoded only for the contact sheet's few examples
+            src = (cache.get(reals.cache_file[job.source], reals.cache_index[job.source])
+                   if writer.wants_example(job.method) else None)
+            writer.add(job, reals, png, mask_png, params, src)
         writer.close()
-        summary = _write_tables(tmp, writer, cfg, reals, size)
+        # generated images are stage-1 images of the same contract as their sources
+        write_store_record(tmp, read_store_record(cfg.prepared_dir))
+        summary = _write_tables(tmp, writer, cfg, reals)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
         raise
     shutil.rmtree(out, ignore_errors=True)  # the stage owns out_dir: no stale file may survive
@@ -108,22 +167,32 @@ def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.D
     return summary
 
 
-def _write_tables(tmp: Path, writer: _Writer, cfg: AugmentConfig, reals: pd.DataFrame, size: int) -> dict:
+def _write_tables(tmp: Path, writer: _Writer, cfg: AugmentConfig, reals: pd.DataFrame) -> dict:
     """manifest.csv, contact_sheet.png and summary.json into the staging folder."""
     manifest = pd.DataFrame(writer.rows, columns=MANIFEST_COLUMNS)
     write_csv(tmp / "manifest.csv", manifest)
     if writer.examples and cfg.contact_sheet_per_method > 0:
-        sheet = contact_sheet(writer.examples, cfg.contact_sheet_per_method, tile=min(size, 160))
+        sheet = contact_sheet(writer.examples, cfg.contact_sheet_per_method)
         cv2.imwrite(str(tmp / "contact_sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    summary = _summary(cfg, reals, manifest, size)
+    summary = _summary(cfg, reals, manifest, writer)
     write_json(tmp / "summary.json", summary)
     return summary
 
 
-def _summary(cfg: AugmentConfig, reals: pd.DataFrame, manifest: pd.DataFrame, size: int) -> dict:
+def size_range(sizes: set[tuple[int, int]]) -> dict | None:
+    """``{"width": [min, max], "height": [min, max]}`` of (width, height) pairs; None when there are none.
+    Images keep their native size, so stage 2 reports the range rather than one size."""
+    if not sizes:
+        return None
+    ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+    return {"width": [min(ws), max(ws)], "height": [min(hs), max(hs)], "n_distinct": len(sizes)}
+
+
+def _summary(cfg: AugmentConfig, reals: pd.DataFrame, manifest: pd.DataFrame, writer: _Writer) -> dict:
     by_method = {str(k): int(v) for k, v in manifest.method.value_counts().sort_index().items()}
     return {
-        "seed": cfg.seed, "image_size": size, "n_real_sources": int(len(reals)), "n_images": int(len(manifest)),
+        "seed": cfg.seed, "image_sizes": size_range(writer.sizes), "n_real_sources": len(reals),
+        "n_images": len(manifest), "n_shards": writer.n_shards,
         "n_fake": int((manifest.label == 1).sum()), "n_widened_real": int((manifest.method == WIDEN).sum()),
         "n_diffusion": int(manifest.method.str.startswith(SD_PREFIX).sum()),
         "diffusion_model": cfg.diffusion.model or None, "by_method": by_method,

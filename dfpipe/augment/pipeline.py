@@ -1,7 +1,8 @@
 """Stage 2: generated training images from the real images of the prepared train and val splits.
 
 Three kinds of rows, all derived from real (label 0) train/val images (stage 3 re-splits train+val by
-cluster, so both splits are sources):
+cluster, so both splits are sources), read at their native size from the prepared image store
+(:mod:`dfpipe.data.store`); every generated image has its source's exact size:
 
 * editing forgeries (label 1): :data:`editing.METHODS`, chosen by ``cfg.methods`` weights;
 * widened reals (label 0): JPEG/resize/blur/noise/colour copies, so degradation is not a fake cue;
@@ -22,16 +23,20 @@ barrier the main process merges the work files, in plan order, into ``out_dir``;
 depend on the number of processes. A plain ``python 02_augment_sd.py`` is the one-process case of the
 same code. All processes must see the same filesystem (one machine, or a shared disk).
 
-Resuming: ``<out_dir>.work/`` holds one ``.npz`` per finished image, written atomically and named by a
-hash of everything its bytes depend on (source and donor uids, seed, method, image size, the prepared
-manifest and, for diffusion, the diffusion settings and the batch it is made in). A killed run
-rerun with the same config makes only the missing images and gives the same bytes; work made under
-another config is never reused. The work dir is removed once ``out_dir`` is written.
+Resuming: ``<out_dir>.work/`` holds one ``.npz`` per finished image (PNG-encoded by the process that made
+it), written atomically and named by a hash of everything its bytes depend on (source and donor uids,
+seed, method, the prepared manifest and ``store.json`` and, for diffusion, the diffusion settings and
+the batch it is made in). A killed run rerun with the same config makes only the missing images and
+gives the same bytes; work made under another config is never reused. The work dir is removed once
+``out_dir`` is written.
 
-Output (``cfg.out_dir``, replaced as a whole; it is a DVC output):
-  images.npy        uint8 (M, S, S, 3) RGB, S = the prepared cache size, row = ``cache_index``
+Output (``cfg.out_dir``, replaced as a whole; it is a DVC output), an image store like stage 1's:
+  aug-000000.bin    the generated images as lossless PNGs (their exact pixels), up to 1024 per shard,
+  aug-000000.idx.npy  with the shard's index (:mod:`dfpipe.data.store`); a row's image is
+                    (``cache_file`` = shard name, ``cache_index`` = position in the shard)
+  store.json        the prepared folder's stage-1 record (generated images are stage-1 images too)
   manifest.csv      uid,img_name,label,source_uid,donor_uid,method,params,seed,mask_path,cache_file,cache_index
-  masks/<stem>.png  uint8 mask of the changed pixels (0 = untouched), fakes only
+  masks/<stem>.png  uint8 mask of the changed pixels (0 = untouched), fakes only, of the image's size
   contact_sheet.png one row per method: source | fake | mask examples
   summary.json      counts (also returned by :func:`run`)
 """
@@ -49,6 +54,7 @@ import cv2
 from tqdm import tqdm
 
 from ..config import AugmentConfig, DiffusionConfig
+from ..data.store import read_store_record
 from ..errors import ConfigError
 from ..io import work_dir
 from .dist import Dist, get_dist
@@ -125,11 +131,10 @@ def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
     """
     dist = dist or get_dist()
     reals = load_reals(cfg.prepared_dir)
+    read_store_record(cfg.prepared_dir)  # a clear error for a folder that is not a stage-1 image store
     sources = Sources.from_reals(cfg.prepared_dir, reals)
-    cache = CacheReader(cfg.prepared_dir)
-    size = cache.size(reals.cache_file[0])
     jobs = plan_jobs(cfg, len(reals))  # validates the config before anything is written or loaded
-    names = work_names(jobs, reals, cfg, size)
+    names = work_names(jobs, reals, cfg)
     work = work_dir(cfg.out_dir)
     done = {p.name for p in work.glob("*.npz")} if work.is_dir() else set()
     edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind != "sd" and n not in done]
@@ -142,8 +147,7 @@ def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
     my_edits, my_sd = dist.shard(edit_todo), dist.shard(sd_todo)
     pipe = _load_diffusion(cfg.diffusion, dist.device) if my_sd else None  # fail fast, before hours of editing
     if dist.is_main:
-        log.info("augment: %d real sources -> %d images (%d px), %d to make", len(reals), len(jobs), size,
-                 len(jobs) - n_done)
+        log.info("augment: %d real sources -> %d images, %d to make", len(reals), len(jobs), len(jobs) - n_done)
         work.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # every process has listed `done` before anyone writes, and the work dir exists
     _run_edits(my_edits, sources, work, cfg.workers, dist)
@@ -153,7 +157,7 @@ def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
     dist.barrier()  # every shard is stored
     if not dist.is_main:
         return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
-    summary = _assemble(cfg, jobs, names, reals, cache, size)
+    summary = _assemble(cfg, jobs, names, reals, CacheReader(cfg.prepared_dir))
     shutil.rmtree(work, ignore_errors=True)
     log.info("augment: wrote %d images to %s %s", summary["n_images"], cfg.out_dir, summary["by_method"])
     return summary

@@ -1,4 +1,4 @@
-"""Stage 2 inputs: the real images generation starts from, and reading their rows of the prepared caches."""
+"""Stage 2 inputs: the real images generation starts from, read from the prepared image store."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.samples import load_manifest
+from ..data.store import StoreReader
 from ..errors import DataError, InputError
 
 
@@ -27,23 +28,21 @@ def load_reals(prepared_dir: str | Path) -> pd.DataFrame:
 
 
 class CacheReader:
-    """Read rows of the prepared ``.npy`` caches (memory-mapped once per file)."""
+    """Stage-1 images of a prepared folder by the manifest's (``cache_file``, ``cache_index``): each at its
+    own native size, (H, W, 3) uint8 RGB, read from the image store (:mod:`dfpipe.data.store`)."""
 
     def __init__(self, prepared_dir: str | Path) -> None:
         self.dir = Path(prepared_dir)
-        self._maps: dict[str, np.ndarray] = {}
+        self._store = StoreReader()
+        self._seen: set[str] = set()
 
     def get(self, cache_file: str, index: int) -> np.ndarray:
-        if cache_file not in self._maps:
-            path = self.dir / cache_file
+        path = self.dir / str(cache_file)
+        if cache_file not in self._seen:
             if not path.is_file():
-                raise InputError(f"{path} not found (listed in the prepared manifest)")
-            self._maps[cache_file] = np.load(path, mmap_mode="r")
-        return np.array(self._maps[cache_file][int(index)], dtype=np.uint8)  # a private copy
-
-    def size(self, cache_file: str) -> int:
-        self.get(cache_file, 0)
-        return int(self._maps[cache_file].shape[1])
+                raise InputError(f"{path} not found (listed in the prepared manifest): rerun stage 1")
+            self._seen.add(cache_file)
+        return self._store.image(path, int(index))  # a fresh array: the caller may keep it
 
 
 @dataclass(frozen=True)

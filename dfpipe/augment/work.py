@@ -1,5 +1,7 @@
 """Stage 2's work files (resume): one atomically written ``.npz`` per finished image, named by a hash of
-everything its bytes depend on."""
+everything its bytes depend on. It holds the image already PNG-encoded (the bytes the stage-2 store will
+hold: encoding happens in the worker processes, the merge only copies), the mask as an 8-bit PNG and the
+params."""
 
 from __future__ import annotations
 
@@ -9,18 +11,27 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from ..config import AugmentConfig
+from ..data.store import PNG_LEVEL, STORE_RECORD, encode_png
+from ..errors import DataError
 from .plan import Job
 
-WORK_VERSION = 1  # bump when a change makes old work files wrong (part of every work file's key)
+WORK_VERSION = 2  # bump when a change makes old work files wrong (part of every work file's key)
 
 
 def _prepared_fingerprint(prepared_dir: str | Path) -> str:
-    """Changes when stage 1 is rerun differently, so work made from other sources is never reused."""
-    return hashlib.sha1((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()
+    """Changes when stage 1 is rerun differently (its manifest or its ``store.json`` settings), so work made
+    from other sources is never reused."""
+    folder = Path(prepared_dir)
+    h = hashlib.sha1((folder / "manifest.csv").read_bytes())
+    record = folder / STORE_RECORD
+    if record.is_file():
+        h.update(record.read_bytes())
+    return h.hexdigest()
 
 
 def sd_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
@@ -30,9 +41,9 @@ def sd_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
     return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
 
 
-def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, size: int) -> list[str]:
+def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig) -> list[str]:
     """File name of each job's work file: a hash of everything its bytes depend on (never the row index)."""
-    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(cfg.prepared_dir), "size": size}
+    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(cfg.prepared_dir)}
     d = cfg.diffusion
     sd = {k: v for k, v in asdict(d).items() if k not in ("per_image", "fraction")}
     mates: dict[int, list] = {}
@@ -50,22 +61,35 @@ def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, size: i
     return names
 
 
+def encode_mask(mask: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of a [0, 1] mask (masks are quantised to 1/255 steps: the PNG is exact)."""
+    ok, buf = cv2.imencode(".png", np.round(np.clip(mask, 0.0, 1.0) * 255.0).astype(np.uint8),
+                           [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    if not ok:  # pragma: no cover - cv2 always encodes a valid uint8 image
+        raise DataError(f"cannot PNG-encode a mask of shape {mask.shape}")
+    return buf.tobytes()
+
+
 def save_work(path: Path, fake: np.ndarray, mask: np.ndarray | None, params: dict) -> None:
     """Write one finished image atomically (a kill leaves the old state or the whole file)."""
-    if fake.dtype != np.uint8 or fake.ndim != 3:
+    if fake.dtype != np.uint8 or fake.ndim != 3 or fake.shape[2] != 3:
         raise RuntimeError(f"{path.name}: generated image is {fake.dtype} {fake.shape}, expected uint8 (H, W, 3)")
+    if mask is not None and mask.shape != fake.shape[:2]:
+        raise RuntimeError(f"{path.name}: mask {mask.shape} does not match the image {fake.shape[:2]}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    png = np.frombuffer(encode_png(fake), np.uint8)
+    mask_png = np.zeros(0, np.uint8) if mask is None else np.frombuffer(encode_mask(mask), np.uint8)
     with open(tmp, "wb") as fh:
-        np.savez(fh, image=fake, mask=np.zeros(0, np.float32) if mask is None else mask.astype(np.float32),
+        np.savez(fh, image=png, mask=mask_png,
                  params=np.array(json.dumps(params, sort_keys=True, separators=(",", ":"))))
     os.replace(tmp, path)
 
 
-def load_work(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(image, mask or None, params as JSON text) of a work file."""
+def load_work(path: Path) -> tuple[bytes, bytes | None, str]:
+    """(image PNG bytes, mask PNG bytes or None, params as JSON text) of a work file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing at the merge: a process did not finish its shard "
                                 "(rerun the stage: finished images are kept)")
     with np.load(path) as z:
         mask = z["mask"]
-        return z["image"], (mask if mask.size else None), str(z["params"])
+        return z["image"].tobytes(), (mask.tobytes() if mask.size else None), str(z["params"])
