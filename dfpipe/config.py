@@ -202,8 +202,8 @@ class SplitConfig:
     k_candidates: tuple[int, ...] = (4, 6, 8, 12, 16)
     silhouette_sample: int = 2000  # silhouette on this many sampled points (0 = all)
     per_class: bool = False  # True: k-means real and fake separately
-    n_folds: int = 5
-    val_fold: int = 0
+    n_folds: int = 5  # whole clusters packed largest first: each fold ~1/n_folds of each class
+    val_fold: int = 0  # a splice whose donor and source straddle this fold is left out of the split
     seed: int = 42
     contact_sheet: str = "data/cluster_examples.png"  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
     contact_sheet_per_cluster: int = 6

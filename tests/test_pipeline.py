@@ -121,12 +121,18 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
 
 
 def test_splits_keep_generated_images_with_their_source(run):
+    from dfpipe.split.cluster import check_split
+
     t, _ = run
-    df = pd.read_csv(t / "splits.csv")
+    df = pd.read_csv(t / "splits.csv", keep_default_na=False)
     assert (df.groupby("cluster").fold.nunique() == 1).all()
     fold = df.set_index("uid").fold
     aug = df[df.origin == "aug"]
     assert len(aug) > 0 and (fold.loc[aug.source_uid].to_numpy() == aug.fold.to_numpy()).all()
+    # no training splice has its donor in val (stage 2 drew donors from every real image)
+    donors = aug[(aug.subset == "train") & (aug.donor_uid != "")]
+    assert len(donors) > 0 and not (df.set_index("uid").subset.loc[donors.donor_uid] == "val").any()
+    check_split(df, val_fold=0)
     assert (t / "cluster.png").stat().st_size > 1000
 
 

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from dfpipe.data.store import write_png_shard
+from dfpipe.errors import ConfigError
 from dfpipe.split.cluster import assign_folds, check_split, cluster_ids, split_pool
 
 
@@ -57,8 +58,43 @@ def test_per_class_clusters_never_mix_labels(rng):
 
 
 def test_too_few_clusters_for_folds():
-    with pytest.raises(ValueError, match="cannot fill 4 folds"):
+    with pytest.raises(ConfigError, match="cannot fill 4 folds: raise split.n_clusters or lower split.n_folds"):
         assign_folds(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), 4, 0)
+
+
+def test_folds_are_balanced_on_skewed_clusters():
+    # mixed-label clusters of very different sizes, as joint k-means gives on real data: stratifying
+    # by label (the former StratifiedGroupKFold) put up to 510 of 1400 images in one fold
+    sizes = [300, 250, 200, 150, 120, 100, 80, 60, 50, 40, 30, 20]
+    fake_share = [0.5, 0.3, 0.6, 0.4, 0.9, 0.1, 0.5, 0.5, 0.2, 0.7, 0.5, 0.5]
+    clusters = np.repeat(np.arange(12), sizes)
+    labels = np.concatenate([np.arange(n) < round(f * n) for n, f in zip(sizes, fake_share)]).astype(int)
+    for seed in range(4):
+        folds = assign_folds(clusters, labels, 5, seed)
+        n, n_fake = np.bincount(folds, minlength=5), np.bincount(folds, weights=labels, minlength=5)
+        assert (np.abs(n - 1400 / 5) <= 0.1 * 1400 / 5).all(), (seed, n)
+        assert (np.abs(n_fake - labels.sum() / 5) <= 0.25 * labels.sum() / 5).all(), (seed, n_fake)
+        assert (pd.Series(folds).groupby(clusters).nunique() == 1).all()  # clusters stay whole
+        np.testing.assert_array_equal(folds, assign_folds(clusters, labels, 5, seed))  # deterministic
+
+
+def test_per_class_clusters_give_every_fold_both_classes():
+    sizes = [300, 250, 200, 150, 120, 100, 200, 150, 100, 80, 60, 40]  # six real clusters, six fake ones
+    clusters, labels = np.repeat(np.arange(12), sizes), np.repeat([0] * 6 + [1] * 6, sizes)
+    for seed in range(4):
+        folds = assign_folds(clusters, labels, 5, seed)
+        assert (pd.Series(labels).groupby(folds).nunique() == 2).all()
+        assert np.bincount(folds).max() <= 1.25 * len(folds) / 5
+
+
+def test_equal_folds_keep_both_classes_and_the_seed_picks_the_val_fold():
+    clusters, labels = np.repeat(np.arange(4), 12), np.repeat([0, 1, 0, 1], 12)
+    held = set()
+    for seed in range(6):
+        folds = assign_folds(clusters, labels, 2, seed)
+        assert (pd.Series(labels).groupby(folds).nunique() == 2).all()  # not both real clusters in one fold
+        held.add(tuple(folds[::12]))
+    assert len(held) > 1  # the seed decides which clusters fold 0 holds
 
 
 def test_check_split_catches_leaks():
@@ -84,14 +120,34 @@ def test_near_duplicates_share_a_fold_even_across_clusters(rng):
         assert (df.groupby("cluster").fold.nunique() == 1).all()
 
 
-def test_fold_groups_join_clusters_linked_by_duplicates():
-    from dfpipe.split.cluster import fold_groups
+def test_near_duplicate_groups_move_to_their_majority_cluster():
+    from dfpipe.split.cluster import settle_near_duplicates
 
-    clusters = np.array([0, 0, 1, 1, 2, 2])
-    dups = np.array([-1, 5, 5, -1, -1, -1])  # links cluster 0 and 1
-    units = fold_groups(clusters, dups)
-    assert units[0] == units[2] and units[0] != units[4]
-    assert len(np.unique(units)) == 2
+    clusters = np.array([0, 0, 1, 1, 1, 2, 2, 3])
+    dups = np.array([4, -1, 4, 4, 9, 9, -1, 8])  # group 4: 1x cluster 0, 2x cluster 1; group 9: a 1-1 tie
+    moved, n_spanning = settle_near_duplicates(clusters, dups)
+    assert moved.tolist() == [1, 0, 1, 1, 1, 1, 2, 3] and n_spanning == 2  # the tie goes to cluster 1 (smaller)
+    assert clusters.tolist() == [0, 0, 1, 1, 1, 2, 2, 3]  # input untouched
+    same, n = settle_near_duplicates(clusters, None)  # no dup_group column: nothing moves
+    assert same.tolist() == clusters.tolist() and n == 0
+
+
+def test_a_duplicate_group_spanning_every_cluster_does_not_collapse_the_folds(rng):
+    from dfpipe.split.cluster import cluster_report
+
+    pool, feats = make_pool(rng)
+    pool["dup_group"] = -1
+    members = ["train/b0_0.jpg", "train/b1_0.jpg", "train/b2_0.jpg", "train/b2_1.jpg", "train/b3_0.jpg"]
+    pool.loc[pool.uid.isin(members), "dup_group"] = 3  # one group in all four blobs, two of it in blob 2
+    # joining the clusters the group touches (the former rule) left one unit: "cannot fill 4 folds"
+    df = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=4, seed=0)
+    check_split(df)
+    orig = df[df.origin != "aug"].set_index("uid")
+    assert sorted(orig.fold.value_counts()) == [11, 11, 11, 15]  # four folds; blob 2's took the three others
+    assert orig.cluster.loc[members].nunique() == 1 and orig.cluster[members[0]] == orig.cluster["train/b2_5.jpg"]
+    assert orig.fold.loc[members].nunique() == 1
+    rep = cluster_report(df, 0)["near_duplicates"]
+    assert rep == {"n_groups": 1, "n_spanning_clusters": 1, "n_moved": 3}
 
 
 def test_check_split_catches_split_near_duplicates():
@@ -99,6 +155,62 @@ def test_check_split_catches_split_near_duplicates():
                        "origin": ["train", "train"], "dup_group": [3, 3]})
     with pytest.raises(AssertionError, match="near-duplicates"):
         check_split(df)
+    df.loc[1, "dup_group"] = 4
+    check_split(df)
+
+
+def test_check_split_catches_donor_leaks():
+    # a training splice (fold 1) whose donor "v" is in the val fold 0
+    df = pd.DataFrame({"uid": ["v", "t", "u", "x"], "source_uid": ["v", "t", "u", "t"],
+                       "donor_uid": ["", "", "", "v"], "cluster": [0, 1, 2, 1], "fold": [0, 1, 2, 1],
+                       "origin": ["train", "train", "train", "aug"]})
+    with pytest.raises(AssertionError, match="donor is in another fold"):
+        check_split(df, val_fold=0)
+    with pytest.raises(AssertionError, match="donor is in another fold"):
+        check_split(df)  # no val fold named: any cross-fold donor leaks
+    df.loc[3, "donor_uid"] = "u"  # donor in fold 2: both train when fold 0 is val
+    check_split(df, val_fold=0)
+    with pytest.raises(AssertionError, match="donor is in another fold"):
+        check_split(df, val_fold=2)
+    df.loc[3, "donor_uid"] = "gone"
+    with pytest.raises(AssertionError, match="donor is not in the split"):
+        check_split(df, val_fold=0)
+
+
+def test_a_donor_in_another_fold_takes_its_fake_out_of_the_split(rng):
+    from dfpipe.split.cluster import cluster_report
+
+    pool, feats = make_pool(rng, n_aug=0)
+    folds = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=3, seed=0).groupby("fold").uid.apply(list)
+    (v, _), (t1, t1b), (t2, _) = (folds[f][:2] for f in range(3))  # originals of folds 0 (val), 1 and 2
+    fakes = pd.DataFrame([  # uid, source, donor ("" = none)
+        ("aug/leak_in.png", t1, v),  # a training splice with val pixels
+        ("aug/leak_out.png", v, t1),  # a val splice made of training pixels
+        ("aug/same.png", t1, t1b),  # donor in its source's fold
+        ("aug/train_pair.png", t1, t2),  # both training folds: harmless while fold 0 is val
+        ("aug/plain.png", v, ""),
+    ], columns=["uid", "source_uid", "donor_uid"]).assign(label=1, origin="aug", method="splice")
+    pool = pd.concat([pool.assign(donor_uid=""), fakes], ignore_index=True)
+
+    df = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=3, seed=0, val_fold=0)
+    check_split(df, val_fold=0)
+    assert set(df.uid[df.origin == "aug"]) == {"aug/same.png", "aug/train_pair.png", "aug/plain.png"}
+    fold = df.set_index("uid").fold
+    train = df[(df.fold != 0) & (df.origin == "aug")]
+    assert len(train) == 2 and not (fold.loc[train.source_uid] == 0).any() and not (fold.loc[train.donor_uid] == 0).any()
+    dropped = pool[~pool.uid.isin(df.uid)]
+    rep = cluster_report(df, 0, dropped)["generated_dropped_for_donor_leak"]
+    assert rep["n"] == 2 and rep["by_method"] == {"splice": 2}
+    # no val fold named: every cross-fold donor goes, whatever fold later becomes val
+    strict = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=3, seed=0)
+    check_split(strict)
+    assert set(strict.uid[strict.origin == "aug"]) == {"aug/same.png", "aug/plain.png"}
+
+
+def test_val_fold_outside_the_folds_is_a_config_error(rng):
+    pool, feats = make_pool(rng)
+    with pytest.raises(ConfigError, match="split.val_fold 2 is not a fold"):
+        split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0, val_fold=2)
 
 
 def test_k_chosen_by_silhouette_is_the_number_of_blobs(rng):
@@ -322,8 +434,9 @@ def write_prepared(tmp_path, rng, n_train=24, n_val=8, n_aug=6):
     a = image_pool(aug, rng, n=n_aug, name="images")
     reals = man.uid[man.label == 0].to_numpy()
     pd.DataFrame({"uid": [f"aug/{i}.png" for i in range(n_aug)], "img_name": [f"{i}.png" for i in range(n_aug)],
-                  "label": 1, "source_uid": reals[:n_aug], "method": "self_blend", "cache_file": "images-000000.bin",
-                  "cache_index": a.cache_index}).to_csv(aug / "manifest.csv", index=False)
+                  "label": 1, "source_uid": reals[:n_aug], "donor_uid": reals[n_aug:2 * n_aug], "method": "splice",
+                  "cache_file": "images-000000.bin", "cache_index": a.cache_index}).to_csv(aug / "manifest.csv",
+                                                                                           index=False)
     return prep, aug
 
 
@@ -341,11 +454,16 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
                       img_size=32, batch_size=8, finetune_epochs=1, finetune_batch_size=8, kmeans_backend="torch",
                       n_clusters=2, per_class=False, n_folds=2, contact_sheet="", contact_sheet_per_cluster=2)
     df = run_split(cfg)
-    check_split(df)
-    assert len(df) == 24 + 8 + 6 and set(df.fold) == {0, 1}
+    check_split(df, val_fold=0)
+    report = json.loads((out / "report.json").read_text())
+    n_dropped = report["generated_dropped_for_donor_leak"]["n"]
+    assert len(df) + n_dropped == 24 + 8 + 6 and set(df.fold) == {0, 1}
+    table = pd.read_csv(cfg.out_csv, keep_default_na=False)
+    check_split(table, val_fold=0)  # splits.csv alone holds what the leak check needs (donors too)
+    assert (table.donor_uid[table.origin == "aug"] != "").all() and len(table) == len(df)
+    assert sum(f["n_original"] for f in report["folds"].values()) == 32
     feats, index = np.load(cfg.features), pd.read_csv(cfg.features_index)
     assert feats.shape == (32, 256) and index.uid.tolist() == df.uid[df.origin != "aug"].tolist()
-    report = json.loads((out / "report.json").read_text())
     ft = report["embedding"]["finetune"]
     assert report["embedding"]["embedder"] == "finetune" and ft["n_images"] == 24 and len(ft["history"]) == 1
     assert report["kmeans"]["backend"] == "torch"

@@ -2,7 +2,8 @@
 
 Every sample has a ``uid`` (``train/x.jpg``, ``val/y.jpg``, ``test/z.jpg``, ``aug/self_blend_000001.png``),
 a label (1 fake, 0 real, -1 unknown), its ``origin`` (train/val/test/aug), the ``source_uid`` it was
-derived from (itself for original images) and where its pixels live (``cache_path``, ``cache_index``).
+derived from (itself for original images), the ``donor_uid`` that lent it pixels (a splice's second image;
+"" for none) and where its pixels live (``cache_path``, ``cache_index``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pandas as pd
 
 from ..errors import DataError, InputError
 
-POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cache_path", "cache_index",
-                "dup_group"]
+POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "donor_uid", "method", "cache_path",
+                "cache_index", "dup_group"]
 
 
 def load_manifest(prepared_dir: str | Path, ok_only: bool = True) -> pd.DataFrame:
@@ -34,7 +35,7 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
     man = man[man.split.isin(splits)]
     pool = pd.DataFrame({
         "uid": man.uid, "img_name": man.img_name, "label": man.label.astype(int), "origin": man.split,
-        "source_uid": man.uid, "method": "original",
+        "source_uid": man.uid, "donor_uid": "", "method": "original",
         "cache_path": [str(prepared_dir / f) for f in man.cache_file], "cache_index": man.cache_index,
         # near-duplicate group from stage 1 (-1 = unknown, e.g. a manifest from before dedup)
         "dup_group": man.dup_group.astype(int) if "dup_group" in man else -1,
@@ -47,7 +48,9 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
         if len(aug):
             pool = pd.concat([pool, pd.DataFrame({
                 "uid": aug.uid, "img_name": aug.img_name, "label": aug.label.astype(int), "origin": "aug",
-                "source_uid": aug.source_uid, "method": aug.method,
+                "source_uid": aug.source_uid,
+                # stage 3 checks a splice's donor fold too; a manifest from before donor_uid: none
+                "donor_uid": aug.donor_uid.astype(str) if "donor_uid" in aug else "", "method": aug.method,
                 "cache_path": [str(Path(augmented_dir) / f) for f in aug.cache_file],
                 "cache_index": aug.cache_index, "dup_group": -1,
             })], ignore_index=True)

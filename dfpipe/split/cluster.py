@@ -1,4 +1,4 @@
-"""k-means over embeddings and folds made of whole clusters.
+"""k-means over embeddings and folds made of whole clusters, balanced in size.
 
 The winners' observation: the official train and val sets look alike, so val AUC saturates. Holding
 out whole clusters of the embedding space makes validation measure generalisation to kinds of real
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import ConfigError, DataError
 
@@ -95,71 +94,165 @@ def cluster_ids(feats: np.ndarray, labels: np.ndarray, k: int | Sequence[int], p
     return ids
 
 
-def assign_folds(clusters: np.ndarray, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold per sample; every cluster lies in exactly one fold, class balance kept where possible."""
-    n_groups = len(np.unique(clusters))
-    if n_groups < n_folds:
-        raise ConfigError(f"{n_groups} clusters cannot fill {n_folds} folds: raise n_clusters or lower n_folds")
-    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = np.full(len(clusters), -1, dtype=np.int64)
-    for f, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(labels)), labels, groups=clusters)):
-        folds[test_idx] = f
-    return folds
+def settle_near_duplicates(clusters: np.ndarray, dup_groups: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Clusters after moving every near-duplicate group whole into the cluster holding most of it.
 
+    Frames of one video or fakes made from one photo are near-duplicates (stage 1's ``dup_group``)
+    that k-means may scatter over several clusters. Joining those clusters into one fold unit (the
+    former rule) can chain most clusters of real data into a single unit, so folds collapse; moving
+    the few members instead keeps every cluster a unit of its own. Ties go to the smaller cluster id.
+    ``dup_group`` -1 = unknown (never moved).
 
-def fold_groups(clusters: np.ndarray, dup_groups: np.ndarray | None) -> np.ndarray:
-    """Units that folds are made of: clusters, joined when a near-duplicate group spans several.
-
-    Two clusters sharing a near-duplicate pair (stage 1's ``dup_group``) become one unit, so a
-    near-duplicate can never sit in train while its twin is in val. ``dup_group`` -1 = unknown.
+    Returns:
+        (cluster per sample, number of groups whose members were in more than one cluster)
     """
+    clusters = np.asarray(clusters).copy()
     if dup_groups is None:
-        return clusters
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+        return clusters, 0
+    dup_groups = np.asarray(dup_groups)
+    known = dup_groups >= 0
+    d = pd.DataFrame({"g": dup_groups[known], "c": clusters[known]})
+    counts = d.groupby(["g", "c"]).size().rename("n").reset_index()
+    major = (counts.sort_values(["g", "n", "c"], ascending=[True, False, True], kind="stable")
+             .drop_duplicates("g").set_index("g").c)
+    n_spanning = int((counts.groupby("g").size() > 1).sum())
+    clusters[known] = major.loc[d.g].to_numpy()
+    return clusters, n_spanning
 
-    ids, inv = np.unique(clusters, return_inverse=True)
-    links = pd.DataFrame({"c": inv, "d": dup_groups})[dup_groups >= 0]
-    first = links.groupby("d").c.transform("first").to_numpy()  # link each member's cluster to the group's first
-    graph = coo_matrix((np.ones(len(links)), (links.c.to_numpy(), first)), shape=(len(ids), len(ids)))
-    _, unit = connected_components(graph, directed=False)
-    return unit[inv]
+
+def assign_folds(clusters: np.ndarray, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold per sample: whole clusters, largest first, each into the fold it unbalances least.
+
+    Greedy bin packing over two loads per fold, its share of the real and of the fake samples: a
+    cluster goes where the sum of squared shares grows least (ties: the fold with fewer samples). Both
+    classes spread evenly, so each fold holds near ``1/n_folds`` of the samples and of each class, and
+    a val fold of per-class clusters gets real and fake ones. StratifiedGroupKFold (the former rule)
+    balanced labels, not sizes: up to twice a fold's share in one fold. Equal-size clusters are taken
+    in a seeded order and fold numbers are a seeded permutation, so which fold gets the largest
+    cluster depends on ``seed``. A cluster is never cut: one larger than a fold's share leaves the
+    folds unbalanced, and a warning says to raise ``split.n_clusters``.
+    """
+    ids, inv, sizes = np.unique(clusters, return_inverse=True, return_counts=True)
+    if len(ids) < n_folds:
+        raise ConfigError(f"{len(ids)} clusters cannot fill {n_folds} folds: raise split.n_clusters or lower "
+                          f"split.n_folds")
+    fake = np.asarray(labels) == 1
+    counts = np.stack([np.bincount(inv, weights=~fake, minlength=len(ids)),
+                       np.bincount(inv, weights=fake, minlength=len(ids))], axis=1)  # (clusters, [real, fake])
+    scale = 1.0 / np.maximum(counts.sum(axis=0), 1)
+    rng = np.random.default_rng(seed)
+    load = np.zeros((n_folds, 2))  # (folds, [real, fake]) samples so far
+    unit_fold = np.empty(len(ids), dtype=np.int64)
+    for u in np.lexsort((rng.permutation(len(ids)), -sizes)):  # largest first, seeded among equals
+        growth = (((load + counts[u]) * scale) ** 2 - (load * scale) ** 2).sum(axis=1)
+        f = int(np.lexsort((load.sum(axis=1), growth))[0])
+        unit_fold[u] = f
+        load[f] += counts[u]
+    warn_unbalanced(load, sizes, ids)
+    return rng.permutation(n_folds)[unit_fold[inv]]
+
+
+def warn_unbalanced(load: np.ndarray, sizes: np.ndarray, ids: np.ndarray) -> None:
+    """Log what a cluster-whole split could not balance: a fold far above its share, a class missing."""
+    total = load.sum(axis=1)
+    if total.max() > 1.5 * total.sum() / len(total):
+        log.warning("folds are unbalanced (%s samples): cluster %s alone holds %.0f%% of them; raise "
+                    "split.n_clusters", total.astype(int).tolist(), ids[sizes.argmax()],
+                    100 * sizes.max() / sizes.sum())
+    for c, name in enumerate(("real", "fake")):
+        if load[:, c].sum() and (load[:, c] == 0).any():
+            log.warning("some folds have no %s image (fewer %s clusters than folds): raise split.n_clusters",
+                        name, name)
+
+
+def attach_generated(orig: pd.DataFrame, derived: pd.DataFrame,
+                     val_fold: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Generated images in their source's fold, minus those whose splice donor would leak.
+
+    A donor (``donor_uid``, "" = none) lends pixels to the fake, so a fake whose donor sits in another
+    fold than its source cannot be placed without leaking when one of the two folds is ``val_fold``:
+    val pixels would enter training, or a val fake would be made of training pixels. Those fakes are
+    dropped (stage 2 draws donors before the split exists). ``val_fold`` None: any fold may become
+    val, so every cross-fold donor is dropped.
+
+    Returns:
+        (kept generated rows with cluster, kmeans_cluster and fold; dropped rows)
+    """
+    src = orig.set_index("uid")
+    missing = sorted(set(derived.source_uid) - set(src.index))
+    if missing:
+        raise DataError(f"generated images derive from unknown sources, e.g. {missing[:3]}")
+    donors = donor_uids(derived)
+    unknown = sorted(set(donors[donors != ""]) - set(src.index))
+    if unknown:
+        raise DataError(f"generated images take pixels from unknown donors, e.g. {unknown[:3]}; rerun stage 2")
+    derived = derived.assign(**{c: src[c].loc[derived.source_uid].to_numpy()
+                                for c in ("cluster", "kmeans_cluster", "fold") if c in src})
+    has = donors != ""
+    donor_fold = np.full(len(derived), -1, dtype=np.int64)
+    donor_fold[has] = src.fold.loc[donors[has]].to_numpy()
+    leak = has & donor_leaks(derived.fold.to_numpy(), donor_fold, val_fold)
+    return derived[~leak], derived[leak]
+
+
+def donor_uids(df: pd.DataFrame) -> np.ndarray:
+    """``donor_uid`` per row as strings, "" where there is none (or no such column)."""
+    if "donor_uid" not in df:
+        return np.full(len(df), "", dtype=object)
+    return df.donor_uid.fillna("").astype(str).to_numpy(dtype=object)
+
+
+def donor_leaks(fold: np.ndarray, donor_fold: np.ndarray, val_fold: int | None) -> np.ndarray:
+    """Rows whose donor sits in another fold, one of the two being ``val_fold`` (None: any fold)."""
+    cross = fold != donor_fold
+    return cross if val_fold is None else cross & ((fold == val_fold) | (donor_fold == val_fold))
 
 
 def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence[int], per_class: bool,
                n_folds: int, seed: int, k_candidates: Sequence[int] = DEFAULT_K_CANDIDATES,
-               engine: KMeansEngine | None = None) -> pd.DataFrame:
-    """Cluster and fold the original images of ``pool``; generated ones inherit their source's.
+               engine: KMeansEngine | None = None, val_fold: int | None = None) -> pd.DataFrame:
+    """Cluster and fold the original images of ``pool``; generated ones inherit their source's fold.
 
     ``n_clusters`` 0: k chosen by silhouette among ``k_candidates`` (:func:`select_k`).
 
     ``feats`` holds one row per *original* image (origin != 'aug'), in pool order (an array or the
     memmap of stage 3's features file). With a ``dup_group`` column (stage 1), near-duplicates always
-    share a fold. ``engine``: where k-means runs (default sklearn on CPU).
+    share a fold (:func:`settle_near_duplicates`; ``kmeans_cluster`` keeps k-means' own id).
+    Generated images whose donor would leak into or out of ``val_fold`` are left out
+    (:func:`attach_generated`). ``engine``: where k-means runs (default sklearn on CPU).
     """
+    if val_fold is not None and not 0 <= val_fold < n_folds:
+        raise ConfigError(f"split.val_fold {val_fold} is not a fold: folds are 0..{n_folds - 1}")
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
     if len(orig) != len(feats):
         raise ValueError(f"{len(feats)} embeddings for {len(orig)} original images")
     labels = orig.label.to_numpy()
     if np.isscalar(n_clusters) and n_clusters == 0:
         n_clusters, _ = select_k(feats, labels, per_class, k_candidates, seed, engine=engine)
-    orig = orig.assign(cluster=cluster_ids(feats, labels, n_clusters, per_class, seed, engine))
+    kmeans = cluster_ids(feats, labels, n_clusters, per_class, seed, engine)
     dups = orig.dup_group.to_numpy() if "dup_group" in orig else None
-    orig["fold"] = assign_folds(fold_groups(orig.cluster.to_numpy(), dups), labels, n_folds, seed)
-    derived = pool[pool.origin == "aug"]
-    src = orig.set_index("uid")
-    missing = sorted(set(derived.source_uid) - set(src.index))
-    if missing:
-        raise DataError(f"generated images derive from unknown sources, e.g. {missing[:3]}")
-    derived = derived.assign(cluster=src.cluster.loc[derived.source_uid].to_numpy(),
-                             fold=src.fold.loc[derived.source_uid].to_numpy())
+    clusters, n_spanning = settle_near_duplicates(kmeans, dups)
+    if n_spanning:
+        log.info("%d near-duplicate groups spanned clusters: %d images moved to their group's majority cluster",
+                 n_spanning, int((clusters != kmeans).sum()))
+    orig = orig.assign(cluster=clusters, kmeans_cluster=kmeans,
+                       fold=assign_folds(clusters, labels, n_folds, seed))
+    derived, dropped = attach_generated(orig, pool[pool.origin == "aug"], val_fold)
+    if len(dropped):
+        log.info("left out %d generated images whose donor is in another fold than their source, one of "
+                 "them val", len(dropped))
     out = pd.concat([orig, derived], ignore_index=True)
-    check_split(out)
+    check_split(out, val_fold)
     return out
 
 
-def check_split(df: pd.DataFrame) -> None:
-    """Assert the leak-proof properties: every sample in one fold, clusters and sources not split."""
+def check_split(df: pd.DataFrame, val_fold: int | None = None) -> None:
+    """Assert the leak-proof properties; raises AssertionError naming the first one broken.
+
+    Every sample in one fold; clusters and near-duplicate groups never split over folds; a generated
+    image in its source's fold; its donor in the same fold, or at least neither of the two in
+    ``val_fold`` (None: in the same fold, whatever fold becomes val).
+    """
     if (df.fold < 0).any():
         raise AssertionError("some samples have no fold")
     if df.uid.duplicated().any():
@@ -170,25 +263,53 @@ def check_split(df: pd.DataFrame) -> None:
         dup = df[df.dup_group >= 0]
         if (dup.groupby("dup_group").fold.nunique() > 1).any():
             raise AssertionError("near-duplicates (one dup_group) span two folds")
-    src_fold = df.set_index("uid").fold
+    fold = df.set_index("uid").fold
     derived = df[df.source_uid != df.uid]
-    if (src_fold.loc[derived.source_uid].to_numpy() != derived.fold.to_numpy()).any():
+    if not derived.source_uid.isin(fold.index).all():
+        raise AssertionError("a generated image's source is not in the split")
+    if (fold.loc[derived.source_uid].to_numpy() != derived.fold.to_numpy()).any():
         raise AssertionError("a generated image is not in its source's fold")
+    donors = donor_uids(derived)
+    has = donors != ""
+    if not pd.Series(donors[has]).isin(fold.index).all():
+        raise AssertionError("a generated image's donor is not in the split")
+    if donor_leaks(derived.fold.to_numpy()[has], fold.loc[donors[has]].to_numpy(), val_fold).any():
+        raise AssertionError("a generated image's donor is in another fold, one of them val: its pixels leak")
 
 
-def cluster_report(df: pd.DataFrame, val_fold: int) -> dict:
+def cluster_report(df: pd.DataFrame, val_fold: int, dropped: pd.DataFrame | None = None) -> dict:
+    """Clusters, folds (sizes of originals and their share), near-duplicate moves and left-out fakes."""
     orig = df[df.origin != "aug"]
     clusters = {
         str(c): {"n": int(len(g)), "n_fake": int(g.label.sum()), "fold": int(g.fold.iloc[0]),
                  "origins": {k: int(v) for k, v in g.origin.value_counts().items()}}
         for c, g in orig.groupby("cluster")
     }
+    n_orig = orig.fold.value_counts()
     folds = {
-        str(f): {"n": int(len(g)), "n_fake": int(g.label.sum()), "n_generated": int((g.origin == "aug").sum()),
-                 "n_clusters": int(g.cluster.nunique())}
+        str(f): {"n": int(len(g)), "n_original": int(n_orig.get(f, 0)),
+                 "share_original": float(n_orig.get(f, 0) / max(len(orig), 1)), "n_fake": int(g.label.sum()),
+                 "n_generated": int((g.origin == "aug").sum()), "n_clusters": int(g.cluster.nunique())}
         for f, g in df.groupby("fold")
     }
     val = orig[orig.fold == val_fold]
+    by_method = dropped.method.value_counts() if dropped is not None and "method" in dropped else pd.Series()
     return {"n_clusters": len(clusters), "val_fold": val_fold, "n_val": int(len(val)),
             "val_fake_share": float(val.label.mean()) if len(val) else 0.0,
+            "near_duplicates": near_duplicate_report(orig),
+            "generated_dropped_for_donor_leak": {
+                "n": int(0 if dropped is None else len(dropped)),
+                "by_method": {str(k): int(v) for k, v in by_method.items()},
+                "why": "splice donor and source in different folds, one of them val"},
             "clusters": clusters, "folds": folds}
+
+
+def near_duplicate_report(orig: pd.DataFrame) -> dict:
+    """How many near-duplicate groups k-means scattered over clusters, and how many images moved."""
+    if "dup_group" not in orig or "kmeans_cluster" not in orig:
+        return {"n_groups": 0, "n_spanning_clusters": 0, "n_moved": 0}
+    known = orig[orig.dup_group >= 0]
+    spans = known.groupby("dup_group").kmeans_cluster.nunique()
+    return {"n_groups": int((known.dup_group.value_counts() > 1).sum()),
+            "n_spanning_clusters": int((spans > 1).sum()),
+            "n_moved": int((orig.cluster != orig.kmeans_cluster).sum())}

@@ -20,8 +20,8 @@ from .embed import embed_to_file, load_backbone, load_features, write_index
 from .kmeans import make_engine
 
 log = logging.getLogger(__name__)
-SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "method", "cluster", "dup_group", "fold",
-                 "subset"]
+SPLIT_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "donor_uid", "method", "cluster", "dup_group",
+                 "fold", "subset"]
 EMBEDDERS = typing.get_args(Embedder)  # ("pretrained", "finetune")
 PLOT_MAX_POINTS = 20_000  # the PCA picture uses a seeded sample of this many originals at most
 FINETUNE_NOTE = ("fine-tuned on the labels of the train-origin originals it then clusters (as the winners "
@@ -62,12 +62,10 @@ def run(cfg: SplitConfig) -> pd.DataFrame:
     if k == 0:  # choose k by silhouette score
         k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
                                   cfg.silhouette_sample, engine)
-    df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed, engine=engine)
-    if not ((df.fold == cfg.val_fold) & (df.origin != "aug")).any():
-        raise ConfigError(f"val_fold {cfg.val_fold} is empty; folds are 0..{cfg.n_folds - 1}")
+    df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed, engine=engine, val_fold=cfg.val_fold)
     df["subset"] = np.where(df.fold == cfg.val_fold, "val", "train")
     write_csv(cfg.out_csv, df[SPLIT_COLUMNS])
-    report = cluster_report(df, cfg.val_fold)
+    report = cluster_report(df, cfg.val_fold, dropped=pool[~pool.uid.isin(df.uid)])
     report["embedding"] = embedder_info
     report["kmeans"] = engine.describe(len(orig))
     if k_selection is not None:
