@@ -29,6 +29,7 @@ KMeansBackend = Literal["auto", "sklearn", "torch"]
 AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg"]
 Combine = Literal["mean_prob", "mean_logit", "rank", "stack"]
 InputMode = Literal["resize", "resize_short_crop", "crop"]  # see dfpipe.data.preprocess
+LrScale = Literal["sqrt", "linear", "none"]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -227,18 +228,22 @@ class ExpertConfig:
     dropout: float = 0.2  # before the linear head
     proj_dim: int = 0  # >0: the NCE term uses a projection head of this width instead of the pooled features
     epochs: int = 6
-    batch_size: int = 32  # global batch: under DDP each of N processes takes batch_size / N
-    lr: float = 3e-4
+    batch_size: int = 32  # per process (per GPU): the global batch is batch_size x the number of processes
+    lr: float = 3e-4  # the AdamW lr of a global batch of lr_ref_batch (scaled by lr_scale for another)
+    lr_ref_batch: int = 32  # the global batch that lr is tuned for
+    lr_scale: LrScale = "sqrt"  # sqrt | linear | none: lr x (global / lr_ref_batch) ** (1/2 | 1 | 0)
+    sync_bn: bool = False  # N > 1 GPUs: SyncBatchNorm (BN statistics of the global batch); off on CPU / 1 process
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     temperature: float = 0.1  # InfoNCE temperature
     kl_temperature: float = 2.0  # softening for the EMA-teacher KL term
-    ema_decay: float = 0.0  # 0 = the EMA is the model itself
+    ema_epochs: float = 0.0  # EMA time constant in epochs (weights and BN buffers); 0 = off, the model itself
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentPreset = "randaugment"  # see dfpipe.data.transforms
     use_augmented: bool = False  # train on stage-2 fakes too
     seed: int = 0
+    deterministic: bool = True  # GPU: deterministic cuDNN / cuBLAS kernels (can be slower); CPU runs always are
     patience: int = 0  # early stopping: stop after this many epochs without a better val AUC (0 = off)
 
 

@@ -8,7 +8,7 @@ Notation: B samples, K = 2 classes (1 = fake), logits z_i in R^K, p_i = softmax(
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +106,18 @@ class JointLoss(nn.Module):
     (``logits`` (B, 2), ``feat`` (B, D), optionally ``proj`` (B, P), which the NCE term then uses) returns ``{"total", "ce", "kl", "nce"}``: ``total`` carries the
     graph (call ``backward`` on it), the others are the unweighted terms, detached, for logging.
     A term whose weight is 0 is not computed and reported as 0; L_KL is 0 without teacher logits.
+
+    ``gather`` (under DDP: :func:`dfpipe.train.distributed.gather_across_ranks`) concatenates a per-rank
+    tensor over the ranks, with gradient. L_NCE is then taken over the global batch, the same value on
+    every rank, so each anchor meets the positives and negatives of all ranks, not of its own few
+    samples. Its gradient is exact: the all-gather's backward hands each rank the sum over the ranks of
+    the gradient of its own samples (``world`` x the one-process one), and DDP's gradient average
+    divides by ``world`` again. CE and KL stay per rank: their DDP average is the global-batch mean.
     """
 
     def __init__(self, weights: LossWeights, label_smoothing: float = 0.0, temperature: float = 0.1,
-                 kl_temperature: float = 2.0, class_weights: torch.Tensor | Sequence[float] | None = None) -> None:
+                 kl_temperature: float = 2.0, class_weights: torch.Tensor | Sequence[float] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         if min(weights.ce, weights.kl, weights.nce) < 0:
             raise ConfigError(f"loss weights must be >= 0, got {weights}")
@@ -121,6 +129,7 @@ class JointLoss(nn.Module):
         self.kl_temperature = float(kl_temperature)
         cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", cw, persistent=False)  # moves with .to(device)
+        self.gather = gather
 
     def forward(self, out: dict[str, torch.Tensor], labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 queue_feats: torch.Tensor | None = None,
@@ -137,7 +146,10 @@ class JointLoss(nn.Module):
             feats = out.get("proj", out.get("feat"))  # the projection head's output when the expert has one
             if feats is None:
                 raise KeyError("JointLoss: nce weight > 0 needs out['feat'] (B, D) or out['proj'] (B, P)")
-            terms["nce"] = supcon_infonce(feats, labels, self.temperature, queue_feats, queue_labels)
+            nce_labels = labels
+            if self.gather is not None:  # (world * B, D), (world * B,): the global batch
+                feats, nce_labels = self.gather(feats), self.gather(labels)
+            terms["nce"] = supcon_infonce(feats, nce_labels, self.temperature, queue_feats, queue_labels)
         total = w.ce * terms["ce"] + w.kl * terms["kl"] + w.nce * terms["nce"]
         if logits.requires_grad and not total.requires_grad:  # e.g. KL only, no teacher: keep backward() valid
             total = total + 0.0 * logits.sum()

@@ -194,3 +194,21 @@ def test_joint_loss_rejects_bad_weights():
         JointLoss(LossWeights(ce=0.0, kl=0.0, nce=0.0))
     with pytest.raises(ValueError, match=">= 0"):
         JointLoss(LossWeights(ce=1.0, kl=-0.1, nce=0.0))
+
+
+def test_joint_loss_nce_runs_on_the_gathered_batch_and_ce_on_the_local_one():
+    """Under DDP ``gather`` concatenates every rank's batch: NCE sees all of them, CE only this rank's."""
+    out, labels, _ = _batch()
+    g = torch.Generator().manual_seed(1)
+    other_feats, other_labels = torch.randn(4, 5, generator=g), torch.tensor([1, 0, 0, 1])  # "rank 1"
+
+    def gather(t):
+        return torch.cat([t, other_feats if t.is_floating_point() else other_labels])
+
+    res = JointLoss(LossWeights(ce=1.0, kl=0.0, nce=1.0), temperature=0.2, gather=gather)(out, labels)
+    want = supcon_infonce(torch.cat([out["feat"], other_feats]), torch.cat([labels, other_labels]), 0.2)
+    assert res["nce"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert res["nce"].item() != pytest.approx(supcon_infonce(out["feat"], labels, 0.2).item(), rel=1e-3)
+    assert res["ce"].item() == pytest.approx(ce_loss(out["logits"], labels).item(), rel=1e-6)
+    res["total"].backward()
+    assert out["feat"].grad.abs().sum() > 0

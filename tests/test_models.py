@@ -200,3 +200,29 @@ def test_params_choose_arch_and_dropout():
     assert e.head[0].p == 0.35 and e.describe()["dropout"] == 0.35
     with pytest.raises(KeyError, match="no_such"):
         build_expert(ExpertConfig(pretrained="none", arch="no_such"))
+
+
+@pytest.mark.parametrize("proj_dim", [0, 16])
+def test_heads_are_fp32_under_bf16_autocast_so_scores_do_not_collapse(proj_dim, monkeypatch):
+    """Under autocast the backbone's features are bf16; the heads must still give fp32 logits. bf16 logits
+    (8 significant bits) leave fewer distinct scores than images (147k test scores: about 8k), with ties
+    exactly where TPR at a low FPR is read. The backbone is stubbed with bf16 features (what CUDA autocast
+    gives), so the check runs on CPU in milliseconds."""
+    torch.manual_seed(0)
+    model = build_expert(ExpertConfig(pretrained="none", img_size=32, proj_dim=proj_dim)).eval()
+    n = 4096
+    feats = torch.randn(n, model.feat_dim).abs().to(torch.bfloat16)  # (n, D), like pooled post-ReLU features
+    monkeypatch.setattr(model, "features", lambda x: feats)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.zeros(n, 3, 32, 32))
+        bf16_logits = model.head(feats)  # what the head gave before: autocast runs the Linear in bf16
+    assert out["logits"].dtype == out["prob"].dtype == torch.float32
+    assert out["feat"].dtype == torch.bfloat16  # the backbone itself keeps autocast's speed
+    if proj_dim:
+        assert out["proj"].dtype == torch.float32
+    distinct = len(torch.unique(out["prob"]))
+    collapsed = len(torch.unique(torch.softmax(bf16_logits.float(), dim=1)[:, 1]))
+    assert bf16_logits.dtype == torch.bfloat16 and collapsed < n // 2  # the failure this guards against
+    assert distinct > 0.99 * n
+    want = torch.softmax(model.head(feats.float()), dim=1)[:, 1]  # the same numbers as without autocast
+    torch.testing.assert_close(out["prob"], want)

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 def tiny_expert(**kw) -> ExpertConfig:
     # the winners' full recipe (generated fakes, KL to the EMA teacher, NCE), so every code path runs end to end
-    base = dict(img_size=64, epochs=2, batch_size=16, lr=2e-3, ema_decay=0.9, warmup_epochs=0.2, augment="light",
-                use_augmented=True, loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
+    base = dict(img_size=64, epochs=2, batch_size=16, lr=2e-3, lr_ref_batch=16, ema_epochs=1.0, warmup_epochs=0.2,
+                augment="light", use_augmented=True, loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     base.update(kw)
     return ExpertConfig(**base)
 

@@ -1,11 +1,14 @@
-"""Stage 4 loop: exact resume after a kill, early stopping, EMA weights in best.pt, deterministic
-checkpoints, rank sharding of the seeded sampler, the DVCLive logs (tiny, CPU). The 2-process DDP run:
+"""Stage 4 loop: exact resume after a kill, early stopping, the EMA (weights and BN buffers) in best.pt,
+deterministic checkpoints, rank sharding of the seeded sampler, the DVCLive logs (tiny, CPU), and the
+DDP recipe's pieces (lr rule, SyncBatchNorm, rank seeds, GPU determinism). The 2-process DDP run:
 test_train_ddp.py."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +21,8 @@ import torch
 
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.train import loop
+from dfpipe.train.distributed import global_batch, maybe_sync_bn, rank_seed, scaled_lr, set_determinism
+from dfpipe.train.ema import ema_decay, make_ema
 from dfpipe.train.loop import run_train
 from dfpipe.train.sampling import SeededSampler, epoch_length
 from conftest import write_cache_pool
@@ -45,7 +50,7 @@ def pool(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, models: str, **kw) -> TrainConfig:
-    base = dict(pretrained="none", img_size=SIZE, epochs=3, batch_size=8, lr=2e-3, ema_decay=0.8,
+    base = dict(pretrained="none", img_size=SIZE, epochs=3, batch_size=8, lr=2e-3, ema_epochs=0.5,
                 warmup_epochs=0.5, augment="strong", loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     base.update(kw)
     return TrainConfig(splits_csv=str(root / "splits.csv"), prepared_dir=str(root / "prepared"),
@@ -145,7 +150,14 @@ def test_changed_config_or_finished_run_starts_fresh(pool, caplog):
         assert "finished run: starting fresh" in caplog.text
         caplog.clear()
         _run(_cfg(pool, "models_c", epochs=1, lr=1e-3), pool, "c")
-        assert "another config or data: starting fresh" in caplog.text
+        assert "another config or data (or number of processes): starting fresh" in caplog.text
+        caplog.clear()  # an unfinished run of 2 processes: batch_size is per process, so not this run
+        path = pool / "models_c" / "e" / "last.pt"
+        ckpt = _load(path)
+        ckpt["finished"], ckpt["key"]["world"] = False, 2
+        torch.save(ckpt, path)
+        _run(_cfg(pool, "models_c", epochs=1, lr=1e-3), pool, "c")
+        assert "another config or data (or number of processes): starting fresh" in caplog.text
 
 
 def test_early_stopping_on_val_auc(pool, monkeypatch, caplog):
@@ -201,7 +213,7 @@ def test_logs_go_to_their_directory_only_no_dvc_yaml_no_experiment(pool, tmp_pat
     pd.testing.assert_frame_equal(csv[hist.columns], hist)
 
 
-def test_best_checkpoint_holds_the_ema_weights_not_the_raw_ones(pool, monkeypatch):
+def test_best_checkpoint_holds_the_ema_weights_and_bn_statistics(pool, monkeypatch):
     models = {}
     real_build = loop.build_expert
 
@@ -210,67 +222,98 @@ def test_best_checkpoint_holds_the_ema_weights_not_the_raw_ones(pool, monkeypatc
         return models["m"]
 
     monkeypatch.setattr(loop, "build_expert", keep)
-    aucs = iter([0.5, 0.9])  # the best epoch is the last one: best.pt = EMA shadow at the end
+    aucs = iter([0.5, 0.9])  # the best epoch is the last one: best.pt = the EMA at the end
     real_summary = loop.summary
     monkeypatch.setattr(loop, "summary", lambda y, p: {**real_summary(y, p), "auc": next(aucs)})
     _run(_cfg(pool, "models_e", epochs=2), pool, "e")
     best = _load(pool / "models_e" / "e" / "best.pt")["state_dict"]
-    last = _load(pool / "models_e" / "e" / "last.pt")
-    raw = dict(models["m"].named_parameters())
-    shadow = last["ema"]["shadow_params"]
-    assert len(shadow) == len(raw)
-    differs = 0
-    for (k, p), s in zip(raw.items(), shadow):
-        assert torch.equal(best[k], s), k  # saved = EMA shadow
-        differs += not torch.equal(best[k], p.detach())
-    assert differs > len(raw) // 2  # and not the raw weights
-    for k, v in models["m"].state_dict().items():  # buffers (BN statistics) are the student's
-        if k not in raw:
-            assert torch.equal(best[k], v), k
+    ema = _load(pool / "models_e" / "e" / "last.pt")["ema"]  # ModelEmaV3's state: "module.<key>"
+    student = models["m"].state_dict()
+    assert set(ema) == {f"module.{k}" for k in best} and set(best) == set(student)
+    for k, v in best.items():
+        assert torch.equal(v, ema[f"module.{k}"]), k  # saved = the EMA
+    params = dict(models["m"].named_parameters())
+    stats = [k for k in best if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    assert sum(not torch.equal(best[k], student[k]) for k in params) > len(params) // 2  # not the raw weights
+    assert all(not torch.equal(best[k], student[k]) for k in stats)  # nor the student's BN statistics
 
 
-def test_ema_shadow_is_the_closed_form_average_of_the_parameter_snapshots(pool, monkeypatch):
-    """After K updates the shadow is sum_k w_k p_k over the snapshots p_0 (the initial weights) .. p_K (after
-    each optimizer step), w_0 = prod_k d_k, w_k = (1 - d_k) prod_{j>k} d_j, with torch-ema's warm-up
-    d_k = min(decay, (1 + k) / (10 + k)) (use_num_updates, its default). decay 0.3 over 6 steps: the
-    warm-up rules updates 1-2 and the configured decay updates 3-6. Parameters only: BN buffers are not
-    averaged (see the test above)."""
-    decay, snaps, captured = 0.3, [], {}
-    real_ema = loop.ExponentialMovingAverage
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
-    def ema(params, decay):
-        params = list(params)
-        snaps.append([p.detach().double().clone() for p in params])  # p_0
-        captured["ema"] = e = real_ema(params, decay=decay)
+
+def test_ema_is_the_closed_form_average_of_weights_and_bn_buffers(pool, monkeypatch):
+    """With per-step decay d = exp(-1 / (ema_epochs * S)), S steps per epoch, after K updates every float
+    entry of the EMA's state_dict (weights and BN running statistics alike) is
+    d^K s_0 + sum_k (1 - d) d^(K - k) s_k over the student's snapshots s_0 (when the EMA is made) .. s_K
+    (after each optimizer step); integer buffers (num_batches_tracked) are the student's."""
+    snaps, captured = [], {}
+    real_make = loop.make_ema
+
+    def make(model, ema_epochs, steps_per_epoch, teacher):
+        captured["ema"] = e = real_make(model, ema_epochs, steps_per_epoch, teacher)
+        captured["steps"], captured["model"] = steps_per_epoch, model
+        snaps.append(_float_state(model))  # s_0
         real_update = e.update
 
-        def update(parameters=None):
-            snaps.append([p.detach().double().clone() for p in params])  # p_k, after step k
-            real_update(parameters)
+        def update(m, step=None):
+            snaps.append(_float_state(m))  # s_k, after step k
+            real_update(m, step)
 
         e.update = update
         return e
 
-    monkeypatch.setattr(loop, "ExponentialMovingAverage", ema)
-    _run(_cfg(pool, "models_ema", epochs=2, ema_decay=decay), pool, "ema")
+    monkeypatch.setattr(loop, "make_ema", make)
+    ema_epochs = 0.5
+    _run(_cfg(pool, "models_ema", epochs=2, ema_epochs=ema_epochs, loss=LossWeights(kl=0.0)), pool, "ema")
     k_max = len(snaps) - 1
-    assert k_max == 2 * epoch_length(24, 8, 1) // 8 == 6  # 24 train images, batch 8, 2 epochs
-    d = [min(decay, (1 + k) / (10 + k)) for k in range(1, k_max + 1)]  # d[k - 1] = d_k
-    assert d[0] < decay and d[-1] == decay  # both regimes are exercised
-    weights = [float(np.prod(d))] + [(1 - d[k - 1]) * float(np.prod(d[k:])) for k in range(1, k_max + 1)]
+    assert captured["steps"] == epoch_length(24, 8, 1) // 8 == 3 and k_max == 2 * 3  # 24 images, batch 8, 2 epochs
+    d = math.exp(-1 / (ema_epochs * 3))
+    ema = captured["ema"]
+    assert ema.decay == pytest.approx(d, rel=1e-12)
+    weights = [d ** k_max] + [(1 - d) * d ** (k_max - k) for k in range(1, k_max + 1)]
     assert sum(weights) == pytest.approx(1.0, abs=1e-12)
-    last = _load(pool / "models_ema" / "e" / "last.pt")["ema"]
-    assert last["num_updates"] == k_max and last["decay"] == decay
-    shadow = last["shadow_params"]
-    assert len(shadow) == len(snaps[0]) > 0
-    moved = 0
-    for i, s in enumerate(shadow):
-        want = sum(w * snap[i] for w, snap in zip(weights, snaps))
-        torch.testing.assert_close(s.double(), want, rtol=1e-5, atol=1e-6, msg=f"shadow param {i}")
-        moved += not torch.allclose(snaps[-1][i], snaps[0][i])
-    assert moved > len(shadow) // 2  # the snapshots differ, so the weights are really tested
-    for s, c in zip(shadow, captured["ema"].shadow_params):
-        assert torch.equal(s, c)  # last.pt holds the live shadow
+    state = {k.removeprefix("module."): v for k, v in _load(pool / "models_ema" / "e" / "last.pt")["ema"].items()}
+    live = ema.module.state_dict()
+    moved = {"weights": 0, "buffers": 0}
+    for key, s0 in snaps[0].items():
+        want = sum(w * snap[key] for w, snap in zip(weights, snaps))
+        torch.testing.assert_close(state[key].double(), want, rtol=1e-5, atol=1e-6, msg=f"EMA {key}")
+        assert torch.equal(state[key], live[key])  # last.pt holds the live EMA
+        if not torch.allclose(snaps[-1][key], s0):  # the snapshots differ, so the average is really tested
+            moved["buffers" if key.endswith(("running_mean", "running_var")) else "weights"] += 1
+    assert moved["weights"] > 10 and moved["buffers"] > 10
+    student = captured["model"].state_dict()
+    for key, v in state.items():
+        if not v.is_floating_point():
+            assert torch.equal(v, student[key]), key  # counters are copied, not averaged
+
+
+def test_ema_decay_is_set_in_epochs():
+    """The EMA's reach is ``ema_epochs`` epochs whatever the steps per epoch: the last ``ema_epochs`` epochs
+    carry 1 - 1/e of the weight. The old per-step 0.98 is one epoch of 50 steps."""
+    assert ema_decay(0.0, 100) == 0.0
+    assert ema_decay(1.0, 50) == pytest.approx(0.98, abs=2e-4)
+    for steps in (10, 5000):
+        d = ema_decay(2.0, steps)
+        assert 1 - d ** (2 * steps) == pytest.approx(1 - math.exp(-1), rel=1e-9)
+    with pytest.raises(ValueError, match="ema_epochs"):
+        ema_decay(-1.0, 10)
+
+
+def test_ema_off_keeps_no_copy_unless_the_kl_teacher_needs_one():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    assert make_ema(model, 0.0, 10, teacher=False) is None
+    teacher = make_ema(model, 0.0, 10, teacher=True)  # decay 0: a copy of the student after each step
+    assert teacher.decay == 0.0 and not teacher.module.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    teacher.update(model)
+    for a, b in zip(teacher.module.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(pool):
@@ -337,3 +380,68 @@ def test_checkpoints_are_byte_reproducible(tmp_path):
         save_checkpoint(tmp_path / name / "best.pt", model, model.describe(), ExpertConfig(), "x", {"auc": 0.5})
     assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_lr_rule_for_the_global_batch():
+    """``lr`` is tuned for a global batch of ``lr_ref_batch``; N processes x ``batch_size`` rescale it."""
+    assert global_batch(32, 8) == 256
+    assert scaled_lr(3e-4, 32, 32, "sqrt") == 3e-4  # one process at the reference batch: lr as is
+    assert scaled_lr(3e-4, 256, 32, "sqrt") == pytest.approx(3e-4 * math.sqrt(8))
+    assert scaled_lr(3e-4, 256, 32, "linear") == pytest.approx(2.4e-3)
+    assert scaled_lr(3e-4, 256, 0, "none") == 3e-4
+    with pytest.raises(ValueError, match="lr_ref_batch"):
+        scaled_lr(3e-4, 256, 0, "sqrt")
+    with pytest.raises(ValueError, match="batch_size"):
+        global_batch(0, 2)
+
+
+def test_sync_bn_only_on_several_gpus_and_keeps_the_checkpoint_keys():
+    from types import SimpleNamespace
+
+    from dfpipe.models import build_expert
+
+    def acc(n: int, device: str):
+        return SimpleNamespace(num_processes=n, device=torch.device(device))
+
+    torch.manual_seed(0)
+    plain = build_expert(ExpertConfig(pretrained="none", img_size=SIZE)).train()
+    for off in (maybe_sync_bn(plain, False, acc(8, "cuda")), maybe_sync_bn(plain, True, acc(1, "cuda")),
+                maybe_sync_bn(plain, True, acc(2, "cpu"))):  # off, one process, gloo (no SyncBatchNorm kernel)
+        assert off is plain and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in off.modules())
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    synced = maybe_sync_bn(copy.deepcopy(plain), True, acc(2, "cuda"))  # converting needs no GPU; syncing does
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 10
+    assert list(synced.state_dict()) == list(plain.state_dict())  # best.pt loads into the plain expert
+    x = torch.randn(4, 3, SIZE, SIZE)
+    torch.manual_seed(1)
+    a = plain(x)["logits"]
+    torch.manual_seed(1)
+    b = synced(x)["logits"]  # no process group: plain BN maths (timm's BN + activation layers kept)
+    torch.testing.assert_close(a, b)
+
+
+def test_rank_seeds_differ_by_rank_and_epoch_and_repeat():
+    seeds = {(e, r): rank_seed(0, e, r) for e in (1, 2, 3) for r in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert rank_seed(0, 2, 1) == seeds[(2, 1)] and rank_seed(1, 2, 1) != seeds[(2, 1)]
+
+
+def test_gpu_determinism_settings(monkeypatch):
+    """Set on CUDA only (CPU kernels already are deterministic); cuBLAS's workspace before its first use."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    set_determinism(True, cuda=False)
+    set_determinism(False, cuda=True)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    try:
+        set_determinism(True, cuda=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert cudnn.deterministic and not cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        set_determinism(False, cuda=True)  # a later expert of the same process without it
+        assert not cudnn.deterministic and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

@@ -2,8 +2,9 @@
 
 Each process is a rank set up as ``torchrun`` / ``accelerate launch`` would (RANK, WORLD_SIZE, MASTER_*),
 with a few spies: which training samples it loaded per epoch, the val predictions that went into the
-metrics, the files it wrote, and its final params and EMA. One uninterrupted run and one run killed after
-epoch 1 and resumed.
+metrics, the files it wrote, the dropout seed of each epoch, the NCE batch, and its final params and EMA.
+One uninterrupted run and one run killed after epoch 1 and resumed. Apart from the run: the joint loss
+with NCE over the gathered global batch gives the one-process loss and gradients.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.multiprocessing as mp
 from test_train import LIVE_FILES, _cfg, _write_pool, live_files, live_history
 
 WORLD = 2
-N_TRAIN, N_VAL = 24, 11  # 24 = 3 global batches of 8 (4 per rank); 11 val: uneven shards, 6 + 5
+N_TRAIN, N_VAL = 24, 11  # 24 = 3 global batches of 8 (batch_size 4 per rank); 11 val: uneven shards, 6 + 5
+BATCH = 4  # per rank
 
 
 def _free_port() -> int:
@@ -42,7 +44,7 @@ def _rank_main(rank: int, port: int, root: str) -> None:
     from dfpipe.train import checkpoint, logs, loop
 
     root_p = Path(root)
-    spy = {"epoch": 0, "seen": [], "val": [], "writes": []}
+    spy = {"epoch": 0, "seen": [], "val": [], "writes": [], "seeds": [], "nce_batch": set()}
 
     class Recording(loop.SeededAugmentDataset):
         def __getitem__(self, item):
@@ -54,6 +56,7 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
     def train_epoch(*args, **kwargs):
         spy["epoch"] = args[-1]
+        spy["seeds"].append(torch.initial_seed())  # the dropout seed this rank trains the epoch with
         if args[-1] == kill_at["epoch"]:
             raise KeyboardInterrupt("killed")
         return real_epoch(*args, **kwargs)
@@ -79,37 +82,48 @@ def _rank_main(rank: int, port: int, root: str) -> None:
         return write
 
     captured: dict = {}
-    real_build, real_ema = loop.build_expert, loop.ExponentialMovingAverage
+    real_build, real_ema, real_gather = loop.build_expert, loop.make_ema, loop.gather_across_ranks
 
     def build(ecfg):
         captured["model"] = real_build(ecfg)
         return captured["model"]
 
-    def ema(params, decay):
-        captured["ema"] = real_ema(params, decay=decay)
+    def ema(*args, **kwargs):
+        captured["ema"] = real_ema(*args, **kwargs)
         return captured["ema"]
 
+    def gather(t):
+        out = real_gather(t)
+        spy["nce_batch"].add((len(t), len(out)))
+        return out
+
     loop.SeededAugmentDataset, loop._train_epoch, loop.summary = Recording, train_epoch, summary
-    loop.build_expert, loop.ExponentialMovingAverage = build, ema
+    loop.build_expert, loop.make_ema, loop.gather_across_ranks = build, ema, gather
     logs.write_csv, checkpoint.save_torch, dvclive.Live.__init__ = writer(logs.write_csv), save_torch, live_init
 
-    best_a = loop.run_train(_cfg(root_p, "models_a", epochs=2), "e", root_p / "a", root_p / "a.csv")
+    best_a = loop.run_train(_cfg(root_p, "models_a", **RUN), "e", root_p / "a", root_p / "a.csv")
     state = {"params": {k: v.detach().clone() for k, v in captured["model"].state_dict().items()},
-             "ema": [t.clone() for t in captured["ema"].shadow_params]}
-    record = {"best": best_a, "seen": spy["seen"], "val": spy["val"], "writes": spy["writes"]}
+             "ema": {k: v.clone() for k, v in captured["ema"].state_dict().items()}}
+    record = {"best": best_a, "seen": spy["seen"], "val": spy["val"], "writes": spy["writes"], "seeds": spy["seeds"],
+              "nce_batch": sorted(spy["nce_batch"]),
+              "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in captured["model"].modules())}
 
-    spy["seen"], spy["writes"] = [], []
+    spy["seen"], spy["writes"], spy["seeds"] = [], [], []
     kill_at["epoch"] = 2
-    cfg_b = _cfg(root_p, "models_b", epochs=2)
+    cfg_b = _cfg(root_p, "models_b", **RUN)
     try:
         loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
     except KeyboardInterrupt:
         torch.distributed.barrier()  # a launcher restarts every rank after rank 0 wrote last.pt
     kill_at["epoch"] = None
     record["best_b"] = loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
-    record["writes_b"] = spy["writes"]
+    record["writes_b"], record["seeds_b"] = spy["writes"], spy["seeds"]
     torch.save(state, root_p / f"rank{rank}.pt")
     (root_p / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+# per-rank batch; sync_bn asked for but skipped on CPU (gloo); KL to the EMA teacher and NCE both on
+RUN = {"epochs": 2, "batch_size": BATCH, "sync_bn": True}
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +196,9 @@ def test_params_and_ema_stay_identical_on_every_rank(ddp_run):
     assert a["params"].keys() == b["params"].keys()
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
-    assert len(a["ema"]) == len(b["ema"]) > 0
-    assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+    assert a["ema"].keys() == b["ema"].keys() and len(a["ema"]) > 0  # weights and BN buffers
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(ddp_run):
@@ -195,3 +210,77 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(ddp_run):
     pd.testing.assert_frame_equal(hist_a.drop(columns="images_per_s"), hist_b.drop(columns="images_per_s"))
     assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's logs
     assert (ddp_run / "a" / "metrics.json").read_bytes() == (ddp_run / "b" / "metrics.json").read_bytes()
+
+
+def test_global_batch_nce_and_rank_seeds_in_the_run(ddp_run):
+    recs = [_record(ddp_run, r) for r in range(WORLD)]
+    for rec in recs:
+        # NCE features and labels of BATCH per rank were gathered into the global batch
+        assert rec["nce_batch"] == [[BATCH, BATCH * WORLD]]
+        assert rec["sync_bn"] is False  # gloo has no SyncBatchNorm: skipped, with a log line
+        assert len(rec["seeds"]) == 2 and rec["seeds"][0] != rec["seeds"][1]  # a new dropout seed per epoch
+    assert recs[0]["seeds"][0] != recs[1]["seeds"][0]  # ... and per rank: different dropout masks
+    for rec in recs:  # the resumed run (killed at epoch 2, then epoch 2 again) used the same seeds
+        assert rec["seeds_b"] == [rec["seeds"][0], rec["seeds"][1], rec["seeds"][1]]
+
+
+# --------------------------------------------------------------------------- the NCE term over the ranks
+N_LOSS, DIM = 8, 5  # a global batch of 8 samples, 4 per rank
+
+
+def _loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_LOSS, DIM, generator=g)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    net = torch.nn.Linear(DIM, 6)  # (B, 6): 2 logits + 4 features
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(6, DIM, generator=g))
+        net.bias.copy_(torch.randn(6, generator=g))
+    return x, labels, net
+
+
+def _joint(net, x, labels, gather=None) -> dict:
+    from dfpipe.config import LossWeights
+    from dfpipe.losses import JointLoss
+
+    z = net(x)
+    fn = JointLoss(LossWeights(ce=1.0, kl=0.0, nce=0.5), temperature=0.2, gather=gather)
+    return fn({"logits": z[:, :2], "feat": z[:, 2:]}, labels)
+
+
+def _loss_rank(rank: int, port: int, root: str) -> None:
+    """One rank of a DDP-wrapped linear 'expert' on its half of the global batch, gathering for NCE."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD)
+    from dfpipe.train.distributed import gather_across_ranks
+
+    x, labels, net = _loss_inputs()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    mine = slice(rank * N_LOSS // WORLD, (rank + 1) * N_LOSS // WORLD)
+    out = _joint(ddp, x[mine], labels[mine], gather=gather_across_ranks)
+    out["total"].backward()  # DDP averages the gradients over the ranks
+    torch.save({"nce": out["nce"], "ce": out["ce"], "total": out["total"].detach(),
+                "grads": {k: p.grad for k, p in net.named_parameters()}}, Path(root) / f"loss{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_nce_over_gathered_ranks_gives_the_one_process_loss_and_gradients(tmp_path):
+    """On one process ``gather`` is the identity; on two, every rank's NCE is the loss of the whole global
+    batch and DDP's averaged gradients are those of one process on it (CE: the mean of the rank means)."""
+    from dfpipe.train.distributed import gather_across_ranks
+
+    x, labels, net = _loss_inputs()
+    one = _joint(net, x, labels, gather=gather_across_ranks)  # no process group: the identity
+    one["total"].backward()
+    mp.spawn(_loss_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"loss{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        torch.testing.assert_close(r["nce"], one["nce"])  # the global-batch NCE on every rank
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(r["grads"][k], p.grad, msg=k)
+    torch.testing.assert_close(sum(r["ce"] for r in ranks) / WORLD, one["ce"])
+    assert one["nce"] > 0
+    # without the gather each rank's NCE would be that of its own 4 samples: not the same loss
+    local = _joint(net, x[:N_LOSS // WORLD], labels[:N_LOSS // WORLD])
+    assert not torch.isclose(local["nce"], one["nce"])

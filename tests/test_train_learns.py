@@ -62,8 +62,9 @@ def _write_pool(root: Path, flip_train: bool = False) -> None:
 
 
 def _train(root: Path) -> tuple[dict, pd.DataFrame]:
-    expert = ExpertConfig(pretrained="bundled", img_size=IMG, epochs=2, batch_size=16, lr=2e-3, ema_decay=0.9,
-                          warmup_epochs=0.25, augment="light", loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
+    expert = ExpertConfig(pretrained="bundled", img_size=IMG, epochs=2, batch_size=16, lr=2e-3, lr_ref_batch=16,
+                          ema_epochs=1.0, warmup_epochs=0.25, augment="light",
+                          loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     cfg = TrainConfig(splits_csv=str(root / "splits.csv"), prepared_dir=str(root / "prepared"),
                       augmented_dir=str(root / "aug"), models_dir=str(root / "models"), workers=0,
                       experts={"e": expert})

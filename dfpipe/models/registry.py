@@ -66,8 +66,9 @@ class Expert(nn.Module):
 
     ``forward(x)`` with x (B, 3, H, W) normalised by ``mean``/``std`` returns
     ``{"logits": (B, 2), "prob": (B,) softmax probability of fake, "feat": (B, D) pooled feature}``
-    plus ``"proj": (B, proj_dim)`` when ``proj_dim > 0``: a small MLP (D -> D/2 -> proj_dim) whose output
-    the contrastive term uses instead of ``feat``. Why: the pooled features of a ReLU network are all
+    plus ``"proj": (B, proj_dim)`` when ``proj_dim > 0``; logits, prob and proj are fp32 even under
+    autocast. The projection head is a small MLP (D -> D/2 -> proj_dim) whose output the contrastive
+    term uses instead of ``feat``. Why: the pooled features of a ReLU network are all
     >= 0, so their cosine similarities are all positive and supervised InfoNCE on them stays near
     chance (log of the batch size); SimCLR / SupCon put the contrastive loss on such a head instead.
     """
@@ -94,12 +95,16 @@ class Expert(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.features(x)  # (B, D)
-        logits = self.head(feat)  # (B, 2)
-        prob = torch.softmax(logits.float(), dim=1)[:, 1]  # (B,) fp32 even under autocast
-        out = {"logits": logits, "prob": prob, "feat": feat}
-        if self.proj_dim > 0:
-            out["proj"] = self.proj(feat)  # (B, proj_dim)
+        feat = self.features(x)  # (B, D), bf16 under CUDA autocast
+        # The heads run in fp32 even under autocast: bf16 logits hold 8 significant bits, so a test set's
+        # scores collapse to a few thousand distinct values and tie where TPR at FPR 1e-3 is read.
+        # Two small Linear layers: the cost is nil next to the backbone.
+        with torch.autocast(device_type=feat.device.type, enabled=False):
+            feat32 = feat.float()
+            logits = self.head(feat32)  # (B, 2) fp32
+            out = {"logits": logits, "prob": torch.softmax(logits, dim=1)[:, 1], "feat": feat}  # prob (B,)
+            if self.proj_dim > 0:
+                out["proj"] = self.proj(feat32)  # (B, proj_dim) fp32: NCE similarities at full precision
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """Checkpoints of stage 4: the best EMA weights (``best.pt``) and the resumable state (``last.pt``).
 
 ``last.pt`` is written atomically at the end of every epoch. It holds everything needed to continue
-exactly where the run stopped: model, optimizer, scheduler and EMA states, the history rows, the best
-metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader generator). A run
+exactly where the run stopped: model, optimizer, scheduler and EMA states (EMA None when off), the
+history rows, the best metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader
+generator; dropout is re-seeded per epoch and rank anyway, see :func:`.distributed.rank_seed`). A run
 killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
 
 Both files are deterministic for a fixed seed, config and data (``models/<name>`` keeps its DVC hash
 from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the training logs (:mod:`.logs`).
-Under DDP only rank 0 writes them; ``last.pt`` holds rank 0's state, which is every rank's.
+Under DDP only rank 0 writes them; ``last.pt`` holds rank 0's state, which is every rank's (but for the
+torch RNG, which each rank re-seeds at the next epoch's start).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from ..io import save_torch
 
 log = logging.getLogger(__name__)
 
-LAST_FORMAT = 2  # 2: no timings in the history, CUDA RNG of the current device only, world size
+LAST_FORMAT = 3  # 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA
 TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, desc: dict, ecfg: ExpertConfig, name: str,
                     metrics: dict) -> None:
-    """Save the weights currently in ``model`` (the EMA ones when called under average_parameters)."""
+    """Save the weights and buffers of ``model`` (the EMA's model when there is one)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ckpt = {"name": name, "description": desc, "state_dict": state, "config": dataclasses.asdict(ecfg),
             "metrics": metrics, "format": 1}
@@ -77,7 +79,7 @@ def save_last(path: Path, *, key: dict, epoch: int, finished: bool, model: torch
     history = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
     ckpt = {"format": LAST_FORMAT, "key": key, "epoch": epoch, "finished": finished, "world": world,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ema": ema.state_dict(), "best": best, "history": history, "rng": rng_state(loader_generator)}
+            "ema": None if ema is None else ema.state_dict(), "best": best, "history": history, "rng": rng_state(loader_generator)}
     save_torch(_canonical(ckpt), path)
 
 
@@ -99,7 +101,8 @@ def _canonical(obj: Any) -> Any:
 
 
 def load_resumable(out_dir: Path, key: dict) -> dict | None:
-    """``last.pt`` of an unfinished run with the same config and data, else None (the reason is logged)."""
+    """``last.pt`` of an unfinished run with the same ``key`` (config, data, processes), else None (the reason
+    is logged)."""
     path = out_dir / "last.pt"
     if not path.is_file():
         log.info("no %s: starting fresh", path)
@@ -110,7 +113,7 @@ def load_resumable(out_dir: Path, key: dict) -> dict | None:
         log.warning("cannot read %s (%s): starting fresh", path, exc)
         return None
     if ckpt.get("format") != LAST_FORMAT or ckpt.get("key") != key:
-        log.info("%s was written for another config or data: starting fresh", path)
+        log.info("%s was written for another config or data (or number of processes): starting fresh", path)
         return None
     if ckpt.get("finished"):
         log.info("%s is a finished run: starting fresh", path)

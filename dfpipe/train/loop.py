@@ -1,8 +1,9 @@
 """Train one expert on the cluster split: joint CE + KL + NCE loss, EMA weights, AMP on GPU.
 
-The EMA model (torch-ema) is both what gets evaluated and saved, and the teacher of the KL term.
-The best checkpoint (by val AUC of the EMA weights) is self-describing: backbone, image size,
-the preprocessing contract (dfpipe.data.preprocess) and the resolved config travel with the weights.
+The EMA (timm's ModelEmaV3 over weights and BN buffers, time constant ``ema_epochs``, see :mod:`.ema`) is
+both what gets evaluated and saved, and the teacher of the KL term; with ``ema_epochs`` 0 the student
+itself is. The best checkpoint (by val AUC of the EMA) is self-describing: backbone, image size, the
+preprocessing contract (:mod:`dfpipe.data.preprocess`) and the resolved config travel with the weights.
 
 Every epoch end also writes ``last.pt`` (see :mod:`dfpipe.train.checkpoint`): a run that is killed
 resumes at the next epoch, with the same result as an uninterrupted run, if the expert config and the
@@ -10,9 +11,10 @@ data are unchanged; a run killed mid-epoch restarts that epoch from its beginnin
 stops training after that many epochs without a better val AUC.
 
 The same code runs one process (``python 04_train_experts.py``) or one rank of a DDP run
-(``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train.distributed`. ``batch_size`` is the global
-batch; each rank trains on its shard of the same seeded epoch order, val predictions of all ranks are
-gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
+(``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train.distributed`. ``batch_size`` is the batch
+of each process (global = batch_size x N, ``lr`` rescaled from ``lr_ref_batch``); each rank trains on its
+shard of the same seeded epoch order, the NCE term sees the global batch, val predictions of all ranks
+are gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
 
 Per-epoch logs go through DVCLive (:mod:`dfpipe.train.logs`): ``run_train(cfg, name, live_dir)`` writes
 ``<live_dir>/plots/metrics/*.tsv`` (one step per epoch) and ``<live_dir>/metrics.json`` (the best epoch).
@@ -20,7 +22,6 @@ Per-epoch logs go through DVCLive (:mod:`dfpipe.train.logs`): ``run_train(cfg, n
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -32,8 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
-from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
 from ..config import ExpertConfig, TrainConfig
@@ -48,7 +49,9 @@ from ..losses import JointLoss
 from ..metrics import summary
 from ..models import build_expert
 from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
-from .distributed import check_same, gather_by_index, make_accelerator, per_rank_batch, reduce_sum, sync_buffers
+from .distributed import (check_same, gather_across_ranks, gather_by_index, global_batch, make_accelerator,
+                          maybe_sync_bn, rank_seed, reduce_sum, scaled_lr, sync_buffers)
+from .ema import make_ema
 from .logs import TrainLog
 from .sampling import SeededAugmentDataset, SeededSampler, epoch_length
 
@@ -105,26 +108,30 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     """
     ecfg = _expert(cfg, name)
     acc = acc or make_accelerator(ecfg)
-    seed_everything(ecfg.seed)  # the same on every rank: same initial weights, equal RNG states
+    seed_everything(ecfg.seed)  # the same on every rank: same initial weights (dropout: rank_seed per epoch)
     device, main = acc.device, acc.is_main_process
     df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir)
     train_df = df[(df.subset == "train") & (ecfg.use_augmented | (df.origin != "aug"))].reset_index(drop=True)
     val_df = df[(df.subset == "val") & (df.origin != "aug")].reset_index(drop=True)
-    log.info("expert %s: %d train (%d generated), %d val images, device %s, %d process(es), global batch %d",
-             name, len(train_df), int((train_df.origin == "aug").sum()), len(val_df), device,
-             acc.num_processes, ecfg.batch_size)
+    batch = global_batch(ecfg.batch_size, acc.num_processes)
+    lr = scaled_lr(ecfg.lr, batch, ecfg.lr_ref_batch, ecfg.lr_scale)
+    log.info("expert %s: %d train (%d generated), %d val images, device %s, %d process(es) x batch %d = global "
+             "batch %d, lr %.3g (%s from %.3g at %d)", name, len(train_df), int((train_df.origin == "aug").sum()),
+             len(val_df), device, acc.num_processes, ecfg.batch_size, batch, lr, ecfg.lr_scale, ecfg.lr,
+             ecfg.lr_ref_batch)
 
     g = torch.Generator().manual_seed(ecfg.seed)  # shuffle order + per-sample augmentation seeds
     train_loader, val_loader = _loaders(cfg, ecfg, train_df, val_df, g, acc)
-    model = build_expert(ecfg).to(device)
+    model = maybe_sync_bn(build_expert(ecfg), ecfg.sync_bn, acc).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = ExponentialMovingAverage(model.parameters(), decay=ecfg.ema_decay)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if ecfg.loss.kl > 0 else None
-    loss_fn = _loss_fn(ecfg, train_df, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=ecfg.lr, weight_decay=ecfg.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
+    ema = make_ema(model, ecfg.ema_epochs, steps_per_epoch, teacher=ecfg.loss.kl > 0)  # None: the student is
+    teacher = ema.module if ema is not None and ecfg.loss.kl > 0 else None
+    evaluated = model if ema is None else ema.module  # validated and saved in best.pt
+    loss_fn = _loss_fn(ecfg, train_df, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ecfg.weight_decay)
     sched = cosine_with_warmup(opt, int(ecfg.warmup_epochs * steps_per_epoch), ecfg.epochs * steps_per_epoch)
 
     out_dir = Path(cfg.models_dir) / name
@@ -133,27 +140,28 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     # the preprocessing contract: stage 1's record + this expert's input policy + its normalisation
     prep = Preprocess(read_store_record(cfg.prepared_dir), input_policy(ecfg), model.mean, model.std)
     desc = {**model.describe(), "preprocess": prep.to_dict()}
-    key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc)}
+    key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc),
+           "world": acc.num_processes}  # N processes: another global batch, lr and EMA decay, so another run
     history, best, first = [], {"auc": -1.0}, 1
     ckpt = load_resumable(out_dir, key)
     if ckpt is not None:
-        history, best, first = _resume(ckpt, acc, model, opt, sched, ema, teacher, g)
+        history, best, first = _resume(ckpt, model, opt, sched, ema, g)
     check_same(acc, first, "the first epoch (resume from last.pt or not)")
     logs = TrainLog(live_dir, history_csv) if main else TrainLog()
     history = logs.start(history, best)  # a resumed run's rows again, first
     step_model = acc.prepare_model(model, device_placement=False)  # DDP when launched on N > 1 processes
     last = dict(key=key, model=model, opt=opt, sched=sched, ema=ema, loader_generator=g, world=acc.num_processes)
     for epoch in range(first, ecfg.epochs + 1):
+        torch.manual_seed(rank_seed(ecfg.seed, epoch, acc.process_index))  # dropout: own masks per rank, resumable
         row = _train_epoch(step_model, teacher, ema, train_loader, loss_fn, opt, sched, acc, channels_last, epoch)
-        _end_of_epoch_sync(model, teacher, ema)
-        with ema.average_parameters():
-            probs = _predict_val(model, val_loader, acc, len(val_df))
-            val = summary(val_df.label.to_numpy(), probs)
-            row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
-            if val["auc"] > best["auc"]:
-                best = {**val, "epoch": epoch}
-                if main:
-                    save_checkpoint(out_dir / "best.pt", model, desc, ecfg, name, best)
+        _end_of_epoch_sync(model, ema)
+        probs = _predict_val(evaluated, val_loader, acc, len(val_df))
+        val = summary(val_df.label.to_numpy(), probs)
+        row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
+        if val["auc"] > best["auc"]:
+            best = {**val, "epoch": epoch}
+            if main:
+                save_checkpoint(out_dir / "best.pt", evaluated, desc, ecfg, name, best)
         history.append(row)
         stop = _should_stop(ecfg.patience, epoch, best)
         if main:
@@ -180,13 +188,13 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
              g: torch.Generator, acc: Accelerator) -> tuple[DataLoader, DataLoader]:
     """Training batches come from :class:`SeededSampler` (order and augmentation from ``g`` only).
 
-    Each rank loads its shard: ``batch_size / world`` training samples per step, every ``world``-th
-    val image (val predictions are gathered, see :func:`_predict_val`).
+    Each rank loads its shard: ``batch_size`` training samples per step (of a global ``batch_size x world``),
+    every ``world``-th val image (val predictions are gathered, see :func:`_predict_val`).
     """
     workers = num_workers(cfg.workers)
     rank, world = acc.process_index, acc.num_processes
-    batch = per_rank_batch(ecfg.batch_size, world)
-    length = epoch_length(len(train_df), ecfg.batch_size, world)
+    batch = ecfg.batch_size
+    length = epoch_length(len(train_df), global_batch(batch, world), world)
     if length == 0:
         raise DataError(f"{len(train_df)} training images cannot be split over {world} processes")
     pin = acc.device.type == "cuda"
@@ -208,35 +216,28 @@ def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -
     counts = np.bincount(train_df.label.to_numpy(), minlength=2).astype(np.float64)
     class_weights = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     return JointLoss(ecfg.loss, label_smoothing=ecfg.label_smoothing, temperature=ecfg.temperature,
-                     kl_temperature=ecfg.kl_temperature, class_weights=class_weights)
+                     kl_temperature=ecfg.kl_temperature, class_weights=class_weights,
+                     gather=gather_across_ranks)  # NCE over the global batch (the identity on one process)
 
 
-def _resume(ckpt: dict, acc: Accelerator, *state) -> tuple[list[dict], dict, int]:
-    """Restore a ``last.pt`` into ``state`` (model, opt, sched, ema, teacher, g): (history, best, first epoch)."""
+def _resume(ckpt: dict, *state) -> tuple[list[dict], dict, int]:
+    """Restore a ``last.pt`` into ``state`` (model, opt, sched, ema, g): (history, best, first epoch).
+
+    Only a run of the same number of processes resumes (it is in the key): ``batch_size`` is per process.
+    """
     _restore(ckpt, *state)
-    if ckpt["world"] != acc.num_processes:
-        log.warning("resuming a %d-process run with %d processes: not bit-exact (per-rank BN, NCE, dropout)",
-                    ckpt["world"], acc.num_processes)
     return ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
 
 
-def _restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, ema,
-             teacher: torch.nn.Module | None, g: torch.Generator) -> None:
-    """Load a ``last.pt`` state; the KL teacher is rebuilt from the EMA (+ the student's buffers)."""
+def _restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, ema: ModelEmaV3 | None,
+             g: torch.Generator) -> None:
+    """Load a ``last.pt`` state (the EMA, when there is one, is also the KL teacher)."""
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    ema.load_state_dict(ckpt["ema"])
-    if teacher is not None:
-        _sync_teacher(teacher, ema, model)
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"], g)
-
-
-def _sync_teacher(teacher: torch.nn.Module, ema, model: torch.nn.Module) -> None:
-    """The teacher runs the EMA weights (+ the student's BN statistics)."""
-    ema.copy_to(teacher.parameters())
-    for tb, sb in zip(teacher.buffers(), model.buffers()):
-        tb.copy_(sb)
 
 
 def _should_stop(patience: int, epoch: int, best: dict) -> bool:
@@ -250,11 +251,12 @@ def _log_epoch(name: str, row: dict) -> None:
              row["val_tpr_at_fpr_1e-3"], row["images_per_s"])
 
 
-def _end_of_epoch_sync(model: torch.nn.Module, teacher: torch.nn.Module | None, ema) -> None:
-    """Every rank gets rank 0's BN statistics (val, teacher and last.pt see the same); a no-op on one process."""
+def _end_of_epoch_sync(model: torch.nn.Module, ema: ModelEmaV3 | None) -> None:
+    """Every rank gets rank 0's BN statistics, the student's and the EMA's (val, teacher and last.pt see the
+    same); a no-op on one process."""
     sync_buffers(model)
-    if teacher is not None:
-        _sync_teacher(teacher, ema, model)
+    if ema is not None:
+        sync_buffers(ema.module)
 
 
 def _predict_val(model: torch.nn.Module, loader: DataLoader, acc: Accelerator, n: int) -> np.ndarray:
@@ -267,7 +269,11 @@ def _predict_val(model: torch.nn.Module, loader: DataLoader, acc: Accelerator, n
 
 
 def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels_last, epoch) -> dict:
-    """One epoch of ``model`` (DDP-wrapped under a launcher: backward all-reduces the gradients)."""
+    """One epoch of ``model`` (DDP-wrapped under a launcher: backward all-reduces the gradients).
+
+    ``teacher`` (the EMA's model, or None without KL) gives the KL targets; ``ema`` (or None) is updated
+    from the unwrapped student after each optimizer step.
+    """
     model.train()
     net = acc.unwrap_model(model)  # img_size, mean, std
     device = acc.device
@@ -290,9 +296,8 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)  # on the all-reduced gradients
         opt.step()
         sched.step()
-        ema.update()  # the same params on every rank: the same EMA
-        if teacher is not None:
-            _sync_teacher(teacher, ema, net)
+        if ema is not None:
+            ema.update(net)  # the same params on every rank: the same EMA weights (buffers: per rank)
         b = len(y)
         n_seen += b
         sums["loss"] += float(losses["total"].detach()) * b
