@@ -1,12 +1,23 @@
-"""Benchmark: ensemble scoring of JPEG files, ``Ensemble.score_files`` vs a seed-baseline-style loop.
+"""Benchmark: ensemble scoring of JPEG files, ``Ensemble.score_files`` vs a seed-baseline-style loop and
+vs the experts' forward passes alone.
 
-Both paths score the same random-weight experts (``pretrained="none"``, fixed seed, saved as
-self-describing checkpoints and loaded back) on the same generated JPEGs with the same TTA, and
-must agree to 1e-5. The baseline reproduces stage 1's pixels exactly, one image at a time, as the
-seed baseline did (PIL decode -> RGB, resize to the cache size with cv2 area/cubic, then per image
-"ToTensor + Resize + Normalize" via the same antialiased bilinear resize as ``to_model_input``);
-it scores one expert at a time (each expert decodes every file again), batches of 32, fp32, NCHW,
-``torch.no_grad``, no DataLoader workers. Writes a JSON report; prints its path.
+All paths score the same random-weight experts (``pretrained="none"``, fixed seed, saved as
+self-describing checkpoints with their preprocessing record, and loaded back) on the same generated
+JPEGs with the same TTA.
+
+* **ensemble**: ``Ensemble.score_files`` (decode in DataLoader workers, stage 1 and every expert's input
+  policy once per file, normalisation on the device, channels-last, ``inference_mode``).
+* **baseline**: must agree with the ensemble to 1e-5. It makes the contract's pixels one image at a time
+  as the seed baseline did (PIL decode -> RGB, the stage-1 image, the expert's input policy: the library's
+  own :func:`~dfpipe.data.preprocess.fit`, then per image "ToTensor + Normalize"); it scores one expert
+  at a time (each expert decodes every file again), batches of 32, fp32, NCHW, ``torch.no_grad``, no
+  DataLoader workers.
+* **model only**: the ensemble's experts' forward passes (TTA views included, the ensemble's batches) on
+  inputs decoded, cut and normalised beforehand: the throughput ceiling of file scoring. The issue's bar is
+  file scoring at >= ``--min-ratio`` (0.8) of it; the report says whether it holds (``ratio_to_model_only``)
+  and the run fails (after writing the report) when it does not.
+
+Writes a JSON report; prints its path.
 
     python bench/bench_predict.py --out reports/bench/bench_predict.json [--n 256 --experts 2 --size 128]
 """
@@ -14,6 +25,7 @@ it scores one expert at a time (each expert decodes every file again), batches o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,15 +38,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfpipe.config import ExpertConfig  # noqa: E402
-from dfpipe.data.images import decode_image, resize_square  # noqa: E402
+from dfpipe.data.images import decode_image  # noqa: E402
+from dfpipe.data.preprocess import (  # noqa: E402
+    INPUT_MODES,
+    InputPolicy,
+    Preprocess,
+    Stage1,
+    fit,
+    scoring_image,
+)
+from dfpipe.data.transforms import to_model_input  # noqa: E402
 from dfpipe.models import build_expert, expert_from_description  # noqa: E402
-from dfpipe.predict import Ensemble  # noqa: E402
-from dfpipe.train.loop import save_checkpoint  # noqa: E402
+from dfpipe.predict import Ensemble, FileDataset  # noqa: E402
+from dfpipe.train.checkpoint import save_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench_predict")
 TOL = 1e-5
@@ -46,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=256, help="number of JPEG files")
     p.add_argument("--experts", type=int, default=2, help="experts; sizes size, size-16, size-32, ...")
     p.add_argument("--size", type=int, default=128, help="input size of the first expert")
-    p.add_argument("--cache-size", type=int, default=160, help="stage-1 cache size the experts were trained on")
+    p.add_argument("--stage1-max-side", type=int, default=0,
+                   help="stage 1's max_side in the experts' preprocessing record (0 = native resolution)")
+    p.add_argument("--input-mode", default="resize", choices=INPUT_MODES, help="the experts' input policy mode")
     p.add_argument("--tta", default="identity", help="comma-separated TTA views, used by BOTH paths")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the ensemble path")
@@ -55,19 +77,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="time each path this many times (alternating); keep the best")
+    p.add_argument("--min-ratio", type=float, default=0.8,
+                   help="fail when file scoring is below this share of the model-only throughput (0 = never)")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- inputs
-def make_experts(root: Path, n: int, size: int, cache_size: int, backbone: str, seed: int) -> list[str]:
-    """Random-weight experts (fixed seeds) saved as stage-4 checkpoints under ``root``."""
+def make_experts(root: Path, n: int, size: int, stage1: Stage1, mode: str, backbone: str, seed: int) -> list[str]:
+    """Random-weight experts (fixed seeds) saved as stage-4 checkpoints under ``root``, each with the
+    preprocessing record training writes (``stage1`` + its input policy + its normalisation)."""
     names = []
     for i in range(n):
         torch.manual_seed(seed + i)
-        cfg = ExpertConfig(backbone=backbone, pretrained="none", img_size=max(32, size - 16 * i))
+        cfg = ExpertConfig(backbone=backbone, pretrained="none", img_size=max(32, size - 16 * i), input_mode=mode)
         model = build_expert(cfg).eval()
         name = f"e{i}_{cfg.img_size}"
-        save_checkpoint(root / name / "best.pt", model, {**model.describe(), "cache_size": cache_size}, cfg, name, {})
+        prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
+        save_checkpoint(root / name / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()}, cfg,
+                        name, {})
         names.append(name)
     return names
 
@@ -97,20 +124,17 @@ def make_jpegs(root: Path, n: int, min_side: int, max_side: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------- the seed-style baseline
-def load_plain(path: Path) -> torch.nn.Module:
+def load_plain(path: Path) -> tuple[torch.nn.Module, Preprocess]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = expert_from_description(ckpt["description"])
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return model.eval(), Preprocess.from_dict(ckpt["description"]["preprocess"])
 
 
-def preprocess_one(path: Path, cache_size: int, model: torch.nn.Module) -> torch.Tensor:
-    """One file -> (3, S, S) normalised float, per image (stage-1 pixels, then ToTensor/Resize/Normalize)."""
-    img = resize_square(decode_image(path), cache_size)  # PIL open + RGB, then cv2 area/cubic like stage 1
-    t = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)  # ToTensor
-    if t.shape[-1] != model.img_size:
-        t = F.interpolate(t[None], size=(model.img_size, model.img_size), mode="bilinear", antialias=True,
-                          align_corners=False)[0]
+def preprocess_one(path: Path, prep: Preprocess, model: torch.nn.Module) -> torch.Tensor:
+    """One file -> (3, S, S) normalised float, per image (the contract's pixels, then ToTensor/Normalize)."""
+    img = fit(scoring_image(decode_image(path), prep.stage1), prep.input)  # PIL open + RGB, stage 1, policy
+    t = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)  # ToTensor (already model.img_size square)
     mean = torch.tensor(model.mean).view(3, 1, 1)
     std = torch.tensor(model.std).view(3, 1, 1)
     return (t - mean) / std  # Normalize
@@ -126,16 +150,15 @@ def view(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"the baseline knows identity, hflip and rot*; got {name!r}")
 
 
-def baseline_scores(ckpts: list[Path], paths: list[Path], cache_size: int, tta: list[str],
-                    batch: int = 32) -> np.ndarray:
+def baseline_scores(ckpts: list[Path], paths: list[Path], tta: list[str], batch: int = 32) -> np.ndarray:
     """(E, N) probabilities: one expert at a time, a plain loop over files, batch 32, fp32."""
     out = []
     for ckpt in ckpts:
-        model = load_plain(ckpt)
+        model, prep = load_plain(ckpt)
         scores = []
         with torch.no_grad():
             for i in range(0, len(paths), batch):
-                x = torch.stack([preprocess_one(p, cache_size, model) for p in paths[i:i + batch]])
+                x = torch.stack([preprocess_one(p, prep, model) for p in paths[i:i + batch]])
                 scores.append(torch.stack([model(view(x, v))["prob"] for v in tta]).mean(0).numpy())
         out.append(np.concatenate(scores))
     return np.stack(out)
@@ -155,37 +178,73 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
-def decode_ms(paths: list[Path], cache_size: int) -> float:
-    """Mean time to decode + resize one file to the cache size (single process), in ms."""
-    _, dt = timed(lambda: [resize_square(decode_image(p), cache_size) for p in paths])
-    return 1000 * dt / max(1, len(paths))
+def decode_ms(ds: FileDataset) -> float:
+    """Mean time to decode one file and cut it to every input policy (single process), in ms."""
+    _, dt = timed(lambda: [ds[i] for i in range(len(ds))])
+    return 1000 * dt / max(1, len(ds))
+
+
+# ----------------------------------------------------------------------------- model only
+def model_inputs(ens: Ensemble, ds: FileDataset, batch_size: int) -> list[list[tuple[torch.nn.Module, torch.Tensor]]]:
+    """Per batch of the ensemble path: (model, input) of every forward pass the ensemble makes on it, the
+    inputs already decoded, cut, normalised and TTA-viewed (the views of one size in one batch, as
+    ``Ensemble`` groups them)."""
+    out = []
+    for start in range(0, len(ds), batch_size):
+        items = [ds[i][0] for i in range(start, min(len(ds), start + batch_size))]
+        xs = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        calls = []
+        for e, prep in zip(ens.experts, ens.preps):
+            m = e.model
+            by_size: dict[int, list] = {}
+            for v in ens.views:
+                by_size.setdefault(v.size(m.img_size), []).append(v)
+            for size, views in by_size.items():
+                x = to_model_input(xs[prep.input.key], size, m.mean, m.std, channels_last=True)
+                calls.append((m, torch.cat([v.apply(x) for v in views]).contiguous(memory_format=torch.channels_last)))
+        out.append(calls)
+    return out
+
+
+@torch.inference_mode()
+def model_only(batches: list[list[tuple[torch.nn.Module, torch.Tensor]]]) -> None:
+    for calls in batches:
+        for m, x in calls:
+            m(x)
 
 
 def run(args: argparse.Namespace) -> dict:
     tta = [v.strip() for v in args.tta.split(",") if v.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         tmp = Path(tmp)
-        names = make_experts(tmp / "models", args.experts, args.size, args.cache_size, args.backbone, args.seed)
+        stage1 = Stage1(max_side=args.stage1_max_side)
+        names = make_experts(tmp / "models", args.experts, args.size, stage1, args.input_mode, args.backbone, args.seed)
         paths = make_jpegs(tmp / "images", args.n, args.min_side, args.max_side, args.seed)
         ckpts = [tmp / "models" / n / "best.pt" for n in names]
         ens = Ensemble.load(tmp / "models", names, tta, "mean_prob", torch.device("cpu"))
-        baseline_scores(ckpts, paths[:4], args.cache_size, tta)  # warm-up (allocator, oneDNN kernels)
+        ds = FileDataset(paths, ens.stage1, ens.policies)
+        baseline_scores(ckpts, paths[:4], tta)  # warm-up (allocator, oneDNN kernels)
         ens.score_files(paths[:4], batch_size=args.batch_size, workers=0)
-        per_ms = decode_ms(paths, args.cache_size)
-        t_base, t_ours = [], []  # alternate the two, keep each one's best: the CPU is shared and noisy
+        per_ms = decode_ms(ds)
+        forward = model_inputs(ens, ds, args.batch_size)
+        model_only(forward[:1])
+        t_base, t_ours, t_model = [], [], []  # alternate them, keep each one's best: the CPU is shared and noisy
         for _ in range(args.repeats):
-            base_pe, t = timed(baseline_scores, ckpts, paths, args.cache_size, tta)
+            base_pe, t = timed(baseline_scores, ckpts, paths, tta)
             t_base.append(t)
             (ours, errors), t = timed(ens.score_files, paths, batch_size=args.batch_size, workers=args.workers)
             t_ours.append(t)
-    runs = {"baseline_seconds": t_base, "ensemble_seconds": t_ours}
-    t_base, t_ours = min(t_base), min(t_ours)
+            _, t = timed(model_only, forward)
+            t_model.append(t)
+    runs = {"baseline_seconds": t_base, "ensemble_seconds": t_ours, "model_only_seconds": t_model}
+    t_base, t_ours, t_model = min(t_base), min(t_ours), min(t_model)
     base = base_pe.mean(axis=0)
     diff = float(np.abs(base - ours).max())
     if errors or diff > TOL:
         raise AssertionError(f"scores differ: max |diff| {diff:.2e} (tolerance {TOL}), {len(errors)} decode errors")
     return {
-        "n_images": args.n, "image_sides": [args.min_side, args.max_side], "cache_size": args.cache_size,
+        "n_images": args.n, "image_sides": [args.min_side, args.max_side],
+        "stage1": dataclasses.asdict(ens.stage1), "input_policies": [p.key for p in ens.policies],
         "experts": {n: int(n.rsplit("_", 1)[1]) for n in names}, "backbone": args.backbone, "tta": tta,
         "baseline": {"seconds": t_base, "images_per_s": args.n / t_base, "batch_size": 32, "workers": 0,
                      "dtype": "float32", "memory_format": "NCHW", "grad_mode": "no_grad",
@@ -193,8 +252,13 @@ def run(args: argparse.Namespace) -> dict:
         "ensemble": {"seconds": t_ours, "images_per_s": args.n / t_ours, "batch_size": args.batch_size,
                      "workers": args.workers, "dtype": "float32", "memory_format": "channels_last",
                      "grad_mode": "inference_mode", "decodes_per_image": 1},
-        "speedup": t_base / t_ours, "runs": runs, "max_abs_diff": diff, "tolerance": TOL,
-        "decode_resize_ms_per_image": per_ms, "machine": machine_info(),
+        "model_only": {"seconds": t_model, "images_per_s": args.n / t_model, "batch_size": args.batch_size,
+                       "what": "the experts' forward passes (TTA views included) on inputs decoded, cut and "
+                               "normalised beforehand"},
+        "speedup": t_base / t_ours, "ratio_to_model_only": t_model / t_ours, "min_ratio": args.min_ratio,
+        "meets_min_ratio": t_model / t_ours >= args.min_ratio,
+        "runs": runs, "max_abs_diff": diff, "tolerance": TOL,
+        "decode_preprocess_ms_per_image": per_ms, "machine": machine_info(),
     }
 
 
@@ -205,8 +269,12 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("baseline %.1f img/s, ensemble %.1f img/s: %.2fx (max |diff| %.1e)", report["baseline"]["images_per_s"],
-             report["ensemble"]["images_per_s"], report["speedup"], report["max_abs_diff"])
+    log.info("baseline %.1f img/s, ensemble %.1f img/s: %.2fx (max |diff| %.1e); model only %.1f img/s: files at "
+             "%.0f%% of it", report["baseline"]["images_per_s"], report["ensemble"]["images_per_s"], report["speedup"],
+             report["max_abs_diff"], report["model_only"]["images_per_s"], 100 * report["ratio_to_model_only"])
+    if not report["meets_min_ratio"]:
+        raise AssertionError(f"scoring files runs at {report['ratio_to_model_only']:.0%} of the model-only "
+                             f"throughput, below --min-ratio {args.min_ratio:.0%} (report: {out})")
     return out
 
 

@@ -1,11 +1,13 @@
-"""Benchmark stage 1 (prepare) on CPU: images/s and peak memory at several dataset sizes.
+"""Benchmark stage 1 (prepare) on CPU: images/s, the image store's size and peak memory at several dataset sizes.
 
     python bench/bench_prepare.py --out bench_prepare.json [--n 20000 --at 5000,20000 --workers 0]
 
 Writes N generated JPEGs of mixed sizes (--min-px..--max-px a side, smooth gradients + shapes + noise,
 seeded) once to a temp dir in the competition layout (all in ``trainset/``, labels alternating), then
 runs :func:`dfpipe.data.prepare.run` in a fresh process for each size in --at (``limit`` = that
-size) with the default settings (cache 160 px, dedup on, no face crop). Memory: the peak of the summed
+size) with the default settings (native resolution unless --max-side, dedup on, no face crop). Storage: the
+image store's bytes against the input files' (``store_ratio``; about 1 when clean JPEGs are kept as they
+came, ``n_original`` / ``n_png`` say how each image was stored). Memory: the peak of the summed
 RSS of the process tree (the stage and its decode workers), sampled every 50 ms from outside, plus
 ``ru_maxrss`` of the stage process and of its largest worker. Bounded memory means the peak at the
 largest size is within 20% of the peak at the smallest one (``bounded`` in the JSON).
@@ -43,6 +45,7 @@ t0 = time.perf_counter()
 report = prepare(cfg)
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "n_images": report["n_images"]["train"], "n_skipped": report["n_skipped"],
+                  "store": report["store"],
                   "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "maxrss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
@@ -104,6 +107,7 @@ def run_stage(cfg: dict) -> dict:
         raise RuntimeError(f"prepare failed with exit code {child.returncode}")
     res = json.loads(out.strip().splitlines()[-1])
     res["images_per_s"] = res["n_images"] / res["seconds"]
+    res["store_ratio"] = res["store"]["ratio"]
     res["peak_tree_rss_mb"] = peak[0] / 2**20
     return res
 
@@ -115,13 +119,13 @@ def main() -> None:
     ap.add_argument("--at", default="5000,20000", help="comma-separated sizes to prepare (each <= --n)")
     ap.add_argument("--min-px", type=int, default=64)
     ap.add_argument("--max-px", type=int, default=256)
-    ap.add_argument("--cache-size", type=int, default=160)
+    ap.add_argument("--max-side", type=int, default=0, help="prepare.max_side (0 = native resolution)")
     ap.add_argument("--workers", type=int, default=0, help="prepare.workers (0 = all cores)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.at.split(",")]
     if max(sizes) > args.n:
         ap.error(f"--at {args.at}: sizes must be <= --n {args.n}")
-    result: dict = {"n_generated": args.n, "px_range": [args.min_px, args.max_px], "cache_size": args.cache_size,
+    result: dict = {"n_generated": args.n, "px_range": [args.min_px, args.max_px], "max_side": args.max_side,
                     "workers": args.workers or os.cpu_count(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
@@ -131,13 +135,15 @@ def main() -> None:
         result["generate_seconds"] = time.perf_counter() - t0
         for n in sizes:
             cfg = {"data_root": str(tmp / "raw"), "out_dir": str(tmp / f"p{n}"), "report": str(tmp / f"r{n}.json"),
-                   "duplicates": str(tmp / f"d{n}.csv"), "cache_size": args.cache_size, "workers": args.workers,
+                   "duplicates": str(tmp / f"d{n}.csv"), "max_side": args.max_side, "workers": args.workers,
                    "limit": n}
             result["runs"][str(n)] = run_stage(cfg)
             print(f"{n} images: {result['runs'][str(n)]}", file=sys.stderr)
     lo, hi = result["runs"][str(min(sizes))], result["runs"][str(max(sizes))]
     result["peak_rss_ratio_largest_vs_smallest"] = hi["peak_tree_rss_mb"] / lo["peak_tree_rss_mb"]
     result["bounded"] = abs(result["peak_rss_ratio_largest_vs_smallest"] - 1) < 0.2
+    result["images_per_s"] = hi["images_per_s"]  # stage 1 at the largest size
+    result["store_ratio"] = hi["store_ratio"]  # store bytes / input file bytes, at the largest size
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))

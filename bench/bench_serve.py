@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfpipe.config import ExpertConfig  # noqa: E402
 from dfpipe.data.images import decode_image  # noqa: E402
+from dfpipe.data.preprocess import INPUT_MODES, InputPolicy, Preprocess, Stage1  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 from dfpipe.models import build_expert  # noqa: E402
 from dfpipe.predict import Ensemble  # noqa: E402
-from dfpipe.train.loop import save_checkpoint  # noqa: E402
+from dfpipe.train.checkpoint import save_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench_serve")
 THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=16, help="distinct JPEGs the clients cycle through")
     p.add_argument("--side", type=int, default=256, help="side of the JPEGs sent")
     p.add_argument("--size", type=int, default=128, help="input size of the random expert")
-    p.add_argument("--cache-size", type=int, default=160)
+    p.add_argument("--stage1-max-side", type=int, default=0,
+                   help="stage 1's max_side in the random expert's preprocessing record (0 = native resolution)")
+    p.add_argument("--input-mode", default="resize", choices=INPUT_MODES, help="the random expert's input policy")
     p.add_argument("--tta", default="identity", help="comma-separated TTA views of the random expert")
     p.add_argument("--models", help="a real models/ folder (with --card) instead of a random expert")
     p.add_argument("--card", help="the stage-5 ensemble card for --models")
@@ -63,13 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- inputs
-def random_ensemble(root: Path, size: int, cache_size: int, tta: list[str], seed: int) -> tuple[Path, Path]:
-    """One random-weight tf_efficientnet_lite0 expert and its stage-5 card under ``root``."""
+def random_ensemble(root: Path, size: int, stage1: Stage1, mode: str, tta: list[str], seed: int) -> tuple[Path, Path]:
+    """One random-weight tf_efficientnet_lite0 expert (with the preprocessing record training writes) and its
+    stage-5 card under ``root``."""
     torch.manual_seed(seed)
-    cfg = ExpertConfig(pretrained="none", img_size=size)
+    cfg = ExpertConfig(pretrained="none", img_size=size, input_mode=mode)
     model = build_expert(cfg).eval()
-    save_checkpoint(root / "models" / "e0" / "best.pt", model, {**model.describe(), "cache_size": cache_size}, cfg,
-                    "e0", {})
+    prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
+    save_checkpoint(root / "models" / "e0" / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()},
+                    cfg, "e0", {})
     ens = Ensemble.load(root / "models", ["e0"], tta, "mean_prob", torch.device("cpu"))
     write_json(root / "ensemble.json", ens.card(THRESHOLDS))
     return root / "models", root / "ensemble.json"
@@ -164,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.models:
             models, card = Path(args.models), Path(args.card or "submissions/ensemble.json")
         else:
-            models, card = random_ensemble(Path(tmp), args.size, args.cache_size, tta, args.seed)
+            models, card = random_ensemble(Path(tmp), args.size, Stage1(max_side=args.stage1_max_side),
+                                           args.input_mode, tta, args.seed)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = Path(tmp) / "server.log"
@@ -189,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
                                                                                        "mean": float(lat.mean())},
         "server_mean_batch": health.get("mean_batch"), "max_batch": args.max_batch,
         "model": health["model"], "experts": health["experts"], "tta": health["tta"],
+        "stage1": health["stage1"], "inputs": health["inputs"],
         "image_side": args.side, "request_bytes": int(np.mean([len(b) for b in bodies])),
         "max_abs_diff_vs_in_process": diff, "machine": machine_info(),
     }

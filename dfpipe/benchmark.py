@@ -117,7 +117,7 @@ class GridSpec:
     heldout: float = 0.3  # folder sources: share of identities held out (the in-source column)
     split_seed: int = 0  # the train / held-out split of the folder sources (fixed across seeds)
     baseline: str = "baseline"  # the row every other is compared with
-    cache_size: int = 160
+    max_side: int = 0  # stage 1 (prepare.max_side): 0 = every image at native resolution
     augment: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
     split: dict[str, Any] = field(default_factory=dict)
     predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
@@ -150,12 +150,13 @@ def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
 
     d = work / src.name
     paths = {"prepared": str(d / "prepared"), "augmented": str(d / "augmented"), "splits": str(d / "splits.csv")}
-    if (d / "splits.csv").is_file():
+    shared = _shared_settings(spec)
+    if (d / "splits.csv").is_file() and _read_json(d / SHARED_RECORD) == shared:
         return paths
     labels = d / "train_labels.csv"
     _write_labels(labels, src.train)
     prepare.run(PrepareConfig(data_root=str(src.root), out_dir=paths["prepared"], report=str(d / "prepare_report.json"),
-                          duplicates=str(d / "duplicates.csv"), cache_size=spec.cache_size,
+                          duplicates=str(d / "duplicates.csv"), max_side=spec.max_side,
                           datasets=[from_dict(_dataset_cls(), {"name": src.name, "split": "train", "images": ".",
                                                                "labels": str(labels.resolve())}, "dataset")]))
     augment.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
@@ -166,7 +167,28 @@ def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
                                       "features": str(d / "features.npy"),
                                       "features_index": str(d / "features_index.csv"),
                                       "contact_sheet": str(d / "cluster_examples.png")}, "split"))
+    write_json(d / SHARED_RECORD, shared)  # last: it vouches for the folder
     return paths
+
+
+SHARED_RECORD = "shared.json"
+
+
+def _shared_settings(spec: GridSpec) -> dict[str, Any]:
+    """What a source's stages 1-3 depend on (beyond its files): a work folder made with other settings, or by
+    an older stage 1 (another store format), is made again rather than reused."""
+    from .data.store import STORE_FORMAT
+
+    return json.loads(json.dumps({"max_side": spec.max_side, "store_format": STORE_FORMAT, "heldout": spec.heldout,
+                                  "split_seed": spec.split_seed, "augment": _section(spec, "augment"),
+                                  "split": _section(spec, "split")}))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _section(spec: GridSpec, name: str) -> dict[str, Any]:
@@ -195,10 +217,10 @@ def eval_sets(spec: GridSpec, train_src: Source, sources: dict[str, Source], wor
 
 # ----------------------------------------------------------------------------- one cell
 def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
-    """8 hex digits of everything a cell's result depends on: a changed recipe or budget is a new cell."""
+    """8 hex digits of everything a cell's result depends on: a changed recipe, budget, stage-1 setting or store
+    format is a new cell (cells of the former uint8-cache stage 1 are never reused)."""
     key = json.dumps({"expert": dataclasses.asdict(ecfg), "predict": spec.predict, "evaluate": spec.evaluate,
-                      "heldout": spec.heldout, "split_seed": spec.split_seed, "cache_size": spec.cache_size,
-                      "augment": _section(spec, "augment"), "split": _section(spec, "split")}, sort_keys=True)
+                      **_shared_settings(spec)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 

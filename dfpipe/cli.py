@@ -5,10 +5,14 @@
     dfpipe serve --host 127.0.0.1 --port 8080    HTTP API + web page
 
 Every command loads the ensemble from ``--card`` (default submissions/ensemble.json) and the experts'
-checkpoints from ``--models`` (default models/). A problem the user can fix (missing card or model
-folder, empty folder: a :class:`~dfpipe.errors.UserError`) is one line on stderr and exit code 2, as
-for the stage scripts (``DFPIPE_DEBUG=1`` shows its traceback); a bug keeps its traceback. ``predict``
-with some unreadable images scores the others and exits 1.
+checkpoints from ``--models`` (default models/). How an image is prepared for the experts (``max_side``,
+face crop, each expert's input policy) comes from the checkpoints (:mod:`dfpipe.data.preprocess`), never
+from a command-line option: every command scores a file exactly as stage 5 and the HTTP API do.
+
+A problem the user can fix (missing card or model folder, empty folder: a
+:class:`~dfpipe.errors.UserError`) is one line on stderr and exit code 2, as for the stage scripts
+(``DFPIPE_DEBUG=1`` shows its traceback); a bug keeps its traceback. ``predict`` with some unreadable
+images scores the others and exits 1.
 """
 
 from __future__ import annotations
@@ -34,26 +38,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
 
 
-def _face(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--face-crop", default="none", help="none | haar: crop to the largest face first, as "
-                                                       "prepare.face_crop does (default: %(default)s)")
-    p.add_argument("--face-margin", type=float, default=1.3, help="crop side / face box side (default: %(default)s)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dfpipe", description="Deepfake image detector (the stage-5 ensemble).")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="score one or more images")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
-    _face(p)
     _common(p)
     s = sub.add_parser("scan", help="score every image under a folder into a CSV (resumable)")
     s.add_argument("folder", help="folder scanned recursively")
     s.add_argument("--out", required=True, help="CSV to write or resume (columns path,score,verdict,error)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=-1, help="decoding processes (-1 = auto)")
-    _face(s)
     _common(s)
     v = sub.add_parser("serve", help="HTTP API (POST /predict, /predict/batch, /explain) and web page at /")
     v.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 to listen on every interface)")
@@ -73,7 +69,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     ens = load_ensemble(args.card, args.models, args.device)
     paths = [Path(p) for p in args.images]
-    scores, errors = score_paths(ens, paths, workers=0, face_crop=args.face_crop, face_margin=args.face_margin)
+    scores, errors = score_paths(ens, paths, workers=0)
     rows = []
     for p, s in zip(paths, scores):
         err = errors.get(str(p), "")
@@ -98,7 +94,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"{args.out}: all {len(paths)} images already there; nothing to do")
         return 0
     ens = load_ensemble(args.card, args.models, args.device)
-    counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers, args.face_crop, args.face_margin)
+    counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers)
     verdicts = ", ".join(f"{counts[k]} {k}" for k in ("likely real", "uncertain", "likely fake") if counts.get(k))
     print(f"{args.out}: {counts['n_scored']} scored ({verdicts or 'none'}), {counts['n_errors']} errors, "
           f"{counts['n_skipped']} already there")

@@ -412,10 +412,10 @@ def _encode_jpeg(img_rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def _plan_split(rng: np.random.Generator, split: str, n: int) -> list[str]:
+def _plan_split(rng: np.random.Generator, split: str, n: int, fake_kinds: dict | None = None) -> list[str]:
     """Per-image kinds: half fake (rounded down), fakes spread evenly over the split's kinds."""
     n_fake = n // 2
-    kinds = FAKE_KINDS[split]
+    kinds = (fake_kinds or FAKE_KINDS)[split]
     fake = [kinds[i % len(kinds)] for i in range(n_fake)]
     plan = ["real"] * (n - n_fake) + fake
     return [plan[i] for i in rng.permutation(n)]
@@ -491,8 +491,16 @@ def make_demo_dataset(
     n_val: int = 80,
     n_test: int = 80,
     size_range: tuple[int, int] = (128, 256),
+    fake_kinds: dict[str, Sequence[str]] | None = None,
 ) -> dict:
-    """Write the demo dataset under ``root`` (always regenerates) and return a summary dict."""
+    """Write the demo dataset under ``root`` (always regenerates) and return a summary dict.
+
+    ``fake_kinds``: split -> manipulation kinds (of :data:`MANIPULATIONS`) instead of :data:`FAKE_KINDS`
+    (tests use one easy kind everywhere to check that the pipeline learns end to end)."""
+    unknown = {k for kinds in (fake_kinds or {}).values() for k in kinds} - set(MANIPULATIONS)
+    if unknown or (fake_kinds is not None and set(fake_kinds) != set(SPLIT_DIRS)):
+        raise ValueError(f"fake_kinds: one list of {sorted(MANIPULATIONS)} per split {sorted(SPLIT_DIRS)}, "
+                         f"got {fake_kinds}")
     root = Path(root)
     lo, hi = (int(v) for v in size_range)
     if not 16 <= lo <= hi:
@@ -523,7 +531,7 @@ def make_demo_dataset(
                 out_dir = tmp / SPLIT_DIRS[split]
                 out_dir.mkdir()
                 names: set[str] = set()
-                for index, kind in enumerate(_plan_split(plan_rng, split, n)):
+                for index, kind in enumerate(_plan_split(plan_rng, split, n, fake_kinds)):
                     attempt = 0
                     while True:  # identical bytes are astronomically unlikely; re-draw if it happens
                         data, meta = make_image(seed, split, index, kind, photos, scenes, (lo, hi), attempt)

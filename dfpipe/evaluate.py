@@ -4,10 +4,11 @@ Validation AUC says how well the ensemble ranks images like the ones it was tune
 detector meets other generators, other cameras and images that were re-encoded or rescaled on their
 way to it. This stage scores each labelled set of ``evaluate.sets`` through the ensemble's one scoring
 path (:meth:`dfpipe.predict.Ensemble.score_files`), once as stored ("clean") and once per degradation
-(``jpeg<q>``, ``half``, ``blur<sigma>``) applied to the full-size decoded image *before* the usual
-resize, and reports per set: AUC with a bootstrap 95% interval, AP, TPR at FPR 1e-2 / 1e-3, EER, and
-at the card's thresholds (chosen on validation data, never on these sets) F1, the confusion matrix
-and the share of each verdict.
+(``jpeg<q>``, ``half``, ``blur<sigma>``) applied to the full-size decoded image *before* the
+checkpoints' preprocessing (stage 1: ``max_side``, face crop; then each expert's input policy), as a
+re-encode or rescale on the way to us would; and reports per set: AUC with a bootstrap 95% interval,
+AP, TPR at FPR 1e-2 / 1e-3, EER, and at the card's thresholds (chosen on validation data, never on
+these sets) F1, the confusion matrix and the share of each verdict.
 
 A set is either a folder with ``real/`` and ``fake/`` sub-folders (recursive) or a folder plus a label
 CSV ``img_name,target``. Files that fail to decode are counted (``n_failed``), logged and left out.

@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
-from dfpipe.data.images import resize_square
+from dfpipe.data.images import decode_image
 from dfpipe.data.prepare import prepare
 from dfpipe.data.samples import load_manifest
-
-S = 32  # cache size
+from dfpipe.data.store import StoreReader
+from dfpipe.errors import DataError
 
 
 def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -178,7 +178,7 @@ def prepared(tmp_path_factory):
     rng = np.random.default_rng(3)
     good, skipped, kept = _corpus(tmp / "raw", rng)
     cfg = PrepareConfig(data_root=str(tmp / "raw"), out_dir=str(tmp / "p"), report=str(tmp / "r.json"),
-                        duplicates=str(tmp / "d.csv"), cache_size=S, max_pixels=1_000_000, workers=1, chunk_size=8)
+                        duplicates=str(tmp / "d.csv"), max_pixels=1_000_000, workers=1, chunk_size=8)
     report = prepare(cfg)
     return tmp, cfg, report, good, skipped, kept
 
@@ -206,18 +206,23 @@ def test_nothing_good_is_lost_and_pixels_are_right(prepared):
     assert names["train"] == set(good["train"]) | set(kept)
     assert names["val"] == set(good["val"]) and names["test"] == set(good["test"])
     assert report["n_images"] == {s: len(names[s]) for s in names}
-    caches = {s: np.load(tmp / "p" / f"{s}.npy") for s in names}
+    reader = StoreReader()
     for row in man.itertuples():
+        stored = reader.image(tmp / "p" / row.cache_file, row.cache_index)  # the stage-1 image: native, every pixel
+        assert (row.width, row.height) == (stored.shape[1], stored.shape[0]), row.img_name
         if row.img_name in kept:
             data, pixels, notes = kept[row.img_name]
             assert row.converted == notes, row.img_name
             assert (row.orig_w, row.orig_h) == (pixels.shape[1], pixels.shape[0]), row.img_name
-            np.testing.assert_array_equal(caches[row.split][row.cache_index], resize_square(pixels, S),
-                                          err_msg=row.img_name)
+            np.testing.assert_array_equal(stored, pixels, err_msg=row.img_name)
         else:
             assert row.converted == "", row.img_name
+            np.testing.assert_array_equal(stored, decode_image(row.path), err_msg=row.img_name)
     want = Counter(k for _, _, notes in kept.values() for k in notes.split(";"))
     assert report["converted_by_kind"] == dict(sorted(want.items())) and report["n_converted"] == len(kept)
+    # converted pixels are stored as lossless PNG; a clean file (a misleading name included) as it came
+    n_png = sum(1 for _, _, notes in kept.values() if notes != "extension_mismatch")
+    assert (report["store"]["n_png"], report["store"]["n_original"]) == (n_png, len(man) - n_png)
 
 
 def test_failed_test_image_keeps_its_row_and_unlisted_files_are_reported(prepared):
@@ -225,7 +230,8 @@ def test_failed_test_image_keeps_its_row_and_unlisted_files_are_reported(prepare
     full = load_manifest(cfg.out_dir, ok_only=False)
     row = full[full.img_name == "test_trunc.jpg"].iloc[0]
     assert row.cache_index == -1 and row.error.startswith("corrupt or truncated")
-    assert not np.load(tmp / "p" / "test.npy")[full[full.split == "test"].index.get_loc(row.name)].any()
+    with pytest.raises(DataError, match="holds no image"):  # its place in the test split's one shard is empty
+        StoreReader().read(tmp / "p" / row.cache_file, full[full.split == "test"].index.get_loc(row.name))
     assert report["unlabelled"] == [str(tmp / "raw" / "trainset" / "unlabelled.jpg")] and report["n_unlabelled"] == 1
     assert report["ignored_files"] == [str(tmp / "raw" / "testset" / n) for n in ("notes.txt", "photo.jpg.bak")]
     assert report["datasets"]["trainset"]["n_missing"] == 2

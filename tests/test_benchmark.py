@@ -69,6 +69,20 @@ def test_recipe_gets_the_grids_budget_and_seed_and_typos_are_refused(tmp_path):
         recipe_config(spec, "missing", 0)
 
 
+def test_a_cells_key_follows_the_stage1_settings():
+    """A cell trained on another stage 1 (max_side, store format) is a new cell, never a reused one."""
+    from dataclasses import replace
+
+    from dfpipe import benchmark
+
+    spec = GridSpec(recipes={"a": {"img_size": 96}})
+    ecfg = recipe_config(spec, "a", 0)
+    key = benchmark._cell_key(spec, ecfg)
+    assert key == benchmark._cell_key(spec, ecfg) and len(key) == 8
+    assert benchmark._cell_key(replace(spec, max_side=512), ecfg) != key
+    assert benchmark._shared_settings(spec)["store_format"] >= 1
+
+
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert():
     spec = load_grid("bench/grid.yaml")
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2

@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextmanager
+def _serve(root: Path, **card_kwargs):
     """A real uvicorn server in a thread; yields (base URL, the ensemble it serves)."""
     import uvicorn
 
     from dfpipe.predict import Ensemble
     from dfpipe.serve.api import ServeSettings, create_app
 
-    models, card = make_card(tmp_path_factory.mktemp("browser"))
+    models, card = make_card(root, **card_kwargs)
     settings = ServeSettings(models_dir=str(models), card=str(card), device="cpu", explain_grid=6)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
@@ -61,9 +62,17 @@ def server(tmp_path_factory):
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", Ensemble.from_card(card, models, torch.device("cpu"))
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}", Ensemble.from_card(card, models, torch.device("cpu"))
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with _serve(tmp_path_factory.mktemp("browser")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +116,8 @@ def test_upload_shows_score_verdict_and_heatmap(server, browser, tmp_path):
     url, ens = server
     browser.get(url + "/")
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("model m@"))
+    # the preprocessing the experts were trained with (from the checkpoints), shown with the model
+    assert browser.find_element(By.ID, "model").text.endswith("· no face crop · resize 32px")
     img = _photo(tmp_path / "astronaut.jpg")
     browser.find_element(By.ID, "file").send_keys(str(img))
     WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
@@ -122,6 +133,7 @@ def test_upload_shows_score_verdict_and_heatmap(server, browser, tmp_path):
         lambda d: abs(float(d.find_element(By.ID, "bar").value_of_css_property("width")[:-2]) - want * gauge) < 2)
     heat = browser.find_element(By.ID, "heatmap")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heat) == 512
+    assert browser.find_element(By.ID, "heat-region").text == ""  # the whole image: no face crop
     shot = _screenshot(browser, tmp_path)
     assert shot.stat().st_size > 10_000
     if os.environ.get("DFPIPE_SCREENSHOT"):  # e.g. a CI artifact path; default: only the tmp dir
@@ -133,6 +145,31 @@ def _screenshot(driver, tmp_path: Path) -> Path:
     out = tmp_path / "page.png"
     assert driver.save_screenshot(str(out))
     return out
+
+
+def test_a_face_crop_expert_shows_its_crop(browser, tmp_path):
+    """An expert trained on face crops: the page says so, scores the crop, and maps the crop."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dfpipe.data.images import decode_image
+    from dfpipe.data.preprocess import Stage1
+
+    with _serve(tmp_path / "face", stage1=Stage1(face_crop="haar")) as (url, ens):
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: "face crop haar" in d.find_element(By.ID, "model").text)
+        img = _photo(tmp_path / "astronaut.jpg")
+        browser.find_element(By.ID, "file").send_keys(str(img))
+        WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                         in ("explained", "error"))
+        assert browser.find_element(By.ID, "error").text == ""
+        crop = ens.stage1_image(decode_image(img))
+        assert crop.shape[0] < 512  # the face, not the whole photograph
+        shown = float(browser.find_element(By.ID, "score").get_attribute("data-score"))
+        assert shown == pytest.approx(float(ens.score_prepared([crop])[0]), abs=1e-6)
+        heat = browser.find_element(By.ID, "heatmap")
+        assert browser.execute_script("return arguments[0].naturalWidth", heat) == crop.shape[1]
+        assert browser.find_element(By.ID, "heat-region").text == "of the face crop the experts score"
 
 
 def test_a_non_image_shows_the_servers_message(server, browser, tmp_path):

@@ -77,21 +77,32 @@ def test_scan_resumes_after_a_kill_without_duplicates(card, folder, tmp_path, ca
     assert "nothing to do" in capsys.readouterr().out and len(_rows(out)) == 6
 
 
-def test_scan_with_face_crop_scores_the_crop(card, ref, tmp_path):
+def test_scan_and_predict_face_crop_as_the_checkpoint_says(tmp_path, capsys):
+    """The face crop comes from the checkpoints' preprocessing record, not from a command-line option."""
     from skimage import data
 
     from dfpipe.data.faces import apply_face_crop
     from dfpipe.data.images import decode_image
+    from dfpipe.data.preprocess import Stage1
 
+    models, face_card = make_card(tmp_path / "face", tta=("identity",), stage1=Stage1(face_crop="haar"))
+    args = ["--models", str(models), "--card", str(face_card), "--device", "cpu"]
+    ens = Ensemble.from_card(face_card, models, torch.device("cpu"))
     write_jpeg(tmp_path / "in" / "astronaut.jpg", data.astronaut())  # bundled photograph with one face
     out = tmp_path / "faces.csv"
-    assert main(["scan", str(tmp_path / "in"), "--out", str(out), "--face-crop", "haar", "--workers", "0", *card]) == 0
+    assert main(["scan", str(tmp_path / "in"), "--out", str(out), "--workers", "0", *args]) == 0
     whole = decode_image(tmp_path / "in" / "astronaut.jpg")
     crop, found = apply_face_crop(whole, "haar", 1.3, "whole")
     assert found.status == "found" and crop.shape[0] < whole.shape[0]
-    want, without = ref.score_images([crop, whole])
+    want, without = ens.score_prepared([crop, whole])
     assert float(_rows(out)[0]["score"]) == pytest.approx(want, abs=1e-6)
     assert abs(want - without) > 1e-4  # so the row really is the face's score
+    capsys.readouterr()
+    assert main(["predict", "--json", str(tmp_path / "in" / "astronaut.jpg"), *args]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["score"] == pytest.approx(want, abs=1e-6)
+    with pytest.raises(SystemExit) as exc:  # nothing the experts were trained with is retyped on a command line
+        main(["scan", str(tmp_path / "in"), "--out", str(out), "--face-crop", "haar", *args])
+    assert exc.value.code == 2 and "--face-crop" in capsys.readouterr().err
 
 
 def test_predict_prints_scores_and_json(card, ref, folder, capsys):

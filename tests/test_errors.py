@@ -32,7 +32,7 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("params_text, words", [
-    ("prepare:\n  cache_sise: 64\n", ["prepare: unknown key(s) ['cache_sise']", "did you mean 'cache_size'?"]),
+    ("prepare:\n  max_sid: 64\n", ["prepare: unknown key(s) ['max_sid']", "did you mean 'max_side'?"]),
     ("prepare:\n  face_crop: har\n", ["prepare.face_crop: 'har' is not allowed", "did you mean 'haar'?"]),
     ("prepare:\n  data_root: nowhere\n", ["InputError", "data_root nowhere does not exist"]),
 ])
@@ -45,7 +45,7 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, params_text, words):
 
 
 def test_dfpipe_debug_shows_the_traceback_of_a_user_error(tmp_path):
-    res = _prepare(tmp_path, "prepare:\n  cache_sise: 64\n", DFPIPE_DEBUG="1")
+    res = _prepare(tmp_path, "prepare:\n  max_sid: 64\n", DFPIPE_DEBUG="1")
     assert res.returncode not in (0, 2)
     assert "Traceback" in res.stderr and "ConfigError" in res.stderr
 

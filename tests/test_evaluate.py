@@ -234,7 +234,7 @@ def test_scores_are_the_ensembles_one_scoring_path(world):
     clean = scores[scores.degradation == "clean"]
     assert list(clean.img_name) == list(files.img_name)
     np.testing.assert_allclose(clean.score, want, atol=1e-6)
-    jpeg = parse_degradation("jpeg50")  # degraded at full size, then the usual resize
+    jpeg = parse_degradation("jpeg50")  # degraded at full size, then the checkpoints' preprocessing
     want_jpeg = ens.score_images([jpeg(decode_image(p)) for p in files.path])
     np.testing.assert_allclose(scores[scores.degradation == "jpeg50"].score, want_jpeg, atol=1e-6)
     assert not np.allclose(want_jpeg, want, atol=1e-6)

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_expert(**kw) -> ExpertConfig:
-    # the winners' full recipe (generated fakes, KL to the EMA teacher, NCE), so every code path runs end to end
-    base = dict(img_size=64, epochs=2, batch_size=16, lr=2e-3, lr_ref_batch=16, ema_epochs=1.0, warmup_epochs=0.2,
+    # the winners' full recipe (generated fakes, KL to the EMA teacher, NCE), so every code path runs end to end,
+    # on native pixels (crop): the demo's up-sampling artefact is lost in a resize (val/test AUC 0.78/0.61 with
+    # resize, 0.87/0.86 with crop, CE alone, measured on this fixture)
+    base = dict(img_size=64, input_mode="crop", epochs=3, batch_size=16, lr=2e-3, lr_ref_batch=16, ema_epochs=1.0, warmup_epochs=0.2,
                 augment="light", use_augmented=True, loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     base.update(kw)
     return ExpertConfig(**base)
@@ -39,7 +41,10 @@ def run(tmp_path_factory):
     from dfpipe.train.loop import run_train
 
     t = tmp_path_factory.mktemp("pipe")
-    make_demo_dataset(t / "raw", seed=0, n_train=48, n_val=16, n_test=16, size_range=(64, 96))
+    # one learnable kind everywhere (blocky up-sampling, the demo's generator-like artefact), so the test can
+    # ask that the whole pipeline learns: val and test AUC well above chance (test_the_pipeline_learns)
+    make_demo_dataset(t / "raw", seed=0, n_train=160, n_val=32, n_test=32, size_range=(64, 96),
+                      fake_kinds=dict.fromkeys(("train", "val", "test"), ["upsample"]))
     prep = PrepareConfig(data_root=str(t / "raw"), out_dir=str(t / "prepared"), report=str(t / "prep.json"),
                          duplicates=str(t / "dup.csv"), workers=1)
     prepare(prep)
@@ -48,7 +53,7 @@ def run(tmp_path_factory):
     split = SplitConfig(prepared_dir=prep.out_dir, augmented_dir=aug.out_dir, out_csv=str(t / "splits.csv"),
                         report=str(t / "cluster.json"), features=str(t / "feats.npy"),
                         features_index=str(t / "feats.csv"), img_size=64,
-                        n_clusters=3, n_folds=2, per_class=True, contact_sheet="")
+                        n_clusters=4, n_folds=2, per_class=False, contact_sheet="")
     run_split(split)
     train = TrainConfig(splits_csv=split.out_csv, prepared_dir=prep.out_dir, augmented_dir=aug.out_dir,
                         models_dir=str(t / "models"), workers=0,
@@ -75,6 +80,14 @@ def test_submission_has_one_row_per_test_image_in_sorted_order(run):
     assert ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0
 
 
+def test_the_pipeline_learns(run):
+    """Issue 15: the end-to-end run is above chance on the val fold and on the test set (labels it never saw)."""
+    _, metrics = run
+    val, test = metrics["val"]["ensemble"]["auc"], metrics["test"]["ensemble"]["auc"]
+    print(f"end-to-end AUC: val {val:.3f}, test {test:.3f}")
+    assert val > 0.7 and test > 0.7, (val, test)
+
+
 def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     from sklearn.metrics import roc_auc_score
 
@@ -95,7 +108,7 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     scores = ens.score_images(imgs)
     assert metrics["val"]["ensemble"]["auc"] == pytest.approx(roc_auc_score(val.label, scores), abs=1e-6)
     assert set(metrics["val"]["experts"]) == {"a", "b"}
-    assert "test" in metrics and metrics["n_test"] == 16
+    assert "test" in metrics and metrics["n_test"] == 32
     # per-method breakdown: the val-fold generated fakes of each editing method against the val reals
     assert set(metrics["val"]["by_method"]) >= {"original"} and len(metrics["val"]["by_method"]) >= 2
     assert (t / "roc.png").stat().st_size > 1000 and (t / "ensemble.json").is_file()
@@ -109,13 +122,13 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
     ckpt = torch.load(t / "models" / "a" / "best.pt", map_location="cpu", weights_only=True)
     d = ckpt["description"]
     assert d["img_size"] == 64 and len(d["mean"]) == 3
-    assert d["preprocess"]["input"] == {"mode": "resize", "size": 64} and d["preprocess"]["stage1"]["max_side"] == 0
+    assert d["preprocess"]["input"] == {"mode": "crop", "size": 64} and d["preprocess"]["stage1"]["max_side"] == 0
     assert d["preprocess"]["mean"] == d["mean"]
     assert ckpt["config"]["loss"]["kl"] == 0.5
     from test_train import live_history
 
     hist = live_history(t / "train" / "a")
-    assert list(hist.epoch) == [1, 2]
+    assert list(hist.epoch) == [1, 2, 3]
     assert {"loss", "ce", "kl", "nce", "val_auc", "val_tpr_at_fpr_1e-3", "lr", "images_per_s"} <= set(hist.columns)
     assert hist.kl.iloc[-1] > 0  # the EMA teacher differs from the student, so KL is active
 

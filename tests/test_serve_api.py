@@ -12,6 +12,7 @@ from PIL import Image
 
 from dfpipe.config import ExpertConfig
 from dfpipe.data.images import decode_image
+from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
 from dfpipe.io import write_json
 from dfpipe.models import build_expert
 from dfpipe.predict import Ensemble
@@ -20,14 +21,26 @@ from dfpipe.train.loop import save_checkpoint
 THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}
 
 
-def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
-              combine: str = "mean_prob") -> tuple[Path, Path]:
-    """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, cache 48) and a stage-5
-    card for it, as ``dfpipe.predict.run`` writes them. Returns (models_dir, card)."""
-    torch.manual_seed(0)
-    cfg = ExpertConfig(pretrained="none", img_size=32)
+NATIVE = Stage1()  # stage 1 at its defaults: native resolution, no face crop
+
+
+def save_expert(models: Path, name: str = "m", stage1: Stage1 = NATIVE, mode: str = "resize", img_size: int = 32,
+                seed: int = 0) -> None:
+    """A stage-4 checkpoint (tf_efficientnet_lite0, random weights) with its preprocessing record, as
+    training writes it: ``stage1`` (the store's record) + the input policy + the model's normalisation."""
+    torch.manual_seed(seed)
+    cfg = ExpertConfig(pretrained="none", img_size=img_size, input_mode=mode)
     model = build_expert(cfg).eval()
-    save_checkpoint(root / "models" / "m" / "best.pt", model, {**model.describe(), "cache_size": 48}, cfg, "m", {})
+    prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
+    save_checkpoint(models / name / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()}, cfg, name, {})
+
+
+def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
+              combine: str = "mean_prob", stage1: Stage1 = NATIVE) -> tuple[Path, Path]:
+    """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, native-resolution stage 1
+    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.predict.run`` writes them.
+    Returns (models_dir, card)."""
+    save_expert(root / "models", "m", stage1)
     ens = Ensemble.load(root / "models", ["m"], list(tta), combine, torch.device("cpu"))
     write_json(root / "ensemble.json", ens.card(thresholds))
     return root / "models", root / "ensemble.json"
@@ -189,6 +202,9 @@ def test_health_docs_and_page(served):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["experts"] == ["m"] and h["thresholds"]["t_fake"] == 0.7
     assert h["max_batch_images"] == 4
+    assert h["stage1"] == {"max_side": 0, "face_crop": "none", "face_margin": 1.3, "face_policy": "whole",
+                           "max_pixels": Stage1().max_pixels}  # the checkpoints' preprocessing, not a setting
+    assert h["inputs"] == {"m": {"mode": "resize", "size": 32}}
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"application/json",
                                                                                "multipart/form-data"}
@@ -254,7 +270,8 @@ def test_explain_returns_the_score_and_a_heatmap_overlay(served, rng):
     body = r.json()
     assert body["result"] == pytest.approx(float(ens.score_images([decode_image(data)])[0]), abs=1e-6)
     png = base64.b64decode(body["heatmap"].split(",", 1)[1])
-    assert Image.open(io.BytesIO(png)).size == (90, 60)  # the image's own size (under max_side)
+    assert Image.open(io.BytesIO(png)).size == (90, 60)  # the stage-1 image: no face crop, no max_side
+    assert body["heatmap_region"] == "whole image" and body["heatmap_size"] == [90, 60]
     assert body["heatmap_scale"] > 0  # a random net still reacts to blurring some region
 
 
@@ -265,12 +282,33 @@ def test_occlusion_map_finds_the_region_the_score_depends_on(rng):
         return np.array([np.abs(np.diff(im[:16, :16].astype(float), axis=1)).mean() / 255 for im in images])
 
     img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # noise: blurring removes detail everywhere
-    score, heat = occlusion_map(detail_top_left, img, 64, grid=8)
-    assert score == pytest.approx(detail_top_left([img])[0])
+    score, heat = occlusion_map(detail_top_left, img, grid=8)
+    assert score == pytest.approx(detail_top_left([img])[0]) and heat.shape == (64, 64)
     assert heat[:16, :16].mean() > 0 and np.abs(heat[32:, 32:]).max() == 0
     rgb, scale = overlay(img, heat)
     assert rgb.shape == img.shape and scale == pytest.approx(heat.max())
     np.testing.assert_array_equal(rgb[40:, 40:], img[40:, 40:])  # no evidence there: image untouched
+
+
+def test_occlusion_map_of_a_large_stage1_image_is_scored_in_chunks(rng, monkeypatch):
+    """Native-resolution stage-1 images: the occluded copies are scored a few at a time (bounded memory),
+    with the same map; the map has the image's own (non-square) shape."""
+    from dfpipe.serve import explain
+
+    calls = []
+
+    def mean_of_left_half(images):
+        calls.append(len(images))
+        return np.array([im[:, : im.shape[1] // 2].mean() / 255 for im in images])
+
+    img = rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)
+    score, heat = explain.occlusion_map(mean_of_left_half, img, grid=4, fill="mean")
+    monkeypatch.setattr(explain, "CHUNK_PIXELS", 2 * 45 * 70)
+    calls.clear()
+    score2, heat2 = explain.occlusion_map(mean_of_left_half, img, grid=4, fill="mean")
+    assert calls == [1, 2, 2, 2, 2, 1] and score2 == score and heat.shape == (45, 70)
+    np.testing.assert_array_equal(heat2, heat)
+    assert np.abs(heat[:, 52:]).max() == 0 and np.abs(heat[:, :18]).min() > 0  # the last cell (x 52..70) is right only
 
 
 def test_micro_batcher_batches_concurrent_requests_and_keeps_order():

@@ -4,8 +4,15 @@
   or a multipart upload (field ``file``) -> ``{"result": score, "verdict": ..., "model": ...}``.
 - ``POST /predict/batch``: JSON ``{"images": [...]}`` or several ``file`` fields -> one result (or
   error) per image, in order.
-- ``POST /explain``: as ``/predict``, plus an occlusion heatmap over the image (PNG data URL).
-- ``GET /health``; ``GET /`` the web page; ``GET /docs`` the OpenAPI documentation.
+- ``POST /explain``: as ``/predict``, plus an occlusion heatmap (PNG data URL) over the *stage-1 image*:
+  the upload as the experts see it before their input policy (downscaled to ``max_side``, cropped to
+  the face when the experts were trained on face crops).
+- ``GET /health`` (with the preprocessing the experts were trained with); ``GET /`` the web page;
+  ``GET /docs`` the OpenAPI documentation.
+
+Every upload is scored through :meth:`dfpipe.predict.Ensemble.score_images`: the preprocessing contract
+read from the checkpoints (:mod:`dfpipe.data.preprocess`: stage 1 with its face crop, then each
+expert's input policy), the same steps as ``dfpipe predict`` / ``scan`` and stage 5.
 
 The OpenAPI schema states what is enforced: the request models below are built from the settings
 (non-empty strings and lists, the batch size and image size limits) and every JSON body is validated
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +52,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from ..data.preprocess import downscale
 from .explain import occlusion_map, overlay, png_bytes
 from .service import (DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS, InputError,
                       MicroBatcher, b64_to_bytes, check_servable, check_size, decode_upload, load_ensemble,
@@ -134,9 +143,32 @@ class BatchPrediction(BaseModel):
 
 
 class Explanation(Prediction):
-    heatmap: str = Field(description="PNG data URL: the image with red (towards fake) / blue (towards real) regions")
+    heatmap: str = Field(description="PNG data URL: the stage-1 image (the upload as the experts see it: downscaled "
+                                     "to max_side, cropped to the face when the experts were trained on face crops; "
+                                     "at most 512 px a side here) with red (towards fake) / blue (towards real) "
+                                     "regions")
     heatmap_scale: float = Field(ge=0, description="largest score change one occluded region caused")
+    heatmap_region: Literal["whole image", "face crop"] = Field(
+        description="what the heatmap shows: the whole upload, or the face crop stage 1 made of it")
+    heatmap_size: list[int] = Field(min_length=2, max_length=2,
+                                    description="[width, height] of the stage-1 image the map was made on")
     method: str = Field(description="how the map was made")
+
+
+class Stage1Info(BaseModel):
+    """How an upload becomes the stage-1 image: the experts' checkpoints say (dfpipe.data.preprocess.Stage1)."""
+
+    max_side: int = Field(description="longer side above this is downscaled first (0 = never)")
+    face_crop: str = Field(description="face detector (none = no face crop)")
+    face_margin: float = Field(description="face crop side / face box side")
+    face_policy: str = Field(description="image without a face: scored whole (whole | largest | skip)")
+    max_pixels: int = Field(description="the experts' stage-1 pixel limit")
+
+
+class InputInfo(BaseModel):
+    mode: str = Field(description="how the expert takes its input from the stage-1 image: resize | "
+                                  "resize_short_crop | crop")
+    size: int = Field(description="the expert's input side, in pixels")
 
 
 class Health(BaseModel):
@@ -151,6 +183,8 @@ class Health(BaseModel):
     max_pixels: int = Field(description="most pixels an image may have")
     max_batch_images: int = Field(description="most images in one /predict/batch request")
     mean_batch: float | None = Field(description="mean images per model call so far (null before the first)")
+    stage1: Stage1Info = Field(description="the stage-1 part of the preprocessing contract, from the checkpoints")
+    inputs: dict[str, InputInfo] = Field(description="each expert's input policy, by expert name")
 
 
 class Error(BaseModel):
@@ -398,7 +432,10 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         return Health(status="ok", model=s.model, experts=ens.names, combine=ens.combine, tta=ens.tta,
                       device=str(ens.device), thresholds=ens.thresholds or {}, max_bytes=settings.max_bytes,
                       max_pixels=settings.max_pixels, max_batch_images=settings.max_batch_images,
-                      mean_batch=float(np.mean(s.batcher.batch_sizes)) if s.batcher.batch_sizes else None)
+                      mean_batch=float(np.mean(s.batcher.batch_sizes)) if s.batcher.batch_sizes else None,
+                      stage1=Stage1Info(**dataclasses.asdict(ens.stage1)),
+                      inputs={e.name: InputInfo(mode=p.input.mode, size=p.input.size)
+                              for e, p in zip(ens.experts, ens.preps)})
 
     @app.post("/predict", response_model=Prediction, openapi_extra=_body_doc(image_model, False, settings),
               responses=_errors(settings, False))
@@ -431,13 +468,25 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         s = state(request)
         img = await decode((await _request_images(request, settings, many=False))[0])
         score = (await s.batcher.score([img]))[0]  # the /predict score, batched like any other
-        _, heat = await s.batcher.run(occlusion_map, s.ensemble.score_images, img, s.ensemble.cache_size,
-                                      settings.explain_grid)
-        rgb, scale = await run_in_threadpool(overlay, img, heat)
+        s1, heat, region = await s.batcher.run(explain_stage1, s.ensemble, img, settings.explain_grid)
+        rgb, scale = await run_in_threadpool(overlay, s1, heat)
         png = base64.b64encode(await run_in_threadpool(png_bytes, rgb)).decode()
         return Explanation(result=score, verdict=s.ensemble.verdict(score), model=s.model,
-                           heatmap=f"data:image/png;base64,{png}", heatmap_scale=scale,
-                           method=f"occlusion (blur, {settings.explain_grid}x{settings.explain_grid} grid)")
+                           heatmap=f"data:image/png;base64,{png}", heatmap_scale=scale, heatmap_region=region,
+                           heatmap_size=[s1.shape[1], s1.shape[0]],
+                           method=f"occlusion (blur, {settings.explain_grid}x{settings.explain_grid} grid) "
+                                  f"of the {region}")
+
+
+def explain_stage1(ens: Ensemble, img: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(the stage-1 image of a decoded upload, its occlusion map, "face crop" or "whole image").
+
+    The map refers to the stage-1 image, which is scored as is (``Ensemble.score_prepared``: a face crop is
+    not cropped again)."""
+    s1 = ens.stage1_image(img)
+    _, heat = occlusion_map(ens.score_prepared, s1, grid)
+    whole = s1.shape[:2] == downscale(img, ens.stage1.max_side).shape[:2]
+    return s1, heat, "whole image" if whole else "face crop"
 
 
 def app_from_env() -> FastAPI:

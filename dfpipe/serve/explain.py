@@ -1,11 +1,14 @@
 """Explanation heatmap by occlusion, scored by the ensemble itself (no second model, no gradients).
 
-Each window of the image (a ``grid`` x ``grid`` lattice, windows two cells wide, one cell apart) is
-replaced by a blurred copy of itself (``fill="blur"``: its fine detail, where manipulation traces
-usually live, is removed) or by the image's mean colour (``fill="mean"``), and the whole ensemble
-(all experts and TTA views, through ``Ensemble.score_images``) scores every occluded copy in one
-batch. A window's value is ``score(original) - score(occluded)``, averaged over the windows covering
-a pixel: positive = this region pushes the score towards fake, negative = towards real.
+The map is made on the *stage-1 image* (:mod:`dfpipe.data.preprocess`): the upload as the experts'
+checkpoints prepare it (downscaled to ``max_side``, cropped to the face when the experts were trained
+on face crops), before each expert's input policy. Each window of it (a ``grid`` x ``grid`` lattice,
+windows two cells wide, one cell apart) is replaced by a blurred copy of itself (``fill="blur"``: its
+fine detail, where manipulation traces usually live, is removed) or by the image's mean colour
+(``fill="mean"``), and the whole ensemble (all experts, their input policies and TTA views, through
+``Ensemble.score_prepared``: stage 1 is not applied a second time) scores every occluded copy. A
+window's value is ``score(original) - score(occluded)``, averaged over the windows covering a pixel:
+positive = this region pushes the score towards fake, negative = towards real.
 """
 
 from __future__ import annotations
@@ -15,38 +18,63 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from ..data.images import resize_square
-
 FILLS = ("blur", "mean")
+BLUR_SIDE = 512  # a larger image is blurred at this side and scaled back (a native-size blur costs seconds)
+CHUNK_PIXELS = 32_000_000  # occluded copies scored at once: bounds memory for a large stage-1 image
 
 
-def occlusion_map(score_images: Callable[[list[np.ndarray]], np.ndarray], img: np.ndarray, size: int,
-                  grid: int = 8, fill: str = "blur") -> tuple[float, np.ndarray]:
-    """(score of the image, (size, size) float map of score drops) for an (H, W, 3) uint8 image.
+def occlusion_map(score_prepared: Callable[[list[np.ndarray]], np.ndarray], img: np.ndarray, grid: int = 8,
+                  fill: str = "blur") -> tuple[float, np.ndarray]:
+    """(score of the image, (H, W) float32 map of score drops) for an (H, W, 3) uint8 stage-1 image.
 
-    The image is first resized as stage 1 does (``size`` = the ensemble's cache size), so the map is
-    in the pixels the experts see.
+    ``score_prepared`` scores stage-1 images (``Ensemble.score_prepared``): ``img`` must already be the
+    stage-1 image (``Ensemble.stage1_image``), and the map is in its pixels.
     """
     if fill not in FILLS:
         raise ValueError(f"unknown occlusion fill {fill!r}; choose one of {FILLS}")
     if grid < 2:
         raise ValueError(f"occlusion grid must be >= 2, got {grid}")
-    sq = resize_square(img, size)
-    filler = (cv2.GaussianBlur(sq, (0, 0), sigmaX=max(1.0, size / 48)) if fill == "blur"
-              else np.broadcast_to(sq.reshape(-1, 3).mean(0).astype(np.uint8), sq.shape))
-    edges = np.linspace(0, size, grid + 1).round().astype(int)
-    windows = [(edges[i], edges[i + 2], edges[j], edges[j + 2]) for i in range(grid - 1) for j in range(grid - 1)]
-    occluded = []
-    for y0, y1, x0, x1 in windows:
-        o = sq.copy()
+    h, w = img.shape[:2]
+    if fill == "blur":
+        filler = _blurred(img)
+    else:
+        filler = np.broadcast_to(img.reshape(-1, 3).mean(0).astype(np.uint8), img.shape)
+    ys = np.linspace(0, h, grid + 1).round().astype(int)
+    xs = np.linspace(0, w, grid + 1).round().astype(int)
+    windows = [(i, j) for i in range(grid - 1) for j in range(grid - 1)]  # top-left cell of each 2 x 2 window
+
+    def occluded(i: int, j: int) -> np.ndarray:
+        y0, y1, x0, x1 = ys[i], ys[i + 2], xs[j], xs[j + 2]
+        o = img.copy()
         o[y0:y1, x0:x1] = filler[y0:y1, x0:x1]
-        occluded.append(o)
-    scores = np.asarray(score_images([sq, *occluded]), dtype=np.float64)
-    heat, cover = np.zeros((size, size)), np.zeros((size, size))
-    for (y0, y1, x0, x1), s in zip(windows, scores[1:]):
-        heat[y0:y1, x0:x1] += scores[0] - s
-        cover[y0:y1, x0:x1] += 1
-    return float(scores[0]), heat / np.maximum(cover, 1)
+        return o
+
+    per_call = max(1, CHUNK_PIXELS // max(1, h * w))
+    base = float(np.asarray(score_prepared([img]), dtype=np.float64)[0])
+    drops: list[float] = []
+    for start in range(0, len(windows), per_call):
+        part = windows[start:start + per_call]
+        drops += [base - float(s) for s in np.asarray(score_prepared([occluded(i, j) for i, j in part]), np.float64)]
+    # per lattice cell: the mean drop of the (up to four) windows covering it, then spread over its pixels
+    cell, cover = np.zeros((grid, grid)), np.zeros((grid, grid))
+    for (i, j), d in zip(windows, drops):
+        cell[i:i + 2, j:j + 2] += d
+        cover[i:i + 2, j:j + 2] += 1
+    cell /= np.maximum(cover, 1)
+    rows, cols = np.diff(ys), np.diff(xs)
+    heat = np.repeat(np.repeat(cell.astype(np.float32), rows, axis=0), cols, axis=1)
+    return base, heat
+
+
+def _blurred(img: np.ndarray) -> np.ndarray:
+    """A copy of ``img`` without its fine detail (Gaussian, sigma = 1/48 of the longer side)."""
+    h, w = img.shape[:2]
+    if max(h, w) <= BLUR_SIDE:
+        return cv2.GaussianBlur(img, (0, 0), sigmaX=max(1.0, max(h, w) / 48))
+    f = BLUR_SIDE / max(h, w)
+    small = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigmaX=BLUR_SIDE / 48)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def overlay(img: np.ndarray, heat: np.ndarray, max_side: int = 512, alpha: float = 0.65) -> tuple[np.ndarray, float]:

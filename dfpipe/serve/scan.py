@@ -11,46 +11,26 @@ import csv
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from ..data.faces import apply_face_crop, check_face_config
-from ..data.images import IMAGE_EXTENSIONS, decode_image, list_images
+from ..data.images import IMAGE_EXTENSIONS, list_images
 from .service import ServeError
 
 log = logging.getLogger(__name__)
 COLUMNS = ["path", "score", "verdict", "error"]
 
 
-def score_paths(ens: Any, paths: list[Path], batch_size: int = 64, workers: int = -1, face_crop: str = "none",
-                face_margin: float = 1.3) -> tuple[np.ndarray, dict[str, str]]:
-    """Scores (NaN where unreadable) and ``{path: error}``: ``Ensemble.score_files`` (stage 1's pixels),
-    or, with a face crop, decode + crop here (as stage 1 does) and ``Ensemble.score_images``."""
-    if face_crop == "none":
-        scores, errors = ens.score_files(paths, batch_size=batch_size, workers=workers)
-        return scores, dict(errors)
-    check_face_config(face_crop, face_margin, "whole")
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # cv2 / PIL release the GIL
-        loaded = list(pool.map(lambda p: _load_face(p, face_crop, face_margin), paths))
-    errors = {str(p): err for p, (_, err) in zip(paths, loaded) if err}
-    good = [i for i, (img, _) in enumerate(loaded) if img is not None]
-    scores = np.full(len(paths), np.nan)
-    for start in range(0, len(good), batch_size):
-        idx = good[start:start + batch_size]
-        scores[idx] = ens.score_images([loaded[i][0] for i in idx])
-    return scores, errors
-
-
-def _load_face(path: Path, face_crop: str, margin: float) -> tuple[np.ndarray | None, str]:
-    try:
-        img, _ = apply_face_crop(decode_image(path), face_crop, margin, "whole")  # no face: whole image
-        return img, ""
-    except Exception as exc:  # noqa: BLE001 - any failure becomes an error row, never a crash
-        return None, str(exc) or type(exc).__name__
+def score_paths(ens: Any, paths: list[Path], batch_size: int = 64, workers: int = -1,
+                ) -> tuple[np.ndarray, dict[str, str]]:
+    """Scores (NaN where unreadable) and ``{path: error}``: :meth:`Ensemble.score_files`, which decodes in
+    ``workers`` processes and applies the checkpoints' preprocessing (stage 1: ``max_side`` and face crop,
+    then each expert's input policy), exactly as stage 5 and the HTTP API do."""
+    scores, errors = ens.score_files(paths, batch_size=batch_size, workers=workers)
+    return scores, dict(errors)
 
 
 def done_paths(out_csv: Path) -> set[str]:
@@ -85,7 +65,7 @@ def plan_scan(root: str | Path, out_csv: str | Path) -> tuple[list[Path], list[P
 
 
 def scan_folder(ens: Any, root: str | Path, out_csv: str | Path, batch_size: int = 64, workers: int = -1,
-                face_crop: str = "none", face_margin: float = 1.3, chunk: int = 512) -> dict[str, Any]:
+                chunk: int = 512) -> dict[str, Any]:
     """Score every image under ``root`` into ``out_csv`` (appending; skips rows already there).
 
     Returns counts: ``n_images``, ``n_skipped`` (already in the CSV), ``n_scored``, ``n_errors`` and
@@ -106,7 +86,7 @@ def scan_folder(ens: Any, root: str | Path, out_csv: str | Path, batch_size: int
             writer.writerow(COLUMNS)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            scores, errors = score_paths(ens, part, batch_size, workers, face_crop, face_margin)
+            scores, errors = score_paths(ens, part, batch_size, workers)
             for p, s in zip(part, scores):
                 row = _row(ens, p.relative_to(root).as_posix(), s, errors.get(str(p), ""))
                 counts["n_errors" if row[2] == "error" else "n_scored"] += 1

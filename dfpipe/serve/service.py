@@ -2,7 +2,9 @@
 and decode uploaded bytes, and a micro-batcher that runs every model call on one worker thread.
 
 Scoring itself is :class:`dfpipe.predict.Ensemble` (``score_images`` / ``score_files`` / ``verdict``),
-the same path as the submission; nothing here computes a score.
+the same path as the submission; nothing here computes a score. An upload is only decoded here:
+``Ensemble.score_images`` applies the preprocessing contract read from the checkpoints (stage 1 with its
+face crop, then each expert's input policy: :mod:`dfpipe.data.preprocess`), as every other path does.
 """
 
 from __future__ import annotations

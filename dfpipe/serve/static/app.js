@@ -39,6 +39,7 @@ async function analyse(file) {
   $("result").hidden = false;
   $("preview").src = URL.createObjectURL(file);
   $("heatmap").removeAttribute("src");
+  $("heat-region").textContent = "";
   $("heat-wait").hidden = false;
   $("heat-wait").textContent = "computing heatmap…";
   $("score").textContent = "…";
@@ -51,6 +52,7 @@ async function analyse(file) {
     const ex = await postImage("/explain", file);
     $("heatmap").src = ex.heatmap;
     $("heat-wait").hidden = true;
+    $("heat-region").textContent = ex.heatmap_region === "face crop" ? " of the face crop the experts score" : "";
     $("heat-caption").title = `${ex.method}; largest score change ${ex.heatmap_scale.toFixed(4)}`;
     document.body.dataset.state = "explained";
   } catch (err) {
@@ -61,11 +63,21 @@ async function analyse(file) {
   }
 }
 
+// How an upload is prepared (from the experts' checkpoints): face crop, max side, each input policy.
+function preprocessText(h) {
+  const s1 = h.stage1;
+  const parts = [s1.face_crop === "none" ? "no face crop" : `face crop ${s1.face_crop} ×${s1.face_margin}`];
+  if (s1.max_side > 0) parts.push(`max side ${s1.max_side}px`);
+  const inputs = [...new Set(Object.values(h.inputs).map((p) => `${p.mode} ${p.size}px`))];
+  return [...parts, ...inputs].join(" · ");
+}
+
 async function loadHealth() {
   try {
     const h = await (await fetch("/health")).json();
     thresholds = h.thresholds;
-    $("model").textContent = `model ${h.model} · ${h.combine} · ${h.tta.length} TTA view(s) · ${h.device}`;
+    $("model").textContent = `model ${h.model} · ${h.combine} · ${h.tta.length} TTA view(s) · ${h.device}` +
+      ` · ${preprocessText(h)}`;
     placeTicks();
   } catch (err) {
     $("model").textContent = "model unavailable";
