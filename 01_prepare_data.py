@@ -1,4 +1,4 @@
-"""Stage 1: validate label CSVs and images, decode once, write the resized cache and manifests."""
+"""Stage 1: validate label CSVs and images, decode once, write the native-resolution image store and manifests."""
 
 from dfpipe import harness
 from dfpipe.config import PrepareConfig, load_section

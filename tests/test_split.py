@@ -420,7 +420,7 @@ def test_make_engine_resolves_auto_by_cuda(monkeypatch):
 
 
 def write_prepared(tmp_path, rng, n_train=24, n_val=8, n_aug=6):
-    """A stage-1 + stage-2 output in miniature: manifests and uint8 caches."""
+    """A stage-1 + stage-2 output in miniature: manifests and image-store shards."""
     prep, aug = tmp_path / "prepared", tmp_path / "augmented"
     prep.mkdir()
     aug.mkdir()

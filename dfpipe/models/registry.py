@@ -157,7 +157,7 @@ def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
 def expert_from_description(desc: dict[str, Any]) -> Expert:
     """Rebuild the architecture ``describe()`` produced, randomly initialised, ready for load_state_dict.
 
-    Extra keys (e.g. ``cache_size`` added by training) are ignored; mean/std come from the description
+    Extra keys (e.g. ``preprocess`` added by training) are ignored; mean/std come from the description
     since they are what the checkpoint was trained with.
     """
     num_classes = int(desc.get("num_classes", NUM_CLASSES))
