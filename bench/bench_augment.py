@@ -3,9 +3,12 @@
     python bench/bench_augment.py --out reports/bench/bench_augment.json [--n 200 --size 160]
 
 Images are synthetic (gradients, discs, noise) at ``size`` x ``size``. Throughputs are images per
-second of one process unless named otherwise. The diffusion numbers use the tiny RANDOM-weight
-pipeline (64 px native, a few hundred kB): they time the diffusers code path, not Stable Diffusion
-1.5 at 512 px, which is orders of magnitude slower and belongs on a GPU.
+second of one process unless named otherwise. The whole-stage timing reads a stage-1 image store (one
+lossless PNG shard written with ``dfpipe.data.store.write_png_shard``, a manifest and ``store.json``),
+checks that the process pool writes the same stage-2 store as one process (its ``aug-*.bin`` shards
+and ``aug-*.idx.npy`` indices, byte for byte) and gives both stores' sizes. The diffusion numbers use
+the tiny RANDOM-weight pipeline (64 px native, a few hundred kB): they time the diffusers code path,
+not Stable Diffusion 1.5 at 512 px, which is orders of magnitude slower and belongs on a GPU.
 """
 
 from __future__ import annotations
@@ -72,22 +75,46 @@ def bench_editing(images: list[np.ndarray], n: int) -> dict:
 
 
 def prepared_dir(root: Path, images: list[np.ndarray]) -> Path:
-    """A stage-1 style prepared dir whose train split is ``images``, all real."""
+    """A stage-1 image store whose train split is ``images``, all real: one PNG shard, manifest, store.json."""
+    from dfpipe.data.preprocess import Stage1
+    from dfpipe.data.store import shard_name, write_png_shard, write_store_record
+
     root.mkdir(parents=True)
-    np.save(root / "train.npy", np.stack(images))
-    pd.DataFrame({"uid": [f"train/{i:05d}.jpg" for i in range(len(images))], "split": "train", "label": 0,
-                  "cache_file": "train.npy", "cache_index": range(len(images))}).to_csv(root / "manifest.csv",
-                                                                                         index=False)
+    shard = shard_name("train", 0)
+    index = write_png_shard(root / shard, images)
+    pd.DataFrame({"uid": [f"train/{i:05d}.jpg" for i in range(len(images))],
+                  "img_name": [f"{i:05d}.jpg" for i in range(len(images))], "split": "train", "label": 0,
+                  "path": "", "cache_file": shard, "cache_index": index,
+                  "orig_w": [im.shape[1] for im in images], "orig_h": [im.shape[0] for im in images],
+                  "error": ""}).to_csv(root / "manifest.csv", index=False)
+    write_store_record(root, Stage1())
     return root
 
 
+def shard_files(folder: Path) -> list[Path]:
+    """The store's shards and their indices, by name."""
+    from dfpipe.data.store import INDEX_SUFFIX, SHARD_SUFFIX
+
+    return sorted([*folder.glob(f"*{SHARD_SUFFIX}"), *folder.glob(f"*{INDEX_SUFFIX}")])
+
+
+def same_store(a: Path, b: Path) -> bool:
+    """The two stage-2 outputs hold the same shard files with the same bytes."""
+    fa, fb = shard_files(a), shard_files(b)
+    return bool(fa) and [f.name for f in fa] == [f.name for f in fb] and \
+        all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
+
+
 def bench_stage(images: list[np.ndarray], tmp: Path) -> dict:
-    """The whole stage (plan, generate, work files, merge, manifest, contact sheet): 1 fake per real, all
-    six methods, 0.5 widened reals per real; in-process and with the process pool (workers = 0)."""
+    """The whole stage (plan, generate, work files, merge into the stage-2 store, manifest, contact sheet):
+    1 fake per real, all six methods, 0.5 widened reals per real; in-process and with the process pool
+    (workers = 0). Also the bytes of the prepared store and of the stage-2 store it writes."""
+    from dfpipe.data.store import SHARD_SUFFIX, store_bytes_on_disk
+
     prep = prepared_dir(tmp / "prepared", images)
     n_images = len(images) + int(round(0.5 * len(images)))
     out = {}
-    cores = n_workers(0, 10**9)
+    cores = max(2, n_workers(0, 10**9))  # 2 processes at least, so the identity check means something
     for workers in (1, cores):
         cfg = AugmentConfig(prepared_dir=str(prep), out_dir=str(tmp / f"aug_{workers}"), seed=0, fakes_per_real=1.0,
                             methods={m: 1.0 for m in METHODS}, real_widening=0.5, workers=workers)
@@ -99,8 +126,13 @@ def bench_stage(images: list[np.ndarray], tmp: Path) -> dict:
             stage.MIN_JOBS_PER_WORKER = saved
     out["note"] = (f"the stage uses the pool only from {stage.MIN_JOBS_PER_WORKER} images per process on; "
                    "pool times include spawning the processes")
-    same = (tmp / "aug_1" / "images.npy").read_bytes() == (tmp / f"aug_{cores}" / "images.npy").read_bytes()
-    out["pool_output_identical"] = same
+    out["pool_output_identical"] = same_store(tmp / "aug_1", tmp / f"aug_{cores}")
+    aug = tmp / "aug_1"
+    out["prepared_store_bytes"] = store_bytes_on_disk(prep)
+    out["output_store_bytes"] = store_bytes_on_disk(aug)
+    out["output_shards"] = len(list(aug.glob(f"*{SHARD_SUFFIX}")))
+    out["output_images"] = int(len(pd.read_csv(aug / "manifest.csv")))
+    out["output_bytes_per_image"] = round(out["output_store_bytes"] / max(out["output_images"], 1), 1)
     return out
 
 

@@ -1,11 +1,14 @@
 """Benchmark stage 3 (cluster_split) on CPU: embedding, clustering and fine-tune time and peak memory.
 
-    python bench/bench_split.py --out bench_split.json [--n 20000 --size 64 --k 12]
+    python bench/bench_split.py --out bench_split.json [--n 20000 --size 64 --k 12 --store-size 64]
 
-Builds a uint8 cache of N cheap procedural images (``np.lib.format.open_memmap``, in a temp dir) and
-streams their features (tf_efficientnet_lite0, bundled weights, at --size px) batch by batch into a
-float16 ``.npy`` memmap with ``dfpipe.split.embed.embed_to_file``, as stage 3 does (``--embed-in-memory``
-also times the in-memory ``embed_pool``). On the memmap it then times every k-means path of
+Writes N cheap procedural images (--store-size px, default --size) as a stage-1 image store in a temp
+dir (lossless PNG shards of --shard-images images with ``dfpipe.data.store.write_png_shard``, a manifest
+and ``store.json``; ``make_cache`` times it and gives the store's bytes), reads the pool back with
+``dfpipe.data.samples.load_pool`` as stage 3 does, and streams its features (tf_efficientnet_lite0,
+bundled weights, each stored image decoded and resized to --size px by ``StoreDataset``) batch by batch
+into a float16 ``.npy`` memmap with ``dfpipe.split.embed.embed_to_file`` (``--embed-in-memory`` also
+times the in-memory ``embed_pool``). On the memmap it then times every k-means path of
 ``dfpipe.split.kmeans``: in-memory ``KMeans`` (n_init 4, what stage 3 uses up to ``minibatch_above``
 rows), the chunked ``MiniBatchKMeans.partial_fit`` path (what it uses above), and ``torch_kmeans`` on
 CPU (and on CUDA when present), with their agreement (adjusted Rand index) with ``KMeans``; then
@@ -63,25 +66,39 @@ class RssPeak:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def make_cache(path: Path, n: int, size: int, seed: int = 0) -> None:
-    """N procedural RGB images (gradients, stripes, a square, noise) into a .npy memmap, in chunks."""
-    rng = np.random.default_rng(seed)
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+def procedural(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
+    """(m, size, size, 3) uint8 procedural RGB images (gradients, stripes, a square, noise)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    chunk = 1024
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        freq = rng.uniform(1, 8, (m, 1, 1, 3)).astype(np.float32)
-        phase = rng.uniform(0, 6.3, (m, 1, 1, 3)).astype(np.float32)
-        img = 127 + 100 * np.sin(freq * (xx[None, :, :, None] + yy[None, :, :, None] * rng.uniform(-1, 1)) * 6.3
-                                 + phase)
-        for i in range(m):
-            x0, y0 = rng.integers(0, size // 2, 2)
-            img[i, y0:y0 + size // 3, x0:x0 + size // 3] = rng.uniform(0, 255, 3)
-        img += rng.normal(0, 8, img.shape).astype(np.float32)
-        arr[s:s + m] = np.clip(img, 0, 255).astype(np.uint8)
-    arr.flush()
-    del arr
+    freq = rng.uniform(1, 8, (m, 1, 1, 3)).astype(np.float32)
+    phase = rng.uniform(0, 6.3, (m, 1, 1, 3)).astype(np.float32)
+    img = 127 + 100 * np.sin(freq * (xx[None, :, :, None] + yy[None, :, :, None] * rng.uniform(-1, 1)) * 6.3
+                             + phase)
+    for i in range(m):
+        x0, y0 = rng.integers(0, size // 2, 2)
+        img[i, y0:y0 + size // 3, x0:x0 + size // 3] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_store(folder: Path, n: int, size: int, shard_images: int = 1024, seed: int = 0) -> dict:
+    """A stage-1 image store of N procedural images in ``folder`` (all split ``train``): PNG shards of
+    ``shard_images`` images (generated one shard at a time), ``manifest.csv`` and ``store.json``."""
+    from dfpipe.data.preprocess import Stage1
+    from dfpipe.data.store import shard_name, store_bytes_on_disk, write_png_shard, write_store_record
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files, index = [], []
+    for k, s in enumerate(range(0, n, shard_images)):
+        shard = shard_name("train", k)
+        index += write_png_shard(folder / shard, procedural(rng, min(shard_images, n - s), size))
+        files += [shard] * (len(index) - len(files))
+    pd.DataFrame({"uid": [f"train/{i}.png" for i in range(n)], "img_name": [f"{i}.png" for i in range(n)],
+                  "split": "train", "label": np.arange(n) % 2, "path": "", "cache_file": files,
+                  "cache_index": index, "orig_w": size, "orig_h": size, "error": ""}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    write_store_record(folder, Stage1())
+    return {"n_shards": len(set(files)), "store_bytes": store_bytes_on_disk(folder)}
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, dict]:
@@ -93,14 +110,18 @@ def timed(fn, *args, **kwargs) -> tuple[object, dict]:
 
 
 def bench_embedding(args, tmp: Path, result: dict) -> Path:
-    """Cache, streamed (and optionally in-memory) embedding; returns the features file."""
+    """Store, streamed (and optionally in-memory) embedding; returns the features file."""
+    from dfpipe.data.samples import load_pool
     from dfpipe.split.embed import embed_pool, embed_to_file, load_backbone
 
-    cache, feats_path = tmp / "train.npy", tmp / "features.npy"
-    _, result["make_cache"] = timed(make_cache, cache, args.n, args.size)
-    result["make_cache"]["cache_mb"] = round(cache.stat().st_size / 2**20, 1)
-    pool = pd.DataFrame({"uid": [f"train/{i}.png" for i in range(args.n)], "label": np.arange(args.n) % 2,
-                         "origin": "train", "cache_path": str(cache), "cache_index": np.arange(args.n)})
+    store, feats_path = tmp / "prepared", tmp / "features.npy"
+    info, result["make_cache"] = timed(make_store, store, args.n, args.store_size, args.shard_images)
+    result["make_cache"] |= {"cache_mb": round(info["store_bytes"] / 2**20, 1), "store_bytes": info["store_bytes"],
+                             "store_bytes_per_image": round(info["store_bytes"] / args.n, 1),
+                             "raw_uint8_bytes": args.n * args.store_size ** 2 * 3, "n_shards": info["n_shards"],
+                             "images_per_s": round(args.n / max(result["make_cache"]["seconds"], 1e-9), 1)}
+    print(f"store: {result['make_cache']['seconds']:.1f}s, {result['make_cache']['cache_mb']} MB", flush=True)
+    pool = load_pool(store)  # as stage 3: every train/val image of the manifest, with its shard path
     model = load_backbone(args.backbone, "bundled")
     (_, dim), r = timed(embed_to_file, pool, model, args.size, args.batch_size, feats_path, workers=0)
     result["embed_stream"] = r | {"images_per_s": round(args.n / r["seconds"], 1), "dim": dim,
@@ -155,7 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--n", type=int, default=20000, help="images (default 20000)")
-    ap.add_argument("--size", type=int, default=64, help="cache and model input side, px (default 64)")
+    ap.add_argument("--size", type=int, default=64, help="model input side, px (default 64)")
+    ap.add_argument("--store-size", type=int, default=0,
+                    help="side of the stored images, px (default: --size; larger = decode + resize cost of native-size "
+                         "images)")
+    ap.add_argument("--shard-images", type=int, default=1024, help="images per store shard (default 1024)")
     ap.add_argument("--k", type=int, default=12, help="clusters (default 12, as params.yaml)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
@@ -164,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--finetune-n", type=int, default=512, help="images for one fine-tune epoch (0 = skip)")
     ap.add_argument("--k-candidates", default="4,6,8,12,16", help="for the silhouette timing; '' = skip")
     args = ap.parse_args(argv)
+    args.store_size = args.store_size or args.size
 
     import sklearn
     import torch
@@ -171,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     from dfpipe.split import cluster, kmeans
 
     result: dict = {
-        "n": args.n, "size": args.size, "k": args.k, "backbone": args.backbone, "batch_size": args.batch_size,
+        "n": args.n, "size": args.size, "store_size": args.store_size, "k": args.k, "backbone": args.backbone,
+        "batch_size": args.batch_size, "shard_images": args.shard_images,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
