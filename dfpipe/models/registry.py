@@ -98,8 +98,9 @@ class Expert(nn.Module):
         feat = self.features(x)  # (B, D), bf16 under CUDA autocast
         # The heads run in fp32 even under autocast: bf16 logits hold 8 significant bits, so a test set's
         # scores collapse to a few thousand distinct values and tie where TPR at FPR 1e-3 is read.
-        # Two small Linear layers: the cost is nil next to the backbone.
-        with torch.autocast(device_type=feat.device.type, enabled=False):
+        # Two small Linear layers: the cost is nil next to the backbone. Both device types are named as
+        # constants (not feat.device.type) so torch.fx can still trace the model (BatchNorm folding).
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             feat32 = feat.float()
             logits = self.head(feat32)  # (B, 2) fp32
             out = {"logits": logits, "prob": torch.softmax(logits, dim=1)[:, 1], "feat": feat}  # prob (B,)

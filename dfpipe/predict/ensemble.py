@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +22,10 @@ from ..errors import ConfigError, DataError
 from ..metrics import verdict
 from .combine import COMBINE, combine_scores
 from .experts import LoadedExpert, load_expert
+from .gpu_decode import DECODE_MODES, device_batches, device_refusal
 from .tta import TTA_VIEWS, View, parse_view
+
+log = logging.getLogger(__name__)
 
 CARD_FORMAT = 2  # 2: the preprocessing contract (stage1 + each expert's preprocess) replaces cache_size
 
@@ -181,28 +186,48 @@ class Ensemble:
 
     def score_files(self, paths: list[str | Path], batch_size: int = 64, workers: int = -1,
                     degrade: Callable[[np.ndarray], np.ndarray] | None = None,
+                    decode: Literal["workers", "device"] = "workers",
                     ) -> tuple[np.ndarray, list[tuple[str, str]]]:
         """Ensemble scores (N,) of image files, decoded in ``workers`` DataLoader processes (-1 = auto).
 
         A file that fails to decode scores NaN (the caller picks a fallback) and is listed in the
         returned ``[(path, error)]``. ``degrade`` is passed to :class:`FileDataset`.
+
+        ``decode="device"`` (opt-in) has the workers only read the files and decodes the JPEGs that allow
+        it on ``self.device`` (nvJPEG on CUDA), resizing there too (:mod:`dfpipe.predict.gpu_decode`);
+        other files, and every file of a face-crop ensemble or under ``degrade``, go through the workers
+        path. Its pixels may differ from the contract's by decoder (IDCT, chroma upsampling) and resize
+        filter rounding, hence opt-in: see that module for the measured differences.
         """
+        if decode not in DECODE_MODES:
+            raise ConfigError(f"decode {decode!r}: choose one of {list(DECODE_MODES)}")
         ds = FileDataset(paths, self.stage1, self.policies, degrade=degrade)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers(workers),
-                            pin_memory=self.device.type == "cuda")
+        if decode == "device" and (why := device_refusal(self.stage1, degrade)):
+            log.warning("decode='device': decoding in the DataLoader workers instead: %s", why)
+            decode = "workers"
+        batches = (device_batches(ds, self.device, batch_size, workers) if decode == "device"
+                   else self._worker_batches(ds, batch_size, workers))
         per_expert = np.full((len(self.experts), len(ds)), np.nan)
         errors: list[tuple[str, str]] = []
-        for x, idx, err in loader:
-            ok = np.array([e == "" for e in err])
-            errors += [(ds.paths[int(i)], e) for i, e in zip(idx, err) if e]
-            if ok.any():
-                keep = torch.from_numpy(ok)
-                per_expert[:, idx.numpy()[ok]] = self.score_batch({k: v[keep] for k, v in x.items()})
+        for idx, x, err in batches:
+            errors += [(ds.paths[i], e) for i, e in err]
+            if len(idx):
+                per_expert[:, idx] = self.score_batch(x)
         scores = np.full(len(ds), np.nan)
         good = ~np.isnan(per_expert[0])
         if good.any():
             scores[good] = self.combine_experts(per_expert[:, good])
         return scores, errors
+
+    def _worker_batches(self, ds: FileDataset, batch_size: int, workers: int,
+                        ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], list[tuple[int, str]]]]:
+        """``(indices, {policy key: uint8 batch}, [(index, error)])`` per batch, all decoded in the workers."""
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers(workers),
+                            pin_memory=self.device.type == "cuda")
+        for x, idx, err in loader:
+            ok = np.array([e == "" for e in err])
+            keep = torch.from_numpy(ok)
+            yield idx.numpy()[ok], {k: v[keep] for k, v in x.items()}, [(int(i), e) for i, e in zip(idx, err) if e]
 
     def verdict(self, score: float) -> str:
         if self.thresholds is None:
