@@ -14,7 +14,8 @@ from conftest import photo_like, write_jpeg
 from dfpipe.augment import output, pipeline
 from dfpipe.augment import run as run_augment
 from dfpipe.augment.dist import Dist
-from dfpipe.augment.editing import METHODS, NEEDS_DONOR, get_method
+from dfpipe.augment import editing
+from dfpipe.augment.editing import MASK_GRID, METHODS, NEEDS_DONOR, get_method, region_mask
 from dfpipe.augment.generate import regenerate
 from dfpipe.augment.output import MANIFEST_COLUMNS
 from dfpipe.augment.pipeline import n_workers
@@ -130,6 +131,88 @@ def test_inputs_are_not_modified_and_bad_input_is_rejected(pair):
         METHODS["self_blend"](img.astype(np.float32), np.random.default_rng(0), None)
     with pytest.raises(ValueError, match="self_blend"):
         get_method("nope")
+
+
+# --------------------------------------------------------------------------- native-resolution masks
+MASK_KINDS = [dict(face=True), dict(scale=(0.12, 0.25)), dict(scale=(0.1, 0.22), soft=False)]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS, ids=["face", "blob", "hard"])
+def test_region_mask_on_the_grid_matches_drawing_at_full_size(kind):
+    """At 2000x1500 the mask is drawn on a MASK_GRID grid and resized: it equals, up to resampling, the
+    same region drawn directly at 2000x1500 (grid=None: same random draws, full-size kernels)."""
+    h, w = 1500, 2000
+    for seed in (0,) if kind.get("face") else (0, 1):  # a hull and an ellipse for the non-face kinds
+        a, pa = region_mask(h, w, np.random.default_rng(seed), **kind)
+        b, pb = region_mask(h, w, np.random.default_rng(seed), grid=None, **kind)
+        assert pa == pb
+        assert a.shape == (h, w) and a.dtype == np.float32 and a.min() == 0.0 and a.max() == 1.0
+        np.testing.assert_array_equal(np.round(a * 255).astype(np.uint8) / np.float32(255), a)  # 8-bit levels
+        assert np.abs(a - b).mean() < 0.01 and iou(a, b) > 0.95, (seed, kind)
+        if not kind.get("soft", True):  # a hard mask stays hard: an edge about a pixel wide, not a grid pixel
+            edge = lambda m: int(((m > 0) & (m < 1)).sum())  # noqa: E731
+            assert edge(a) < 2 * edge(b), (edge(a), edge(b))
+
+
+def test_region_mask_shape_does_not_depend_on_resolution():
+    """Params are relative and the random draws do not depend on the size: one seed gives one region."""
+    for seed in range(4):
+        for kind in MASK_KINDS:
+            big, p_big = region_mask(1500, 2000, np.random.default_rng(seed), **kind)
+            small, p_small = region_mask(375, 500, np.random.default_rng(seed), **kind)
+            assert {k: p_big[k] for k in ("shape", "cx", "cy", "ax", "ay", "angle")} == \
+                   {k: p_small[k] for k in ("shape", "cx", "cy", "ax", "ay", "angle")}
+            down = cv2.resize(big, (500, 375), interpolation=cv2.INTER_AREA)
+            assert np.abs(down - small).mean() < 0.02 and iou(down, small) > 0.9, (seed, kind)
+
+
+def test_small_images_are_drawn_directly():
+    """Up to MASK_GRID pixels a side the grid is the image itself: the same bytes as grid=None."""
+    for h, w in [(64, 64), (48, 80), (MASK_GRID, MASK_GRID - 56)]:
+        for seed in range(3):
+            for kind in MASK_KINDS:
+                a = region_mask(h, w, np.random.default_rng(seed), **kind)
+                b = region_mask(h, w, np.random.default_rng(seed), grid=None, **kind)
+                assert a[0].tobytes() == b[0].tobytes() and a[1] == b[1]
+
+
+def test_methods_at_native_resolution_do_bounded_work(monkeypatch):
+    """One fake of each method at 2048x1536: masks keep their contract, and no size-dependent kernel
+    runs at full size (the cost used to grow with the side: blurs of sigma ~ 5-12 % of the side on the
+    whole image, 2.7 s a mask). Blurs with a large kernel and the elastic remap only see the mask grid;
+    full-size blurs are the fixed 0.5-1.5 px filters. Timings: bench/bench_editing.py."""
+    calls = {"blur": [], "remap": []}
+    blur, remap = cv2.GaussianBlur, cv2.remap
+
+    def rec_blur(x, ksize, *a, **k):
+        calls["blur"].append((x.shape[:2], ksize))
+        return blur(x, ksize, *a, **k)
+
+    def rec_remap(x, *a, **k):
+        calls["remap"].append(x.shape[:2])
+        return remap(x, *a, **k)
+
+    monkeypatch.setattr(editing.cv2, "GaussianBlur", rec_blur)
+    monkeypatch.setattr(editing.cv2, "remap", rec_remap)
+    rng = np.random.default_rng(3)
+    img = cv2.resize(photo_like(rng, 96, 128), (2048, 1536), interpolation=cv2.INTER_LINEAR)
+    donor = cv2.resize(photo_like(rng, 96, 128), (2048, 1536), interpolation=cv2.INTER_LINEAR)
+    for name in ALL_METHODS:
+        fake, mask, _ = call(name, img, donor, 1)
+        assert fake.shape == img.shape and mask.shape == (1536, 2048) and mask.dtype == np.float32
+        assert 0.0 <= mask.min() and mask.max() <= 1.0 and 0.01 < (mask > 0).mean() < 0.95
+        np.testing.assert_array_equal(fake[mask == 0], img[mask == 0])
+    assert calls["remap"] and all(max(s) <= MASK_GRID for s in calls["remap"])
+    assert calls["blur"]
+    for shape, (kx, ky) in calls["blur"]:
+        assert max(shape) <= MASK_GRID or max(kx, ky) <= 9, (shape, kx, ky)
+    # the grid's kernels are bounded too: sigma <= 12 % of the grid's side
+    assert max(max(k) for _, k in calls["blur"]) <= 6 * 0.12 * MASK_GRID + 2
 
 
 # --------------------------------------------------------------------------- real widening

@@ -40,20 +40,57 @@ def _f(x: float) -> float:
 
 def _quantise_mask(mask: np.ndarray) -> np.ndarray:
     """Round to 8-bit levels so the saved PNG equals the mask used for blending."""
-    return (np.round(np.clip(mask, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    q = np.clip(mask, 0.0, 1.0).astype(np.float32, copy=False)
+    q *= 255.0
+    np.round(q, out=q)
+    q /= 255.0
+    return q
 
 
-def _blend(img: np.ndarray, src: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``mask * src + (1 - mask) * img``; pixels with mask == 0 are copied, not recomputed."""
-    m = mask[..., None]
-    out = np.clip(np.round(src.astype(np.float32) * m + img.astype(np.float32) * (1.0 - m)), 0, 255)
-    return np.where(m > 0, out.astype(np.uint8), img)
+Box = tuple[slice, slice]
+
+
+def _box(mask: np.ndarray, pad: int = 0) -> Box:
+    """(rows, cols) slices of the bounding box of ``mask > 0`` grown by ``pad`` (clipped to the image).
+
+    Everything a method changes lies in this box, so the per-pixel work after the mask is drawn is
+    done there only: its cost follows the region, not the whole (possibly 12 MP) image.
+    """
+    x, y, bw, bh = cv2.boundingRect((mask > 0).view(np.uint8))
+    if bw == 0:
+        return slice(0, 0), slice(0, 0)
+    h, w = mask.shape
+    return slice(max(0, y - pad), min(h, y + bh + pad)), slice(max(0, x - pad), min(w, x + bw + pad))
+
+
+def _blend(img: np.ndarray, src: np.ndarray, mask: np.ndarray, box: Box | None = None) -> np.ndarray:
+    """``mask * src + (1 - mask) * img``; pixels with mask == 0 are copied, not recomputed.
+
+    ``src`` is of the image's size, or (with ``box``) the crop ``box`` of it; ``box`` must hold every
+    pixel with ``mask > 0``.
+    """
+    if box is None:
+        box = _box(mask)
+        src = src[box]
+    out = img.copy()
+    m, base = mask[box][..., None], img[box]
+    # In place, few passes (the box can be most of a 12 MP image). Where m == 0 this is exactly
+    # base * 1 + src * 0 = base: the pixel is copied.
+    blended = src.astype(np.float32)
+    blended *= m
+    blended += base * (1.0 - m)
+    np.round(blended, out=blended)
+    np.clip(blended, 0, 255, out=blended)
+    out[box] = blended
+    return out
 
 
 def _finish(img: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Enforce the contract: untouched outside the mask, uint8, contiguous."""
-    fake = np.where(mask[..., None] > 0, fake, img)
-    return np.ascontiguousarray(fake, dtype=np.uint8), np.ascontiguousarray(mask, dtype=np.float32)
+    box = _box(mask)
+    out = img.copy()
+    out[box] = np.where(mask[box][..., None] > 0, fake[box], img[box])
+    return out, np.ascontiguousarray(mask, dtype=np.float32)
 
 
 def _check_image(img: np.ndarray) -> None:
@@ -67,18 +104,35 @@ def _odd(k: float) -> int:
 
 
 # --------------------------------------------------------------------------- masks
-def _elastic(mask: np.ndarray, rng: np.random.Generator, amplitude: float, smooth: float) -> np.ndarray:
-    """Deform ``mask`` by a smooth random displacement field (amplitude in pixels)."""
-    h, w = mask.shape
+# Region masks are drawn on a grid whose longer side is at most this many pixels, then resized to the
+# image (bilinear): the mask is smooth (elastic warp and blur scale with the image side), so a 3-4k
+# image gets the same shape as a 256 px one at a cost linear in its pixels instead of growing with the
+# blur kernels. Images no larger than the grid are drawn directly at their own size.
+MASK_GRID = 256
+# Fractional bits of the coordinates the shapes are drawn with on a reduced grid (sub-pixel accuracy).
+_SHIFT = 4
+# Shapes on a reduced grid are filled at this many times its resolution, then area-averaged (see below).
+_SUPERSAMPLE = 4
+
+
+def _field(rng: np.random.Generator, h: int, w: int, smooth: float, amplitude: float) -> np.ndarray:
+    """(2, h, w) smooth random displacement field (x, y) whose largest magnitude is ``amplitude``."""
     field = rng.uniform(-1.0, 1.0, size=(2, h, w)).astype(np.float32)
     k = _odd(6 * smooth)
-    dx = cv2.GaussianBlur(field[0], (k, k), smooth)
-    dy = cv2.GaussianBlur(field[1], (k, k), smooth)
-    # Normalise the blurred noise (its scale shrinks with the blur) so amplitude means pixels.
-    dx *= amplitude / (np.abs(dx).max() + 1e-6)
-    dy *= amplitude / (np.abs(dy).max() + 1e-6)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    return cv2.remap(mask, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = np.empty_like(field)
+    for c in range(2):
+        out[c] = cv2.GaussianBlur(field[c], (k, k), smooth)
+        # Normalise the blurred noise (its scale shrinks with the blur) so the amplitude means pixels.
+        out[c] *= amplitude / (np.abs(out[c]).max() + 1e-6)
+    return out
+
+
+def _grid_shape(h: int, w: int, side: int | None) -> tuple[int, int, float]:
+    """(rows, cols, scale) of the grid with longer side at most ``side`` (None: the image itself)."""
+    if side is None or max(h, w) <= side:
+        return h, w, 1.0
+    s = side / max(h, w)
+    return max(1, int(round(h * s))), max(1, int(round(w * s))), s
 
 
 def region_mask(
@@ -89,12 +143,21 @@ def region_mask(
     face: bool = False,
     scale: tuple[float, float] = (0.15, 0.35),
     soft: bool = True,
+    grid: int | None = MASK_GRID,
 ) -> tuple[np.ndarray, dict]:
     """A random blob (ellipse or convex hull), elastic-deformed and (if ``soft``) Gaussian-blurred.
 
     ``face=True`` gives a face-shaped vertical ellipse near the centre: cached images are face crops
     and no face box is known, so the centre is the best guess for where a swap would land.
-    Returns the float32 mask (max 1) and what was sampled.
+    Returns the (h, w) float32 mask (max 1) and what was sampled (positions relative to the image,
+    lengths in pixels of the image).
+
+    The shape, the elastic warp and the blur are drawn on a grid whose longer side is at most ``grid``
+    pixels (:data:`MASK_GRID`) and the result is resized to (h, w); ``grid=None`` draws at (h, w)
+    itself (slow for large images: the blur kernels grow with the side; used to test the reduced
+    grid). The random numbers drawn, and so the region, do not depend on ``grid``: the displacement
+    field's noise is always drawn on the :data:`MASK_GRID` grid. Images whose longer side is at most
+    :data:`MASK_GRID` are drawn at their own size either way.
     """
     side = float(min(h, w))
     if face:
@@ -109,25 +172,69 @@ def region_mask(
         ax, ay = r * aspect, r / aspect
         shape = "ellipse" if rng.random() < 0.6 else "hull"
     angle = rng.uniform(-15, 15) if face else rng.uniform(0, 180)
-    canvas = np.zeros((h, w), np.float32)
+    # Draw on the (gh, gw) grid. A pixel centre x of the image is at (x + 0.5) * gw / w - 0.5 on the
+    # grid (the mapping cv2.resize uses to bring the grid back to the image). On a reduced grid the
+    # shape is filled without anti-aliasing at _SUPERSAMPLE times the grid's resolution and
+    # area-averaged down: OpenCV's anti-aliased fill grows a shape by about half a pixel, which would be
+    # half a *grid* pixel (several image pixels) here. Images no larger than the grid are drawn as they
+    # always were (anti-aliased, integer coordinates).
+    gh, gw, s = _grid_shape(h, w, grid)
+    reduced = s != 1.0
+    sup = _SUPERSAMPLE if reduced else 1
+    bits = _SHIFT if reduced else 0
+    one = float(sup << bits)
+    to_grid = np.array([gw / w, gh / h])
+
+    def point(v: np.ndarray) -> np.ndarray:
+        """Image (x, y) points -> fixed-point points of the (supersampled) drawing canvas."""
+        v = np.asarray(v, np.float64)
+        if reduced:  # pixel centres of the supersampled canvas: (x_grid + 0.5) * sup - 0.5
+            v = (((v + 0.5) * to_grid - 0.5) + 0.5) * sup - 0.5
+        return np.round(v * (1 << bits)).astype(np.int32)
+
+    def length(v: float) -> int:
+        return max(1, int(round(v * s * one)))
+
+    canvas = np.zeros((gh * sup, gw * sup), np.float32)
+    line = cv2.LINE_8 if reduced else cv2.LINE_AA
     if shape == "hull":
         # Random points in the ellipse's box; their hull is an irregular convex polygon.
         pts = np.stack([cx + ax * rng.uniform(-1, 1, 12), cy + ay * rng.uniform(-1, 1, 12)], axis=1)
-        hull = cv2.convexHull(np.round(pts).astype(np.int32))
-        cv2.fillConvexPoly(canvas, hull, 1.0, lineType=cv2.LINE_AA)
+        hull = cv2.convexHull(point(pts))
+        cv2.fillConvexPoly(canvas, hull, 1.0, lineType=line, shift=bits)
     else:
-        cv2.ellipse(canvas, (int(round(cx)), int(round(cy))), (max(1, int(round(ax))), max(1, int(round(ay)))),
-                    angle, 0, 360, 1.0, -1, lineType=cv2.LINE_AA)
+        c = point([cx, cy])
+        cv2.ellipse(canvas, (int(c[0]), int(c[1])), (length(ax), length(ay)), angle, 0, 360, 1.0, -1,
+                    lineType=line, shift=bits)
+    if reduced:
+        canvas = cv2.resize(canvas, (gw, gh), interpolation=cv2.INTER_AREA)
     amp = side * rng.uniform(0.02, 0.06)
-    canvas = _elastic(canvas, rng, amplitude=amp, smooth=side * rng.uniform(0.05, 0.12))
+    smooth = side * rng.uniform(0.05, 0.12)
+    # The noise always lives on the MASK_GRID grid (random draws independent of `grid`); it is blurred
+    # there and resized to the drawing grid when that differs (it is smooth: sigma >= 5 % of the side).
+    fh, fw, fs = _grid_shape(h, w, MASK_GRID)
+    field = _field(rng, fh, fw, smooth * fs, amplitude=amp * s)  # displacements in drawing-grid pixels
+    if (fh, fw) != (gh, gw):
+        field = np.stack([cv2.resize(f, (gw, gh), interpolation=cv2.INTER_LINEAR) for f in field])
+    yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+    canvas = cv2.remap(canvas, xx + field[0], yy + field[1], cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     params = {"shape": shape, "cx": _f(cx / w), "cy": _f(cy / h), "ax": _f(ax / w), "ay": _f(ay / h),
               "angle": _f(angle), "elastic_px": _f(amp)}
     if soft:
         sigma = side * rng.uniform(0.02, 0.06)
-        k = _odd(6 * sigma)
-        canvas = cv2.GaussianBlur(canvas, (k, k), sigma)
+        k = _odd(6 * sigma * s)
+        canvas = cv2.GaussianBlur(canvas, (k, k), sigma * s)
         canvas /= max(float(canvas.max()), 1e-6)
         params["blur_sigma_px"] = _f(sigma)
+    if (gh, gw) != (h, w):
+        canvas = cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
+        if not soft:
+            # Bilinear resizing spreads the grid's one-pixel anti-aliased edge over 1/s image pixels:
+            # steepen it back to about one image pixel (a hard mask stays hard).
+            canvas -= 0.5
+            canvas *= 1.0 / s
+            canvas += 0.5
     canvas[canvas < _MASK_EPS] = 0.0
     return _quantise_mask(canvas), params
 
@@ -139,19 +246,24 @@ def _binary(mask: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- photometric helpers
 def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> tuple[np.ndarray, dict]:
     """Brightness/contrast, per-channel shift and saturation change (float32 result, 0-255)."""
-    x = img.astype(np.float32)
     sign = rng.choice([-1.0, 1.0])
-    brightness = sign * rng.uniform(0.03, 0.12) * strength  # never 0: the copy must differ
-    contrast = rng.uniform(-0.12, 0.12) * strength
+    brightness = float(sign * rng.uniform(0.03, 0.12) * strength)  # never 0: the copy must differ
+    contrast = float(rng.uniform(-0.12, 0.12) * strength)
     shift = rng.uniform(-12, 12, size=3).astype(np.float32) * strength
-    sat = rng.uniform(-0.2, 0.2) * strength
-    mean = x.mean(axis=(0, 1), keepdims=True)
-    x = (x - mean) * (1.0 + contrast) + mean + 255.0 * brightness + shift
-    gray = x.mean(axis=2, keepdims=True)
-    x = gray + (x - gray) * (1.0 + sat)
+    sat = float(rng.uniform(-0.2, 0.2) * strength)
+    # y = (x - mean) * (1 + contrast) + mean + 255 * brightness + shift, then the saturation change
+    # z = gray(y) + (y - gray(y)) * (1 + sat): both linear in the pixel, so one 3x4 colour matrix.
+    mean = np.asarray(cv2.mean(img)[:3], np.float64)
+    t = mean * -contrast + 255.0 * brightness + shift.astype(np.float64)
+    ones = np.full((3, 3), 1.0 / 3.0)
+    m = np.empty((3, 4))
+    m[:, :3] = (1.0 + contrast) * ((1.0 + sat) * np.eye(3) - sat * ones)
+    m[:, 3] = (1.0 + sat) * t - sat * t.mean()
+    x = cv2.transform(img.astype(np.float32), m)
+    np.clip(x, 0, 255, out=x)
     params = {"brightness": _f(brightness), "contrast": _f(contrast), "shift": [_f(s) for s in shift],
               "saturation": _f(sat)}
-    return np.clip(x, 0, 255), params
+    return x, params
 
 
 def blur_or_sharpen(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -162,14 +274,15 @@ def blur_or_sharpen(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     if rng.random() < 0.5:
         return soft, {"filter": "blur", "sigma": _f(sigma)}
     amount = rng.uniform(0.5, 1.5)
-    return np.clip(x + amount * (x - soft), 0, 255), {"filter": "sharpen", "sigma": _f(sigma), "amount": _f(amount)}
+    sharp = cv2.addWeighted(x, 1.0 + amount, soft, -amount, 0.0)  # x + amount * (x - soft)
+    np.clip(sharp, 0, 255, out=sharp)
+    return sharp, {"filter": "sharpen", "sigma": _f(sigma), "amount": _f(amount)}
 
 
-def _affine(x: np.ndarray, rng: np.random.Generator, max_shift: float, scale: tuple[float, float],
-            max_rot: float = 0.0, center: tuple[float, float] | None = None,
-            shift: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
-    """Slight scale/rotation about ``center`` plus a translation; borders reflect."""
-    h, w = x.shape[:2]
+def _affine_matrix(h: int, w: int, rng: np.random.Generator, max_shift: float, scale: tuple[float, float],
+                   max_rot: float = 0.0, center: tuple[float, float] | None = None,
+                   shift: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
+    """A slight scale/rotation about ``center`` plus a translation, as a 2x3 matrix, and its params."""
     s = rng.uniform(*scale)
     rot = rng.uniform(-max_rot, max_rot) if max_rot else 0.0
     if shift is None:
@@ -177,19 +290,50 @@ def _affine(x: np.ndarray, rng: np.random.Generator, max_shift: float, scale: tu
     c = center if center is not None else (w / 2.0, h / 2.0)
     m = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), rot, s)
     m[:, 2] += np.asarray(shift, dtype=np.float64)
-    out = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return out, {"scale": _f(s), "rotation": _f(rot), "dx": _f(shift[0]), "dy": _f(shift[1])}
+    return m, {"scale": _f(s), "rotation": _f(rot), "dx": _f(shift[0]), "dy": _f(shift[1])}
+
+
+def _warp(x: np.ndarray, m: np.ndarray, box: Box | None = None) -> np.ndarray:
+    """``x`` warped by the affine ``m`` (borders reflect); with ``box``, only that crop of the result."""
+    h, w = x.shape[:2]
+    if box is None:
+        box = slice(0, h), slice(0, w)
+    rows, cols = box
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        return x[box]
+    m = m.copy()
+    m[:, 2] -= (cols.start, rows.start)  # output pixel (0, 0) is the box's corner
+    return cv2.warpAffine(x, m, (cols.stop - cols.start, rows.stop - rows.start), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _affine(x: np.ndarray, rng: np.random.Generator, max_shift: float, scale: tuple[float, float],
+            max_rot: float = 0.0, center: tuple[float, float] | None = None,
+            shift: tuple[float, float] | None = None, box: Box | None = None) -> tuple[np.ndarray, dict]:
+    """Slight scale/rotation about ``center`` plus a translation; borders reflect (only ``box`` if given)."""
+    m, params = _affine_matrix(x.shape[0], x.shape[1], rng, max_shift, scale, max_rot, center, shift)
+    return _warp(x, m, box), params
 
 
 def lab_transfer(src: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Match the LAB mean/std of ``src`` to ``ref`` inside ``mask`` (Reinhard colour transfer)."""
-    sel = mask > 0
-    src_lab = cv2.cvtColor(src, cv2.COLOR_RGB2LAB).astype(np.float32)
-    ref_lab = cv2.cvtColor(ref, cv2.COLOR_RGB2LAB).astype(np.float32)
-    s_mu, s_sd = src_lab[sel].mean(axis=0), src_lab[sel].std(axis=0) + 1e-3
-    r_mu, r_sd = ref_lab[sel].mean(axis=0), ref_lab[sel].std(axis=0) + 1e-3
-    out = (src_lab - s_mu) * (r_sd / s_sd) + r_mu
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+    """Match the LAB mean/std of ``src`` to ``ref`` inside ``mask`` (Reinhard colour transfer).
+
+    Only the bounding box of ``mask > 0`` is converted; ``src`` is returned as it was outside it.
+    """
+    box = _box(mask)
+    out = src.copy()
+    sel = (mask[box] > 0).view(np.uint8)
+    if not sel.any():
+        return out
+    src_lab = cv2.cvtColor(np.ascontiguousarray(src[box]), cv2.COLOR_RGB2LAB)
+    ref_lab = cv2.cvtColor(np.ascontiguousarray(ref[box]), cv2.COLOR_RGB2LAB)
+    s_mu, s_sd = (v.ravel() for v in cv2.meanStdDev(src_lab, mask=sel))
+    r_mu, r_sd = (v.ravel() for v in cv2.meanStdDev(ref_lab, mask=sel))
+    gain = (r_sd + 1e-3) / (s_sd + 1e-3)
+    lab = src_lab.astype(np.float32) * gain.astype(np.float32) + (r_mu - s_mu * gain).astype(np.float32)
+    np.clip(lab, 0, 255, out=lab)
+    out[box] = cv2.cvtColor(lab.astype(np.uint8), cv2.COLOR_LAB2RGB)
+    return out
 
 
 def _fit(donor: np.ndarray | None, shape: tuple[int, ...], method: str) -> np.ndarray:
@@ -209,12 +353,13 @@ def self_blend(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | No
     h, w = img.shape[:2]
     src, p_col = color_jitter(img, rng)
     src, p_flt = blur_or_sharpen(src, rng)
-    src, p_aff = _affine(src, rng, max_shift=0.03, scale=(0.95, 1.05))
+    m_aff, p_aff = _affine_matrix(h, w, rng, max_shift=0.03, scale=(0.95, 1.05))
     mask, p_mask = region_mask(h, w, rng, face=True)
     # SBI samples the blend ratio with a bias towards full replacement.
     ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
     mask = _quantise_mask(mask * ratio)
-    fake, mask = _finish(img, _blend(img, src, mask), mask)
+    box = _box(mask)
+    fake, mask = _finish(img, _blend(img, _warp(src, m_aff, box), mask, box), mask)
     return fake, mask, {"color": p_col, "filter": p_flt, "affine": p_aff, "mask": p_mask, "blend_ratio": ratio}
 
 
@@ -225,11 +370,15 @@ def splice(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None
     h, w = img.shape[:2]
     donor = _fit(donor, img.shape, "splice")
     mask, p_mask = region_mask(h, w, rng, face=rng.random() < 0.5)
-    src, p_aff = _affine(donor, rng, max_shift=0.04, scale=(0.9, 1.1), max_rot=8.0)
-    src = lab_transfer(src, img, mask)
+    # The donor is warped and colour-matched in the mask's box only; the 2 extra pixels are the ring
+    # seamlessClone clears around the mask it is given (see below).
+    box = _box(mask, pad=2)
+    r0, c0 = box[0].start, box[1].start
+    src, p_aff = _affine(donor, rng, max_shift=0.04, scale=(0.9, 1.1), max_rot=8.0, box=box)
+    src = lab_transfer(src, img[box], mask[box])
     if rng.random() < 0.5:
         blend = "alpha"
-        fake = _blend(img, src, mask)
+        fake = _blend(img, src, mask, box)
     else:
         blend = "seamless"
         binary = (mask >= 0.5).astype(np.uint8) * 255
@@ -238,11 +387,16 @@ def splice(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None
         binary[:, :2] = binary[:, -2:] = 0
         x, y, bw, bh = cv2.boundingRect(binary)
         if bw < 3 or bh < 3:  # nothing left to clone: fall back to alpha blending
-            blend, fake = "alpha", _blend(img, src, mask)
+            blend, fake = "alpha", _blend(img, src, mask, box)
         else:
             center = (x + bw // 2, y + bh // 2)  # OpenCV places the ROI at center - size // 2
-            # seamlessClone writes into the mask it is given: pass a copy.
-            fake = cv2.seamlessClone(src, img, binary.copy(), center, cv2.NORMAL_CLONE)
+            # seamlessClone reads only the mask's bounding rectangle of the source, after clearing the
+            # outermost pixel ring of the mask: pass that rectangle grown by 2, which lies inside the
+            # image and the box (the binary mask is 0 within 2 pixels of the border and inside mask > 0).
+            # The result is the same as with the whole source. It writes into the mask: pass a copy.
+            ys, xs = slice(y - 2, y + bh + 2), slice(x - 2, x + bw + 2)
+            part = np.ascontiguousarray(src[ys.start - r0:ys.stop - r0, xs.start - c0:xs.stop - c0])
+            fake = cv2.seamlessClone(part, img, binary[ys, xs].copy(), center, cv2.NORMAL_CLONE)
             mask = binary.astype(np.float32) / 255.0
     fake, mask = _finish(img, fake, mask)
     return fake, mask, {"mask": p_mask, "affine": p_aff, "blend": blend, "color_transfer": "lab_mean_std"}
@@ -260,9 +414,10 @@ def copy_move(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | Non
     shift = (float(dist * np.cos(theta)), float(dist * np.sin(theta)))
     cx, cy = p_mask["cx"] * w, p_mask["cy"] * h
     # Warp so that the content at (centre - shift) lands on the masked destination region.
+    box = _box(mask)
     src, p_aff = _affine(img.astype(np.float32), rng, 0.0, (0.9, 1.1), max_rot=10.0,
-                         center=(cx - shift[0], cy - shift[1]), shift=shift)
-    fake, mask = _finish(img, _blend(img, src, mask), mask)
+                         center=(cx - shift[0], cy - shift[1]), shift=shift, box=box)
+    fake, mask = _finish(img, _blend(img, src, mask, box), mask)
     return fake, mask, {"mask": p_mask, "affine": p_aff}
 
 
@@ -276,7 +431,11 @@ def inpaint(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None 
     radius = int(rng.integers(2, 6))
     algo = "telea" if rng.random() < 0.5 else "ns"
     flag = cv2.INPAINT_TELEA if algo == "telea" else cv2.INPAINT_NS
-    fake = cv2.inpaint(img, (mask * 255).astype(np.uint8), radius, flag)
+    # Inpainting reads known pixels within `radius` of the region: the mask's box grown by more than
+    # that gives the same pixels as the whole image, at the cost of the region.
+    box = _box(mask, pad=radius + 2)
+    fake = img.copy()
+    fake[box] = cv2.inpaint(np.ascontiguousarray(img[box]), (mask[box] * 255).astype(np.uint8), radius, flag)
     fake, mask = _finish(img, fake, mask)
     return fake, mask, {"mask": p_mask, "radius": radius, "algorithm": algo}
 
