@@ -59,6 +59,20 @@ def test_scan_writes_a_row_per_image_with_scores_verdicts_and_errors(card, ref, 
     assert "3 scored" in capsys.readouterr().out
 
 
+def test_scan_decoding_on_the_device_gives_the_same_rows(card, folder, tmp_path):
+    """--decode device (batched torchvision decode; nvJPEG on a GPU, libjpeg-turbo here) scores plain JPEGs
+    as the workers do, and still reports the broken and empty files."""
+    a, b = tmp_path / "workers.csv", tmp_path / "device.csv"
+    assert main(["scan", str(folder), "--out", str(a), "--workers", "0", *card]) == 0
+    assert main(["scan", str(folder), "--out", str(b), "--workers", "0", "--decode", "device", *card]) == 0
+    ra, rb = ({r["path"]: r for r in _rows(x)} for x in (a, b))
+    assert sorted(ra) == sorted(rb)
+    for p in ra:
+        assert ra[p]["verdict"] == rb[p]["verdict"]
+        if ra[p]["score"]:
+            assert float(rb[p]["score"]) == pytest.approx(float(ra[p]["score"]), abs=1e-3)
+
+
 def test_scan_resumes_after_a_kill_without_duplicates(card, folder, tmp_path, capsys):
     out = tmp_path / "results.csv"
     assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 COLUMNS = ["path", "score", "verdict", "error"]
 
 
-def score_paths(ens: Any, paths: list[Path], batch_size: int = 64, workers: int = -1,
+def score_paths(ens: Any, paths: list[Path], batch_size: int = 64, workers: int = -1, decode: str = "workers",
                 ) -> tuple[np.ndarray, dict[str, str]]:
     """Scores (NaN where unreadable) and ``{path: error}``: :meth:`Ensemble.score_files`, which decodes in
     ``workers`` processes and applies the checkpoints' preprocessing (stage 1: ``max_side`` and face crop,
-    then each expert's input policy), exactly as stage 5 and the HTTP API do."""
-    scores, errors = ens.score_files(paths, batch_size=batch_size, workers=workers)
+    then each expert's input policy), exactly as stage 5 and the HTTP API do. ``decode="device"``: plain
+    JPEGs are decoded on the device in batches (nvJPEG on a GPU; see :mod:`dfpipe.predict.gpu_decode`)."""
+    scores, errors = ens.score_files(paths, batch_size=batch_size, workers=workers, decode=decode)
     return scores, dict(errors)
 
 
@@ -65,7 +66,7 @@ def plan_scan(root: str | Path, out_csv: str | Path) -> tuple[list[Path], list[P
 
 
 def scan_folder(ens: Any, root: str | Path, out_csv: str | Path, batch_size: int = 64, workers: int = -1,
-                chunk: int = 512) -> dict[str, Any]:
+                chunk: int = 512, decode: str = "workers") -> dict[str, Any]:
     """Score every image under ``root`` into ``out_csv`` (appending; skips rows already there).
 
     Returns counts: ``n_images``, ``n_skipped`` (already in the CSV), ``n_scored``, ``n_errors`` and
@@ -86,7 +87,7 @@ def scan_folder(ens: Any, root: str | Path, out_csv: str | Path, batch_size: int
             writer.writerow(COLUMNS)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            scores, errors = score_paths(ens, part, batch_size, workers)
+            scores, errors = score_paths(ens, part, batch_size, workers, decode)
             for p, s in zip(part, scores):
                 row = _row(ens, p.relative_to(root).as_posix(), s, errors.get(str(p), ""))
                 counts["n_errors" if row[2] == "error" else "n_scored"] += 1
