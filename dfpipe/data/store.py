@@ -133,8 +133,8 @@ class StoreReader:
         return idx
 
     def _fd(self, shard: str) -> int:
-        if self._pid != os.getpid():  # forked (a DataLoader worker): open our own files, leave the parent's
-            self._fds.clear()
+        if self._pid != os.getpid():  # forked: the parent's descriptors share file offsets; pread doesn't care,
+            self._fds.clear()         # but keep each process's set of its own
             self._pid = os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
