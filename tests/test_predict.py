@@ -270,3 +270,13 @@ def test_fold_batchnorm_keeps_the_scores(rng):
         assert fold_batchnorm(model) > 10
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         torch.testing.assert_close(model(x)["logits"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_scoring_workers_leave_two_cores_to_the_model(monkeypatch):
+    from dfpipe.predict.ensemble import scoring_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert scoring_workers(-1, cpu) == 0 and scoring_workers(-1, cuda) == 1 and scoring_workers(3, cpu) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert scoring_workers(-1, cpu) == 8 and scoring_workers(-1, cuda) == 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -61,6 +62,16 @@ class FileDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - any failure becomes a reported row, never a crash
             blank = {p.key: torch.zeros((p.size, p.size, 3), dtype=torch.uint8) for p in self.policies}
             return blank, i, str(exc) or type(exc).__name__
+
+
+def scoring_workers(requested: int, device: torch.device) -> int:
+    """DataLoader workers for scoring: ``requested`` if >= 0; auto (-1) is :func:`num_workers`'s, except on a
+    CPU device with at most 2 cores, where decode workers would take the cores the model's own threads
+    use (measured on 2 cores, ``bench/bench_predict.py``: 78% of the model-only throughput with one worker,
+    above 90% decoding in the main process)."""
+    if requested < 0 and device.type == "cpu" and (os.cpu_count() or 1) <= 2:
+        return 0
+    return num_workers(requested)
 
 
 def expert_preprocess(e: LoadedExpert) -> Preprocess:
@@ -222,8 +233,8 @@ class Ensemble:
     def _worker_batches(self, ds: FileDataset, batch_size: int, workers: int,
                         ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], list[tuple[int, str]]]]:
         """``(indices, {policy key: uint8 batch}, [(index, error)])`` per batch, all decoded in the workers."""
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers(workers),
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
+                            num_workers=scoring_workers(workers, self.device), pin_memory=self.device.type == "cuda")
         for x, idx, err in loader:
             ok = np.array([e == "" for e in err])
             keep = torch.from_numpy(ok)

@@ -13,11 +13,10 @@ from torch.utils.data import DataLoader
 from ..config import PredictConfig
 from ..data.dataset import StoreDataset
 from ..data.samples import load_manifest, load_split_pool
-from ..device import num_workers
 from ..io import write_csv, write_json
 from ..metrics import MetricError, choose_thresholds, roc_points
 from .combine import fit_stacking
-from .ensemble import Ensemble
+from .ensemble import Ensemble, scoring_workers
 from .reports import _metrics, by_cluster, by_method, plot_roc
 from .submission import build_submission
 
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 def _loader(pool: pd.DataFrame, ens: Ensemble, batch_size: int) -> DataLoader:
     """Stored images cut to every input policy of the ensemble's experts, decoded in workers."""
     return DataLoader(StoreDataset(pool, ens.policies), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers(-1), pin_memory=ens.device.type == "cuda")
+                      num_workers=scoring_workers(-1, ens.device), pin_memory=ens.device.type == "cuda")
 
 
 def _val_sets(cfg: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
