@@ -1,6 +1,7 @@
 """One preprocessing contract from stage 1 to the API: the same files get the same score from the HTTP API
-(``POST /predict``), the CLI (``dfpipe predict`` and ``dfpipe scan``) and the stage-5 path (the ensemble
-scoring the stage-1 store that ``dfpipe.data.prepare.run`` made of those files), with the face crop on and
+(``POST /predict``), the CLI (``dfpipe predict`` and ``dfpipe scan``), the stage-5 path (the ensemble
+scoring the stage-1 store that ``dfpipe.data.prepare.run`` made of those files) and ``prediction.txt`` (stage
+5's test-set scoring and submission writer, the same files listed as the test set), with the face crop on and
 off; nothing is retyped on a command line: the checkpoints say how to prepare an image.
 
 The experts are tiny random-weight models whose preprocessing record is written as training writes it:
@@ -61,7 +62,8 @@ def world(request, tmp_path_factory):
                  ).to_csv(root / "raw" / "labels.csv", index=False)
     cfg = PrepareConfig(data_root=str(root / "raw"), out_dir=str(root / "prepared"), report=str(root / "report.json"),
                         duplicates=str(root / "dup.csv"), workers=1,
-                        datasets=[DatasetConfig(name="c", split="train", images="imgs", labels="labels.csv")],
+                        datasets=[DatasetConfig(name="c", split="train", images="imgs", labels="labels.csv"),
+                                  DatasetConfig(name="t", split="test", images="imgs", labels="")],
                         **settings)
     prepare(cfg)
     stage1 = read_store_record(cfg.out_dir)  # what training reads and writes into the checkpoint
@@ -114,12 +116,27 @@ def _store_scores(cfg, ens) -> dict[str, float]:
     return dict(zip(pool.img_name, map(float, scores)))
 
 
+def _submission_scores(cfg, ens, tmp_path) -> dict[str, float]:
+    """What stage 5 writes to prediction.txt for the same files listed as the test set (its own test-set
+    scoring and submission writer, then the file read back)."""
+    from dfpipe.config import PredictConfig
+    from dfpipe.io import write_csv
+    from dfpipe.predict import build_submission
+    from dfpipe.predict.pipeline import _score_test
+
+    test_all, _, _, scores = _score_test(ens, PredictConfig(prepared_dir=cfg.out_dir, batch_size=3))
+    write_csv(tmp_path / "prediction.txt", build_submission(test_all, scores, 0.5), float_format="%.6f")
+    sub = pd.read_csv(tmp_path / "prediction.txt")
+    return dict(zip(sub.img_name, sub.y_pred))
+
+
 def test_api_cli_and_stage5_give_the_same_score(world, capsys, tmp_path):
     name, root, files, cfg, ens = world
     api = _api_scores(root, files)
     by_path = {"CLI predict": _cli_predict_scores(root, files, capsys),
                "CLI scan": _cli_scan_scores(root, files, tmp_path),
-               "stage 5 (store)": _store_scores(cfg, ens)}
+               "stage 5 (store)": _store_scores(cfg, ens),
+               "prediction.txt": _submission_scores(cfg, ens, tmp_path)}
     assert sorted(api) == sorted(f.name for f in files)
     for path, scores in by_path.items():
         assert sorted(scores) == sorted(api), path
@@ -131,7 +148,8 @@ def test_the_face_crop_comes_from_the_checkpoint_and_is_applied(world):
     """A face-crop expert is served face-cropped (its score is not the whole image's); the other is not."""
     name, root, _, cfg, ens = world
     api = _api_scores(root, [root / "raw" / "imgs" / f for f in FACES])
-    man = load_manifest(cfg.out_dir).set_index("img_name")
+    man = load_manifest(cfg.out_dir)
+    man = man[man.split == "train"].set_index("img_name")  # the files are listed as train and as test
     for f in FACES:
         whole = downscale(decode_image(root / "raw" / "imgs" / f), ens.stage1.max_side)
         uncropped = float(ens.score_prepared([whole])[0])  # the whole image through the same input policy
