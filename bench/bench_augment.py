@@ -36,6 +36,7 @@ from dfpipe.augment import pipeline as stage  # noqa: E402
 from dfpipe.augment.editing import METHODS, NEEDS_DONOR  # noqa: E402
 from dfpipe.augment.pipeline import WIDEN, edit_one, n_workers, run_augment  # noqa: E402
 from dfpipe.config import AugmentConfig, DiffusionConfig  # noqa: E402
+from dfpipe.io import write_json  # noqa: E402
 
 
 def synthetic(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -200,8 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     result["real_widening"] = result["editing"][WIDEN]
     result["diffusion_tiny"] = bench_diffusion(images, args.sd_n, args.sd_steps, args.sd_batch)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, result)  # atomic: a killed bench never leaves half a report
     print(json.dumps(result, indent=2))
     return result
 

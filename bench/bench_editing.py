@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from dfpipe.augment import editing  # noqa: E402
 from dfpipe.augment.editing import MASK_GRID, METHODS, NEEDS_DONOR, region_mask  # noqa: E402
+from dfpipe.io import write_json  # noqa: E402
 
 
 def synthetic(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -127,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.machine(),
         "sizes": [bench_size(w, h, args.reps, args.direct) for w, h in parse_sizes(args.sizes)],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, result)  # atomic: a killed bench never leaves half a report
     print(json.dumps(result, indent=2))
     return result
 
