@@ -11,7 +11,7 @@ input policy asked for, so experts that share a policy share one decoded batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,20 +25,17 @@ from .store import StoreReader
 class StoreDataset(Dataset):
     """Images of a pool (columns ``cache_path``, ``cache_index``, ``label``) at one or more input policies.
 
-    ``transform`` (optional) changes the stage-1 image before the policy is applied (the evaluation's
-    degradations); the policies crop centrally (test time). Training's random crops are
+    The policies crop centrally (test time). Training's random crops are
     :class:`dfpipe.train.sampling.SeededAugmentDataset`'s.
     """
 
-    def __init__(self, pool: pd.DataFrame, policies: Sequence[InputPolicy],
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None):
+    def __init__(self, pool: pd.DataFrame, policies: Sequence[InputPolicy]):
         if not policies:
             raise ValueError("StoreDataset needs at least one input policy")
         self.paths = pool.cache_path.to_numpy()
         self.index = pool.cache_index.to_numpy(dtype=np.int64)
         self.labels = pool.label.to_numpy(dtype=np.int64)
         self.policies = tuple(dict.fromkeys(policies))  # unique, in order
-        self.transform = transform
         self.reader = StoreReader()  # picklable: each worker opens its own files
 
     def __len__(self) -> int:
@@ -50,6 +47,4 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int, int]:
         img = self.image(i)
-        if self.transform is not None:
-            img = self.transform(img)
         return {p.key: torch.from_numpy(fit(img, p)) for p in self.policies}, int(self.labels[i]), i

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import typing
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,7 +31,7 @@ import numpy as np
 from ..config import FaceCrop, FacePolicy, InputMode
 from ..errors import ConfigError, DataError
 from .faces import FaceResult, apply_face_crop
-from .images import DEFAULT_MAX_PIXELS, decode, resize_square
+from .images import DEFAULT_MAX_PIXELS, resize_square
 
 INPUT_MODES = typing.get_args(InputMode)  # resize, resize_short_crop, crop
 
@@ -119,11 +118,6 @@ def scoring_image(img: np.ndarray, s1: Stage1) -> np.ndarray:
     ``face_policy: skip`` is scored whole (a user's upload always gets a score)."""
     out, _ = stage1_image(img, s1)
     return downscale(img, s1.max_side) if out is None else out
-
-
-def load_stage1(data: bytes | str | Path, s1: Stage1) -> np.ndarray:
-    """Decode a file (or bytes) and make its stage-1 image for scoring (:func:`scoring_image`)."""
-    return scoring_image(decode(data, max_pixels=s1.max_pixels).img, s1)
 
 
 # ----------------------------------------------------------------------------- step 3: input policy
