@@ -237,6 +237,11 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     assert set(saved["combine"]["stack"]) == {"intercept", "coef_a", "coef_b"}
     assert {"ap", "log_loss", "accuracy"} <= set(saved["val"]["ensemble"]) and metrics["n_test_failed"] == 1
     assert (out / "roc.png").stat().st_size > 5000
+    # the selection fold is never passed off as held-out: flagged in metrics.json, explained in the card
+    assert saved["val"]["selection_biased"] == 1
+    card_protocol = json.loads((out / "ensemble.json").read_text())["protocol"]
+    assert "selection-biased" in card_protocol["val"] and "out-of-fold" in card_protocol["val"]
+    assert "test" not in card_protocol  # no test labels were given
 
     def numbers(d):  # dvc metrics: nested dicts of numbers only
         return all(numbers(v) if isinstance(v, dict) else isinstance(v, (int, float)) for v in d.values())
