@@ -180,8 +180,33 @@ def _shared_settings(spec: GridSpec) -> dict[str, Any]:
     from .data.store import STORE_FORMAT
 
     return json.loads(json.dumps({"max_side": spec.max_side, "store_format": STORE_FORMAT, "heldout": spec.heldout,
-                                  "split_seed": spec.split_seed, "augment": _section(spec, "augment"),
-                                  "split": _section(spec, "split")}))
+                                  "split_seed": spec.split_seed,
+                                  "augment": _omit_later(_section(spec, "augment"), "augment"),
+                                  "split": _omit_later(_section(spec, "split"), "split")}))
+
+
+# Settings added after the benchmark's cells were first cached, each with the value at which it is left out of
+# the cache keys (the value that does what the code did before the setting existed). A new switch left at that
+# value keeps every finished cell and source folder valid; any other value makes a new cell. A setting missing
+# here changes every key: all cells are recomputed (safe, only slow). Dotted names reach into nested sections.
+KEY_OMIT_AT: dict[str, dict[str, Any]] = {
+    "expert": {},
+    "augment": {},
+    "split": {},
+}
+
+
+def _omit_later(d: dict[str, Any], section: str) -> dict[str, Any]:
+    """``d`` (a settings mapping) without the :data:`KEY_OMIT_AT` entries of ``section`` at their omit value."""
+    out = copy.deepcopy(d)
+    for dotted, value in KEY_OMIT_AT[section].items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            del node[leaf]
+    return out
 
 
 def _read_json(path: Path) -> Any:
@@ -218,8 +243,10 @@ def eval_sets(spec: GridSpec, train_src: Source, sources: dict[str, Source], wor
 # ----------------------------------------------------------------------------- one cell
 def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
     """8 hex digits of everything a cell's result depends on: a changed recipe, budget, stage-1 setting or store
-    format is a new cell (cells of the former uint8-cache stage 1 are never reused)."""
-    key = json.dumps({"expert": dataclasses.asdict(ecfg), "predict": spec.predict, "evaluate": spec.evaluate,
+    format is a new cell (cells of the former uint8-cache stage 1 are never reused); a setting added later at
+    its "off" value (:data:`KEY_OMIT_AT`) is not."""
+    key = json.dumps({"expert": _omit_later(dataclasses.asdict(ecfg), "expert"), "predict": spec.predict,
+                      "evaluate": spec.evaluate,
                       **_shared_settings(spec)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 

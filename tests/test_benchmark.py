@@ -1,5 +1,7 @@
 """The development benchmark's protocol (dfpipe.benchmark): held-out parts, identities, the table."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,6 +83,27 @@ def test_a_cells_key_follows_the_stage1_settings():
     assert key == benchmark._cell_key(spec, ecfg) and len(key) == 8
     assert benchmark._cell_key(replace(spec, max_side=512), ecfg) != key
     assert benchmark._shared_settings(spec)["store_format"] >= 1
+
+
+def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkeypatch):
+    """KEY_OMIT_AT: a new switch left off keeps every cached cell's key; switched on, it is a new cell."""
+    from dataclasses import replace
+
+    from dfpipe import benchmark
+
+    spec = GridSpec(recipes={"a": {"img_size": 96}})
+    ecfg = recipe_config(spec, "a", 0)
+    key, shared = benchmark._cell_key(spec, ecfg), benchmark._shared_settings(spec)
+    # pretend ExpertConfig grew `loss.ce` and `dropout` and the augment section `seed` after the cells were made
+    monkeypatch.setitem(benchmark.KEY_OMIT_AT, "expert", {"loss.ce": ecfg.loss.ce, "dropout": ecfg.dropout})
+    monkeypatch.setitem(benchmark.KEY_OMIT_AT, "augment", {"seed": shared["augment"]["seed"]})
+    assert "dropout" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")
+    assert "ce" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")["loss"]
+    off = benchmark._cell_key(spec, ecfg)
+    assert off != key  # the table changes what is hashed ...
+    assert benchmark._cell_key(spec, replace(ecfg, dropout=ecfg.dropout + 0.1)) != off  # ... a value other than off counts
+    assert benchmark._cell_key(replace(spec, augment={"seed": shared["augment"]["seed"] + 1}), ecfg) != off
+    assert "seed" not in benchmark._shared_settings(spec)["augment"]
 
 
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert():
