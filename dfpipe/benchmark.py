@@ -264,8 +264,8 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
     ecfg = recipe_config(spec, recipe, seed)
     cell = work / train_src.name / f"{recipe}_s{seed}_{_cell_key(spec, ecfg)}"
     done = cell / "eval.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # the scores' path as seen from here (a cell made from another folder stored its own)
+        return {**json.loads(done.read_text()), "scores_csv": str(cell / "scores.csv")}
     paths = prepare_source(spec, train_src, work)
     tcfg = TrainConfig(splits_csv=paths["splits"], prepared_dir=paths["prepared"], augmented_dir=paths["augmented"],
                        models_dir=str(cell / "models"), workers=-1, experts={recipe: ecfg})

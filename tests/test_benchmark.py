@@ -144,3 +144,19 @@ def test_paired_difference_and_table(tmp_path):
     assert "new minus base (seed 0)" in table
     summary = next(line for line in table.splitlines() if line.startswith("| new | 0.960"))
     assert summary == "| new | 0.960 / 0.750 | 0.750 | +0.200 |"
+
+
+def test_a_finished_cell_is_reused_with_its_scores_path_as_seen_from_here(tmp_path):
+    """A cell made by a run started elsewhere stored a scores path relative to that folder: reuse fixes it."""
+    import json
+
+    from dfpipe import benchmark
+    from dfpipe.benchmark import Source, run_cell
+
+    spec = GridSpec(recipes={"a": {"img_size": 96}})
+    src = Source("s", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path)
+    cell = tmp_path / "work" / "s" / f"a_s0_{benchmark._cell_key(spec, recipe_config(spec, 'a', 0))}"
+    cell.mkdir(parents=True)
+    (cell / "eval.json").write_text(json.dumps({"recipe": "a", "scores_csv": "elsewhere/scores.csv"}))
+    out = run_cell(spec, "a", 0, src, {"s": src}, tmp_path / "work")
+    assert out["recipe"] == "a" and out["scores_csv"] == str(cell / "scores.csv")
