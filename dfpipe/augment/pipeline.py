@@ -25,10 +25,10 @@ same code. All processes must see the same filesystem (one machine, or a shared 
 
 Resuming: ``<out_dir>.work/`` holds one ``.npz`` per finished image (PNG-encoded by the process that made
 it), written atomically and named by a hash of everything its bytes depend on (source and donor uids,
-seed, method, the prepared manifest and ``store.json`` and, for diffusion, the diffusion settings and
-the batch it is made in). A killed run rerun with the same config makes only the missing images and
-gives the same bytes; work made under another config is never reused. The work dir is removed once
-``out_dir`` is written.
+seed, method, the prepared manifest and ``store.json``, for ``self_blend`` the landmark detector and, for
+diffusion, the diffusion settings and the batch it is made in). A killed run rerun with the same config
+makes only the missing images and gives the same bytes; work made under another config is never reused.
+The work dir is removed once ``out_dir`` is written.
 
 Output (``cfg.out_dir``, replaced as a whole; it is a DVC output), an image store like stage 1's:
   aug-000000.bin    the generated images as lossless PNGs (their exact pixels), up to 1024 per shard,
@@ -74,22 +74,22 @@ __all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers"
 _WORKER: dict[str, Any] = {}  # in a pool process: image reader and work dir (set by _init_worker)
 
 
-def _worker_state(sources: Sources, work: str | Path) -> dict[str, Any]:
-    return {"image": sources.reader(), "work": Path(work)}
+def _worker_state(sources: Sources, work: str | Path, landmarks: str = "none") -> dict[str, Any]:
+    return {"image": sources.reader(), "work": Path(work), "landmarks": landmarks}
 
 
-def _init_worker(sources: Sources, work: str) -> None:
+def _init_worker(sources: Sources, work: str, landmarks: str) -> None:
     cv2.setNumThreads(1)  # one process per core: no thread oversubscription
-    _WORKER.update(_worker_state(sources, work))
+    _WORKER.update(_worker_state(sources, work, landmarks))
 
 
 def _edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = None) -> int:
     """Make and store the editing fakes / widened reals of ``tasks`` ((job, work file name) pairs)."""
     state = _WORKER if state is None else state
-    image, work = state["image"], state["work"]
+    image, work, landmarks = state["image"], state["work"], state["landmarks"]
     for job, name in tasks:
         donor = image(job.donor) if job.donor >= 0 else None
-        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor)
+        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor, landmarks)
         save_work(work / name, fake, mask, params)
     return len(tasks)
 
@@ -103,7 +103,8 @@ def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
     return max(1, min(wanted, n_tasks // MIN_JOBS_PER_WORKER))
 
 
-def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, workers: int, dist: Dist) -> None:
+def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, workers: int, dist: Dist,
+               landmarks: str = "none") -> None:
     """Editing fakes and widened reals, in this process (1 worker) or a spawn pool; same bytes either way."""
     if not tasks:
         return
@@ -112,13 +113,13 @@ def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, worke
     log.info("%saugment: %d editing images with %d process(es)", dist.tag(), len(tasks), n_proc)
     with tqdm(total=len(tasks), desc=f"{dist.tag()}augment edit", unit="img") as bar:
         if n_proc == 1:
-            state = _worker_state(sources, work)
+            state = _worker_state(sources, work, landmarks)
             for chunk in chunks:
                 bar.update(_edit_chunk(chunk, state))
             return
         # spawn, not fork: torch/CUDA may already be initialised in this process (diffusion pipeline).
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(n_proc, initializer=_init_worker, initargs=(sources, str(work))) as pool:
+        with ctx.Pool(n_proc, initializer=_init_worker, initargs=(sources, str(work), landmarks)) as pool:
             for n in pool.imap_unordered(_edit_chunk, chunks):
                 bar.update(n)
 
@@ -150,7 +151,7 @@ def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
         log.info("augment: %d real sources -> %d images, %d to make", len(reals), len(jobs), len(jobs) - n_done)
         work.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # every process has listed `done` before anyone writes, and the work dir exists
-    _run_edits(my_edits, sources, work, cfg.workers, dist)
+    _run_edits(my_edits, sources, work, cfg.workers, dist, cfg.landmarks)
     if my_sd:
         _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, sources, work, dist)
     n_mine = len(my_edits) + sum(len(b) for b in my_sd)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import AugmentConfig
+from ..data.landmarks import check_landmarker
 from ..errors import ConfigError
 from .editing import METHODS, NEEDS_DONOR
 
@@ -47,6 +48,7 @@ def _check_cfg(cfg: AugmentConfig) -> tuple[list[str], np.ndarray]:
             raise ConfigError(f"augment.{field_name} must be >= 0, got {getattr(cfg, field_name)}")
     if cfg.fakes_per_real > 0 and weights.sum() <= 0:
         raise ConfigError("augment.methods: fakes_per_real > 0 but no method has a positive weight")
+    check_landmarker(cfg.landmarks)  # unknown name or package not installed: fail before any work
     d = cfg.diffusion
     if d.model:
         from .diffusion import check_config

@@ -18,6 +18,7 @@ import pandas as pd
 from ..config import AugmentConfig
 from ..data.store import PNG_LEVEL, STORE_RECORD, encode_png
 from ..errors import DataError
+from .editing import USES_LANDMARKS
 from .plan import Job
 
 WORK_VERSION = 2  # bump when a change makes old work files wrong (part of every work file's key)
@@ -56,6 +57,8 @@ def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig) -> list
                "donor": reals.uid[j.donor] if j.donor >= 0 else ""}
         if j.kind == "sd":
             key.update(diffusion=sd, batch=mates[i])
+        if j.method in USES_LANDMARKS and cfg.landmarks != "none":  # absent for none: older work files still match
+            key["landmarks"] = cfg.landmarks
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         names.append(f"{j.method}_{digest}.npz")
     return names
