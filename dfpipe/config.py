@@ -31,6 +31,7 @@ AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "
 Combine = Literal["mean_prob", "mean_logit", "rank", "stack"]
 InputMode = Literal["resize", "resize_short_crop", "crop"]  # see dfpipe.data.preprocess
 LrScale = Literal["sqrt", "linear", "none"]
+InfoMI = Literal["kl", "wasserstein"]  # the divergence behind the LIL / GIL terms: dfpipe.losses.info_divergence
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -220,6 +221,8 @@ class LossWeights:
     ce: float = 1.0
     kl: float = 0.0  # the winners' 0.5 lost on unseen sources (README benchmark)
     nce: float = 0.0  # the winners' 0.1 lost on unseen sources
+    lil: float = 0.0  # local information loss (Ba et al. 2024): needs info_heads >= 2; 0 = off
+    gil: float = 0.0  # global information loss (Ba et al. 2024): needs info_heads >= 2; 0 = off
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,10 @@ class ExpertConfig:
     input_mode: InputMode = "resize"  # resize | resize_short_crop | crop (native pixels): dfpipe.data.preprocess
     dropout: float = 0.2  # before the linear head
     proj_dim: int = 0  # >0: the NCE term uses a projection head of this width instead of the pooled features
+    info_heads: int = 0  # >=2: that many local branches fused into the classifier's input (dfpipe.models.info); 0 = off
+    info_mi: InfoMI = "kl"  # kl | wasserstein: the divergence the lil / gil terms estimate mutual information with
+    info_temperature: float = 1.5  # softening of the class distributions inside the lil / gil terms
+    mixup: float = 0.0  # >0: mixup of each training batch, mixing weight ~ Beta(mixup, mixup); 0 = off
     epochs: int = 6
     batch_size: int = 32  # per process (per GPU): the global batch is batch_size x the number of processes
     lr: float = 3e-4  # the AdamW lr of a global batch of lr_ref_batch (scaled by lr_scale for another)

@@ -4,7 +4,7 @@ Each process is a rank set up as ``torchrun`` / ``accelerate launch`` would (RAN
 with a few spies: which training samples it loaded per epoch, the val predictions that went into the
 metrics, the files it wrote, the dropout seed of each epoch, the NCE batch, and its final params and EMA.
 One uninterrupted run and one run killed after epoch 1 and resumed. Apart from the run: the joint loss
-with NCE over the gathered global batch gives the one-process loss and gradients.
+with NCE and LIL over the gathered global batch gives the one-process loss and gradients.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def test_global_batch_nce_and_rank_seeds_in_the_run(ddp_run):
         assert rec["seeds_b"] == [rec["seeds"][0], rec["seeds"][1], rec["seeds"][1]]
 
 
-# --------------------------------------------------------------------------- the NCE term over the ranks
+# --------------------------------------------------------------------------- the NCE and LIL terms over the ranks
 N_LOSS, DIM = 8, 5  # a global batch of 8 samples, 4 per rank
 
 
@@ -232,10 +232,10 @@ def _loss_inputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N_LOSS, DIM, generator=g)
     labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
-    net = torch.nn.Linear(DIM, 6)  # (B, 6): 2 logits + 4 features
+    net = torch.nn.Linear(DIM, 12)  # (B, 12): 2 logits, 4 features, 2 + 2 x 2 logits of the variational heads
     with torch.no_grad():
-        net.weight.copy_(torch.randn(6, DIM, generator=g))
-        net.bias.copy_(torch.randn(6, generator=g))
+        net.weight.copy_(torch.randn(12, DIM, generator=g))
+        net.bias.copy_(torch.randn(12, generator=g))
     return x, labels, net
 
 
@@ -244,12 +244,13 @@ def _joint(net, x, labels, gather=None) -> dict:
     from dfpipe.losses import JointLoss
 
     z = net(x)
-    fn = JointLoss(LossWeights(ce=1.0, kl=0.0, nce=0.5), temperature=0.2, gather=gather)
-    return fn({"logits": z[:, :2], "feat": z[:, 2:]}, labels)
+    fn = JointLoss(LossWeights(ce=1.0, kl=0.0, nce=0.5, lil=1.0, gil=0.5), temperature=0.2, gather=gather)
+    return fn({"logits": z[:, :2], "feat": z[:, 2:6], "info_logits": z[:, 6:8],
+               "info_loo_logits": z[:, 8:].reshape(-1, 2, 2)}, labels)
 
 
 def _loss_rank(rank: int, port: int, root: str) -> None:
-    """One rank of a DDP-wrapped linear 'expert' on its half of the global batch, gathering for NCE."""
+    """One rank of a DDP-wrapped linear 'expert' on its half of the global batch, gathering for NCE and LIL."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=WORLD)
@@ -260,14 +261,15 @@ def _loss_rank(rank: int, port: int, root: str) -> None:
     mine = slice(rank * N_LOSS // WORLD, (rank + 1) * N_LOSS // WORLD)
     out = _joint(ddp, x[mine], labels[mine], gather=gather_across_ranks)
     out["total"].backward()  # DDP averages the gradients over the ranks
-    torch.save({"nce": out["nce"], "ce": out["ce"], "total": out["total"].detach(),
+    torch.save({"nce": out["nce"], "lil": out["lil"], "ce": out["ce"], "total": out["total"].detach(),
                 "grads": {k: p.grad for k, p in net.named_parameters()}}, Path(root) / f"loss{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_nce_over_gathered_ranks_gives_the_one_process_loss_and_gradients(tmp_path):
-    """On one process ``gather`` is the identity; on two, every rank's NCE is the loss of the whole global
-    batch and DDP's averaged gradients are those of one process on it (CE: the mean of the rank means)."""
+def test_nce_and_lil_over_gathered_ranks_give_the_one_process_loss_and_gradients(tmp_path):
+    """On one process ``gather`` is the identity; on two, every rank's NCE and LIL are the losses of the whole
+    global batch and DDP's averaged gradients are those of one process on it (CE, GIL: the mean of the rank
+    means)."""
     from dfpipe.train.distributed import gather_across_ranks
 
     x, labels, net = _loss_inputs()
@@ -277,10 +279,11 @@ def test_nce_over_gathered_ranks_gives_the_one_process_loss_and_gradients(tmp_pa
     ranks = [torch.load(tmp_path / f"loss{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in ranks:
         torch.testing.assert_close(r["nce"], one["nce"])  # the global-batch NCE on every rank
+        torch.testing.assert_close(r["lil"], one["lil"])  # and LIL: exp of the global mean
         for k, p in net.named_parameters():
             torch.testing.assert_close(r["grads"][k], p.grad, msg=k)
     torch.testing.assert_close(sum(r["ce"] for r in ranks) / WORLD, one["ce"])
-    assert one["nce"] > 0
-    # without the gather each rank's NCE would be that of its own 4 samples: not the same loss
+    assert one["nce"] > 0 and 0 < one["lil"] < 1
+    # without the gather each rank's NCE / LIL would be those of its own 4 samples: not the same losses
     local = _joint(net, x[:N_LOSS // WORLD], labels[:N_LOSS // WORLD])
-    assert not torch.isclose(local["nce"], one["nce"])
+    assert not torch.isclose(local["nce"], one["nce"]) and not torch.isclose(local["lil"], one["lil"])

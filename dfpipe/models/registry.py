@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ExpertConfig
 from ..errors import UnknownNameError
+from .info import InfoHeads
 from .pretrained import create_backbone, normalization
 
 log = logging.getLogger(__name__)
@@ -71,48 +72,75 @@ class Expert(nn.Module):
     term uses instead of ``feat``. Why: the pooled features of a ReLU network are all
     >= 0, so their cosine similarities are all positive and supervised InfoNCE on them stays near
     chance (log of the batch size); SimCLR / SupCon put the contrastive loss on such a head instead.
+
+    With ``info_heads`` = n >= 2 the classifier reads, instead of the pooled feature, the fusion z (B, d) of n
+    local branches on the backbone's feature map (:class:`dfpipe.models.info.InfoHeads`, d = D // n): then
+    ``feat`` is z (fp32), and in training mode the output also holds ``info_logits`` (B, 2) and
+    ``info_loo_logits`` (B, n, 2), the variational classifiers of the LIL / GIL terms (:mod:`dfpipe.losses`).
     """
 
     def __init__(self, backbone: str, img_size: int, pretrained: str = "bundled", dropout: float = DEFAULT_DROPOUT,
-                 arch: str = "timm", proj_dim: int = 0) -> None:
+                 arch: str = "timm", proj_dim: int = 0, info_heads: int = 0) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.img_size = int(img_size)
         self.arch = arch
         self.dropout = float(dropout)
         self.proj_dim = int(proj_dim)
+        self.info_heads = int(info_heads)
         self.backbone = create_backbone(backbone, pretrained=pretrained, num_classes=0)  # x -> (B, D)
         self.feat_dim = int(self.backbone.num_features)  # D, e.g. 1280 for tf_efficientnet_lite0
-        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.feat_dim, NUM_CLASSES))  # (B, D) -> (B, 2)
+        head_dim = self.feat_dim  # what the classifier (and the projection head) read: "feat"
+        if self.info_heads:  # local branches on the feature map, fused into z (B, d): see dfpipe.models.info
+            self.info = InfoHeads(self.feat_dim, self.info_heads, self.dropout)
+            head_dim = self.info.dim
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(head_dim, NUM_CLASSES))  # (B, D) -> (B, 2)
         if self.proj_dim > 0:  # (B, D) -> (B, proj_dim), for the NCE term only
-            hidden = max(self.proj_dim, self.feat_dim // 2)
-            self.proj = nn.Sequential(nn.Linear(self.feat_dim, hidden), nn.ReLU(inplace=True),
+            hidden = max(self.proj_dim, head_dim // 2)
+            self.proj = nn.Sequential(nn.Linear(head_dim, hidden), nn.ReLU(inplace=True),
                                       nn.Linear(hidden, self.proj_dim))
         self.mean, self.std = normalization(self.backbone)  # 3-tuples the input pipeline must use
 
+    def filter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees of the normalised input: the input itself (subclasses filter it)."""
+        return x
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised input -> (B, D) pooled features (subclasses filter the input first)."""
-        return self.backbone(x)
+        """(B, 3, H, W) normalised input -> (B, D) pooled features."""
+        return self.backbone(self.filter_input(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised input -> (B, D, h, w), the backbone's last feature map (before pooling)."""
+        return self.backbone.forward_features(self.filter_input(x))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.features(x)  # (B, D), bf16 under CUDA autocast
         # The heads run in fp32 even under autocast: bf16 logits hold 8 significant bits, so a test set's
         # scores collapse to a few thousand distinct values and tie where TPR at FPR 1e-3 is read.
-        # Two small Linear layers: the cost is nil next to the backbone. Both device types are named as
+        # Small layers: the cost is nil next to the backbone. Both device types are named as
         # constants (not feat.device.type) so torch.fx can still trace the model (BatchNorm folding).
+        info = {}
+        if self.info_heads:
+            fmap = self.feature_map(x)  # (B, D, h, w), bf16 under CUDA autocast
+            with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+                info = self.info(fmap.float())  # z (B, d); in training also the variational heads' logits
+            feat = info.pop("z")  # (B, d) fp32: the classifier's input
+        else:
+            feat = self.features(x)  # (B, D), bf16 under CUDA autocast
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             feat32 = feat.float()
             logits = self.head(feat32)  # (B, 2) fp32
             out = {"logits": logits, "prob": torch.softmax(logits, dim=1)[:, 1], "feat": feat}  # prob (B,)
             if self.proj_dim > 0:
                 out["proj"] = self.proj(feat32)  # (B, proj_dim) fp32: NCE similarities at full precision
-        return out
+        return {**out, **info}
 
     def describe(self) -> dict[str, Any]:
         """Everything needed to rebuild this architecture and feed it correctly (JSON-serialisable)."""
         return {"arch": self.arch, "backbone": self.backbone_name, "img_size": self.img_size,
                 "mean": list(self.mean), "std": list(self.std), "num_classes": NUM_CLASSES,
-                "dropout": self.dropout, "proj_dim": self.proj_dim}
+                "dropout": self.dropout, "proj_dim": self.proj_dim,
+                # only when on: the descriptions (and resume keys) of experts without branches stay as they were
+                **({"info_heads": self.info_heads} if self.info_heads else {})}
 
 
 def npr(x: torch.Tensor) -> torch.Tensor:
@@ -131,14 +159,15 @@ def npr(x: torch.Tensor) -> torch.Tensor:
 class NPRExpert(Expert):
     """The artifact expert: the same backbone and heads, fed the NPR residual (:func:`npr`) of its input."""
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(npr(x))
+    def filter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return npr(x)
 
 
 def _builder(cls: type[Expert], arch: str) -> Callable[..., Expert]:
     def build(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
         return cls(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
-                   dropout=cfg.dropout if dropout is None else dropout, arch=arch, proj_dim=cfg.proj_dim)
+                   dropout=cfg.dropout if dropout is None else dropout, arch=arch, proj_dim=cfg.proj_dim,
+                   info_heads=cfg.info_heads)
 
     build.__doc__ = (f"Builds a {cls.__name__}. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` "
                      "overrides ``cfg.pretrained`` (``\"none\"`` when rebuilding from a checkpoint), ``dropout`` "
@@ -165,7 +194,7 @@ def expert_from_description(desc: dict[str, Any]) -> Expert:
     if num_classes != NUM_CLASSES:
         raise ValueError(f"expert description has num_classes={num_classes}; only {NUM_CLASSES} is supported")
     cfg = ExpertConfig(backbone=desc["backbone"], img_size=int(desc["img_size"]), pretrained="none",
-                       proj_dim=int(desc.get("proj_dim", 0)))
+                       proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)))
     dropout = float(desc.get("dropout", DEFAULT_DROPOUT))
     expert = EXPERTS.get(desc.get("arch", "timm"))(cfg, pretrained="none", dropout=dropout)
     if "mean" in desc and "std" in desc:

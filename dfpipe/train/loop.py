@@ -1,4 +1,5 @@
-"""Train one expert on the cluster split: joint CE + KL + NCE loss, EMA weights, AMP on GPU.
+"""Train one expert on the cluster split: joint CE + KL + NCE loss (+ the information losses of an expert
+with local branches, and mixup: :mod:`dfpipe.models.info`), EMA weights, AMP on GPU.
 
 The EMA (timm's ModelEmaV3 over weights and BN buffers, time constant ``ema_epochs``, see :mod:`.ema`) is
 both what gets evaluated and saved, and the teacher of the KL term; with ``ema_epochs`` 0 the student
@@ -44,8 +45,8 @@ from ..data.samples import load_split_pool
 from ..data.store import read_store_record
 from ..data.transforms import seed_worker, to_model_input, train_augment
 from ..device import autocast, num_workers
-from ..errors import DataError, UnknownNameError
-from ..losses import JointLoss
+from ..errors import ConfigError, DataError, UnknownNameError
+from ..losses import JointLoss, mixup
 from ..metrics import summary
 from ..models import build_expert
 from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
@@ -56,6 +57,9 @@ from .logs import TrainLog
 from .sampling import SeededAugmentDataset, SeededSampler, epoch_length
 
 log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("ce", "kl", "nce", "info_ce", "lil", "gil")  # the loss terms an epoch's row can hold, in log order
+MIXUP_STREAM = 0x6D6978  # the mixup generator's own seed word ("mix"), apart from the dropout seeds
 
 
 def seed_everything(seed: int) -> None:
@@ -153,7 +157,11 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     last = dict(key=key, model=model, opt=opt, sched=sched, ema=ema, loader_generator=g, world=acc.num_processes)
     for epoch in range(first, ecfg.epochs + 1):
         torch.manual_seed(rank_seed(ecfg.seed, epoch, acc.process_index))  # dropout: own masks per rank, resumable
-        row = _train_epoch(step_model, teacher, ema, train_loader, loss_fn, opt, sched, acc, channels_last, epoch)
+        mix = None  # mixup draws of this rank and epoch: a function of (seed, epoch, rank) only, so resumable
+        if ecfg.mixup > 0:
+            mix = (ecfg.mixup, np.random.default_rng([ecfg.seed, epoch, acc.process_index, MIXUP_STREAM]))
+        row = _train_epoch(step_model, teacher, ema, train_loader, loss_fn, opt, sched, acc, channels_last, epoch,
+                           mix=mix)
         _end_of_epoch_sync(model, ema)
         probs = _predict_val(evaluated, val_loader, acc, len(val_df))
         val = summary(val_df.label.to_numpy(), probs)
@@ -213,11 +221,17 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
 
 
 def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -> JointLoss:
+    if (ecfg.loss.lil > 0 or ecfg.loss.gil > 0) and ecfg.info_heads < 2:
+        raise ConfigError(f"loss.lil = {ecfg.loss.lil}, loss.gil = {ecfg.loss.gil} need local branches: set "
+                          f"info_heads >= 2 (it is {ecfg.info_heads}), or both weights to 0")
+    if ecfg.mixup < 0:
+        raise ConfigError(f"mixup is the Beta(alpha, alpha) parameter, >= 0 (0 = off); got {ecfg.mixup}")
     counts = np.bincount(train_df.label.to_numpy(), minlength=2).astype(np.float64)
     class_weights = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     return JointLoss(ecfg.loss, label_smoothing=ecfg.label_smoothing, temperature=ecfg.temperature,
                      kl_temperature=ecfg.kl_temperature, class_weights=class_weights,
-                     gather=gather_across_ranks)  # NCE over the global batch (the identity on one process)
+                     gather=gather_across_ranks,  # NCE, LIL over the global batch (the identity on one process)
+                     info_temperature=ecfg.info_temperature, info_mi=ecfg.info_mi)
 
 
 def _resume(ckpt: dict, *state) -> tuple[list[dict], dict, int]:
@@ -246,9 +260,9 @@ def _should_stop(patience: int, epoch: int, best: dict) -> bool:
 
 
 def _log_epoch(name: str, row: dict) -> None:
-    log.info("expert %s epoch %d: loss %.4f (ce %.4f kl %.4f nce %.4f) val auc %.4f tpr@1e-3 %.3f, %.0f img/s",
-             name, row["epoch"], row["loss"], row["ce"], row["kl"], row["nce"], row["val_auc"],
-             row["val_tpr_at_fpr_1e-3"], row["images_per_s"])
+    terms = " ".join(f"{k} {row[k]:.4f}" for k in LOSS_TERMS if k in row)
+    log.info("expert %s epoch %d: loss %.4f (%s) val auc %.4f tpr@1e-3 %.3f, %.0f img/s",
+             name, row["epoch"], row["loss"], terms, row["val_auc"], row["val_tpr_at_fpr_1e-3"], row["images_per_s"])
 
 
 def _end_of_epoch_sync(model: torch.nn.Module, ema: ModelEmaV3 | None) -> None:
@@ -268,29 +282,37 @@ def _predict_val(model: torch.nn.Module, loader: DataLoader, acc: Accelerator, n
     return gather_by_index(acc, index, probs, n)
 
 
-def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels_last, epoch) -> dict:
+def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels_last, epoch, mix=None) -> dict:
     """One epoch of ``model`` (DDP-wrapped under a launcher: backward all-reduces the gradients).
 
     ``teacher`` (the EMA's model, or None without KL) gives the KL targets; ``ema`` (or None) is updated
-    from the unwrapped student after each optimizer step.
+    from the unwrapped student after each optimizer step. ``mix``: (alpha, numpy Generator) for mixup of
+    every batch (the teacher sees the mixed batch too), or None. The row holds the mean of every loss term
+    the loss returns (ce, kl, nce; info_ce, lil, gil for an expert with local branches).
     """
     model.train()
     net = acc.unwrap_model(model)  # img_size, mean, std
     device = acc.device
-    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "nce": 0.0}
+    sums: dict[str, float] = {"loss": 0.0}
     n_seen, t0 = 0, time.perf_counter()
     for xs, y, _ in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not acc.is_main_process):
         (x,) = xs.values()  # uint8 (b, S, S, 3), already cut to the expert's input policy in the workers
         x = to_model_input(x.to(device, non_blocking=True), net.img_size, net.mean, net.std, channels_last)
         y = y.to(device, non_blocking=True)
+        mixed = None
+        if mix is not None:
+            x, y_b, lam = mixup(x, y, *mix)  # (b, 3, S, S) lam x + (1 - lam) x[perm]; labels y and y_b
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            mixed = (y_b, lam)
         with autocast(device):
-            out = model(x)  # {"logits": (b, 2), "prob": (b,), "feat": (b, D)}, b = this rank's share
+            out = model(x)  # {"logits": (b, 2), "prob": (b,), "feat": (b, D), ...}, b = this rank's share
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)["logits"].float()
         out = {k: v.float() for k, v in out.items()}  # losses in fp32
-        losses = loss_fn(out, y, teacher_logits=teacher_logits)
+        losses = loss_fn(out, y, teacher_logits=teacher_logits, mix=mixed)
         opt.zero_grad(set_to_none=True)
         acc.backward(losses["total"])
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)  # on the all-reduced gradients
@@ -301,8 +323,9 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels
         b = len(y)
         n_seen += b
         sums["loss"] += float(losses["total"].detach()) * b
-        for k in ("ce", "kl", "nce"):
-            sums[k] += float(losses[k]) * b
+        for k in LOSS_TERMS:
+            if k in losses:
+                sums[k] = sums.get(k, 0.0) + float(losses[k]) * b
     totals = reduce_sum(acc, [float(n_seen), *sums.values()])  # over the ranks: means of the global epoch
     n_all = totals[0]
     elapsed = time.perf_counter() - t0
