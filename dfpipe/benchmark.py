@@ -190,8 +190,9 @@ def _shared_settings(spec: GridSpec) -> dict[str, Any]:
 # value keeps every finished cell and source folder valid; any other value makes a new cell. A setting missing
 # here changes every key: all cells are recomputed (safe, only slow). Dotted names reach into nested sections.
 KEY_OMIT_AT: dict[str, dict[str, Any]] = {
-    "expert": {},
-    "augment": {},
+    "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
+               "loss.lil": 0.0, "loss.gil": 0.0},
+    "augment": {"landmarks": "none"},  # self_blend's mask from face landmarks
     "split": {},
 }
 
