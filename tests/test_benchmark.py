@@ -1,6 +1,8 @@
 """The development benchmark's protocol (dfpipe.benchmark): held-out parts, identities, the table."""
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,3 +146,40 @@ def test_paired_difference_and_table(tmp_path):
     assert "new minus base (seed 0)" in table
     summary = next(line for line in table.splitlines() if line.startswith("| new | 0.960"))
     assert summary == "| new | 0.960 / 0.750 | 0.750 | +0.200 |"
+
+
+# ----------------------------------------------------------------------------- robustness pass and DVC experiments
+def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys_alone(tmp_path):
+    from dataclasses import replace
+
+    from dfpipe import benchmark
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("recipes: {a: {img_size: 96}}\nrobustness: {degradations: [jpeg75, half], recipes: [a]}\n")
+    spec = load_grid(grid)
+    assert spec.robustness.degradations == ["jpeg75", "half"] and spec.robustness.bootstrap == 0
+    ecfg = recipe_config(spec, "a", 0)
+    assert benchmark._cell_key(spec, ecfg) == benchmark._cell_key(replace(spec, robustness=benchmark.RobustnessSpec()),
+                                                                  ecfg)
+    for bad, msg in (("degradations: [jpeg75, sharpen]", "unknown degradation 'sharpen'"),
+                     ("degradations: [clean]", "always scored"), ("degradations: [half, half]", "listed twice"),
+                     ("degradations: [half], recipes: [b]", "not in the grid"),
+                     ("degradatons: [half]", "degradatons")):
+        grid.write_text(f"recipes: {{a: {{img_size: 96}}}}\nrobustness: {{{bad}}}\n")
+        with pytest.raises((ConfigError, KeyError), match=msg):
+            load_grid(grid)
+
+
+def test_cell_metrics_are_flat_numbers_per_set():
+    from dfpipe.benchmark import cell_metrics
+
+    ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.1}} for s, a in (("src", 0.9), ("x", 0.6), ("y", 0.7))}
+    result = {"train_source": "src", "eval": {**ev, "mean": {}}, "train_seconds": 12.0}
+    rob = {"degradations": ["half"], "sets": ["x", "y"], "auc": {"x": {"clean": 0.6, "half": 0.5},
+                                                                 "y": {"clean": 0.7, "half": 0.4}}}
+    m = cell_metrics(result, rob)
+    assert m["in_source_auc"] == 0.9 and m["mean_cross_auc"] == pytest.approx(0.65)
+    assert m["auc"] == {"src": 0.9, "x": 0.6, "y": 0.7} and m["tpr_at_fpr_1e-2"]["x"] == 0.1
+    assert m["robustness_cross_auc"] == pytest.approx({"clean": 0.65, "half": 0.45})
+    assert "robustness_cross_auc" not in cell_metrics(result)
+
