@@ -1,7 +1,12 @@
-"""The benchmark grid run for real on two tiny sources (CPU): in-process with its robustness pass (issue 16,
-item 2). Slow: about 40 s on 2 busy cores."""
+"""The benchmark grid run for real on two tiny sources (CPU): in-process with its robustness pass, and as DVC
+experiments through ``dvc exp run --queue`` + ``dvc queue start`` in a temp git repo (issue 16, items 1-2).
+
+Slow: about 40 s for the in-process grid, about 80 s more for the queue, on 2 busy cores."""
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -117,3 +122,78 @@ def test_table_lists_unfinished_cells_and_trains_nothing(tiny, in_process):
     assert (t / "out3" / "table.md").read_text().startswith("Not finished, left out: demo/base/s7, folders/base/s7.")
     assert not cell_dir(spec, "base", 7, "demo", t / "work").exists()
 
+
+# ----------------------------------------------------------------------------- the grid as DVC experiments
+def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def _repo_copy(dst: Path, grid: dict) -> None:
+    """What a queued cell needs, committed in a fresh git repo: the package, the entry script, root params and the
+    bench/grid DVC project; the grid file with this test's tiny settings."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "dfpipe", dst / "dfpipe", ignore=ignore)
+    shutil.copytree(REPO / "bench" / "grid", dst / "bench" / "grid", ignore=shutil.ignore_patterns("tmp", "metrics.json"))
+    for f in ("bench/benchmark.py", "params.yaml", ".gitignore", "dvc.yaml", "dvc.lock", ".dvcignore", ".dvc/config",
+              ".dvc/.gitignore"):  # the root DVC project too: the cell's project sits inside it, as in the repo
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+    (dst / "bench" / "grid.yaml").write_text(yaml.safe_dump({**grid, "params": "params.yaml"}))
+
+
+def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
+    """`bench/benchmark.py queue`: one queued experiment per cell, run by `dvc queue start`, each listed by
+    `dvc exp show` with its params and metrics, then the table. The demo cell is reused from the in-process run
+    (the queue's own overhead); the folders cell trains in the queue."""
+    import os
+
+    from dfpipe.benchmark_dvc import exp_name
+
+    t, data, _ = tiny
+    repo = tmp_path / "repo"
+    _repo_copy(repo, _grid(data))
+    env = {**os.environ, "PYTHONPATH": str(repo), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    _run(["git", "init", "-q"], repo, env)
+    for k, v in (("user.name", "t"), ("user.email", "t@example.com")):  # dvc commits each experiment
+        _run(["git", "config", k, v], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny grid"], repo, env)
+    work = tmp_path / "work"
+    shutil.copytree(t / "work", work)
+    spec = load_grid(repo / "bench" / "grid.yaml")
+    shutil.rmtree(cell_dir(spec, "base", 0, "folders", work))  # trains again, in the queue (stages 1-3 reused)
+
+    cmd = [sys.executable, "bench/benchmark.py", "queue", "--grid", "bench/grid.yaml", "--work", str(work),
+           "--out", str(tmp_path / "out"), "--poll", "1"]
+    t0 = time.perf_counter()
+    res = _run(cmd, repo, env)
+    wall = time.perf_counter() - t0
+    project = repo / "bench" / "grid"
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, env).stdout)
+    exps = {e["name"]: e["revs"][0]["data"] for e in shown[1]["experiments"]}
+    names = [exp_name(spec, "base", 0, s) for s in ("demo", "folders")]
+    assert sorted(exps) == sorted(names), res.stderr[-3000:]
+    cell_s = {}
+    for src, name in zip(("demo", "folders"), names):
+        params = exps[name]["params"]["params.yaml"]["data"]
+        assert (params["source"], params["recipe"], params["seed"]) == (src, "base", 0)
+        assert params["work"] == str(work) and params["data_root"] == str(data)
+        m = exps[name]["metrics"]["metrics.json"]["data"]
+        other = "folders" if src == "demo" else "demo"
+        assert m["auc"][src] == m["in_source_auc"] and m["mean_cross_auc"] == m["auc"][other]
+        assert set(m["robustness_cross_auc"]) == {"clean", "jpeg50", "half"}
+        assert m["robustness_cross_auc"]["clean"] == pytest.approx(m["mean_cross_auc"], abs=1e-9)
+        cell_s[src] = m["cell_seconds"]
+    assert (cell_dir(spec, "base", 0, "folders", work) / "eval.json").is_file()  # trained by the queue, in `work`
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| base | 2 |" in table and "### trained on folders" in table and "Not finished" not in table
+    print(f"queue: 2 cells in {wall:.0f} s wall; cells' own work {cell_s['demo']:.1f} s (reused) + "
+          f"{cell_s['folders']:.1f} s (trained): overhead {(wall - sum(cell_s.values())) / 2:.1f} s per queued cell")
+
+    assert "cell" not in _run([sys.executable, "-m", "dvc", "stage", "list"], repo, env).stdout  # root DAG: unchanged
+    again = _run(cmd, repo, env)  # every cell is kept on this commit: nothing queued, the table written again
+    assert "queued 0 cell(s)" in again.stderr and "2 already kept on this commit" in again.stderr
+    _run([sys.executable, "-m", "dvc", "queue", "stop"], project, env)
