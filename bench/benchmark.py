@@ -21,7 +21,7 @@ import sys
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
     os.environ.setdefault(_k, "1")
 
-from dfpipe.io import setup_logging  # noqa: E402
+from dfpipe import harness  # noqa: E402
 
 COMMANDS = ("queue", "run", "cell", "table")
 
@@ -33,8 +33,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", nargs="*", help="a subset of the grid's recipes (the baseline is always run)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run", *argv]  # the former interface: benchmark.py --grid ... --work ... --out ...
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,9 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("cell", help="one cell (the cell stage of bench/grid/dvc.yaml)")
     c.add_argument("--params", default="bench/grid/params.yaml")
     c.add_argument("--metrics", default="bench/grid/metrics.json")
-    args = p.parse_args(argv)
-    setup_logging(logging.INFO)
+    for s in sub.choices.values():
+        s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "cell":
         from dfpipe.benchmark_dvc import run_cell_stage
 
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         from dfpipe.benchmark import load_grid, run_grid
 
         run_grid(load_grid(args.grid), args.work, args.out, args.recipes, train=args.command == "run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, then run with the stages' harness: a bad setting or input is one line and exit code 2."""
+    harness.run(run, parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
