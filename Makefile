@@ -49,6 +49,8 @@ clean-outputs:
 	rm -rf data/prepared data/augmented data/splits.csv data/features.npy models submissions reports
 
 # The development benchmark: leave-one-source-out over ../shared/data, every recipe of bench/grid.yaml
-# against the seed-style baseline, two seeds; writes reports/benchmark/{grid.json,table.md} (README).
+# against the seed-style baseline, two seeds; each cell a DVC experiment (dvc exp run --queue, dvc queue start;
+# `cd bench/grid && dvc exp show`), then reports/benchmark/{grid.json,table.md} (README). Queued runs see the
+# committed tree plus changes to tracked files. In one process instead: bench/benchmark.py run.
 benchmark: setup
-	$(PY) bench/benchmark.py --grid bench/grid.yaml --work data/benchmark --out reports/benchmark
+	$(PY) bench/benchmark.py queue --grid bench/grid.yaml --work data/benchmark --out reports/benchmark

@@ -1,7 +1,14 @@
 """The development benchmark (``make benchmark``): leave-one-source-out grid over ../shared/data.
 
-Writes ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused,
-so an interrupted run resumes. See dfpipe/benchmark.py for the protocol and bench/grid.yaml for the grid.
+Subcommands (README, benchmark section):
+  queue  every cell as a DVC experiment (``dvc exp run --queue`` + ``dvc queue start``), then the table
+  run    every cell in this process, then the table (the default: ``benchmark.py --grid ...`` as before)
+  cell   one cell: the ``cell`` stage of bench/grid/dvc.yaml (params from bench/grid/params.yaml)
+  table  the table of the finished cells (and their missing robustness passes); trains nothing
+
+All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
+interrupted run resumes whichever way it ran. See dfpipe/benchmark.py for the protocol and bench/grid.yaml for
+the grid.
 """
 
 from __future__ import annotations
@@ -9,23 +16,61 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
     os.environ.setdefault(_k, "1")
 
-from dfpipe.benchmark import load_grid, run_grid  # noqa: E402
-from dfpipe.io import setup_logging  # noqa: E402
+from dfpipe import harness  # noqa: E402
+
+COMMANDS = ("queue", "run", "cell", "table")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="bench/grid.yaml")
     p.add_argument("--work", default="data/benchmark", help="cells' work folders (reused: resume)")
     p.add_argument("--out", default="reports/benchmark", help="grid.json and table.md go here")
     p.add_argument("--recipes", nargs="*", help="a subset of the grid's recipes (the baseline is always run)")
-    args = p.parse_args()
-    setup_logging(logging.INFO)
-    run_grid(load_grid(args.grid), args.work, args.out, args.recipes)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["run", *argv]  # the former interface: benchmark.py --grid ... --work ... --out ...
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="every cell as a DVC experiment, then the table")
+    _grid_args(q)
+    q.add_argument("--poll", type=float, default=30.0, help="seconds between `dvc queue status` checks")
+    _grid_args(sub.add_parser("run", help="every cell in this process, then the table"))
+    _grid_args(sub.add_parser("table", help="the table of the finished cells; trains nothing"))
+    c = sub.add_parser("cell", help="one cell (the cell stage of bench/grid/dvc.yaml)")
+    c.add_argument("--params", default="bench/grid/params.yaml")
+    c.add_argument("--metrics", default="bench/grid/metrics.json")
+    for s in sub.choices.values():
+        s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "cell":
+        from dfpipe.benchmark_dvc import run_cell_stage
+
+        run_cell_stage(args.params, args.metrics)
+    elif args.command == "queue":
+        from dfpipe.benchmark_dvc import queue_grid
+
+        res = queue_grid(args.grid, args.work, args.out, args.recipes, poll_s=args.poll)
+        if res["failed"]:
+            raise SystemExit(f"{len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}")
+    else:
+        from dfpipe.benchmark import load_grid, run_grid
+
+        run_grid(load_grid(args.grid), args.work, args.out, args.recipes, train=args.command == "run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, then run with the stages' harness: a bad setting or input is one line and exit code 2."""
+    harness.run(run, parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

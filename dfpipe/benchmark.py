@@ -40,8 +40,8 @@ import yaml
 
 from .config import (AugmentConfig, EvalSetConfig, EvaluateConfig, ExpertConfig, PredictConfig, PrepareConfig,
                      SplitConfig, TrainConfig, from_dict)
-from .errors import InputError, UnknownNameError
-from .io import write_csv, write_json
+from .errors import ConfigError, InputError, UnknownNameError
+from .io import atomic_open, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,17 @@ def load_source(root: Path, heldout: float = 0.3, seed: int = 0) -> Source:
 
 # ----------------------------------------------------------------------------- grid spec
 @dataclass(frozen=True)
+class RobustnessSpec:
+    """``robustness:`` of the grid: each finished cell's ensemble scored again on its cross-source sets under these
+    degradations (:mod:`dfpipe.evaluate`'s forms). No retraining, and no part of a cell's key: it is cached in the
+    cell's folder under a key of its own (:func:`run_robustness`)."""
+
+    degradations: list[str] = field(default_factory=list)  # [] = no robustness pass
+    recipes: list[str] = field(default_factory=list)  # [] = every recipe of the grid
+    bootstrap: int = 0  # AUC interval resamples (the robustness table reads AUC only)
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """``bench/grid.yaml``: the recipes, seeds, sources and the shared budget."""
 
@@ -123,11 +134,30 @@ class GridSpec:
     predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
     evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides (degradations, bootstrap)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ExpertConfig overrides
+    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)  # a pass over finished cells
+
 
 
 def load_grid(path: str | Path) -> GridSpec:
     with open(path, encoding="utf-8") as fh:
-        return from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
+        spec = from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
+    _check_robustness(spec, str(path))
+    return spec
+
+
+def _check_robustness(spec: GridSpec, where: str) -> None:
+    """Typos in ``robustness:`` fail when the grid loads, not after hours of training."""
+    from .evaluate import CLEAN, parse_degradation
+
+    r = spec.robustness
+    for name in r.degradations:
+        if name == CLEAN or r.degradations.count(name) > 1:
+            raise ConfigError(f"{where}: robustness.degradations: {name!r} is {CLEAN!r} (always scored) or "
+                              "listed twice")
+        parse_degradation(name)
+    unknown = sorted(set(r.recipes) - set(spec.recipes))
+    if unknown:
+        raise UnknownNameError(f"{where}: robustness.recipes {unknown} not in the grid (have {sorted(spec.recipes)})")
 
 
 def recipe_config(spec: GridSpec, name: str, seed: int) -> ExpertConfig:
@@ -252,6 +282,16 @@ def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+def cell_dir(spec: GridSpec, recipe: str, seed: int, train_source: str, work: str | Path) -> Path:
+    """``<work>/<source>/<recipe>_s<seed>_<key>``: one cell's folder (``eval.json`` in it = finished)."""
+    return Path(work) / train_source / f"{recipe}_s{seed}_{_cell_key(spec, recipe_config(spec, recipe, seed))}"
+
+
+def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, work: str | Path) -> dict | None:
+    """A finished cell's result (its ``eval.json``), or None: what :func:`run_cell` would return without running."""
+    return _read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
+
+
 def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources: dict[str, Source],
              work: Path) -> dict:
     """Train one recipe on one source with one seed, select on its val fold, evaluate on the held-out sets.
@@ -263,7 +303,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
     from .train.loop import train_expert
 
     ecfg = recipe_config(spec, recipe, seed)
-    cell = work / train_src.name / f"{recipe}_s{seed}_{_cell_key(spec, ecfg)}"
+    cell = cell_dir(spec, recipe, seed, train_src.name, work)
     done = cell / "eval.json"
     if done.is_file():  # the scores' path as seen from here (a cell made from another folder stored its own)
         return {**json.loads(done.read_text()), "scores_csv": str(cell / "scores.csv")}
@@ -292,35 +332,139 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
     return result
 
 
+# ----------------------------------------------------------------------------- robustness pass
+ROBUSTNESS_FORMAT = 1  # bump when a robustness record changes meaning: every cell is scored again
+
+
+def _robustness_key(r: RobustnessSpec, sets: list[str]) -> str:
+    """8 hex digits of what a cell's robustness record depends on beyond the cell itself."""
+    key = json.dumps({"degradations": list(r.degradations), "bootstrap": r.bootstrap, "sets": sorted(sets),
+                      "format": ROBUSTNESS_FORMAT}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources: dict[str, Source],
+                   work: str | Path) -> dict | None:
+    """Score a finished cell's card (``<cell>/ensemble.json``, ``<cell>/models``) on its cross-source sets, clean and
+    under each of ``spec.robustness.degradations``, through stage 6 (:func:`dfpipe.evaluate.run_evaluate`).
+
+    No training. Cached in ``<cell>/robustness_<key>.json`` (the key: degradations, bootstrap, sets), so the pass
+    resumes and a changed list scores again without touching the cell. None when the grid asks for no pass (no
+    degradations, the recipe not listed, or no cross-source set).
+    """
+    from .evaluate import run_evaluate
+
+    r = spec.robustness
+    if not r.degradations or (r.recipes and recipe not in r.recipes):
+        return None
+    cell = cell_dir(spec, recipe, seed, train_src.name, work)
+    if not (cell / "eval.json").is_file():
+        raise InputError(f"robustness: cell {cell} is not finished (no eval.json); run the cell first")
+    sets = [s for s in eval_sets(spec, train_src, sources, Path(work)) if s.name != train_src.name]
+    if not sets:
+        return None
+    key = _robustness_key(r, [s.name for s in sets])
+    done = cell / f"robustness_{key}.json"
+    record = _read_json(done)
+    if record is not None:
+        return record
+    d = cell / f"robustness_{key}"
+    ev = from_dict(EvaluateConfig, {**spec.evaluate, "degradations": list(r.degradations), "bootstrap": r.bootstrap,
+                                    "card": str(cell / "ensemble.json"), "models_dir": str(cell / "models"),
+                                    "data_root": str(Path(spec.data_root).resolve()),
+                                    "metrics": str(d / "metrics.json"), "table": str(d / "table.md"),
+                                    "roc_dir": str(d / "roc"), "scores": str(d / "scores.csv")}, "robustness")
+    log.info("robustness: %s on %s, seed %d: %d cross-source set(s) x (clean + %s)", recipe, train_src.name, seed,
+             len(sets), ", ".join(r.degradations))
+    t0 = time.perf_counter()
+    metrics = run_evaluate(dataclasses.replace(ev, sets=sets))
+    record = {"degradations": list(r.degradations), "sets": [s.name for s in sets], "seconds": time.perf_counter() - t0,
+              "auc": {s.name: {deg: float(m["auc"]) for deg, m in metrics[s.name].items()} for s in sets}}
+    write_json(done, record)  # last: it vouches for the folder
+    return record
+
+
 # ----------------------------------------------------------------------------- the grid and its table
-def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[str] | None = None) -> dict:
-    """Every (training source, recipe, seed) cell, then ``grid.json`` and ``table.md`` under ``out``."""
-    work, out = Path(work), Path(out)
-    recipes = recipes or list(spec.recipes)
+def grid_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[str, int, str]]:
+    """(recipe, seed, training source) of every cell, baseline first, recipe-major: an interrupted grid still has
+    every source for the recipes it finished."""
+    recipes = list(recipes or spec.recipes)
     if spec.baseline not in recipes:
         recipes = [spec.baseline, *recipes]
+    for name in recipes:
+        recipe_config(spec, name, 0)  # unknown names fail before any cell runs
+    return [(recipe, seed, src) for recipe in recipes for seed in spec.seeds for src in spec.sources]
+
+
+def load_sources(spec: GridSpec) -> dict[str, Source]:
     root = Path(spec.data_root)
-    sources = {name: load_source(root / name, spec.heldout, spec.split_seed) for name in spec.sources}
-    cells = []
+    return {name: load_source(root / name, spec.heldout, spec.split_seed) for name in spec.sources}
+
+
+def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[str] | None = None,
+             train: bool = True) -> dict:
+    """Every (training source, recipe, seed) cell, its robustness pass if the grid has one, then ``grid.json`` and
+    ``table.md`` under ``out``.
+
+    ``train=False`` runs no cell: it gathers the finished ones (those a DVC queue ran, say), runs their missing
+    robustness passes and writes the table of what is there; the cells not finished are listed in ``grid.json``
+    (``missing``) and the log.
+    """
+    work, out = Path(work), Path(out)
+    sources = load_sources(spec)
+    cells: list[dict] = []
+    missing: list[str] = []
+    grid: dict = {}
     t0 = time.perf_counter()
-    # recipe-major order: an interrupted grid still has every source for the recipes it finished
-    for recipe in recipes:
-        for seed in spec.seeds:
-            for src_name in spec.sources:
-                log.info("benchmark cell: train on %s, recipe %s, seed %d", src_name, recipe, seed)
-                cells.append(run_cell(spec, recipe, seed, sources[src_name], sources, work))
-                grid = write_grid(cells, spec, out, time.perf_counter() - t0)
-    return grid
+    for recipe, seed, src_name in grid_cells(spec, recipes):
+        if train:
+            log.info("benchmark cell: train on %s, recipe %s, seed %d", src_name, recipe, seed)
+            result = run_cell(spec, recipe, seed, sources[src_name], sources, work)
+        else:
+            result = finished_cell(spec, recipe, seed, src_name, work)
+            if result is None:
+                missing.append(f"{src_name}/{recipe}/s{seed}")
+                continue
+        rob = run_robustness(spec, recipe, seed, sources[src_name], sources, work)
+        cells.append({**result, "robustness": rob} if rob else result)
+        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing)
+    if missing:
+        log.warning("%d cell(s) not finished, left out of the table: %s", len(missing), ", ".join(missing))
+    if not cells:
+        raise InputError(f"no finished cell under {work} for this grid (missing: {', '.join(missing)})")
+    return write_grid(cells, spec, out, time.perf_counter() - t0, missing) if missing else grid
 
 
-def write_grid(cells: list[dict], spec: GridSpec, out: Path, seconds: float) -> dict:
+def cell_metrics(result: dict, robustness: dict | None = None) -> dict[str, Any]:
+    """One cell as flat numbers for ``dvc metrics`` / ``dvc exp show``: AUC and TPR at FPR 1e-2 per eval set, the
+    in-source AUC, the mean cross-source AUC and, with a robustness record, the mean cross-source AUC per
+    degradation."""
+    ev, train = result["eval"], result["train_source"]
+    sets = [s for s in ev if s != "mean"]
+    cross = [s for s in sets if s != train]
+    out: dict[str, Any] = {"in_source_auc": float(ev[train]["clean"]["auc"]) if train in ev else None,
+                           "mean_cross_auc": float(np.mean([ev[s]["clean"]["auc"] for s in cross])) if cross else None,
+                           "auc": {s: float(ev[s]["clean"]["auc"]) for s in sets},
+                           "tpr_at_fpr_1e-2": {s: float(ev[s]["clean"]["tpr_at_fpr_1e-2"]) for s in sets},
+                           "train_seconds": float(result.get("train_seconds", 0.0))}
+    if robustness:
+        degs = ["clean", *robustness["degradations"]]
+        out["robustness_cross_auc"] = {d: float(np.mean([robustness["auc"][s][d] for s in robustness["sets"]]))
+                                       for d in degs}
+    return out
+
+
+def write_grid(cells: list[dict], spec: GridSpec, out: Path, seconds: float, missing: list[str] | None = None) -> dict:
     """``grid.json`` (every cell) and ``table.md``, rewritten after each cell so partial results show."""
     grid = {"spec": dataclasses.asdict(spec), "cells": cells, "seconds": seconds}
+    if missing:
+        grid["missing"] = list(missing)
     write_json(out / "grid.json", grid)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "table.md.tmp"
-    tmp.write_text(grid_table(cells, spec), encoding="utf-8")
-    tmp.replace(out / "table.md")
+    table = grid_table(cells, spec)
+    if missing:
+        table = f"Not finished, left out: {', '.join(missing)}.\n\n" + table
+    with atomic_open(out / "table.md", "w", encoding="utf-8") as fh:
+        fh.write(table)
     return grid
 
 
@@ -384,7 +528,31 @@ def grid_table(cells: list[dict], spec: GridSpec) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines += _deltas(sub, sets, spec)
+    lines += _robustness_table(cells, spec)
     return "\n".join(lines) + "\n"
+
+
+def _robustness_table(cells: list[dict], spec: GridSpec) -> list[str]:
+    """Per recipe: the cross-source AUC clean and under each degradation (each cell's mean over its cross-source
+    sets, then the mean over the recipe's cells: seeds and training sources), and the drop from clean."""
+    degs = list(spec.robustness.degradations)
+    done = [c for c in cells if c.get("robustness")]
+    if not degs or not done:
+        return []
+    head = ["recipe", "cells", "clean", *[f"{d} (drop)" for d in degs]]
+    out = ["### robustness (cross-source ROC AUC under degradations)", "",
+           "Each finished cell's ensemble scored again on its cross-source sets, each degradation applied to the "
+           "full-size decoded image before the checkpoint's preprocessing (stage 6). Mean over each cell's "
+           "cross-source sets, then over the recipe's cells (seeds and training sources); drop = degraded minus "
+           "clean. No retraining: the cells of the table above.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for recipe in dict.fromkeys(c["recipe"] for c in done):
+        runs = [c["robustness"] for c in done if c["recipe"] == recipe]
+        mean = {d: float(np.mean([np.mean([r["auc"][s][d] for s in r["sets"]]) for r in runs])) for d in ["clean", *degs]}
+        row = [recipe, str(len(runs)), f"{mean['clean']:.3f}",
+               *[f"{mean[d]:.3f} ({mean[d] - mean['clean']:+.3f})" for d in degs]]
+        out.append("| " + " | ".join(row) + " |")
+    return out + [""]
 
 
 def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:

@@ -1,6 +1,8 @@
 """The development benchmark's protocol (dfpipe.benchmark): held-out parts, identities, the table."""
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -160,3 +162,122 @@ def test_a_finished_cell_is_reused_with_its_scores_path_as_seen_from_here(tmp_pa
     (cell / "eval.json").write_text(json.dumps({"recipe": "a", "scores_csv": "elsewhere/scores.csv"}))
     out = run_cell(spec, "a", 0, src, {"s": src}, tmp_path / "work")
     assert out["recipe"] == "a" and out["scores_csv"] == str(cell / "scores.csv")
+
+
+# ----------------------------------------------------------------------------- robustness pass and DVC experiments
+def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys_alone(tmp_path):
+    from dataclasses import replace
+
+    from dfpipe import benchmark
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("recipes: {a: {img_size: 96}}\nrobustness: {degradations: [jpeg75, half], recipes: [a]}\n")
+    spec = load_grid(grid)
+    assert spec.robustness.degradations == ["jpeg75", "half"] and spec.robustness.bootstrap == 0
+    ecfg = recipe_config(spec, "a", 0)
+    assert benchmark._cell_key(spec, ecfg) == benchmark._cell_key(replace(spec, robustness=benchmark.RobustnessSpec()),
+                                                                  ecfg)
+    for bad, msg in (("degradations: [jpeg75, sharpen]", "unknown degradation 'sharpen'"),
+                     ("degradations: [clean]", "always scored"), ("degradations: [half, half]", "listed twice"),
+                     ("degradations: [half], recipes: [b]", "not in the grid"),
+                     ("degradatons: [half]", "degradatons")):
+        grid.write_text(f"recipes: {{a: {{img_size: 96}}}}\nrobustness: {{{bad}}}\n")
+        with pytest.raises((ConfigError, KeyError), match=msg):
+            load_grid(grid)
+
+
+def test_cell_metrics_are_flat_numbers_per_set():
+    from dfpipe.benchmark import cell_metrics
+
+    ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.1}} for s, a in (("src", 0.9), ("x", 0.6), ("y", 0.7))}
+    result = {"train_source": "src", "eval": {**ev, "mean": {}}, "train_seconds": 12.0}
+    rob = {"degradations": ["half"], "sets": ["x", "y"], "auc": {"x": {"clean": 0.6, "half": 0.5},
+                                                                 "y": {"clean": 0.7, "half": 0.4}}}
+    m = cell_metrics(result, rob)
+    assert m["in_source_auc"] == 0.9 and m["mean_cross_auc"] == pytest.approx(0.65)
+    assert m["auc"] == {"src": 0.9, "x": 0.6, "y": 0.7} and m["tpr_at_fpr_1e-2"]["x"] == 0.1
+    assert m["robustness_cross_auc"] == pytest.approx({"clean": 0.65, "half": 0.45})
+    assert "robustness_cross_auc" not in cell_metrics(result)
+
+
+def test_the_cell_stage_declares_exactly_the_params_it_reads():
+    """bench/grid: params.yaml holds every CellParams field, the stage lists each as a params dep, and the stage
+    runs from the repo root of its (temp) copy with that copy's package first on the path."""
+    import yaml
+
+    from dfpipe.benchmark_dvc import CellParams
+
+    fields = [f.name for f in dataclasses.fields(CellParams)]
+    params = yaml.safe_load(open("bench/grid/params.yaml"))
+    stage = yaml.safe_load(open("bench/grid/dvc.yaml"))["stages"]["cell"]
+    assert list(params) == fields and stage["params"] == fields
+    assert CellParams(**params) == CellParams()  # the file's defaults are the dataclass's
+    assert stage["cmd"].startswith("cd ../.. && PYTHONPATH=. python bench/benchmark.py cell ")
+    assert stage["metrics"] == [{"metrics.json": {"cache": False}}]
+    assert os.path.isfile("bench/grid/.dvc/config")  # a DVC project of its own: the root DAG never sees it
+
+
+def test_queue_status_is_read_by_column(monkeypatch):
+    from types import SimpleNamespace
+
+    from dfpipe import benchmark_dvc
+
+    text = ("Task     Name                      Created       Status\n"
+            "9945a13  demo-base-s0-666e98ed     09:26 AM      Success\n"
+            "5636620                            Nov 29, 2026  Failed\n"
+            "1ae8b65  folders-base-s0-666e98ed  09:31 AM      Running\n\n"
+            "Worker status: 1 active, 0 idle\n")
+    monkeypatch.setattr(benchmark_dvc, "dvc", lambda args, cwd, check=True: SimpleNamespace(stdout=text))
+    tasks, workers = benchmark_dvc.queue_status(Path("."))
+    assert tasks == [("demo-base-s0-666e98ed", "Success"), ("", "Failed"), ("folders-base-s0-666e98ed", "Running")]
+    assert workers == 1
+    monkeypatch.setattr(benchmark_dvc, "dvc", lambda args, cwd, check=True: SimpleNamespace(
+        stdout="No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n"))
+    assert benchmark_dvc.queue_status(Path(".")) == ([], 0)
+
+
+def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
+    import subprocess
+
+    from dfpipe.benchmark_dvc import _check_tree
+    from dfpipe.errors import InputError
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dfpipe").mkdir()
+    (tmp_path / "dfpipe" / "a.py").write_text("")
+    (tmp_path / "grid.yaml").write_text("")
+    with pytest.raises(InputError):  # no commit yet
+        _check_tree(tmp_path, "grid.yaml")
+    git("add", "dfpipe")
+    git("commit", "-qm", "a")
+    with pytest.raises(InputError, match="grid.yaml is not tracked"):
+        _check_tree(tmp_path, "grid.yaml")
+    git("add", "grid.yaml")  # staged is enough: queued runs take the changes to tracked files along
+    _check_tree(tmp_path, "grid.yaml")
+    (tmp_path / "bench" / "grid").mkdir(parents=True)
+    (tmp_path / "bench" / "grid" / "metrics.json").write_text("{}")  # what a run in the workspace leaves: harmless
+    _check_tree(tmp_path, "grid.yaml")
+    (tmp_path / "dfpipe" / "new.py").write_text("")
+    with pytest.raises(InputError, match=r"untracked file\(s\).*dfpipe/new.py.*git add"):
+        _check_tree(tmp_path, "grid.yaml")
+
+
+def test_the_script_keeps_its_former_interface(monkeypatch):
+    """`bench/benchmark.py --grid ...` (no subcommand) still runs the grid in-process; `table` trains nothing."""
+    import importlib.util
+
+    from dfpipe import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "run_grid", lambda spec, work, out, recipes, train: calls.append(
+        (work, out, recipes, train)))
+    mod_spec = importlib.util.spec_from_file_location("bench_benchmark", "bench/benchmark.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    mod.main(["--grid", "bench/grid.yaml", "--work", "w", "--out", "o", "--recipes", "npr"])
+    mod.main(["table", "--work", "w2"])
+    assert calls == [("w", "o", ["npr"], True), ("w2", "reports/benchmark", None, False)]

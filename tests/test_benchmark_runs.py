@@ -1,0 +1,199 @@
+"""The benchmark grid run for real on two tiny sources (CPU): in-process with its robustness pass, and as DVC
+experiments through ``dvc exp run --queue`` + ``dvc queue start`` in a temp git repo (issue 16, items 1-2).
+
+Slow: about 40 s for the in-process grid, about 80 s more for the queue, on 2 busy cores."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dfpipe.benchmark import cell_dir, load_grid, load_sources, run_grid
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+RECIPE = {"img_size": 32, "batch_size": 16, "lr_ref_batch": 16, "lr": 0.002, "augment": "light",
+          "use_augmented": False, "loss": {"ce": 1.0, "kl": 0.0, "nce": 0.0}}
+
+
+def _grid(data_root: Path, robustness: dict | None = None) -> dict:
+    return {"data_root": str(data_root), "params": str(REPO / "params.yaml"), "sources": ["demo", "folders"],
+            "seeds": [0], "epochs": 1, "heldout": 0.3, "baseline": "base",
+            "augment": {"fakes_per_real": 0.25, "workers": 1},
+            "split": {"kmeans_backend": "sklearn", "n_clusters": 3, "n_folds": 2, "img_size": 32, "batch_size": 32,
+                      "contact_sheet": ""},
+            "predict": {"tta": ["identity"], "batch_size": 32},
+            "evaluate": {"degradations": [], "bootstrap": 0, "batch_size": 32, "workers": 0},
+            "recipes": {"base": RECIPE},
+            "robustness": robustness or {"degradations": ["jpeg50", "half"]}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two sources: the demo dataset (competition layout) and real/ + fake/ folders; a grid of 2 cells."""
+    from dfpipe.demo import make_demo_dataset
+
+    from conftest import photo_like, write_jpeg
+
+    t = tmp_path_factory.mktemp("bench")
+    data = t / "data"
+    make_demo_dataset(data / "demo", seed=0, n_train=40, n_val=24, n_test=2, size_range=(48, 64),
+                      fake_kinds=dict.fromkeys(("train", "val", "test"), ["upsample"]))
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        write_jpeg(data / "folders" / "real" / f"r{i:02d}.jpg", photo_like(rng, 48, 48))
+        img = photo_like(rng, 24, 24).repeat(2, axis=0).repeat(2, axis=1)  # blocky up-sampling: the "fakes"
+        write_jpeg(data / "folders" / "fake" / f"f{i:02d}.jpg", img)
+    grid = t / "grid.yaml"
+    grid.write_text(yaml.safe_dump(_grid(data)))
+    return t, data, grid
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny, one_torch_thread):
+    t, _, grid = tiny
+    t0 = time.perf_counter()
+    out = run_grid(load_grid(grid), t / "work", t / "out")
+    return out, time.perf_counter() - t0
+
+
+def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_process):
+    t, _, grid_path = tiny
+    grid, seconds = in_process
+    spec = load_grid(grid_path)
+    print(f"in-process grid: 2 cells + robustness in {seconds:.0f} s")
+    assert [(c["train_source"], c["recipe"]) for c in grid["cells"]] == [("demo", "base"), ("folders", "base")]
+    for c in grid["cells"]:
+        rob = c["robustness"]
+        cross = "folders" if c["train_source"] == "demo" else "demo"
+        assert rob["sets"] == [cross] and rob["degradations"] == ["jpeg50", "half"]
+        # the pass re-scores the cell's own card: clean equals the cell's own stage-6 AUC on that set
+        assert rob["auc"][cross]["clean"] == pytest.approx(c["eval"][cross]["clean"]["auc"], abs=1e-9)
+        assert set(rob["auc"][cross]) == {"clean", "jpeg50", "half"}
+        # cached in the cell's folder, beside (not in) the cell's own results
+        cell = cell_dir(spec, "base", 0, c["train_source"], t / "work")
+        assert len(list(cell.glob("robustness_*.json"))) == 1 and (cell / "eval.json").is_file()
+    table = (t / "out" / "table.md").read_text()
+    assert "### robustness (cross-source ROC AUC under degradations)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| base | 2 |"))
+    clean = np.mean([c["robustness"]["auc"][c["robustness"]["sets"][0]]["clean"] for c in grid["cells"]])
+    half = np.mean([c["robustness"]["auc"][c["robustness"]["sets"][0]]["half"] for c in grid["cells"]])
+    assert row.split(" | ")[2] == f"{clean:.3f}" and f"{half:.3f} ({half - clean:+.3f})" in row
+    assert json.loads((t / "out" / "grid.json").read_text())["cells"][0]["robustness"] == grid["cells"][0]["robustness"]
+
+
+def test_robustness_is_cached_per_setting_and_never_changes_a_cell(tiny, in_process, monkeypatch):
+    from dfpipe import benchmark, evaluate
+
+    t, _, grid_path = tiny
+    spec = load_grid(grid_path)
+    before = {c: (cell_dir(spec, "base", 0, c, t / "work") / "eval.json").read_bytes() for c in spec.sources}
+    other = replace(spec, robustness=replace(spec.robustness, degradations=["blur1"]))
+    for s in (replace(spec, robustness=benchmark.RobustnessSpec()), other):  # no pass / another pass: same cells
+        assert {c: cell_dir(s, "base", 0, c, t / "work") for c in spec.sources} == \
+               {c: cell_dir(spec, "base", 0, c, t / "work") for c in spec.sources}
+
+    def no_scoring(cfg):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(evaluate, "run_evaluate", no_scoring)
+    again = run_grid(spec, t / "work", t / "out2", train=False)  # everything cached: gathers, scores nothing
+    assert again["cells"] == in_process[0]["cells"] and "missing" not in again
+    sources = load_sources(spec)
+    with pytest.raises(AssertionError, match="scored again"):  # another degradation list is another record
+        benchmark.run_robustness(other, "base", 0, sources["demo"], sources, t / "work")
+    assert {c: (cell_dir(spec, "base", 0, c, t / "work") / "eval.json").read_bytes() for c in spec.sources} == before
+
+
+def test_table_lists_unfinished_cells_and_trains_nothing(tiny, in_process):
+    t, _, grid_path = tiny
+    spec = load_grid(grid_path)
+    spec = replace(spec, seeds=[0, 7])  # seed 7 never ran
+    grid = run_grid(spec, t / "work", t / "out3", train=False)
+    assert len(grid["cells"]) == 2 and grid["missing"] == ["demo/base/s7", "folders/base/s7"]
+    assert (t / "out3" / "table.md").read_text().startswith("Not finished, left out: demo/base/s7, folders/base/s7.")
+    assert not cell_dir(spec, "base", 7, "demo", t / "work").exists()
+
+
+# ----------------------------------------------------------------------------- the grid as DVC experiments
+def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def _repo_copy(dst: Path, grid: dict) -> None:
+    """What a queued cell needs, committed in a fresh git repo: the package, the entry script, root params and the
+    bench/grid DVC project; the grid file with this test's tiny settings."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "dfpipe", dst / "dfpipe", ignore=ignore)
+    shutil.copytree(REPO / "bench" / "grid", dst / "bench" / "grid", ignore=shutil.ignore_patterns("tmp", "metrics.json"))
+    for f in ("bench/benchmark.py", "params.yaml", ".gitignore", "dvc.yaml", "dvc.lock", ".dvcignore", ".dvc/config",
+              ".dvc/.gitignore"):  # the root DVC project too: the cell's project sits inside it, as in the repo
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+    (dst / "bench" / "grid.yaml").write_text(yaml.safe_dump({**grid, "params": "params.yaml"}))
+
+
+def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
+    """`bench/benchmark.py queue`: one queued experiment per cell, run by `dvc queue start`, each listed by
+    `dvc exp show` with its params and metrics, then the table. The demo cell is reused from the in-process run
+    (the queue's own overhead); the folders cell trains in the queue."""
+    import os
+
+    from dfpipe.benchmark_dvc import exp_name
+
+    t, data, _ = tiny
+    repo = tmp_path / "repo"
+    _repo_copy(repo, _grid(data))
+    env = {**os.environ, "PYTHONPATH": str(repo), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    _run(["git", "init", "-q"], repo, env)
+    for k, v in (("user.name", "t"), ("user.email", "t@example.com")):  # dvc commits each experiment
+        _run(["git", "config", k, v], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny grid"], repo, env)
+    work = tmp_path / "work"
+    shutil.copytree(t / "work", work)
+    spec = load_grid(repo / "bench" / "grid.yaml")
+    shutil.rmtree(cell_dir(spec, "base", 0, "folders", work))  # trains again, in the queue (stages 1-3 reused)
+
+    cmd = [sys.executable, "bench/benchmark.py", "queue", "--grid", "bench/grid.yaml", "--work", str(work),
+           "--out", str(tmp_path / "out"), "--poll", "1"]
+    t0 = time.perf_counter()
+    res = _run(cmd, repo, env)
+    wall = time.perf_counter() - t0
+    project = repo / "bench" / "grid"
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, env).stdout)
+    exps = {e["name"]: e["revs"][0]["data"] for e in shown[1]["experiments"]}
+    names = [exp_name(spec, "base", 0, s) for s in ("demo", "folders")]
+    assert sorted(exps) == sorted(names), res.stderr[-3000:]
+    cell_s = {}
+    for src, name in zip(("demo", "folders"), names):
+        params = exps[name]["params"]["params.yaml"]["data"]
+        assert (params["source"], params["recipe"], params["seed"]) == (src, "base", 0)
+        assert params["work"] == str(work) and params["data_root"] == str(data)
+        m = exps[name]["metrics"]["metrics.json"]["data"]
+        other = "folders" if src == "demo" else "demo"
+        assert m["auc"][src] == m["in_source_auc"] and m["mean_cross_auc"] == m["auc"][other]
+        assert set(m["robustness_cross_auc"]) == {"clean", "jpeg50", "half"}
+        assert m["robustness_cross_auc"]["clean"] == pytest.approx(m["mean_cross_auc"], abs=1e-9)
+        cell_s[src] = m["cell_seconds"]
+    assert (cell_dir(spec, "base", 0, "folders", work) / "eval.json").is_file()  # trained by the queue, in `work`
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| base | 2 |" in table and "### trained on folders" in table and "Not finished" not in table
+    print(f"queue: 2 cells in {wall:.0f} s wall; cells' own work {cell_s['demo']:.1f} s (reused) + "
+          f"{cell_s['folders']:.1f} s (trained): overhead {(wall - sum(cell_s.values())) / 2:.1f} s per queued cell")
+
+    assert "cell" not in _run([sys.executable, "-m", "dvc", "stage", "list"], repo, env).stdout  # root DAG: unchanged
+    again = _run(cmd, repo, env)  # every cell is kept on this commit: nothing queued, the table written again
+    assert "queued 0 cell(s)" in again.stderr and "2 already kept on this commit" in again.stderr
+    _run([sys.executable, "-m", "dvc", "queue", "stop"], project, env)
