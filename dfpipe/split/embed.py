@@ -1,8 +1,9 @@
 """Pooled backbone features for every image of the pool: batched, L2-normalised, float16.
 
-:func:`embed_to_file` streams them batch by batch into a ``.npy`` memmap (plus a CSV index row -> uid),
-so embedding 500k images needs memory for one batch, not for all features (500k x 1280 float16 = 1.3 GB
-on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
+:func:`embed_to_file` appends them batch by batch to a ``.npy`` file (plus a CSV index row -> uid), and
+:func:`load_features` reads it back row by row on demand (:mod:`.features`: file reads, no memmap), so
+embedding and clustering 500k images need memory for a batch, not for all features (500k x 1280
+float16 = 1.3 GB on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
 On CUDA: bf16 autocast and channels_last; always ``torch.inference_mode``.
 """
 
@@ -24,8 +25,9 @@ from ..data.preprocess import InputPolicy
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
 from ..errors import DataError
-from ..io import atomic_path, write_csv
+from ..io import atomic_open, write_csv
 from ..models import create_backbone, normalization
+from .features import FeatureFile, FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +76,16 @@ def embed_to_file(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_siz
                   workers: int = -1) -> tuple[int, int]:
     """Write (N, D) float16 features of ``pool`` (in pool order) to the ``.npy`` file ``path``.
 
-    Each batch goes straight into a memmap of a temp file renamed onto ``path`` when complete, so a
-    killed run never leaves a partial features file. Returns (N, D).
+    Each batch is appended to a temp file renamed onto ``path`` when complete, so a killed run never
+    leaves a partial features file. Returns (N, D).
     """
     if len(pool) == 0:
         raise DataError("no original images to embed")
-    out, row = None, 0
-    with atomic_path(path) as tmp:
+    with atomic_open(path, "wb") as fh:
+        out = FeatureWriter(fh, len(pool), np.float16)
         for f in embed_batches(pool, model, img_size, batch_size, workers):
-            if out is None:  # D is known once the model has run
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(pool), f.shape[1]))
-            out[row:row + len(f)] = f
-            row += len(f)
-        if row != len(pool):
-            raise RuntimeError(f"embedded {row} of {len(pool)} images")
-        dim = out.shape[1]
-        out.flush()
-        del out  # close the memmap before the rename
+            out.write(f)
+        row, dim = out.close()
     log.info("streamed %d x %d float16 features to %s", row, dim, path)
     return row, dim
 
@@ -101,6 +96,6 @@ def write_index(pool: pd.DataFrame, path: str | Path) -> None:
     write_csv(path, index[INDEX_COLUMNS])
 
 
-def load_features(path: str | Path) -> np.ndarray:
-    """The features file as a read-only memmap: rows are read from disk only when used."""
-    return np.load(path, mmap_mode="r")
+def load_features(path: str | Path) -> FeatureFile:
+    """The features file, read-only: rows are read from disk when indexed, and not kept (no memmap)."""
+    return FeatureFile(path)
