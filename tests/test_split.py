@@ -320,6 +320,22 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     assert not torch.is_inference_mode_enabled()  # the generator leaves inference mode between batches
 
 
+def test_embedding_decoded_in_worker_processes_equals_in_process(tmp_path, rng):
+    from dfpipe.data.decode_pool import store_batches
+    from dfpipe.data.preprocess import InputPolicy
+    from dfpipe.split.embed import embed_pool
+
+    pool = image_pool(tmp_path, rng, n=13)
+    model = tiny_model()
+    here = embed_pool(pool, TINY, "none", 32, batch_size=4, workers=0, model=model)
+    np.testing.assert_array_equal(embed_pool(pool, TINY, "none", 32, batch_size=4, workers=2, model=model), here)
+    policy = InputPolicy("resize", 16)
+    args = (pool.cache_path.to_numpy(), pool.cache_index.to_numpy(), policy, 5)
+    a, b = list(store_batches(*args, workers=0)), list(store_batches(*args, workers=2))
+    assert [x.shape for x in a] == [(5, 16, 16, 3), (5, 16, 16, 3), (3, 16, 16, 3)] and a[0].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
 def test_feature_file_reads_rows_like_the_array(tmp_path, rng, monkeypatch):
     from dfpipe.errors import DataError
     from dfpipe.split import features

@@ -17,10 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import StoreDataset
+from ..data.decode_pool import store_batches
 from ..data.preprocess import InputPolicy
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
@@ -46,16 +45,21 @@ def load_backbone(backbone: str, pretrained: str, device: torch.device | None = 
 
 def embed_batches(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_size: int, workers: int = -1
                   ) -> Iterator[np.ndarray]:
-    """(B, D) float16 L2-normalised pooled features per batch, in pool order."""
+    """(B, D) float16 L2-normalised pooled features per batch, in pool order.
+
+    Images are decoded in ``workers`` spawned processes (:mod:`dfpipe.data.decode_pool`; -1 = auto, 0 = in
+    this one), not in DataLoader forks of this process, which would each count its torch memory again.
+    """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     mean, std = normalization(model)
     model.eval()
     policy = InputPolicy("resize", img_size)  # the whole image, squashed: clusters are about content
-    loader = DataLoader(StoreDataset(pool, [policy]), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers(workers), pin_memory=cuda)
-    for xs, _, _ in tqdm(loader, desc="embed", unit="batch"):
-        x = xs[policy.key]  # uint8 (B, S, S, 3)
+    batches = store_batches(pool.cache_path.to_numpy(), pool.cache_index.to_numpy(), policy, batch_size,
+                            num_workers(workers))
+    for batch in tqdm(batches, desc="embed", unit="batch", total=-(-len(pool) // batch_size)):
+        x = torch.from_numpy(batch)  # uint8 (B, S, S, 3)
+        x = x.pin_memory() if cuda else x
         with torch.inference_mode(), autocast(device):  # left before the yield: the caller runs outside it
             x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, cuda)  # (B, 3, S, S)
             f = torch.nn.functional.normalize(model(x).float(), dim=1)  # (B, D) pooled features
