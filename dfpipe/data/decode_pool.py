@@ -22,19 +22,24 @@ import numpy as np
 from .preprocess import InputPolicy, fit
 from .store import StoreReader
 
-_READER: StoreReader | None = None  # one per worker process (and one for in-process decoding)
+_READER: StoreReader | None = None  # a worker's, for the life of its pool (one store_batches call)
 
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one batch per worker at a time: OpenCV threads on top would oversubscribe the cores
 
 
-def decode_batch(paths: Sequence[str], indexes: Sequence[int], policy: InputPolicy) -> np.ndarray:
+def decode_batch(reader: StoreReader, paths: Sequence[str], indexes: Sequence[int], policy: InputPolicy
+                 ) -> np.ndarray:
     """(B, S, S, 3) uint8 RGB: image ``indexes[i]`` of shard ``paths[i]``, fitted to ``policy`` (no rng)."""
+    return np.stack([fit(reader.image(p, int(i)), policy) for p, i in zip(paths, indexes)])
+
+
+def _decode_in_worker(paths: list[str], indexes: list[int], policy: InputPolicy) -> np.ndarray:
     global _READER
     if _READER is None:
         _READER = StoreReader()
-    return np.stack([fit(_READER.image(p, int(i)), policy) for p, i in zip(paths, indexes)])
+    return decode_batch(_READER, paths, indexes, policy)
 
 
 def store_batches(paths: Sequence[str], indexes: Sequence[int], policy: InputPolicy, batch_size: int,
@@ -48,8 +53,12 @@ def store_batches(paths: Sequence[str], indexes: Sequence[int], policy: InputPol
     tasks = ((list(paths[s:s + batch_size]), [int(i) for i in indexes[s:s + batch_size]], policy)
              for s in range(0, len(paths), batch_size))
     if workers <= 0:
-        for task in tasks:
-            yield decode_batch(*task)
+        reader = StoreReader()  # a fresh one per call: it caches shard indexes, and a store may be rewritten
+        try:
+            for task in tasks:
+                yield decode_batch(reader, *task)
+        finally:
+            reader.close()
         return
     # spawn, not fork: a fork would carry the caller's memory (and any lock a torch or OpenCV thread holds)
     ctx = multiprocessing.get_context("spawn")
@@ -57,7 +66,7 @@ def store_batches(paths: Sequence[str], indexes: Sequence[int], policy: InputPol
     try:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.submit(decode_batch, *task))
+            pending.append(pool.submit(_decode_in_worker, *task))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
