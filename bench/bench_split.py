@@ -6,9 +6,9 @@ Writes N cheap procedural images (--store-size px, default --size) as a stage-1 
 dir (lossless PNG shards of --shard-images images with ``dfpipe.data.store.write_png_shard``, a manifest
 and ``store.json``; ``make_cache`` times it and gives the store's bytes), reads the pool back with
 ``dfpipe.data.samples.load_pool`` as stage 3 does, and streams its features (tf_efficientnet_lite0,
-bundled weights, each stored image decoded and resized to --size px by ``StoreDataset``) batch by batch
-into a float16 ``.npy`` memmap with ``dfpipe.split.embed.embed_to_file`` (``--embed-in-memory`` also
-times the in-memory ``embed_pool``). On the memmap it then times every k-means path of
+bundled weights, each stored image decoded and resized to --size px as stage 3 does) batch by batch
+into a float16 ``.npy`` with ``dfpipe.split.embed.embed_to_file`` (``--embed-in-memory`` also
+times the in-memory ``embed_pool``). On the file (as a memmap) it then times every k-means path of
 ``dfpipe.split.kmeans``: in-memory ``KMeans`` (n_init 4, what stage 3 uses up to ``minibatch_above``
 rows), the chunked ``MiniBatchKMeans.partial_fit`` path (what it uses above), and ``torch_kmeans`` on
 CPU (and on CUDA when present), with their agreement (adjusted Rand index) with ``KMeans``; then

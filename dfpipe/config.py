@@ -192,7 +192,7 @@ class SplitConfig:
     augmented_dir: str = "data/augmented"
     out_csv: str = "data/splits.csv"
     report: str = "data/cluster_report.json"
-    features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back as a memmap
+    features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back in chunks
     features_index: str = "data/features_index.csv"  # row of features.npy -> uid, img_name, label, origin
     embedder: Embedder = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
     backbone: str = "tf_efficientnet_lite0"

@@ -298,6 +298,7 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     import torch
 
     from dfpipe.split.embed import embed_pool, embed_to_file, load_features, write_index
+    from dfpipe.split.features import FeatureFile
 
     pool = image_pool(tmp_path, rng, n=11)
     model = tiny_model()
@@ -305,8 +306,9 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     n, d = embed_to_file(pool, model, 32, 4, tmp_path / "f.npy", workers=0)
     write_index(pool, tmp_path / "f.csv")
     disk = load_features(tmp_path / "f.npy")
-    assert isinstance(disk, np.memmap) and disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
+    assert isinstance(disk, FeatureFile) and disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
     np.testing.assert_array_equal(np.asarray(disk), mem)
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), mem)  # a plain .npy file
     np.testing.assert_allclose(np.linalg.norm(mem.astype(np.float32), axis=1), 1, atol=2e-3)
     # row i really is image i: embed image 7 alone
     one = embed_pool(pool.iloc[[7]], TINY, "none", 32, batch_size=1, workers=0, model=model)
@@ -316,6 +318,55 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "train-000000.bin",
                                                           "train-000000.idx.npy"]  # no temp files
     assert not torch.is_inference_mode_enabled()  # the generator leaves inference mode between batches
+
+
+def test_embedding_decoded_in_worker_processes_equals_in_process(tmp_path, rng):
+    from dfpipe.data.decode_pool import store_batches
+    from dfpipe.data.preprocess import InputPolicy
+    from dfpipe.split.embed import embed_pool
+
+    pool = image_pool(tmp_path, rng, n=13)
+    model = tiny_model()
+    here = embed_pool(pool, TINY, "none", 32, batch_size=4, workers=0, model=model)
+    np.testing.assert_array_equal(embed_pool(pool, TINY, "none", 32, batch_size=4, workers=2, model=model), here)
+    policy = InputPolicy("resize", 16)
+    args = (pool.cache_path.to_numpy(), pool.cache_index.to_numpy(), policy, 5)
+    a, b = list(store_batches(*args, workers=0)), list(store_batches(*args, workers=2))
+    assert [x.shape for x in a] == [(5, 16, 16, 3), (5, 16, 16, 3), (3, 16, 16, 3)] and a[0].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_feature_file_reads_rows_like_the_array(tmp_path, rng, monkeypatch):
+    from dfpipe.errors import DataError
+    from dfpipe.split import features
+    from dfpipe.split.features import FeatureFile, FeatureWriter
+
+    monkeypatch.setattr(features, "BLOCK_BYTES", 3 * 10 * 2)  # an index selection is read 3 rows at a time
+    a = rng.normal(size=(50, 10)).astype(np.float16)
+    with open(tmp_path / "f.npy", "wb") as fh:
+        w = FeatureWriter(fh, len(a))
+        for s in range(0, len(a), 7):
+            w.write(a[s:s + 7])
+        assert w.close() == (50, 10)
+    np.save(tmp_path / "saved.npy", a)
+    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()  # np.save's bytes
+    f = FeatureFile(tmp_path / "f.npy")
+    assert (len(f), f.shape, f.dtype) == (50, (50, 10), np.float16)
+    idx = np.array([49, 3, 3, -1, 0, 17, 18, 40, 2])  # unsorted, repeated, negative
+    for key in (7, -2, slice(None), slice(5, 23), slice(40, 80), slice(30, 10), slice(1, 40, 4), idx,
+                idx[:0], a[:, 0] > 0, np.flatnonzero(a[:, 1] > 0)):
+        np.testing.assert_array_equal(f[key], a[key])
+    np.testing.assert_array_equal(np.asarray(f, dtype=np.float32), a.astype(np.float32))
+    with pytest.raises(IndexError):
+        f[np.array([50])]
+    with pytest.raises(RuntimeError, match="wrote 7 of 9"):
+        with open(tmp_path / "g.npy", "wb") as fh:
+            w = FeatureWriter(fh, 9)
+            w.write(a[:7])
+            w.close()
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "f.npy").read_bytes()[:-5])
+    with pytest.raises(DataError, match="cut short"):
+        FeatureFile(tmp_path / "cut.npy")
 
 
 def test_checkpoint_embedder_loads_any_timm_model_from_a_local_file(tmp_path, rng):
@@ -365,6 +416,7 @@ def test_finetune_needs_both_classes(tmp_path, rng):
 @pytest.mark.parametrize("engine", ["minibatch", "torch"])
 def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, rng, monkeypatch, engine):
     from dfpipe.split import kmeans
+    from dfpipe.split.features import FeatureFile
 
     monkeypatch.setattr(kmeans, "INIT_SAMPLE", 100)  # < n: the chunked path starts from a sample
     monkeypatch.setattr(kmeans, "READ_ROWS", 64)  # several chunks
@@ -376,10 +428,23 @@ def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, 
     assert labels.shape == (240,) and same_partition(labels, truth)
     np.testing.assert_array_equal(labels, kmeans.kmeans_labels(mm, 4, seed=0, engine=eng))  # same seed
     np.testing.assert_array_equal(labels, kmeans.kmeans_labels(feats, 4, seed=0, engine=eng))  # array == memmap
+    ff = FeatureFile(tmp_path / "f.npy")  # stage 3's reader: chunked file reads give the same result
+    np.testing.assert_array_equal(labels, kmeans.kmeans_labels(ff, 4, seed=0, engine=eng))
     rows = np.flatnonzero(truth >= 2)  # a subset, as per-class clustering reads it
     sub = kmeans.kmeans_labels(mm, 2, seed=0, rows=rows, engine=eng)
     assert same_partition(sub, truth[rows])
+    np.testing.assert_array_equal(sub, kmeans.kmeans_labels(ff, 2, seed=0, rows=rows, engine=eng))
     assert kmeans.kmeans_labels(mm, 1, seed=0, engine=eng).tolist() == [0] * 240
+
+
+def test_split_from_the_features_file_equals_the_split_in_memory(tmp_path, rng):
+    from dfpipe.split.features import FeatureFile
+
+    pool, feats = make_pool(rng)
+    np.save(tmp_path / "f.npy", feats)
+    for k, per_class in ((0, False), (2, True)):  # k chosen by silhouette (sampled rows), and per class
+        a = split_pool(pool, FeatureFile(tmp_path / "f.npy"), k, per_class, n_folds=2, seed=1)
+        pd.testing.assert_frame_equal(a, split_pool(pool, feats, k, per_class, n_folds=2, seed=1))
 
 
 def test_torch_engine_splits_like_sklearn_on_blobs(rng):

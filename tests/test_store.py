@@ -183,3 +183,35 @@ def test_preprocess_record_round_trips_and_rejects_unknown_keys():
     d["input"]["jitter"] = 1
     with pytest.raises(DataError, match="unknown InputPolicy keys"):
         Preprocess.from_dict(d)
+
+
+# --------------------------------------------------------------------------- the pool of stages 3-5
+def test_load_pool_reads_only_the_manifest_columns_it_uses(tmp_path):
+    from dfpipe.data.samples import POOL_COLUMNS, load_manifest
+
+    prep, aug = tmp_path / "p", tmp_path / "a"
+    prep.mkdir()
+    aug.mkdir()
+    # stage 1's manifest without dup_group (from before dedup), with columns the pool never uses
+    pd.DataFrame({"uid": ["train/a.jpg", "val/b.jpg", "test/c.jpg", "train/d.jpg", "train/e.jpg"],
+                  "img_name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+                  "split": ["train", "val", "test", "train", "train"], "label": [0, 1, -1, 1, 1],
+                  "path": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg", "/x/d.jpg", "/x/e.jpg"],
+                  "cache_file": ["train-000000.bin", "val-000000.bin", "test-000000.bin", "train-000000.bin",
+                                 "train-000001.bin"],
+                  "cache_index": [0, 0, 0, -1, 0], "error": ["", "", "", "corrupt", ""],
+                  "phash": ["ab", "cd", "ef", "", "01"]}).to_csv(prep / "manifest.csv", index=False)
+    pd.DataFrame({"uid": ["aug/x.png"], "img_name": ["x.png"], "label": [1], "source_uid": ["train/a.jpg"],
+                  "donor_uid": ["val/b.jpg"], "method": ["splice"], "params": ['{"k": 1}'], "seed": [7],
+                  "mask_path": ["masks/x.png"], "cache_file": ["aug-000000.bin"], "cache_index": [0]}
+                 ).to_csv(aug / "manifest.csv", index=False)
+    pool = load_pool(prep, aug)
+    assert list(pool.columns) == POOL_COLUMNS
+    assert pool.uid.tolist() == ["train/a.jpg", "val/b.jpg", "train/e.jpg", "aug/x.png"]  # no test, no failed image
+    assert pool.cache_path.tolist() == [str(prep / "train-000000.bin"), str(prep / "val-000000.bin"),
+                                        str(prep / "train-000001.bin"), str(aug / "aug-000000.bin")]
+    assert pool.origin.tolist() == ["train", "val", "train", "aug"] and pool.dup_group.tolist() == [-1] * 4
+    assert pool.donor_uid.tolist() == ["", "", "", "val/b.jpg"] and pool.method.tolist()[-2:] == ["original", "splice"]
+    assert pool.source_uid.tolist() == ["train/a.jpg", "val/b.jpg", "train/e.jpg", "train/a.jpg"]
+    man = load_manifest(prep, columns=("uid", "cache_index", "dup_group"))  # a column the file lacks: left out
+    assert list(man.columns) == ["uid", "cache_index"] and len(man) == 4

@@ -28,7 +28,7 @@ def choose_k(feats: np.ndarray, candidates: Sequence[int], seed: int, sample_siz
     """The candidate k with the best (sampled) silhouette score, and every candidate's score.
 
     Candidates are clamped to 2..N-1 (where a silhouette is defined) and deduplicated; ties go to the
-    smaller k. With fewer than 3 samples there is nothing to choose: k = 1. ``feats`` may be a memmap;
+    smaller k. With fewer than 3 samples there is nothing to choose: k = 1. ``feats`` may be the features file;
     ``rows`` selects a subset (see :mod:`dfpipe.split.kmeans`).
     """
     n = n_rows(feats, rows)
@@ -51,7 +51,7 @@ def sampled_silhouette(feats: np.ndarray, rows: np.ndarray | None, labels: np.nd
     """``silhouette_score(x, labels, sample_size, random_state=seed)``, reading only the sampled rows.
 
     Same sample (sklearn draws ``RandomState(seed).permutation(n)[:sample_size]``) and same value, but a
-    memmap of any size is never loaded whole.
+    features file of any size is never loaded whole.
     """
     from sklearn.metrics import silhouette_samples
 
@@ -215,9 +215,10 @@ def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence
 
     ``n_clusters`` 0: k chosen by silhouette among ``k_candidates`` (:func:`select_k`).
 
-    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order (an array or the
-    memmap of stage 3's features file). With a ``dup_group`` column (stage 1), near-duplicates always
-    share a fold (:func:`settle_near_duplicates`; ``kmeans_cluster`` keeps k-means' own id).
+    ``feats`` holds one row per *original* image (origin != 'aug'), in pool order (an array or stage 3's
+    features file, :class:`dfpipe.split.features.FeatureFile`). With a ``dup_group`` column (stage 1),
+    near-duplicates always share a fold (:func:`settle_near_duplicates`; ``kmeans_cluster`` keeps k-means'
+    own id).
     Generated images whose donor would leak into or out of ``val_fold`` are left out
     (:func:`attach_generated`). ``engine``: where k-means runs (default sklearn on CPU).
     """

@@ -1,8 +1,9 @@
 """Pooled backbone features for every image of the pool: batched, L2-normalised, float16.
 
-:func:`embed_to_file` streams them batch by batch into a ``.npy`` memmap (plus a CSV index row -> uid),
-so embedding 500k images needs memory for one batch, not for all features (500k x 1280 float16 = 1.3 GB
-on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
+:func:`embed_to_file` appends them batch by batch to a ``.npy`` file (plus a CSV index row -> uid), and
+:func:`load_features` reads it back row by row on demand (:mod:`.features`: file reads, no memmap), so
+embedding and clustering 500k images need memory for a batch, not for all features (500k x 1280
+float16 = 1.3 GB on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
 On CUDA: bf16 autocast and channels_last; always ``torch.inference_mode``.
 """
 
@@ -16,16 +17,16 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import StoreDataset
+from ..data.decode_pool import store_batches
 from ..data.preprocess import InputPolicy
 from ..data.transforms import to_model_input
 from ..device import autocast, num_workers, pick_device
 from ..errors import DataError
-from ..io import atomic_path, write_csv
+from ..io import atomic_open, write_csv
 from ..models import create_backbone, normalization
+from .features import FeatureFile, FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,21 @@ def load_backbone(backbone: str, pretrained: str, device: torch.device | None = 
 
 def embed_batches(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_size: int, workers: int = -1
                   ) -> Iterator[np.ndarray]:
-    """(B, D) float16 L2-normalised pooled features per batch, in pool order."""
+    """(B, D) float16 L2-normalised pooled features per batch, in pool order.
+
+    Images are decoded in ``workers`` spawned processes (:mod:`dfpipe.data.decode_pool`; -1 = auto, 0 = in
+    this one), not in DataLoader forks of this process, which would each count its torch memory again.
+    """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     mean, std = normalization(model)
     model.eval()
     policy = InputPolicy("resize", img_size)  # the whole image, squashed: clusters are about content
-    loader = DataLoader(StoreDataset(pool, [policy]), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers(workers), pin_memory=cuda)
-    for xs, _, _ in tqdm(loader, desc="embed", unit="batch"):
-        x = xs[policy.key]  # uint8 (B, S, S, 3)
+    batches = store_batches(pool.cache_path.to_numpy(), pool.cache_index.to_numpy(), policy, batch_size,
+                            num_workers(workers))
+    for batch in tqdm(batches, desc="embed", unit="batch", total=-(-len(pool) // batch_size)):
+        x = torch.from_numpy(batch)  # uint8 (B, S, S, 3)
+        x = x.pin_memory() if cuda else x
         with torch.inference_mode(), autocast(device):  # left before the yield: the caller runs outside it
             x = to_model_input(x.to(device, non_blocking=True), img_size, mean, std, cuda)  # (B, 3, S, S)
             f = torch.nn.functional.normalize(model(x).float(), dim=1)  # (B, D) pooled features
@@ -74,23 +80,16 @@ def embed_to_file(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_siz
                   workers: int = -1) -> tuple[int, int]:
     """Write (N, D) float16 features of ``pool`` (in pool order) to the ``.npy`` file ``path``.
 
-    Each batch goes straight into a memmap of a temp file renamed onto ``path`` when complete, so a
-    killed run never leaves a partial features file. Returns (N, D).
+    Each batch is appended to a temp file renamed onto ``path`` when complete, so a killed run never
+    leaves a partial features file. Returns (N, D).
     """
     if len(pool) == 0:
         raise DataError("no original images to embed")
-    out, row = None, 0
-    with atomic_path(path) as tmp:
+    with atomic_open(path, "wb") as fh:
+        out = FeatureWriter(fh, len(pool), np.float16)
         for f in embed_batches(pool, model, img_size, batch_size, workers):
-            if out is None:  # D is known once the model has run
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(pool), f.shape[1]))
-            out[row:row + len(f)] = f
-            row += len(f)
-        if row != len(pool):
-            raise RuntimeError(f"embedded {row} of {len(pool)} images")
-        dim = out.shape[1]
-        out.flush()
-        del out  # close the memmap before the rename
+            out.write(f)
+        row, dim = out.close()
     log.info("streamed %d x %d float16 features to %s", row, dim, path)
     return row, dim
 
@@ -101,6 +100,6 @@ def write_index(pool: pd.DataFrame, path: str | Path) -> None:
     write_csv(path, index[INDEX_COLUMNS])
 
 
-def load_features(path: str | Path) -> np.ndarray:
-    """The features file as a read-only memmap: rows are read from disk only when used."""
-    return np.load(path, mmap_mode="r")
+def load_features(path: str | Path) -> FeatureFile:
+    """The features file, read-only: rows are read from disk when indexed, and not kept (no memmap)."""
+    return FeatureFile(path)

@@ -1,8 +1,9 @@
 """k-means engines for stage 3: scikit-learn on CPU (in memory, or chunked over a features file) and
 torch_kmeans on a torch device (the GPU when there is one).
 
-Features may be an in-memory array or a read-only ``np.load(..., mmap_mode="r")`` memmap of float16
-rows; ``rows`` selects a subset (e.g. one class) without copying the rest. Which sklearn path runs:
+Features may be an in-memory array or stage 3's features file (:class:`dfpipe.split.features.FeatureFile`,
+or a ``np.load(..., mmap_mode="r")`` memmap) of float16 rows; ``rows`` selects a subset (e.g. one class)
+without copying the rest. Which sklearn path runs:
 
 * n <= ``minibatch_above`` (default 100 000): ``KMeans(n_init=4)`` on the rows as float32 in memory
   (100k x 1280 float32 = 490 MB);

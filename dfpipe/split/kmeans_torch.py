@@ -40,7 +40,7 @@ class LowMemoryKMeans(_TorchKMeans):
 
 
 def to_device(feats: np.ndarray, rows: np.ndarray | None, device: str | torch.device) -> torch.Tensor:
-    """(N, D) float32 tensor of the selected rows on ``device``, filled chunk by chunk from a memmap."""
+    """(N, D) float32 tensor of the selected rows on ``device``, filled chunk by chunk from the file."""
     n, d = n_rows(feats, rows), feats.shape[1]
     out = torch.empty((n, d), dtype=torch.float32, device=device)
     for s, chunk in iter_chunks(feats, rows):

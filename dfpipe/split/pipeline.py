@@ -57,7 +57,7 @@ def run(cfg: SplitConfig) -> pd.DataFrame:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the GPU to torch k-means
-    feats = load_features(cfg.features)  # memmap: k-means reads it in chunks when the pool is large
+    feats = load_features(cfg.features)  # rows read on demand: k-means reads it in chunks when the pool is large
     k, k_selection = cfg.n_clusters, None
     if k == 0:  # choose k by silhouette score
         k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
