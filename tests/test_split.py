@@ -290,8 +290,21 @@ def tiny_model(seed=0):
 
     from dfpipe.split.embed import load_backbone
 
-    torch.manual_seed(seed)
-    return load_backbone(TINY, "none", torch.device("cpu"))
+    return load_backbone(TINY, "none", torch.device("cpu"), seed=seed)
+
+
+def test_random_init_embedder_is_the_same_on_every_run_and_leaves_the_global_rng_alone():
+    """pretrained: none draws the weights from split.seed: stage 3's folds do not change from run to run."""
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = tiny_model(0), tiny_model(0), tiny_model(1)
+    assert torch.equal(torch.rand(1), before)  # the global generator did not move
+    for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
 def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):

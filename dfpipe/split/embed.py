@@ -33,13 +33,18 @@ log = logging.getLogger(__name__)
 INDEX_COLUMNS = ["row", "uid", "img_name", "label", "origin"]
 
 
-def load_backbone(backbone: str, pretrained: str, device: torch.device | None = None) -> nn.Module:
+def load_backbone(backbone: str, pretrained: str, device: torch.device | None = None, seed: int = 0) -> nn.Module:
     """timm ``backbone`` giving pooled (B, D) features, eval mode, on ``device`` (default: pick_device()).
 
-    ``pretrained``: ``bundled`` | ``timm`` | ``none`` | path of a local timm checkpoint (any timm model).
+    ``pretrained``: ``bundled`` | ``timm`` | ``none`` | path of a local timm checkpoint (any timm model). Any
+    weights the checkpoint does not set (all of them with ``none``) are drawn from ``seed``: the same features,
+    hence the same clusters and folds, on every run; the global torch generator is left as it was.
     """
     device = device or pick_device()
-    model = create_backbone(backbone, pretrained=pretrained, num_classes=0).eval().to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_backbone(backbone, pretrained=pretrained, num_classes=0)
+    model = model.eval().to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 

@@ -35,7 +35,7 @@ def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Modul
     info = {"embedder": cfg.embedder, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
             "img_size": cfg.img_size}
     if cfg.embedder == "pretrained":
-        return load_backbone(cfg.backbone, cfg.pretrained), info
+        return load_backbone(cfg.backbone, cfg.pretrained, seed=cfg.seed), info
     from .finetune import finetune_embedder
 
     train = orig[orig.origin == "train"]
