@@ -108,8 +108,9 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
     assert "seed" not in benchmark._shared_settings(spec)["augment"]
 
 
-def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert():
-    spec = load_grid("bench/grid.yaml")
+@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml"])
+def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
+    spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
     for name in spec.recipes:
         recipe_config(spec, name, 0)
