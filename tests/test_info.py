@@ -20,7 +20,7 @@ from dfpipe.models import EXPERTS, build_expert, expert_from_description
 from dfpipe.predict.experts import load_expert
 from dfpipe.train import loop
 from dfpipe.train.checkpoint import save_checkpoint
-from test_train import _cfg, _load, _run, _write_pool
+from test_train import _cfg, _load, _run, _write_pool, kill_at_epoch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 32
@@ -284,14 +284,7 @@ def test_the_loop_trains_with_branches_and_mixup_and_resumes_exactly(pool, monke
     ckpt = _load(pool / "models_a" / "e" / "best.pt")
     assert ckpt["description"]["info_heads"] == 2 and any(k.startswith("info.") for k in ckpt["state_dict"])
 
-    real_epoch = loop._train_epoch
-
-    def killed_at_epoch_2(*args, **kwargs):
-        if args[-1] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed_at_epoch_2)
+    real_epoch = kill_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _run(_cfg(pool, "models_b", **kw), pool, "b")
     monkeypatch.setattr(loop, "_train_epoch", real_epoch)

@@ -97,18 +97,25 @@ def _assert_same_tensors(a, b) -> None:
             _assert_same_tensors(x, y)
 
 
+def kill_at_epoch(monkeypatch, epoch: int):
+    """Make training raise KeyboardInterrupt as epoch ``epoch`` starts (a killed run); returns the real epoch
+    function, to put back with ``monkeypatch.setattr(loop, "_train_epoch", real)``."""
+    real_epoch = loop._train_epoch
+
+    def killed(*args, **kwargs):
+        if args[9] == epoch:  # _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels_last, epoch)
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_epoch", killed)
+    return real_epoch
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, caplog):
     best_a, hist_a = _run(_cfg(pool, "models_a"), pool, "a")
 
     cfg_b = _cfg(pool, "models_b")
-    real_epoch = loop._train_epoch
-
-    def killed_at_epoch_2(*args, **kwargs):
-        if args[-1] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed_at_epoch_2)
+    real_epoch = kill_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg_b, pool, "b")
     last = _load(pool / "models_b" / "e" / "last.pt")
