@@ -108,7 +108,7 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
     assert "seed" not in benchmark._shared_settings(spec)["augment"]
 
 
-@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml"])
+@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml", "bench/grid_first.yaml"])
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
     spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
