@@ -16,6 +16,9 @@ from stage 6. Held-out parts: ``yonsei_faces`` keeps its own ``valset``; the two
 split 70/30 with a fixed seed (``genphotos_frll`` by identity: ``NNN_03`` and ``NNN_08`` are one person).
 Cross-source columns use ``yonsei_faces/valset`` and the whole of the other two sources.
 
+Ensemble rows (``ensembles:`` of the grid): the finished cells of two or more recipes, same training source and
+seed, combined by stage 5 and scored by stage 6 like any cell, without training (:func:`run_ensemble`).
+
 Results: ``<out>/grid.json`` (every cell's stage-6 metrics), ``<out>/table.md`` (AUC per seed and their
 mean, TPR at FPR 1e-2, mean of the leave-one-source-out columns, the difference to the baseline with a
 paired bootstrap interval over the images).
@@ -135,6 +138,8 @@ class GridSpec:
     evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides (degradations, bootstrap)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ExpertConfig overrides
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)  # a pass over finished cells
+    ensembles: dict[str, list[str]] = field(default_factory=dict)  # name -> member recipes: rows scored from the
+    # members' finished cells through stage 5 + 6, no training (:func:`run_ensemble`)
 
 
 
@@ -142,7 +147,21 @@ def load_grid(path: str | Path) -> GridSpec:
     with open(path, encoding="utf-8") as fh:
         spec = from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
     _check_robustness(spec, str(path))
+    _check_ensembles(spec, str(path))
     return spec
+
+
+def _check_ensembles(spec: GridSpec, where: str) -> None:
+    """An ensemble names two or more distinct recipes of the grid and no recipe's name."""
+    for name, members in spec.ensembles.items():
+        if name in spec.recipes:
+            raise ConfigError(f"{where}: ensembles.{name}: the name is a recipe's too; pick another")
+        if len(members) < 2 or len(set(members)) != len(members):
+            raise ConfigError(f"{where}: ensembles.{name}: needs two or more distinct member recipes, got {members}")
+        unknown = sorted(set(members) - set(spec.recipes))
+        if unknown:
+            raise UnknownNameError(f"{where}: ensembles.{name}: {unknown} not recipes of the grid "
+                                   f"(have {sorted(spec.recipes)})")
 
 
 def _check_robustness(spec: GridSpec, where: str) -> None:
@@ -298,8 +317,6 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
 
     Reuses a finished cell (its ``eval.json``) so an interrupted grid resumes where it stopped.
     """
-    from .evaluate import run_evaluate
-    from . import predict
     from .train.loop import train_expert
 
     ecfg = recipe_config(spec, recipe, seed)
@@ -313,9 +330,23 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
     t0 = time.perf_counter()
     best, _ = train_expert(tcfg, recipe, history_csv=cell / "history.csv")
     train_s = time.perf_counter() - t0
+    metrics = _select_and_evaluate(spec, cell, [recipe], paths, train_src, sources, work)
+    result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
+              "train_seconds": train_s, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+    write_json(done, result)
+    return result
+
+
+def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: dict[str, str], train_src: Source,
+                         sources: dict[str, Source], work: Path) -> dict:
+    """Stage 5 over ``<cell>/models/<expert>`` (the val fold: epoch already chosen, thresholds, the card), then
+    stage 6 on the sets no step saw. Returns stage 6's metrics."""
+    from .evaluate import run_evaluate
+    from . import predict
+
     pcfg = from_dict(PredictConfig, {**spec.predict, "prepared_dir": paths["prepared"], "splits_csv": paths["splits"],
                                      "models_dir": str(cell / "models"), "augmented_dir": paths["augmented"],
-                                     "experts": [recipe], "submission": str(cell / "prediction.txt"),
+                                     "experts": list(experts), "submission": str(cell / "prediction.txt"),
                                      "card": str(cell / "ensemble.json"), "metrics": str(cell / "predict.json"),
                                      "roc": str(cell / "roc.csv"), "roc_png": str(cell / "roc.png"),
                                      "failures": str(cell / "failures.csv"), "test_labels": ""}, "predict")
@@ -324,10 +355,51 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
                                     "data_root": str(Path(spec.data_root).resolve()),
                                     "metrics": str(cell / "eval_metrics.json"), "table": str(cell / "eval_table.md"),
                                     "roc_dir": str(cell / "roc"), "scores": str(cell / "scores.csv")}, "evaluate")
-    ev = dataclasses.replace(ev, sets=eval_sets(spec, train_src, sources, work))
-    metrics = run_evaluate(ev)
-    result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
-              "train_seconds": train_s, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+    return run_evaluate(dataclasses.replace(ev, sets=eval_sets(spec, train_src, sources, work)))
+
+
+# ----------------------------------------------------------------------------- ensembles of finished cells
+ENSEMBLE_FORMAT = 1  # bump when an ensemble cell changes meaning: every ensemble cell is made again
+
+
+def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: str | Path) -> Path:
+    """``<work>/<source>/ens_<name>_s<seed>_<key>``; the key covers the members' cell folders (their own keys), the
+    stage 5 / 6 settings and :data:`ENSEMBLE_FORMAT`, so a changed member makes a new ensemble cell."""
+    members = [cell_dir(spec, m, seed, train_source, work).name for m in spec.ensembles[name]]
+    key = json.dumps({"members": members, "predict": spec.predict, "evaluate": spec.evaluate,
+                      "format": ENSEMBLE_FORMAT}, sort_keys=True)
+    return Path(work) / train_source / f"ens_{name}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source, sources: dict[str, Source],
+                 work: str | Path) -> dict | None:
+    """One ensemble row's cell: the member recipes' finished cells (same training source and seed) combined by
+    stage 5 (``spec.predict``'s combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
+    same sets, through the ensemble card's one scoring path. No training: the members' ``best.pt`` are linked.
+
+    None while a member cell is not finished. Cached in the ensemble's folder (``eval.json``), like a cell.
+    """
+    work = Path(work)
+    members = spec.ensembles[name]
+    cells = [cell_dir(spec, m, seed, train_src.name, work) for m in members]
+    if not all((c / "eval.json").is_file() for c in cells):
+        return None
+    d = ensemble_dir(spec, name, seed, train_src.name, work)
+    done = d / "eval.json"
+    if done.is_file():
+        return {**json.loads(done.read_text()), "scores_csv": str(d / "scores.csv")}
+    log.info("benchmark ensemble %s on %s, seed %d: %s", name, train_src.name, seed, " + ".join(members))
+    for member, c in zip(members, cells):
+        link = d / "models" / member / "best.pt"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((c / "models" / member / "best.pt").resolve())
+    paths = prepare_source(spec, train_src, work)  # made by the members' cells: only checked here
+    t0 = time.perf_counter()
+    metrics = _select_and_evaluate(spec, d, members, paths, train_src, sources, work)
+    result = {"train_source": train_src.name, "recipe": name, "seed": seed, "members": list(members),
+              "score_seconds": time.perf_counter() - t0, "eval": metrics, "scores_csv": str(d / "scores.csv")}
     write_json(done, result)
     return result
 
@@ -396,6 +468,14 @@ def grid_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[s
     return [(recipe, seed, src) for recipe in recipes for seed in spec.seeds for src in spec.sources]
 
 
+def ensemble_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[str, int, str]]:
+    """(ensemble, seed, training source) of every ensemble row whose members are all among ``recipes`` (None = the
+    whole grid)."""
+    chosen = set(recipes or spec.recipes) | {spec.baseline}
+    return [(name, seed, src) for name, members in spec.ensembles.items() if set(members) <= chosen
+            for seed in spec.seeds for src in spec.sources]
+
+
 def load_sources(spec: GridSpec) -> dict[str, Source]:
     root = Path(spec.data_root)
     return {name: load_source(root / name, spec.heldout, spec.split_seed) for name in spec.sources}
@@ -403,12 +483,12 @@ def load_sources(spec: GridSpec) -> dict[str, Source]:
 
 def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[str] | None = None,
              train: bool = True) -> dict:
-    """Every (training source, recipe, seed) cell, its robustness pass if the grid has one, then ``grid.json`` and
-    ``table.md`` under ``out``.
+    """Every (training source, recipe, seed) cell, its robustness pass if the grid has one, the ensemble rows
+    (:func:`run_ensemble`, from the finished member cells), then ``grid.json`` and ``table.md`` under ``out``.
 
-    ``train=False`` runs no cell: it gathers the finished ones (those a DVC queue ran, say), runs their missing
-    robustness passes and writes the table of what is there; the cells not finished are listed in ``grid.json``
-    (``missing``) and the log.
+    ``train=False`` trains no cell: it gathers the finished ones (those a DVC queue ran, say), runs their missing
+    robustness passes and ensemble rows (scoring only) and writes the table of what is there; the cells not
+    finished are listed in ``grid.json`` (``missing``) and the log.
     """
     work, out = Path(work), Path(out)
     sources = load_sources(spec)
@@ -427,6 +507,13 @@ def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[st
                 continue
         rob = run_robustness(spec, recipe, seed, sources[src_name], sources, work)
         cells.append({**result, "robustness": rob} if rob else result)
+        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing)
+    for name, seed, src_name in ensemble_cells(spec, recipes):
+        result = run_ensemble(spec, name, seed, sources[src_name], sources, work)
+        if result is None:
+            missing.append(f"{src_name}/{name}/s{seed}")
+            continue
+        cells.append(result)
         grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing)
     if missing:
         log.warning("%d cell(s) not finished, left out of the table: %s", len(missing), ", ".join(missing))
@@ -505,6 +592,10 @@ def grid_table(cells: list[dict], spec: GridSpec) -> str:
              "Every column is a set that no training or selection step saw; the in-source column is the training "
              "source's held-out part. delta = mean AUC minus the baseline's, paired bootstrap 95% interval of seed "
              f"{spec.seeds[0]}'s difference.", ""]
+    if spec.ensembles:
+        lines += ["Ensemble rows (no training): " + "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
+                  + f", each the members' cells of the same training source and seed combined by stage 5 "
+                  f"({spec.predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
     lines += _summary(df, spec)
     for train in spec.sources:
         sub = df[df.train == train]

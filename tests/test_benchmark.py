@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from dfpipe.benchmark import (GridSpec, grid_table, identity_group, load_grid, load_source, paired_auc_diff,
@@ -185,6 +186,20 @@ def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys
         grid.write_text(f"recipes: {{a: {{img_size: 96}}}}\nrobustness: {{{bad}}}\n")
         with pytest.raises((ConfigError, KeyError), match=msg):
             load_grid(grid)
+
+
+@pytest.mark.parametrize("ensembles, error", [
+    ({"pair": ["base", "nope"]}, "\\['nope'\\] not recipes of the grid"),
+    ({"pair": ["base"]}, "two or more distinct"),
+    ({"pair": ["base", "base"]}, "two or more distinct"),
+    ({"base": ["base", "other"]}, "the name is a recipe's too"),
+])
+def test_ensemble_rows_are_checked_when_the_grid_loads(tmp_path, ensembles, error):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"baseline": "base", "recipes": {"base": {}, "other": {"lr": 0.001}},
+                                    "ensembles": ensembles}))
+    with pytest.raises(ConfigError, match=f"grid.yaml: ensembles.*{error}"):
+        load_grid(grid)
 
 
 def test_cell_metrics_are_flat_numbers_per_set():

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -121,6 +122,56 @@ def test_table_lists_unfinished_cells_and_trains_nothing(tiny, in_process):
     assert len(grid["cells"]) == 2 and grid["missing"] == ["demo/base/s7", "folders/base/s7"]
     assert (t / "out3" / "table.md").read_text().startswith("Not finished, left out: demo/base/s7, folders/base/s7.")
     assert not cell_dir(spec, "base", 7, "demo", t / "work").exists()
+
+
+def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_process, monkeypatch):
+    """`ensembles:` rows: the members' finished cells (same source, seed) through stage 5 + 6, their best.pt
+    linked, not trained again; mean_prob = the mean of the members' scores image by image; cached like a cell."""
+    from dfpipe import benchmark, evaluate
+
+    t, _, grid_path = tiny
+    raw = yaml.safe_load(grid_path.read_text())
+    raw["recipes"]["wide"] = {**RECIPE, "lr": 0.004}
+    raw["ensembles"] = {"pair": ["base", "wide"]}
+    raw["robustness"] = {}
+    spec = load_grid(_write(t / "grid_ens.yaml", raw))
+    assert benchmark.ensemble_cells(spec) == [("pair", 0, "demo"), ("pair", 0, "folders")]
+    assert benchmark.ensemble_cells(spec, ["base"]) == []  # a member left out of the run: no ensemble row
+
+    waiting = run_grid(spec, t / "work", t / "out_ens0", train=False)  # "wide" not trained yet: listed as missing
+    assert "demo/pair/s0" in waiting["missing"] and not benchmark.ensemble_dir(spec, "pair", 0, "demo", t / "work").exists()
+
+    grid = run_grid(spec, t / "work", t / "out_ens")
+    pairs = [c for c in grid["cells"] if c["recipe"] == "pair"]
+    assert [c["train_source"] for c in pairs] == ["demo", "folders"] and "missing" not in grid
+    for c in pairs:
+        d = benchmark.ensemble_dir(spec, "pair", 0, c["train_source"], t / "work")
+        for m in ("base", "wide"):
+            link = d / "models" / m / "best.pt"
+            assert link.is_symlink() and link.resolve() == (cell_dir(spec, m, 0, c["train_source"], t / "work")
+                                                            / "models" / m / "best.pt").resolve()
+        assert c["members"] == ["base", "wide"] and set(c["eval"]) == set(grid["cells"][0]["eval"])
+        ens = pd.read_csv(c["scores_csv"]).set_index(["set", "degradation", "img_name"]).score
+        members = [pd.read_csv(cell_dir(spec, m, 0, c["train_source"], t / "work") / "scores.csv")
+                   .set_index(["set", "degradation", "img_name"]).score for m in ("base", "wide")]
+        assert len(ens) == len(members[0]) > 0
+        np.testing.assert_allclose(ens.to_numpy(), ((members[0] + members[1]) / 2).loc[ens.index].to_numpy(),
+                                   atol=1e-5)
+    table = (t / "out_ens" / "table.md").read_text()
+    assert "Ensemble rows (no training): pair = base + wide" in table
+    assert sum(line.startswith("| pair | ") for line in table.splitlines()) == 3  # summary + one row per source
+
+    def no_scoring(cfg):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(evaluate, "run_evaluate", no_scoring)
+    again = run_grid(spec, t / "work", t / "out_ens2", train=False)  # cached: nothing trained or scored
+    assert [c["eval"] for c in again["cells"]] == [c["eval"] for c in grid["cells"]]
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 # ----------------------------------------------------------------------------- the grid as DVC experiments
