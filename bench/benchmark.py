@@ -9,6 +9,11 @@ Subcommands (README, benchmark section):
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
 interrupted run resumes whichever way it ran. See dfpipe/benchmark.py for the protocol and bench/grid.yaml for
 the grid.
+
+A grid's ``train_on`` trains on several sources at once (``a+b``: one cell per pair, scored in-source on each
+held-out part and cross-source on the rest); bench/grid_pairs.yaml is the three pairs, in the same work folder
+as bench/grid.yaml (its single-source cells are read for the "alone" comparison, never retrained):
+  bench/benchmark.py run --grid bench/grid_pairs.yaml --work data/benchmark --out reports/benchmark/pairs
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ COMMANDS = ("queue", "run", "cell", "table")
 
 
 def _grid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", default="bench/grid.yaml")
+    p.add_argument("--grid", default="bench/grid.yaml", help="the grid file (bench/grid_pairs.yaml: pairs of sources)")
     p.add_argument("--work", default="data/benchmark", help="cells' work folders (reused: resume)")
     p.add_argument("--out", default="reports/benchmark", help="grid.json and table.md go here")
     p.add_argument("--recipes", nargs="*", help="a subset of the grid's recipes (the baseline is always run)")

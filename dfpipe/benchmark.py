@@ -1,15 +1,18 @@
 """The development benchmark: leave-one-source-out over ``../shared/data``, every recipe against the
 seed-style baseline, with the same data, folds, epochs and seeds.
 
-For each training source, each recipe and each seed, one *cell* runs the pipeline's own stages
-in-process, in a work folder of its own (``<work>/<source>/...``):
+For each training set, each recipe and each seed, one *cell* runs the pipeline's own stages in-process, in a work
+folder of its own (``<work>/<training set>/...``). A training set is one source (the default: each of ``sources``
+alone, folder ``<work>/<source>/``) or several trained on at once (``train_on: [a+b, ...]``, folder
+``<work>/a+b/``; same cell keys, so the two kinds share a work folder without touching each other):
 
-1. stage 1 on the source's *training part* only (the held-out part is never prepared);
-2. stage 2 (editing fakes) and stage 3 (cluster split) once per source, shared by every recipe, so
+1. stage 1 on the training part of each source of the set only (the held-out parts are never prepared); a
+   combined set reads one dataset per source (stage 1 names its images ``<source>/<img_name>``);
+2. stage 2 (editing fakes) and stage 3 (cluster split) once per training set, shared by every recipe, so
    all rows train on the same folds; recipes with ``use_augmented: false`` ignore the generated images;
 3. stage 4 (one expert: the recipe), stage 5 (val fold: epoch selection and verdict thresholds);
-4. stage 6 on the sets no step above saw: the source's held-out part (the *in-source* column) and the
-   other sources (the *leave-one-source-out* columns).
+4. stage 6 on the sets no step above saw: the held-out part of each source trained on (the *in-source* columns)
+   and the other sources (the *leave-one-source-out* columns).
 
 The selection fold (stage 3's val fold) is never a reported column: every number in the table comes
 from stage 6. Held-out parts: ``yonsei_faces`` keeps its own ``valset``; the two folder sources are
@@ -21,7 +24,9 @@ seed, combined by stage 5 and scored by stage 6 like any cell, without training 
 
 Results: ``<out>/grid.json`` (every cell's stage-6 metrics), ``<out>/table.md`` (AUC per seed and their
 mean, TPR at FPR 1e-2, mean of the leave-one-source-out columns, the difference to the baseline with a
-paired bootstrap interval over the images).
+paired bootstrap interval over the images). With combined training sets the table adds a summary of them: their
+cross-source AUC "together" beside the same recipe's single-source cells of the same sources "alone" (read from
+the work folder, e.g. left there by ``bench/grid.yaml``; never trained by such a grid).
 """
 
 from __future__ import annotations
@@ -107,6 +112,27 @@ def load_source(root: Path, heldout: float = 0.3, seed: int = 0) -> Source:
     return Source(root.name, train, held, items, root)
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """Several sources trained on at once (a ``train_on`` entry ``a+b``): stage 1 reads the training part of each,
+    and each one's held-out part is an in-source column. A single source is trained on as its :class:`Source`."""
+
+    name: str  # "a+b": the parts in the order written (stage 1's order), the folder <work>/<name>/
+    parts: tuple[Source, ...]
+
+
+def training_set(name: str, sources: dict[str, Source]) -> Source | TrainingSet:
+    """What a cell trained on ``name`` reads: ``sources[name]``, or a :class:`TrainingSet` of ``a+b``'s parts."""
+    if not is_combined(name):
+        return sources[name]
+    return TrainingSet(name, tuple(sources[p] for p in set_parts(name)))
+
+
+def train_parts(train: Source | TrainingSet) -> list[Source]:
+    """The sources a cell trains on: the one source, or a combined set's parts."""
+    return list(train.parts) if isinstance(train, TrainingSet) else [train]
+
+
 # ----------------------------------------------------------------------------- grid spec
 @dataclass(frozen=True)
 class RobustnessSpec:
@@ -126,6 +152,8 @@ class GridSpec:
     data_root: str = "../shared/data"
     params: str = "params.yaml"  # stage 2 and 3 settings come from here (the recipe as configured) ...
     sources: list[str] = field(default_factory=lambda: ["yonsei_faces", "stylegan3_utk", "genphotos_frll"])
+    train_on: list[str] = field(default_factory=list)  # training sets: a source or several joined by "+" ("a+b");
+    #                                                    [] = each of `sources` alone
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     epochs: int = 3  # the budget: every recipe trains this many epochs
     heldout: float = 0.3  # folder sources: share of identities held out (the in-source column)
@@ -146,6 +174,7 @@ class GridSpec:
 def load_grid(path: str | Path) -> GridSpec:
     with open(path, encoding="utf-8") as fh:
         spec = from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
+    _check_train_on(spec, str(path))
     _check_robustness(spec, str(path))
     _check_ensembles(spec, str(path))
     return spec
@@ -162,6 +191,47 @@ def _check_ensembles(spec: GridSpec, where: str) -> None:
         if unknown:
             raise UnknownNameError(f"{where}: ensembles.{name}: {unknown} not recipes of the grid "
                                    f"(have {sorted(spec.recipes)})")
+
+
+JOIN = "+"  # joins the sources of a combined training set: "stylegan3_utk+genphotos_frll"
+
+
+def set_parts(train: str) -> list[str]:
+    """The sources of a training set's name: ``"a+b"`` -> ``["a", "b"]``, ``"a"`` -> ``["a"]``."""
+    return train.split(JOIN)
+
+
+def is_combined(train: str) -> bool:
+    """Whether a training set's name names several sources (a combined cell, ``<work>/<a+b>/``)."""
+    return JOIN in train
+
+
+def training_sets(spec: GridSpec) -> list[str]:
+    """The grid's training sets, in order: ``train_on``, or each of ``sources`` alone (the default)."""
+    return list(spec.train_on) or list(spec.sources)
+
+
+def _check_train_on(spec: GridSpec, where: str) -> None:
+    """``train_on`` names only sources of the grid, each set once: a typo fails when the grid loads."""
+    joined = [s for s in spec.sources if JOIN in s]
+    if joined:
+        raise ConfigError(f"{where}: sources {joined}: a source name may not contain {JOIN!r} (train_on joins "
+                          "names with it)")
+    seen: dict[frozenset, str] = {}
+    for entry in spec.train_on:
+        parts = set_parts(entry)
+        unknown = [p for p in parts if p not in spec.sources]
+        if unknown:
+            raise UnknownNameError(f"{where}: train_on entry {entry!r}: {unknown} not in sources (have {spec.sources})")
+        if len(set(parts)) < len(parts):
+            raise ConfigError(f"{where}: train_on entry {entry!r} names a source twice")
+        if len(parts) > 1 and set(parts) == set(spec.sources):
+            raise ConfigError(f"{where}: train_on entry {entry!r} holds every source: no source is left for a "
+                              "cross-source column")
+        if frozenset(parts) in seen:
+            raise ConfigError(f"{where}: train_on lists {seen[frozenset(parts)]!r} and {entry!r}: the same training "
+                              "set twice")
+        seen[frozenset(parts)] = entry
 
 
 def _check_robustness(spec: GridSpec, where: str) -> None:
@@ -192,8 +262,9 @@ def _write_labels(path: Path, df: pd.DataFrame) -> None:
     write_csv(path, pd.DataFrame({"img_name": df.img_name, "target": df.label}))
 
 
-def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
-    """Stages 1-3 on the source's training part, once (a later call reuses them). Returns the paths."""
+def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> dict[str, str]:
+    """Stages 1-3 on the source's training part, or on the training parts of a combined set's sources together,
+    in ``<work>/<name>/``, once (a later call reuses them). Returns the paths."""
     from . import augment, split
     from .data import prepare
 
@@ -202,12 +273,12 @@ def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
     shared = _shared_settings(spec)
     if (d / "splits.csv").is_file() and _read_json(d / SHARED_RECORD) == shared:
         return paths
-    labels = d / "train_labels.csv"
-    _write_labels(labels, src.train)
-    prepare.run(PrepareConfig(data_root=str(src.root), out_dir=paths["prepared"], report=str(d / "prepare_report.json"),
-                          duplicates=str(d / "duplicates.csv"), max_side=spec.max_side,
-                          datasets=[from_dict(_dataset_cls(), {"name": src.name, "split": "train", "images": ".",
-                                                               "labels": str(labels.resolve())}, "dataset")]))
+    data_root, datasets = (_combined_datasets(src, d) if isinstance(src, TrainingSet)
+                           else _source_datasets(src, d))
+    prepare.run(PrepareConfig(data_root=str(data_root), out_dir=paths["prepared"],
+                              report=str(d / "prepare_report.json"), duplicates=str(d / "duplicates.csv"),
+                              max_side=spec.max_side,
+                              datasets=[from_dict(_dataset_cls(), ds, "dataset") for ds in datasets]))
     augment.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
                                           "out_dir": paths["augmented"]}, "augment"))
     split.run(from_dict(SplitConfig, {**_section(spec, "split"), "prepared_dir": paths["prepared"],
@@ -221,6 +292,27 @@ def prepare_source(spec: GridSpec, src: Source, work: Path) -> dict[str, str]:
 
 
 SHARED_RECORD = "shared.json"
+
+
+def _source_datasets(src: Source, d: Path) -> tuple[Path, list[dict[str, str]]]:
+    """Stage 1's input for one source: its training part (``<d>/train_labels.csv``), images under its root."""
+    labels = d / "train_labels.csv"
+    _write_labels(labels, src.train)
+    return src.root, [{"name": src.name, "split": "train", "images": ".", "labels": str(labels.resolve())}]
+
+
+def _combined_datasets(ts: TrainingSet, d: Path) -> tuple[Path, list[dict[str, str]]]:
+    """Stage 1's input for a combined set: one dataset per source (its training part in
+    ``<d>/train_labels_<source>.csv``), absolute image folders since each source has its own root. Stage 1 names
+    the images ``<source>/<img_name>`` (several datasets feed one split); nothing after stage 5 reads those names:
+    stage 6 lists the held-out sets from their own label files (:func:`eval_sets`)."""
+    datasets = []
+    for src in ts.parts:
+        labels = d / f"train_labels_{src.name}.csv"
+        _write_labels(labels, src.train)
+        datasets.append({"name": src.name, "split": "train", "images": str(src.root.resolve()),
+                         "labels": str(labels.resolve())})
+    return d.resolve(), datasets
 
 
 def _shared_settings(spec: GridSpec) -> dict[str, Any]:
@@ -279,12 +371,14 @@ def _dataset_cls():
     return DatasetConfig
 
 
-def eval_sets(spec: GridSpec, train_src: Source, sources: dict[str, Source], work: Path) -> list[EvalSetConfig]:
-    """The in-source held-out part of ``train_src`` and the cross part of every other source."""
+def eval_sets(spec: GridSpec, train_src: Source | TrainingSet, sources: dict[str, Source],
+              work: Path) -> list[EvalSetConfig]:
+    """The in-source held-out part of each source trained on and the cross part of every other source."""
+    trained = {s.name for s in train_parts(train_src)}
     out = []
     for name, src in sources.items():
-        df = src.heldout if name == train_src.name else src.cross
-        labels = work / "eval_labels" / f"{name}_{'heldout' if name == train_src.name else 'cross'}.csv"
+        df = src.heldout if name in trained else src.cross
+        labels = work / "eval_labels" / f"{name}_{'heldout' if name in trained else 'cross'}.csv"
         _write_labels(labels, df)
         out.append(EvalSetConfig(name=name, images=str(src.root), labels=str(labels.resolve())))
     return out
@@ -311,9 +405,10 @@ def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, wor
     return _read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
 
 
-def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources: dict[str, Source],
+def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
              work: Path) -> dict:
-    """Train one recipe on one source with one seed, select on its val fold, evaluate on the held-out sets.
+    """Train one recipe on one source (or a combined set) with one seed, select on its val fold, evaluate on the
+    held-out sets.
 
     Reuses a finished cell (its ``eval.json``) so an interrupted grid resumes where it stopped.
     """
@@ -337,8 +432,8 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources:
     return result
 
 
-def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: dict[str, str], train_src: Source,
-                         sources: dict[str, Source], work: Path) -> dict:
+def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: dict[str, str],
+                         train_src: Source | TrainingSet, sources: dict[str, Source], work: Path) -> dict:
     """Stage 5 over ``<cell>/models/<expert>`` (the val fold: epoch already chosen, thresholds, the card), then
     stage 6 on the sets no step saw. Returns stage 6's metrics."""
     from .evaluate import run_evaluate
@@ -371,7 +466,7 @@ def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: 
     return Path(work) / train_source / f"ens_{name}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source, sources: dict[str, Source],
+def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
                  work: str | Path) -> dict | None:
     """One ensemble row's cell: the member recipes' finished cells (same training source and seed) combined by
     stage 5 (``spec.predict``'s combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
@@ -415,8 +510,8 @@ def _robustness_key(r: RobustnessSpec, sets: list[str]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source, sources: dict[str, Source],
-                   work: str | Path) -> dict | None:
+def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet,
+                   sources: dict[str, Source], work: str | Path) -> dict | None:
     """Score a finished cell's card (``<cell>/ensemble.json``, ``<cell>/models``) on its cross-source sets, clean and
     under each of ``spec.robustness.degradations``, through stage 6 (:func:`dfpipe.evaluate.run_evaluate`).
 
@@ -432,7 +527,8 @@ def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source, so
     cell = cell_dir(spec, recipe, seed, train_src.name, work)
     if not (cell / "eval.json").is_file():
         raise InputError(f"robustness: cell {cell} is not finished (no eval.json); run the cell first")
-    sets = [s for s in eval_sets(spec, train_src, sources, Path(work)) if s.name != train_src.name]
+    trained = {s.name for s in train_parts(train_src)}
+    sets = [s for s in eval_sets(spec, train_src, sources, Path(work)) if s.name not in trained]
     if not sets:
         return None
     key = _robustness_key(r, [s.name for s in sets])
@@ -458,14 +554,21 @@ def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source, so
 
 # ----------------------------------------------------------------------------- the grid and its table
 def grid_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[str, int, str]]:
-    """(recipe, seed, training source) of every cell, baseline first, recipe-major: an interrupted grid still has
-    every source for the recipes it finished."""
+    """(recipe, seed, training set) of every cell, baseline first, recipe-major: an interrupted grid still has
+    every training set for the recipes it finished. A training set is a source's name or ``a+b``
+    (:func:`training_sets`)."""
+    return [(recipe, seed, src) for recipe in _grid_recipes(spec, recipes) for seed in spec.seeds
+            for src in training_sets(spec)]
+
+
+def _grid_recipes(spec: GridSpec, recipes: list[str] | None) -> list[str]:
+    """The recipes to run (all of the grid's by default), the baseline first; unknown names fail here."""
     recipes = list(recipes or spec.recipes)
     if spec.baseline not in recipes:
         recipes = [spec.baseline, *recipes]
     for name in recipes:
         recipe_config(spec, name, 0)  # unknown names fail before any cell runs
-    return [(recipe, seed, src) for recipe in recipes for seed in spec.seeds for src in spec.sources]
+    return recipes
 
 
 def ensemble_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[str, int, str]]:
@@ -473,7 +576,7 @@ def ensemble_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tup
     whole grid)."""
     chosen = set(recipes or spec.recipes) | {spec.baseline}
     return [(name, seed, src) for name, members in spec.ensembles.items() if set(members) <= chosen
-            for seed in spec.seeds for src in spec.sources]
+            for seed in spec.seeds for src in training_sets(spec)]
 
 
 def load_sources(spec: GridSpec) -> dict[str, Source]:
@@ -483,15 +586,18 @@ def load_sources(spec: GridSpec) -> dict[str, Source]:
 
 def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[str] | None = None,
              train: bool = True) -> dict:
-    """Every (training source, recipe, seed) cell, its robustness pass if the grid has one, the ensemble rows
+    """Every (training set, recipe, seed) cell, its robustness pass if the grid has one, the ensemble rows
     (:func:`run_ensemble`, from the finished member cells), then ``grid.json`` and ``table.md`` under ``out``.
 
     ``train=False`` trains no cell: it gathers the finished ones (those a DVC queue ran, say), runs their missing
     robustness passes and ensemble rows (scoring only) and writes the table of what is there; the cells not
-    finished are listed in ``grid.json`` (``missing``) and the log.
+    finished are listed in ``grid.json`` (``missing``) and the log. A grid with combined training sets also reads
+    the finished single-source cells of their sources (:func:`single_source_reference`) for its "alone"
+    comparison; it trains none of them.
     """
     work, out = Path(work), Path(out)
     sources = load_sources(spec)
+    reference = single_source_reference(spec, work, recipes)
     cells: list[dict] = []
     missing: list[str] = []
     grid: dict = {}
@@ -499,37 +605,57 @@ def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[st
     for recipe, seed, src_name in grid_cells(spec, recipes):
         if train:
             log.info("benchmark cell: train on %s, recipe %s, seed %d", src_name, recipe, seed)
-            result = run_cell(spec, recipe, seed, sources[src_name], sources, work)
+            result = run_cell(spec, recipe, seed, training_set(src_name, sources), sources, work)
         else:
             result = finished_cell(spec, recipe, seed, src_name, work)
             if result is None:
                 missing.append(f"{src_name}/{recipe}/s{seed}")
                 continue
-        rob = run_robustness(spec, recipe, seed, sources[src_name], sources, work)
+        rob = run_robustness(spec, recipe, seed, training_set(src_name, sources), sources, work)
         cells.append({**result, "robustness": rob} if rob else result)
-        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing)
+        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
     for name, seed, src_name in ensemble_cells(spec, recipes):
-        result = run_ensemble(spec, name, seed, sources[src_name], sources, work)
+        result = run_ensemble(spec, name, seed, training_set(src_name, sources), sources, work)
         if result is None:
             missing.append(f"{src_name}/{name}/s{seed}")
             continue
         cells.append(result)
-        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing)
+        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
     if missing:
         log.warning("%d cell(s) not finished, left out of the table: %s", len(missing), ", ".join(missing))
     if not cells:
         raise InputError(f"no finished cell under {work} for this grid (missing: {', '.join(missing)})")
-    return write_grid(cells, spec, out, time.perf_counter() - t0, missing) if missing else grid
+    return write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference) if missing else grid
+
+
+def single_source_reference(spec: GridSpec, work: str | Path, recipes: list[str] | None = None) -> list[dict]:
+    """The finished single-source cells (same recipes, seeds and settings, so the same cell keys) of every source
+    of the grid's combined training sets that the grid does not train alone itself: the table's "alone" numbers.
+    Read from ``work`` only (what another grid, e.g. ``bench/grid.yaml``, left there); none is trained. Cells that
+    were not scored on every source of this grid are left out."""
+    own = set(training_sets(spec))
+    parts = dict.fromkeys(p for t in training_sets(spec) if is_combined(t) for p in set_parts(t) if p not in own)
+    cells = []
+    for recipe in _grid_recipes(spec, recipes):
+        for seed in spec.seeds:
+            for part in parts:
+                result = finished_cell(spec, recipe, seed, part, work)
+                if result is not None and set(spec.sources) <= set(result.get("eval", {})):
+                    cells.append({**result, "scores_csv": str(cell_dir(spec, recipe, seed, part, work) / "scores.csv")})
+    if parts:
+        log.info("single-source reference: %d finished cell(s) of %s under %s", len(cells), ", ".join(parts), work)
+    return cells
 
 
 def cell_metrics(result: dict, robustness: dict | None = None) -> dict[str, Any]:
     """One cell as flat numbers for ``dvc metrics`` / ``dvc exp show``: AUC and TPR at FPR 1e-2 per eval set, the
-    in-source AUC, the mean cross-source AUC and, with a robustness record, the mean cross-source AUC per
-    degradation."""
-    ev, train = result["eval"], result["train_source"]
+    in-source AUC (a combined set's: the mean over its sources' held-out parts), the mean cross-source AUC (over
+    the sources not trained on) and, with a robustness record, the mean cross-source AUC per degradation."""
+    ev, trained = result["eval"], set_parts(result["train_source"])
     sets = [s for s in ev if s != "mean"]
-    cross = [s for s in sets if s != train]
-    out: dict[str, Any] = {"in_source_auc": float(ev[train]["clean"]["auc"]) if train in ev else None,
+    held = [s for s in sets if s in trained]
+    cross = [s for s in sets if s not in trained]
+    out: dict[str, Any] = {"in_source_auc": float(np.mean([ev[s]["clean"]["auc"] for s in held])) if held else None,
                            "mean_cross_auc": float(np.mean([ev[s]["clean"]["auc"] for s in cross])) if cross else None,
                            "auc": {s: float(ev[s]["clean"]["auc"]) for s in sets},
                            "tpr_at_fpr_1e-2": {s: float(ev[s]["clean"]["tpr_at_fpr_1e-2"]) for s in sets},
@@ -541,13 +667,17 @@ def cell_metrics(result: dict, robustness: dict | None = None) -> dict[str, Any]
     return out
 
 
-def write_grid(cells: list[dict], spec: GridSpec, out: Path, seconds: float, missing: list[str] | None = None) -> dict:
-    """``grid.json`` (every cell) and ``table.md``, rewritten after each cell so partial results show."""
+def write_grid(cells: list[dict], spec: GridSpec, out: Path, seconds: float, missing: list[str] | None = None,
+               reference: list[dict] | None = None) -> dict:
+    """``grid.json`` (every cell; ``reference``: the single-source cells read for the combined sets' "alone"
+    numbers, when any) and ``table.md``, rewritten after each cell so partial results show."""
     grid = {"spec": dataclasses.asdict(spec), "cells": cells, "seconds": seconds}
     if missing:
         grid["missing"] = list(missing)
+    if reference:
+        grid["reference"] = list(reference)
     write_json(out / "grid.json", grid)
-    table = grid_table(cells, spec)
+    table = grid_table(cells, spec, reference)
     if missing:
         table = f"Not finished, left out: {', '.join(missing)}.\n\n" + table
     with atomic_open(out / "table.md", "w", encoding="utf-8") as fh:
@@ -583,28 +713,46 @@ def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, s
     return float(diff), float(lo), float(hi)
 
 
-def grid_table(cells: list[dict], spec: GridSpec) -> str:
-    """Markdown: one block per training source; rows = recipes; columns = eval sets (in-source first)."""
-    df = pd.DataFrame([{"train": c["train_source"], "recipe": c["recipe"], "seed": c["seed"], "cell": c}
-                       for c in cells])
+def _cells_frame(cells: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{"train": c["train_source"], "recipe": c["recipe"], "seed": c["seed"], "cell": c}
+                         for c in cells], columns=["train", "recipe", "seed", "cell"])
+
+
+def _combined_mask(df: pd.DataFrame) -> pd.Series:
+    """Which rows of a cells frame are combined-set cells (bool even when empty)."""
+    return df.train.map(is_combined).astype(bool)
+
+
+def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None = None) -> str:
+    """Markdown: the single-source summary, the combined-sets summary (when the grid has combined cells; their
+    "alone" numbers from these cells and ``reference``), then one block per training set; rows = recipes;
+    columns = eval sets (in-source first)."""
+    df = _cells_frame(cells)
+    single = df[~_combined_mask(df)]
     lines = [f"Budget: {spec.epochs} epochs per expert, seeds {spec.seeds}. Cells: ROC AUC seed "
              + " / seed ".join(str(s) for s in spec.seeds) + " (mean), TPR at FPR 1e-2 of the mean run below it. "
              "Every column is a set that no training or selection step saw; the in-source column is the training "
              "source's held-out part. delta = mean AUC minus the baseline's, paired bootstrap 95% interval of seed "
-             f"{spec.seeds[0]}'s difference.", ""]
+             f"{spec.seeds[0]}'s difference."
+             + (" A combined training set (a + b) has an in-source column per source: its held-out part."
+                if _combined_mask(df).any() else ""), ""]
     if spec.ensembles:
         lines += ["Ensemble rows (no training): " + "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
-                  + f", each the members' cells of the same training source and seed combined by stage 5 "
+                  + ", each the members' cells of the same training set and seed combined by stage 5 "
                   f"({spec.predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
-    lines += _summary(df, spec)
-    for train in spec.sources:
+    if not single.empty:
+        lines += _summary(single, spec)
+    lines += _combined_summary(df, _cells_frame(reference or []), spec)
+    for train in training_sets(spec):
         sub = df[df.train == train]
         if sub.empty:
             continue
-        sets = [train] + [s for s in spec.sources if s != train]
-        head = ["recipe"] + [f"{s} (in-source)" if s == train else s for s in sets] + ["mean cross", "delta mean cross"]
-        lines += [f"### trained on {train}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        base = _mean_cross(sub[sub.recipe == spec.baseline], sets[1:])
+        parts = set_parts(train)
+        sets = parts + [s for s in spec.sources if s not in parts]
+        cross = sets[len(parts):]
+        head = ["recipe"] + [f"{s} (in-source)" if s in parts else s for s in sets] + ["mean cross", "delta mean cross"]
+        lines += [f"### trained on {' + '.join(parts)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        base = _mean_cross(sub[sub.recipe == spec.baseline], cross)
         for recipe in dict.fromkeys(sub.recipe):
             runs = sub[sub.recipe == recipe].sort_values("seed")
             row = [recipe]
@@ -613,7 +761,7 @@ def grid_table(cells: list[dict], spec: GridSpec) -> str:
                 tprs = [_tpr(c, s) for c in runs.cell]
                 row.append(" / ".join(f"{a:.3f}" for a in aucs) + f" ({np.mean(aucs):.3f}); "
                            f"TPR@1e-2 {np.mean(tprs):.3f}")
-            mc = _mean_cross(runs, sets[1:])
+            mc = _mean_cross(runs, cross)
             row.append(f"{mc:.3f}")
             row.append("-" if recipe == spec.baseline else f"{mc - base:+.3f}")
             lines.append("| " + " | ".join(row) + " |")
@@ -630,6 +778,8 @@ def _robustness_table(cells: list[dict], spec: GridSpec) -> list[str]:
     done = [c for c in cells if c.get("robustness")]
     if not degs or not done:
         return []
+    single = [c for c in done if not is_combined(c["train_source"])]
+    combined = [c for c in done if is_combined(c["train_source"])]
     head = ["recipe", "cells", "clean", *[f"{d} (drop)" for d in degs]]
     out = ["### robustness (cross-source ROC AUC under degradations)", "",
            "Each finished cell's ensemble scored again on its cross-source sets, each degradation applied to the "
@@ -637,13 +787,19 @@ def _robustness_table(cells: list[dict], spec: GridSpec) -> list[str]:
            "cross-source sets, then over the recipe's cells (seeds and training sources); drop = degraded minus "
            "clean. No retraining: the cells of the table above.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for recipe in dict.fromkeys(c["recipe"] for c in done):
-        runs = [c["robustness"] for c in done if c["recipe"] == recipe]
-        mean = {d: float(np.mean([np.mean([r["auc"][s][d] for s in r["sets"]]) for r in runs])) for d in ["clean", *degs]}
-        row = [recipe, str(len(runs)), f"{mean['clean']:.3f}",
-               *[f"{mean[d]:.3f} ({mean[d] - mean['clean']:+.3f})" for d in degs]]
-        out.append("| " + " | ".join(row) + " |")
+    for group, suffix in ((single, ""), (combined, " (combined sets)")):
+        for recipe in dict.fromkeys(c["recipe"] for c in group):
+            out.append(_robustness_row(f"{recipe}{suffix}", [c["robustness"] for c in group if c["recipe"] == recipe],
+                                       degs))
     return out + [""]
+
+
+def _robustness_row(label: str, runs: list[dict], degs: list[str]) -> str:
+    """One row of the robustness block: ``runs`` (robustness records) averaged per cell, then over the cells."""
+    mean = {d: float(np.mean([np.mean([r["auc"][s][d] for s in r["sets"]]) for r in runs])) for d in ["clean", *degs]}
+    row = [label, str(len(runs)), f"{mean['clean']:.3f}",
+           *[f"{mean[d]:.3f} ({mean[d] - mean['clean']:+.3f})" for d in degs]]
+    return "| " + " | ".join(row) + " |"
 
 
 def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
@@ -670,6 +826,55 @@ def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
         delta = "-" if recipe == spec.baseline or base is None else f"{mean - base:+.3f}"
         out.append("| " + " | ".join([*cells, f"{mean:.3f}", delta]) + " |")
     return out + [""]
+
+
+def _combined_summary(df: pd.DataFrame, ref: pd.DataFrame, spec: GridSpec) -> list[str]:
+    """One row per recipe: per combined training set its cross-source AUC (mean over seeds and the sources it does
+    not hold) "together", and "alone": the same recipe's single-source cells of its sources on the same sets (from
+    this grid's cells and ``ref``, whichever are finished); then the means over the combined sets, the delta to the
+    baseline's and together minus alone. Empty when the grid has no combined cell."""
+    combined = [t for t in training_sets(spec) if is_combined(t) and (df.train == t).any()]
+    if not combined:
+        return []
+    alone = pd.concat([df[~_combined_mask(df)], ref], ignore_index=True)
+    cross = {t: [s for s in spec.sources if s not in set_parts(t)] for t in combined}
+    head = ["recipe", *[f"{' + '.join(set_parts(t))} -> {', '.join(cross[t])}: together / alone" for t in combined],
+            "mean together", "delta vs baseline", "mean alone", "together minus alone"]
+    out = ["### summary of combined training sets (cross-source ROC AUC, mean of seeds)", "",
+           "Each column: a training set of several sources (stage 1 on their training parts at once), scored on the "
+           "sources it does not hold (their cross parts). together = that cell's AUC; alone = the same recipe trained "
+           "on each of those sources by itself (the single-source cells finished in the work folder, same seeds), "
+           "on the same sets; - = none finished. Means over the combined sets (only when every one has a value).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    recipes = dict.fromkeys(df[df.train.isin(combined)].recipe)
+    rows = {r: _together_alone(df, alone, r, combined, cross) for r in recipes}
+    base = rows.get(spec.baseline, ([], []))[0]
+    base_mean = _complete_mean(base, len(combined))
+    for recipe, (together, alone_aucs) in rows.items():
+        mean_t, mean_a = _complete_mean(together, len(combined)), _complete_mean(alone_aucs, len(combined))
+        delta = "-" if recipe == spec.baseline else _fmt(mean_t - base_mean, "+.3f")
+        out.append("| " + " | ".join([recipe, *[f"{_fmt(t)} / {_fmt(a)}" for t, a in zip(together, alone_aucs)],
+                                      _fmt(mean_t), delta, _fmt(mean_a), _fmt(mean_t - mean_a, "+.3f")]) + " |")
+    return out + [""]
+
+
+def _together_alone(df: pd.DataFrame, alone: pd.DataFrame, recipe: str, combined: list[str],
+                    cross: dict[str, list[str]]) -> tuple[list[float], list[float]]:
+    """Per combined set: the recipe's mean cross AUC trained on it, and on each of its sources alone (nan: none)."""
+    together, alone_aucs = [], []
+    for t in combined:
+        together.append(_mean_cross(df[(df.train == t) & (df.recipe == recipe)], cross[t]))
+        alone_aucs.append(_mean_cross(alone[alone.train.isin(set_parts(t)) & (alone.recipe == recipe)], cross[t]))
+    return together, alone_aucs
+
+
+def _complete_mean(values: list[float], n: int) -> float:
+    """The mean of ``values`` when there are ``n`` of them and none is nan, else nan."""
+    return float(np.mean(values)) if len(values) == n and not np.isnan(values).any() else float("nan")
+
+
+def _fmt(x: float, fmt: str = ".3f") -> str:
+    return "-" if np.isnan(x) else format(x, fmt)
 
 
 def _mean_cross(runs: pd.DataFrame, cross_sets: list[str]) -> float:

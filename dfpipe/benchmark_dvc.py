@@ -2,8 +2,8 @@
 
 ``bench/grid`` is a DVC project of its own (``dvc init --subdir``) with one stage, ``cell``: it runs one cell of
 :mod:`dfpipe.benchmark` (:func:`run_cell_stage`) and writes its metrics, so ``cd bench/grid && dvc exp show`` lists
-every cell with its params (source, recipe, seed) and metrics. The root DAG, ``dvc status`` and ``dvc metrics show``
-at the root never see it.
+every cell with its params (source: the training set, one source or ``a+b``; recipe, seed) and metrics. The root
+DAG, ``dvc status`` and ``dvc metrics show`` at the root never see it.
 
 Queued experiments run in a temporary copy of the repository (``bench/grid/.dvc/tmp/exps/<tmp>``) made from the
 committed tree plus the uncommitted changes to tracked (or ``git add``-ed) files; untracked files are left out,
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from .benchmark import (GridSpec, _cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
-                        run_cell, run_grid, run_robustness)
+from .benchmark import (JOIN, GridSpec, _cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
+                        run_cell, run_grid, run_robustness, training_set, training_sets)
 from .config import from_dict
 from .errors import ConfigError, InputError, UnknownNameError
 from .io import write_json
@@ -45,7 +45,7 @@ class CellParams:
     """``bench/grid/params.yaml``: the one cell a ``cell`` stage run computes (relative paths: from the repo root)."""
 
     grid: str = "bench/grid.yaml"  # the grid file (a git-tracked file: queued runs see only those)
-    source: str = "yonsei_faces"  # training source
+    source: str = "yonsei_faces"  # training set: a source of the grid or a train_on entry ("a+b")
     recipe: str = "baseline"
     seed: int = 0
     work: str = "data/benchmark"  # the cells' shared work folder (absolute when queued)
@@ -61,12 +61,15 @@ def run_cell_stage(params_path: str | Path, metrics_path: str | Path) -> dict:
     spec = load_grid(p.grid)
     if p.data_root:
         spec = dataclasses.replace(spec, data_root=p.data_root)
-    if p.source not in spec.sources:
-        raise UnknownNameError(f"{params_path}: source {p.source!r} not in the grid (have {spec.sources})")
+    known = list(dict.fromkeys([*spec.sources, *training_sets(spec)]))
+    if p.source not in known:
+        raise UnknownNameError(f"{params_path}: source {p.source!r} is neither a source of the grid nor a train_on "
+                               f"entry (have {known})")
     t0 = time.perf_counter()
     sources = load_sources(spec)
-    result = run_cell(spec, p.recipe, p.seed, sources[p.source], sources, Path(p.work))
-    rob = run_robustness(spec, p.recipe, p.seed, sources[p.source], sources, Path(p.work))
+    train = training_set(p.source, sources)
+    result = run_cell(spec, p.recipe, p.seed, train, sources, Path(p.work))
+    rob = run_robustness(spec, p.recipe, p.seed, train, sources, Path(p.work))
     metrics = {**cell_metrics(result, rob), "cell_seconds": time.perf_counter() - t0}
     write_json(metrics_path, metrics)
     log.info("cell %s / %s / seed %d: in-source AUC %.3f, mean cross AUC %s (%.0f s)", p.source, p.recipe, p.seed,
@@ -75,10 +78,16 @@ def run_cell_stage(params_path: str | Path, metrics_path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- queueing the grid
+EXP_JOIN = "_and_"  # a combined training set "a+b" is "a_and_b" in experiment names
+
+
 def exp_name(spec: GridSpec, recipe: str, seed: int, source: str) -> str:
     """``<source>-<recipe>-s<seed>-<cell key>``: an experiment of the same name on the same commit is the same
-    cell, so a queue run skips it."""
-    return f"{source}-{recipe}-s{seed}-{_cell_key(spec, recipe_config(spec, recipe, seed))}"
+    cell, so a queue run skips it. A combined training set ``a+b`` is written ``a_and_b``: DVC takes any name git
+    accepts as a ref (``git check-ref-format``, no ``/``), which ``+`` passes, but ``+`` has a meaning at the head
+    of a git refspec (force) and of a Hydra override (add a key), so names keep to the single-source cells'
+    letters, digits, ``_`` and ``-`` (plain to type in ``dvc exp`` / ``dvc queue logs`` commands)."""
+    return f"{source.replace(JOIN, EXP_JOIN)}-{recipe}-s{seed}-{_cell_key(spec, recipe_config(spec, recipe, seed))}"
 
 
 def _dvc_env() -> dict[str, str]:
@@ -147,7 +156,7 @@ def wait_for_queue(project: Path, names: list[str], poll_s: float = 30.0, no_wor
                    max_restarts: int = 3) -> None:
     """Block until no task is queued or running; log each of ``names`` as it changes state. Tasks left queued with
     no worker for ``no_worker_s`` (a worker that died) get ``dvc queue start`` again, at most ``max_restarts``
-    times (not sooner: a second worker would run two cells of one source at once)."""
+    times (not sooner: a second worker would run two cells of one training set at once)."""
     seen: dict[str, str] = {}
     restarts, idle_since = 0, None
     while True:
@@ -176,7 +185,8 @@ def wait_for_queue(project: Path, names: list[str], poll_s: float = 30.0, no_wor
 def queue_grid(grid_path: str | Path, work: str | Path, out: str | Path, recipes: list[str] | None = None,
                poll_s: float = 30.0) -> dict:
     """Queue every cell of the grid not yet kept as an experiment on this commit, run the queue (one worker: cells
-    of one source share its stages 1-3), wait, then write ``grid.json`` and ``table.md`` from the finished cells.
+    of one training set share its stages 1-3), wait, then write ``grid.json`` and ``table.md`` from the finished
+    cells.
 
     Returns ``{"queued", "skipped", "failed": [experiment names], "seconds", "grid"}``. Run from the repo root.
     """

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,8 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
     assert "seed" not in benchmark._shared_settings(spec)["augment"]
 
 
-@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml", "bench/grid_first.yaml"])
+@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml", "bench/grid_first.yaml",
+                                  "bench/grid_pairs.yaml"])
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
     spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
@@ -297,3 +299,226 @@ def test_the_script_keeps_its_former_interface(monkeypatch):
     mod.main(["--grid", "bench/grid.yaml", "--work", "w", "--out", "o", "--recipes", "npr"])
     mod.main(["table", "--work", "w2"])
     assert calls == [("w", "o", ["npr"], True), ("w2", "reports/benchmark", None, False)]
+
+
+# ----------------------------------------------------------------------------- training on several sources at once
+def _grid_file(tmp_path, body: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text("sources: [a, b, c]\nrecipes: {r: {img_size: 96}}\n" + body)
+    return path
+
+
+def test_train_on_defaults_to_each_source_alone_and_takes_combined_sets(tmp_path):
+    from dfpipe.benchmark import grid_cells, set_parts, training_sets
+
+    spec = load_grid(_grid_file(tmp_path, ""))
+    assert spec.train_on == [] and training_sets(spec) == ["a", "b", "c"]
+    spec = load_grid(_grid_file(tmp_path, "train_on: [b+c, a, c+a]\nbaseline: r\nseeds: [0]\n"))
+    assert training_sets(spec) == ["b+c", "a", "c+a"] and set_parts("c+a") == ["c", "a"]
+    assert grid_cells(spec) == [("r", 0, "b+c"), ("r", 0, "a"), ("r", 0, "c+a")]
+
+
+@pytest.mark.parametrize("body, error, msg", [
+    ("train_on: [a+d]", KeyError, r"grid.yaml: train_on entry 'a\+d': \['d'\] not in sources"),
+    ("train_on: [a+]", KeyError, r"train_on entry 'a\+': \[''\] not in sources"),
+    ("train_on: [A]", KeyError, r"\['A'\] not in sources"),
+    ("train_on: [a+a]", ConfigError, "names a source twice"),
+    ("train_on: [a+b, b+a]", ConfigError, r"lists 'a\+b' and 'b\+a': the same training set twice"),
+    ("train_on: [a+b+c]", ConfigError, "holds every source: no source is left for a cross-source column"),
+    ("train_on: a+b", ConfigError, "train_on"),
+])
+def test_train_on_typos_fail_when_the_grid_loads_naming_the_file(tmp_path, body, error, msg):
+    with pytest.raises(error, match=msg) as exc:
+        load_grid(_grid_file(tmp_path, body + "\n"))
+    assert isinstance(exc.value, ConfigError) and str(tmp_path / "grid.yaml") in str(exc.value)
+
+
+def test_a_source_name_with_the_join_character_is_refused(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("sources: [a, b+c]\nrecipes: {r: {img_size: 96}}\n")
+    with pytest.raises(ConfigError, match=r"grid.yaml: sources \['b\+c'\]: a source name may not contain '\+'"):
+        load_grid(path)
+
+
+def test_single_source_cells_keep_their_keys_and_folders():
+    """The cached cells of bench/grid.yaml (data/benchmark/<source>/<recipe>_s<seed>_<key>) stay where they are:
+    train_on is no part of a key, a grid listing its sources in train_on has the same cells, and the pairs grid
+    (same settings) has the same keys, in folders of its own."""
+    from dfpipe.benchmark import cell_dir, grid_cells
+
+    spec = load_grid("bench/grid.yaml")
+    assert str(cell_dir(spec, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_8dea6125"
+    assert str(cell_dir(spec, "lil_gil", 1, "genphotos_frll", "w")) == "w/genphotos_frll/lil_gil_s1_3b503466"
+    listed = dataclasses.replace(spec, train_on=list(spec.sources))
+    assert [cell_dir(listed, *c, "w") for c in grid_cells(listed)] == [cell_dir(spec, *c, "w") for c in grid_cells(spec)]
+    pairs = load_grid("bench/grid_pairs.yaml")
+    for recipe, seed, train in grid_cells(pairs):
+        d = cell_dir(pairs, recipe, seed, train, "w")
+        assert d.parent == Path("w", train) and "+" in train
+        assert d.name == cell_dir(spec, recipe, seed, "yonsei_faces", "w").name  # same key as the single cells
+
+
+def test_the_pairs_grid_is_the_main_grid_on_pairs():
+    """bench/grid_pairs.yaml: bench/grid.yaml's settings and recipe definitions, one pair per held-out source."""
+    from dfpipe.benchmark import set_parts
+
+    main, pairs = load_grid("bench/grid.yaml"), load_grid("bench/grid_pairs.yaml")
+    same = {f.name for f in dataclasses.fields(main)} - {"train_on", "recipes", "ensembles"}
+    assert {k: getattr(pairs, k) for k in same} == {k: getattr(main, k) for k in same}
+    assert pairs.recipes == {k: main.recipes[k] for k in ("baseline", "lil_gil")}
+    held_out = [next(s for s in pairs.sources if s not in set_parts(t)) for t in pairs.train_on]
+    assert held_out == pairs.sources and all(len(set_parts(t)) == 2 for t in pairs.train_on)
+
+
+def _source(root, name, n_train, n_held):
+    """A Source with ``n_train`` / ``n_held`` labelled names (no files: eval_sets only writes label CSVs)."""
+    from dfpipe.benchmark import Source
+
+    def part(kind, n):
+        return pd.DataFrame({"img_name": [f"{kind}/{i}.jpg" for i in range(n)], "label": [i % 2 for i in range(n)]})
+
+    held = part("held", n_held)
+    return Source(name, part("train", n_train), held, pd.concat([part("train", n_train), held], ignore_index=True),
+                  root / name)
+
+
+def test_a_combined_cells_eval_sets_are_both_held_out_parts_and_the_thirds_cross_part(tmp_path):
+    from dfpipe.benchmark import eval_sets, training_set
+
+    sources = {n: _source(tmp_path, n, 6, 4) for n in ("a", "b", "c")}
+    ts = training_set("b+a", sources)
+    assert ts.name == "b+a" and [p.name for p in ts.parts] == ["b", "a"]
+    assert training_set("a", sources) is sources["a"]
+    sets = eval_sets(GridSpec(sources=["a", "b", "c"]), ts, sources, tmp_path / "work")
+    assert [s.name for s in sets] == ["a", "b", "c"]
+    for s in sets:
+        labels = pd.read_csv(s.labels)
+        want = sources[s.name].heldout if s.name in ("a", "b") else sources[s.name].cross
+        assert s.images == str(tmp_path / s.name) and list(labels.img_name) == list(want.img_name)
+        assert Path(s.labels).name == f"{s.name}_{'cross' if s.name == 'c' else 'heldout'}.csv"
+
+
+def test_combined_cell_metrics_average_the_in_source_sets():
+    from dfpipe.benchmark import cell_metrics
+
+    ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.1}} for s, a in (("a", 0.9), ("b", 0.8), ("c", 0.6))}
+    m = cell_metrics({"train_source": "a+b", "eval": {**ev, "mean": {}}})
+    assert m["in_source_auc"] == pytest.approx(0.85) and m["mean_cross_auc"] == 0.6
+    assert m["auc"] == {"a": 0.9, "b": 0.8, "c": 0.6}
+    single = cell_metrics({"train_source": "a", "eval": ev})
+    assert single["in_source_auc"] == 0.9 and single["mean_cross_auc"] == pytest.approx(0.7)
+
+
+def _cell(train, recipe, seed, aucs, csv):
+    ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.25}} for s, a in aucs.items()}
+    return {"train_source": train, "recipe": recipe, "seed": seed, "eval": ev, "scores_csv": csv}
+
+
+def _three_set_scores(path, y, s):
+    one = pd.DataFrame({"degradation": "clean", "img_name": [f"{i}.jpg" for i in range(len(y))], "label": y, "score": s})
+    pd.concat([one.assign(set=name) for name in ("a", "b", "c")]).to_csv(path, index=False)
+    return str(path)
+
+
+def test_combined_sets_table_blocks_and_summary(tmp_path):
+    """A block per combined set (in-source columns first), its paired deltas, and a summary of combined sets with
+    the same recipe's single-source cells ("alone", from the reference) on the same held-out source."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(50, int), np.ones(50, int)]
+    good = _three_set_scores(tmp_path / "good.csv", y, y + rng.normal(0, 0.7, 100))
+    bad = _three_set_scores(tmp_path / "bad.csv", y, rng.normal(0, 1, 100))
+    spec = GridSpec(sources=["a", "b", "c"], train_on=["a+b", "c+a"], seeds=[0, 1], baseline="base")
+    cells = [_cell("a+b", "base", 0, {"a": 0.9, "b": 0.8, "c": 0.5}, bad),
+             _cell("a+b", "base", 1, {"a": 0.9, "b": 0.8, "c": 0.7}, bad),
+             _cell("a+b", "new", 0, {"a": 0.95, "b": 0.85, "c": 0.8}, good),
+             _cell("a+b", "new", 1, {"a": 0.95, "b": 0.85, "c": 0.9}, good),
+             _cell("c+a", "base", 0, {"a": 0.9, "b": 0.7, "c": 0.9}, bad),
+             _cell("c+a", "new", 0, {"a": 0.9, "b": 0.6, "c": 0.9}, good)]
+    reference = [_cell("a", "base", 0, {"a": 1.0, "b": 0.5, "c": 0.4}, bad),  # alone on c: (0.4 + 0.6) / 2
+                 _cell("b", "base", 0, {"a": 0.5, "b": 1.0, "c": 0.6}, bad),
+                 _cell("c", "base", 0, {"a": 0.8, "b": 0.7, "c": 1.0}, bad),  # alone on b: (0.5 + 0.7) / 2
+                 _cell("a", "new", 1, {"a": 1.0, "b": 0.9, "c": 0.7}, good)]  # alone on c: 0.7, on b: 0.9
+    lines = grid_table(cells, spec, reference).splitlines()
+    assert not any(line.startswith("### summary (ROC AUC") for line in lines)  # no single-source cell in the grid
+    i = lines.index("### trained on a + b")
+    assert lines[i + 2] == "| recipe | a (in-source) | b (in-source) | c | mean cross | delta mean cross |"
+    assert lines[i + 5] == ("| new | 0.950 / 0.950 (0.950); TPR@1e-2 0.250 | 0.850 / 0.850 (0.850); TPR@1e-2 0.250 "
+                            "| 0.800 / 0.900 (0.850); TPR@1e-2 0.250 | 0.850 | +0.250 |")
+    assert lines[i + 7].startswith("- new minus base (seed 0): a +") and "; c +" in lines[i + 7]
+    j = lines.index("### trained on c + a")
+    assert lines[j + 2] == "| recipe | c (in-source) | a (in-source) | b | mean cross | delta mean cross |"
+    k = lines.index("### summary of combined training sets (cross-source ROC AUC, mean of seeds)")
+    assert k < i and lines[k + 4] == ("| recipe | a + b -> c: together / alone | c + a -> b: together / alone | "
+                                      "mean together | delta vs baseline | mean alone | together minus alone |")
+    assert lines[k + 6] == "| base | 0.600 / 0.500 | 0.700 / 0.600 | 0.650 | - | 0.550 | +0.100 |"
+    assert lines[k + 7] == "| new | 0.850 / 0.700 | 0.600 / 0.900 | 0.725 | +0.075 | 0.800 | -0.075 |"
+    no_ref = grid_table(cells, spec).splitlines()  # no single-source cell finished: "-"
+    assert no_ref[k + 7] == "| new | 0.850 / - | 0.600 / - | 0.725 | +0.075 | - | - |"
+    assert "A combined training set (a + b) has an in-source column per source" in lines[0]
+
+
+
+def test_the_alone_reference_reads_finished_single_source_cells_scored_on_every_source(tmp_path):
+    """single_source_reference: the pair's sources' own cells (same key) left in the work folder by another grid;
+    a cell not scored on every source of this grid, or not finished, is left out; nothing is trained."""
+    import json
+
+    from dfpipe.benchmark import cell_dir, single_source_reference
+
+    spec = GridSpec(sources=["a", "b", "c"], train_on=["a+b"], seeds=[0, 1], baseline="r",
+                    recipes={"r": {"img_size": 96}})
+    ev = {s: {"clean": {"auc": 0.7, "tpr_at_fpr_1e-2": 0.1}} for s in ("a", "b", "c")}
+    for train, seed, sets in (("a", 0, "abc"), ("a", 1, "abc"), ("b", 0, "ab"), ("c", 0, "abc")):
+        d = cell_dir(spec, "r", seed, train, tmp_path)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"train_source": train, "recipe": "r", "seed": seed,
+                                                 "eval": {s: ev[s] for s in sets}, "scores_csv": "elsewhere"}))
+    ref = single_source_reference(spec, tmp_path)
+    assert [(c["train_source"], c["seed"]) for c in ref] == [("a", 0), ("a", 1)]  # b's cell lacks c; c: not a part
+    assert ref[0]["scores_csv"] == str(cell_dir(spec, "r", 0, "a", tmp_path) / "scores.csv")
+    # a source the grid trains alone itself is in its own cells, not in the reference
+    assert single_source_reference(dataclasses.replace(spec, train_on=["a+b", "a"]), tmp_path) == []
+    assert single_source_reference(dataclasses.replace(spec, train_on=[]), tmp_path) == []
+
+
+def test_a_grid_without_train_on_has_the_same_table_with_or_without_combined_code_paths(tmp_path):
+    """train_on listing the sources alone is the default grid: the same table, byte for byte, and no combined
+    summary (its single-source summary row is pinned in test_paired_difference_and_table)."""
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(50, int), np.ones(50, int)]
+    csv = _three_set_scores(tmp_path / "s.csv", y, y + rng.normal(0, 1, 100))
+    spec = GridSpec(sources=["a", "b", "c"], seeds=[0], baseline="base")
+    cells = [_cell(t, r, 0, {"a": 0.7, "b": 0.6, "c": 0.5}, csv) for r in ("base", "new") for t in ("a", "b", "c")]
+    table = grid_table(cells, spec)
+    assert grid_table(cells, dataclasses.replace(spec, train_on=["a", "b", "c"])) == table
+    assert grid_table(cells, spec, reference=cells[:1]) == table
+    assert "combined" not in table and table.count("### trained on") == 3
+
+
+def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
+    """`a+b` is `a_and_b` in the name (single-source names unchanged); git (hence DVC) accepts every name as a ref."""
+    import subprocess
+
+    from dfpipe.benchmark import _cell_key, grid_cells
+    from dfpipe.benchmark_dvc import exp_name
+
+    spec = load_grid("bench/grid.yaml")
+    assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-8dea6125"
+    pairs = load_grid("bench/grid_pairs.yaml")
+    names = [exp_name(pairs, *c) for c in grid_cells(pairs)]
+    key = _cell_key(pairs, recipe_config(pairs, "lil_gil", 1))
+    assert f"stylegan3_utk_and_genphotos_frll-lil_gil-s1-{key}" in names and len(set(names)) == len(names)
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", name)
+        subprocess.run(["git", "check-ref-format", f"refs/exps/ab/cdef/{name}"], check=True)
+
+
+def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
+    from dfpipe.benchmark_dvc import run_cell_stage
+    from dfpipe.errors import UnknownNameError
+
+    params = tmp_path / "params.yaml"
+    params.write_text("grid: bench/grid_pairs.yaml\nsource: genphotos_frll+stylegan3_utk\n")
+    with pytest.raises(UnknownNameError, match=r"params.yaml: source 'genphotos_frll\+stylegan3_utk' is neither a "
+                                               r"source of the grid nor a train_on entry"):
+        run_cell_stage(params, tmp_path / "metrics.json")

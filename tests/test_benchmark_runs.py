@@ -1,7 +1,8 @@
 """The benchmark grid run for real on two tiny sources (CPU): in-process with its robustness pass, and as DVC
 experiments through ``dvc exp run --queue`` + ``dvc queue start`` in a temp git repo (issue 16, items 1-2).
 
-Slow: about 40 s for the in-process grid, about 80 s more for the queue, on 2 busy cores."""
+Slow: about 40 s for the in-process grid, about 80 s more for the queue, about 10 s for one cell trained on two
+sources at once (a third source for its cross column), on 2 busy cores."""
 
 import json
 import shutil
@@ -248,3 +249,95 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     again = _run(cmd, repo, env)  # every cell is kept on this commit: nothing queued, the table written again
     assert "queued 0 cell(s)" in again.stderr and "2 already kept on this commit" in again.stderr
     _run([sys.executable, "-m", "dvc", "queue", "stop"], project, env)
+
+
+# ----------------------------------------------------------------------------- a combined training set
+def _files(*folders: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``folders``: what "left untouched" means."""
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for d in folders for f in sorted(d.rglob("*"))
+            if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny, in_process):
+    """A third source (``folders2``) and a grid training on ``demo+folders`` at once, in the same work folder as
+    the single-source cells: one combined cell and its robustness pass."""
+    from conftest import photo_like, write_jpeg
+
+    t, data, _ = tiny
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        write_jpeg(data / "folders2" / "real" / f"r{i:02d}.jpg", photo_like(rng, 40, 40))
+        write_jpeg(data / "folders2" / "fake" / f"f{i:02d}.jpg", photo_like(rng, 20, 20).repeat(2, 0).repeat(2, 1))
+    grid = t / "grid_pair.yaml"
+    grid.write_text(yaml.safe_dump({**_grid(data, {"degradations": ["half"]}),
+                                    "sources": ["demo", "folders", "folders2"], "train_on": ["demo+folders"]}))
+    before = _files(t / "work" / "demo", t / "work" / "folders")
+    t0 = time.perf_counter()
+    out = run_grid(load_grid(grid), t / "work", t / "out_pair")
+    return grid, out, before, time.perf_counter() - t0
+
+
+def test_a_combined_cell_trains_on_both_training_parts_and_is_scored_on_every_held_out_set(tiny, pair):
+    from dfpipe.benchmark import cell_metrics
+
+    t, _, _ = tiny
+    grid_path, grid, before, seconds = pair
+    spec = load_grid(grid_path)
+    print(f"combined cell (stages 1-6 on demo+folders) + robustness in {seconds:.0f} s")
+    (cell,) = grid["cells"]
+    sources = load_sources(spec)
+    d = cell_dir(spec, "base", 0, "demo+folders", t / "work")
+    assert cell["train_source"] == "demo+folders" and d.parent == t / "work" / "demo+folders"
+    assert d.name == cell_dir(spec, "base", 0, "demo", t / "work").name  # the single cells' key, a folder of its own
+    # stage 1 read the training parts of both sources, named <source>/<img_name>, and nothing held out
+    man = pd.read_csv(d.parent / "prepared" / "manifest.csv", keep_default_na=False)
+    trained = {str(s.root / n) for s in (sources["demo"], sources["folders"]) for n in s.train.img_name}
+    held = {str(s.root / n) for s in (sources["demo"], sources["folders"]) for n in s.heldout.img_name}
+    assert set(man.path) == trained and not set(man.path) & held and len(held) > 0
+    assert set(man.img_name.str.split("/").str[0]) == {"demo", "folders"}
+    # stage 6: in-source = both held-out parts, cross = the third source's cross part (all of it)
+    scores = pd.read_csv(cell["scores_csv"], keep_default_na=False)
+    scores = scores[scores.degradation == "clean"]
+    want = {"demo": sources["demo"].heldout, "folders": sources["folders"].heldout, "folders2": sources["folders2"].cross}
+    assert set(scores.set) == set(want)
+    for name, df in want.items():
+        assert sorted(scores[scores.set == name].img_name) == sorted(df.img_name)
+    m = cell_metrics(cell, cell["robustness"])
+    ev = cell["eval"]
+    assert m["in_source_auc"] == pytest.approx((ev["demo"]["clean"]["auc"] + ev["folders"]["clean"]["auc"]) / 2)
+    assert m["mean_cross_auc"] == ev["folders2"]["clean"]["auc"]
+    assert cell["robustness"]["sets"] == ["folders2"]
+    assert cell["robustness"]["auc"]["folders2"]["clean"] == pytest.approx(ev["folders2"]["clean"]["auc"], abs=1e-9)
+    # the single-source folders were only read (no reference: their cells were never scored on folders2)
+    assert _files(t / "work" / "demo", t / "work" / "folders") == before and "reference" not in grid
+
+
+def test_a_combined_cells_table(tiny, pair):
+    t, _, _ = tiny
+    lines = (t / "out_pair" / "table.md").read_text().splitlines()
+    ev = pair[1]["cells"][0]["eval"]
+    i = lines.index("### trained on demo + folders")
+    assert lines[i + 2] == "| recipe | demo (in-source) | folders (in-source) | folders2 | mean cross | delta mean cross |"
+    assert lines[i + 4].startswith(f"| base | {ev['demo']['clean']['auc']:.3f} (")
+    k = lines.index("### summary of combined training sets (cross-source ROC AUC, mean of seeds)")
+    x = f"{ev['folders2']['clean']['auc']:.3f}"
+    assert lines[k + 6] == f"| base | {x} / - | {x} | - | - | - |"
+    assert "### summary (ROC AUC, mean of seeds)" not in lines and "| base (combined sets) | 1 |" in "\n".join(lines)
+
+
+def test_the_cell_stage_runs_a_combined_set(tiny, pair, tmp_path):
+    """The DVC ``cell`` stage with ``source: demo+folders`` (what a queued experiment runs): the finished cell and
+    its robustness record are reused, the metrics are the combined cell's."""
+    from dfpipe.benchmark_dvc import run_cell_stage
+
+    t, _, _ = tiny
+    grid_path, grid, _, _ = pair
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"grid": str(grid_path), "source": "demo+folders", "recipe": "base", "seed": 0,
+                                      "work": str(t / "work"), "data_root": ""}))
+    m = run_cell_stage(params, tmp_path / "metrics.json")
+    ev = grid["cells"][0]["eval"]
+    assert m["auc"] == {s: ev[s]["clean"]["auc"] for s in ("demo", "folders", "folders2")}
+    assert m["mean_cross_auc"] == ev["folders2"]["clean"]["auc"] and set(m["robustness_cross_auc"]) == {"clean", "half"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["in_source_auc"] == pytest.approx(m["in_source_auc"])
