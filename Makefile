@@ -51,6 +51,11 @@ clean-outputs:
 # The development benchmark: leave-one-source-out over ../shared/data, every recipe of bench/grid.yaml
 # against the seed-style baseline, two seeds; each cell a DVC experiment (dvc exp run --queue, dvc queue start;
 # `cd bench/grid && dvc exp show`), then reports/benchmark/{grid.json,table.md} (README). Queued runs see the
-# committed tree plus changes to tracked files. In one process instead: bench/benchmark.py run.
+# committed tree plus changes to tracked files. In one process instead: bench/benchmark.py run. Then the pairs
+# grid (training on two sources at once), the SBI grid (its own stage 2, so its own work folder), and the
+# README's benchmark tables rewritten from the three table.md files.
 benchmark: setup
 	$(PY) bench/benchmark.py queue --grid bench/grid.yaml --work data/benchmark --out reports/benchmark
+	$(PY) bench/benchmark.py queue --grid bench/grid_pairs.yaml --work data/benchmark --out reports/benchmark/pairs
+	$(PY) bench/benchmark.py queue --grid bench/grid_sbi.yaml --work data/benchmark_sbi --out reports/benchmark/sbi
+	$(PY) bench/benchmark.py readme

@@ -5,6 +5,7 @@ Subcommands (README, benchmark section):
   run    every cell in this process, then the table (the default: ``benchmark.py --grid ...`` as before)
   cell   one cell: the ``cell`` stage of bench/grid/dvc.yaml (params from bench/grid/params.yaml)
   table  the table of the finished cells (and their missing robustness passes); trains nothing
+  readme the README's benchmark tables rewritten from the grids' table.md files (--check: only list stale ones)
 
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
 interrupted run resumes whichever way it ran. See dfpipe/benchmark.py for the protocol and bench/grid.yaml for
@@ -19,7 +20,6 @@ as bench/grid.yaml (its single-source cells are read for the "alone" comparison,
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -28,7 +28,7 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE",
 
 from dfpipe import harness  # noqa: E402
 
-COMMANDS = ("queue", "run", "cell", "table")
+COMMANDS = ("queue", "run", "cell", "table", "readme")
 
 
 def _grid_args(p: argparse.ArgumentParser) -> None:
@@ -51,13 +51,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c = sub.add_parser("cell", help="one cell (the cell stage of bench/grid/dvc.yaml)")
     c.add_argument("--params", default="bench/grid/params.yaml")
     c.add_argument("--metrics", default="bench/grid/metrics.json")
+    r = sub.add_parser("readme", help="the README's benchmark tables from the grids' table.md files")
+    r.add_argument("--readme", default="README.md")
+    r.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
     for s in sub.choices.values():
         s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command == "cell":
+    if args.command == "readme":
+        from dfpipe.benchmark_readme import sync_readme
+
+        stale = sync_readme(args.readme, check=args.check)
+        if args.check and stale:
+            raise SystemExit(f"{args.readme}: {len(stale)} benchmark table(s) differ from the grid: {'; '.join(stale)}"
+                             " (bench/benchmark.py readme rewrites them)")
+    elif args.command == "cell":
         from dfpipe.benchmark_dvc import run_cell_stage
 
         run_cell_stage(args.params, args.metrics)

@@ -14,6 +14,7 @@ from PIL import Image
 from dfpipe.benchmark import (GridSpec, grid_table, identity_group, load_grid, load_source, paired_auc_diff,
                               recipe_config, split_groups)
 from dfpipe.config import ConfigError
+from dfpipe.errors import InputError
 
 
 def _img(path, value=0):
@@ -522,3 +523,33 @@ def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
     with pytest.raises(UnknownNameError, match=r"params.yaml: source 'genphotos_frll\+stylegan3_utk' is neither a "
                                                r"source of the grid nor a train_on entry"):
         run_cell_stage(params, tmp_path / "metrics.json")
+
+
+# ----------------------------------------------------------------------------- the README's tables
+def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
+    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "table.md").write_text("intro\n\n### summary (ROC AUC, mean of seeds)\n\n| a | b |\n|---|---|\n"
+                                             "| x | 0.600 |\n\n### trained on y\n\n| c |\n|---|\n")
+    readme = tmp_path / "README.md"
+    text = ('# t\n\nbefore\n<!-- benchmark-table: r/table.md "### summary (ROC" -->\n| a | b |\n|---|---|\n'
+            '| x | 0.500 |\n<!-- /benchmark-table -->\nafter\n')
+    readme.write_text(text)
+    assert readme_blocks(readme) == ['r/table.md "### summary (ROC"']
+    assert sync_readme(readme, check=True) == ['r/table.md "### summary (ROC"'] and readme.read_text() == text
+    assert sync_readme(readme) == ['r/table.md "### summary (ROC"']
+    assert readme.read_text() == text.replace("0.500", "0.600")  # only the table moved; prose untouched
+    assert sync_readme(readme, check=True) == []
+    readme.write_text(text.replace("### summary (ROC", "### nowhere"))
+    with pytest.raises(InputError, match="README.md: block r/table.md \"### nowhere\".*no line starting with"):
+        sync_readme(readme)
+
+
+def test_the_readmes_benchmark_tables_are_the_grids():
+    """Every benchmark number the README shows in a table comes from a grid's table.md, as committed."""
+    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert len(readme_blocks(readme)) >= 1
+    assert sync_readme(readme, check=True) == [], "stale: run bench/benchmark.py readme"
