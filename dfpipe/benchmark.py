@@ -332,7 +332,7 @@ def _shared_settings(spec: GridSpec) -> dict[str, Any]:
 # here changes every key: all cells are recomputed (safe, only slow). Dotted names reach into nested sections.
 KEY_OMIT_AT: dict[str, dict[str, Any]] = {
     "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
-               "loss.lil": 0.0, "loss.gil": 0.0},
+               "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False},  # + the frozen-backbone probe
     "augment": {"landmarks": "none"},  # self_blend's mask from face landmarks
     "split": {},
 }

@@ -230,6 +230,10 @@ class ExpertConfig:
     arch: str = "timm"  # builder in dfpipe.models.EXPERTS
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
+    # true: a probe on frozen features (UnivFD, Ojha et al. 2023): the backbone keeps its pretrained weights and
+    # BN statistics (eval mode, no gradient, out of the optimizer); only what reads its features trains: the
+    # classifier, and the projection head / local branches when proj_dim / info_heads are set
+    freeze_backbone: bool = False
     img_size: int = 128  # the model's input side (the input policy's size)
     input_mode: InputMode = "resize"  # resize | resize_short_crop | crop (native pixels): dfpipe.data.preprocess
     dropout: float = 0.2  # before the linear head
