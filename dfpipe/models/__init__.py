@@ -10,7 +10,7 @@ from .pretrained import (
     default_cache_dir,
     normalization,
 )
-from .registry import EXPERTS, Expert, Registry, build_expert, expert_from_description
+from .registry import EXPERTS, Expert, Registry, build_expert, expert_from_description, trainable_parameters
 
 __all__ = [
     "BUNDLED",
@@ -26,4 +26,5 @@ __all__ = [
     "default_cache_dir",
     "expert_from_description",
     "normalization",
+    "trainable_parameters",
 ]

@@ -7,6 +7,7 @@ itself (``describe()``), so a checkpoint holding that description and a state_di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -77,10 +78,16 @@ class Expert(nn.Module):
     local branches on the backbone's feature map (:class:`dfpipe.models.info.InfoHeads`, d = D // n): then
     ``feat`` is z (fp32), and in training mode the output also holds ``info_logits`` (B, 2) and
     ``info_loo_logits`` (B, n, 2), the variational classifiers of the LIL / GIL terms (:mod:`dfpipe.losses`).
+
+    With ``freeze_backbone`` the expert is a probe on frozen features (UnivFD, Ojha et al. 2023): the backbone's
+    parameters do not require gradients, it stays in eval mode whatever ``train()`` is called with (its BN
+    running statistics stay the pretrained ones, its dropout / drop-path are off) and runs under ``no_grad``;
+    everything that reads its output trains: the classifier, the projection head, the local branches.
+    A frozen expert's description and state_dict are those of a plain one: rebuilt for inference it scores the same.
     """
 
     def __init__(self, backbone: str, img_size: int, pretrained: str = "bundled", dropout: float = DEFAULT_DROPOUT,
-                 arch: str = "timm", proj_dim: int = 0, info_heads: int = 0) -> None:
+                 arch: str = "timm", proj_dim: int = 0, info_heads: int = 0, freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.img_size = int(img_size)
@@ -88,6 +95,7 @@ class Expert(nn.Module):
         self.dropout = float(dropout)
         self.proj_dim = int(proj_dim)
         self.info_heads = int(info_heads)
+        self.freeze_backbone = bool(freeze_backbone)
         self.backbone = create_backbone(backbone, pretrained=pretrained, num_classes=0)  # x -> (B, D)
         self.feat_dim = int(self.backbone.num_features)  # D, e.g. 1280 for tf_efficientnet_lite0
         head_dim = self.feat_dim  # what the classifier (and the projection head) read: "feat"
@@ -100,6 +108,20 @@ class Expert(nn.Module):
             self.proj = nn.Sequential(nn.Linear(head_dim, hidden), nn.ReLU(inplace=True),
                                       nn.Linear(hidden, self.proj_dim))
         self.mean, self.std = normalization(self.backbone)  # 3-tuples the input pipeline must use
+        if self.freeze_backbone:
+            _freeze(self.backbone, backbone, pretrained)
+
+    def train(self, mode: bool = True) -> Expert:
+        """``nn.Module.train``, but a frozen backbone stays in eval mode (``eval()`` is ``train(False)``)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def _backbone_context(self) -> contextlib.AbstractContextManager:
+        """``no_grad`` around a frozen backbone: nothing in it trains, so autograd need not keep its activations
+        (input gradients do not pass it either; an expert rebuilt from its checkpoint is not frozen)."""
+        return torch.no_grad() if self.freeze_backbone else contextlib.nullcontext()
 
     def filter_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the backbone sees of the normalised input: the input itself (subclasses filter it)."""
@@ -107,11 +129,13 @@ class Expert(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised input -> (B, D) pooled features."""
-        return self.backbone(self.filter_input(x))
+        with self._backbone_context():
+            return self.backbone(self.filter_input(x))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised input -> (B, D, h, w), the backbone's last feature map (before pooling)."""
-        return self.backbone.forward_features(self.filter_input(x))
+        with self._backbone_context():
+            return self.backbone.forward_features(self.filter_input(x))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # The heads run in fp32 even under autocast: bf16 logits hold 8 significant bits, so a test set's
@@ -143,6 +167,15 @@ class Expert(nn.Module):
                 **({"info_heads": self.info_heads} if self.info_heads else {})}
 
 
+def _freeze(backbone: nn.Module, name: str, pretrained: str) -> None:
+    """Take ``backbone`` out of training: no gradients, eval mode (the expert's ``train()`` keeps it there)."""
+    backbone.requires_grad_(False)
+    backbone.eval()
+    if pretrained == "none":
+        log.warning("freeze_backbone with pretrained: none: %s stays at its random initialisation, the heads "
+                    "train on random features (a probe makes sense on pretrained ones)", name)
+
+
 def npr(x: torch.Tensor) -> torch.Tensor:
     """Neighbouring pixel relationships (Tan et al., CVPR 2024): x minus its nearest-neighbour
     down-(x0.5)-then-up-sampled copy. (B, C, H, W) -> (B, C, H, W).
@@ -167,7 +200,7 @@ def _builder(cls: type[Expert], arch: str) -> Callable[..., Expert]:
     def build(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
         return cls(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
                    dropout=cfg.dropout if dropout is None else dropout, arch=arch, proj_dim=cfg.proj_dim,
-                   info_heads=cfg.info_heads)
+                   info_heads=cfg.info_heads, freeze_backbone=cfg.freeze_backbone)
 
     build.__doc__ = (f"Builds a {cls.__name__}. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` "
                      "overrides ``cfg.pretrained`` (``\"none\"`` when rebuilding from a checkpoint), ``dropout`` "
@@ -184,11 +217,21 @@ def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
     return EXPERTS.get(arch or cfg.arch)(cfg)
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require gradients, in ``parameters()`` order: what the optimizer gets.
+
+    All of them for a plain expert (the same list, so the same optimizer state); without the backbone's when
+    it is frozen, so AdamW neither steps nor decays it, and ``last.pt`` holds no state for it.
+    """
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def expert_from_description(desc: dict[str, Any]) -> Expert:
     """Rebuild the architecture ``describe()`` produced, randomly initialised, ready for load_state_dict.
 
     Extra keys (e.g. ``preprocess`` added by training) are ignored; mean/std come from the description
-    since they are what the checkpoint was trained with.
+    since they are what the checkpoint was trained with. The expert is never frozen (``freeze_backbone`` is a
+    training setting; it travels in a checkpoint's ``config``): an inference model is the same either way.
     """
     num_classes = int(desc.get("num_classes", NUM_CLASSES))
     if num_classes != NUM_CLASSES:
