@@ -17,6 +17,12 @@ of each process (global = batch_size x N, ``lr`` rescaled from ``lr_ref_batch``)
 shard of the same seeded epoch order, the NCE term sees the global batch, val predictions of all ranks
 are gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
 
+``freeze_backbone`` makes the expert a probe on frozen features (UnivFD, Ojha et al. 2023; see
+:class:`dfpipe.models.Expert`): the optimizer gets only the parameters that require gradients (the heads), so
+``last.pt``'s optimizer state is theirs; the backbone stays in eval mode through every ``model.train()``
+(the EMA copy and a DDP wrap included: the override is the expert's), and DDP reduces only the heads'
+gradients (it skips parameters without ``requires_grad``).
+
 Per-epoch logs go through DVCLive (:mod:`dfpipe.train.logs`): ``run_train(cfg, name, live_dir)`` writes
 ``<live_dir>/plots/metrics/*.tsv`` (one step per epoch) and ``<live_dir>/metrics.json`` (the best epoch).
 """
@@ -48,7 +54,7 @@ from ..device import autocast, num_workers
 from ..errors import ConfigError, DataError, UnknownNameError
 from ..losses import JointLoss, mixup
 from ..metrics import summary
-from ..models import build_expert
+from ..models import build_expert, trainable_parameters
 from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
 from .distributed import (check_same, gather_across_ranks, gather_by_index, global_batch, make_accelerator,
                           maybe_sync_bn, rank_seed, reduce_sum, scaled_lr, sync_buffers)
@@ -111,6 +117,7 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     and/or rewrites the plain CSV ``history_csv`` (see :mod:`.logs`; each optional).
     """
     ecfg = _expert(cfg, name)
+    _check_frozen(ecfg)
     acc = acc or make_accelerator(ecfg)
     seed_everything(ecfg.seed)  # the same on every rank: same initial weights (dropout: rank_seed per epoch)
     device, main = acc.device, acc.is_main_process
@@ -130,12 +137,14 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ecfg.freeze_backbone:
+        _log_frozen(name, model)
     steps_per_epoch = max(1, len(train_loader))
     ema = make_ema(model, ecfg.ema_epochs, steps_per_epoch, teacher=ecfg.loss.kl > 0)  # None: the student is
     teacher = ema.module if ema is not None and ecfg.loss.kl > 0 else None
     evaluated = model if ema is None else ema.module  # validated and saved in best.pt
     loss_fn = _loss_fn(ecfg, train_df, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ecfg.weight_decay)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=ecfg.weight_decay)
     sched = cosine_with_warmup(opt, int(ecfg.warmup_epochs * steps_per_epoch), ecfg.epochs * steps_per_epoch)
 
     out_dir = Path(cfg.models_dir) / name
@@ -190,6 +199,28 @@ def _expert(cfg: TrainConfig, name: str) -> ExpertConfig:
     if name not in cfg.experts:
         raise UnknownNameError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
     return cfg.experts[name]
+
+
+def _check_frozen(ecfg: ExpertConfig) -> None:
+    """Settings a frozen backbone cannot train well with: an error when the classifier would learn no labels,
+    a warning when the NCE term can reach nothing the classifier reads."""
+    if not ecfg.freeze_backbone:
+        return
+    if ecfg.loss.ce <= 0:
+        raise ConfigError(f"freeze_backbone trains only the heads, and only loss.ce teaches the classifier the labels: "
+                          f"set loss.ce > 0 (it is {ecfg.loss.ce})")
+    if ecfg.loss.nce > 0 and ecfg.info_heads == 0:
+        log.warning("loss.nce = %g with freeze_backbone reaches only the projection head (proj_dim > 0) or nothing, "
+                    "neither of which the classifier reads: the term cannot change the scores", ecfg.loss.nce)
+
+
+def _log_frozen(name: str, model: torch.nn.Module) -> None:
+    """One line: which of the expert's modules train on the frozen backbone, and how many parameters that is."""
+    trained = [child for child, m in model.named_children() if any(p.requires_grad for p in m.parameters())]
+    n_train = sum(p.numel() for p in trainable_parameters(model))
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("expert %s: frozen backbone (eval mode, BN statistics as loaded); training %s: %d of %d parameters",
+             name, ", ".join(trained), n_train, n_all)
 
 
 def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_df: pd.DataFrame,
