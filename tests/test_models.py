@@ -171,7 +171,9 @@ def test_bundled_expert_carries_its_backbones_normalisation(name, mean, std, fea
 
 
 def test_bundled_checkpoint_is_cached_and_timm_keyed(tmp_path, package_state):
+    rng = torch.random.get_rng_state()
     path = bundled_checkpoint(LITE0, cache_dir=tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # converting on a fresh cache draws no global randomness
     assert path.parent == tmp_path and path.is_file()
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert list(state) == list(timm.create_model(LITE0).state_dict())

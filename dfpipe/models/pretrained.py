@@ -152,7 +152,8 @@ def bundled_checkpoint(timm_name: str, cache_dir: Path | None = None) -> Path:
     if dst.is_file():
         return dst
     source = torch.load(src, map_location="cpu", weights_only=True)  # OrderedDict, 296 tensors for lite0
-    target = timm.create_model(arch, pretrained=False).state_dict()  # random init: only keys/shapes used
+    with torch.random.fork_rng(devices=[]):  # its random init draws from the global RNG: a first run on a fresh
+        target = timm.create_model(arch, pretrained=False).state_dict()  # cache would seed unlike later runs
     state = convert_state_dict(source, target, where=str(src))
     save_torch(state, dst)
     log.info("converted bundled %s weights %s -> %s", arch, src.name, dst)
