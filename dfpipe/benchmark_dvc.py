@@ -205,7 +205,10 @@ def queue_grid(grid_path: str | Path, work: str | Path, out: str | Path, recipes
     data_root = str(Path(spec.data_root).resolve())
     work_abs = str(Path(work).resolve())
     cells = grid_cells(spec, recipes)
-    existing = set(dvc(["exp", "list", "--name-only"], project).stdout.split())
+    # the queued experiments' baseline: a commit made while the queue runs moves HEAD, and `dvc exp list` lists
+    # HEAD's experiments only, which would report every finished cell as failed
+    base = _git(["rev-parse", "HEAD"], repo).strip()
+    existing = set(dvc(["exp", "list", "--rev", base, "--name-only"], project).stdout.split())
     t0 = time.perf_counter()
     queued, skipped = [], []
     for recipe, seed, source in cells:
@@ -225,7 +228,7 @@ def queue_grid(grid_path: str | Path, work: str | Path, out: str | Path, recipes
     if queued:
         dvc(["queue", "start", "-j", "1"], project)
         wait_for_queue(project, queued, poll_s)
-    kept = set(dvc(["exp", "list", "--name-only"], project).stdout.split())
+    kept = set(dvc(["exp", "list", "--rev", base, "--name-only"], project).stdout.split())
     failed = [n for n in queued if n not in kept]
     for n in failed:
         log.error("cell %s failed: see `cd %s && dvc queue logs %s`", n, PROJECT, n)

@@ -195,6 +195,23 @@ def _repo_copy(dst: Path, grid: dict) -> None:
     (dst / "bench" / "grid.yaml").write_text(yaml.safe_dump({**grid, "params": "params.yaml"}))
 
 
+def _run_committing_meanwhile(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run ``args`` and, once it has queued its cells, commit (HEAD moves while the queue runs, as when one keeps
+    working in the repo): the cells must still be found as experiments of the commit they were queued on."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if "queued " in line and "as DVC experiments" in line:
+            _run(["git", "commit", "-q", "--allow-empty", "-m", "meanwhile"], cwd, env)
+            break
+    out, rest = proc.communicate()
+    res = subprocess.CompletedProcess(args, proc.returncode, out, "".join(err) + rest)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    assert "meanwhile" in _run(["git", "log", "-1", "--format=%s"], cwd, env).stdout  # committed during the run
+    return res
+
+
 def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     """`bench/benchmark.py queue`: one queued experiment per cell, run by `dvc queue start`, each listed by
     `dvc exp show` with its params and metrics, then the table. The demo cell is reused from the in-process run
@@ -221,8 +238,9 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     cmd = [sys.executable, "bench/benchmark.py", "queue", "--grid", "bench/grid.yaml", "--work", str(work),
            "--out", str(tmp_path / "out"), "--poll", "1"]
     t0 = time.perf_counter()
-    res = _run(cmd, repo, env)
+    res = _run_committing_meanwhile(cmd, repo, env)
     wall = time.perf_counter() - t0
+    _run(["git", "reset", "-q", "--soft", "HEAD~1"], repo, env)  # back to the commit the cells were queued on
     project = repo / "bench" / "grid"
     shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, env).stdout)
     exps = {e["name"]: e["revs"][0]["data"] for e in shown[1]["experiments"]}
