@@ -574,7 +574,7 @@ def _grid_recipes(spec: GridSpec, recipes: list[str] | None) -> list[str]:
 def ensemble_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tuple[str, int, str]]:
     """(ensemble, seed, training source) of every ensemble row whose members are all among ``recipes`` (None = the
     whole grid)."""
-    chosen = set(recipes or spec.recipes) | {spec.baseline}
+    chosen = set(_grid_recipes(spec, recipes))
     return [(name, seed, src) for name, members in spec.ensembles.items() if set(members) <= chosen
             for seed in spec.seeds for src in training_sets(spec)]
 
@@ -713,6 +713,16 @@ def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, s
     return float(diff), float(lo), float(hi)
 
 
+def _md_row(cells: list[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_head(head: list[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return [_md_row(head), "|" + "---|" * len(head)]
+
+
 def _cells_frame(cells: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{"train": c["train_source"], "recipe": c["recipe"], "seed": c["seed"], "cell": c}
                          for c in cells], columns=["train", "recipe", "seed", "cell"])
@@ -737,7 +747,8 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
              + (" A combined training set (a + b) has an in-source column per source: its held-out part."
                 if _combined_mask(df).any() else ""), ""]
     if spec.ensembles:
-        lines += ["Ensemble rows (no training): " + "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
+        members = "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
+        lines += [f"Ensemble rows (no training): {members}"
                   + ", each the members' cells of the same training set and seed combined by stage 5 "
                   f"({spec.predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
     if not single.empty:
@@ -751,7 +762,7 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
         sets = parts + [s for s in spec.sources if s not in parts]
         cross = sets[len(parts):]
         head = ["recipe"] + [f"{s} (in-source)" if s in parts else s for s in sets] + ["mean cross", "delta mean cross"]
-        lines += [f"### trained on {' + '.join(parts)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"### trained on {' + '.join(parts)}", "", *_md_head(head)]
         base = _mean_cross(sub[sub.recipe == spec.baseline], cross)
         for recipe in dict.fromkeys(sub.recipe):
             runs = sub[sub.recipe == recipe].sort_values("seed")
@@ -764,7 +775,7 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
             mc = _mean_cross(runs, cross)
             row.append(f"{mc:.3f}")
             row.append("-" if recipe == spec.baseline else f"{mc - base:+.3f}")
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append(_md_row(row))
         lines.append("")
         lines += _deltas(sub, sets, spec)
     lines += _robustness_table(cells, spec)
@@ -786,7 +797,7 @@ def _robustness_table(cells: list[dict], spec: GridSpec) -> list[str]:
            "full-size decoded image before the checkpoint's preprocessing (stage 6). Mean over each cell's "
            "cross-source sets, then over the recipe's cells (seeds and training sources); drop = degraded minus "
            "clean. No retraining: the cells of the table above.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           *_md_head(head)]
     for group, suffix in ((single, ""), (combined, " (combined sets)")):
         for recipe in dict.fromkeys(c["recipe"] for c in group):
             out.append(_robustness_row(f"{recipe}{suffix}", [c["robustness"] for c in group if c["recipe"] == recipe],
@@ -799,7 +810,7 @@ def _robustness_row(label: str, runs: list[dict], degs: list[str]) -> str:
     mean = {d: float(np.mean([np.mean([r["auc"][s][d] for s in r["sets"]]) for r in runs])) for d in ["clean", *degs]}
     row = [label, str(len(runs)), f"{mean['clean']:.3f}",
            *[f"{mean[d]:.3f} ({mean[d] - mean['clean']:+.3f})" for d in degs]]
-    return "| " + " | ".join(row) + " |"
+    return _md_row(row)
 
 
 def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
@@ -808,7 +819,7 @@ def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
     to the baseline's."""
     trains = [t for t in spec.sources if (df.train == t).any()]
     head = ["recipe", *[f"{t}: in-source / cross" for t in trains], "mean cross", "delta vs baseline"]
-    out = ["### summary (ROC AUC, mean of seeds)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = ["### summary (ROC AUC, mean of seeds)", "", *_md_head(head)]
     base = None
     for recipe in dict.fromkeys(df.recipe):
         cells, crosses = [recipe], []
@@ -824,7 +835,7 @@ def _summary(df: pd.DataFrame, spec: GridSpec) -> list[str]:
         if recipe == spec.baseline:
             base = mean
         delta = "-" if recipe == spec.baseline or base is None else f"{mean - base:+.3f}"
-        out.append("| " + " | ".join([*cells, f"{mean:.3f}", delta]) + " |")
+        out.append(_md_row([*cells, f"{mean:.3f}", delta]))
     return out + [""]
 
 
@@ -845,7 +856,7 @@ def _combined_summary(df: pd.DataFrame, ref: pd.DataFrame, spec: GridSpec) -> li
            "sources it does not hold (their cross parts). together = that cell's AUC; alone = the same recipe trained "
            "on each of those sources by itself (the single-source cells finished in the work folder, same seeds), "
            "on the same sets; - = none finished. Means over the combined sets (only when every one has a value).", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           *_md_head(head)]
     recipes = dict.fromkeys(df[df.train.isin(combined)].recipe)
     rows = {r: _together_alone(df, alone, r, combined, cross) for r in recipes}
     base = rows.get(spec.baseline, ([], []))[0]
@@ -853,8 +864,8 @@ def _combined_summary(df: pd.DataFrame, ref: pd.DataFrame, spec: GridSpec) -> li
     for recipe, (together, alone_aucs) in rows.items():
         mean_t, mean_a = _complete_mean(together, len(combined)), _complete_mean(alone_aucs, len(combined))
         delta = "-" if recipe == spec.baseline else _fmt(mean_t - base_mean, "+.3f")
-        out.append("| " + " | ".join([recipe, *[f"{_fmt(t)} / {_fmt(a)}" for t, a in zip(together, alone_aucs)],
-                                      _fmt(mean_t), delta, _fmt(mean_a), _fmt(mean_t - mean_a, "+.3f")]) + " |")
+        out.append(_md_row([recipe, *[f"{_fmt(t)} / {_fmt(a)}" for t, a in zip(together, alone_aucs)],
+                            _fmt(mean_t), delta, _fmt(mean_a), _fmt(mean_t - mean_a, "+.3f")]))
     return out + [""]
 
 

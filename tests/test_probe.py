@@ -150,8 +150,7 @@ def test_a_frozen_run_trains_only_the_head_resumes_exactly_and_round_trips(pool,
         model.head.register_forward_pre_hook(lambda m, a: modes.append((m.training, model.backbone.training)))
         return model
 
-    # first: converting the bundled weights into the empty temp cache draws from the torch RNG (a throwaway timm
-    # model), which would give run a (not b) other head initialisations
+    # the reference: the bundled ImageNet weights as the backbone loads them (converted into the temp cache here)
     pretrained = create_backbone(LITE0, pretrained="bundled", num_classes=0).state_dict()
     monkeypatch.setattr(loop, "build_expert", spy)
     _run(_cfg(pool, "models_a", **kw), pool, "a")
