@@ -111,8 +111,8 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
     assert "seed" not in benchmark._shared_settings(spec)["augment"]
 
 
-@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_sbi.yaml", "bench/grid_first.yaml",
-                                  "bench/grid_pairs.yaml"])
+@pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_more.yaml", "bench/grid_sbi.yaml",
+                                  "bench/grid_first.yaml", "bench/grid_pairs.yaml", "bench/grid_pairs_more.yaml"])
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
     spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
@@ -349,7 +349,10 @@ def test_single_source_cells_keep_their_keys_and_folders():
 
     spec = load_grid("bench/grid.yaml")
     assert str(cell_dir(spec, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_8dea6125"
-    assert str(cell_dir(spec, "lil_gil", 1, "genphotos_frll", "w")) == "w/genphotos_frll/lil_gil_s1_3b503466"
+    more = load_grid("bench/grid_more.yaml")
+    assert str(cell_dir(more, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_8dea6125"
+    assert str(cell_dir(more, "lil_gil", 1, "genphotos_frll", "w")) == "w/genphotos_frll/lil_gil_s1_3b503466"
+    assert str(cell_dir(spec, "mobilenetv2", 0, "stylegan3_utk", "w")) == "w/stylegan3_utk/mobilenetv2_s0_72745154"
     listed = dataclasses.replace(spec, train_on=list(spec.sources))
     assert [cell_dir(listed, *c, "w") for c in grid_cells(listed)] == [cell_dir(spec, *c, "w") for c in grid_cells(spec)]
     pairs = load_grid("bench/grid_pairs.yaml")
@@ -366,9 +369,32 @@ def test_the_pairs_grid_is_the_main_grid_on_pairs():
     main, pairs = load_grid("bench/grid.yaml"), load_grid("bench/grid_pairs.yaml")
     same = {f.name for f in dataclasses.fields(main)} - {"train_on", "recipes", "ensembles"}
     assert {k: getattr(pairs, k) for k in same} == {k: getattr(main, k) for k in same}
-    assert pairs.recipes == {k: main.recipes[k] for k in ("baseline", "lil_gil")}
+    assert pairs.recipes == {"baseline": main.recipes["baseline"]}
     held_out = [next(s for s in pairs.sources if s not in set_parts(t)) for t in pairs.train_on]
     assert held_out == pairs.sources and all(len(set_parts(t)) == 2 for t in pairs.train_on)
+
+
+def test_the_split_grids_share_settings_recipes_and_cells():
+    """make benchmark's core (bench/grid.yaml, bench/grid_pairs.yaml) and make benchmark-all's other rows
+    (bench/grid_more.yaml, bench/grid_pairs_more.yaml) are one grid cut in four: the same settings, one definition per
+    recipe name, so a cell (the baseline's above all) is trained once and read by every grid that lists it."""
+    from dfpipe.benchmark import _cell_key
+
+    names = ("grid", "grid_more", "grid_pairs", "grid_pairs_more")
+    grids = {n: load_grid(f"bench/{n}.yaml") for n in names}
+    same = {f.name for f in dataclasses.fields(grids["grid"])} - {"train_on", "recipes", "ensembles"}
+    for n in names:
+        assert {k: getattr(grids[n], k) for k in same} == {k: getattr(grids["grid"], k) for k in same}, n
+    assert grids["grid_pairs_more"].train_on == grids["grid_pairs"].train_on
+    definitions: dict = {}
+    for n in names:
+        for recipe, body in grids[n].recipes.items():
+            assert definitions.setdefault(recipe, body) == body, f"{recipe} differs in bench/{n}.yaml"
+    keys = {n: _cell_key(grids[n], recipe_config(grids[n], "baseline", 0)) for n in names}
+    assert len(set(keys.values())) == 1, keys
+    # every recipe and ensemble row of the main grids is in exactly one of the two single-source files
+    assert set(grids["grid"].recipes) & set(grids["grid_more"].recipes) == {"baseline"}
+    assert not set(grids["grid"].ensembles) & set(grids["grid_more"].ensembles)
 
 
 def _source(root, name, n_train, n_held):
@@ -505,7 +531,7 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
 
     spec = load_grid("bench/grid.yaml")
     assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-8dea6125"
-    pairs = load_grid("bench/grid_pairs.yaml")
+    pairs = load_grid("bench/grid_pairs_more.yaml")
     names = [exp_name(pairs, *c) for c in grid_cells(pairs)]
     key = _cell_key(pairs, recipe_config(pairs, "lil_gil", 1))
     assert f"stylegan3_utk_and_genphotos_frll-lil_gil-s1-{key}" in names and len(set(names)) == len(names)
