@@ -287,3 +287,71 @@ def test_nce_and_lil_over_gathered_ranks_give_the_one_process_loss_and_gradients
     # without the gather each rank's NCE / LIL would be those of its own 4 samples: not the same losses
     local = _joint(net, x[:N_LOSS // WORLD], labels[:N_LOSS // WORLD])
     assert not torch.isclose(local["nce"], one["nce"]) and not torch.isclose(local["lil"], one["lil"])
+
+
+# ----------------------------------------------------------------------------- unused heads under DDP
+_WEIGHT_SETS = [  # (loss weights, proj_dim, info_heads): the layouts a params.yaml can ask for
+    (dict(ce=1.0), 0, 0), (dict(ce=1.0, kl=0.5, nce=0.1), 16, 0), (dict(ce=1.0), 16, 0),
+    (dict(ce=0.0, kl=0.5), 0, 0), (dict(ce=0.0, nce=0.1), 0, 0), (dict(ce=0.0, nce=0.1), 16, 0),
+    (dict(ce=1.0, lil=1.0, gil=1.0), 0, 2), (dict(ce=0.0, kl=0.5, lil=1.0), 0, 2), (dict(ce=0.0, kl=0.5), 0, 2),
+    (dict(ce=0.0, gil=1.0), 0, 2), (dict(ce=0.0, lil=1.0), 0, 2), (dict(ce=1.0, nce=0.1), 16, 2),
+    (dict(ce=1.0), 16, 2),
+]
+
+
+def _one_step_grads(ecfg, steps: int = 1, ddp_unused: bool | None = None, root: Path | None = None):
+    """The real expert and JointLoss of ``ecfg`` (KL against a fixed teacher), ``steps`` optimizer steps; wrapped
+    in a one-process gloo DDP with ``find_unused_parameters=ddp_unused`` unless that is None. The names of the
+    trainable parameters left without a gradient by the last step."""
+    import torch.distributed as dist
+
+    from dfpipe.losses import JointLoss
+    from dfpipe.models import build_expert, trainable_parameters
+
+    torch.manual_seed(0)
+    net = build_expert(ecfg)
+    model = net
+    if ddp_unused is not None:
+        dist.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=0, world_size=1)
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=ddp_unused)
+    try:
+        loss = JointLoss(ecfg.loss)
+        opt = torch.optim.SGD(trainable_parameters(net), lr=0.01)
+        x, y = torch.randn(4, 3, ecfg.img_size, ecfg.img_size), torch.tensor([0, 1, 0, 1])
+        for _ in range(steps):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss(model(x), y, teacher_logits=torch.randn(4, 2))["total"].backward()
+            opt.step()
+    finally:
+        if ddp_unused is not None:
+            dist.destroy_process_group()
+    return [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize(("weights", "proj_dim", "info_heads"), _WEIGHT_SETS)
+def test_ddp_is_told_of_unused_heads_exactly_when_a_head_gets_no_gradient(weights, proj_dim, info_heads):
+    """The rule behind make_accelerator's find_unused_parameters, checked against a real backward: asked for
+    exactly when some trainable layer gets no gradient (off otherwise: the search costs a graph walk a step)."""
+    from dfpipe.config import ExpertConfig, LossWeights
+    from dfpipe.train.distributed import leaves_parameters_unused
+
+    ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=proj_dim, info_heads=info_heads,
+                        loss=LossWeights(**{"ce": 0.0, "kl": 0.0, "nce": 0.0, **weights}))
+    unused = _one_step_grads(ecfg)
+    assert all(not n.startswith("backbone.") for n in unused)
+    assert leaves_parameters_unused(ecfg) == bool(unused), unused
+
+
+def test_a_projection_head_without_nce_trains_under_ddp(tmp_path):
+    """proj_dim > 0 with loss.nce = 0 (NCE switched off in params, the head kept): the projection head gets no
+    gradient. Without find_unused_parameters DDP fails on the second step; with the rule's answer it trains."""
+    from dfpipe.config import ExpertConfig, LossWeights
+    from dfpipe.train.distributed import leaves_parameters_unused
+
+    ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=16, loss=LossWeights(ce=1.0, kl=0.0, nce=0.0))
+    assert leaves_parameters_unused(ecfg)
+    with pytest.raises(RuntimeError, match="finished reduction"):
+        _one_step_grads(ecfg, steps=2, ddp_unused=False, root=tmp_path)
+    unused = _one_step_grads(ecfg, steps=2, ddp_unused=True, root=tmp_path)
+    assert unused and all(n.startswith("proj.") for n in unused)

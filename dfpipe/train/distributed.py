@@ -47,10 +47,22 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def leaves_parameters_unused(ecfg: ExpertConfig) -> bool:
+    """Whether the expert has a trainable layer that the loss's weights leave out of the graph (no gradient).
+
+    DDP then needs ``find_unused_parameters`` (without it the second step fails); the search costs a graph
+    traversal per step, so it is asked for only here. The layers and the loss terms that read them
+    (:class:`~dfpipe.losses.JointLoss`): the classifier, by CE, KL and GIL; the projection head
+    (``proj_dim``), by NCE only. The local branches (``info_heads``) are always in the graph: their CE enters
+    the total times ``loss.ce`` even at 0 (a zero gradient, which DDP accepts).
+    """
+    w = ecfg.loss
+    return (w.ce == 0 and w.kl == 0 and w.gil == 0) or (ecfg.proj_dim > 0 and w.nce == 0)
+
+
 def make_accelerator(ecfg: ExpertConfig) -> Accelerator:
     """The run's Accelerator: process group and device (``cuda:<local rank>``, else CPU)."""
-    # A head unused by the loss (CE and KL both off) has no gradient: DDP must be told to expect that.
-    unused = ecfg.loss.ce == 0 and ecfg.loss.kl == 0
+    unused = leaves_parameters_unused(ecfg)  # DDP must be told when a head gets no gradient
     set_determinism(ecfg.deterministic)  # before the Accelerator: it may be the first to touch CUDA
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),  # never MPS & co.: the same device choice as dfpipe.device
