@@ -141,7 +141,7 @@ class RobustnessSpec:
     cell's folder under a key of its own (:func:`run_robustness`)."""
 
     degradations: list[str] = field(default_factory=list)  # [] = no robustness pass
-    recipes: list[str] = field(default_factory=list)  # [] = every recipe of the grid
+    recipes: list[str] = field(default_factory=list)  # recipes and ensemble rows; [] = every row of the grid
     bootstrap: int = 0  # AUC interval resamples (the robustness table reads AUC only)
 
 
@@ -244,9 +244,10 @@ def _check_robustness(spec: GridSpec, where: str) -> None:
             raise ConfigError(f"{where}: robustness.degradations: {name!r} is {CLEAN!r} (always scored) or "
                               "listed twice")
         parse_degradation(name)
-    unknown = sorted(set(r.recipes) - set(spec.recipes))
+    rows = [*spec.recipes, *spec.ensembles]
+    unknown = sorted(set(r.recipes) - set(rows))
     if unknown:
-        raise UnknownNameError(f"{where}: robustness.recipes {unknown} not in the grid (have {sorted(spec.recipes)})")
+        raise UnknownNameError(f"{where}: robustness.recipes {unknown} not in the grid (have {sorted(rows)})")
 
 
 def recipe_config(spec: GridSpec, name: str, seed: int) -> ExpertConfig:
@@ -514,17 +515,18 @@ def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source | T
                    sources: dict[str, Source], work: str | Path) -> dict | None:
     """Score a finished cell's card (``<cell>/ensemble.json``, ``<cell>/models``) on its cross-source sets, clean and
     under each of ``spec.robustness.degradations``, through stage 6 (:func:`dfpipe.evaluate.run_evaluate`).
+    ``recipe`` may name an ensemble row: its cell (:func:`ensemble_dir`) has the same card and models layout.
 
     No training. Cached in ``<cell>/robustness_<key>.json`` (the key: degradations, bootstrap, sets), so the pass
     resumes and a changed list scores again without touching the cell. None when the grid asks for no pass (no
-    degradations, the recipe not listed, or no cross-source set).
+    degradations, the row not listed, or no cross-source set).
     """
     from .evaluate import run_evaluate
 
     r = spec.robustness
     if not r.degradations or (r.recipes and recipe not in r.recipes):
         return None
-    cell = cell_dir(spec, recipe, seed, train_src.name, work)
+    cell = (ensemble_dir if recipe in spec.ensembles else cell_dir)(spec, recipe, seed, train_src.name, work)
     if not (cell / "eval.json").is_file():
         raise InputError(f"robustness: cell {cell} is not finished (no eval.json); run the cell first")
     trained = {s.name for s in train_parts(train_src)}
@@ -619,7 +621,8 @@ def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[st
         if result is None:
             missing.append(f"{src_name}/{name}/s{seed}")
             continue
-        cells.append(result)
+        rob = run_robustness(spec, name, seed, training_set(src_name, sources), sources, work)
+        cells.append({**result, "robustness": rob} if rob else result)
         grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
     if missing:
         log.warning("%d cell(s) not finished, left out of the table: %s", len(missing), ", ".join(missing))

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dfpipe.benchmark import cell_dir, load_grid, load_sources, run_grid
+from dfpipe.errors import UnknownNameError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -168,6 +169,36 @@ def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_pr
     monkeypatch.setattr(evaluate, "run_evaluate", no_scoring)
     again = run_grid(spec, t / "work", t / "out_ens2", train=False)  # cached: nothing trained or scored
     assert [c["eval"] for c in again["cells"]] == [c["eval"] for c in grid["cells"]]
+
+
+def test_an_ensemble_row_gets_a_robustness_pass_when_listed(tiny, in_process):
+    """`robustness.recipes` may name an ensemble row: its cell (the linked members' card) is scored again on its
+    cross-source set under the degradations, cached in the ensemble's folder; its clean AUC is the row's own;
+    rows not listed get no pass; a name that is neither a recipe nor an ensemble fails when the grid loads."""
+    from dfpipe import benchmark
+
+    t, _, grid_path = tiny
+    raw = yaml.safe_load(grid_path.read_text())
+    raw["recipes"]["wide"] = {**RECIPE, "lr": 0.004}
+    raw["ensembles"] = {"pair": ["base", "wide"]}
+    raw["robustness"] = {"degradations": ["half"], "recipes": ["pair"]}
+    spec = load_grid(_write(t / "grid_ens_rob.yaml", raw))
+    grid = run_grid(spec, t / "work", t / "out_ens_rob")
+    rows = {(c["recipe"], c["train_source"]): c for c in grid["cells"]}
+    assert not any(rows[(r, s)].get("robustness") for r in ("base", "wide") for s in ("demo", "folders"))
+    for src, cross in (("demo", "folders"), ("folders", "demo")):
+        c = rows[("pair", src)]
+        rob = c["robustness"]
+        assert rob["sets"] == [cross] and rob["degradations"] == ["half"]
+        assert rob["auc"][cross]["clean"] == pytest.approx(c["eval"][cross]["clean"]["auc"], abs=1e-9)
+        d = benchmark.ensemble_dir(spec, "pair", 0, src, t / "work")
+        assert len(list(d.glob("robustness_*.json"))) == 1
+    table = (t / "out_ens_rob" / "table.md").read_text()
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| pair | 2 |")] == [["| pair", "2"]]
+
+    raw["robustness"]["recipes"] = ["pairs"]
+    with pytest.raises(UnknownNameError, match=r"robustness.recipes \['pairs'\] not in the grid"):
+        load_grid(_write(t / "grid_ens_bad.yaml", raw))
 
 
 def _write(path: Path, raw: dict) -> Path:
