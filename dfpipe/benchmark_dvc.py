@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,23 @@ def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     return res
 
 
+def run_past_daemons(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` to its exit with its output in a temp file, not in pipes: a daemon it starts (``dvc queue
+    start``'s worker) inherits the output handles, and pipes read to EOF would wait for the daemon too (the
+    whole queue). ``stdout`` holds stdout and stderr together."""
+    with tempfile.TemporaryFile("w+") as f:
+        res = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        f.seek(0)
+        return subprocess.CompletedProcess(args, res.returncode, f.read(), "")
+
+
+def start_queue_worker(project: Path) -> None:
+    """``dvc queue start -j 1``: returns once the worker is started, not when the queue is done."""
+    res = run_past_daemons([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], project, _dvc_env())
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc queue start -j 1 failed (exit {res.returncode}):\n{res.stdout}")
+
+
 def _git(args: list[str], cwd: Path) -> str:
     res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -178,7 +196,7 @@ def wait_for_queue(project: Path, names: list[str], poll_s: float = 30.0, no_wor
                                    f"see `cd {PROJECT} && dvc queue status`")
             restarts, idle_since = restarts + 1, None
             log.warning("queue: no worker with %d task(s) queued: dvc queue start again", len(active))
-            dvc(["queue", "start", "-j", "1"], project)
+            start_queue_worker(project)
         time.sleep(poll_s)
 
 
@@ -226,7 +244,7 @@ def queue_grid(grid_path: str | Path, work: str | Path, out: str | Path, recipes
     log.info("queued %d cell(s) as DVC experiments (%.0f s); %d already kept on this commit", len(queued),
              time.perf_counter() - t0, len(skipped))
     if queued:
-        dvc(["queue", "start", "-j", "1"], project)
+        start_queue_worker(project)
         wait_for_queue(project, queued, poll_s)
     kept = set(dvc(["exp", "list", "--rev", base, "--name-only"], project).stdout.split())
     failed = [n for n in queued if n not in kept]

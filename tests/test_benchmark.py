@@ -579,3 +579,23 @@ def test_the_readmes_benchmark_tables_are_the_grids():
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme_blocks(readme)) >= 1
     assert sync_readme(readme, check=True) == [], "stale: run bench/benchmark.py readme"
+
+
+def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
+    """`dvc queue start` leaves a worker daemon running with the command's output handles: read through pipes,
+    the start returned only when the whole queue was done (no progress logged, no restart of a dead worker).
+    Output goes through a file, so the call returns at the command's exit with the daemon still alive."""
+    import os
+    import signal
+
+    from dfpipe.benchmark_dvc import run_past_daemons
+
+    script = f"sleep 600 & echo $! > {tmp_path / 'pid'}; echo started; echo to-stderr >&2"
+    res = run_past_daemons(["sh", "-c", script], tmp_path)
+    pid = int((tmp_path / "pid").read_text())
+    try:
+        assert res.returncode == 0 and res.stdout.split() == ["started", "to-stderr"]
+        os.kill(pid, 0)  # the daemon outlived the call: the call did not wait for it
+    finally:
+        os.kill(pid, signal.SIGKILL)
+

@@ -288,6 +288,9 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
         assert set(m["robustness_cross_auc"]) == {"clean", "jpeg50", "half"}
         assert m["robustness_cross_auc"]["clean"] == pytest.approx(m["mean_cross_auc"], abs=1e-9)
         cell_s[src] = m["cell_seconds"]
+    # progress while the queue ran: the waiting saw the trained cell before it finished (its first poll comes
+    # right after the worker starts; a start that waited for the worker's end saw only finished cells)
+    assert f"queue: {names[1]} queued" in res.stderr or f"queue: {names[1]} running" in res.stderr, res.stderr[-3000:]
     assert (cell_dir(spec, "base", 0, "folders", work) / "eval.json").is_file()  # trained by the queue, in `work`
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| base | 2 |" in table and "### trained on folders" in table and "Not finished" not in table
