@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,6 +407,21 @@ def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, wor
     return _read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
 
 
+def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The commit whose code trains a cell (12 hex digits, ``-dirty`` when ``dfpipe/`` differs from it; a queued
+    run's temp copy is a checkout of its base commit plus the changes DVC applied), or ``unknown`` outside git.
+
+    Recorded in every new cell: the cell key covers settings, not code, and a change of training numerics far
+    below the settings' level (the last bits of a float) moves a cell's cross-source AUC by up to 0.2."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dfpipe"], cwd=root, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
              work: Path) -> dict:
     """Train one recipe on one source (or a combined set) with one seed, select on its val fold, evaluate on the
@@ -428,7 +444,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
     train_s = time.perf_counter() - t0
     metrics = _select_and_evaluate(spec, cell, [recipe], paths, train_src, sources, work)
     result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
-              "train_seconds": train_s, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+              "train_seconds": train_s, "code": code_version(), "eval": metrics, "scores_csv": str(cell / "scores.csv")}
     write_json(done, result)
     return result
 
@@ -749,6 +765,7 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
              f"{spec.seeds[0]}'s difference."
              + (" A combined training set (a + b) has an in-source column per source: its held-out part."
                 if _combined_mask(df).any() else ""), ""]
+    lines += [_provenance(cells), ""]
     if spec.ensembles:
         members = "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
         lines += [f"Ensemble rows (no training): {members}"
@@ -783,6 +800,18 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
         lines += _deltas(sub, sets, spec)
     lines += _robustness_table(cells, spec)
     return "\n".join(lines) + "\n"
+
+
+def _provenance(cells: list[dict]) -> str:
+    """Which code trained the table's cells (:func:`code_version`; ensembles are scoring only, not counted)."""
+    trained = [c for c in cells if "members" not in c]
+    counts: dict[str, int] = {}
+    for c in trained:
+        counts[c.get("code", "not recorded")] = counts.get(c.get("code", "not recorded"), 0) + 1
+    parts = ", ".join(f"{code} ({n})" for code, n in counts.items())
+    return (f"Code that trained the {len(trained)} cells: {parts}. Cells trained by different code are not "
+            "comparable to the last bit: the same cell rerun by other code moved single cross-source AUCs by up to "
+            "0.2; read the means and compare rows trained by the same code.")
 
 
 def _robustness_table(cells: list[dict], spec: GridSpec) -> list[str]:

@@ -599,3 +599,30 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
     finally:
         os.kill(pid, signal.SIGKILL)
 
+
+def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
+    """What every new cell records as the code that trained it: the commit, -dirty when dfpipe/ differs from it
+    (changes elsewhere do not count), unknown outside git."""
+    import subprocess
+
+    from dfpipe.benchmark import code_version
+
+    assert code_version(tmp_path) == "unknown"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
+           "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+
+    (tmp_path / "dfpipe").mkdir()
+    (tmp_path / "dfpipe" / "m.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_version(tmp_path) == head[:12]
+    (tmp_path / "README").write_text("elsewhere\n")
+    assert code_version(tmp_path) == head[:12]
+    (tmp_path / "dfpipe" / "m.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == head[:12] + "-dirty"
+

@@ -5,6 +5,7 @@ Slow: about 40 s for the in-process grid, about 80 s more for the queue, about 1
 sources at once (a third source for its cross column), on 2 busy cores."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def in_process(tiny, one_torch_thread):
 
 
 def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_process):
+    from dfpipe import benchmark
+
     t, _, grid_path = tiny
     grid, seconds = in_process
     spec = load_grid(grid_path)
@@ -86,6 +89,9 @@ def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_proces
         assert len(list(cell.glob("robustness_*.json"))) == 1 and (cell / "eval.json").is_file()
     table = (t / "out" / "table.md").read_text()
     assert "### robustness (cross-source ROC AUC under degradations)" in table
+    version = benchmark.code_version()  # the code that trained each cell, recorded with it and counted in the table
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", version) and {c["code"] for c in grid["cells"]} == {version}
+    assert f"Code that trained the 2 cells: {version} (2)." in table
     row = next(line for line in table.splitlines() if line.startswith("| base | 2 |"))
     clean = np.mean([c["robustness"]["auc"][c["robustness"]["sets"][0]]["clean"] for c in grid["cells"]])
     half = np.mean([c["robustness"]["auc"][c["robustness"]["sets"][0]]["half"] for c in grid["cells"]])
