@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -422,6 +423,13 @@ def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
     return head.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
 
 
+@functools.cache
+def _process_code_version() -> str:
+    """:func:`code_version` as this process first saw it: the code it runs was imported then, and a commit made
+    while a long grid runs moves HEAD, not the code in memory."""
+    return code_version()
+
+
 def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
              work: Path) -> dict:
     """Train one recipe on one source (or a combined set) with one seed, select on its val fold, evaluate on the
@@ -436,6 +444,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
     done = cell / "eval.json"
     if done.is_file():  # the scores' path as seen from here (a cell made from another folder stored its own)
         return {**json.loads(done.read_text()), "scores_csv": str(cell / "scores.csv")}
+    code = _process_code_version()
     paths = prepare_source(spec, train_src, work)
     tcfg = TrainConfig(splits_csv=paths["splits"], prepared_dir=paths["prepared"], augmented_dir=paths["augmented"],
                        models_dir=str(cell / "models"), workers=-1, experts={recipe: ecfg})
@@ -444,7 +453,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
     train_s = time.perf_counter() - t0
     metrics = _select_and_evaluate(spec, cell, [recipe], paths, train_src, sources, work)
     result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
-              "train_seconds": train_s, "code": code_version(), "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+              "train_seconds": train_s, "code": code, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
     write_json(done, result)
     return result
 

@@ -626,3 +626,18 @@ def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
     (tmp_path / "dfpipe" / "m.py").write_text("x = 2\n")
     assert code_version(tmp_path) == head[:12] + "-dirty"
 
+
+
+def test_cells_record_the_code_their_process_started_with(monkeypatch):
+    """A commit while a long in-process grid runs moves HEAD, not the code in memory: every cell the process trains
+    records the version it saw first."""
+    from dfpipe import benchmark
+
+    benchmark._process_code_version.cache_clear()
+    try:
+        monkeypatch.setattr(benchmark, "code_version", lambda: "aaaaaaaaaaaa")
+        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
+        monkeypatch.setattr(benchmark, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
+        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
+    finally:
+        benchmark._process_code_version.cache_clear()

@@ -89,7 +89,7 @@ def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_proces
         assert len(list(cell.glob("robustness_*.json"))) == 1 and (cell / "eval.json").is_file()
     table = (t / "out" / "table.md").read_text()
     assert "### robustness (cross-source ROC AUC under degradations)" in table
-    version = benchmark.code_version()  # the code that trained each cell, recorded with it and counted in the table
+    version = benchmark._process_code_version()  # the code that trained each cell, recorded and counted in the table
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", version) and {c["code"] for c in grid["cells"]} == {version}
     assert f"Code that trained the 2 cells: {version} (2)." in table
     row = next(line for line in table.splitlines() if line.startswith("| base | 2 |"))
