@@ -31,6 +31,7 @@ the work folder, e.g. left there by ``bench/grid.yaml``; never trained by such a
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -814,9 +815,7 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
 def _provenance(cells: list[dict]) -> str:
     """Which code trained the table's cells (:func:`code_version`; ensembles are scoring only, not counted)."""
     trained = [c for c in cells if "members" not in c]
-    counts: dict[str, int] = {}
-    for c in trained:
-        counts[c.get("code", "not recorded")] = counts.get(c.get("code", "not recorded"), 0) + 1
+    counts = collections.Counter(c.get("code", "not recorded") for c in trained)  # first-seen order
     parts = ", ".join(f"{code} ({n})" for code, n in counts.items())
     return (f"Code that trained the {len(trained)} cells: {parts}. Cells trained by different code are not "
             "comparable to the last bit: the same cell rerun by other code moved single cross-source AUCs by up to "

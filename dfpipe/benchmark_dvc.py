@@ -101,29 +101,22 @@ def _dvc_env() -> dict[str, str]:
 
 
 def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """``dvc <args>`` with this interpreter's DVC, in ``cwd``."""
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=_dvc_env(), capture_output=True,
-                         text=True)
+    """``dvc <args>`` with this interpreter's DVC, in ``cwd`` (output read through files: :func:`run_past_daemons`)."""
+    res = run_past_daemons([sys.executable, "-m", "dvc", *args], cwd, _dvc_env())
     if check and res.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
 
 
 def run_past_daemons(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``args`` to its exit with its output in a temp file, not in pipes: a daemon it starts (``dvc queue
-    start``'s worker) inherits the output handles, and pipes read to EOF would wait for the daemon too (the
-    whole queue). ``stdout`` holds stdout and stderr together."""
-    with tempfile.TemporaryFile("w+") as f:
-        res = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-        f.seek(0)
-        return subprocess.CompletedProcess(args, res.returncode, f.read(), "")
-
-
-def start_queue_worker(project: Path) -> None:
-    """``dvc queue start -j 1``: returns once the worker is started, not when the queue is done."""
-    res = run_past_daemons([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], project, _dvc_env())
-    if res.returncode != 0:
-        raise RuntimeError(f"dvc queue start -j 1 failed (exit {res.returncode}):\n{res.stdout}")
+    """Run ``args`` to its exit with stdout and stderr in temp files, not in pipes (text, like ``capture_output``):
+    a daemon it starts (``dvc queue start``'s worker) inherits the output handles, and pipes read to EOF would
+    wait for the daemon too (the whole queue)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        res = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, res.returncode, out.read(), err.read())
 
 
 def _git(args: list[str], cwd: Path) -> str:
@@ -196,7 +189,7 @@ def wait_for_queue(project: Path, names: list[str], poll_s: float = 30.0, no_wor
                                    f"see `cd {PROJECT} && dvc queue status`")
             restarts, idle_since = restarts + 1, None
             log.warning("queue: no worker with %d task(s) queued: dvc queue start again", len(active))
-            start_queue_worker(project)
+            dvc(["queue", "start", "-j", "1"], project)
         time.sleep(poll_s)
 
 
@@ -244,7 +237,7 @@ def queue_grid(grid_path: str | Path, work: str | Path, out: str | Path, recipes
     log.info("queued %d cell(s) as DVC experiments (%.0f s); %d already kept on this commit", len(queued),
              time.perf_counter() - t0, len(skipped))
     if queued:
-        start_queue_worker(project)
+        dvc(["queue", "start", "-j", "1"], project)  # returns once the worker is started
         wait_for_queue(project, queued, poll_s)
     kept = set(dvc(["exp", "list", "--rev", base, "--name-only"], project).stdout.split())
     failed = [n for n in queued if n not in kept]

@@ -594,7 +594,7 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
     res = run_past_daemons(["sh", "-c", script], tmp_path)
     pid = int((tmp_path / "pid").read_text())
     try:
-        assert res.returncode == 0 and res.stdout.split() == ["started", "to-stderr"]
+        assert res.returncode == 0 and res.stdout.split() == ["started"] and res.stderr.split() == ["to-stderr"]
         os.kill(pid, 0)  # the daemon outlived the call: the call did not wait for it
     finally:
         os.kill(pid, signal.SIGKILL)
