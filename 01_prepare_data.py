@@ -5,7 +5,7 @@ from dfpipe.config import PrepareConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.data.prepare import run
+    from dfpipe.prepare_data import run
 
     run(load_section(PrepareConfig, "prepare", args.params))
 

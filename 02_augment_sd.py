@@ -5,7 +5,7 @@ from dfpipe.config import AugmentConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.augment import run
+    from dfpipe.augment_sd import run
 
     run(load_section(AugmentConfig, "augment", args.params))
 

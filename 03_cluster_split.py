@@ -5,7 +5,7 @@ from dfpipe.config import SplitConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.split import run
+    from dfpipe.cluster_split import run
 
     run(load_section(SplitConfig, "split", args.params))
 

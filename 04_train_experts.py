@@ -11,7 +11,7 @@ from dfpipe.config import TrainConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.train.loop import run_train
+    from dfpipe.train_experts.loop import run_train
 
     cfg = load_section(TrainConfig, "train", args.params)
     names = [args.expert] if args.expert else list(cfg.experts)

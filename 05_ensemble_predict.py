@@ -5,7 +5,7 @@ from dfpipe.config import PredictConfig, load_section
 
 
 def main(args) -> None:
-    from dfpipe.predict import run
+    from dfpipe.ensemble_predict import run
 
     run(load_section(PredictConfig, "predict", args.params))
 

@@ -32,9 +32,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dfpipe.augment import pipeline as stage  # noqa: E402
-from dfpipe.augment.editing import METHODS, NEEDS_DONOR  # noqa: E402
-from dfpipe.augment.pipeline import WIDEN, edit_one, n_workers, run_augment  # noqa: E402
+from dfpipe.augment_sd import pipeline as stage  # noqa: E402
+from dfpipe.augment_sd.editing import METHODS, NEEDS_DONOR  # noqa: E402
+from dfpipe.augment_sd.pipeline import WIDEN, edit_one, n_workers, run_augment  # noqa: E402
 from dfpipe.config import AugmentConfig, DiffusionConfig  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 
@@ -140,8 +140,8 @@ def bench_stage(images: list[np.ndarray], tmp: Path) -> dict:
 def bench_diffusion(images: list[np.ndarray], n: int, steps: int, batch_size: int) -> dict:
     import torch
 
-    from dfpipe.augment.diffusion import TINY_MODEL, load_pipeline, native_size
-    from dfpipe.augment.generate import _prompt_embeds, sd_batch
+    from dfpipe.augment_sd.diffusion import TINY_MODEL, load_pipeline, native_size
+    from dfpipe.augment_sd.generate import _prompt_embeds, sd_batch
 
     out: dict = {"note": "tiny RANDOM-weight pipeline (UNet/VAE 32/64 channels), run at its 64 px native size; "
                          "times the diffusers code path only, not Stable Diffusion 1.5 at 512 px",

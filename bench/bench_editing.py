@@ -4,7 +4,7 @@
 
 Stage 1 keeps images at their native size (700-1200 px, some 3-4k), so the cost of one fake must
 grow about linearly with the pixels. For each size (WxH) a synthetic image and donor are made and
-each method of :data:`dfpipe.augment.editing.METHODS` makes ``--reps`` fakes (seeds 0..reps-1, after
+each method of :data:`dfpipe.augment_sd.editing.METHODS` makes ``--reps`` fakes (seeds 0..reps-1, after
 one warm-up); the median seconds are reported, with the part spent in ``region_mask`` and the
 seconds per megapixel. ``region_mask`` alone is timed on its grid (the default) and, with
 ``--direct``, drawn directly at the full size (``grid=None``: the blur kernels grow with the side,
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dfpipe.augment import editing  # noqa: E402
-from dfpipe.augment.editing import MASK_GRID, METHODS, NEEDS_DONOR, region_mask  # noqa: E402
+from dfpipe.augment_sd import editing  # noqa: E402
+from dfpipe.augment_sd.editing import MASK_GRID, METHODS, NEEDS_DONOR, region_mask  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dfpipe.augment.editing import self_blend  # noqa: E402
+from dfpipe.augment_sd.editing import self_blend  # noqa: E402
 from dfpipe.data import landmarks as lmk  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 

@@ -53,8 +53,8 @@ from dfpipe.data.preprocess import (  # noqa: E402
 )
 from dfpipe.data.transforms import to_model_input  # noqa: E402
 from dfpipe.models import build_expert, expert_from_description  # noqa: E402
-from dfpipe.predict import Ensemble, FileDataset  # noqa: E402
-from dfpipe.train.checkpoint import save_checkpoint  # noqa: E402
+from dfpipe.ensemble_predict import Ensemble, FileDataset  # noqa: E402
+from dfpipe.train_experts.checkpoint import save_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench_predict")
 TOL = 1e-5

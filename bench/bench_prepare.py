@@ -4,7 +4,7 @@
 
 Writes N generated JPEGs of mixed sizes (--min-px..--max-px a side, smooth gradients + shapes + noise,
 seeded) once to a temp dir in the competition layout (all in ``trainset/``, labels alternating), then
-runs :func:`dfpipe.data.prepare.run` in a fresh process for each size in --at (``limit`` = that
+runs :func:`dfpipe.prepare_data.run` in a fresh process for each size in --at (``limit`` = that
 size) with the default settings (native resolution unless --max-side, dedup on, no face crop). Storage: the
 image store's bytes against the input files' (``store_ratio``; about 1 when clean JPEGs are kept as they
 came, ``n_original`` / ``n_png`` say how each image was stored). Memory: the peak of the summed
@@ -39,7 +39,7 @@ import psutil  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from dfpipe.config import PrepareConfig
-from dfpipe.data.prepare import run as prepare
+from dfpipe.prepare_data import run as prepare
 cfg = PrepareConfig(**json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 report = prepare(cfg)

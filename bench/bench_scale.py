@@ -11,14 +11,14 @@ Generation is not timed in the runs. Each size ``n`` then gets the competition l
 files, hard links to the generated ones; label 1 = fake for half of each split) and runs, each stage in its
 own child process (a fresh interpreter, as ``dvc repro`` runs it):
 
-1. stage 1 (:func:`dfpipe.data.prepare.run`, defaults: native-resolution store, dedup on, ``--workers``);
-2. stage 2 (:func:`dfpipe.augment.run`) with ``--fakes-per-real`` (0.05 by default: it scales with ``n`` and
+1. stage 1 (:func:`dfpipe.prepare_data.run`, defaults: native-resolution store, dedup on, ``--workers``);
+2. stage 2 (:func:`dfpipe.augment_sd.run`) with ``--fakes-per-real`` (0.05 by default: it scales with ``n`` and
    stays cheap; no diffusion);
-3. stage 3 (:func:`dfpipe.split.run`) embedding with ``--backbone`` (timm's tiny ``test_efficientnet``, random
+3. stage 3 (:func:`dfpipe.cluster_split.run`) embedding with ``--backbone`` (timm's tiny ``test_efficientnet``, random
    weights) at ``--embed-size`` px, sklearn k-means (MiniBatch above ``--minibatch-above`` originals);
 
 then, timed apart (``train_sample``, not in the run's totals), one epoch of stage 4
-(:func:`dfpipe.train.loop.run_train`) of a tiny expert (the same backbone at ``--train-size`` px) on a
+(:func:`dfpipe.train_experts.loop.run_train`) of a tiny expert (the same backbone at ``--train-size`` px) on a
 seeded sample of ``--train-sample`` training images of stage 3's split (and a quarter as many val images).
 
 Per stage: wall seconds of the child (interpreter start and imports included), the seconds ``run`` took
@@ -84,24 +84,24 @@ setup_logging()  # the stage's log lines (to stderr: the stage's log file), as i
 stage, cfg = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
 if stage == "prepare":
-    from dfpipe.data.prepare import run
+    from dfpipe.prepare_data import run
     rep = run(from_dict(PrepareConfig, cfg, "bench"))
     out = {"n_prepared": rep["n_images"], "n_skipped": rep["n_skipped"], "store": rep["store"],
            "duplicates": {k: rep["duplicates"][k] for k in ("n_pairs", "n_groups_with_duplicates", "largest_group")}}
 elif stage == "augment":
-    from dfpipe.augment import run
+    from dfpipe.augment_sd import run
     rep = run(from_dict(AugmentConfig, cfg, "bench"))
     out = {"n_generated": rep["n_images"], "by_method": rep["by_method"]}
 elif stage == "split":
-    from dfpipe.split import run
-    from dfpipe.split.kmeans import make_engine
+    from dfpipe.cluster_split import run
+    from dfpipe.cluster_split.kmeans import make_engine
     df = run(from_dict(SplitConfig, cfg, "bench"))
     out = {"n_split": len(df), "n_val": int((df.subset == "val").sum()), "n_clusters": int(df.cluster.nunique()),
            "kmeans": make_engine(cfg["kmeans_backend"], cfg["minibatch_above"]).describe(
                int((df.origin != "aug").sum()))}
 elif stage == "train":
     import pandas as pd
-    from dfpipe.train.loop import run_train
+    from dfpipe.train_experts.loop import run_train
     best = run_train(from_dict(TrainConfig, cfg["train"], "bench"), cfg["name"], cfg["live_dir"], cfg["history"])
     hist = pd.read_csv(cfg["history"])
     out = {"val_auc": best.get("auc"), "epochs": len(hist),

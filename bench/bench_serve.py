@@ -37,8 +37,8 @@ from dfpipe.data.images import decode_image  # noqa: E402
 from dfpipe.data.preprocess import INPUT_MODES, InputPolicy, Preprocess, Stage1  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 from dfpipe.models import build_expert  # noqa: E402
-from dfpipe.predict import Ensemble  # noqa: E402
-from dfpipe.train.checkpoint import save_checkpoint  # noqa: E402
+from dfpipe.ensemble_predict import Ensemble  # noqa: E402
+from dfpipe.train_experts.checkpoint import save_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench_serve")
 THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}

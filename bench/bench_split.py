@@ -7,9 +7,9 @@ dir (lossless PNG shards of --shard-images images with ``dfpipe.data.store.write
 and ``store.json``; ``make_cache`` times it and gives the store's bytes), reads the pool back with
 ``dfpipe.data.samples.load_pool`` as stage 3 does, and streams its features (tf_efficientnet_lite0,
 bundled weights, each stored image decoded and resized to --size px as stage 3 does) batch by batch
-into a float16 ``.npy`` with ``dfpipe.split.embed.embed_to_file`` (``--embed-in-memory`` also
+into a float16 ``.npy`` with ``dfpipe.cluster_split.embed.embed_to_file`` (``--embed-in-memory`` also
 times the in-memory ``embed_pool``). On the file (as a memmap) it then times every k-means path of
-``dfpipe.split.kmeans``: in-memory ``KMeans`` (n_init 4, what stage 3 uses up to ``minibatch_above``
+``dfpipe.cluster_split.kmeans``: in-memory ``KMeans`` (n_init 4, what stage 3 uses up to ``minibatch_above``
 rows), the chunked ``MiniBatchKMeans.partial_fit`` path (what it uses above), and ``torch_kmeans`` on
 CPU (and on CUDA when present), with their agreement (adjusted Rand index) with ``KMeans``; then
 silhouette k selection (``choose_k``) and one fine-tune epoch of the ``finetune`` embedder on
@@ -112,7 +112,7 @@ def timed(fn, *args, **kwargs) -> tuple[object, dict]:
 def bench_embedding(args, tmp: Path, result: dict) -> Path:
     """Store, streamed (and optionally in-memory) embedding; returns the features file."""
     from dfpipe.data.samples import load_pool
-    from dfpipe.split.embed import embed_pool, embed_to_file, load_backbone
+    from dfpipe.cluster_split.embed import embed_pool, embed_to_file, load_backbone
 
     store, feats_path = tmp / "prepared", tmp / "features.npy"
     info, result["make_cache"] = timed(make_store, store, args.n, args.store_size, args.shard_images)
@@ -139,7 +139,7 @@ def bench_embedding(args, tmp: Path, result: dict) -> Path:
 
 
 def bench_finetune(args, pool: pd.DataFrame, result: dict) -> None:
-    from dfpipe.split.finetune import finetune_embedder
+    from dfpipe.cluster_split.finetune import finetune_embedder
 
     (_, hist), r = timed(finetune_embedder, pool, args.backbone, "bundled", args.size, 32, 1, 3e-4, 0, workers=0)
     result["finetune_epoch"] = r | {"n": len(pool), "img_size": args.size, "batch_size": 32,
@@ -153,7 +153,7 @@ def bench_kmeans(args, feats: np.ndarray, result: dict) -> None:
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from dfpipe.split import kmeans
+    from dfpipe.cluster_split import kmeans
 
     engines = {"kmeans_in_memory": kmeans.KMeansEngine(minibatch_above=args.n),
                "kmeans_chunked_partial_fit": kmeans.KMeansEngine(minibatch_above=0)}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sklearn
     import torch
 
-    from dfpipe.split import cluster, kmeans
+    from dfpipe.cluster_split import cluster, kmeans
 
     result: dict = {
         "n": args.n, "size": args.size, "store_size": args.store_size, "k": args.k, "backbone": args.backbone,

@@ -9,11 +9,11 @@ Steps (each timed, ``timings_s``):
 
 1. ``generate``: ``max(--n-train, --n-score)`` synthetic JPEGs, ``--min-px``..``--max-px`` a side (the
    generator of ``bench/bench_scale.py``: noisy gradients + random shapes, every file different), in all cores.
-2. ``prepare``: stage 1 (:func:`dfpipe.data.prepare.run`: decode, hash, native-resolution store) on the first
+2. ``prepare``: stage 1 (:func:`dfpipe.prepare_data.run`: decode, hash, native-resolution store) on the first
    ``--n-train`` files as ``trainset/`` (label 1 = fake for half of them).
 3. ``train``: a split table written directly (no stage 3: every 10th image is val), an empty stage-2 manifest,
    then one epoch of each of two ``--backbone`` experts (``--pretrained`` weights, ``--img-size`` px, seeds 0
-   and 1) through the training code (:func:`dfpipe.train.loop.run_train`; :func:`~dfpipe.train.loop.train_expert`
+   and 1) through the training code (:func:`dfpipe.train_experts.loop.run_train`; :func:`~dfpipe.train_experts.loop.train_expert`
    without DVCLive where ``dvclive`` is not installed): store decode + augmentation in ``--workers``
    DataLoader workers, bf16 autocast and channels_last on CUDA. ``train_images_per_s`` is the training loop's
    own rate (its epoch's images / seconds), of the first expert.
@@ -66,15 +66,15 @@ import torch  # noqa: E402
 from bench_scale import file_name, generate, label_of  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dfpipe.augment.output import MANIFEST_COLUMNS as AUG_COLUMNS  # noqa: E402
+from dfpipe.augment_sd.output import MANIFEST_COLUMNS as AUG_COLUMNS  # noqa: E402
 from dfpipe.config import ExpertConfig, PrepareConfig, TrainConfig  # noqa: E402
-from dfpipe.data.prepare import run as prepare  # noqa: E402
+from dfpipe.prepare_data import run as prepare  # noqa: E402
 from dfpipe.data.samples import load_manifest  # noqa: E402
 from dfpipe.io import setup_logging, write_json  # noqa: E402
-from dfpipe.predict import Ensemble, FileDataset  # noqa: E402
-from dfpipe.split.pipeline import SPLIT_COLUMNS  # noqa: E402
-from dfpipe.train.distributed import set_determinism  # noqa: E402
-from dfpipe.train.loop import run_train, train_expert  # noqa: E402
+from dfpipe.ensemble_predict import Ensemble, FileDataset  # noqa: E402
+from dfpipe.cluster_split.pipeline import SPLIT_COLUMNS  # noqa: E402
+from dfpipe.train_experts.distributed import set_determinism  # noqa: E402
+from dfpipe.train_experts.loop import run_train, train_expert  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 TARGETS = {"end_to_end_vs_model_only_min": 0.8, "end_to_end_images_per_s_min": 5000.0}

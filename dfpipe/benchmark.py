@@ -269,8 +269,8 @@ def _write_labels(path: Path, df: pd.DataFrame) -> None:
 def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> dict[str, str]:
     """Stages 1-3 on the source's training part, or on the training parts of a combined set's sources together,
     in ``<work>/<name>/``, once (a later call reuses them). Returns the paths."""
-    from . import augment, split
-    from .data import prepare
+    from . import augment_sd, cluster_split
+    from . import prepare_data
 
     d = work / src.name
     paths = {"prepared": str(d / "prepared"), "augmented": str(d / "augmented"), "splits": str(d / "splits.csv")}
@@ -279,13 +279,13 @@ def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> dic
         return paths
     data_root, datasets = (_combined_datasets(src, d) if isinstance(src, TrainingSet)
                            else _source_datasets(src, d))
-    prepare.run(PrepareConfig(data_root=str(data_root), out_dir=paths["prepared"],
+    prepare_data.run(PrepareConfig(data_root=str(data_root), out_dir=paths["prepared"],
                               report=str(d / "prepare_report.json"), duplicates=str(d / "duplicates.csv"),
                               max_side=spec.max_side,
                               datasets=[from_dict(_dataset_cls(), ds, "dataset") for ds in datasets]))
-    augment.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
+    augment_sd.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
                                           "out_dir": paths["augmented"]}, "augment"))
-    split.run(from_dict(SplitConfig, {**_section(spec, "split"), "prepared_dir": paths["prepared"],
+    cluster_split.run(from_dict(SplitConfig, {**_section(spec, "split"), "prepared_dir": paths["prepared"],
                                       "augmented_dir": paths["augmented"], "out_csv": paths["splits"],
                                       "report": str(d / "cluster_report.json"),
                                       "features": str(d / "features.npy"),
@@ -438,7 +438,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
 
     Reuses a finished cell (its ``eval.json``) so an interrupted grid resumes where it stopped.
     """
-    from .train.loop import train_expert
+    from .train_experts.loop import train_expert
 
     ecfg = recipe_config(spec, recipe, seed)
     cell = cell_dir(spec, recipe, seed, train_src.name, work)
@@ -464,7 +464,7 @@ def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: 
     """Stage 5 over ``<cell>/models/<expert>`` (the val fold: epoch already chosen, thresholds, the card), then
     stage 6 on the sets no step saw. Returns stage 6's metrics."""
     from .evaluate import run_evaluate
-    from . import predict
+    from . import ensemble_predict
 
     pcfg = from_dict(PredictConfig, {**spec.predict, "prepared_dir": paths["prepared"], "splits_csv": paths["splits"],
                                      "models_dir": str(cell / "models"), "augmented_dir": paths["augmented"],
@@ -472,7 +472,7 @@ def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: 
                                      "card": str(cell / "ensemble.json"), "metrics": str(cell / "predict.json"),
                                      "roc": str(cell / "roc.csv"), "roc_png": str(cell / "roc.png"),
                                      "failures": str(cell / "failures.csv"), "test_labels": ""}, "predict")
-    predict.run(pcfg)
+    ensemble_predict.run(pcfg)
     ev = from_dict(EvaluateConfig, {**spec.evaluate, "card": pcfg.card, "models_dir": pcfg.models_dir,
                                     "data_root": str(Path(spec.data_root).resolve()),
                                     "metrics": str(cell / "eval_metrics.json"), "table": str(cell / "eval_table.md"),

@@ -29,7 +29,7 @@ md5 of the JPEG bytes (they do not leak the label); label rows are sorted by nam
 
 Determinism: every image has its own generator seeded from ``(seed, split, index)``; with the same
 seed and the same library versions (numpy, OpenCV, the bundled sample images) every file is
-byte-identical. The manipulations here are independent of :mod:`dfpipe.augment` on purpose.
+byte-identical. The manipulations here are independent of :mod:`dfpipe.augment_sd` on purpose.
 """
 
 from __future__ import annotations

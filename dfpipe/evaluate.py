@@ -3,7 +3,7 @@
 Validation AUC says how well the ensemble ranks images like the ones it was tuned on; a deepfake
 detector meets other generators, other cameras and images that were re-encoded or rescaled on their
 way to it. This stage scores each labelled set of ``evaluate.sets`` through the ensemble's one scoring
-path (:meth:`dfpipe.predict.Ensemble.score_files`), once as stored ("clean") and once per degradation
+path (:meth:`dfpipe.ensemble_predict.Ensemble.score_files`), once as stored ("clean") and once per degradation
 (``jpeg<q>``, ``half``, ``blur<sigma>``) applied to the full-size decoded image *before* the
 checkpoints' preprocessing (stage 1: ``max_side``, face crop; then each expert's input policy), as a
 re-encode or rescale on the way to us would; and reports per set: AUC with a bootstrap 95% interval,
@@ -34,7 +34,7 @@ from .io import atomic_open, write_csv, write_json
 from .metrics import MetricError, average_precision, eer, roc_auc, roc_points, tpr_at_fpr, verdict
 
 if TYPE_CHECKING:  # torch is imported only when a run gets past its config checks
-    from .predict import Ensemble
+    from .ensemble_predict import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     _check_set_names(cfg.sets)
     degradations = _degradations(cfg.degradations)
     files = {s.name: list_set(s, cfg.data_root) for s in cfg.sets}  # every listing error before any scoring
-    from .predict import Ensemble  # torch and the models only once the config and the sets are checked
+    from .ensemble_predict import Ensemble  # torch and the models only once the config and the sets are checked
 
     ens = Ensemble.from_card(cfg.card, cfg.models_dir)
     thresholds = ens.thresholds

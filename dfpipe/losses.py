@@ -191,7 +191,7 @@ class JointLoss(nn.Module):
     the batch is a :func:`mixup`; every label-dependent term (CE, infoCE, NCE) is
     lam * term(labels) + (1 - lam) * term(labels_b).
 
-    ``gather`` (under DDP: :func:`dfpipe.train.distributed.gather_across_ranks`) concatenates a per-rank
+    ``gather`` (under DDP: :func:`dfpipe.train_experts.distributed.gather_across_ranks`) concatenates a per-rank
     tensor over the ranks, with gradient. L_NCE and L_LIL's batch mean are then taken over the global batch,
     the same value on every rank (NCE: each anchor meets the positives and negatives of all ranks, not of
     its own few samples; LIL: exp of the global mean, not a mean of per-rank exps). Their gradient is exact:

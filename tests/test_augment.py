@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 
 from conftest import photo_like, write_jpeg
-from dfpipe.augment import output, pipeline
-from dfpipe.augment import run as run_augment
-from dfpipe.augment.dist import Dist
-from dfpipe.augment import editing
-from dfpipe.augment.editing import MASK_GRID, METHODS, NEEDS_DONOR, get_method, region_mask
-from dfpipe.augment.generate import regenerate
-from dfpipe.augment.output import MANIFEST_COLUMNS
-from dfpipe.augment.pipeline import n_workers
-from dfpipe.augment.plan import item_seed, plan_jobs
-from dfpipe.augment.real import widen_real
+from dfpipe.augment_sd import output, pipeline
+from dfpipe.augment_sd import run as run_augment
+from dfpipe.augment_sd.dist import Dist
+from dfpipe.augment_sd import editing
+from dfpipe.augment_sd.editing import MASK_GRID, METHODS, NEEDS_DONOR, get_method, region_mask
+from dfpipe.augment_sd.generate import regenerate
+from dfpipe.augment_sd.output import MANIFEST_COLUMNS
+from dfpipe.augment_sd.pipeline import n_workers
+from dfpipe.augment_sd.plan import item_seed, plan_jobs
+from dfpipe.augment_sd.real import widen_real
 from dfpipe.config import AugmentConfig
 from dfpipe.data.preprocess import Stage1
 from dfpipe.data.samples import load_pool
@@ -391,7 +391,7 @@ def test_stage_writes_shards_of_at_most_shard_images(prepared, tmp_path, monkeyp
 def test_stage_on_a_stage1_store_of_jpegs(tmp_path):
     """Stage 1 for real on JPEGs of several sizes (stored as their original bytes), then stage 2 on its store."""
     from dfpipe.config import PrepareConfig
-    from dfpipe.data.prepare import prepare
+    from dfpipe.prepare_data import prepare
 
     rng = np.random.default_rng(11)
     raw = tmp_path / "raw"
@@ -438,7 +438,7 @@ def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path,
     (out / "masks").mkdir(parents=True)
     (out / "stale.txt").write_text("old")
     (out / "masks" / "old.png").write_bytes(b"x")
-    with caplog.at_level(logging.INFO, logger="dfpipe.augment.pipeline"):
+    with caplog.at_level(logging.INFO, logger="dfpipe.augment_sd.pipeline"):
         summary = run_augment(config(prepared, out, fakes_per_real=0.5, methods={"self_blend": 1.0},
                                      real_widening=0.0))
     assert "diffusion fakes skipped: no model configured" in caplog.text

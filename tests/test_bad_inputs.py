@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.images import decode_image
-from dfpipe.data.prepare import prepare
+from dfpipe.prepare_data import prepare
 from dfpipe.data.samples import load_manifest
 from dfpipe.data.store import StoreReader
 from dfpipe.errors import DataError

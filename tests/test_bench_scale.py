@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dfpipe.predict import Ensemble
+from dfpipe.ensemble_predict import Ensemble
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "bench_scale.py"

@@ -48,7 +48,7 @@ def _serve(root: Path, **card_kwargs):
     """A real uvicorn server in a thread; yields (base URL, the ensemble it serves)."""
     import uvicorn
 
-    from dfpipe.predict import Ensemble
+    from dfpipe.ensemble_predict import Ensemble
     from dfpipe.serve.api import ServeSettings, create_app
 
     models, card = make_card(root, **card_kwargs)

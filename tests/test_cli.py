@@ -12,7 +12,7 @@ from conftest import photo_like, write_jpeg
 from test_serve_api import expected_verdict, make_card
 
 from dfpipe.cli import main
-from dfpipe.predict import Ensemble
+from dfpipe.ensemble_predict import Ensemble
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_every_setting_is_written_in_params_yaml():
 def test_params_list_every_editing_method():
     import yaml
 
-    from dfpipe.augment.editing import METHODS
+    from dfpipe.augment_sd.editing import METHODS
 
     methods = yaml.safe_load(open("params.yaml"))["augment"]["methods"]
     assert set(methods) == set(METHODS)
@@ -123,11 +123,11 @@ def test_module_choices_come_from_the_config_literals():
     import typing
 
     from dfpipe import config
-    from dfpipe.augment import diffusion
+    from dfpipe.augment_sd import diffusion
     from dfpipe.data import faces, transforms
-    from dfpipe.predict import COMBINE
-    from dfpipe.split import kmeans
-    from dfpipe.split import pipeline as split_pipeline
+    from dfpipe.ensemble_predict import COMBINE
+    from dfpipe.cluster_split import kmeans
+    from dfpipe.cluster_split import pipeline as split_pipeline
 
     assert transforms.PRESETS == typing.get_args(config.AugmentPreset)
     assert COMBINE == typing.get_args(config.Combine)

@@ -1,6 +1,6 @@
 """One preprocessing contract from stage 1 to the API: the same files get the same score from the HTTP API
 (``POST /predict``), the CLI (``dfpipe predict`` and ``dfpipe scan``), the stage-5 path (the ensemble
-scoring the stage-1 store that ``dfpipe.data.prepare.run`` made of those files) and ``prediction.txt`` (stage
+scoring the stage-1 store that ``dfpipe.prepare_data.run`` made of those files) and ``prediction.txt`` (stage
 5's test-set scoring and submission writer, the same files listed as the test set), with the face crop on and
 off; nothing is retyped on a command line: the checkpoints say how to prepare an image.
 
@@ -24,12 +24,12 @@ from dfpipe.cli import main
 from dfpipe.config import DatasetConfig, PrepareConfig
 from dfpipe.data.dataset import StoreDataset
 from dfpipe.data.images import decode_image
-from dfpipe.data.prepare import run as prepare
+from dfpipe.prepare_data import run as prepare
 from dfpipe.data.preprocess import downscale
 from dfpipe.data.samples import load_manifest, load_pool
 from dfpipe.data.store import read_store_record
 from dfpipe.io import write_json
-from dfpipe.predict import Ensemble
+from dfpipe.ensemble_predict import Ensemble
 
 TOL = 1e-5
 FACES = ("astronaut.jpg", "hopper.jpg")  # photographs with one face OpenCV's Haar cascade finds
@@ -121,8 +121,8 @@ def _submission_scores(cfg, ens, tmp_path) -> dict[str, float]:
     scoring and submission writer, then the file read back)."""
     from dfpipe.config import PredictConfig
     from dfpipe.io import write_csv
-    from dfpipe.predict import build_submission
-    from dfpipe.predict.pipeline import _score_test
+    from dfpipe.ensemble_predict import build_submission
+    from dfpipe.ensemble_predict.pipeline import _score_test
 
     test_all, _, _, scores = _score_test(ens, PredictConfig(prepared_dir=cfg.out_dir, batch_size=3))
     write_csv(tmp_path / "prediction.txt", build_submission(test_all, scores, 0.5), float_format="%.6f")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import photo_like
-from dfpipe.augment import run as run_augment
-from dfpipe.augment.diffusion import (TINY_MODEL, generate, load_pipeline, native_size, placeholder_prompt_embeds,
+from dfpipe.augment_sd import run as run_augment
+from dfpipe.augment_sd.diffusion import (TINY_MODEL, generate, load_pipeline, native_size, placeholder_prompt_embeds,
                                       resolve_dtype, tiny_pipeline, work_size)
-from dfpipe.augment.generate import regenerate
+from dfpipe.augment_sd.generate import regenerate
 from dfpipe.config import AugmentConfig, DiffusionConfig
 from dfpipe.io import work_dir
 

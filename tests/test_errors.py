@@ -54,7 +54,7 @@ def test_a_bug_in_a_stage_keeps_its_traceback(tmp_path):
     """A KeyError deep inside the stage (not a UserError) is a bug: full traceback, non-zero exit."""
     (tmp_path / "params.yaml").write_text("prepare: {}\n")
     code = ("import runpy, sys\n"
-            "import dfpipe.data.prepare as p\n"
+            "import dfpipe.prepare_data as p\n"
             "def broken(cfg):\n"
             "    return {}['no_such_column']\n"
             "p.run = broken\n"
@@ -120,8 +120,8 @@ def test_stage_code_raises_user_errors_for_user_mistakes(tmp_path):
     from dfpipe.config import TrainConfig
     from dfpipe.data.samples import load_pool
     from dfpipe.models import EXPERTS
-    from dfpipe.split.kmeans import make_engine
-    from dfpipe.train.loop import run_train
+    from dfpipe.cluster_split.kmeans import make_engine
+    from dfpipe.train_experts.loop import run_train
 
     with pytest.raises(InputError, match="run stage 1"):
         load_pool(tmp_path / "nowhere")

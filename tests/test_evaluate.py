@@ -24,7 +24,7 @@ from dfpipe.data.images import decode_image
 from dfpipe.evaluate import (bootstrap_auc, list_set, markdown_table, parse_degradation, run_evaluate, set_metrics,
                              weighted_auc)
 from dfpipe.metrics import MetricError
-from dfpipe.predict import Ensemble
+from dfpipe.ensemble_predict import Ensemble
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = b"\xff\xd8\xff\xe0 cut short"

@@ -1,4 +1,4 @@
-"""``Ensemble.score_files(decode="device")`` (:mod:`dfpipe.predict.gpu_decode`) against the workers path, on
+"""``Ensemble.score_files(decode="device")`` (:mod:`dfpipe.ensemble_predict.gpu_decode`) against the workers path, on
 the CPU device (torchvision's libjpeg-turbo; nvJPEG needs CUDA and is not exercised here).
 
 Measured here (CPU, libjpeg-turbo of torchvision 0.29 vs Pillow 13's): decoded pixels identical to PIL's
@@ -22,10 +22,10 @@ from dfpipe.config import ExpertConfig
 from dfpipe.data.images import decode_image
 from dfpipe.data.preprocess import InputPolicy, Stage1, fit, scoring_image
 from dfpipe.models import build_expert
-from dfpipe.predict import Ensemble, FileDataset, load_expert
-from dfpipe.predict import gpu_decode
-from dfpipe.predict.gpu_decode import JpegHeader, device_batches, device_decodable, inputs_on_device
-from dfpipe.train.loop import save_checkpoint
+from dfpipe.ensemble_predict import Ensemble, FileDataset, load_expert
+from dfpipe.ensemble_predict import gpu_decode
+from dfpipe.ensemble_predict.gpu_decode import JpegHeader, device_batches, device_decodable, inputs_on_device
+from dfpipe.train_experts.loop import save_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -242,14 +242,14 @@ def test_face_crop_ensemble_decodes_in_the_workers(tmp_path, rng, monkeypatch, c
     def never(*a, **k):
         raise AssertionError("the device path must not run for a face-crop ensemble")
 
-    monkeypatch.setattr("dfpipe.predict.ensemble.device_batches", never)
-    with caplog.at_level(logging.WARNING, logger="dfpipe.predict.ensemble"):
+    monkeypatch.setattr("dfpipe.ensemble_predict.ensemble.device_batches", never)
+    with caplog.at_level(logging.WARNING, logger="dfpipe.ensemble_predict.ensemble"):
         dev, _ = ens.score_files(paths, batch_size=2, workers=0, decode="device")
     assert "face_crop: haar" in caplog.text and "workers" in caplog.text
     np.testing.assert_array_equal(dev, ens.score_files(paths, batch_size=2, workers=0)[0])
     caplog.clear()
     plain = _tiny_ensemble(tmp_path, "crop")
-    with caplog.at_level(logging.WARNING, logger="dfpipe.predict.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="dfpipe.ensemble_predict.ensemble"):
         plain.score_files(paths, batch_size=2, workers=0, decode="device", degrade=lambda im: im)
     assert "degrade" in caplog.text
     with pytest.raises(ValueError, match="decode 'gpu'"):

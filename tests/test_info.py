@@ -17,9 +17,9 @@ from dfpipe.config import ConfigError, ExpertConfig, LossWeights
 from dfpipe.losses import (JointLoss, ce_loss, global_information_loss, info_divergence, local_information_loss,
                            mixup)
 from dfpipe.models import EXPERTS, build_expert, expert_from_description
-from dfpipe.predict.experts import load_expert
-from dfpipe.train import loop
-from dfpipe.train.checkpoint import save_checkpoint
+from dfpipe.ensemble_predict.experts import load_expert
+from dfpipe.train_experts import loop
+from dfpipe.train_experts.checkpoint import save_checkpoint
 from test_train import _cfg, _load, _run, _write_pool, kill_at_epoch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from skimage import data
 
-from dfpipe.augment import editing
-from dfpipe.augment import run as run_augment
-from dfpipe.augment.editing import MASK_GRID, face_hull, landmark_mask, self_blend
-from dfpipe.augment.generate import edit_one, regenerate
+from dfpipe.augment_sd import editing
+from dfpipe.augment_sd import run as run_augment
+from dfpipe.augment_sd.editing import MASK_GRID, face_hull, landmark_mask, self_blend
+from dfpipe.augment_sd.generate import edit_one, regenerate
 from dfpipe.config import AugmentConfig, from_dict
 from dfpipe.data import landmarks as lmk
 from dfpipe.data.faces import HaarDetector
@@ -199,7 +199,7 @@ def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
 
 def test_edit_one_records_which_mask_was_used(astronaut, face_box, monkeypatch):
     found = ellipse_points(face_box)
-    monkeypatch.setattr("dfpipe.augment.generate.face_landmarks",
+    monkeypatch.setattr("dfpipe.augment_sd.generate.face_landmarks",
                         lambda img, name: found if img.mean() > 0 else None)
     _, _, p = edit_one("self_blend", astronaut, 3, None, "fake_detector")
     assert p["landmarks"] == {"detector": "fake_detector", "face": True} and p["mask"]["shape"] == "landmark_hull"
@@ -286,7 +286,7 @@ def make_store(root, images):
 @needs_mediapipe
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_path, astronaut, monkeypatch, workers):
-    from dfpipe.augment import pipeline
+    from dfpipe.augment_sd import pipeline
 
     face = np.ascontiguousarray(astronaut[20:280, 120:330])  # a face crop, like the stage's inputs
     images = [face, np.ascontiguousarray(face[:, ::-1]), cv2.resize(face, (150, 186)),
@@ -313,9 +313,9 @@ def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_pat
 
 def test_work_files_of_self_blend_depend_on_the_detector(tmp_path):
     """A run resumed with another ``augment.landmarks`` remakes the self-blends, and only them."""
-    from dfpipe.augment.plan import plan_jobs
-    from dfpipe.augment.sources import load_reals
-    from dfpipe.augment.work import work_names
+    from dfpipe.augment_sd.plan import plan_jobs
+    from dfpipe.augment_sd.sources import load_reals
+    from dfpipe.augment_sd.work import work_names
 
     prep = make_store(tmp_path / "prep", [data.astronaut(), data.astronaut()[::-1].copy(), data.coffee()])
     reals = load_reals(str(prep))

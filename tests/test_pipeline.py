@@ -33,12 +33,12 @@ def tiny_expert(**kw) -> ExpertConfig:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from dfpipe.augment import run as run_augment
-    from dfpipe.data.prepare import run as prepare
+    from dfpipe.augment_sd import run as run_augment
+    from dfpipe.prepare_data import run as prepare
     from dfpipe.demo import make_demo_dataset
-    from dfpipe.predict import run as run_predict
-    from dfpipe.split import run as run_split
-    from dfpipe.train.loop import run_train
+    from dfpipe.ensemble_predict import run as run_predict
+    from dfpipe.cluster_split import run as run_split
+    from dfpipe.train_experts.loop import run_train
 
     t = tmp_path_factory.mktemp("pipe")
     # one learnable kind everywhere (blocky up-sampling, the demo's generator-like artefact), so the test can
@@ -94,7 +94,7 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     from dfpipe.data.preprocess import fit
     from dfpipe.data.samples import load_pool
     from dfpipe.data.store import StoreReader
-    from dfpipe.predict import Ensemble, combine_scores
+    from dfpipe.ensemble_predict import Ensemble, combine_scores
 
     t, metrics = run
     assert json.loads((t / "metrics.json").read_text())["val"]["ensemble"]["auc"] == metrics["val"]["ensemble"]["auc"]
@@ -134,7 +134,7 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
 
 
 def test_splits_keep_generated_images_with_their_source(run):
-    from dfpipe.split.cluster import check_split
+    from dfpipe.cluster_split.cluster import check_split
 
     t, _ = run
     df = pd.read_csv(t / "splits.csv", keep_default_na=False)

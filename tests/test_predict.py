@@ -8,9 +8,9 @@ from dfpipe.config import ExpertConfig
 from dfpipe.data.preprocess import Stage1
 from dfpipe.data.store import write_png_shard, write_store_record
 from dfpipe.models import build_expert
-from dfpipe.predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
+from dfpipe.ensemble_predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
                             parse_view)
-from dfpipe.train.loop import save_checkpoint
+from dfpipe.train_experts.loop import save_checkpoint
 
 
 def test_combine_scores_hand_values():
@@ -216,7 +216,7 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     import json
 
     from dfpipe.config import PredictConfig
-    from dfpipe.predict import run as run_predict
+    from dfpipe.ensemble_predict import run as run_predict
 
     prep, aug, test_imgs = _fake_stage_outputs(tmp_path, rng)
     out = tmp_path / "out"
@@ -260,7 +260,7 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
 
 
 def test_fold_batchnorm_keeps_the_scores(rng):
-    from dfpipe.predict import fold_batchnorm
+    from dfpipe.ensemble_predict import fold_batchnorm
 
     torch.manual_seed(0)
     model = build_expert(ExpertConfig(pretrained="none", img_size=32)).eval()
@@ -278,7 +278,7 @@ def test_fold_batchnorm_keeps_the_scores(rng):
 
 
 def test_auto_scoring_workers_leave_two_cores_to_the_model(monkeypatch):
-    from dfpipe.predict.ensemble import scoring_workers
+    from dfpipe.ensemble_predict.ensemble import scoring_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr("os.cpu_count", lambda: 2)

@@ -13,7 +13,7 @@ import pytest
 from conftest import photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.labels import LabelError
-from dfpipe.data.prepare import prepare
+from dfpipe.prepare_data import prepare
 from dfpipe.data.samples import load_manifest
 from dfpipe.data.store import StoreReader
 
@@ -245,7 +245,7 @@ def _outputs(cfg: PrepareConfig) -> dict[str, bytes]:
 
 
 def _counting_decode(monkeypatch) -> list[str]:
-    import dfpipe.data.prepare.pool as P  # the decoding workers' module (in-process with workers=1)
+    import dfpipe.prepare_data.pool as P  # the decoding workers' module (in-process with workers=1)
 
     seen: list[str] = []
     real = P.decode_file
@@ -283,7 +283,7 @@ def test_killed_run_resumes_without_redoing_chunks_and_gives_the_same_bytes(tmp_
 
 
 def test_changed_settings_start_afresh(tmp_path, rng, monkeypatch):
-    import dfpipe.data.prepare as P
+    import dfpipe.prepare_data as P
 
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)

@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dfpipe.config import ConfigError, ExpertConfig, LossWeights
 from dfpipe.models import EXPERTS, build_expert, create_backbone, expert_from_description, trainable_parameters
-from dfpipe.predict.experts import load_expert
-from dfpipe.train import loop
+from dfpipe.ensemble_predict.experts import load_expert
+from dfpipe.train_experts import loop
 from test_models import LITE0, dfpipe_cache  # noqa: F401 - autouse: bundled weights converted into a temp cache
 from test_train import _cfg, _load, _run, _write_pool, kill_at_epoch
 
@@ -118,7 +118,7 @@ def test_settings_a_frozen_backbone_cannot_train_with(caplog):
     with pytest.raises(ConfigError, match=r"freeze_backbone trains only the heads.*set loss.ce > 0 \(it is 0.0\)"):
         loop._check_frozen(ExpertConfig(freeze_backbone=True, loss=LossWeights(ce=0.0, kl=0.5)))
     loop._check_frozen(ExpertConfig(freeze_backbone=False, loss=LossWeights(ce=0.0, kl=0.5)))  # not frozen: fine
-    with caplog.at_level(logging.WARNING, logger="dfpipe.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="dfpipe.train_experts.loop"):
         loop._check_frozen(ExpertConfig(freeze_backbone=True, info_heads=2, loss=LossWeights(nce=0.1)))
         assert caplog.text == ""  # NCE on the fused branches trains them: nothing to warn about
         loop._check_frozen(ExpertConfig(freeze_backbone=True, proj_dim=16, loss=LossWeights(nce=0.1)))

@@ -15,8 +15,8 @@ from dfpipe.data.images import decode_image
 from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
 from dfpipe.io import write_json
 from dfpipe.models import build_expert
-from dfpipe.predict import Ensemble
-from dfpipe.train.loop import save_checkpoint
+from dfpipe.ensemble_predict import Ensemble
+from dfpipe.train_experts.loop import save_checkpoint
 
 THRESHOLDS = {"t_real": 0.3, "t_fake": 0.7, "t_decision": 0.5, "max_fpr": 0.01, "max_fnr": 0.01}
 
@@ -38,7 +38,7 @@ def save_expert(models: Path, name: str = "m", stage1: Stage1 = NATIVE, mode: st
 def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
               combine: str = "mean_prob", stage1: Stage1 = NATIVE) -> tuple[Path, Path]:
     """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, native-resolution stage 1
-    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.predict.run`` writes them.
+    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.ensemble_predict.run`` writes them.
     Returns (models_dir, card)."""
     save_expert(root / "models", "m", stage1)
     ens = Ensemble.load(root / "models", ["m"], list(tta), combine, torch.device("cpu"))

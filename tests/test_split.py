@@ -4,7 +4,7 @@ import pytest
 
 from dfpipe.data.store import write_png_shard
 from dfpipe.errors import ConfigError
-from dfpipe.split.cluster import assign_folds, check_split, cluster_ids, split_pool
+from dfpipe.cluster_split.cluster import assign_folds, check_split, cluster_ids, split_pool
 
 
 def make_pool(rng, n_per_blob=12, n_blobs=4, n_aug=10):
@@ -121,7 +121,7 @@ def test_near_duplicates_share_a_fold_even_across_clusters(rng):
 
 
 def test_near_duplicate_groups_move_to_their_majority_cluster():
-    from dfpipe.split.cluster import settle_near_duplicates
+    from dfpipe.cluster_split.cluster import settle_near_duplicates
 
     clusters = np.array([0, 0, 1, 1, 1, 2, 2, 3])
     dups = np.array([4, -1, 4, 4, 9, 9, -1, 8])  # group 4: 1x cluster 0, 2x cluster 1; group 9: a 1-1 tie
@@ -133,7 +133,7 @@ def test_near_duplicate_groups_move_to_their_majority_cluster():
 
 
 def test_a_duplicate_group_spanning_every_cluster_does_not_collapse_the_folds(rng):
-    from dfpipe.split.cluster import cluster_report
+    from dfpipe.cluster_split.cluster import cluster_report
 
     pool, feats = make_pool(rng)
     pool["dup_group"] = -1
@@ -178,7 +178,7 @@ def test_check_split_catches_donor_leaks():
 
 
 def test_a_donor_in_another_fold_takes_its_fake_out_of_the_split(rng):
-    from dfpipe.split.cluster import cluster_report
+    from dfpipe.cluster_split.cluster import cluster_report
 
     pool, feats = make_pool(rng, n_aug=0)
     folds = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=3, seed=0).groupby("fold").uid.apply(list)
@@ -214,7 +214,7 @@ def test_val_fold_outside_the_folds_is_a_config_error(rng):
 
 
 def test_k_chosen_by_silhouette_is_the_number_of_blobs(rng):
-    from dfpipe.split.cluster import choose_k
+    from dfpipe.cluster_split.cluster import choose_k
 
     pool, feats = make_pool(rng, n_per_blob=10, n_blobs=6)
     k, scores = choose_k(feats, [2, 4, 6, 8, 12], seed=0)
@@ -228,7 +228,7 @@ def test_k_chosen_by_silhouette_is_the_number_of_blobs(rng):
 
 
 def test_k_chosen_per_class_and_candidates_clamped(rng):
-    from dfpipe.split.cluster import choose_k, select_k
+    from dfpipe.cluster_split.cluster import choose_k, select_k
 
     pool, feats = make_pool(rng)  # 4 blobs, 2 per class
     labels = pool.label[pool.origin != "aug"].to_numpy()
@@ -244,7 +244,7 @@ def test_k_chosen_per_class_and_candidates_clamped(rng):
 def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
     import cv2
 
-    from dfpipe.split.pipeline import cluster_contact_sheet, contact_sheet_shape
+    from dfpipe.cluster_split.pipeline import cluster_contact_sheet, contact_sheet_shape
 
     cache = tmp_path / "train-000000.bin"
     write_png_shard(cache, [rng.integers(0, 255, (40, 30 + i, 3), dtype=np.uint8) for i in range(20)])
@@ -288,7 +288,7 @@ def image_pool(tmp_path, rng, n=20, size=32, name="train"):
 def tiny_model(seed=0):
     import torch
 
-    from dfpipe.split.embed import load_backbone
+    from dfpipe.cluster_split.embed import load_backbone
 
     return load_backbone(TINY, "none", torch.device("cpu"), seed=seed)
 
@@ -310,8 +310,8 @@ def test_random_init_embedder_is_the_same_on_every_run_and_leaves_the_global_rng
 def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     import torch
 
-    from dfpipe.split.embed import embed_pool, embed_to_file, load_features, write_index
-    from dfpipe.split.features import FeatureFile
+    from dfpipe.cluster_split.embed import embed_pool, embed_to_file, load_features, write_index
+    from dfpipe.cluster_split.features import FeatureFile
 
     pool = image_pool(tmp_path, rng, n=11)
     model = tiny_model()
@@ -336,7 +336,7 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
 def test_embedding_decoded_in_worker_processes_equals_in_process(tmp_path, rng):
     from dfpipe.data.decode_pool import store_batches
     from dfpipe.data.preprocess import InputPolicy
-    from dfpipe.split.embed import embed_pool
+    from dfpipe.cluster_split.embed import embed_pool
 
     pool = image_pool(tmp_path, rng, n=13)
     model = tiny_model()
@@ -351,8 +351,8 @@ def test_embedding_decoded_in_worker_processes_equals_in_process(tmp_path, rng):
 
 def test_feature_file_reads_rows_like_the_array(tmp_path, rng, monkeypatch):
     from dfpipe.errors import DataError
-    from dfpipe.split import features
-    from dfpipe.split.features import FeatureFile, FeatureWriter
+    from dfpipe.cluster_split import features
+    from dfpipe.cluster_split.features import FeatureFile, FeatureWriter
 
     monkeypatch.setattr(features, "BLOCK_BYTES", 3 * 10 * 2)  # an index selection is read 3 rows at a time
     a = rng.normal(size=(50, 10)).astype(np.float16)
@@ -385,7 +385,7 @@ def test_feature_file_reads_rows_like_the_array(tmp_path, rng, monkeypatch):
 def test_checkpoint_embedder_loads_any_timm_model_from_a_local_file(tmp_path, rng):
     import torch
 
-    from dfpipe.split.embed import embed_pool, load_backbone
+    from dfpipe.cluster_split.embed import embed_pool, load_backbone
 
     pool = image_pool(tmp_path, rng, n=6)
     source = tiny_model(seed=3)
@@ -400,8 +400,8 @@ def test_checkpoint_embedder_loads_any_timm_model_from_a_local_file(tmp_path, rn
 def test_finetuned_embedder_learns_the_labels_and_is_seeded(tmp_path, rng):
     import torch
 
-    from dfpipe.split.embed import embed_pool
-    from dfpipe.split.finetune import finetune_embedder
+    from dfpipe.cluster_split.embed import embed_pool
+    from dfpipe.cluster_split.finetune import finetune_embedder
 
     pool = image_pool(tmp_path, rng, n=24)
     model, hist = finetune_embedder(pool, TINY, "none", 32, batch_size=8, epochs=2, lr=5e-3, seed=0, workers=0)
@@ -419,7 +419,7 @@ def test_finetuned_embedder_learns_the_labels_and_is_seeded(tmp_path, rng):
 
 
 def test_finetune_needs_both_classes(tmp_path, rng):
-    from dfpipe.split.finetune import finetune_embedder
+    from dfpipe.cluster_split.finetune import finetune_embedder
 
     pool = image_pool(tmp_path, rng, n=8)
     with pytest.raises(ValueError, match="real and fake"):
@@ -428,8 +428,8 @@ def test_finetune_needs_both_classes(tmp_path, rng):
 
 @pytest.mark.parametrize("engine", ["minibatch", "torch"])
 def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, rng, monkeypatch, engine):
-    from dfpipe.split import kmeans
-    from dfpipe.split.features import FeatureFile
+    from dfpipe.cluster_split import kmeans
+    from dfpipe.cluster_split.features import FeatureFile
 
     monkeypatch.setattr(kmeans, "INIT_SAMPLE", 100)  # < n: the chunked path starts from a sample
     monkeypatch.setattr(kmeans, "READ_ROWS", 64)  # several chunks
@@ -451,7 +451,7 @@ def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, 
 
 
 def test_split_from_the_features_file_equals_the_split_in_memory(tmp_path, rng):
-    from dfpipe.split.features import FeatureFile
+    from dfpipe.cluster_split.features import FeatureFile
 
     pool, feats = make_pool(rng)
     np.save(tmp_path / "f.npy", feats)
@@ -461,7 +461,7 @@ def test_split_from_the_features_file_equals_the_split_in_memory(tmp_path, rng):
 
 
 def test_torch_engine_splits_like_sklearn_on_blobs(rng):
-    from dfpipe.split.kmeans import KMeansEngine
+    from dfpipe.cluster_split.kmeans import KMeansEngine
 
     pool, feats = make_pool(rng)
     a = split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0, engine=KMeansEngine("torch"))
@@ -473,7 +473,7 @@ def test_torch_engine_splits_like_sklearn_on_blobs(rng):
 def test_sampled_silhouette_is_sklearns_silhouette_score(rng):
     from sklearn.metrics import silhouette_score
 
-    from dfpipe.split.cluster import sampled_silhouette
+    from dfpipe.cluster_split.cluster import sampled_silhouette
 
     feats, truth = blobs(rng)
     labels = (truth + rng.integers(0, 2, len(truth))) % 4  # some noise, so the score is not ~1
@@ -486,7 +486,7 @@ def test_sampled_silhouette_is_sklearns_silhouette_score(rng):
 def test_make_engine_resolves_auto_by_cuda(monkeypatch):
     import torch
 
-    from dfpipe.split.kmeans import make_engine
+    from dfpipe.cluster_split.kmeans import make_engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (make_engine("auto").backend, make_engine("torch").device) == ("sklearn", "cpu")
@@ -522,7 +522,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
     import json
 
     from dfpipe.config import SplitConfig
-    from dfpipe.split import run as run_split
+    from dfpipe.cluster_split import run as run_split
 
     prep, aug = write_prepared(tmp_path, rng)
     out = tmp_path / "out"
@@ -549,7 +549,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
 
 def test_unknown_embedder_is_rejected(tmp_path):
     from dfpipe.config import SplitConfig
-    from dfpipe.split.pipeline import build_embedder
+    from dfpipe.cluster_split.pipeline import build_embedder
 
     with pytest.raises(ValueError, match="split.embedder"):
         build_embedder(SplitConfig(embedder="clip"), pd.DataFrame())

@@ -12,7 +12,7 @@ from conftest import photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.dataset import StoreDataset
 from dfpipe.data.images import decode_image
-from dfpipe.data.prepare import prepare
+from dfpipe.prepare_data import prepare
 from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1, downscale, fit, scoring_image
 from dfpipe.data.samples import load_pool
 from dfpipe.data.store import ShardWriter, StoreReader, read_store_record, stored_bytes, write_png_shard
@@ -116,7 +116,7 @@ def test_storage_of_large_jpegs_is_about_their_size(tmp_path, rng):
 def test_a_native_image_reaches_a_crop_expert_pixel_for_pixel(tmp_path, rng):
     """Issue: a native 256 px image reaches a 256 px ``crop`` expert pixel for pixel, in training (random
     crop: there is one position) and at test time, through stage 1's store."""
-    from dfpipe.train.sampling import SeededAugmentDataset
+    from dfpipe.train_experts.sampling import SeededAugmentDataset
 
     imgs = [photo_like(rng, 256, 256) for _ in range(4)]
     raw = tmp_path / "raw"

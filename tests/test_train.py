@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
-from dfpipe.train import loop
-from dfpipe.train.distributed import global_batch, maybe_sync_bn, rank_seed, scaled_lr, set_determinism
-from dfpipe.train.ema import ema_decay, make_ema
-from dfpipe.train.loop import run_train
-from dfpipe.train.sampling import SeededSampler, epoch_length
+from dfpipe.train_experts import loop
+from dfpipe.train_experts.distributed import global_batch, maybe_sync_bn, rank_seed, scaled_lr, set_determinism
+from dfpipe.train_experts.ema import ema_decay, make_ema
+from dfpipe.train_experts.loop import run_train
+from dfpipe.train_experts.sampling import SeededSampler, epoch_length
 from conftest import write_cache_pool
 
 SIZE = 32
@@ -121,7 +121,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
     last = _load(pool / "models_b" / "e" / "last.pt")
     assert last["epoch"] == 1 and not last["finished"] and len(last["history"]) == 1
     monkeypatch.setattr(loop, "_train_epoch", real_epoch)
-    with caplog.at_level("INFO", logger="dfpipe.train.checkpoint"):
+    with caplog.at_level("INFO", logger="dfpipe.train_experts.checkpoint"):
         best_b, hist_b = _run(cfg_b, pool, "b")
     assert "resuming from" in caplog.text
 
@@ -152,7 +152,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
 def test_changed_config_or_finished_run_starts_fresh(pool, caplog):
     cfg = _cfg(pool, "models_c", epochs=1)
     _run(cfg, pool, "c")
-    with caplog.at_level("INFO", logger="dfpipe.train.checkpoint"):
+    with caplog.at_level("INFO", logger="dfpipe.train_experts.checkpoint"):
         _run(cfg, pool, "c")  # finished: trains again from scratch
         assert "finished run: starting fresh" in caplog.text
         caplog.clear()
@@ -175,7 +175,7 @@ def test_early_stopping_on_val_auc(pool, monkeypatch, caplog):
         return {**real_summary(y, p), "auc": next(aucs)}
 
     monkeypatch.setattr(loop, "summary", fake_summary)
-    with caplog.at_level("INFO", logger="dfpipe.train.loop"):
+    with caplog.at_level("INFO", logger="dfpipe.train_experts.loop"):
         best, hist = _run(_cfg(pool, "models_p", epochs=6, patience=2, loss=LossWeights(kl=0.0)), pool, "p")
     assert list(hist.epoch) == [1, 2, 3, 4] and best["epoch"] == 2 and best["auc"] == 0.7
     assert "early stop after epoch 4" in caplog.text
@@ -379,7 +379,7 @@ def test_sampler_rejects_bad_shards():
 def test_checkpoints_are_byte_reproducible(tmp_path):
     """The same checkpoint saved twice gives the same bytes (stable DVC hashes across runs)."""
     from dfpipe.models import build_expert
-    from dfpipe.train.checkpoint import save_checkpoint
+    from dfpipe.train_experts.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_expert(ExpertConfig(pretrained="none", img_size=32))

@@ -41,7 +41,7 @@ def _rank_main(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     import dvclive
 
-    from dfpipe.train import checkpoint, logs, loop
+    from dfpipe.train_experts import checkpoint, logs, loop
 
     root_p = Path(root)
     spy = {"epoch": 0, "seen": [], "val": [], "writes": [], "seeds": [], "nce_batch": set()}
@@ -152,7 +152,7 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     from dfpipe.data.preprocess import InputPolicy
     from dfpipe.data.samples import load_split_pool
     from dfpipe.models import expert_from_description
-    from dfpipe.train.loop import predict_probs
+    from dfpipe.train_experts.loop import predict_probs
 
     recs = [_record(ddp_run, r) for r in range(WORLD)]
     df = load_split_pool(ddp_run / "splits.csv", ddp_run / "prepared", ddp_run / "aug")
@@ -254,7 +254,7 @@ def _loss_rank(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=WORLD)
-    from dfpipe.train.distributed import gather_across_ranks
+    from dfpipe.train_experts.distributed import gather_across_ranks
 
     x, labels, net = _loss_inputs()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
@@ -270,7 +270,7 @@ def test_nce_and_lil_over_gathered_ranks_give_the_one_process_loss_and_gradients
     """On one process ``gather`` is the identity; on two, every rank's NCE and LIL are the losses of the whole
     global batch and DDP's averaged gradients are those of one process on it (CE, GIL: the mean of the rank
     means)."""
-    from dfpipe.train.distributed import gather_across_ranks
+    from dfpipe.train_experts.distributed import gather_across_ranks
 
     x, labels, net = _loss_inputs()
     one = _joint(net, x, labels, gather=gather_across_ranks)  # no process group: the identity
@@ -334,7 +334,7 @@ def test_ddp_is_told_of_unused_heads_exactly_when_a_head_gets_no_gradient(weight
     """The rule behind make_accelerator's find_unused_parameters, checked against a real backward: asked for
     exactly when some trainable layer gets no gradient (off otherwise: the search costs a graph walk a step)."""
     from dfpipe.config import ExpertConfig, LossWeights
-    from dfpipe.train.distributed import leaves_parameters_unused
+    from dfpipe.train_experts.distributed import leaves_parameters_unused
 
     ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=proj_dim, info_heads=info_heads,
                         loss=LossWeights(**{"ce": 0.0, "kl": 0.0, "nce": 0.0, **weights}))
@@ -347,7 +347,7 @@ def test_a_projection_head_without_nce_trains_under_ddp(tmp_path):
     """proj_dim > 0 with loss.nce = 0 (NCE switched off in params, the head kept): the projection head gets no
     gradient. Without find_unused_parameters DDP fails on the second step; with the rule's answer it trains."""
     from dfpipe.config import ExpertConfig, LossWeights
-    from dfpipe.train.distributed import leaves_parameters_unused
+    from dfpipe.train_experts.distributed import leaves_parameters_unused
 
     ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=16, loss=LossWeights(ce=1.0, kl=0.0, nce=0.0))
     assert leaves_parameters_unused(ecfg)

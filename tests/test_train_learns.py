@@ -24,7 +24,7 @@ import torch
 from conftest import write_cache_pool
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.models.registry import Expert
-from dfpipe.train.loop import train_expert
+from dfpipe.train_experts.loop import train_expert
 
 CACHE, IMG = 64, 48
 N_TRAIN, N_VAL = 128, 48

@@ -26,7 +26,7 @@ class StoreDataset(Dataset):
     """Images of a pool (columns ``cache_path``, ``cache_index``, ``label``) at one or more input policies.
 
     The policies crop centrally (test time). Training's random crops are
-    :class:`dfpipe.train.sampling.SeededAugmentDataset`'s.
+    :class:`dfpipe.train_experts.sampling.SeededAugmentDataset`'s.
     """
 
     def __init__(self, pool: pd.DataFrame, policies: Sequence[InputPolicy]):

@@ -10,7 +10,7 @@
 - ``GET /health`` (with the preprocessing the experts were trained with); ``GET /`` the web page;
   ``GET /docs`` the OpenAPI documentation.
 
-Every upload is scored through :meth:`dfpipe.predict.Ensemble.score_images`: the preprocessing contract
+Every upload is scored through :meth:`dfpipe.ensemble_predict.Ensemble.score_images`: the preprocessing contract
 read from the checkpoints (:mod:`dfpipe.data.preprocess`: stage 1 with its face crop, then each
 expert's input policy), the same steps as ``dfpipe predict`` / ``scan`` and stage 5.
 
@@ -59,7 +59,7 @@ from .service import (DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAU
                       model_id)
 
 if TYPE_CHECKING:
-    from ..predict import Ensemble
+    from ..ensemble_predict import Ensemble
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")

@@ -29,7 +29,7 @@ def score_paths(ens: Any, paths: list[Path], batch_size: int = 64, workers: int 
     """Scores (NaN where unreadable) and ``{path: error}``: :meth:`Ensemble.score_files`, which decodes in
     ``workers`` processes and applies the checkpoints' preprocessing (stage 1: ``max_side`` and face crop,
     then each expert's input policy), exactly as stage 5 and the HTTP API do. ``decode="device"``: plain
-    JPEGs are decoded on the device in batches (nvJPEG on a GPU; see :mod:`dfpipe.predict.gpu_decode`)."""
+    JPEGs are decoded on the device in batches (nvJPEG on a GPU; see :mod:`dfpipe.ensemble_predict.gpu_decode`)."""
     scores, errors = ens.score_files(paths, batch_size=batch_size, workers=workers, decode=decode)
     return scores, dict(errors)
 

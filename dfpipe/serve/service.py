@@ -1,7 +1,7 @@
 """What the CLI and the HTTP API share: load the ensemble from its card with one-line errors, check
 and decode uploaded bytes, and a micro-batcher that runs every model call on one worker thread.
 
-Scoring itself is :class:`dfpipe.predict.Ensemble` (``score_images`` / ``score_files`` / ``verdict``),
+Scoring itself is :class:`dfpipe.ensemble_predict.Ensemble` (``score_images`` / ``score_files`` / ``verdict``),
 the same path as the submission; nothing here computes a score. An upload is only decoded here:
 ``Ensemble.score_images`` applies the preprocessing contract read from the checkpoints (stage 1 with its
 face crop, then each expert's input policy: :mod:`dfpipe.data.preprocess`), as every other path does.
@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..data.images import ImageError, decode_image
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
-    from ..predict import Ensemble
+    from ..ensemble_predict import Ensemble
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +57,7 @@ def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto"
     """
     import torch
 
-    from ..predict import Ensemble
+    from ..ensemble_predict import Ensemble
 
     card, models_dir = Path(card), Path(models_dir)
     if not models_dir.is_dir():

@@ -1,6 +1,6 @@
 """Stage 2: generated training images (editing forgeries, widened reals, Stable Diffusion fakes).
 
-Light imports only: ``diffusers``/``torch`` are loaded by :mod:`dfpipe.augment.diffusion` when a
+Light imports only: ``diffusers``/``torch`` are loaded by :mod:`dfpipe.augment_sd.diffusion` when a
 diffusion model is actually configured.
 """
 

@@ -15,9 +15,9 @@ import cv2
 import pandas as pd
 import PIL
 
-from ...config import PrepareConfig
-from ...io import write_csv, write_json
-from ..store import ShardWriter, shard_name
+from ..config import PrepareConfig
+from ..io import write_csv, write_json
+from ..data.store import ShardWriter, shard_name
 from .sources import SPLITS, Item
 
 log = logging.getLogger(__name__)

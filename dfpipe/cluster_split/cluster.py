@@ -29,7 +29,7 @@ def choose_k(feats: np.ndarray, candidates: Sequence[int], seed: int, sample_siz
 
     Candidates are clamped to 2..N-1 (where a silhouette is defined) and deduplicated; ties go to the
     smaller k. With fewer than 3 samples there is nothing to choose: k = 1. ``feats`` may be the features file;
-    ``rows`` selects a subset (see :mod:`dfpipe.split.kmeans`).
+    ``rows`` selects a subset (see :mod:`dfpipe.cluster_split.kmeans`).
     """
     n = n_rows(feats, rows)
     ks = sorted({min(max(int(k), 2), n - 1) for k in candidates}) if n >= 3 else []
@@ -216,7 +216,7 @@ def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence
     ``n_clusters`` 0: k chosen by silhouette among ``k_candidates`` (:func:`select_k`).
 
     ``feats`` holds one row per *original* image (origin != 'aug'), in pool order (an array or stage 3's
-    features file, :class:`dfpipe.split.features.FeatureFile`). With a ``dup_group`` column (stage 1),
+    features file, :class:`dfpipe.cluster_split.features.FeatureFile`). With a ``dup_group`` column (stage 1),
     near-duplicates always share a fold (:func:`settle_near_duplicates`; ``kmeans_cluster`` keeps k-means'
     own id).
     Generated images whose donor would leak into or out of ``val_fold`` are left out

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ...config import PrepareConfig
-from ...errors import DataError
-from ...io import atomic_open, write_csv, write_json
-from ..dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
-from ..store import write_store_record
+from ..config import PrepareConfig
+from ..errors import DataError
+from ..io import atomic_open, write_csv, write_json
+from ..data.dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
+from ..data.store import write_store_record
 from .pool import stage1_of
 from .sources import SPLITS, Collected, Item
 from .work import MANIFEST_COLUMNS, Work, _chunks

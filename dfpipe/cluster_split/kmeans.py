@@ -1,7 +1,7 @@
 """k-means engines for stage 3: scikit-learn on CPU (in memory, or chunked over a features file) and
 torch_kmeans on a torch device (the GPU when there is one).
 
-Features may be an in-memory array or stage 3's features file (:class:`dfpipe.split.features.FeatureFile`,
+Features may be an in-memory array or stage 3's features file (:class:`dfpipe.cluster_split.features.FeatureFile`,
 or a ``np.load(..., mmap_mode="r")`` memmap) of float16 rows; ``rows`` selects a subset (e.g. one class)
 without copying the rest. Which sklearn path runs:
 

@@ -17,7 +17,7 @@ What the loop relies on, and why:
 - The NCE term sees the global batch: :func:`gather_across_ranks` all-gathers features with gradient.
 - Every rank seeds the same way before the model is built, so the model starts identical, and the
   shuffling generator gives every rank the same global order (each takes its own shard, see
-  :class:`~dfpipe.train.sampling.SeededSampler`; augmentation seeds are per sample). The global torch RNG
+  :class:`~dfpipe.train_experts.sampling.SeededSampler`; augmentation seeds are per sample). The global torch RNG
   (dropout) is then re-seeded at each epoch with :func:`rank_seed` (seed, epoch, rank): each rank draws
   its own dropout masks, and a resumed epoch draws the same ones as an uninterrupted run.
 - Params stay equal across ranks (same all-reduced gradient, same optimizer step), so the EMA's

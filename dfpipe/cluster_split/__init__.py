@@ -1,6 +1,6 @@
 """Stage 3: embeddings, k-means, cluster-held-out folds.
 
-``run`` (the stage, :func:`dfpipe.split.pipeline.run`) is imported on first use: it needs torch, which
+``run`` (the stage, :func:`dfpipe.cluster_split.pipeline.run`) is imported on first use: it needs torch, which
 :mod:`.kmeans` and :mod:`.cluster` alone do not.
 """
 

@@ -108,7 +108,7 @@ def sd_batch(pipe: Any, d: DiffusionConfig, srcs: list[np.ndarray], seeds: list[
     """Diffusion fakes for a batch of sources: (fake, mask of the change, params) each.
 
     Sources may differ in size: each fake and mask has its own source's shape (the model runs at a
-    multiple-of-8 working size, see :func:`dfpipe.augment.diffusion.generate`).
+    multiple-of-8 working size, see :func:`dfpipe.augment_sd.diffusion.generate`).
 
     ``prompt_embeds``: see :func:`_prompt_embeds` (None for a pipeline with a text encoder).
     """

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ...config import ConfigError, PrepareConfig
-from ...errors import InputError
-from ..images import scan_folder
-from ..labels import read_labels, read_names
+from ..config import ConfigError, PrepareConfig
+from ..errors import InputError
+from ..data.images import scan_folder
+from ..data.labels import read_labels, read_names
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -258,7 +258,7 @@ def face_hull(points: np.ndarray) -> np.ndarray | None:
     """(K, 2) int32 convex hull of landmark points rounded to pixels (None: fewer than 3, or no area).
 
     The hull of a hull is itself: a manifest row records this hull, and :func:`self_blend` given it again
-    draws the same mask (so :func:`dfpipe.augment.generate.regenerate` needs no landmark detector).
+    draws the same mask (so :func:`dfpipe.augment_sd.generate.regenerate` needs no landmark detector).
     """
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     pts = pts[np.isfinite(pts).all(axis=1)]

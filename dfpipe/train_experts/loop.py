@@ -6,13 +6,13 @@ both what gets evaluated and saved, and the teacher of the KL term; with ``ema_e
 itself is. The best checkpoint (by val AUC of the EMA) is self-describing: backbone, image size, the
 preprocessing contract (:mod:`dfpipe.data.preprocess`) and the resolved config travel with the weights.
 
-Every epoch end also writes ``last.pt`` (see :mod:`dfpipe.train.checkpoint`): a run that is killed
+Every epoch end also writes ``last.pt`` (see :mod:`dfpipe.train_experts.checkpoint`): a run that is killed
 resumes at the next epoch, with the same result as an uninterrupted run, if the expert config and the
 data are unchanged; a run killed mid-epoch restarts that epoch from its beginning. ``patience`` > 0
 stops training after that many epochs without a better val AUC.
 
 The same code runs one process (``python 04_train_experts.py``) or one rank of a DDP run
-(``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train.distributed`. ``batch_size`` is the batch
+(``accelerate launch`` / ``torchrun``): see :mod:`dfpipe.train_experts.distributed`. ``batch_size`` is the batch
 of each process (global = batch_size x N, ``lr`` rescaled from ``lr_ref_batch``); each rank trains on its
 shard of the same seeded epoch order, the NCE term sees the global batch, val predictions of all ranks
 are gathered so val AUC is that of the whole val set, and only rank 0 logs and writes files.
@@ -23,7 +23,7 @@ are gathered so val AUC is that of the whole val set, and only rank 0 logs and w
 (the EMA copy and a DDP wrap included: the override is the expert's), and DDP reduces only the heads'
 gradients (it skips parameters without ``requires_grad``).
 
-Per-epoch logs go through DVCLive (:mod:`dfpipe.train.logs`): ``run_train(cfg, name, live_dir)`` writes
+Per-epoch logs go through DVCLive (:mod:`dfpipe.train_experts.logs`): ``run_train(cfg, name, live_dir)`` writes
 ``<live_dir>/plots/metrics/*.tsv`` (one step per epoch) and ``<live_dir>/metrics.json`` (the best epoch).
 """
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ...config import ConfigError, PrepareConfig
-from ...io import work_dir
-from ..faces import check_face_config
+from ..config import ConfigError, PrepareConfig
+from ..io import work_dir
+from ..data.faces import check_face_config
 from .pool import _decode_all
 from .publish import _publish
 from .sources import SPLITS, collect_items

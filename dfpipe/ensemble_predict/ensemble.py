@@ -205,7 +205,7 @@ class Ensemble:
         returned ``[(path, error)]``. ``degrade`` is passed to :class:`FileDataset`.
 
         ``decode="device"`` (opt-in) has the workers only read the files and decodes the JPEGs that allow
-        it on ``self.device`` (nvJPEG on CUDA), resizing there too (:mod:`dfpipe.predict.gpu_decode`);
+        it on ``self.device`` (nvJPEG on CUDA), resizing there too (:mod:`dfpipe.ensemble_predict.gpu_decode`);
         other files, and every file of a face-crop ensemble or under ``degrade``, go through the workers
         path. Its pixels may differ from the contract's by decoder (IDCT, chroma upsampling) and resize
         filter rounding, hence opt-in: see that module for the measured differences.

@@ -10,7 +10,7 @@
   smoke runs can exercise the real diffusers code path without downloading weights. The stage accepts
   it under the model name :data:`TINY_MODEL`.
 
-Smoke run: ``python -m dfpipe.augment.diffusion --tiny --mode inpaint --out /tmp/sd_smoke.png``.
+Smoke run: ``python -m dfpipe.augment_sd.diffusion --tiny --mode inpaint --out /tmp/sd_smoke.png``.
 """
 
 from __future__ import annotations

@@ -16,12 +16,12 @@ from typing import NamedTuple
 import cv2
 from tqdm import tqdm
 
-from ...config import PrepareConfig
-from ..dedup import hash_image
-from ..faces import FaceResult
-from ..images import ImageError, decode_file
-from ..preprocess import Stage1, stage1_image
-from ..store import ShardWriter, shard_name, stored_bytes
+from ..config import PrepareConfig
+from ..data.dedup import hash_image
+from ..data.faces import FaceResult
+from ..data.images import ImageError, decode_file
+from ..data.preprocess import Stage1, stage1_image
+from ..data.store import ShardWriter, shard_name, stored_bytes
 from .sources import Item
 from .work import Work, _chunks
 

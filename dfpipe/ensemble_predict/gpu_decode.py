@@ -1,6 +1,6 @@
 """Opt-in decoding on the scoring device: ``Ensemble.score_files(..., decode="device")``.
 
-The default path (``decode="workers"``, :class:`dfpipe.predict.ensemble.FileDataset`) decodes every file
+The default path (``decode="workers"``, :class:`dfpipe.ensemble_predict.ensemble.FileDataset`) decodes every file
 with PIL in the DataLoader workers and runs the preprocessing contract (:mod:`dfpipe.data.preprocess`)
 there on the CPU. With ``decode="device"`` the workers only read each file's bytes and check its JPEG
 header; the main process decodes the batch with ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG,
@@ -183,7 +183,7 @@ def _exif_orientation(tiff: bytes) -> int:
 
 # ----------------------------------------------------------------------------- workers: bytes or the CPU path
 class BytesOrFitted(Dataset):
-    """Items of ``fallback`` (a :class:`~dfpipe.predict.ensemble.FileDataset`), or just the file's bytes
+    """Items of ``fallback`` (a :class:`~dfpipe.ensemble_predict.ensemble.FileDataset`), or just the file's bytes
     when the device can decode it (:func:`device_decodable`). Items: ``(kind, payload, index, error,
     reason)`` with kind ``"bytes"`` (payload: 1-D uint8 tensor) or ``"fitted"`` (payload: the fallback's
     ``{policy key: uint8 (S, S, 3)}``; reason: why it is not on the device)."""
@@ -334,7 +334,7 @@ def device_batches(ds, device: torch.device, batch_size: int, workers: int,
                    stats: Counter | None = None) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor],
                                                                     list[tuple[int, str]]]]:
     """``(indices, {policy key: uint8 (B, S, S, 3) on device}, [(index, error)])`` per batch of ``ds`` (a
-    :class:`~dfpipe.predict.ensemble.FileDataset`), decoding on ``device`` what it can (module docstring).
+    :class:`~dfpipe.ensemble_predict.ensemble.FileDataset`), decoding on ``device`` what it can (module docstring).
 
     ``stats`` (optional) counts ``"device"`` (decoded there), ``"cpu: <reason>"`` (sent to the CPU path
     by the header check) and ``"cpu: failed on the device"``; the counts are also logged at the end.
