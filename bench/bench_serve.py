@@ -36,6 +36,7 @@ from dfpipe.config import ExpertConfig  # noqa: E402
 from dfpipe.data.images import decode_image  # noqa: E402
 from dfpipe.data.preprocess import INPUT_MODES, InputPolicy, Preprocess, Stage1  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
+from dfpipe.layout import Layout  # noqa: E402
 from dfpipe.models import build_expert  # noqa: E402
 from dfpipe.ensemble_predict import Ensemble  # noqa: E402
 from dfpipe.train_experts.checkpoint import save_checkpoint  # noqa: E402
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     bodies = [json.dumps({"image": base64.b64encode(b).decode()}).encode() for b in images]
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         if args.models:
-            models, card = Path(args.models), Path(args.card or "submissions/ensemble.json")
+            models, card = Path(args.models), Path(args.card or Layout().card)
         else:
             models, card = random_ensemble(Path(tmp), args.size, Stage1(max_side=args.stage1_max_side),
                                            args.input_mode, tta, args.seed)

@@ -20,13 +20,9 @@ as bench/grid.yaml (its single-source cells are read for the "alone" comparison,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
-
-from dfpipe import harness  # noqa: E402
+from dfpipe import harness  # its import sets the offline env vars (dfpipe.OFFLINE_ENV)
 
 COMMANDS = ("queue", "run", "cell", "table", "readme")
 

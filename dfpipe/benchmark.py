@@ -49,10 +49,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .config import (AugmentConfig, EvalSetConfig, EvaluateConfig, ExpertConfig, PredictConfig, PrepareConfig,
-                     SplitConfig, TrainConfig, from_dict)
+from .config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertConfig, PrepareConfig, TrainConfig,
+                     from_dict, read_params)
 from .errors import ConfigError, InputError, UnknownNameError
 from .io import atomic_open, write_csv, write_json
+from .layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,10 @@ class GridSpec:
     heldout: float = 0.3  # folder sources: share of identities held out (the in-source column)
     split_seed: int = 0  # the train / held-out split of the folder sources (fixed across seeds)
     baseline: str = "baseline"  # the row every other is compared with
-    max_side: int = 0  # stage 1 (prepare.max_side): 0 = every image at native resolution
-    augment: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
-    split: dict[str, Any] = field(default_factory=dict)
-    predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
+    max_side: int = 0  # stage 1 (prepare_data.max_side): 0 = every image at native resolution
+    augment_sd: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
+    cluster_split: dict[str, Any] = field(default_factory=dict)
+    ensemble_predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
     evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateConfig overrides (degradations, bootstrap)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ExpertConfig overrides
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)  # a pass over finished cells
@@ -266,46 +267,63 @@ def _write_labels(path: Path, df: pd.DataFrame) -> None:
     write_csv(path, pd.DataFrame({"img_name": df.img_name, "target": df.label}))
 
 
-def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> dict[str, str]:
-    """Stages 1-3 on the source's training part, or on the training parts of a combined set's sources together,
-    in ``<work>/<name>/``, once (a later call reuses them). Returns the paths."""
-    from . import augment_sd, cluster_split
-    from . import prepare_data
+# The benchmark is a client of the stages: a training set's folder is the layout of the params file with the
+# outputs of SOURCE_STAGES moved under it, a cell's folder the same with CELL_STAGES' outputs moved under the cell
+# (Layout.under), so an output a stage adds to the catalog lands in the cell with no edit here.
+SOURCE_STAGES = ("prepare_data", "augment_sd", "cluster_split")  # once per training set, shared by its cells
+CELL_STAGES = ("train_experts", "ensemble_predict", "evaluate")  # once per cell
 
-    d = work / src.name
-    paths = {"prepared": str(d / "prepared"), "augmented": str(d / "augmented"), "splits": str(d / "splits.csv")}
+
+def source_layout(spec: GridSpec, name: str, work: str | Path) -> Layout:
+    """Where stages 1-3 of training set ``name`` read and write: ``<work>/<name>/`` (its data root: that folder,
+    which holds the label files :func:`prepare_source` writes; image folders are absolute)."""
+    d = Path(work) / name
+    return Layout.load(spec.params).under(d, SOURCE_STAGES, data_root=str(d.resolve()))
+
+
+def cell_layout(spec: GridSpec, name: str, work: str | Path, cell: Path) -> Layout:
+    """A cell's layout: its training set's stages 1-3, stages 4-6 in ``cell``, eval sets under the grid's data
+    root, no test labels (the benchmark's held-out sets are stage 6's)."""
+    return source_layout(spec, name, work).under(cell, CELL_STAGES, data_root=str(Path(spec.data_root).resolve()),
+                                                 test_labels="")
+
+
+def stage_config(spec: GridSpec, stage: str, **over: Any) -> Any:
+    """Stage ``stage``'s settings: params.yaml's section, the grid's overrides of it (checked), then ``over`` (typed
+    values from the benchmark itself)."""
+    return dataclasses.replace(from_dict(STAGE_CONFIGS[stage], _section(spec, stage), f"{spec.params}:{stage}"), **over)
+
+
+def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> Layout:
+    """Stages 1-3 on the source's training part, or on the training parts of a combined set's sources together,
+    in ``<work>/<name>/``, once (a later call reuses them). Returns their layout."""
+    from . import augment_sd, cluster_split, prepare_data
+
+    layout = source_layout(spec, src.name, work)
+    d = Path(work) / src.name
     shared = _shared_settings(spec)
-    if (d / "splits.csv").is_file() and _read_json(d / SHARED_RECORD) == shared:
-        return paths
-    data_root, datasets = (_combined_datasets(src, d) if isinstance(src, TrainingSet)
-                           else _source_datasets(src, d))
-    prepare_data.run(PrepareConfig(data_root=str(data_root), out_dir=paths["prepared"],
-                              report=str(d / "prepare_report.json"), duplicates=str(d / "duplicates.csv"),
-                              max_side=spec.max_side,
-                              datasets=[from_dict(_dataset_cls(), ds, "dataset") for ds in datasets]))
-    augment_sd.run(from_dict(AugmentConfig, {**_section(spec, "augment"), "prepared_dir": paths["prepared"],
-                                          "out_dir": paths["augmented"]}, "augment"))
-    cluster_split.run(from_dict(SplitConfig, {**_section(spec, "split"), "prepared_dir": paths["prepared"],
-                                      "augmented_dir": paths["augmented"], "out_csv": paths["splits"],
-                                      "report": str(d / "cluster_report.json"),
-                                      "features": str(d / "features.npy"),
-                                      "features_index": str(d / "features_index.csv"),
-                                      "contact_sheet": str(d / "cluster_examples.png")}, "split"))
+    if Path(layout.splits).is_file() and _read_json(d / SHARED_RECORD) == shared:
+        return layout
+    datasets = _combined_datasets(src, d) if isinstance(src, TrainingSet) else _source_datasets(src, d)
+    prepare_data.run(PrepareConfig(max_side=spec.max_side,
+                                   datasets=[from_dict(DatasetConfig, ds, "dataset") for ds in datasets]), layout)
+    augment_sd.run(stage_config(spec, "augment_sd"), layout)
+    cluster_split.run(stage_config(spec, "cluster_split"), layout)
     write_json(d / SHARED_RECORD, shared)  # last: it vouches for the folder
-    return paths
+    return layout
 
 
 SHARED_RECORD = "shared.json"
 
 
-def _source_datasets(src: Source, d: Path) -> tuple[Path, list[dict[str, str]]]:
+def _source_datasets(src: Source, d: Path) -> list[dict[str, str]]:
     """Stage 1's input for one source: its training part (``<d>/train_labels.csv``), images under its root."""
     labels = d / "train_labels.csv"
     _write_labels(labels, src.train)
-    return src.root, [{"name": src.name, "split": "train", "images": ".", "labels": str(labels.resolve())}]
+    return [{"name": src.name, "split": "train", "images": str(src.root.resolve()), "labels": str(labels.resolve())}]
 
 
-def _combined_datasets(ts: TrainingSet, d: Path) -> tuple[Path, list[dict[str, str]]]:
+def _combined_datasets(ts: TrainingSet, d: Path) -> list[dict[str, str]]:
     """Stage 1's input for a combined set: one dataset per source (its training part in
     ``<d>/train_labels_<source>.csv``), absolute image folders since each source has its own root. Stage 1 names
     the images ``<source>/<img_name>`` (several datasets feed one split); nothing after stage 5 reads those names:
@@ -316,7 +334,7 @@ def _combined_datasets(ts: TrainingSet, d: Path) -> tuple[Path, list[dict[str, s
         _write_labels(labels, src.train)
         datasets.append({"name": src.name, "split": "train", "images": str(src.root.resolve()),
                          "labels": str(labels.resolve())})
-    return d.resolve(), datasets
+    return datasets
 
 
 def _shared_settings(spec: GridSpec) -> dict[str, Any]:
@@ -326,8 +344,8 @@ def _shared_settings(spec: GridSpec) -> dict[str, Any]:
 
     return json.loads(json.dumps({"max_side": spec.max_side, "store_format": STORE_FORMAT, "heldout": spec.heldout,
                                   "split_seed": spec.split_seed,
-                                  "augment": _omit_later(_section(spec, "augment"), "augment"),
-                                  "split": _omit_later(_section(spec, "split"), "split")}))
+                                  "augment_sd": _omit_later(_section(spec, "augment_sd"), "augment_sd"),
+                                  "cluster_split": _omit_later(_section(spec, "cluster_split"), "cluster_split")}))
 
 
 # Settings added after the benchmark's cells were first cached, each with the value at which it is left out of
@@ -337,8 +355,8 @@ def _shared_settings(spec: GridSpec) -> dict[str, Any]:
 KEY_OMIT_AT: dict[str, dict[str, Any]] = {
     "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
                "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False},  # + the frozen-backbone probe
-    "augment": {"landmarks": "none"},  # self_blend's mask from face landmarks
-    "split": {},
+    "augment_sd": {"landmarks": "none"},  # self_blend's mask from face landmarks
+    "cluster_split": {},
 }
 
 
@@ -364,15 +382,7 @@ def _read_json(path: Path) -> Any:
 
 def _section(spec: GridSpec, name: str) -> dict[str, Any]:
     """A params.yaml section with the grid's overrides (nested mappings are replaced, not merged)."""
-    with open(spec.params, encoding="utf-8") as fh:
-        base = yaml.safe_load(fh)[name]
-    return {**base, **getattr(spec, name)}
-
-
-def _dataset_cls():
-    from .config import DatasetConfig
-
-    return DatasetConfig
+    return {**(read_params(spec.params).get(name) or {}), **getattr(spec, name, {})}
 
 
 def eval_sets(spec: GridSpec, train_src: Source | TrainingSet, sources: dict[str, Source],
@@ -389,11 +399,11 @@ def eval_sets(spec: GridSpec, train_src: Source | TrainingSet, sources: dict[str
 
 
 # ----------------------------------------------------------------------------- one cell
-def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
+def cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
     """8 hex digits of everything a cell's result depends on: a changed recipe, budget, stage-1 setting or store
     format is a new cell (cells of the former uint8-cache stage 1 are never reused); a setting added later at
     its "off" value (:data:`KEY_OMIT_AT`) is not."""
-    key = json.dumps({"expert": _omit_later(dataclasses.asdict(ecfg), "expert"), "predict": spec.predict,
+    key = json.dumps({"expert": _omit_later(dataclasses.asdict(ecfg), "expert"), "predict": spec.ensemble_predict,
                       "evaluate": spec.evaluate,
                       **_shared_settings(spec)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -401,7 +411,7 @@ def _cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
 
 def cell_dir(spec: GridSpec, recipe: str, seed: int, train_source: str, work: str | Path) -> Path:
     """``<work>/<source>/<recipe>_s<seed>_<key>``: one cell's folder (``eval.json`` in it = finished)."""
-    return Path(work) / train_source / f"{recipe}_s{seed}_{_cell_key(spec, recipe_config(spec, recipe, seed))}"
+    return Path(work) / train_source / f"{recipe}_s{seed}_{cell_key(spec, recipe_config(spec, recipe, seed))}"
 
 
 def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, work: str | Path) -> dict | None:
@@ -444,40 +454,29 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
     cell = cell_dir(spec, recipe, seed, train_src.name, work)
     done = cell / "eval.json"
     if done.is_file():  # the scores' path as seen from here (a cell made from another folder stored its own)
-        return {**json.loads(done.read_text()), "scores_csv": str(cell / "scores.csv")}
+        return {**json.loads(done.read_text()), "scores_csv": cell_layout(spec, train_src.name, work, cell).eval_scores}
     code = _process_code_version()
-    paths = prepare_source(spec, train_src, work)
-    tcfg = TrainConfig(splits_csv=paths["splits"], prepared_dir=paths["prepared"], augmented_dir=paths["augmented"],
-                       models_dir=str(cell / "models"), workers=-1, experts={recipe: ecfg})
+    prepare_source(spec, train_src, work)
+    layout = cell_layout(spec, train_src.name, work, cell)
     t0 = time.perf_counter()
-    best, _ = train_expert(tcfg, recipe, history_csv=cell / "history.csv")
+    best, _ = train_expert(TrainConfig(workers=-1, experts={recipe: ecfg}), layout, recipe,
+                           history_csv=cell / "history.csv")
     train_s = time.perf_counter() - t0
-    metrics = _select_and_evaluate(spec, cell, [recipe], paths, train_src, sources, work)
+    metrics = _select_and_evaluate(spec, layout, [recipe], train_src, sources, work)
     result = {"train_source": train_src.name, "recipe": recipe, "seed": seed, "selection_val": best,
-              "train_seconds": train_s, "code": code, "eval": metrics, "scores_csv": str(cell / "scores.csv")}
+              "train_seconds": train_s, "code": code, "eval": metrics, "scores_csv": layout.eval_scores}
     write_json(done, result)
     return result
 
 
-def _select_and_evaluate(spec: GridSpec, cell: Path, experts: list[str], paths: dict[str, str],
-                         train_src: Source | TrainingSet, sources: dict[str, Source], work: Path) -> dict:
-    """Stage 5 over ``<cell>/models/<expert>`` (the val fold: epoch already chosen, thresholds, the card), then
-    stage 6 on the sets no step saw. Returns stage 6's metrics."""
-    from .evaluate import run_evaluate
-    from . import ensemble_predict
+def _select_and_evaluate(spec: GridSpec, layout: Layout, experts: list[str], train_src: Source | TrainingSet,
+                         sources: dict[str, Source], work: Path) -> dict:
+    """Stage 5 over the cell's models (the val fold: epoch already chosen, thresholds, the card), then stage 6 on
+    the sets no step saw. Returns stage 6's metrics."""
+    from . import ensemble_predict, evaluate
 
-    pcfg = from_dict(PredictConfig, {**spec.predict, "prepared_dir": paths["prepared"], "splits_csv": paths["splits"],
-                                     "models_dir": str(cell / "models"), "augmented_dir": paths["augmented"],
-                                     "experts": list(experts), "submission": str(cell / "prediction.txt"),
-                                     "card": str(cell / "ensemble.json"), "metrics": str(cell / "predict.json"),
-                                     "roc": str(cell / "roc.csv"), "roc_png": str(cell / "roc.png"),
-                                     "failures": str(cell / "failures.csv"), "test_labels": ""}, "predict")
-    ensemble_predict.run(pcfg)
-    ev = from_dict(EvaluateConfig, {**spec.evaluate, "card": pcfg.card, "models_dir": pcfg.models_dir,
-                                    "data_root": str(Path(spec.data_root).resolve()),
-                                    "metrics": str(cell / "eval_metrics.json"), "table": str(cell / "eval_table.md"),
-                                    "roc_dir": str(cell / "roc"), "scores": str(cell / "scores.csv")}, "evaluate")
-    return run_evaluate(dataclasses.replace(ev, sets=eval_sets(spec, train_src, sources, work)))
+    ensemble_predict.run(stage_config(spec, "ensemble_predict", experts=list(experts)), layout)
+    return evaluate.run(stage_config(spec, "evaluate", sets=eval_sets(spec, train_src, sources, work)), layout)
 
 
 # ----------------------------------------------------------------------------- ensembles of finished cells
@@ -488,7 +487,7 @@ def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: 
     """``<work>/<source>/ens_<name>_s<seed>_<key>``; the key covers the members' cell folders (their own keys), the
     stage 5 / 6 settings and :data:`ENSEMBLE_FORMAT`, so a changed member makes a new ensemble cell."""
     members = [cell_dir(spec, m, seed, train_source, work).name for m in spec.ensembles[name]]
-    key = json.dumps({"members": members, "predict": spec.predict, "evaluate": spec.evaluate,
+    key = json.dumps({"members": members, "predict": spec.ensemble_predict, "evaluate": spec.evaluate,
                       "format": ENSEMBLE_FORMAT}, sort_keys=True)
     return Path(work) / train_source / f"ens_{name}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -496,7 +495,7 @@ def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: 
 def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
                  work: str | Path) -> dict | None:
     """One ensemble row's cell: the member recipes' finished cells (same training source and seed) combined by
-    stage 5 (``spec.predict``'s combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
+    stage 5 (``spec.ensemble_predict``'s combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
     same sets, through the ensemble card's one scoring path. No training: the members' ``best.pt`` are linked.
 
     None while a member cell is not finished. Cached in the ensemble's folder (``eval.json``), like a cell.
@@ -507,21 +506,22 @@ def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source | Train
     if not all((c / "eval.json").is_file() for c in cells):
         return None
     d = ensemble_dir(spec, name, seed, train_src.name, work)
+    layout = cell_layout(spec, train_src.name, work, d)
     done = d / "eval.json"
     if done.is_file():
-        return {**json.loads(done.read_text()), "scores_csv": str(d / "scores.csv")}
+        return {**json.loads(done.read_text()), "scores_csv": layout.eval_scores}
     log.info("benchmark ensemble %s on %s, seed %d: %s", name, train_src.name, seed, " + ".join(members))
     for member, c in zip(members, cells):
-        link = d / "models" / member / "best.pt"
+        link = Path(layout.models) / member / "best.pt"
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to((c / "models" / member / "best.pt").resolve())
-    paths = prepare_source(spec, train_src, work)  # made by the members' cells: only checked here
+        link.symlink_to((Path(cell_layout(spec, train_src.name, work, c).models) / member / "best.pt").resolve())
+    prepare_source(spec, train_src, work)  # made by the members' cells: only checked here
     t0 = time.perf_counter()
-    metrics = _select_and_evaluate(spec, d, members, paths, train_src, sources, work)
+    metrics = _select_and_evaluate(spec, layout, members, train_src, sources, work)
     result = {"train_source": train_src.name, "recipe": name, "seed": seed, "members": list(members),
-              "score_seconds": time.perf_counter() - t0, "eval": metrics, "scores_csv": str(d / "scores.csv")}
+              "score_seconds": time.perf_counter() - t0, "eval": metrics, "scores_csv": layout.eval_scores}
     write_json(done, result)
     return result
 
@@ -540,14 +540,14 @@ def _robustness_key(r: RobustnessSpec, sets: list[str]) -> str:
 def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet,
                    sources: dict[str, Source], work: str | Path) -> dict | None:
     """Score a finished cell's card (``<cell>/ensemble.json``, ``<cell>/models``) on its cross-source sets, clean and
-    under each of ``spec.robustness.degradations``, through stage 6 (:func:`dfpipe.evaluate.run_evaluate`).
+    under each of ``spec.robustness.degradations``, through stage 6 (:func:`dfpipe.evaluate.run`).
     ``recipe`` may name an ensemble row: its cell (:func:`ensemble_dir`) has the same card and models layout.
 
     No training. Cached in ``<cell>/robustness_<key>.json`` (the key: degradations, bootstrap, sets), so the pass
     resumes and a changed list scores again without touching the cell. None when the grid asks for no pass (no
     degradations, the row not listed, or no cross-source set).
     """
-    from .evaluate import run_evaluate
+    from . import evaluate
 
     r = spec.robustness
     if not r.degradations or (r.recipes and recipe not in r.recipes):
@@ -564,16 +564,13 @@ def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source | T
     record = _read_json(done)
     if record is not None:
         return record
-    d = cell / f"robustness_{key}"
-    ev = from_dict(EvaluateConfig, {**spec.evaluate, "degradations": list(r.degradations), "bootstrap": r.bootstrap,
-                                    "card": str(cell / "ensemble.json"), "models_dir": str(cell / "models"),
-                                    "data_root": str(Path(spec.data_root).resolve()),
-                                    "metrics": str(d / "metrics.json"), "table": str(d / "table.md"),
-                                    "roc_dir": str(d / "roc"), "scores": str(d / "scores.csv")}, "robustness")
+    # the cell's card and models, stage 6's outputs in a folder of the pass's own
+    layout = cell_layout(spec, train_src.name, work, cell).under(cell / f"robustness_{key}", ("evaluate",))
+    ev = stage_config(spec, "evaluate", degradations=list(r.degradations), bootstrap=r.bootstrap, sets=sets)
     log.info("robustness: %s on %s, seed %d: %d cross-source set(s) x (clean + %s)", recipe, train_src.name, seed,
              len(sets), ", ".join(r.degradations))
     t0 = time.perf_counter()
-    metrics = run_evaluate(dataclasses.replace(ev, sets=sets))
+    metrics = evaluate.run(ev, layout)
     record = {"degradations": list(r.degradations), "sets": [s.name for s in sets], "seconds": time.perf_counter() - t0,
               "auc": {s.name: {deg: float(m["auc"]) for deg, m in metrics[s.name].items()} for s in sets}}
     write_json(done, record)  # last: it vouches for the folder
@@ -670,7 +667,8 @@ def single_source_reference(spec: GridSpec, work: str | Path, recipes: list[str]
             for part in parts:
                 result = finished_cell(spec, recipe, seed, part, work)
                 if result is not None and set(spec.sources) <= set(result.get("eval", {})):
-                    cells.append({**result, "scores_csv": str(cell_dir(spec, recipe, seed, part, work) / "scores.csv")})
+                    cells.append({**result, "scores_csv": cell_layout(spec, part, work, cell_dir(spec, recipe, seed, part, work)
+                                                      ).eval_scores})
     if parts:
         log.info("single-source reference: %d finished cell(s) of %s under %s", len(cells), ", ".join(parts), work)
     return cells
@@ -725,7 +723,7 @@ def _tpr(cell: dict, eval_set: str) -> float:
 def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """AUC(a) - AUC(b) on the same images of ``eval_set``, with a paired stratified bootstrap 95% interval
     (each resample weighs the same images for both; vectorised, see :func:`dfpipe.evaluate.weighted_auc`)."""
-    from .evaluate import _resample_counts, weighted_auc
+    from .evaluate import resample_counts, weighted_auc
     from .metrics import roc_auc
 
     a, b = (pd.read_csv(p, keep_default_na=False) for p in (a_csv, b_csv))
@@ -736,7 +734,7 @@ def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, s
     sa, sb = a.score.loc[common].to_numpy(float), b.score.loc[common].to_numpy(float)
     diff = roc_auc(y, sa) - roc_auc(y, sb)
     rng_pos, rng_neg = np.random.default_rng(seed).spawn(2)
-    w_pos, w_neg = _resample_counts(rng_pos, n_boot, int(y.sum())), _resample_counts(rng_neg, n_boot, int((y == 0).sum()))
+    w_pos, w_neg = resample_counts(rng_pos, n_boot, int(y.sum())), resample_counts(rng_neg, n_boot, int((y == 0).sum()))
     boots = (weighted_auc(sa[y == 1], sa[y == 0], w_pos, w_neg) - weighted_auc(sb[y == 1], sb[y == 0], w_pos, w_neg))
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return float(diff), float(lo), float(hi)
@@ -780,7 +778,7 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
         members = "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
         lines += [f"Ensemble rows (no training): {members}"
                   + ", each the members' cells of the same training set and seed combined by stage 5 "
-                  f"({spec.predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
+                  f"({spec.ensemble_predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
     if not single.empty:
         lines += _summary(single, spec)
     lines += _combined_summary(df, _cells_frame(reference or []), spec)

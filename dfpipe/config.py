@@ -101,16 +101,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def load_section(cls: type[T], section: str, params_path: str | Path = "params.yaml") -> T:
-    """Read ``section`` of ``params_path`` into ``cls`` (a frozen dataclass)."""
+def read_params(params_path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole params file as a mapping (a clear error when it is missing)."""
     path = Path(params_path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     with path.open(encoding="utf-8") as fh:
-        params = yaml.safe_load(fh) or {}
+        return yaml.safe_load(fh) or {}
+
+
+def load_section(cls: type[T], section: str, params_path: str | Path = "params.yaml") -> T:
+    """Read ``section`` of ``params_path`` into ``cls`` (a frozen dataclass)."""
+    params = read_params(params_path)
     if section not in params:
-        raise ConfigError(f"{path}: no section '{section}'")
-    return from_dict(cls, params[section] or {}, f"{path}:{section}")
+        raise ConfigError(f"{params_path}: no section '{section}'")
+    return from_dict(cls, params[section] or {}, f"{params_path}:{section}")
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -126,28 +131,19 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Stage 1. Paths inside ``data_root`` are relative to it; ``out_dir`` to the repo root."""
+    """Stage 1 (its files: :class:`dfpipe.layout.Layout`; dataset paths are relative to ``data_root``)."""
 
-    data_root: str = "data/raw"
-    train_labels: str = "trainset_label.txt"
-    train_dir: str = "trainset"
-    val_labels: str = "valset_label.txt"
-    val_dir: str = "valset"
-    test_dir: str = "testset"  # no labels: every image file in it is a test image
-    out_dir: str = "data/prepared"
-    report: str = "data/prepare_report.json"
     max_side: int = 0  # stored images: longer side above this is downscaled (aspect kept); 0 = native resolution
     min_side: int = 16  # images with a smaller side are skipped as junk
     max_pixels: int = 100_000_000  # decompression-bomb guard
     workers: int = 0  # 0 = all cores
     limit: int = 0  # >0: only the first N images of each dataset (smoke runs)
-    duplicates: str = "data/duplicates.csv"  # near-duplicate / leak pairs (a, b, split_a, split_b, distance, ...)
     dup_max_distance: int = 4  # pHash (64-bit) Hamming distance <= this = near duplicate
     face_crop: FaceCrop = "none"  # none | haar: crop each image to its (largest) face before caching
     face_margin: float = 1.3  # square crop side = margin * max(face w, h)
     face_policy: FacePolicy = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
-    datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the competition layout keys above
-    chunk_size: int = 1024  # images per resumable unit of work (committed to <out_dir>.work/)
+    datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the layout's train/val/test entries
+    chunk_size: int = 1024  # images per resumable unit of work (committed to <prepared>.work/)
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -168,8 +164,6 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    prepared_dir: str = "data/prepared"
-    out_dir: str = "data/augmented"
     seed: int = 42
     fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
     methods: dict[str, float] = field(
@@ -188,12 +182,6 @@ class AugmentConfig:
 # --------------------------------------------------------------------------- stage 3
 @dataclass(frozen=True)
 class SplitConfig:
-    prepared_dir: str = "data/prepared"
-    augmented_dir: str = "data/augmented"
-    out_csv: str = "data/splits.csv"
-    report: str = "data/cluster_report.json"
-    features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back in chunks
-    features_index: str = "data/features_index.csv"  # row of features.npy -> uid, img_name, label, origin
     embedder: Embedder = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
@@ -211,7 +199,6 @@ class SplitConfig:
     n_folds: int = 5  # whole clusters packed largest first: each fold ~1/n_folds of each class
     val_fold: int = 0  # a splice whose donor and source straddle this fold is left out of the split
     seed: int = 42
-    contact_sheet: str = "data/cluster_examples.png"  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
     contact_sheet_per_cluster: int = 6
 
 
@@ -264,10 +251,6 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    splits_csv: str = "data/splits.csv"
-    prepared_dir: str = "data/prepared"
-    augmented_dir: str = "data/augmented"
-    models_dir: str = "models"
     workers: int = -1  # -1 = auto (half the cores, at most 8)
     # the command dvc runs 04_train_experts.py with: "python" (one process) or a DDP launcher such as
     # "accelerate launch --multi_gpu --num_processes 8" or "torchrun --nproc-per-node 8"
@@ -278,11 +261,8 @@ class TrainConfig:
 # --------------------------------------------------------------------------- stage 5
 @dataclass(frozen=True)
 class PredictConfig:
-    prepared_dir: str = "data/prepared"
-    splits_csv: str = "data/splits.csv"
-    models_dir: str = "models"
     experts: list[str] = field(default_factory=lambda: ["lite0_a", "lite0_b"])
-    augmented_dir: str = "data/augmented"  # stage-2 output: val-fold generated images for the per-method AUC; "" = skip
+    per_method: bool = True  # also score stage 2's val-fold generated images: AUC per fake method
     # TTA views: identity, hflip, vflip, rot90, rot180, rot270, scale<f> (input at f x the expert's size),
     # and "+"-joined combinations such as "hflip+scale1.25"
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
@@ -291,13 +271,6 @@ class PredictConfig:
     max_fpr: float = 0.01  # "likely fake" threshold: FPR on val at most this
     max_fnr: float = 0.01  # "likely real" threshold: fakes missed on val at most this
     batch_size: int = 64
-    submission: str = "submissions/prediction.txt"
-    metrics: str = "reports/metrics.json"
-    roc: str = "reports/roc.csv"
-    roc_png: str = "reports/roc.png"
-    failures: str = "reports/test_failures.csv"  # test images that failed to decode (img_name, error)
-    card: str = "submissions/ensemble.json"  # experts, TTA, combine, weights, thresholds: for the CLI/API
-    test_labels: str = "data/raw/testset_label_private.txt"  # test labels released later (demo); "" = none
     fallback_score: float = 0.5  # score for a test image that could not be decoded
 
 
@@ -315,19 +288,19 @@ class EvalSetConfig:
 class EvaluateConfig:
     """Stage 6: score held-out labelled sets (and degraded copies) with the ensemble stage 5 wrote."""
 
-    card: str = "submissions/ensemble.json"  # the ensemble (experts, TTA, combine, verdict thresholds)
-    models_dir: str = "models"
-    data_root: str = "data/raw"  # eval set paths are relative to it (a DVC dep: a changed image reruns the stage)
-    sets: list[EvalSetConfig] = field(
-        default_factory=lambda: [EvalSetConfig("demo_test", "testset", "testset_label_private.txt")]
-    )
+    # [] = the data root's test set with its labels (the layout's test_dir, test_labels; skipped with a warning
+    # while the labels are not there)
+    sets: list[EvalSetConfig] = field(default_factory=list)
     # each set is also scored under these (identity always): jpeg<q>, half (downscale to 1/2), blur<sigma>
     degradations: list[str] = field(default_factory=lambda: ["jpeg75", "jpeg50", "half", "blur1"])
     bootstrap: int = 1000  # bootstrap resamples for the AUC 95% interval (0 = no interval)
     seed: int = 0  # bootstrap and degradation randomness
     batch_size: int = 64
     workers: int = -1  # decode processes (-1 = auto)
-    metrics: str = "reports/eval/metrics.json"  # per set (and degradation): auc, ci, ap, tpr@fpr, eer, f1, confusion
-    table: str = "reports/eval/table.md"  # the cross-dataset table, markdown
-    roc_dir: str = "reports/eval/roc"  # roc_<set>.csv per set (dvc plots)
-    scores: str = "reports/eval/scores.csv"  # set, degradation, img_name, label, score: for re-analysis
+
+
+# --------------------------------------------------------------------------- the stages
+# One name per stage: script 0N_<name>.py, this params section, package (or module) dfpipe.<name>, DVC stage <name>.
+STAGE_CONFIGS: dict[str, type] = {"prepare_data": PrepareConfig, "augment_sd": AugmentConfig,
+                                  "cluster_split": SplitConfig, "train_experts": TrainConfig,
+                                  "ensemble_predict": PredictConfig, "evaluate": EvaluateConfig}

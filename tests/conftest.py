@@ -2,8 +2,8 @@
 
 import os
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
+import dfpipe  # noqa: F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import cv2  # noqa: E402
@@ -82,3 +82,13 @@ def expert_description(model, stage1=None, mode: str = "resize") -> dict:
 
     prep = Preprocess(stage1 or Stage1(), InputPolicy(mode, model.img_size), model.mean, model.std)
     return {**model.describe(), "preprocess": prep.to_dict()}
+
+
+def layout_in(root, **entries):
+    """A :class:`~dfpipe.layout.Layout` with every stage's outputs under ``root`` and ``entries`` (inputs such as
+    ``data_root``, or outputs) set as given: what a test runs a stage with."""
+    import dataclasses
+
+    from dfpipe.layout import Layout
+
+    return dataclasses.replace(Layout().under(root), **{k: str(v) for k, v in entries.items()})

@@ -42,9 +42,10 @@ def sd_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
     return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
 
 
-def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig) -> list[str]:
-    """File name of each job's work file: a hash of everything its bytes depend on (never the row index)."""
-    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(cfg.prepared_dir)}
+def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, prepared: str) -> list[str]:
+    """File name of each job's work file: a hash of everything its bytes depend on (never the row index), with
+    ``prepared`` the stage-1 store the sources come from."""
+    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(prepared)}
     d = cfg.diffusion
     sd = {k: v for k, v in asdict(d).items() if k not in ("per_image", "fraction")}
     mates: dict[int, list] = {}

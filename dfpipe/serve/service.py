@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from ..errors import UserError
+from ..layout import Layout
 from ..data.images import ImageError, decode_image
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
@@ -31,8 +32,8 @@ if TYPE_CHECKING:  # torch and the models load only when a command needs them (f
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_CARD = "submissions/ensemble.json"
-DEFAULT_MODELS = "models"
+DEFAULT_CARD = Layout().card  # where stage 5 writes the card and stage 4 the experts: the catalog's defaults
+DEFAULT_MODELS = Layout().models
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 # A server decodes several uploads at once: 50 MP (~150 MB as RGB) bounds each decode's memory.
 DEFAULT_MAX_PIXELS = 50_000_000
