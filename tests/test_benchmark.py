@@ -88,7 +88,7 @@ def test_a_cells_key_follows_the_stage1_settings():
     key = benchmark.cell_key(spec, ecfg)
     assert key == benchmark.cell_key(spec, ecfg) and len(key) == 8
     assert benchmark.cell_key(replace(spec, max_side=512), ecfg) != key
-    assert benchmark._shared_settings(spec)["store_format"] >= 1
+    assert benchmark.shared_settings(spec)["store_format"] >= 1
 
 
 def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkeypatch):
@@ -99,17 +99,17 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     ecfg = recipe_config(spec, "a", 0)
-    key, shared = benchmark.cell_key(spec, ecfg), benchmark._shared_settings(spec)
+    key, shared = benchmark.cell_key(spec, ecfg), benchmark.shared_settings(spec)
     # pretend ExpertConfig grew `loss.ce` and `dropout` and the augment_sd section `seed` after the cells were made
     monkeypatch.setitem(benchmark.KEY_OMIT_AT, "expert", {"loss.ce": ecfg.loss.ce, "dropout": ecfg.dropout})
     monkeypatch.setitem(benchmark.KEY_OMIT_AT, "augment_sd", {"seed": shared["augment_sd"]["seed"]})
-    assert "dropout" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")
-    assert "ce" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")["loss"]
+    assert "dropout" not in benchmark.omit_later(dataclasses.asdict(ecfg), "expert")
+    assert "ce" not in benchmark.omit_later(dataclasses.asdict(ecfg), "expert")["loss"]
     off = benchmark.cell_key(spec, ecfg)
     assert off != key  # the table changes what is hashed ...
     assert benchmark.cell_key(spec, replace(ecfg, dropout=ecfg.dropout + 0.1)) != off  # ... a value other than off counts
     assert benchmark.cell_key(replace(spec, augment_sd={"seed": shared["augment_sd"]["seed"] + 1}), ecfg) != off
-    assert "seed" not in benchmark._shared_settings(spec)["augment_sd"]
+    assert "seed" not in benchmark.shared_settings(spec)["augment_sd"]
 
 
 @pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_more.yaml", "bench/grid_sbi.yaml",
@@ -225,7 +225,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
     runs from the repo root of its (temp) copy with that copy's package first on the path."""
     import yaml
 
-    from dfpipe.benchmark_dvc import CellParams
+    from dfpipe.benchmark.queue import CellParams
 
     fields = [f.name for f in dataclasses.fields(CellParams)]
     params = yaml.safe_load(open("bench/grid/params.yaml"))
@@ -240,7 +240,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
 def test_queue_status_is_read_by_column(monkeypatch):
     from types import SimpleNamespace
 
-    from dfpipe import benchmark_dvc
+    from dfpipe.benchmark import queue as benchmark_dvc
 
     text = ("Task     Name                      Created       Status\n"
             "9945a13  demo-base-s0-666e98ed     09:26 AM      Success\n"
@@ -259,7 +259,7 @@ def test_queue_status_is_read_by_column(monkeypatch):
 def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
     import subprocess
 
-    from dfpipe.benchmark_dvc import _check_tree
+    from dfpipe.benchmark.queue import _check_tree
     from dfpipe.errors import InputError
 
     def git(*args):
@@ -529,7 +529,7 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
     import subprocess
 
     from dfpipe.benchmark import cell_key, grid_cells
-    from dfpipe.benchmark_dvc import exp_name
+    from dfpipe.benchmark.queue import exp_name
 
     spec = load_grid("bench/grid.yaml")
     assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-17a18390"
@@ -543,7 +543,7 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
 
 
 def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
-    from dfpipe.benchmark_dvc import run_cell_stage
+    from dfpipe.benchmark.queue import run_cell_stage
     from dfpipe.errors import UnknownNameError
 
     params = tmp_path / "params.yaml"
@@ -555,7 +555,7 @@ def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's tables
 def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
-    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+    from dfpipe.benchmark.readme import readme_blocks, sync_readme
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "table.md").write_text("intro\n\n### summary (ROC AUC, mean of seeds)\n\n| a | b |\n|---|---|\n"
@@ -576,7 +576,7 @@ def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
 
 def test_the_readmes_benchmark_tables_are_the_grids():
     """Every benchmark number the README shows in a table comes from a grid's table.md, as committed."""
-    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+    from dfpipe.benchmark.readme import readme_blocks, sync_readme
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme_blocks(readme)) >= 1
@@ -590,7 +590,7 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
     import os
     import signal
 
-    from dfpipe.benchmark_dvc import run_past_daemons
+    from dfpipe.benchmark.queue import run_past_daemons
 
     script = f"sleep 600 & echo $! > {tmp_path / 'pid'}; echo started; echo to-stderr >&2"
     res = run_past_daemons(["sh", "-c", script], tmp_path)
@@ -635,14 +635,14 @@ def test_cells_record_the_code_their_process_started_with(monkeypatch):
     records the version it saw first."""
     from dfpipe import benchmark
 
-    benchmark._process_code_version.cache_clear()
+    benchmark.process_code_version.cache_clear()
     try:
-        monkeypatch.setattr(benchmark, "code_version", lambda: "aaaaaaaaaaaa")
-        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
-        monkeypatch.setattr(benchmark, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
-        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "aaaaaaaaaaaa")
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
     finally:
-        benchmark._process_code_version.cache_clear()
+        benchmark.process_code_version.cache_clear()
 
 
 @pytest.mark.parametrize("entry", Layout.entries())

@@ -89,7 +89,7 @@ def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_proces
         assert len(list(cell.glob("robustness_*.json"))) == 1 and (cell / "eval.json").is_file()
     table = (t / "out" / "table.md").read_text()
     assert "### robustness (cross-source ROC AUC under degradations)" in table
-    version = benchmark._process_code_version()  # the code that trained each cell, recorded and counted in the table
+    version = benchmark.process_code_version()  # the code that trained each cell, recorded and counted in the table
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", version) and {c["code"] for c in grid["cells"]} == {version}
     assert f"Code that trained the 2 cells: {version} (2)." in table
     row = next(line for line in table.splitlines() if line.startswith("| base | 2 |"))
@@ -255,7 +255,7 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     (the queue's own overhead); the folders cell trains in the queue."""
     import os
 
-    from dfpipe.benchmark_dvc import exp_name
+    from dfpipe.benchmark.queue import exp_name
 
     t, data, _ = tiny
     repo = tmp_path / "repo"
@@ -387,7 +387,7 @@ def test_a_combined_cells_table(tiny, pair):
 def test_the_cell_stage_runs_a_combined_set(tiny, pair, tmp_path):
     """The DVC ``cell`` stage with ``source: demo+folders`` (what a queued experiment runs): the finished cell and
     its robustness record are reused, the metrics are the combined cell's."""
-    from dfpipe.benchmark_dvc import run_cell_stage
+    from dfpipe.benchmark.queue import run_cell_stage
 
     t, _, _ = tiny
     grid_path, grid, _, _ = pair

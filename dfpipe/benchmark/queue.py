@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from .benchmark import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
+from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
                         run_cell, run_grid, run_robustness, training_set, training_sets)
-from .config import from_dict
-from .errors import ConfigError, InputError, UnknownNameError
-from .io import write_json
+from ..config import from_dict
+from ..errors import ConfigError, InputError, UnknownNameError
+from ..io import write_json
 
 log = logging.getLogger(__name__)
 
