@@ -12,8 +12,15 @@ AugmentConfig, SplitConfig, TrainConfig, PredictConfig, EvaluateConfig); later c
 very object. Calls receiving another object of such a class (a ``dataclasses.replace`` copy...) are counted
 apart (``other_config_calls``). Any object of a class named ``Layout`` counts as the layout.
 
-For each stage and each view (``config``, ``layout``, ``config_or_layout``), from the sequence of matching
-calls in call order:
+Two wider views also follow the *values* read from them (``config_or_values``,
+``config_layout_or_values``): a call counts when an argument is one of the config's (or the first Layout's)
+field values or an item of a list / tuple / dict field, by identity, e.g. ``load(cfg.models_dir)``. Values
+CPython shares between unrelated uses (None, bools, small ints, strings of <= 1 character) cannot be told
+apart by identity and are left out, and a derived value (``Path(cfg.out_dir) / "x"``) is a new object: these
+views are a lower bound of "calls that use the config", closer to following it by hand than ``config``.
+
+For each stage and each view (``config``, ``layout``, ``config_or_layout`` and the two above), from the
+sequence of matching calls in call order:
 
 * ``calls``: the calls (a generator counts once, not at every resume);
 * ``files``: distinct files among them;
@@ -78,8 +85,10 @@ log = logging.getLogger(__name__)
 CONFIG_CLASSES = ("PrepareConfig", "AugmentConfig", "SplitConfig", "TrainConfig", "PredictConfig",
                   "EvaluateConfig")
 LAYOUT_CLASS = "Layout"
-CONFIG, LAYOUT, OTHER_CONFIG = 1, 2, 4  # bits of a recorded call
-VIEWS = {"config": CONFIG, "layout": LAYOUT, "config_or_layout": CONFIG | LAYOUT}
+CONFIG, LAYOUT, OTHER_CONFIG, CONFIG_VALUE, LAYOUT_VALUE = 1, 2, 4, 8, 16  # bits of a recorded call
+VIEWS = {"config": CONFIG, "layout": LAYOUT, "config_or_layout": CONFIG | LAYOUT,
+         "config_or_values": CONFIG | CONFIG_VALUE,
+         "config_layout_or_values": CONFIG | LAYOUT | CONFIG_VALUE | LAYOUT_VALUE}
 MAX_SEQUENCE = 5000  # collapsed runs kept per view in the JSON (the counts always use all of them)
 
 # Runs inside the stage's subprocess: python -c TRACER SPEC_JSON. Kept import-light and defensive: it must
@@ -94,19 +103,36 @@ CFG = frozenset(spec["config_classes"])
 LAYOUT = spec["layout_class"]
 GEN = 0x20 | 0x80 | 0x200  # CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR
 SKIP = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, str, bytes)
-state = {"cfg": None, "cfg_class": None, "layout_seen": False, "dfpipe_calls": 0}
+state = {"cfg": None, "cfg_class": None, "layout": None, "dfpipe_calls": 0}
 codes, code_idx, calls, starts = [], {}, [], {}
+values = {}  # id -> bit of the config's / layout's field values (alive as long as state holds their owner)
+
+def shared(x):  # objects CPython shares between unrelated uses: identity says nothing about them
+    return x is None or type(x) is bool or (type(x) is int and -5 <= x <= 256) or \
+        (type(x) in (str, bytes, tuple, frozenset) and len(x) <= 1)
+
+def register(obj, bit):  # field values of obj and the items of list / tuple / dict fields, one level
+    fields = getattr(obj, "__dataclass_fields__", None)
+    d = {k: getattr(obj, k, None) for k in fields} if fields else dict(getattr(obj, "__dict__", {}))
+    for x in d.values():
+        items = list(x.values()) if type(x) is dict else list(x) if type(x) in (list, tuple) else []
+        for y in [x] + items:
+            if not shared(y):
+                values.setdefault(id(y), bit)
 
 def direct(v):
     name = type(v).__name__
     if name == LAYOUT:
-        state["layout_seen"] = True
+        if state["layout"] is None:
+            state["layout"] = v
+            register(v, 16)
         return 2
     if name in CFG:
         if state["cfg"] is None:  # the first stage-config object seen is "the config"
             state["cfg"], state["cfg_class"] = v, type(v).__module__ + "." + name
+            register(v, 8)
         return 1 if v is state["cfg"] else 4
-    return 0
+    return values.get(id(v), 0)
 
 def match(v):
     bits = direct(v)
@@ -176,7 +202,7 @@ finally:
     wall = time.perf_counter() - t0
     mod = sys.modules.get("dfpipe")
     out = {"exit_code": exit_code, "wall_s": round(wall, 2), "config_class": state["cfg_class"],
-           "layout_seen": state["layout_seen"], "dfpipe_calls": state["dfpipe_calls"],
+           "layout_seen": state["layout"] is not None, "dfpipe_calls": state["dfpipe_calls"],
            "dfpipe_imported_from": getattr(mod, "__file__", None), "codes": codes, "calls": calls}
     tmp = spec["result"] + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -335,10 +361,9 @@ def trace_stage(repo: Path, script: Path, argv: list[str], python: str, timeout:
     if not imported.startswith(str(repo / "dfpipe")):
         raise DataError(f"{script}: dfpipe was imported from {imported or 'nowhere'}, not from {repo}")
     res = {"script": script.name, "argv": argv, **analyse(raw), "subprocess_s": round(time.perf_counter() - t0, 1)}
-    log.info("%s: exit %d, config %s calls / %s files / %s returns (config or layout: %s / %s / %s), %.0f s",
-             script.name, res["exit_code"], res["config"]["calls"], res["config"]["files"],
-             res["config"]["returns"], res["config_or_layout"]["calls"], res["config_or_layout"]["files"],
-             res["config_or_layout"]["returns"], res["subprocess_s"])
+    log.info("%s: exit %d, calls / files / returns: %s, %.0f s", script.name, res["exit_code"],
+             "; ".join(f"{v} {res[v]['calls']} / {res[v]['files']} / {res[v]['returns']}" for v in VIEWS),
+             res["subprocess_s"])
     return res
 
 
@@ -367,6 +392,8 @@ def main(args: argparse.Namespace) -> None:
             "returns": "times the call sequence enters a file it had left earlier (A B A = 1)",
             "functions": "distinct functions among those calls",
             "first_call_returns": "returns over the functions in first-call order (loops do not count)",
+            "config_or_values": "calls receiving the config or one of its field values (identity; not None, "
+                                "bools, small ints, 1-character strings), or an object holding one",
             "from_entry": "the same, from the first such call made by the stage script itself (its run)",
             "sequence": "[file, consecutive calls] runs of the call sequence",
         },
