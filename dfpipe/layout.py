@@ -96,7 +96,17 @@ class Layout:
                 moved[name] = str(Path(root) / p.relative_to(p.anchor) if p.is_absolute() else Path(root) / p)
         return dataclasses.replace(self, **moved, **inputs)
 
+    def outputs(self) -> list[str]:
+        """Every path the DAG writes, in stage order."""
+        return [getattr(self, name) for stage in STAGES for name in self.entries(stage)]
+
     def data(self, name: str) -> str:
         """An input entry inside ``data_root`` as a path (``""`` stays ``""``: not given)."""
         value = getattr(self, name)
         return str(Path(self.data_root) / value) if value else ""
+
+
+if __name__ == "__main__":  # python -m dfpipe.layout [params.yaml]: the outputs of the catalog, one per line
+    import sys
+
+    print("\n".join(Layout.load(*sys.argv[1:2]).outputs()))

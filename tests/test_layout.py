@@ -98,3 +98,19 @@ def test_expert_presets_show_only_what_differs_and_dvc_sees_the_whole_expert():
     assert {k for k in a if a[k] != b[k]} == {"img_size", "seed"}
     raw = yaml.safe_load(text)["train_experts"]["experts"]
     assert set(raw["lite0_b"]) == set(raw["lite0_a"])  # merged: every key spelled out for DVC's params check
+
+
+def test_outputs_lists_every_written_path_once_in_stage_order():
+    """``python -m dfpipe.layout`` (make clean-outputs) removes what the DAG writes and nothing else: never an
+    input, never the committed benchmark reports beside reports/eval."""
+    import subprocess
+    import sys
+
+    outs = Layout().outputs()
+    assert len(outs) == len(set(outs)) == len(Layout.entries()) - len(Layout.entries(INPUT))
+    assert outs[0] == Layout().prepared and outs[-1] == Layout().eval_scores
+    assert not set(outs) & {getattr(Layout(), n) for n in Layout.entries(INPUT)}
+    assert not any(o in ("reports", "reports/bench", "reports/benchmark", "data") for o in outs)
+    printed = subprocess.run([sys.executable, "-m", "dfpipe.layout", str(PARAMS)], capture_output=True, text=True,
+                             check=True, cwd=REPO).stdout.split()
+    assert printed == outs
