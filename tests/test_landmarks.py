@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from skimage import data
 
+from conftest import layout_in
 from dfpipe.augment_sd import editing
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.editing import MASK_GRID, face_hull, landmark_mask, self_blend
@@ -168,22 +169,23 @@ def test_landmark_mask_work_follows_the_face_not_the_image(monkeypatch):
 def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
     assert lmk.LANDMARKERS == ("none", "mediapipe")
     with pytest.raises(ConfigError, match="did you mean 'mediapipe'"):
-        from_dict(AugmentConfig, {"landmarks": "mediapip"}, "params.yaml:augment")
+        from_dict(AugmentConfig, {"landmarks": "mediapip"}, "params.yaml:augment_sd")
     lmk.check_landmarker("none")
     with pytest.raises(ConfigError, match="choose one of"):
         lmk.check_landmarker("dlib")
     lmk.get_landmarker.cache_clear()
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # `import mediapipe` fails as when not installed
     try:
-        with pytest.raises(ConfigError, match=r"'mediapipe' is not installed.*--no-deps mediapipe==0.10.21"):
+        with pytest.raises(ConfigError, match=r"augment_sd\.landmarks: mediapipe: the package 'mediapipe' is not "
+                                              r"installed.*--no-deps mediapipe==0.10.21.*set augment_sd\.landmarks"):
             lmk.check_landmarker("mediapipe")
         with pytest.raises(ConfigError, match="not installed"):
             lmk.face_landmarks(np.zeros((64, 64, 3), np.uint8), "mediapipe")
         # the stage refuses before writing anything
         out = tmp_path / "aug"
         with pytest.raises(ConfigError, match="mediapipe"):
-            run_augment(AugmentConfig(prepared_dir=str(make_store(tmp_path / "prep", [data.astronaut()])),
-                                      out_dir=str(out), landmarks="mediapipe", workers=1))
+            run_augment(AugmentConfig(landmarks="mediapipe", workers=1),
+                        layout_in(tmp_path, prepared=make_store(tmp_path / "prep", [data.astronaut()]), augmented=out))
         assert not out.exists()
         # a release without the legacy solutions (0.10.30 and later)
         newer = types.ModuleType("mediapipe")
@@ -294,9 +296,9 @@ def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_pat
     prep = make_store(tmp_path / "prep", images)
     monkeypatch.setattr(pipeline, "MIN_JOBS_PER_WORKER", 1)
     out = tmp_path / "aug"
-    run_augment(AugmentConfig(prepared_dir=str(prep), out_dir=str(out), seed=1, fakes_per_real=2.0,
-                              methods={"self_blend": 1.0}, contact_sheet_per_method=1, landmarks="mediapipe",
-                              workers=workers))
+    cfg = AugmentConfig(seed=1, fakes_per_real=2.0, methods={"self_blend": 1.0}, contact_sheet_per_method=1,
+                        landmarks="mediapipe", workers=workers)
+    run_augment(cfg, layout_in(tmp_path, prepared=prep, augmented=out))
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert len(man) == 8
     shapes = {}
@@ -312,18 +314,17 @@ def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_pat
 
 
 def test_work_files_of_self_blend_depend_on_the_detector(tmp_path):
-    """A run resumed with another ``augment.landmarks`` remakes the self-blends, and only them."""
+    """A run resumed with another ``augment_sd.landmarks`` remakes the self-blends, and only them."""
     from dfpipe.augment_sd.plan import plan_jobs
     from dfpipe.augment_sd.sources import load_reals
     from dfpipe.augment_sd.work import work_names
 
     prep = make_store(tmp_path / "prep", [data.astronaut(), data.astronaut()[::-1].copy(), data.coffee()])
     reals = load_reals(str(prep))
-    base = AugmentConfig(prepared_dir=str(prep), out_dir=str(tmp_path / "aug"), fakes_per_real=3.0,
-                         methods={"self_blend": 1.0, "splice": 1.0})
+    base = AugmentConfig(fakes_per_real=3.0, methods={"self_blend": 1.0, "splice": 1.0})
     jobs = plan_jobs(base, len(reals))
-    plain = work_names(jobs, reals, base)
-    lm = work_names(jobs, reals, dataclasses.replace(base, landmarks="mediapipe"))
+    plain = work_names(jobs, reals, base, str(prep))
+    lm = work_names(jobs, reals, dataclasses.replace(base, landmarks="mediapipe"), str(prep))
     assert {j.method for j in jobs} == {"self_blend", "splice"}
     for j, a, b in zip(jobs, plain, lm):
         assert (a != b) == (j.method == "self_blend"), j

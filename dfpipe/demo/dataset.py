@@ -238,7 +238,7 @@ def auc_by_kind(root: str | Path, prediction_csv: str | Path, split: str = "test
     Uses ``demo_manifest.csv`` (the kind of every image) so one can see how a model does on the kind
     it never trained on (``upsample`` in test). Names missing from the submission are an error.
     """
-    from .metrics import roc_auc
+    from ..metrics import roc_auc
 
     man = pd.read_csv(Path(root) / "demo_manifest.csv", dtype={"img_name": str})
     man = man[man.split == split]
