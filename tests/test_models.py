@@ -297,8 +297,8 @@ def test_expert_from_description_takes_normalisation_from_it():
 def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(KeyError, match="already registered"):
         EXPERTS.register("timm")(lambda cfg: None)
-    with pytest.raises(KeyError, match="registered"):
-        build_expert(ExpertConfig(pretrained="none"), arch="no_such_arch")
+    with pytest.raises(KeyError, match=r"unknown expert 'tim'; choose one of \['npr', 'timm'\] \(did you mean 'timm'\?\)"):
+        build_expert(ExpertConfig(pretrained="none"), arch="tim")
 
 
 def test_params_choose_arch_and_dropout():

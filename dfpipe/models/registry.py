@@ -1,4 +1,4 @@
-"""Expert (real/fake classifier) registry, DeepfakeBench style: ``@EXPERTS.register("timm")``.
+"""Experts (real/fake classifiers), registered by name in :data:`dfpipe.registry.EXPERTS`: ``@EXPERTS.register("timm")``.
 
 An expert is a timm backbone giving pooled features plus a 2-way head (class 1 = fake). It describes
 itself (``describe()``), so a checkpoint holding that description and a state_dict can be rebuilt with
@@ -9,58 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ExpertConfig
-from ..errors import UnknownNameError
+from ..registry import EXPERTS, Registry  # noqa: F401  (Registry: re-exported, it lived here)
 from .info import InfoHeads
 from .pretrained import create_backbone, normalization
 
 log = logging.getLogger(__name__)
 
-FnT = TypeVar("FnT", bound=Callable[..., Any])
-
 NUM_CLASSES = 2  # 0 = real, 1 = fake
 DEFAULT_DROPOUT = ExpertConfig.dropout
 
 
-class Registry:
-    """Name -> builder. Registering a taken name is an error, so two modules cannot silently collide."""
-
-    def __init__(self, kind: str = "expert") -> None:
-        self.kind = kind
-        self._items: dict[str, Callable[..., Any]] = {}
-
-    def register(self, name: str) -> Callable[[FnT], FnT]:
-        def deco(fn: FnT) -> FnT:
-            if name in self._items:
-                raise KeyError(f"{self.kind} {name!r} is already registered")
-            self._items[name] = fn
-            return fn
-
-        return deco
-
-    def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._items:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}")
-        return self._items[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-
-EXPERTS = Registry("expert")
 
 
 class Expert(nn.Module):
