@@ -11,18 +11,35 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
 from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: re-exported, it lived here)
+from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, Registry
 
 T = TypeVar("T")
 
-# Choices, declared once: the stage modules derive their tuples from these (typing.get_args).
-FaceCrop = Literal["none", "haar"]
+
+@dataclass(frozen=True)
+class RegistryChoice:
+    """Marks a ``str`` setting whose value must be a name of ``registry`` (or ``"none"`` when ``none``): the
+    choices are read from the registry when params load, so registering a new entry makes it selectable."""
+
+    registry: Registry
+    none: bool = False  # "none" (off) is a valid value too
+
+    def choices(self) -> list[str]:
+        return ["none", *self.registry.names()] if self.none else self.registry.names()
+
+
+# Choices, declared once. A Literal's: the stage modules derive their tuples from it (typing.get_args). A
+# RegistryChoice's: the names registered in a dfpipe.registry registry, read when params load.
+FaceCrop = Annotated[str, RegistryChoice(FACE_DETECTORS, none=True)]  # dfpipe.data.faces
 FacePolicy = Literal["whole", "largest", "skip"]
-Landmarker = Literal["none", "mediapipe"]  # see dfpipe.data.landmarks
+Landmarker = Annotated[str, RegistryChoice(LANDMARKERS, none=True)]  # dfpipe.data.landmarks
+EditingMethod = Annotated[str, RegistryChoice(EDITING_METHODS)]  # dfpipe.augment_sd.editing
+ExpertArch = Annotated[str, RegistryChoice(EXPERTS)]  # dfpipe.models
 DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Embedder = Literal["pretrained", "finetune"]
@@ -38,6 +55,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from YAML) to the annotated type ``tp``; raise ConfigError on mismatch."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        choice = next((m for m in tp.__metadata__ if isinstance(m, RegistryChoice)), None)
+        value = _coerce(value, args[0], where)
+        if choice is None or (choice.none and value == "none"):  # "none" (off) needs no registry loaded
+            return value
+        if value not in (allowed := choice.choices()):
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {allowed}{did_you_mean(value, allowed)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -63,8 +88,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        val_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+        key_tp, val_tp = args if len(args) == 2 else (Any, Any)
+        keys = [str(k) if key_tp in (str, Any) else _coerce(k, key_tp, where) for k in value]
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in zip(keys, value.values())}
     if tp is Any:
         return value
     if origin is Literal:
@@ -85,7 +111,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the RegistryChoice markers
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -166,7 +192,7 @@ class DiffusionConfig:
 class AugmentConfig:
     seed: int = 42
     fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
-    methods: dict[str, float] = field(
+    methods: dict[EditingMethod, float] = field(
         default_factory=lambda: {"self_blend": 1.0, "splice": 1.0, "copy_move": 0.0, "inpaint": 0.0,
                                  "upsample": 0.0, "jpeg_double": 0.0}
     )  # method name -> sampling weight (0 = off)
@@ -214,7 +240,7 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    arch: str = "timm"  # builder in dfpipe.models.EXPERTS
+    arch: ExpertArch = "timm"  # an Expert registered in dfpipe.models.EXPERTS: timm | npr
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     # true: a probe on frozen features (UnivFD, Ojha et al. 2023): the backbone keeps its pretrained weights and

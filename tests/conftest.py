@@ -76,12 +76,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def expert_description(model, stage1=None, mode: str = "resize") -> dict:
-    """A checkpoint description as training writes it: the model's own plus its preprocessing record."""
-    from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
+def save_expert_checkpoint(path, model, cfg=None, stage1=None, name: str = "m", metrics: dict | None = None) -> None:
+    """``model`` saved as training saves ``best.pt``: its description (with its input contract), ``stage1``
+    (default: stage 1's defaults), the training config ``cfg`` (default: ExpertConfig's defaults)."""
+    from dfpipe.config import ExpertConfig
+    from dfpipe.data.preprocess import Stage1
+    from dfpipe.train_experts.checkpoint import save_checkpoint
 
-    prep = Preprocess(stage1 or Stage1(), InputPolicy(mode, model.img_size), model.mean, model.std)
-    return {**model.describe(), "preprocess": prep.to_dict()}
+    save_checkpoint(path, model, stage1 or Stage1(), cfg or ExpertConfig(), name, metrics or {})
 
 
 def layout_in(root, **entries):

@@ -167,13 +167,13 @@ def test_landmark_mask_work_follows_the_face_not_the_image(monkeypatch):
 
 # --------------------------------------------------------------------------- configuration and errors
 def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
-    assert lmk.LANDMARKERS == ("none", "mediapipe")
-    with pytest.raises(ConfigError, match="did you mean 'mediapipe'"):
+    assert lmk.LANDMARKERS.names() == ["mediapipe"]  # the config adds "none"
+    with pytest.raises(ConfigError, match=r"choose one of \['none', 'mediapipe'\] \(did you mean 'mediapipe'\?\)"):
         from_dict(AugmentConfig, {"landmarks": "mediapip"}, "params.yaml:augment_sd")
     lmk.check_landmarker("none")
     with pytest.raises(ConfigError, match="choose one of"):
         lmk.check_landmarker("dlib")
-    lmk.get_landmarker.cache_clear()
+    lmk.LANDMARKERS.clear_cache()
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # `import mediapipe` fails as when not installed
     try:
         with pytest.raises(ConfigError, match=r"augment_sd\.landmarks: mediapipe: the package 'mediapipe' is not "
@@ -196,7 +196,25 @@ def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
         with pytest.raises(ConfigError, match=r"mediapipe 1.2.3 has no Face Mesh.*mediapipe==0.10.21"):
             lmk.check_landmarker("mediapipe")
     finally:
-        lmk.get_landmarker.cache_clear()
+        lmk.LANDMARKERS.clear_cache()
+
+
+def test_a_registered_landmarker_is_selectable_and_built_once():
+    class Fixed:  # five points, wherever the face is
+        def detect(self, img):
+            return np.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], np.float32)
+
+    lmk.register_landmarker("fixed", Fixed)
+    try:
+        assert from_dict(AugmentConfig, {"landmarks": "fixed"}, "a").landmarks == "fixed"
+        lmk.check_landmarker("fixed")
+        pts = lmk.face_landmarks_batch([np.zeros((8, 8, 3), np.uint8)] * 2, "fixed")
+        assert len(pts) == 2 and pts[0].shape == (5, 2)
+        assert lmk.get_landmarker("fixed") is lmk.get_landmarker("fixed")
+    finally:
+        lmk.LANDMARKERS.unregister("fixed")
+    with pytest.raises(ConfigError, match="'fixed' is not allowed"):
+        from_dict(AugmentConfig, {"landmarks": "fixed"}, "a")
 
 
 def test_edit_one_records_which_mask_was_used(astronaut, face_box, monkeypatch):

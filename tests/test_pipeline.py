@@ -133,9 +133,9 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
     t, layout, _, _ = run
     ckpt = torch.load(out(t, layout, "models") / "a" / "best.pt", map_location="cpu", weights_only=True)
     d = ckpt["description"]
-    assert d["img_size"] == 64 and len(d["mean"]) == 3
-    assert d["preprocess"]["input"] == {"mode": "crop", "size": 64} and d["preprocess"]["stage1"]["max_side"] == 0
-    assert d["preprocess"]["mean"] == d["mean"]
+    assert d["input"] == {"size": 64, "mode": "crop", "mean": [0.5] * 3, "std": [0.5] * 3}  # stored once
+    assert ckpt["stage1"]["max_side"] == 0 and ckpt["format"] == 2
+    assert "img_size" not in ckpt["config"] and "input_mode" not in ckpt["config"]
     assert ckpt["config"]["loss"]["kl"] == 0.5
     from test_train import live_history
 

@@ -5,14 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import expert_description
+from conftest import save_expert_checkpoint
 from dfpipe.config import ExpertConfig
 from dfpipe.data.preprocess import Stage1
 from dfpipe.data.store import write_png_shard, write_store_record
 from dfpipe.models import build_expert
 from dfpipe.ensemble_predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
                             parse_view)
-from dfpipe.train_experts.loop import save_checkpoint
 
 
 def test_combine_scores_hand_values():
@@ -53,10 +52,10 @@ def test_check_submission_refuses_wrong_names_and_scores():
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = build_expert(ExpertConfig(pretrained="none", img_size=32)).eval()
-    desc = expert_description(model)
+    cfg = ExpertConfig(pretrained="none", img_size=32)
+    model = build_expert(cfg).eval()
     path = tmp_path / "m" / "best.pt"
-    save_checkpoint(path, model, desc, ExpertConfig(img_size=32), "m", {"auc": 0.5})
+    save_expert_checkpoint(path, model, cfg, metrics={"auc": 0.5})
     return path, model
 
 
@@ -66,7 +65,8 @@ def test_load_expert_restores_the_weights(checkpoint):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x)["prob"], model(x)["prob"])
-    assert loaded.description["preprocess"]["input"] == {"mode": "resize", "size": 32}
+    assert loaded.description["input"] == {"size": 32, "mode": "resize", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert loaded.preprocess.input is loaded.model.input and loaded.preprocess.stage1 == Stage1()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -208,9 +208,8 @@ def _fake_stage_outputs(t, rng):
     splits.to_csv(t / "splits.csv", index=False)
     for name, size, mode in (("a", 32, "resize"), ("b", 24, "crop")):  # two sizes, two input policies
         torch.manual_seed(size)
-        model = build_expert(ExpertConfig(pretrained="none", img_size=size)).eval()
-        save_checkpoint(t / "models" / name / "best.pt", model, expert_description(model, mode=mode),
-                        ExpertConfig(img_size=size, input_mode=mode), name, {})
+        cfg = ExpertConfig(pretrained="none", img_size=size, input_mode=mode)
+        save_expert_checkpoint(t / "models" / name / "best.pt", build_expert(cfg).eval(), cfg, name=name)
     return prep, aug, test_imgs
 
 

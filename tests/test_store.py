@@ -2,6 +2,7 @@
 
 import io
 import pickle
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,8 @@ from dfpipe.config import PrepareConfig
 from dfpipe.data.dataset import StoreDataset
 from dfpipe.data.images import decode_image
 from dfpipe.prepare_data import run
-from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1, downscale, fit, scoring_image
+from dfpipe.data.preprocess import (InputPolicy, InputSpec, Preprocess, Stage1, downscale, fit, scoring_image,
+                                    stage1_from_dict)
 from dfpipe.data.samples import load_pool
 from dfpipe.data.store import ShardWriter, StoreReader, read_store_record, stored_bytes, write_png_shard
 from dfpipe.errors import DataError, InputError
@@ -177,13 +179,15 @@ def test_scoring_image_applies_stage1_as_prepare_does(tmp_path, rng):
     np.testing.assert_array_equal(scoring_image(decode_image(path), read_store_record(layout.prepared)), stored)
 
 
-def test_preprocess_record_round_trips_and_rejects_unknown_keys():
-    rec = Preprocess(Stage1(max_side=512, face_crop="haar"), InputPolicy("crop", 224), (0.1, 0.2, 0.3), (1, 1, 1))
-    assert Preprocess.from_dict(pickle.loads(pickle.dumps(rec.to_dict()))) == rec
-    d = rec.to_dict()
-    d["input"]["jitter"] = 1
-    with pytest.raises(DataError, match="unknown InputPolicy keys"):
-        Preprocess.from_dict(d)
+def test_preprocess_records_round_trip_and_reject_unknown_keys():
+    s1, spec = Stage1(max_side=512, face_crop="haar"), InputSpec(224, "crop", (0.1, 0.2, 0.3), (1, 1, 1))
+    assert stage1_from_dict(pickle.loads(pickle.dumps(asdict(s1)))) == s1
+    assert InputSpec.from_dict(pickle.loads(pickle.dumps(spec.to_dict()))) == spec
+    assert Preprocess(s1, spec).input.policy == InputPolicy("crop", 224)  # the policy is a view of the spec
+    with pytest.raises(DataError, match=r"best\.pt: InputSpec record with unknown keys \['jitter'\]"):
+        InputSpec.from_dict({**spec.to_dict(), "jitter": 1}, "best.pt")
+    with pytest.raises(DataError, match=r"best\.pt: Stage1 record with unknown keys \['face'\]"):
+        stage1_from_dict({"face": "haar"}, "best.pt")
 
 
 # --------------------------------------------------------------------------- the pool of stages 3-5

@@ -401,13 +401,14 @@ def test_sampler_rejects_bad_shards():
 
 def test_checkpoints_are_byte_reproducible(tmp_path):
     """The same checkpoint saved twice gives the same bytes (stable DVC hashes across runs)."""
+    from dfpipe.data.preprocess import Stage1
     from dfpipe.models import build_expert
     from dfpipe.train_experts.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_expert(ExpertConfig(pretrained="none", img_size=32))
     for name in ("a", "b"):
-        save_checkpoint(tmp_path / name / "best.pt", model, model.describe(), ExpertConfig(), "x", {"auc": 0.5})
+        save_checkpoint(tmp_path / name / "best.pt", model, Stage1(), ExpertConfig(), "x", {"auc": 0.5})
     assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
     assert not list(tmp_path.rglob("*.tmp"))
 

@@ -155,7 +155,6 @@ def test_each_epoch_covers_every_training_sample_once_across_ranks(ddp_run):
 
 def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     from dfpipe.data.dataset import StoreDataset
-    from dfpipe.data.preprocess import InputPolicy
     from dfpipe.data.samples import load_split_pool
     from dfpipe.models import expert_from_description
     from dfpipe.train_experts.loop import predict_probs
@@ -176,7 +175,7 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     ckpt = torch.load(ddp_run / "models_a" / "e" / "best.pt", map_location="cpu", weights_only=False)
     model = expert_from_description(ckpt["description"])
     model.load_state_dict(ckpt["state_dict"])
-    policy = InputPolicy(**ckpt["description"]["preprocess"]["input"])  # the contract the checkpoint carries
+    policy = model.input.policy  # the contract the checkpoint carries
     loader = torch.utils.data.DataLoader(StoreDataset(val_df, [policy]), batch_size=4)
     probs = predict_probs(model, loader, torch.device("cpu"))
     gathered = np.asarray(recs[0]["val"][metrics["epoch"] - 1][1])

@@ -11,7 +11,8 @@ Every method has the signature ``fn(img, rng, donor) -> (fake, mask, params)``:
              stage saves is the exact same mask;
 * ``params`` JSON-serialisable dict of what was sampled (for reports, not needed to regenerate).
 
-Methods are registered by name in :data:`METHODS`. The self-blend idea follows Shiohara & Yamasaki,
+Methods are registered by name in :data:`METHODS` (:data:`dfpipe.registry.EDITING_METHODS`; a method registered
+there is a valid ``augment_sd.methods`` key). The self-blend idea follows Shiohara & Yamasaki,
 "Detecting Deepfakes with Self-Blended Images" (CVPR 2022): blending an image with a slightly altered
 copy of itself leaves the blending-boundary and statistics traces that real face swaps leave, without
 needing a second identity.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from ..errors import ConfigError
+from ..registry import EDITING_METHODS
 
 EditFn = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, dict]]
 
@@ -586,14 +587,13 @@ def jpeg_double(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | N
     return fake, mask, {"mask": p_mask, "quality": quality, "grid_offset": [ox, oy]}
 
 
-METHODS: dict[str, EditFn] = {
-    "self_blend": self_blend,
-    "splice": splice,
-    "copy_move": copy_move,
-    "inpaint": inpaint,
-    "upsample": upsample,
-    "jpeg_double": jpeg_double,
-}
+METHODS = EDITING_METHODS  # name -> EditFn, read like a dict (METHODS[name], sorted(METHODS), METHODS.items())
+METHODS.register("self_blend", self_blend)
+METHODS.register("splice", splice)
+METHODS.register("copy_move", copy_move)
+METHODS.register("inpaint", inpaint)
+METHODS.register("upsample", upsample)
+METHODS.register("jpeg_double", jpeg_double)
 # Methods whose third argument must be another real image.
 NEEDS_DONOR = frozenset({"splice"})
 # Methods that take face landmarks (keyword ``landmarks``, (N, 2) pixels or None) for their mask.
@@ -601,8 +601,5 @@ USES_LANDMARKS = frozenset({"self_blend"})
 
 
 def get_method(name: str) -> EditFn:
-    """The editing function called ``name``; a clear error lists the valid names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown editing method {name!r}; valid: {sorted(METHODS)}") from None
+    """The editing function called ``name``; an unknown name is an UnknownNameError listing the valid ones."""
+    return METHODS.get(name)

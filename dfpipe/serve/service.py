@@ -101,7 +101,7 @@ def check_servable(ens: Ensemble, card: str | Path) -> None:
 
 _RANK_REFUSED = ("{card}: combine 'rank' cannot be served: it scores an image by its rank among the images scored "
                  "with it, so one request's score would depend on other requests in the same batch. Re-run stage 5 "
-                 "with predict.combine: mean_prob, mean_logit or stack (in params.yaml, then dvc repro "
+                 "with ensemble_predict.combine: mean_prob, mean_logit or stack (in params.yaml, then dvc repro "
                  "ensemble_predict) and serve the new card")
 
 

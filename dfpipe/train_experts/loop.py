@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..config import ExpertConfig, TrainConfig
 from ..data.dataset import StoreDataset
-from ..data.preprocess import InputPolicy, Preprocess
+from ..data.preprocess import InputPolicy
 from ..data.samples import load_split_pool
 from ..data.store import read_store_record
 from ..data.transforms import seed_worker, to_model_input, train_augment
@@ -152,9 +152,9 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
     out_dir = Path(layout.models) / name
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    # the preprocessing contract: stage 1's record + this expert's input policy + its normalisation
-    prep = Preprocess(read_store_record(layout.prepared), input_policy(ecfg), model.mean, model.std)
-    desc = {**model.describe(), "preprocess": prep.to_dict()}
+    # the preprocessing contract: stage 1's record + the expert's input contract (model.input)
+    stage1 = read_store_record(layout.prepared)
+    desc = {**model.describe(), "stage1": dataclasses.asdict(stage1)}  # what best.pt describes
     key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc),
            "world": acc.num_processes}  # N processes: another global batch, lr and EMA decay, so another run
     history, best, first = [], {"auc": -1.0}, 1
@@ -180,7 +180,7 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
         if val["auc"] > best["auc"]:
             best = {**val, "epoch": epoch}
             if main:
-                save_checkpoint(out_dir / "best.pt", evaluated, desc, ecfg, name, best)
+                save_checkpoint(out_dir / "best.pt", evaluated, stage1, ecfg, name, best)
         history.append(row)
         stop = _should_stop(ecfg.patience, epoch, best)
         if main:
