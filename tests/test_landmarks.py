@@ -18,7 +18,7 @@ import pytest
 from skimage import data
 
 from conftest import layout_in
-from dfpipe.augment_sd import editing
+from dfpipe.augment_sd import editing, imaging
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.editing import MASK_GRID, face_hull, landmark_mask, self_blend
 from dfpipe.augment_sd.generate import edit_one, regenerate
@@ -89,7 +89,7 @@ def test_landmark_mask_covers_the_hull_and_changes_nothing_outside(astronaut, fa
         core = mask >= 0.99 * mask.max()
         assert np.abs(fake[core].astype(int) - astronaut[core]).mean() > 1.0  # the face did change
         assert mask.max() == pytest.approx(params["blend_ratio"], abs=1 / 255)
-        assert editing._quantise_mask(mask).tobytes() == mask.tobytes()  # survives the 8-bit PNG
+        assert imaging.quantise_mask(mask).tobytes() == mask.tobytes()  # survives the 8-bit PNG
         n_blobs = cv2.connectedComponents((mask > 0).astype(np.uint8))[0] - 1
         assert n_blobs == 1
 
