@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default: %(default)s)")
     v.add_argument("--limit-concurrency", type=int, default=256,
                    help="connections + requests at once; uvicorn answers 503 above it (default: %(default)s)")
+    v.add_argument("--header-timeout", type=float, default=10, metavar="S",
+                   help="a request's headers must be complete this long after the connection or its first byte, "
+                        "else the connection is closed (default: %(default)s)")
     v.add_argument("--request-timeout", type=float, default=60, metavar="S",
-                   help="deadline for a request's headers, and again for its body (default: %(default)s)")
+                   help="a request's body must be complete this long after its headers, else 408 "
+                        "(default: %(default)s)")
     v.add_argument("--token", default=None, help="API token required on every route but /health "
                                                  "(default: $DFPIPE_TOKEN); needed to listen beyond loopback")
     v.add_argument("--insecure", action="store_true",
@@ -137,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return_freed_memory_to_the_os()
     # the app logs one access line per request (dfpipe.serve.access); uvicorn's own is off
     config = uvicorn_config(create_app(settings, ens), args.host, args.port, limit_concurrency=args.limit_concurrency,
-                            header_timeout=args.request_timeout)
+                            header_timeout=args.header_timeout)
     uvicorn.Server(config).run()
     return 0
 

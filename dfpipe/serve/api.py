@@ -482,8 +482,9 @@ class Guard:
         finally:
             client = scope.get("client")
             pixels = scope.get("state", {}).get("pixels", 0)
-            access_log.info("%s %s %s %d %.1fms pixels=%d", f"{client[0]}:{client[1]}" if client else "-",
-                            scope["method"], scope["path"], status or 500, (time.perf_counter() - t0) * 1000, pixels)
+            # status "-": no response was started (the client left, or the app failed past every handler)
+            access_log.info("%s %s %s %s %.1fms pixels=%d", f"{client[0]}:{client[1]}" if client else "-",
+                            scope["method"], scope["path"], status or "-", (time.perf_counter() - t0) * 1000, pixels)
 
     def _refusal(self, scope: dict) -> tuple[int, str, list] | None:
         headers = {k.lower() for k, _ in scope["headers"]}
