@@ -269,8 +269,8 @@ def scenario_d(server: Server, mb: int) -> dict:
         f"Content-Length: {total}\r\n\r\n".encode(),
     }
     out = {name: _offer_body(server.port, head, chunk, total, b"chunked" in head) for name, head in cases.items()}
-    return {"offered_mb": mb, "cases": out,
-            "max_mb_sent_before_refusal_bypass": out["content-length + chunked, multipart batch"]["mb_sent_before_answer"]}
+    bypass = out["content-length + chunked, multipart batch"]
+    return {"offered_mb": mb, "cases": out, "max_mb_sent_before_refusal_bypass": bypass["mb_sent_before_answer"]}
 
 
 def scenario_e(server: Server, n: int, header_timeout: float, max_wait_s: float = 180) -> dict:
@@ -356,7 +356,7 @@ def scenario_f(server: Server, cases: int, seed: int) -> dict:
             "examples_5xx": five[:5], "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-# ----------------------------------------------------------------------------- hostile requests (also tests/test_api_fuzz.py)
+# ----------------------------------------------------------------------------- hostile requests (test_api_fuzz.py too)
 def hostile_request():
     """A Hypothesis strategy of (path, headers, body): JSON nested deep, huge numbers, odd types and escapes;
     multipart with odd boundaries, path-like and non-ASCII file names, stray parts, truncated forms; odd bytes
@@ -366,9 +366,9 @@ def hostile_request():
     paths = st.sampled_from(["/predict", "/predict/batch", "/explain"])
     scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
                         st.text(max_size=40), st.sampled_from(["", "data:image/png;base64,", "AAAA", "iVBORw0KGgo="]))
-    json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                                  st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                               max_leaves=12)
+    json_values = st.recursive(
+        scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4)), max_leaves=12)
 
     def nested(depth: int, kind: str) -> bytes:
         return (b"[" * depth + (b"]" * depth if kind == "closed" else b"")) if kind != "object" else b'{"a":' * depth

@@ -4,13 +4,11 @@ access log, JSON that breaks the parser, explanations on a copy; and that none o
 import asyncio
 import base64
 import io
-import json
 import logging
 import socket
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +153,8 @@ def test_a_batch_is_decoded_one_image_at_a_time(card, rng):
 
     images = [jpeg_bytes(rng, 200, 150) for _ in range(6)]
     with client_for(card) as client:
-        r = client.post("/predict/batch", files=[("file", (f"{i}.jpg", im, "image/jpeg")) for i, im in enumerate(images)])
+        files = [("file", (f"{i}.jpg", im, "image/jpeg")) for i, im in enumerate(images)]
+        r = client.post("/predict/batch", files=files)
         assert r.status_code == 200 and all(x["result"] is not None for x in r.json()["results"])
         decodes = client.app.state.dfpipe.decodes
         one = 200 * 150 * DECODE_BYTES_PER_PIXEL + max(map(len, images))

@@ -503,9 +503,9 @@ class Guard:
             if k == b"authorization" and v[:7].lower() == b"bearer ":
                 given.append(v[7:].strip())
             elif k == b"cookie":
-                given += [c.split(b"=", 1)[1] for c in v.split(b";") if c.strip().startswith(TOKEN_COOKIE.encode() + b"=")]
+                given += _values(v.split(b";"), TOKEN_COOKIE.encode())
         if scope["path"] == "/":
-            given += [q.split(b"=", 1)[1] for q in scope.get("query_string", b"").split(b"&") if q.startswith(b"token=")]
+            given += _values(scope.get("query_string", b"").split(b"&"), b"token")
         return any(hmac.compare_digest(g.strip(), self.token) for g in given)
 
     def _cookie_to_set(self, scope: dict) -> bytes | None:
@@ -523,7 +523,8 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise InputError(408, f"request body not received within {self.settings.request_timeout_s:g} s") from None
+                raise InputError(408, f"request body not received within {self.settings.request_timeout_s:g} s"
+                                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -531,6 +532,11 @@ class Guard:
             return message
 
         return counted
+
+
+def _values(pairs: list[bytes], name: bytes) -> list[bytes]:
+    """The values of ``name=value`` items (cookie pairs, query parameters)."""
+    return [v for k, _, v in (p.strip().partition(b"=") for p in pairs) if k == name]
 
 
 async def _send_error(send: Any, status: int, detail: str, headers: list | None = None) -> None:
