@@ -619,22 +619,39 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
     def state(request: Request) -> _State:
         return request.app.state.dfpipe
 
-    async def prepare(request: Request, data: bytes, explain: bool = False) -> Prepared:
-        """Decode one upload within the decode budget, to the experts' inputs (the full image is dropped)."""
-        s = state(request)
+    def decode_cost(data: bytes) -> int:
+        """Decode memory of one upload, from its header (an image over the pixel limit is refused unread)."""
         pixels = image_pixels(data)
-        cost = (pixels if pixels <= settings.max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
-        async with s.decodes.hold(cost):
-            p = await run_in_threadpool(prepare_upload, s.ensemble, data, settings.max_bytes, settings.max_pixels,
-                                        settings.explain_max_pixels if explain else 0)
-        request.state.pixels = getattr(request.state, "pixels", 0) + p.pixels
-        return p
+        return (pixels if pixels <= settings.max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
+
+    async def prepare(request: Request, datas: list[bytes], explain: bool = False) -> list[Prepared | InputError]:
+        """The uploads of a request decoded one after another, each to the experts' inputs (the full image is
+        dropped at once), under ONE reservation of the decode budget sized for the largest: a request waits for
+        its turn once, then runs to its end (interleaved per image, concurrent batches would all time out half
+        done). A bad image is its InputError in its slot; Busy is raised."""
+        s = state(request)
+        out: list[Prepared | InputError] = []
+        async with s.decodes.hold(max(map(decode_cost, datas), default=0)):
+            for i in range(len(datas)):
+                try:
+                    p = await run_in_threadpool(prepare_upload, s.ensemble, datas[i], settings.max_bytes,
+                                                settings.max_pixels, settings.explain_max_pixels if explain else 0)
+                    request.state.pixels = getattr(request.state, "pixels", 0) + p.pixels
+                    out.append(p)
+                except Busy:
+                    raise
+                except InputError as exc:
+                    out.append(exc)
+                datas[i] = b""  # its bytes are no longer needed
+        return out
 
     async def one_image(request: Request, explain: bool = False) -> Prepared:
         s = state(request)
         async with s.bodies.hold(_body_cost(request, settings)):
-            data = (await _request_images(request, settings, many=False))[0]
-            return await prepare(request, data, explain)
+            (p,) = await prepare(request, await _request_images(request, settings, many=False), explain)
+        if isinstance(p, InputError):
+            raise p
+        return p
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -664,17 +681,11 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
               responses=_errors(settings, True))
     async def predict_batch(request: Request) -> BatchPrediction:
         s = state(request)
-        items: list[Any] = []
         async with s.bodies.hold(_body_cost(request, settings)):
-            datas = await _request_images(request, settings, many=True)
-            for i in range(len(datas)):  # one after another: one full-size image of this request at a time
-                try:
-                    items.append(await prepare(request, datas[i]))
-                except Busy:
-                    raise
-                except InputError as exc:  # one bad image is reported in its slot; the others are still scored
-                    items.append(BatchItem(error=str(exc)))
-                datas[i] = b""  # its bytes are no longer needed
+            items: list[Any] = await prepare(request, await _request_images(request, settings, many=True))
+        for i, it in enumerate(items):  # one bad image is reported in its slot; the others are still scored
+            if isinstance(it, InputError):
+                items[i] = BatchItem(error=str(it))
         good = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
         scores = await s.batcher.score([items[i].inputs for i in good])
         for i, sc in zip(good, scores):
