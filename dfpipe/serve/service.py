@@ -1,5 +1,6 @@
 """What the CLI and the HTTP API share: load the ensemble from its card with one-line errors, check
-and decode uploaded bytes, and a micro-batcher that runs every model call on one worker thread.
+and decode uploaded bytes (to the experts' small inputs at once), memory budgets (:class:`Budget`) and a bounded
+micro-batcher that runs every model call on one worker thread.
 
 Scoring itself is :class:`dfpipe.ensemble_predict.Ensemble` (``score_images`` / ``score_files`` / ``verdict``),
 the same path as the submission; nothing here computes a score. An upload is only decoded here:
