@@ -2,7 +2,7 @@
 
 uvicorn's h11 protocol times out an idle keep-alive connection but not one that sends part of a request's
 headers and then nothing (2,000 such connections were held open forever): :class:`DeadlineH11Protocol` gives
-the headers a deadline. The body's deadline and size are the app's (:class:`dfpipe.serve.api.Guard`).
+the headers a deadline. The body's deadline and size are the app's (:class:`dfpipe.serve.guard.Guard`).
 """
 
 from __future__ import annotations
