@@ -11,6 +11,7 @@ from .pretrained import (
     normalization,
 )
 from .registry import EXPERTS, Expert, Registry, build_expert, expert_from_description, trainable_parameters
+from . import artifact  # noqa: E402,F401  (registers arch "artifact" in EXPERTS)
 
 __all__ = [
     "BUNDLED",

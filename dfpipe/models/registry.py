@@ -236,8 +236,10 @@ def expert_from_description(desc: dict[str, Any]) -> Expert:
     num_classes = int(desc.get("num_classes", NUM_CLASSES))
     if num_classes != NUM_CLASSES:
         raise ValueError(f"expert description has num_classes={num_classes}; only {NUM_CLASSES} is supported")
+    # front / stages: an artifact expert's (dfpipe.models.artifact); absent from every other description
+    artifact = {"arch": desc["arch"], "front": desc["front"], "stages": int(desc["stages"])} if "front" in desc else {}
     cfg = ExpertConfig(backbone=desc["backbone"], img_size=int(desc["img_size"]), pretrained="none",
-                       proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)))
+                       proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)), **artifact)
     dropout = float(desc.get("dropout", DEFAULT_DROPOUT))
     expert = EXPERTS.get(desc.get("arch", "timm"))(cfg, pretrained="none", dropout=dropout)
     if "mean" in desc and "std" in desc:
