@@ -369,6 +369,22 @@ def test_card_records_the_crops_and_every_scoring_path_agrees(crop_models, tmp_p
     np.testing.assert_allclose(cli.combine_experts(cli.score_loader(loader)), files, atol=1e-6)
 
 
+def test_device_decode_cuts_the_same_grid_of_crops(crop_models, tmp_path):
+    """decode='device' (here torchvision's CPU decoder) slices the same native crops as the workers' path."""
+    from conftest import write_jpeg
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        write_jpeg(tmp_path / f"{i}.jpg", photo_like(rng, 30 + 7 * i, 41))
+        paths.append(tmp_path / f"{i}.jpg")
+    ens = _ens(crop_models, ["art"], ["crops9", "identity"])
+    dev, e1 = ens.score_files(paths, batch_size=2, workers=0, decode="device")
+    cpu, e2 = ens.score_files(paths, batch_size=2, workers=0)
+    assert e1 == e2 == []
+    np.testing.assert_array_equal(dev, cpu)
+
+
 # ----------------------------------------------------------------------------- a tiny training run
 def test_arch_artifact_trains_saves_and_loads(tmp_path, one_torch_thread):
     rng = np.random.default_rng(0)
