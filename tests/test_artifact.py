@@ -4,6 +4,7 @@ run of arch artifact through stage 4's loop."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from dfpipe.ensemble_predict.tta import parse_view
 from dfpipe.errors import ConfigError
 from dfpipe.models import EXPERTS, Expert, build_expert, create_backbone, expert_from_description
 from dfpipe.models.artifact import ArtifactExpert, StagesBackbone
-from dfpipe.models.residual import FRONTS, apply_front, front_channels, haar_highpass, median_residual, npr
+from dfpipe.models.residual import FRONTS, apply_front, front_channels, haar_highpass, median_residual,
+                                   middle_of_8, npr
 from dfpipe.train_experts.loop import run_train, save_checkpoint
 
 LITE0, MOBILENET = "tf_efficientnet_lite0", "mobilenetv2_100"
@@ -82,6 +84,14 @@ def test_median_residual_of_one_bright_pixel_is_that_pixel_alone():
     x = torch.zeros(1, 1, 7, 7)
     x[0, 0, 3, 3] = 5.0
     assert torch.equal(median_residual(x), x)  # its neighbours' 8 neighbours hold one 5 and seven 0s: median 0
+
+
+def test_middle_of_8_is_the_4th_and_5th_smallest():
+    bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=8)))  # (256, 8): every 0-1 input
+    for v in (bits, torch.randn(5000, 8)):
+        lo, hi = middle_of_8(list(v.T))
+        s = v.sort(dim=1).values
+        assert torch.equal(lo, s[:, 3]) and torch.equal(hi, s[:, 4])
 
 
 def test_median_residual_keeps_edges_out_and_checkerboards_in():
