@@ -25,8 +25,8 @@ from dfpipe.ensemble_predict.tta import parse_view
 from dfpipe.errors import ConfigError
 from dfpipe.models import EXPERTS, Expert, build_expert, create_backbone, expert_from_description
 from dfpipe.models.artifact import ArtifactExpert, StagesBackbone
-from dfpipe.models.residual import FRONTS, apply_front, front_channels, haar_highpass, median_residual,
-                                   middle_of_8, npr
+from dfpipe.models.residual import (FRONTS, apply_front, front_channels, haar_highpass, median_residual,
+                                   middle_of_8, npr)
 from dfpipe.train_experts.loop import run_train, save_checkpoint
 
 LITE0, MOBILENET = "tf_efficientnet_lite0", "mobilenetv2_100"
