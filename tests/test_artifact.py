@@ -171,6 +171,14 @@ def test_bundled_first_stages_hold_the_imagenet_weights():
     assert not torch.equal(scratch.backbone.blocks[0][0].conv_dw.weight, full.blocks[0][0].conv_dw.weight)
 
 
+def test_a_cut_backbone_gets_heads_of_its_width():
+    e = build_expert(artifact_cfg(front="median", stages=3, info_heads=2, proj_dim=16)).train()  # 40-wide features
+    out = e(torch.randn(3, 3, 32, 32))
+    assert e.feat_dim == 40 and out["feat"].shape == (3, 20)  # two local branches of 40 // 2, fused
+    assert out["proj"].shape == (3, 16) and out["info_loo_logits"].shape == (3, 2, 2)
+    assert e.head[1].in_features == 20 and e.info.local.in_channels == 40
+
+
 def test_the_description_rebuilds_the_same_expert():
     torch.manual_seed(0)
     e = build_expert(artifact_cfg(front="median", stages=3, img_size=48)).eval()

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from ..config import AugmentPreset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 
-PRESETS = typing.get_args(AugmentPreset)  # none, light, strong, randaugment, blur_jpeg, light_blur_jpeg, safe, safe_post
+PRESETS = typing.get_args(AugmentPreset)  # none, light, strong, randaugment, blur_jpeg, light_blur_jpeg, safe(_post)
 
 # safe_post's post-processing, one distribution for every training image whatever its label or source: the dev
 # sources' real and fake images come with different compression histories, and a detector must not learn those
