@@ -44,7 +44,8 @@ DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
 Embedder = Literal["pretrained", "finetune"]
 KMeansBackend = Literal["auto", "sklearn", "torch"]
-AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg"]
+AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg", "safe",
+                        "safe_post"]
 Combine = Literal["mean_prob", "mean_logit", "rank", "stack"]
 InputMode = Literal["resize", "resize_short_crop", "crop"]  # see dfpipe.data.preprocess
 LrScale = Literal["sqrt", "linear", "none"]
@@ -273,6 +274,19 @@ class ExpertConfig:
     seed: int = 0
     deterministic: bool = True  # GPU: deterministic cuDNN / cuBLAS kernels (can be slower); CPU runs always are
     patience: int = 0  # early stopping: stop after this many epochs without a better val AUC (0 = off)
+    # arch artifact (dfpipe.models.artifact) only; the off values leave every other expert as it is:
+    # a fixed residual front before the backbone: none | dwt (Haar LH/HL/HH, SAFE) | median (x minus the median of
+    # its 8 neighbours, FerretNet) | npr (neighbouring pixel relationships): dfpipe.models.residual
+    front: Literal["none", "dwt", "median", "npr"] = "none"
+    stages: int = 0  # >0: the backbone cut after its first N stages (EfficientNet / MobileNetV2 blocks); 0 = whole
+    # (with a front or a cut, arch artifact needs input_mode: crop, native pixels; its builder refuses the others)
+
+    def __post_init__(self) -> None:
+        if self.stages < 0:
+            raise ConfigError(f"stages must be >= 0 (0 = the whole backbone), got {self.stages}")
+        if (self.front != "none" or self.stages) and self.arch != "artifact":
+            raise ConfigError(f"front: {self.front!r} and stages: {self.stages} are settings of arch 'artifact' "
+                              f"(this expert's arch is {self.arch!r}): set arch: artifact or leave them off")
 
 
 @dataclass(frozen=True)

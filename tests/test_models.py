@@ -319,7 +319,7 @@ def test_input_spec_checks_what_it_holds():
 def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(KeyError, match="already registered"):
         EXPERTS.register("timm")(lambda cfg: None)
-    with pytest.raises(KeyError, match=r"unknown expert 'tim'; choose one of \['npr', 'timm'\] "
+    with pytest.raises(KeyError, match=r"unknown expert 'tim'; choose one of \['artifact', 'npr', 'timm'\] "
                                        r"\(did you mean 'timm'\?\)"):
         build_expert(ExpertConfig(pretrained="none"), arch="tim")
 

@@ -72,7 +72,7 @@ def test_the_source_module_is_imported_on_first_read(tmp_path, monkeypatch):
 
 
 def test_the_package_registries_hold_the_built_in_entries():
-    assert EXPERTS.names() == ["npr", "timm"]
+    assert EXPERTS.names() == ["artifact", "npr", "timm"]
     assert FACE_DETECTORS.names() == ["haar"]
     assert LANDMARKERS.names() == ["mediapipe"]
     assert EDITING_METHODS.names() == ["copy_move", "inpaint", "jpeg_double", "self_blend", "splice", "upsample"]

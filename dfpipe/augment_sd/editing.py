@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from ..registry import EDITING_METHODS
-from .imaging import Box, bbox, blend, check_image, f32, finish, odd, quantise_mask
+from .imaging import Box, alpha_blend, bbox, check_image, f32, finish, odd, quantise_mask
 from .masks import MASK_GRID, binary_mask, face_hull, landmark_mask, region_mask  # noqa: F401  (MASK_GRID, face_hull: re-exported)
 
 EditFn = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, dict]]
@@ -163,7 +163,7 @@ def self_blend(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | No
     ratio = float(rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0]))
     mask = quantise_mask(mask * ratio)
     box = bbox(mask)
-    fake, mask = finish(img, blend(img, _warp(src, m_aff, box), mask, box), mask)
+    fake, mask = finish(img, alpha_blend(img, _warp(src, m_aff, box), mask, box), mask)
     return fake, mask, {"color": p_col, "filter": p_flt, "affine": p_aff, "mask": p_mask, "blend_ratio": ratio}
 
 
@@ -182,7 +182,7 @@ def splice(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None
     src = lab_transfer(src, img[box], mask[box])
     if rng.random() < 0.5:
         blend = "alpha"
-        fake = blend(img, src, mask, box)
+        fake = alpha_blend(img, src, mask, box)
     else:
         blend = "seamless"
         binary = (mask >= 0.5).astype(np.uint8) * 255
@@ -191,7 +191,7 @@ def splice(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None
         binary[:, :2] = binary[:, -2:] = 0
         x, y, bw, bh = cv2.boundingRect(binary)
         if bw < 3 or bh < 3:  # nothing left to clone: fall back to alpha blending
-            blend, fake = "alpha", blend(img, src, mask, box)
+            blend, fake = "alpha", alpha_blend(img, src, mask, box)
         else:
             center = (x + bw // 2, y + bh // 2)  # OpenCV places the ROI at center - size // 2
             # seamlessClone reads only the mask's bounding rectangle of the source, after clearing the
@@ -221,7 +221,7 @@ def copy_move(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | Non
     box = bbox(mask)
     src, p_aff = _affine(img.astype(np.float32), rng, 0.0, (0.9, 1.1), max_rot=10.0,
                          center=(cx - shift[0], cy - shift[1]), shift=shift, box=box)
-    fake, mask = finish(img, blend(img, src, mask, box), mask)
+    fake, mask = finish(img, alpha_blend(img, src, mask, box), mask)
     return fake, mask, {"mask": p_mask, "affine": p_aff}
 
 
@@ -255,7 +255,7 @@ def upsample(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None
                        interpolation=cv2.INTER_AREA)
     up = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST if interp == "nearest" else cv2.INTER_LINEAR)
     mask, p_mask = region_mask(h, w, rng, face=rng.random() < 0.5)
-    fake, mask = finish(img, blend(img, up, mask), mask)
+    fake, mask = finish(img, alpha_blend(img, up, mask), mask)
     return fake, mask, {"mask": p_mask, "factor": factor, "interpolation": interp}
 
 
@@ -273,7 +273,7 @@ def jpeg_double(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | N
         raise RuntimeError("JPEG encoding failed")
     dec = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)[oy:, ox:]
     mask, p_mask = region_mask(h, w, rng, face=rng.random() < 0.5)
-    fake, mask = finish(img, blend(img, dec, mask), mask)
+    fake, mask = finish(img, alpha_blend(img, dec, mask), mask)
     return fake, mask, {"mask": p_mask, "quality": quality, "grid_offset": [ox, oy]}
 
 

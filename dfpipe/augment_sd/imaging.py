@@ -40,7 +40,7 @@ def bbox(mask: np.ndarray, pad: int = 0) -> Box:
     return slice(max(0, y - pad), min(h, y + bh + pad)), slice(max(0, x - pad), min(w, x + bw + pad))
 
 
-def blend(img: np.ndarray, src: np.ndarray, mask: np.ndarray, box: Box | None = None) -> np.ndarray:
+def alpha_blend(img: np.ndarray, src: np.ndarray, mask: np.ndarray, box: Box | None = None) -> np.ndarray:
     """``mask * src + (1 - mask) * img``; pixels with mask == 0 are copied, not recomputed.
 
     ``src`` is of the image's size, or (with ``box``) the crop ``box`` of it; ``box`` must hold every

@@ -116,7 +116,8 @@ def shared_settings(spec: GridSpec) -> dict[str, Any]:
 # here changes every key: all cells are recomputed (safe, only slow). Dotted names reach into nested sections.
 KEY_OMIT_AT: dict[str, dict[str, Any]] = {
     "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
-               "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False},  # + the frozen-backbone probe
+               "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False,  # + the frozen-backbone probe
+               "front": "none", "stages": 0},  # + the artifact expert's residual front and cut backbone
     "augment_sd": {"landmarks": "none"},  # self_blend's mask from face landmarks
     "cluster_split": {},
 }

@@ -50,24 +50,42 @@ class Stage1:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked from the header
 
 
+MAX_GRID = 4  # crops: at most a 4 x 4 grid
+
+
 @dataclass(frozen=True)
 class InputPolicy:
     """How a ``size`` x ``size`` input is taken from a stage-1 image: the geometric part of an expert's
-    :class:`InputSpec` (``spec.policy``), or alone where no expert is fed (stage 3's embedding)."""
+    :class:`InputSpec` (``spec.policy``), or alone where no expert is fed (stage 3's embedding).
+
+    ``crops`` > 1 (scoring only: the TTA view ``crops<N>``, :mod:`dfpipe.ensemble_predict.tta`) takes N = k x k
+    crops on a grid (:func:`crop_grid`) instead of the central one, ``(N, size, size, 3)``; a crop mode only. An
+    expert's input contract never holds it (:attr:`InputSpec.policy` is single-crop).
+    """
 
     mode: InputMode = "resize"
     size: int = 128
+    crops: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in INPUT_MODES:
             raise ConfigError(f"input mode {self.mode!r}: choose one of {list(INPUT_MODES)}")
         if self.size < 8:
             raise ConfigError(f"input size {self.size}: must be >= 8")
+        k = round(self.crops ** 0.5)
+        if self.crops != 1 and (k * k != self.crops or not 2 <= k <= MAX_GRID or self.mode == "resize"):
+            raise ConfigError(f"input crops {self.crops}: a k x k grid (4, 9 or 16) of a crop mode "
+                              f"(crop, resize_short_crop), not of {self.mode!r}")
 
     @property
     def key(self) -> str:
-        """A short name (``resize128``): experts with the same policy share one decoded batch."""
-        return f"{self.mode}{self.size}"
+        """A short name (``resize128``, ``crop256x4``): experts with the same policy share one decoded batch."""
+        return f"{self.mode}{self.size}" + (f"x{self.crops}" if self.crops > 1 else "")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape :func:`fit` gives: (size, size, 3), or (crops, size, size, 3)."""
+        return ((self.crops,) if self.crops > 1 else ()) + (self.size, self.size, 3)
 
 
 def _rgb(values, what: str) -> tuple[float, float, float]:
@@ -195,13 +213,28 @@ def crop_origin(shape: tuple[int, int], size: int, rng: np.random.Generator | No
     return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
+def crop_grid(shape: tuple[int, int], size: int, crops: int) -> list[tuple[int, int]]:
+    """(y0, x0) of ``crops`` = k x k ``size`` squares spread evenly over ``shape``, row by row: the first at the
+    top-left corner, the last at the bottom-right one (with k = 3 the middle one is the central crop)."""
+    h, w = shape
+    k = round(crops ** 0.5)
+    ys = [(h - size) * i // (k - 1) for i in range(k)]
+    xs = [(w - size) * j // (k - 1) for j in range(k)]
+    return [(y, x) for y in ys for x in xs]
+
+
 def fit(img: np.ndarray, policy: InputPolicy, rng: np.random.Generator | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 per ``policy``; ``rng`` given = training (random crop)."""
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 per ``policy`` (``policy.shape``: (crops, size, size, 3) for a
+    grid of crops); ``rng`` given = training (random crop)."""
     size = policy.size
     if policy.mode == "resize":
         out = resize_square(img, size)
     else:
         img = _resize_short(img, size) if policy.mode == "resize_short_crop" else _enlarge_short(img, size)
+        if policy.crops > 1:
+            if rng is not None:
+                raise ValueError("a grid of crops is a test-time input: training crops one at random")
+            return np.stack([img[y:y + size, x:x + size] for y, x in crop_grid(img.shape[:2], size, policy.crops)])
         y0, x0 = crop_origin(img.shape[:2], size, rng)
         out = img[y0:y0 + size, x0:x0 + size]
     return np.require(out, requirements=["C", "W"])  # a writable contiguous array (a copy when needed)

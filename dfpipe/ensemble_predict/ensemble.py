@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +62,7 @@ class FileDataset(Dataset):
             img = scoring_image(img, self.stage1)
             return {p.key: torch.from_numpy(fit(img, p)) for p in self.policies}, i, ""
         except Exception as exc:  # noqa: BLE001 - any failure becomes a reported row, never a crash
-            blank = {p.key: torch.zeros((p.size, p.size, 3), dtype=torch.uint8) for p in self.policies}
+            blank = {p.key: torch.zeros(p.shape, dtype=torch.uint8) for p in self.policies}
             return blank, i, str(exc) or type(exc).__name__
 
 
@@ -74,6 +74,12 @@ def scoring_workers(requested: int, device: torch.device) -> int:
     if requested < 0 and device.type == "cpu" and (os.cpu_count() or 1) <= 2:
         return 0
     return num_workers(requested)
+
+
+def scoring_policy(policy: InputPolicy, crops: int) -> InputPolicy:
+    """The policy an expert trained with ``policy`` is scored through for a view of ``crops`` crops: a grid of
+    them for a crop mode; a ``resize`` expert's single whole image otherwise (its N crops would be N copies)."""
+    return policy if crops == 1 or policy.mode == "resize" else replace(policy, crops=crops)
 
 
 class Ensemble:
@@ -93,7 +99,10 @@ class Ensemble:
                               "an ensemble takes one stage-1 image per input")
         self.experts, self.tta, self.combine, self.device = experts, list(tta), combine, device
         self.stage1: Stage1 = stage1s.pop()
-        self.policies: list[InputPolicy] = list(dict.fromkeys(p.input.policy for p in self.preps))
+        # per expert, the input policy of each crops count its views use (crops<N> views: a grid of N crops)
+        self.inputs: list[dict[int, InputPolicy]] = [{v.crops: scoring_policy(p.input.policy, v.crops) for v in self.views}
+                                                     for p in self.preps]
+        self.policies: list[InputPolicy] = list(dict.fromkeys(q for d in self.inputs for q in d.values()))
         self.stack, self.thresholds = stack, thresholds
 
     @property
@@ -142,33 +151,38 @@ class Ensemble:
                 **(extra or {})}
 
     # -- scoring
-    def _expert_probs(self, m: torch.nn.Module, x: torch.Tensor, key: str, inputs: dict) -> torch.Tensor:
-        """(B,) probability of one expert, averaged over the views. ``x``: uint8 (B, S, S, 3) at the
-        expert's input policy ``key``; ``inputs`` caches the normalised batches by (key, size, mean, std)
-        so experts that share them compute them once."""
-        by_size: dict[int, list[View]] = {}
+    def _expert_probs(self, m: torch.nn.Module, xs: dict[str, torch.Tensor], policies: dict[int, InputPolicy],
+                      inputs: dict) -> torch.Tensor:
+        """(B,) probability of one expert, averaged over the views (a crops<N> view: over its N crops first).
+        ``xs``: the uint8 batches by policy key, (B, S, S, 3), or (B, N, S, S, 3) for a grid of crops;
+        ``policies``: the expert's policy per crops count; ``inputs`` caches the normalised batches by (key, size,
+        mean, std) so experts that share them compute them once."""
+        groups: dict[tuple[InputPolicy, int], list[View]] = {}
         for v in self.views:
-            by_size.setdefault(v.size(m.img_size), []).append(v)
+            groups.setdefault((policies[v.crops], v.size(m.img_size)), []).append(v)
         probs = []
-        for size, views in by_size.items():
-            ck = (key, size, tuple(m.mean), tuple(m.std))
+        for (policy, size), views in groups.items():
+            ck = (policy.key, size, tuple(m.mean), tuple(m.std))
             if ck not in inputs:
+                x = xs[policy.key]
+                x = x.flatten(0, 1) if x.dim() == 5 else x  # (B N, S, S, 3): crop n of image b at row b N + n
                 inputs[ck] = to_model_input(x, size, m.mean, m.std, channels_last=True)
             batch = torch.cat([v.apply(inputs[ck]) for v in views]) if len(views) > 1 else views[0].apply(inputs[ck])
             batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(self.device):
-                probs.append(m(batch)["prob"].float().view(len(views), -1))
+                p = m(batch)["prob"].float()  # (V B N,)
+            probs.append(p.view(len(views), -1, policy.crops).mean(2))  # (V, B)
         return torch.cat(probs).mean(0)
 
     @torch.inference_mode()
     def score_batch(self, xs: dict[str, torch.Tensor]) -> np.ndarray:
-        """``{policy key: uint8 (B, S, S, 3)}`` (one entry per input policy of the experts, e.g. from
-        :class:`FileDataset` or :class:`dfpipe.data.dataset.StoreDataset`) -> (E, B) per-expert
+        """``{policy key: uint8 (B, S, S, 3) or (B, N, S, S, 3)}`` (one entry per policy of :attr:`policies`, e.g.
+        from :class:`FileDataset` or :class:`dfpipe.data.dataset.StoreDataset`) -> (E, B) per-expert
         probabilities, averaged over TTA views."""
-        on_device = {k: xs[k].to(self.device, non_blocking=True) for k in {p.input.key for p in self.preps}}
+        on_device = {p.key: xs[p.key].to(self.device, non_blocking=True) for p in self.policies}
         inputs: dict = {}
-        return np.stack([self._expert_probs(e.model, on_device[p.input.key], p.input.key, inputs).cpu().numpy()
-                         for e, p in zip(self.experts, self.preps)])
+        return np.stack([self._expert_probs(e.model, on_device, pols, inputs).cpu().numpy()
+                         for e, pols in zip(self.experts, self.inputs)])
 
     def score_loader(self, loader: DataLoader, desc: str = "score") -> np.ndarray:
         """(E, N) per-expert probabilities over a loader of ``({key: uint8 batch}, ...)`` items (order kept)."""

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.preprocess import InputPolicy, Stage1, crop_origin
+from ..data.preprocess import InputPolicy, Stage1, crop_grid, crop_origin
 from ..device import num_workers
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,9 @@ def fit_on_device(img: torch.Tensor, policy: InputPolicy) -> torch.Tensor:
             s = size / short
             resize = area_resize if s < 1 else cubic_resize  # crop only ever enlarges (bicubic)
             img = resize(img, max(size, round(h * s)), max(size, round(w * s)))
+        if policy.crops > 1:  # a grid of crops (TTA crops<N>): (N, size, size, 3)
+            return torch.stack([img[:, y:y + size, x:x + size].permute(1, 2, 0)
+                                for y, x in crop_grid(tuple(img.shape[1:]), size, policy.crops)])
         y0, x0 = crop_origin(tuple(img.shape[1:]), size, None)
         img = img[:, y0:y0 + size, x0:x0 + size]
     return img.permute(1, 2, 0).contiguous()
@@ -375,8 +378,8 @@ def device_batches(ds, device: torch.device, batch_size: int, workers: int,
             else:
                 add(i, {k: v[j] for k, v in b["fit"].items()})
         order = np.argsort(index, kind="stable")
-        xs = {k: torch.stack([v[o] for o in order]) if v else torch.zeros((0, p.size, p.size, 3), dtype=torch.uint8,
-                                                                            device=device)
+        xs = {k: torch.stack([v[o] for o in order]) if v else torch.zeros((0, *p.shape), dtype=torch.uint8,
+                                                                           device=device)
               for (k, v), p in zip(parts.items(), ds.policies)}
         yield np.asarray(index, dtype=np.int64)[order], xs, sorted(errors)
     on_cpu = sum(v for k, v in stats.items() if k != "device")

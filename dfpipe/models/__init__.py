@@ -19,6 +19,7 @@ from .registry import (
     expert_from_description,
     trainable_parameters,
 )
+from . import artifact  # noqa: E402,F401  (registers arch "artifact" in EXPERTS)
 
 __all__ = [
     "BUNDLED",

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ExpertConfig
 from ..data.preprocess import InputPolicy, InputSpec
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import EXPERTS, Registry  # noqa: F401  (Registry: re-exported, it lived here)
 from .info import InfoHeads
 from .pretrained import create_backbone, normalization
@@ -32,6 +32,9 @@ NUM_CLASSES = 2  # 0 = real, 1 = fake
 # 2: the input contract stored once, as description["input"] (size, mode, mean, std), stage1 beside it
 CHECKPOINT_FORMAT = 2
 DEFAULT_DROPOUT = ExpertConfig.dropout
+# ExpertConfig settings that only some archs take, at their "off" value: an arch that takes one lists it in its
+# OPTIONS; build_expert refuses one set for an arch that does not (dfpipe.models.artifact: front, stages)
+ARCH_OPTIONS: dict[str, Any] = {"front": "none", "stages": 0}
 
 
 class Expert(nn.Module):
@@ -61,6 +64,9 @@ class Expert(nn.Module):
     A frozen expert's description and state_dict are those of a plain one: rebuilt for inference it scores the same.
     """
 
+    # settings of ExpertConfig only some archs take (name -> its "off" value); build_expert passes those set
+    OPTIONS: dict[str, Any] = {}
+
     def __init__(self, backbone: str, input: InputSpec | InputPolicy, *, pretrained: str = "bundled",  # noqa: A002
                  dropout: float = DEFAULT_DROPOUT, arch: str = "timm", proj_dim: int = 0, info_heads: int = 0,
                  freeze_backbone: bool = False) -> None:
@@ -87,7 +93,7 @@ class Expert(nn.Module):
         else:  # the config's size and mode, normalised as the backbone's pretrained weights expect
             self.input = InputSpec(input.size, input.mode, *normalization(self.backbone))
         if self.freeze_backbone:
-            _freeze(self.backbone, backbone, pretrained)
+            freeze_backbone_weights(self.backbone, backbone, pretrained)
 
     @property
     def img_size(self) -> int:
@@ -158,7 +164,7 @@ class Expert(nn.Module):
                 "input": self.input.to_dict()}
 
 
-def _freeze(backbone: nn.Module, name: str, pretrained: str) -> None:
+def freeze_backbone_weights(backbone: nn.Module, name: str, pretrained: str) -> None:
     """Take ``backbone`` out of training: no gradients, eval mode (the expert's ``train()`` keeps it there)."""
     backbone.requires_grad_(False)
     backbone.eval()
@@ -195,9 +201,16 @@ def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
     """Build the expert registered as ``arch`` (default ``cfg.arch``); weights as ``cfg.pretrained`` says, input
     ``cfg.img_size`` x ``cfg.img_size`` taken by ``cfg.input_mode``, normalised as the backbone expects."""
     arch = arch or cfg.arch
-    return EXPERTS.get(arch)(cfg.backbone, InputPolicy(cfg.input_mode, cfg.img_size), pretrained=cfg.pretrained,
-                             dropout=cfg.dropout, arch=arch, proj_dim=cfg.proj_dim, info_heads=cfg.info_heads,
-                             freeze_backbone=cfg.freeze_backbone)
+    cls = EXPERTS.get(arch)
+    options = {k: getattr(cfg, k) for k in ARCH_OPTIONS if getattr(cfg, k) != ARCH_OPTIONS[k]}
+    foreign = sorted(set(options) - set(getattr(cls, "OPTIONS", {})))
+    if foreign:
+        raise ConfigError(f"expert settings {foreign} = {[options[k] for k in foreign]} are not taken by arch "
+                          f"{arch!r}; leave them at {[ARCH_OPTIONS[k] for k in foreign]} or pick an arch that takes "
+                          f"them ({[n for n in EXPERTS.names() if set(foreign) <= set(getattr(EXPERTS.get(n), 'OPTIONS', {}))]})")
+    return cls(cfg.backbone, InputPolicy(cfg.input_mode, cfg.img_size), pretrained=cfg.pretrained,
+               dropout=cfg.dropout, arch=arch, proj_dim=cfg.proj_dim, info_heads=cfg.info_heads,
+               freeze_backbone=cfg.freeze_backbone, **options)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -225,6 +238,8 @@ def expert_from_description(desc: dict[str, Any], where: str = "expert descripti
         raise DataError(f"{where}: the expert description lacks {missing} (written by an older version?): "
                         "retrain it (dvc repro train_experts)")
     spec = InputSpec.from_dict(desc["input"], f"{where}: input")
-    return EXPERTS.get(desc["arch"])(desc["backbone"], spec, pretrained="none", arch=desc["arch"],
-                                     dropout=float(desc.get("dropout", DEFAULT_DROPOUT)),
-                                     proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)))
+    cls = EXPERTS.get(desc["arch"])
+    options = {k: desc[k] for k in getattr(cls, "OPTIONS", {}) if k in desc}  # e.g. an artifact expert's front
+    return cls(desc["backbone"], spec, pretrained="none", arch=desc["arch"],
+               dropout=float(desc.get("dropout", DEFAULT_DROPOUT)), proj_dim=int(desc.get("proj_dim", 0)),
+               info_heads=int(desc.get("info_heads", 0)), **options)
