@@ -844,9 +844,14 @@ def test_the_loso_table_has_a_column_per_held_out_source_with_paired_intervals(t
     assert float(mean.group(1)) == pytest.approx(d, abs=5e-4)  # same scores on every set: the same difference
     assert float(mean.group(2)) < d < float(mean.group(3))
     # the interval pairs the seeds: identical pairs give the one-pair value, and the resamples do not depend on order
-    one, boots1 = paired_seed_deltas([(good, bad)], "a", 200, np.random.default_rng(0))
-    two, boots2 = paired_seed_deltas([(good, bad), (good, bad)], "a", 200, np.random.default_rng(0))
+    one, boots1 = paired_seed_deltas([(good, bad)], "a", 200, seed=0)
+    two, boots2 = paired_seed_deltas([(good, bad), (good, bad)], "a", 200, seed=0)
     assert one == pytest.approx(d) and two == pytest.approx(d) and np.allclose(boots1, boots2)
+    # memoised per file state: a rewritten scores file is read again
+    pd.read_csv(good).assign(score=lambda f: -f.score).to_csv(good, index=False)
+    os.utime(good, ns=(1, 1))
+    flipped = paired_seed_deltas([(good, bad)], "a", 200, seed=0)[0]
+    assert flipped == pytest.approx(paired_auc_diff(good, bad, "a")[0]) and flipped < 0 < d
     assert "### summary of combined training sets" not in "\n".join(lines)  # the LOSO summary replaces it
     assert lines.count("### trained on b + c") == 1  # the per-set blocks stay
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -31,20 +34,35 @@ def _clean_scores(csv: str, eval_set: str) -> pd.DataFrame:
     return df[(df.set == eval_set) & (df.degradation == "clean")].set_index("img_name")
 
 
-def paired_seed_deltas(pairs: list[tuple[str, str]], eval_set: str, n_boot: int,
-                       rng: np.random.Generator) -> tuple[float, np.ndarray]:
+def paired_seed_deltas(pairs: list[tuple[str, str]], eval_set: str, n_boot: int = 1000,
+                       seed: int = 0) -> tuple[float, np.ndarray]:
     """The mean over ``pairs`` (scores CSVs of a recipe and the baseline, one pair per seed) of AUC(a) - AUC(b) on
     the images of ``eval_set`` all of them scored, and ``n_boot`` stratified bootstrap values of it: each resample
-    weighs the same images for every CSV, so the interval is paired over rows and seeds."""
+    weighs the same images for every CSV, so the interval is paired over rows and seeds.
+
+    Memoised per file state (path, size, mtime): the grid rewrites its table after every cell, and a few seconds
+    per held-out set of a few thousand images would be paid again each time for the same finished cells."""
+    stamps = tuple((a, b, _stamp(a), _stamp(b)) for a, b in pairs)
+    d, boots = _paired_seed_deltas(stamps, eval_set, n_boot, seed)
+    return d, boots.copy()
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _paired_seed_deltas(stamps: tuple, eval_set: str, n_boot: int, seed: int) -> tuple[float, np.ndarray]:
     from ..evaluate import resample_counts, weighted_auc
     from ..metrics import roc_auc
 
-    frames = [(_clean_scores(a, eval_set), _clean_scores(b, eval_set)) for a, b in pairs]
+    frames = [(_clean_scores(a, eval_set), _clean_scores(b, eval_set)) for a, b, _, _ in stamps]
     common = frames[0][0].index
     for a, b in frames:
         common = common.intersection(a.index).intersection(b.index)
     y = frames[0][0].label.loc[common].to_numpy().astype(int)
-    rng_pos, rng_neg = rng.spawn(2)
+    rng_pos, rng_neg = np.random.default_rng(seed).spawn(2)
     w_pos, w_neg = resample_counts(rng_pos, n_boot, int(y.sum())), resample_counts(rng_neg, n_boot, int((y == 0).sum()))
     diffs, boots = [], []
     for a, b in frames:

@@ -264,7 +264,7 @@ def loso_summary(df: pd.DataFrame, spec: GridSpec, n_boot: int = LOSO_BOOT) -> l
             if recipe != spec.baseline:
                 pairs = _seed_pairs(df, recipe, spec.baseline, by_source[s])
                 if pairs:
-                    d, b = paired_seed_deltas(pairs, s, n_boot, np.random.default_rng([0, i]))
+                    d, b = paired_seed_deltas(pairs, s, n_boot, seed=i)
                     deltas.append(d)
                     boots.append(b)
                     text += f" {_interval(d, b)}"
