@@ -113,7 +113,8 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
 
 
 @pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_more.yaml", "bench/grid_sbi.yaml",
-                                  "bench/grid_first.yaml", "bench/grid_pairs.yaml", "bench/grid_pairs_more.yaml"])
+                                  "bench/grid_first.yaml", "bench/grid_pairs.yaml", "bench/grid_pairs_more.yaml",
+                                  "bench/grid_loso.yaml"])
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
     spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
@@ -666,3 +667,216 @@ def test_the_benchmark_moves_every_catalog_output_into_its_work_folder(tmp_path,
         assert stage == "" and set(SOURCE_STAGES) | set(CELL_STAGES) == set(STAGES)
         assert src.data_root == str((work / "src").resolve()) and lay.data_root == str((tmp_path / "shared").resolve())
     assert lay.test_labels == ""  # no test metrics in a cell: its held-out sets are stage 6's
+
+
+# ----------------------------------------------------------------------------- five sources, leave-one-source-out
+def _paired_folder(root, n_pairs, extra_fakes=()):
+    """real/r<i>.jpg and fake/f<i>.jpg made from it (pairs.csv), plus ``extra_fakes``: (fake index, real index)."""
+    rows = [(i, i) for i in range(n_pairs)] + list(extra_fakes)
+    for f, r in rows:
+        _img(root / "fake" / f"f{f}.jpg", 200)
+        _img(root / "real" / f"r{r}.jpg", 10)
+    (root / "pairs.csv").write_text("fake,real\n" + "".join(f"fake/f{f}.jpg,real/r{r}.jpg\n" for f, r in rows))
+    return root
+
+
+def test_a_fake_and_its_real_are_never_on_two_sides_of_the_split(tmp_path):
+    """dfdc_faces: grouped by pairs.csv (a real with two fakes is one group of three); the split holds out 30% of the
+    pairs whole, deterministically; a file in no pair is a group of its own."""
+    from dfpipe.benchmark import pair_groups
+
+    root = _paired_folder(tmp_path / "dfdc", 20, extra_fakes=[(20, 0)])
+    _img(root / "real" / "lonely.jpg")
+    src = load_source(root, heldout=0.3, seed=0)
+    assert src.grouping == "pairs" and len(src.cross) == 42 and set(src.cross.columns) == {"img_name", "label", "group"}
+    groups = src.cross.set_index("img_name").group
+    assert groups["fake/f0.jpg"] == groups["fake/f20.jpg"] == groups["real/r0.jpg"] == "pair/real/r0.jpg"
+    assert groups["real/lonely.jpg"] == "real/lonely.jpg"
+    assert not set(src.train.group) & set(src.heldout.group)
+    assert src.heldout.group.nunique() == 6  # round(0.3 * 20) pairs; the lonely real is a stratum of one: kept
+    for part in (src.train, src.heldout):  # every pair is whole on its side
+        assert (part[part.group.str.startswith("pair/")].groupby("group").label.agg(["min", "max"]).to_numpy()
+                == [0, 1]).all()
+    again = load_source(root, heldout=0.3, seed=0)
+    assert again.heldout.equals(src.heldout) and not load_source(root, 0.3, seed=1).heldout.equals(src.heldout)
+    names = src.cross.img_name
+    assert pair_groups(root / "pairs.csv", names).equals(src.cross.group.rename("img_name"))
+
+
+@pytest.mark.parametrize("body, msg", [
+    ("real,fake\nreal/r0.jpg,fake/f0.jpg\n", "header is 'real,fake'; expected 'fake,real'"),
+    ("fake,real\nfake/f0.jpg,real/r0.jpg\nfake/f0.jpg,real/r1.jpg\n", "fake 'fake/f0.jpg' is listed twice"),
+    ("fake,real\nfake/f0.jpg,real/r9.jpg\n", "1 listed file\\(s\\) not among the source's images, e.g. 'real/r9.jpg'"),
+])
+def test_a_bad_pairs_file_is_refused_naming_it(tmp_path, body, msg):
+    root = _paired_folder(tmp_path / "dfdc", 2)
+    (root / "pairs.csv").write_text(body)
+    with pytest.raises(InputError, match=f"pairs.csv: {msg}"):
+        load_source(root)
+
+
+def test_each_folder_sources_grouping_rule():
+    """No pairs.csv: the genphotos rule by name (other names alone); the competition layout: each image alone."""
+    from dfpipe.benchmark import GROUPINGS, source_groups
+
+    items = pd.DataFrame({"img_name": ["real/001_03.jpg", "real/001_08.jpg", "fake/coco_00001.jpg"], "label": [0, 0, 1]})
+    rule, groups = source_groups(Path("/nonexistent"), items)
+    assert rule == "identity" and list(groups) == ["real/001", "real/001", "fake/coco_00001"]
+    assert set(GROUPINGS) == {"image", "identity", "pairs"}
+
+
+def test_the_split_holds_out_each_stratum_and_leaves_one_class_groups_as_before():
+    """Strata: real-only groups, fake-only groups, mixed groups (pairs): each loses `heldout` of its groups. Adding
+    mixed groups leaves the draw of the one-class strata where it was (the existing sources' splits are unchanged)."""
+    pure = pd.DataFrame({"img_name": [f"real/{i:03d}_{k}.jpg" for i in range(10) for k in ("03", "08")]
+                         + [f"fake/{i}.jpg" for i in range(10)], "label": [0] * 20 + [1] * 10})
+    pure["group"] = pure.img_name.map(identity_group)
+    pairs = pd.DataFrame({"img_name": [f"{c}/p{i}.jpg" for i in range(20) for c in ("real", "fake")],
+                          "label": [0, 1] * 20, "group": [f"pair/{i}" for i in range(20) for _ in range(2)]})
+    both = pd.concat([pure, pairs], ignore_index=True)
+    train, held = split_groups(both, both.group, 0.3, seed=0)
+    assert held.group.nunique() == 3 + 3 + 6 and not set(train.group) & set(held.group)
+    pure_train, pure_held = split_groups(pure, pure.group, 0.3, seed=0)
+    assert set(pure_held.img_name) == set(held.img_name[~held.group.str.startswith("pair/")])
+
+
+def test_the_cap_keeps_whole_groups_class_balanced_and_is_seeded():
+    from dfpipe.benchmark import cap_train
+
+    pairs = pd.DataFrame({"img_name": [f"{c}/p{i}.jpg" for i in range(50) for c in ("real", "fake")],
+                          "label": [0, 1] * 50, "group": [f"pair/{i}" for i in range(50) for _ in range(2)]})
+    capped = cap_train(pairs, 20, seed=0)
+    assert len(capped) == 20 and capped.label.sum() == 10 and (capped.groupby("group").size() == 2).all()
+    assert list(capped.index) == list(range(20)) and capped.img_name.isin(pairs.img_name).all()
+    assert capped.equals(cap_train(pairs, 20, seed=0)) and not capped.equals(cap_train(pairs, 20, seed=1))
+    assert cap_train(pairs, 0, 0) is pairs and cap_train(pairs, 100, 0) is pairs  # 0 = no cap; under the cap: all
+    # imbalanced, one-class groups of two reals: 10 per class, people whole (no group column: each image alone)
+    people = pd.DataFrame({"img_name": [f"real/{i:03d}_{k}.jpg" for i in range(30) for k in ("03", "08")]
+                           + [f"fake/{i}.jpg" for i in range(15)], "label": [0] * 60 + [1] * 15})
+    people["group"] = people.img_name.map(identity_group)
+    capped = cap_train(people, 20, seed=0)
+    assert (capped.label == 0).sum() == 10 and (capped.label == 1).sum() == 10
+    assert (capped[capped.label == 0].groupby("group").size() == 2).all()
+    assert len(cap_train(people.drop(columns="group"), 20, seed=0)) == 20
+
+
+def test_the_cap_applies_to_training_parts_only_and_is_in_the_key_only_when_set(tmp_path):
+    from dfpipe.benchmark import cell_key, load_sources, shared_settings
+
+    _paired_folder(tmp_path / "data" / "dfdc", 40)
+    spec = GridSpec(data_root=str(tmp_path / "data"), sources=["dfdc"], recipes={"r": {"img_size": 96}})
+    full, capped = load_sources(spec)["dfdc"], load_sources(dataclasses.replace(spec, max_train_per_source=10))["dfdc"]
+    assert len(full.train) == 56 and len(capped.train) == 10 and capped.train.label.sum() == 5
+    assert set(capped.train.img_name) <= set(full.train.img_name)
+    assert capped.heldout.equals(full.heldout) and capped.cross.equals(full.cross)
+    ecfg = recipe_config(spec, "r", 0)
+    assert "max_train_per_source" not in shared_settings(spec)  # off: every cached key stays (pinned above)
+    on = dataclasses.replace(spec, max_train_per_source=10)
+    assert shared_settings(on)["max_train_per_source"] == 10 and cell_key(on, ecfg) != cell_key(spec, ecfg)
+
+
+@pytest.mark.parametrize("body, msg", [
+    ("train_on: [b+c, a+c]", "leave_one_out: train_on must hold out each source exactly once"),
+    ("train_on: [c, a+c, a+b]", "leave_one_out: train_on must hold out each source exactly once"),
+    ("train_on: [b+c, a+c, a+b]\nmax_train_per_source: -1", "max_train_per_source -1: 0 \\(no cap\\)"),
+])
+def test_a_leave_one_out_grid_must_hold_out_each_source_once(tmp_path, body, msg):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"sources: [a, b, c]\nleave_one_out: true\n{body}\nrecipes: {{baseline: {{}}}}\n")
+    with pytest.raises(ConfigError, match=f"grid.yaml: {msg}"):
+        load_grid(path)
+    path.write_text("sources: [a, b, c]\nleave_one_out: true\ntrain_on: [b+c, a+c, a+b]\nrecipes: {baseline: {}}\n")
+    assert load_grid(path).leave_one_out
+
+
+def test_the_loso_grid_holds_out_each_of_the_five_sources_with_the_main_baseline():
+    from dfpipe.benchmark import held_out_source
+
+    loso, main = load_grid("bench/grid_loso.yaml"), load_grid("bench/grid.yaml")
+    assert set(loso.sources) == {"yonsei_faces", "stylegan3_utk", "genphotos_frll", "dfdc_faces", "sd14_coco"}
+    assert [held_out_source(loso, t) for t in loso.train_on] == loso.sources and loso.leave_one_out
+    assert loso.seeds == [0, 1, 2] and loso.max_train_per_source > 0
+    assert loso.recipes["baseline"] == main.recipes["baseline"]
+    assert loso.robustness.degradations == ["jpeg75", "jpeg50", "half"] and loso.robustness.recipes == ["baseline"]
+    same = ("epochs", "heldout", "split_seed", "max_side", "augment_sd", "cluster_split", "ensemble_predict", "evaluate")
+    assert {k: getattr(loso, k) for k in same} == {k: getattr(main, k) for k in same}
+
+
+def _loso_cells(tmp_path):
+    """Three sources, each held out once; base and new for seeds 0 and 1; new is better on a and b (scores that
+    follow the labels), worse on c."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(60, int), np.ones(60, int)]
+    good = _three_set_scores(tmp_path / "good.csv", y, y + rng.normal(0, 0.5, 120))
+    bad = _three_set_scores(tmp_path / "bad.csv", y, y + rng.normal(0, 3, 120))
+    aucs = {"base": {"a": (0.6, 0.7), "b": (0.5, 0.6), "c": (0.8, 0.8)},
+            "new": {"a": (0.9, 0.8), "b": (0.7, 0.7), "c": (0.6, 0.7)}}
+    trains = {"a": "b+c", "b": "a+c", "c": "a+b"}
+    cells = []
+    for recipe, csv in (("base", bad), ("new", good)):
+        for seed in (0, 1):
+            for held, train in trains.items():
+                ev = {s: {"clean": {"auc": aucs[recipe][held][seed] if s == held else 0.99,
+                                    "tpr_at_fpr_1e-2": 0.1 * (seed + 1) if s == held else 0.5}} for s in "abc"}
+                cells.append({"train_source": train, "recipe": recipe, "seed": seed, "eval": ev, "scores_csv": csv})
+    spec = GridSpec(sources=["a", "b", "c"], train_on=list(trains.values()), seeds=[0, 1], baseline="base",
+                    leave_one_out=True)
+    return cells, spec, good, bad
+
+
+def test_the_loso_table_has_a_column_per_held_out_source_with_paired_intervals(tmp_path):
+    from dfpipe.benchmark import paired_auc_diff, paired_seed_deltas
+
+    cells, spec, good, bad = _loso_cells(tmp_path)
+    lines = grid_table(cells, spec).splitlines()
+    k = lines.index("### leave-one-source-out summary (ROC AUC; TPR at FPR 1e-2; mean of seeds)")
+    assert lines[k + 4] == ("| recipe | a held out | b held out | c held out | mean | delta mean AUC vs baseline "
+                            "| AUC above baseline |")
+    assert lines[k + 6] == "| base | 0.650 (0.150) | 0.550 (0.150) | 0.800 (0.150) | 0.667 (0.150) | - | - |"
+    new = lines[k + 7].split(" | ")
+    assert new[0] == "| new" and new[1].startswith("0.850 (0.150) +") and new[4] == "0.733 (0.150)"
+    assert new[6] == "2/3 |"  # above the baseline on a and b, not on c
+    # the per-column delta is the paired one of the scores (both seeds read the same CSVs here: the plain pair)
+    d, lo, hi = paired_auc_diff(good, bad, "a")
+    col = re.match(r"0\.850 \(0\.150\) ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]", new[1])
+    assert float(col.group(1)) == pytest.approx(d, abs=5e-4) and float(col.group(2)) > 0  # clearly better: > 0
+    mean = re.match(r"([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]", new[5])
+    assert float(mean.group(1)) == pytest.approx(d, abs=5e-4)  # same scores on every set: the same difference
+    assert float(mean.group(2)) < d < float(mean.group(3))
+    # the interval pairs the seeds: identical pairs give the one-pair value, and the resamples do not depend on order
+    one, boots1 = paired_seed_deltas([(good, bad)], "a", 200, seed=0)
+    two, boots2 = paired_seed_deltas([(good, bad), (good, bad)], "a", 200, seed=0)
+    assert one == pytest.approx(d) and two == pytest.approx(d) and np.allclose(boots1, boots2)
+    # memoised per file state: a rewritten scores file is read again
+    pd.read_csv(good).assign(score=lambda f: -f.score).to_csv(good, index=False)
+    os.utime(good, ns=(1, 1))
+    flipped = paired_seed_deltas([(good, bad)], "a", 200, seed=0)[0]
+    assert flipped == pytest.approx(paired_auc_diff(good, bad, "a")[0]) and flipped < 0 < d
+    assert "### summary of combined training sets" not in "\n".join(lines)  # the LOSO summary replaces it
+    assert lines.count("### trained on b + c") == 1  # the per-set blocks stay
+
+
+def test_the_loso_table_leaves_unfinished_columns_out_of_the_means(tmp_path):
+    cells, spec, _, _ = _loso_cells(tmp_path)
+    partial = [c for c in cells if not (c["recipe"] == "new" and c["train_source"] == "a+b")]
+    lines = grid_table(partial, spec).splitlines()
+    row = next(line for line in lines if line.startswith("| new | 0.850"))
+    assert row.endswith("| - (-) | - (-) | - | 2/3 |")  # no c column: no mean, no mean delta
+    # the same cells without leave_one_out: the combined-sets summary as before, no LOSO block
+    plain = grid_table(cells, dataclasses.replace(spec, leave_one_out=False))
+    assert "leave-one-source-out summary" not in plain and "### summary of combined training sets" in plain
+
+
+def test_groups_across_folds_counts_pairs_that_reach_into_val():
+    from dfpipe.benchmark import Source, groups_across_folds
+
+    train = pd.DataFrame({"img_name": ["real/r0.jpg", "fake/f0.jpg", "real/r1.jpg", "fake/f1.jpg", "real/x.jpg"],
+                          "label": [0, 1, 0, 1, 0], "group": ["p0", "p0", "p1", "p1", "real/x.jpg"]})
+    src = Source("d", train, train.iloc[:0], train, Path("/d"), "pairs")
+    other = Source("o", train.assign(group=train.img_name), train.iloc[:0], train, Path("/o"))
+    names = [f"{s}/{n}" for s in ("d", "o") for n in train.img_name]
+    split = pd.DataFrame({"img_name": names + ["d/aug/1.png"], "origin": ["train"] * 10 + ["aug"],
+                          "fold": [0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 0], "subset": ["val", "val", "val"] + ["train"] * 8})
+    assert groups_across_folds(split, [src, other]) == {"n_groups": 2, "n_across_folds": 1, "n_across_val": 1}
+    alone = split[split.img_name.str.startswith("d/")].assign(img_name=lambda d: d.img_name.str[2:])
+    assert groups_across_folds(alone, [src])["n_across_val"] == 1

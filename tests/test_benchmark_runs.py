@@ -56,6 +56,9 @@ def tiny(tmp_path_factory):
         write_jpeg(data / "folders" / "real" / f"r{i:02d}.jpg", photo_like(rng, 48, 48))
         img = photo_like(rng, 24, 24).repeat(2, axis=0).repeat(2, axis=1)  # blocky up-sampling: the "fakes"
         write_jpeg(data / "folders" / "fake" / f"f{i:02d}.jpg", img)
+    # each fake "made from" the real of its number (dfdc_faces' layout): the folder source is split by pair
+    (data / "folders" / "pairs.csv").write_text("fake,real\n" + "".join(f"fake/f{i:02d}.jpg,real/r{i:02d}.jpg\n"
+                                                                      for i in range(20)))
     grid = t / "grid.yaml"
     grid.write_text(yaml.safe_dump(_grid(data)))
     return t, data, grid
@@ -354,6 +357,13 @@ def test_a_combined_cell_trains_on_both_training_parts_and_is_scored_on_every_he
     held = {str(s.root / n) for s in (sources["demo"], sources["folders"]) for n in s.heldout.img_name}
     assert set(man.path) == trained and not set(man.path) & held and len(held) > 0
     assert set(man.img_name.str.split("/").str[0]) == {"demo", "folders"}
+    # folders is split by pair: a fake and its real are both trained on or both held out; stage 3's folds are
+    # checked for the pairs (of the training part) that reach into val
+    assert sources["folders"].grouping == "pairs" and not set(sources["folders"].train.group) & set(
+        sources["folders"].heldout.group)
+    groups = json.loads((d.parent / "groups.json").read_text())
+    assert groups["n_groups"] == sources["folders"].train.group.nunique() == 14  # 20 pairs, 6 held out
+    assert 0 <= groups["n_across_val"] <= groups["n_across_folds"] <= groups["n_groups"]
     # stage 6: in-source = both held-out parts, cross = the third source's cross part (all of it)
     scores = pd.read_csv(cell["scores_csv"], keep_default_na=False)
     scores = scores[scores.degradation == "clean"]

@@ -16,8 +16,12 @@ alone, folder ``<work>/<source>/``) or several trained on at once (``train_on: [
 
 The selection fold (stage 3's val fold) is never a reported column: every number in the table comes
 from stage 6. Held-out parts: ``yonsei_faces`` keeps its own ``valset``; the two folder sources are
-split 70/30 with a fixed seed (``genphotos_frll`` by identity: ``NNN_03`` and ``NNN_08`` are one person).
-Cross-source columns use ``yonsei_faces/valset`` and the whole of the other two sources.
+split 70/30 with a fixed seed, by group (:data:`GROUPINGS`: ``genphotos_frll`` by identity, ``NNN_03`` and
+``NNN_08`` are one person; ``dfdc_faces`` by pair, a fake and its real from ``pairs.csv``).
+Cross-source columns use ``yonsei_faces/valset`` and the whole of the other sources. ``max_train_per_source``
+caps each source's training part (seeded, class-balanced, whole groups) so one large source does not dominate a
+combined set; ``leave_one_out: true`` (``bench/grid_loso.yaml``) makes the table's summary one column per
+held-out source.
 
 Ensemble rows (``ensembles:`` of the grid): the finished cells of two or more recipes, same training source and
 seed, combined by stage 5 and scored by stage 6 like any cell, without training (:func:`run_ensemble`).
@@ -29,15 +33,17 @@ cross-source AUC "together" beside the same recipe's single-source cells of the 
 the work folder, e.g. left there by ``bench/grid.yaml``; never trained by such a grid).
 """
 
-from .grid import (GridSpec, JOIN, RobustnessSpec, Source, TrainingSet, ensemble_cells, grid_cells, grid_recipes,
-                   identity_group, is_combined, load_grid, load_source, load_sources, recipe_config, set_parts,
+from .grid import (GROUPINGS, GridSpec, JOIN, PAIRS_FILE, RobustnessSpec, Source, TrainingSet, cap_train,
+                   ensemble_cells, grid_cells, grid_recipes, groups_of, held_out_source, identity_group, is_combined,
+                   load_grid, load_source, load_sources, pair_groups, recipe_config, set_parts, source_groups,
                    split_groups, train_parts, training_set, training_sets)
-from .cells import (CELL_STAGES, KEY_OMIT_AT, SHARED_RECORD, SOURCE_STAGES, cell_dir, cell_key, cell_layout,
-                    code_version, eval_sets, finished_cell, omit_later, prepare_source, process_code_version,
-                    read_json, run_cell, section, select_and_evaluate, shared_settings, source_layout, stage_config)
+from .cells import (CELL_STAGES, GROUPS_RECORD, KEY_OMIT_AT, SHARED_RECORD, SOURCE_STAGES, cell_dir, cell_key,
+                    cell_layout, code_version, eval_sets, finished_cell, groups_across_folds, omit_later,
+                    prepare_source, process_code_version, read_json, run_cell, section, select_and_evaluate,
+                    shared_settings, source_layout, stage_config)
 from .runs import (ENSEMBLE_FORMAT, ROBUSTNESS_FORMAT, ensemble_dir, run_ensemble, run_grid, run_robustness,
                    single_source_reference)
-from .tables import (cell_metrics, grid_table, paired_auc_diff, write_grid)
+from .tables import (cell_metrics, grid_table, loso_summary, paired_auc_diff, paired_seed_deltas, write_grid)
 from .queue import (ACTIVE, CellParams, EXP_JOIN, PROJECT, STAGE_OUTPUTS, dvc, exp_name, queue_grid, queue_status,
                     run_cell_stage, run_past_daemons, wait_for_queue)
 from .readme import (BLOCK, readme_blocks, section_table, sync_readme)

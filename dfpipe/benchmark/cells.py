@@ -19,7 +19,7 @@ from ..config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertConfig,
                       from_dict, read_params)
 from ..io import write_csv, write_json
 from ..layout import Layout
-from .grid import GridSpec, Source, TrainingSet, recipe_config, train_parts
+from .grid import GridSpec, Source, TrainingSet, groups_of, recipe_config, train_parts
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,35 @@ def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> Lay
     prepare_data.run(PrepareConfig(max_side=spec.max_side,
                                    datasets=[from_dict(DatasetConfig, ds, "dataset") for ds in datasets]), layout)
     augment_sd.run(stage_config(spec, "augment_sd"), layout)
-    cluster_split.run(stage_config(spec, "cluster_split"), layout)
+    split = cluster_split.run(stage_config(spec, "cluster_split"), layout)
+    groups = groups_across_folds(split, train_parts(src))
+    if groups["n_across_val"]:
+        log.warning("%s: %d of %d image groups (pairs, identities) have members in the val fold and in a training "
+                    "fold (stage 3 keeps only near-duplicates and clusters together; only selection sees val)",
+                    src.name, groups["n_across_val"], groups["n_groups"])
+    write_json(d / GROUPS_RECORD, groups)
     write_json(d / SHARED_RECORD, shared)  # last: it vouches for the folder
     return layout
 
 
 SHARED_RECORD = "shared.json"
+GROUPS_RECORD = "groups.json"  # how stage 3's folds cut the sources' groups (groups_across_folds)
+
+
+def groups_across_folds(split: pd.DataFrame, parts: list[Source]) -> dict[str, Any]:
+    """How many groups of several images (a dfdc pair, a genphotos identity) stage 3 put in more than one fold, and
+    how many have members in the val fold and outside it (what leaks into selection). ``split`` is stage 3's table
+    (stage 1's names: ``<source>/<img_name>`` when several sources feed it)."""
+    prefix = len(parts) > 1
+    group = {f"{p.name}/{n}" if prefix else n: f"{p.name}:{g}"
+             for p in parts for n, g in zip(p.train.img_name, groups_of(p.train))}
+    orig = split[split.origin != "aug"]
+    df = pd.DataFrame({"group": orig.img_name.map(group), "fold": orig.fold, "val": orig.subset == "val"}).dropna()
+    sizes = df.groupby("group").size()
+    df = df[df.group.isin(sizes.index[sizes > 1])]
+    per = df.groupby("group").agg(folds=("fold", "nunique"), some_val=("val", "max"), all_val=("val", "min"))
+    return {"n_groups": int(len(per)), "n_across_folds": int((per.folds > 1).sum()),
+            "n_across_val": int((per.some_val & ~per.all_val).sum())}
 
 
 def _source_datasets(src: Source, d: Path) -> list[dict[str, str]]:
@@ -104,8 +127,9 @@ def shared_settings(spec: GridSpec) -> dict[str, Any]:
     an older stage 1 (another store format), is made again rather than reused."""
     from ..data.store import STORE_FORMAT
 
+    grid = omit_later({"max_train_per_source": spec.max_train_per_source}, "grid")
     return json.loads(json.dumps({"max_side": spec.max_side, "store_format": STORE_FORMAT, "heldout": spec.heldout,
-                                  "split_seed": spec.split_seed,
+                                  "split_seed": spec.split_seed, **grid,
                                   "augment_sd": omit_later(section(spec, "augment_sd"), "augment_sd"),
                                   "cluster_split": omit_later(section(spec, "cluster_split"), "cluster_split")}))
 
@@ -120,6 +144,7 @@ KEY_OMIT_AT: dict[str, dict[str, Any]] = {
                "front": "none", "stages": 0},  # + the artifact expert's residual front and cut backbone
     "augment_sd": {"landmarks": "none"},  # self_blend's mask from face landmarks
     "cluster_split": {},
+    "grid": {"max_train_per_source": 0},  # GridSpec settings of stage 1's input (the training parts)
 }
 
 

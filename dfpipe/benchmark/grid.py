@@ -1,83 +1,25 @@
-"""The benchmark grid: its sources (held-out parts, identities), training sets and the grid file."""
+"""The benchmark grid: its training sets and the grid file (the sources themselves: :mod:`.sources`)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import yaml
 
 from ..config import (ExpertConfig, from_dict)
-from ..errors import ConfigError, InputError, UnknownNameError
+from ..errors import ConfigError, UnknownNameError
+from .sources import (GROUPINGS, PAIRS_FILE, Source, cap_train, groups_of, identity_group,  # noqa: F401 (re-exported)
+                      load_source, pair_groups, source_groups, split_groups)
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class Source:
-    """A labelled source of ``../shared/data``: its training part and its held-out part."""
-
-    name: str
-    train: pd.DataFrame  # img_name (relative to root), label
-    heldout: pd.DataFrame  # img_name, label: the in-source column
-    cross: pd.DataFrame  # img_name, label: what other sources' cells are evaluated on
-    root: Path
-
-
-def _folder_items(root: Path) -> pd.DataFrame:
-    """``real/**`` = 0, ``fake/**`` = 1, listed as stage 6 lists a folder set."""
-    from ..evaluate import list_class_folders
-
-    if not ((root / "real").is_dir() or (root / "fake").is_dir()):
-        raise InputError(f"{root}: no images under real/ or fake/")
-    return list_class_folders(root.name, root)
-
-
-_SAME_PERSON = re.compile(r"^(\d+)_(03|08)$")  # genphotos_frll: NNN_03 (neutral) and NNN_08 (smiling)
-
-
-def identity_group(img_name: str) -> str:
-    """``real/001_03.jpg`` and ``real/001_08.jpg`` -> ``real/001`` (one person, never on both sides of a
-    split); any other file is a group of its own."""
-    p = Path(img_name)
-    m = _SAME_PERSON.match(p.stem)
-    return f"{p.parent.as_posix()}/{m.group(1) if m else p.stem}"
-
-
-def split_groups(items: pd.DataFrame, groups: pd.Series, heldout: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Random (train, held-out) split of whole groups, stratified by label; deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(items), bool)
-    for label in (0, 1):
-        uniq = np.array(sorted(set(groups[items.label == label])))
-        pick = set(rng.permutation(uniq)[: int(round(heldout * len(uniq)))])
-        held |= (items.label == label).to_numpy() & groups.isin(pick).to_numpy()
-    return items[~held].reset_index(drop=True), items[held].reset_index(drop=True)
-
-
-def load_source(root: Path, heldout: float = 0.3, seed: int = 0) -> Source:
-    """A source in the competition layout (trainset/ + valset/ label CSVs) or as real/ + fake/ folders."""
-    from ..data.labels import read_labels
-
-    root = Path(root).resolve()
-    if (root / "trainset_label.txt").is_file():
-        tr = read_labels(root / "trainset_label.txt")[["img_name", "label"]]
-        va = read_labels(root / "valset_label.txt")[["img_name", "label"]]
-        tr["img_name"] = "trainset/" + tr.img_name
-        va["img_name"] = "valset/" + va.img_name
-        return Source(root.name, tr, va, va, root)
-    items = _folder_items(root)
-    train, held = split_groups(items, items.img_name.map(identity_group), heldout, seed)
-    return Source(root.name, train, held, items, root)
-
-
+# ----------------------------------------------------------------------------- training sets
 @dataclass(frozen=True)
 class TrainingSet:
     """Several sources trained on at once (a ``train_on`` entry ``a+b``): stage 1 reads the training part of each,
@@ -126,6 +68,10 @@ class GridSpec:
     split_seed: int = 0  # the train / held-out split of the folder sources (fixed across seeds)
     baseline: str = "baseline"  # the row every other is compared with
     max_side: int = 0  # stage 1 (prepare_data.max_side): 0 = every image at native resolution
+    max_train_per_source: int = 0  # at most this many images of each source's training part (cap_train, seeded by
+    #                                 split_seed, class-balanced, whole groups); 0 = no cap
+    leave_one_out: bool = False  # the table's leave-one-source-out summary; train_on must then hold out each
+    #                              source exactly once (checked on load). No part of any key
     augment_sd: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
     cluster_split: dict[str, Any] = field(default_factory=dict)
     ensemble_predict: dict[str, Any] = field(default_factory=dict)  # PredictConfig overrides (tta, combine)
@@ -141,6 +87,9 @@ def load_grid(path: str | Path) -> GridSpec:
     with open(path, encoding="utf-8") as fh:
         spec = from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
     _check_train_on(spec, str(path))
+    _check_leave_one_out(spec, str(path))
+    if spec.max_train_per_source < 0:
+        raise ConfigError(f"{path}: max_train_per_source {spec.max_train_per_source}: 0 (no cap) or a positive count")
     _check_robustness(spec, str(path))
     _check_ensembles(spec, str(path))
     return spec
@@ -200,6 +149,22 @@ def _check_train_on(spec: GridSpec, where: str) -> None:
         seen[frozenset(parts)] = entry
 
 
+def held_out_source(spec: GridSpec, train: str) -> str | None:
+    """The one source of the grid a training set leaves out, or None (it leaves out none or several)."""
+    out = [s for s in spec.sources if s not in set_parts(train)]
+    return out[0] if len(out) == 1 else None
+
+
+def _check_leave_one_out(spec: GridSpec, where: str) -> None:
+    """``leave_one_out: true`` needs ``train_on`` = one training set per source, each holding every other source."""
+    if not spec.leave_one_out:
+        return
+    held = [held_out_source(spec, t) for t in training_sets(spec)]
+    if None in held or sorted(held) != sorted(spec.sources):
+        raise ConfigError(f"{where}: leave_one_out: train_on must hold out each source exactly once (each entry "
+                          f"every source but one), got {training_sets(spec)}")
+
+
 def _check_robustness(spec: GridSpec, where: str) -> None:
     """Typos in ``robustness:`` fail when the grid loads, not after hours of training."""
     from ..evaluate import CLEAN, parse_degradation
@@ -252,4 +217,8 @@ def ensemble_cells(spec: GridSpec, recipes: list[str] | None = None) -> list[tup
 
 def load_sources(spec: GridSpec) -> dict[str, Source]:
     root = Path(spec.data_root)
-    return {name: load_source(root / name, spec.heldout, spec.split_seed) for name in spec.sources}
+    out = {}
+    for name in spec.sources:
+        src = load_source(root / name, spec.heldout, spec.split_seed)
+        out[name] = dataclasses.replace(src, train=cap_train(src.train, spec.max_train_per_source, spec.split_seed))
+    return out

@@ -169,7 +169,10 @@ def single_source_reference(spec: GridSpec, work: str | Path, recipes: list[str]
     """The finished single-source cells (same recipes, seeds and settings, so the same cell keys) of every source
     of the grid's combined training sets that the grid does not train alone itself: the table's "alone" numbers.
     Read from ``work`` only (what another grid, e.g. ``bench/grid.yaml``, left there); none is trained. Cells that
-    were not scored on every source of this grid are left out."""
+    were not scored on every source of this grid are left out. A leave-one-out grid reads none: its summary has
+    no "alone" column (a source alone is no leave-one-source-out cell)."""
+    if spec.leave_one_out:
+        return []
     own = set(training_sets(spec))
     parts = dict.fromkeys(p for t in training_sets(spec) if is_combined(t) for p in set_parts(t) if p not in own)
     cells = []

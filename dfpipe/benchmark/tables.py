@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_open, write_json
-from .grid import GridSpec, is_combined, set_parts, training_sets
+from .grid import GridSpec, held_out_source, is_combined, set_parts, training_sets
+from .paired import paired_auc_diff, paired_seed_deltas  # noqa: F401 (paired_auc_diff: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +64,6 @@ def _tpr(cell: dict, eval_set: str) -> float:
     return float(cell["eval"][eval_set]["clean"]["tpr_at_fpr_1e-2"])
 
 
-def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUC(a) - AUC(b) on the same images of ``eval_set``, with a paired stratified bootstrap 95% interval
-    (each resample weighs the same images for both; vectorised, see :func:`dfpipe.evaluate.weighted_auc`)."""
-    from ..evaluate import resample_counts, weighted_auc
-    from ..metrics import roc_auc
-
-    a, b = (pd.read_csv(p, keep_default_na=False) for p in (a_csv, b_csv))
-    a = a[(a.set == eval_set) & (a.degradation == "clean")].set_index("img_name")
-    b = b[(b.set == eval_set) & (b.degradation == "clean")].set_index("img_name")
-    common = a.index.intersection(b.index)
-    y = a.label.loc[common].to_numpy().astype(int)
-    sa, sb = a.score.loc[common].to_numpy(float), b.score.loc[common].to_numpy(float)
-    diff = roc_auc(y, sa) - roc_auc(y, sb)
-    rng_pos, rng_neg = np.random.default_rng(seed).spawn(2)
-    w_pos, w_neg = resample_counts(rng_pos, n_boot, int(y.sum())), resample_counts(rng_neg, n_boot, int((y == 0).sum()))
-    boots = (weighted_auc(sa[y == 1], sa[y == 0], w_pos, w_neg) - weighted_auc(sb[y == 1], sb[y == 0], w_pos, w_neg))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(diff), float(lo), float(hi)
-
-
 def _md_row(cells: list[str]) -> str:
     """One markdown table row."""
     return "| " + " | ".join(cells) + " |"
@@ -124,7 +105,10 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
                   f"({spec.ensemble_predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
     if not single.empty:
         lines += _summary(single, spec)
-    lines += _combined_summary(df, _cells_frame(reference or []), spec)
+    if spec.leave_one_out:  # every training set holds out one source: one column per held-out source
+        lines += loso_summary(df, spec)
+    else:
+        lines += _combined_summary(df, _cells_frame(reference or []), spec)
     for train in training_sets(spec):
         sub = df[df.train == train]
         if sub.empty:
@@ -248,6 +232,71 @@ def _combined_summary(df: pd.DataFrame, ref: pd.DataFrame, spec: GridSpec) -> li
         out.append(_md_row([recipe, *[f"{_fmt(t)} / {_fmt(a)}" for t, a in zip(together, alone_aucs)],
                             _fmt(mean_t), delta, _fmt(mean_a), _fmt(mean_t - mean_a, "+.3f")]))
     return out + [""]
+
+
+LOSO_BOOT = 1000  # paired bootstrap resamples of the leave-one-source-out summary's intervals
+
+
+def loso_summary(df: pd.DataFrame, spec: GridSpec, n_boot: int = LOSO_BOOT) -> list[str]:
+    """One row per recipe, one column per held-out source (the cell trained on every other source, scored on the
+    whole of that one): ROC AUC and TPR at FPR 1e-2, each the mean of the seeds; then their means over the columns,
+    the recipe's AUC minus the baseline's with a paired bootstrap 95% interval over images (the same resampled
+    images for both rows and every seed; :func:`paired_seed_deltas`), and on how many columns its AUC is above the
+    baseline's. A column the recipe has not finished is "-" (and no mean)."""
+    by_source = {held_out_source(spec, t): t for t in training_sets(spec)}
+    cols = [s for s in spec.sources if s in by_source and (df.train == by_source[s]).any()]
+    if not cols:
+        return []
+    head = ["recipe", *[f"{s} held out" for s in cols], "mean", "delta mean AUC vs baseline", "AUC above baseline"]
+    out = ["### leave-one-source-out summary (ROC AUC; TPR at FPR 1e-2; mean of seeds)", "",
+           "Each column: the cells trained on every other source (their training parts together), scored on the whole "
+           "held-out source. Cell: AUC (TPR@1e-2), then for a recipe its AUC minus the baseline's on the same images "
+           "with a paired bootstrap 95% interval (images resampled, the same for both rows and each common seed; the "
+           "difference averaged over those seeds). mean: over the columns; its interval from the same resamples.", "",
+           *_md_head(head)]
+    base_auc = {s: _seed_mean(df, spec.baseline, by_source[s], s, _auc) for s in cols}
+    for recipe in dict.fromkeys(df[df.train.isin([by_source[s] for s in cols])].recipe):
+        aucs = [_seed_mean(df, recipe, by_source[s], s, _auc) for s in cols]
+        tprs = [_seed_mean(df, recipe, by_source[s], s, _tpr) for s in cols]
+        row, boots, deltas = [recipe], [], []
+        for i, s in enumerate(cols):
+            text = f"{_fmt(aucs[i])} ({_fmt(tprs[i])})"
+            if recipe != spec.baseline:
+                pairs = _seed_pairs(df, recipe, spec.baseline, by_source[s])
+                if pairs:
+                    d, b = paired_seed_deltas(pairs, s, n_boot, seed=i)
+                    deltas.append(d)
+                    boots.append(b)
+                    text += f" {_interval(d, b)}"
+            row.append(text)
+        row.append(f"{_fmt(_complete_mean(aucs, len(cols)))} ({_fmt(_complete_mean(tprs, len(cols)))})")
+        if recipe == spec.baseline:
+            row += ["-", "-"]
+        else:
+            whole = len(deltas) == len(cols)
+            row.append(_interval(float(np.mean(deltas)), np.mean(boots, axis=0)) if whole else "-")
+            above = sum(a > base_auc[s] for a, s in zip(aucs, cols) if not np.isnan(a) and not np.isnan(base_auc[s]))
+            row.append(f"{above}/{len(cols)}")
+        out.append(_md_row(row))
+    return out + [""]
+
+
+def _seed_mean(df: pd.DataFrame, recipe: str, train: str, eval_set: str, metric: Any) -> float:
+    """The mean over seeds of ``metric`` (:func:`_auc`, :func:`_tpr`) of the recipe's cells on ``train``; nan: none."""
+    runs = df[(df.train == train) & (df.recipe == recipe)]
+    return float(np.mean([metric(c, eval_set) for c in runs.cell])) if len(runs) else float("nan")
+
+
+def _seed_pairs(df: pd.DataFrame, recipe: str, baseline: str, train: str) -> list[tuple[str, str]]:
+    """(recipe's scores CSV, baseline's) of every seed both finished on ``train``, in seed order."""
+    mine = df[(df.train == train) & (df.recipe == recipe)].set_index("seed").cell
+    base = df[(df.train == train) & (df.recipe == baseline)].set_index("seed").cell
+    return [(mine[k]["scores_csv"], base[k]["scores_csv"]) for k in sorted(set(mine.index) & set(base.index))]
+
+
+def _interval(d: float, boots: np.ndarray) -> str:
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _together_alone(df: pd.DataFrame, alone: pd.DataFrame, recipe: str, combined: list[str],
