@@ -12,7 +12,7 @@ from PIL import Image
 
 from dfpipe.config import ExpertConfig
 from dfpipe.data.images import decode_image
-from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
+from dfpipe.data.preprocess import Stage1
 from dfpipe.io import write_json
 from dfpipe.models import build_expert
 from dfpipe.ensemble_predict import Ensemble
@@ -26,13 +26,11 @@ NATIVE = Stage1()  # stage 1 at its defaults: native resolution, no face crop
 
 def save_expert(models: Path, name: str = "m", stage1: Stage1 = NATIVE, mode: str = "resize", img_size: int = 32,
                 seed: int = 0) -> None:
-    """A stage-4 checkpoint (tf_efficientnet_lite0, random weights) with its preprocessing record, as
-    training writes it: ``stage1`` (the store's record) + the input policy + the model's normalisation."""
+    """A stage-4 checkpoint (tf_efficientnet_lite0, random weights) as training writes it: the model's
+    description (its input contract: ``img_size``, ``mode``, the backbone's normalisation) and ``stage1``."""
     torch.manual_seed(seed)
     cfg = ExpertConfig(pretrained="none", img_size=img_size, input_mode=mode)
-    model = build_expert(cfg).eval()
-    prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
-    save_checkpoint(models / name / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()}, cfg, name, {})
+    save_checkpoint(models / name / "best.pt", build_expert(cfg).eval(), stage1, cfg, name, {})
 
 
 def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
