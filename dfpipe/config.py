@@ -167,6 +167,31 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Reconstruction fakes: reals passed through an autoencoder (dfpipe.augment_sd.reconstruct), each pair
+    (real, reconstruction) with one compression and resize history."""
+
+    per_real: float = 0.0  # reconstructions per real image (expected count); 0 = off
+    methods: dict[str, float] = field(
+        default_factory=lambda: {"taef2": 1.0, "random_ae": 1.0, "vae": 0.0}
+    )  # method -> sampling weight: taef2 (shipped FLUX.2 tiny AE) | random_ae (trained here) | vae (vae_model)
+    vae_model: str = ""  # `vae`: a local diffusers AutoencoderKL / AutoencoderTiny folder, or upstream TAESD .pth pair
+    batch_size: int = 8  # images per model call (same-size images batch together)
+    max_side: int = 1024  # a larger real is downscaled first (its pair's real image is that copy); 0 = no limit
+    clean_share: float = 0.5  # pairs left with the real's own history only (the traces stay learnable)
+    resize_prob: float = 0.3  # processed pairs: chance of a downscale (both images)
+    resize_range: tuple[float, float] = (0.5, 0.9)  # its factor
+    webp_share: float = 0.25  # processed pairs: WebP instead of JPEG as the last step (both images)
+    jpeg_quality: tuple[int, int] = (65, 100)
+    webp_quality: tuple[int, int] = (60, 100)
+    ae_models: int = 4  # random_ae: autoencoders, each with its own drawn decoder
+    ae_steps: int = 300  # random_ae: training steps of each (Adam, L1 on crops of the reals)
+    ae_crop: int = 64  # random_ae: training crop side
+    ae_batch: int = 16  # random_ae: crops per step
+    ae_train_images: int = 256  # random_ae: reals sampled to cut training crops from (8 crops each)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     prepared_dir: str = "data/prepared"
     out_dir: str = "data/augmented"
@@ -183,6 +208,7 @@ class AugmentConfig:
     # landmarks (SBI), the random region where no face is found (dfpipe.data.landmarks)
     landmarks: Landmarker = "none"
     workers: int = 0  # editing fakes: processes (0 = all cores, 1 = in-process); same bytes either way
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)  # off by default (per_real 0)
 
 
 # --------------------------------------------------------------------------- stage 3
