@@ -176,7 +176,7 @@ class ReconstructConfig:
         default_factory=lambda: {"taef2": 1.0, "random_ae": 1.0, "vae": 0.0}
     )  # method -> sampling weight: taef2 (shipped FLUX.2 tiny AE) | random_ae (trained here) | vae (vae_model)
     vae_model: str = ""  # `vae`: a local diffusers AutoencoderKL / AutoencoderTiny folder, or upstream TAESD .pth pair
-    batch_size: int = 8  # images per model call (same-size images batch together)
+    batch_size: int = 1  # images per model call (same-size images batch together): 1 is fastest on CPU, raise on GPU
     max_side: int = 1024  # a larger real is downscaled first (its pair's real image is that copy); 0 = no limit
     clean_share: float = 0.5  # pairs left with the real's own history only (the traces stay learnable)
     resize_prob: float = 0.3  # processed pairs: chance of a downscale (both images)
@@ -185,9 +185,9 @@ class ReconstructConfig:
     jpeg_quality: tuple[int, int] = (65, 100)
     webp_quality: tuple[int, int] = (60, 100)
     ae_models: int = 4  # random_ae: autoencoders, each with its own drawn decoder
-    ae_steps: int = 300  # random_ae: training steps of each (Adam, L1 on crops of the reals)
-    ae_crop: int = 64  # random_ae: training crop side
-    ae_batch: int = 16  # random_ae: crops per step
+    ae_steps: int = 200  # random_ae: training steps of each (Adam, L1 on crops of the reals)
+    ae_crop: int = 48  # random_ae: training crop side
+    ae_batch: int = 8  # random_ae: crops per step
     ae_train_images: int = 256  # random_ae: reals sampled to cut training crops from (8 crops each)
 
 

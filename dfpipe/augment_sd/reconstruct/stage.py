@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from ...config import AugmentConfig, ReconstructConfig
@@ -84,6 +85,9 @@ def load_models(cfg: AugmentConfig, methods: list[str], reals: pd.DataFrame, sou
     for name in methods:
         if name not in models:
             models[name] = get_method(name)(cfg.reconstruct, ctx)
+    device = dist.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for rec in (m for ms in models.values() for m in ms):
+        rec.model.to(device)
     return models
 
 
