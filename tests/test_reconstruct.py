@@ -62,6 +62,17 @@ def test_taef2_ships_its_weights_and_round_trips(taef2):
     assert 2.0e6 < n_params < 3.5e6 and taef2.factor == 8
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bfloat16 on this CPU")
+def test_bfloat16_stays_within_a_level_of_float32(taef2):
+    from dfpipe.augment_sd.reconstruct import resolve_dtype
+
+    img = smooth(np.random.default_rng(9), 64, 64)
+    a, b = reconstruct(taef2, [img], dtype="float32")[0], reconstruct(taef2, [img], dtype="bfloat16")[0]
+    diff = np.abs(a.astype(int) - b)
+    assert diff.mean() < 0.5 and diff.max() <= 8 and resolve_dtype("auto", "cpu") == "bfloat16"
+    assert resolve_dtype("float32", "cpu") == "float32"
+
+
 def test_taef2_refuses_changed_or_misfit_weights(tmp_path):
     for name in ("taef2_encoder.pth", "taef2_decoder.pth"):
         shutil.copy(ASSETS / name, tmp_path / name)
@@ -413,3 +424,30 @@ def test_reconstruction_leaves_the_other_rows_unchanged(stage_run, tmp_path):
     assert plan_jobs(recon_config(prep, on), 8, [(64, 64)] * 8)[:len(jobs_off)] == jobs_off
     with pytest.raises(ValueError, match="size of every real"):
         plan_jobs(recon_config(prep, on), 8)
+
+
+def test_worker_processes_give_the_same_bytes(stage_run, tmp_path, monkeypatch):
+    prep, ref, _ = stage_run
+    monkeypatch.setattr(stage, "MIN_IMAGES_PER_WORKER", 1)
+    assert stage.n_processes(2, 28, 1, "cpu") == 2 and stage.n_processes(2, 28, 1, "cuda") == 1
+    out = tmp_path / "pool"
+    run_augment(recon_config(prep, out, workers=2))
+    assert same_output(ref, out)
+
+
+def test_rows_regenerate_from_the_manifest(stage_run):
+    from dfpipe.augment_sd.generate import regenerate
+    from dfpipe.data.store import StoreReader
+
+    prep, out, _ = stage_run
+    man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    for _, row in man[man.method.isin([RECON_REAL, "taef2"])].iterrows():
+        img, mask = regenerate(row, prep)
+        stored = StoreReader().image(out / row.cache_file, int(row.cache_index))
+        assert mask is None and img.shape == stored.shape
+        if row.method == RECON_REAL:
+            assert img.tobytes() == stored.tobytes()
+        else:  # the stage ran batches of 3, regenerate runs alone: equal up to float batch effects
+            assert np.abs(img.astype(int) - stored).mean() < 0.5
+    with pytest.raises(ConfigError, match="random_ae row cannot be regenerated"):
+        regenerate(man[man.method == "random_ae"].iloc[0], prep)

@@ -162,9 +162,22 @@ def _pad(img: np.ndarray, factor: int) -> np.ndarray:
     return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
 
 
+def resolve_dtype(dtype: str, device: str | torch.device) -> str:
+    """``auto``: bfloat16 where ``device`` computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX),
+    float32 elsewhere (emulated bf16 is slower than float32)."""
+    if dtype != "auto":
+        return dtype
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 @torch.inference_mode()
-def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: int = 8, dtype: str = "float32"
+                ) -> list[np.ndarray]:
     """``rec`` applied to (H, W, 3) uint8 RGB images of any sizes; uint8 images of the same sizes.
+
+    ``dtype``: float32, or bfloat16 (autocast: convolutions in bf16, the output rounded to uint8 as always).
 
     Consecutive images whose padded sizes agree run as one batch (at most ``batch_size``), in input order,
     on the model's device, channels-last (measured 1.2-1.5x faster for TAESD on CPU).
@@ -180,7 +193,8 @@ def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: in
         for idx in groups.values():
             x = torch.from_numpy(np.stack([_pad(images[i], rec.factor) for i in idx])).permute(0, 3, 1, 2)
             x = x.to(device).float().div(255.0).contiguous(memory_format=torch.channels_last)
-            y = model(x)  # (B, 3, H', W') in [0, 1]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                y = model(x).float()  # (B, 3, H', W') in [0, 1]
             y8 = (y.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for i, r in zip(idx, y8):
                 h, w = images[i].shape[:2]
@@ -188,4 +202,5 @@ def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: in
     return out  # type: ignore[return-value]
 
 
-__all__ = ["METHODS", "Context", "Reconstructor", "ae_seed", "check_config", "get_method", "reconstruct", "variant"]
+__all__ = ["METHODS", "Context", "Reconstructor", "ae_seed", "check_config", "get_method", "reconstruct",
+           "resolve_dtype", "variant"]
