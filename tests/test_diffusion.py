@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +245,7 @@ def test_torchrun_two_processes_match_one(sd_reference, tmp_path):
     prepared, ref = sd_reference
     cfg = sd_config(prepared, tmp_path / "aug")
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"augment": {**cfg.__dict__, "diffusion": SD_RUN.__dict__}}))  # JSON is YAML
+    params.write_text(json.dumps({"augment": {**asdict(cfg), "diffusion": asdict(SD_RUN)}}))  # JSON is YAML
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}  # 1 thread, as the reference run
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
