@@ -58,10 +58,10 @@ def load_images(n: int, size: int) -> tuple[list[bytes], str]:
     return out, (f"dfdc_faces/real (first {n}, resized to {size})" if len(files) == n else "synthetic")
 
 
-def time_pairs(rec: Reconstructor, raws: list[bytes], r: ReconstructConfig) -> dict:
+def time_pairs(rec: Reconstructor, raws: list[bytes], r: ReconstructConfig, dtype: str | None = None) -> dict:
     """Seconds per pair: model (batched) and parity + post-processing + decode of both images."""
     reals = [decode_image(b) for b in raws]
-    dtype = resolve_dtype(r.dtype, "cpu")
+    dtype = dtype or resolve_dtype(r.dtype, "cpu")
     reconstruct(rec, reals[:r.batch_size], r.batch_size, dtype)  # warm-up
     t = time.perf_counter()
     made = reconstruct(rec, reals, r.batch_size, dtype)
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     r = ReconstructConfig(per_real=1.0)
     raws, source = load_images(args.n, args.size)
     load = os.getloadavg()[0]
-    taef2 = time_pairs(METHODS["taef2"](r, Context())[0], raws, r)
+    taef2_model = METHODS["taef2"](r, Context())[0]
+    taef2 = time_pairs(taef2_model, raws, r)
+    taef2_fp32 = time_pairs(taef2_model, raws, r, "float32")  # the cost where the CPU has no native bf16
     rae = bench_random_ae(raws, r, args.ae_steps)
     mix = 0.5 / taef2["images_per_s"] + 0.5 / rae["images_per_s"]  # seconds per pair, default 1 : 1 mix
     staged = bench_stage(load_images(args.stage_reals, args.size)[0]) if args.stage_reals else None
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": resolve_dtype(r.dtype, "cpu"),
         "config": {"batch_size": r.batch_size, "ae_models": r.ae_models, "ae_steps": r.ae_steps, "ae_crop": r.ae_crop,
                    "ae_batch": r.ae_batch, "clean_share": r.clean_share},
-        "taef2": taef2, "random_ae": rae, "stage": staged, f"extrapolated_{args.reals}_reals": extrap,
+        "taef2": taef2, "taef2_float32": taef2_fp32, "random_ae": rae, "stage": staged, f"extrapolated_{args.reals}_reals": extrap,
         "target_min": 20,
     }
     write_json(args.out, result)
