@@ -78,7 +78,7 @@ def load_models(cfg: AugmentConfig, methods: list[str], reals: pd.DataFrame, sou
                 dist: Dist) -> dict[str, list[Reconstructor]]:
     """The models of ``methods``; random autoencoders are trained once (main process) and cached in ``work``."""
     ctx = Context(seed=cfg.seed, train_images=_train_images(reals, sources, cfg.reconstruct, cfg.seed),
-                  cache_dir=work / MODEL_DIR, key=_prepared_fingerprint(cfg.prepared_dir))
+                  cache_dir=work / MODEL_DIR, key=_prepared_fingerprint(sources.prepared_dir))
     models = {}
     train_first = RANDOM_AE in methods and dist.world > 1
     if train_first and dist.is_main:
