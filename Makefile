@@ -45,8 +45,9 @@ bench: setup
 	mkdir -p reports/bench
 	for f in bench/bench_*.py; do $(PY) $$f --out reports/bench/$$(basename $$f .py).json || exit 1; done
 
-clean-outputs:
-	rm -rf data/prepared data/augmented data/splits.csv data/features.npy models submissions reports
+# every output of the DAG, as the catalog names them (params.yaml paths:)
+clean-outputs: setup
+	$(PY) -m dfpipe.layout | xargs rm -rf
 
 # The development benchmark: leave-one-source-out over ../shared/data, two seeds, each cell a DVC experiment
 # (dvc exp run --queue, dvc queue start; `cd bench/grid && dvc exp show`). Queued runs see the committed tree plus

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,7 +33,8 @@ import pandas as pd  # noqa: E402
 
 from dfpipe.augment_sd import pipeline as stage  # noqa: E402
 from dfpipe.augment_sd.editing import METHODS, NEEDS_DONOR  # noqa: E402
-from dfpipe.augment_sd.pipeline import WIDEN, edit_one, n_workers, run_augment  # noqa: E402
+from dfpipe.augment_sd.pipeline import WIDEN, edit_one, n_workers, run as run_stage  # noqa: E402
+from dfpipe.layout import Layout  # noqa: E402
 from dfpipe.config import AugmentConfig, DiffusionConfig  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
 
@@ -117,12 +117,13 @@ def bench_stage(images: list[np.ndarray], tmp: Path) -> dict:
     out = {}
     cores = max(2, n_workers(0, 10**9))  # 2 processes at least, so the identity check means something
     for workers in (1, cores):
-        cfg = AugmentConfig(prepared_dir=str(prep), out_dir=str(tmp / f"aug_{workers}"), seed=0, fakes_per_real=1.0,
-                            methods={m: 1.0 for m in METHODS}, real_widening=0.5, workers=workers)
+        cfg = AugmentConfig(seed=0, fakes_per_real=1.0, methods={m: 1.0 for m in METHODS}, real_widening=0.5,
+                            workers=workers)
+        layout = Layout(prepared=str(prep), augmented=str(tmp / f"aug_{workers}"))
         key = "in_process" if workers == 1 else f"pool_{workers}_processes_forced"
         saved, stage.MIN_JOBS_PER_WORKER = stage.MIN_JOBS_PER_WORKER, 1  # small n: use the pool anyway
         try:
-            out[key] = timed(lambda c=cfg: run_augment(c), n_images)
+            out[key] = timed(lambda c=cfg, lay=layout: run_stage(c, lay), n_images)
         finally:
             stage.MIN_JOBS_PER_WORKER = saved
     out["note"] = (f"the stage uses the pool only from {stage.MIN_JOBS_PER_WORKER} images per process on; "

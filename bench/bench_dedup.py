@@ -27,10 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 # One size, in a child process so that ru_maxrss is this size's peak.
 CHILD = """
@@ -120,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--at", default="50000,200000,700000", help="comma-separated numbers of hashes")
     ap.add_argument("--brute-at", default="50000", help="sizes also run through the old all-pairs search ('' = none)")
-    ap.add_argument("--max-distance", type=int, default=4, help="prepare.dup_max_distance")
+    ap.add_argument("--max-distance", type=int, default=4, help="prepare_data.dup_max_distance")
     ap.add_argument("--giant", type=int, default=2000, help="identical hashes planted (a blank image repeated)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

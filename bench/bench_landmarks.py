@@ -1,11 +1,11 @@
-"""Benchmark self-blended images from face landmarks (stage 2, ``augment.landmarks``): seconds per image.
+"""Benchmark self-blended images from face landmarks (stage 2, ``augment_sd.landmarks``): seconds per image.
 
     python bench/bench_landmarks.py --out reports/bench/bench_landmarks.json [--n 300] [--images DIR]
 
 For each real image (default: the first ``--n`` real images of ``../shared/data/yonsei_faces/trainset``
 by its label file; without that folder, skimage's astronaut at a few sizes): the landmark detector's
 seconds (``--detector``, default mediapipe), then ``self_blend`` from those landmarks (SBI's hull mask),
-and for comparison ``self_blend`` with today's random face region (``augment.landmarks: none``).
+and for comparison ``self_blend`` with today's random face region (``augment_sd.landmarks: none``).
 Decoding is not timed. Reports median / mean / p95 seconds, the share of images with a face, the mask
 kinds used, and the process CPU seconds per image (catches a detector that runs threads of its own).
 Single-threaded OpenCV (``--threads``), so numbers compare across machines.
@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

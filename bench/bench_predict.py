@@ -45,15 +45,16 @@ from dfpipe.config import ExpertConfig  # noqa: E402
 from dfpipe.data.images import decode_image  # noqa: E402
 from dfpipe.data.preprocess import (  # noqa: E402
     INPUT_MODES,
-    InputPolicy,
     Preprocess,
     Stage1,
     fit,
     scoring_image,
+    stage1_from_dict,
 )
 from dfpipe.data.transforms import to_model_input  # noqa: E402
 from dfpipe.models import build_expert, expert_from_description  # noqa: E402
 from dfpipe.ensemble_predict import Ensemble, FileDataset  # noqa: E402
+from dfpipe.ensemble_predict.experts import read_checkpoint  # noqa: E402
 from dfpipe.train_experts.checkpoint import save_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench_predict")
@@ -92,9 +93,7 @@ def make_experts(root: Path, n: int, size: int, stage1: Stage1, mode: str, backb
         cfg = ExpertConfig(backbone=backbone, pretrained="none", img_size=max(32, size - 16 * i), input_mode=mode)
         model = build_expert(cfg).eval()
         name = f"e{i}_{cfg.img_size}"
-        prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
-        save_checkpoint(root / name / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()}, cfg,
-                        name, {})
+        save_checkpoint(root / name / "best.pt", model, stage1, cfg, name, {})
         names.append(name)
     return names
 
@@ -125,15 +124,15 @@ def make_jpegs(root: Path, n: int, min_side: int, max_side: int, seed: int) -> l
 
 # ----------------------------------------------------------------------------- the seed-style baseline
 def load_plain(path: Path) -> tuple[torch.nn.Module, Preprocess]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = expert_from_description(ckpt["description"])
+    ckpt = read_checkpoint(path)
+    model = expert_from_description(ckpt["description"], str(path))
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), Preprocess.from_dict(ckpt["description"]["preprocess"])
+    return model.eval(), Preprocess(stage1_from_dict(ckpt["stage1"]), model.input)
 
 
 def preprocess_one(path: Path, prep: Preprocess, model: torch.nn.Module) -> torch.Tensor:
     """One file -> (3, S, S) normalised float, per image (the contract's pixels, then ToTensor/Normalize)."""
-    img = fit(scoring_image(decode_image(path), prep.stage1), prep.input)  # PIL open + RGB, stage 1, policy
+    img = fit(scoring_image(decode_image(path), prep.stage1), prep.input.policy)  # PIL open + RGB, stage 1, policy
     t = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)  # ToTensor (already model.img_size square)
     mean = torch.tensor(model.mean).view(3, 1, 1)
     std = torch.tensor(model.std).view(3, 1, 1)

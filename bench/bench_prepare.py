@@ -26,10 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,10 +38,11 @@ import psutil  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from dfpipe.config import PrepareConfig
-from dfpipe.prepare_data import run as prepare
-cfg = PrepareConfig(**json.loads(sys.argv[1]))
+from dfpipe.layout import Layout
+from dfpipe.prepare_data import run
+cfg, paths = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-report = prepare(cfg)
+report = run(PrepareConfig(**cfg), Layout(**paths))
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "n_images": report["n_images"]["train"], "n_skipped": report["n_skipped"],
                   "store": report["store"],
@@ -83,8 +83,9 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_stage(cfg: dict) -> dict:
-    """Run the stage in a child process; return its own numbers plus the sampled peak tree RSS."""
+def run_stage(cfg: list[dict]) -> dict:
+    """Run the stage in a child process on [settings, layout entries]; return its own numbers plus the sampled peak
+    tree RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -119,8 +120,8 @@ def main() -> None:
     ap.add_argument("--at", default="5000,20000", help="comma-separated sizes to prepare (each <= --n)")
     ap.add_argument("--min-px", type=int, default=64)
     ap.add_argument("--max-px", type=int, default=256)
-    ap.add_argument("--max-side", type=int, default=0, help="prepare.max_side (0 = native resolution)")
-    ap.add_argument("--workers", type=int, default=0, help="prepare.workers (0 = all cores)")
+    ap.add_argument("--max-side", type=int, default=0, help="prepare_data.max_side (0 = native resolution)")
+    ap.add_argument("--workers", type=int, default=0, help="prepare_data.workers (0 = all cores)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.at.split(",")]
     if max(sizes) > args.n:
@@ -134,10 +135,10 @@ def main() -> None:
         make_images(tmp / "raw", args.n, args.min_px, args.max_px)
         result["generate_seconds"] = time.perf_counter() - t0
         for n in sizes:
-            cfg = {"data_root": str(tmp / "raw"), "out_dir": str(tmp / f"p{n}"), "report": str(tmp / f"r{n}.json"),
-                   "duplicates": str(tmp / f"d{n}.csv"), "max_side": args.max_side, "workers": args.workers,
-                   "limit": n}
-            result["runs"][str(n)] = run_stage(cfg)
+            cfg = {"max_side": args.max_side, "workers": args.workers, "limit": n}
+            paths = {"data_root": str(tmp / "raw"), "prepared": str(tmp / f"p{n}"),
+                     "prepare_report": str(tmp / f"r{n}.json"), "duplicates": str(tmp / f"d{n}.csv")}
+            result["runs"][str(n)] = run_stage([cfg, paths])
             print(f"{n} images: {result['runs'][str(n)]}", file=sys.stderr)
     lo, hi = result["runs"][str(min(sizes))], result["runs"][str(max(sizes))]
     result["peak_rss_ratio_largest_vs_smallest"] = hi["peak_tree_rss_mb"] / lo["peak_tree_rss_mb"]

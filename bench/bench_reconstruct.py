@@ -107,7 +107,8 @@ def bench_stage(raws: list[bytes]) -> dict:
     from dfpipe.augment_sd import run as run_augment
     from dfpipe.augment_sd.reconstruct import stage
     from dfpipe.config import AugmentConfig, PrepareConfig
-    from dfpipe.prepare_data import prepare
+    from dfpipe.layout import Layout
+    from dfpipe.prepare_data import run as prepare
 
     logging.disable(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,9 +122,8 @@ def bench_stage(raws: list[bytes]) -> dict:
                 (raw / split / name).write_bytes(raws[int(name[1:-4])])
             (raw / split / "fake.jpg").write_bytes(raws[0])  # stage 1 wants both classes; fakes are no source
             (raw / f"{split}_label.txt").write_text("img_name,target\nfake.jpg,1\n" + "".join(f"{n},0\n" for n in names))
-        prep = Path(tmp) / "prepared"
-        prepare(PrepareConfig(data_root=str(raw), out_dir=str(prep), report=f"{tmp}/r.json",
-                              duplicates=f"{tmp}/d.csv", workers=1))
+        layout = Layout().under(tmp, data_root=str(raw))  # every stage's outputs under tmp
+        prepare(PrepareConfig(workers=1), layout)
         timed = {"train_s": 0.0}
         plain = stage.load_models
 
@@ -136,10 +136,10 @@ def bench_stage(raws: list[bytes]) -> dict:
 
         stage.load_models = load_models
         try:
-            cfg = AugmentConfig(prepared_dir=str(prep), out_dir=f"{tmp}/aug", fakes_per_real=0.0,
-                                reconstruct=ReconstructConfig(per_real=1.0), workers=0, contact_sheet_per_method=0)
+            cfg = AugmentConfig(fakes_per_real=0.0, reconstruct=ReconstructConfig(per_real=1.0), workers=0,
+                                contact_sheet_per_method=0)
             t = time.perf_counter()
-            summary = run_augment(cfg)
+            summary = run_augment(cfg, layout)
             total = time.perf_counter() - t
         finally:
             stage.load_models = plain

@@ -18,7 +18,7 @@ own child process (a fresh interpreter, as ``dvc repro`` runs it):
    weights) at ``--embed-size`` px, sklearn k-means (MiniBatch above ``--minibatch-above`` originals);
 
 then, timed apart (``train_sample``, not in the run's totals), one epoch of stage 4
-(:func:`dfpipe.train_experts.loop.run_train`) of a tiny expert (the same backbone at ``--train-size`` px) on a
+(:func:`dfpipe.train_experts.loop.run`) of a tiny expert (the same backbone at ``--train-size`` px) on a
 seeded sample of ``--train-sample`` training images of stage 3's split (and a quarter as many val images).
 
 Per stage: wall seconds of the child (interpreter start and imports included), the seconds ``run`` took
@@ -40,6 +40,7 @@ runs as a script (``__main__`` guard).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -54,10 +55,9 @@ import threading
 import time
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,6 +65,7 @@ import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
 from dfpipe.io import write_json  # noqa: E402  (atomic)
+from dfpipe.layout import Layout  # noqa: E402
 
 log = logging.getLogger("bench_scale")
 
@@ -74,35 +75,37 @@ SPLIT_OF = ("train",) * 8 + ("val", "test")  # file i -> SPLIT_OF[i % 10]: 80 / 
 DIRS = {"train": "trainset", "val": "valset", "test": "testset"}
 LABELS = {"train": "trainset_label.txt", "val": "valset_label.txt"}
 TRAIN_EXPERT = "tiny"
+STAGE_NAMES = {"prepare": "prepare_data", "augment": "augment_sd", "split": "cluster_split", "train": "train_experts"}
 
-# One stage in a fresh interpreter: ``python -c CHILD <stage> <config json>``; prints one JSON line last.
+# One stage in a fresh interpreter: ``python -c CHILD <stage> <config json> <layout json>``; prints one JSON line last.
 CHILD = r"""
 import json, sys, time
 from dfpipe.config import AugmentConfig, PrepareConfig, SplitConfig, TrainConfig, from_dict
 from dfpipe.io import setup_logging
+from dfpipe.layout import Layout
 setup_logging()  # the stage's log lines (to stderr: the stage's log file), as its script would
-stage, cfg = sys.argv[1], json.loads(sys.argv[2])
+stage, cfg, layout = sys.argv[1], json.loads(sys.argv[2]), Layout(**json.loads(sys.argv[3]))
 t0 = time.perf_counter()
 if stage == "prepare":
     from dfpipe.prepare_data import run
-    rep = run(from_dict(PrepareConfig, cfg, "bench"))
+    rep = run(from_dict(PrepareConfig, cfg, "bench"), layout)
     out = {"n_prepared": rep["n_images"], "n_skipped": rep["n_skipped"], "store": rep["store"],
            "duplicates": {k: rep["duplicates"][k] for k in ("n_pairs", "n_groups_with_duplicates", "largest_group")}}
 elif stage == "augment":
     from dfpipe.augment_sd import run
-    rep = run(from_dict(AugmentConfig, cfg, "bench"))
+    rep = run(from_dict(AugmentConfig, cfg, "bench"), layout)
     out = {"n_generated": rep["n_images"], "by_method": rep["by_method"]}
 elif stage == "split":
     from dfpipe.cluster_split import run
     from dfpipe.cluster_split.kmeans import make_engine
-    df = run(from_dict(SplitConfig, cfg, "bench"))
+    df = run(from_dict(SplitConfig, cfg, "bench"), layout)
     out = {"n_split": len(df), "n_val": int((df.subset == "val").sum()), "n_clusters": int(df.cluster.nunique()),
            "kmeans": make_engine(cfg["kmeans_backend"], cfg["minibatch_above"]).describe(
                int((df.origin != "aug").sum()))}
 elif stage == "train":
     import pandas as pd
-    from dfpipe.train_experts.loop import run_train
-    best = run_train(from_dict(TrainConfig, cfg["train"], "bench"), cfg["name"], cfg["live_dir"], cfg["history"])
+    from dfpipe.train_experts.loop import run
+    best = run(from_dict(TrainConfig, cfg["train"], "bench"), layout, cfg["name"], cfg["history"])[cfg["name"]]
     hist = pd.read_csv(cfg["history"])
     out = {"val_auc": best.get("auc"), "epochs": len(hist),
            "train_loop_images_per_s": float(hist.images_per_s.iloc[-1])}
@@ -293,11 +296,12 @@ def du(paths: list[Path]) -> int:
     return total
 
 
-def run_stage(stage: str, cfg: dict, outputs: list[Path], n_images: int, work: Path, every: float) -> dict:
-    """Run one stage in a child process under the tree sampler; its record."""
+def run_stage(stage: str, cfg: dict, layout: Layout, n_images: int, work: Path, every: float) -> dict:
+    """Run one stage in a child process under the tree sampler; its record (disk: the stage's catalog outputs)."""
+    outputs = [Path(getattr(layout, name)) for name in Layout.entries(STAGE_NAMES[stage])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log_path = work / f"{stage}.log"
-    m = run_measured([sys.executable, "-c", CHILD, stage, json.dumps(cfg)], cwd=work, env=env, log_path=log_path,
+    m = run_measured([sys.executable, "-c", CHILD, stage, json.dumps(cfg), json.dumps(dataclasses.asdict(layout))], cwd=work, env=env, log_path=log_path,
                      every=every)
     if m["returncode"] != 0:
         tail = log_path.read_text(errors="replace")[-4000:] if log_path.is_file() else ""
@@ -332,23 +336,16 @@ def one_run(n: int, pool: Path, sizes: np.ndarray, work: Path, args: argparse.Na
     w.mkdir(parents=True)
     counts = make_layout(pool, w / "raw", n)
     input_bytes = int(sizes[:n].sum())
-    prep = {"data_root": str(w / "raw"), "out_dir": str(w / "prepared"), "report": str(w / "prepare_report.json"),
-            "duplicates": str(w / "duplicates.csv"), "workers": args.workers}
-    aug = {"prepared_dir": prep["out_dir"], "out_dir": str(w / "augmented"), "seed": args.seed,
-           "fakes_per_real": args.fakes_per_real, "workers": args.workers}
-    split = {"prepared_dir": prep["out_dir"], "augmented_dir": aug["out_dir"], "out_csv": str(w / "splits.csv"),
-             "report": str(w / "cluster_report.json"), "features": str(w / "features.npy"),
-             "features_index": str(w / "features_index.csv"), "contact_sheet": str(w / "cluster_examples.png"),
-             "backbone": args.backbone, "pretrained": "none", "img_size": args.embed_size,
+    layout = Layout().under(w, data_root=str(w / "raw"))  # every stage's files under the run's folder
+    prep = {"workers": args.workers}
+    aug = {"seed": args.seed, "fakes_per_real": args.fakes_per_real, "workers": args.workers}
+    split = {"backbone": args.backbone, "pretrained": "none", "img_size": args.embed_size,
              "kmeans_backend": "sklearn", "minibatch_above": args.minibatch_above, "n_clusters": args.clusters,
              "seed": args.seed}
     stages = {
-        "prepare": run_stage("prepare", prep, [w / "prepared", w / "prepare_report.json", w / "duplicates.csv"],
-                             n, w, args.every),
-        "augment": run_stage("augment", aug, [w / "augmented"], n, w, args.every),
-        "split": run_stage("split", split, [w / "splits.csv", w / "cluster_report.json", w / "cluster_report.png",
-                                            w / "features.npy", w / "features_index.csv",
-                                            w / "cluster_examples.png"], n, w, args.every),
+        "prepare": run_stage("prepare", prep, layout, n, w, args.every),
+        "augment": run_stage("augment", aug, layout, n, w, args.every),
+        "split": run_stage("split", split, layout, n, w, args.every),
     }
     seconds = sum(s["seconds"] for s in stages.values())
     disk = sum(s["disk_bytes"] for s in stages.values())
@@ -359,14 +356,12 @@ def one_run(n: int, pool: Path, sizes: np.ndarray, work: Path, args: argparse.Na
            "disk_ratio_by_stage": {k: s["disk_bytes"] / input_bytes for k, s in stages.items()},
            "store_ratio": stages["prepare"]["store"]["ratio"], "files": counts, "stages": stages}
     if args.train_sample > 0:
-        n_tr, n_val = sample_splits(w / "splits.csv", w / "splits_sample.csv", args.train_sample, args.seed)
+        n_tr, n_val = sample_splits(Path(layout.splits), w / "splits_sample.csv", args.train_sample, args.seed)
         expert = {"backbone": args.backbone, "pretrained": "none", "img_size": args.train_size, "epochs": 1,
                   "batch_size": 64, "lr_ref_batch": 64, "augment": "light", "seed": args.seed}
-        train = {"splits_csv": str(w / "splits_sample.csv"), "prepared_dir": prep["out_dir"],
-                 "augmented_dir": aug["out_dir"], "models_dir": str(w / "models"), "workers": args.train_workers,
-                 "experts": {TRAIN_EXPERT: expert}}
-        rec = run_stage("train", {"train": train, "name": TRAIN_EXPERT, "live_dir": str(w / "train_live"),
-                                  "history": str(w / "train_history.csv")}, [w / "models"], n_tr, w, args.every)
+        train = {"workers": args.train_workers, "experts": {TRAIN_EXPERT: expert}}
+        rec = run_stage("train", {"train": train, "name": TRAIN_EXPERT, "history": str(w / "train_history.csv")},
+                        dataclasses.replace(layout, splits=str(w / "splits_sample.csv")), n_tr, w, args.every)
         run["train_sample"] = {"n_train": n_tr, "n_val": n_val, "expert": expert, **rec}
     if not args.keep:
         shutil.rmtree(w, ignore_errors=True)
@@ -427,16 +422,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-px", type=int, default=256)
     p.add_argument("--bases", type=int, default=256, help="distinct backgrounds the files are drawn on")
     p.add_argument("--gen-workers", type=int, default=0, help="processes generating the JPEGs (0 = all cores)")
-    p.add_argument("--workers", type=int, default=0, help="prepare.workers and augment.workers (0 = all cores)")
-    p.add_argument("--fakes-per-real", type=float, default=0.05, help="stage 2's augment.fakes_per_real")
+    p.add_argument("--workers", type=int, default=0, help="prepare_data.workers and augment_sd.workers (0 = all cores)")
+    p.add_argument("--fakes-per-real", type=float, default=0.05, help="stage 2's augment_sd.fakes_per_real")
     p.add_argument("--backbone", default="test_efficientnet", help="stage 3's embedder and the tiny expert (timm)")
-    p.add_argument("--embed-size", type=int, default=32, help="split.img_size")
-    p.add_argument("--minibatch-above", type=int, default=100_000, help="split.minibatch_above")
-    p.add_argument("--clusters", type=int, default=12, help="split.n_clusters")
+    p.add_argument("--embed-size", type=int, default=32, help="cluster_split.img_size")
+    p.add_argument("--minibatch-above", type=int, default=100_000, help="cluster_split.minibatch_above")
+    p.add_argument("--clusters", type=int, default=12, help="cluster_split.n_clusters")
     p.add_argument("--train-sample", type=int, default=2000,
                    help="training images of the one-epoch stage-4 sample (0 = no training sample)")
     p.add_argument("--train-size", type=int, default=32, help="the tiny expert's img_size")
-    p.add_argument("--train-workers", type=int, default=-1, help="train.workers (-1 = auto)")
+    p.add_argument("--train-workers", type=int, default=-1, help="train_experts.workers (-1 = auto)")
     p.add_argument("--every", type=float, default=0.2, help="seconds between memory samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="", help="working folder (default: a temp dir, removed at the end)")

@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfpipe.config import ExpertConfig  # noqa: E402
 from dfpipe.data.images import decode_image  # noqa: E402
-from dfpipe.data.preprocess import INPUT_MODES, InputPolicy, Preprocess, Stage1  # noqa: E402
+from dfpipe.data.preprocess import INPUT_MODES, Stage1  # noqa: E402
 from dfpipe.io import write_json  # noqa: E402
+from dfpipe.layout import Layout  # noqa: E402
 from dfpipe.models import build_expert  # noqa: E402
 from dfpipe.ensemble_predict import Ensemble  # noqa: E402
 from dfpipe.train_experts.checkpoint import save_checkpoint  # noqa: E402
@@ -72,9 +73,7 @@ def random_ensemble(root: Path, size: int, stage1: Stage1, mode: str, tta: list[
     torch.manual_seed(seed)
     cfg = ExpertConfig(pretrained="none", img_size=size, input_mode=mode)
     model = build_expert(cfg).eval()
-    prep = Preprocess(stage1, InputPolicy(mode, model.img_size), tuple(model.mean), tuple(model.std))
-    save_checkpoint(root / "models" / "e0" / "best.pt", model, {**model.describe(), "preprocess": prep.to_dict()},
-                    cfg, "e0", {})
+    save_checkpoint(root / "models" / "e0" / "best.pt", model, stage1, cfg, "e0", {})
     ens = Ensemble.load(root / "models", ["e0"], tta, "mean_prob", torch.device("cpu"))
     write_json(root / "ensemble.json", ens.card(THRESHOLDS))
     return root / "models", root / "ensemble.json"
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     bodies = [json.dumps({"image": base64.b64encode(b).decode()}).encode() for b in images]
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         if args.models:
-            models, card = Path(args.models), Path(args.card or "submissions/ensemble.json")
+            models, card = Path(args.models), Path(args.card or Layout().card)
         else:
             models, card = random_ensemble(Path(tmp), args.size, Stage1(max_side=args.stage1_max_side),
                                            args.input_mode, tta, args.seed)

@@ -8,7 +8,7 @@ Subcommands (README, benchmark section):
   readme the README's benchmark tables rewritten from the grids' table.md files (--check: only list stale ones)
 
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
-interrupted run resumes whichever way it ran. See dfpipe/benchmark.py for the protocol and bench/grid.yaml for
+interrupted run resumes whichever way it ran. See dfpipe/benchmark/ for the protocol and bench/grid.yaml for
 the grid.
 
 A grid's ``train_on`` trains on several sources at once (``a+b``: one cell per pair, scored in-source on each
@@ -20,13 +20,9 @@ as bench/grid.yaml (its single-source cells are read for the "alone" comparison,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
-
-from dfpipe import harness  # noqa: E402
+from dfpipe import harness  # its import sets the offline env vars (dfpipe.OFFLINE_ENV)
 
 COMMANDS = ("queue", "run", "cell", "table", "readme")
 
@@ -61,18 +57,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "readme":
-        from dfpipe.benchmark_readme import sync_readme
+        from dfpipe.benchmark.readme import sync_readme
 
         stale = sync_readme(args.readme, check=args.check)
         if args.check and stale:
             raise SystemExit(f"{args.readme}: {len(stale)} benchmark table(s) differ from the grid: {'; '.join(stale)}"
                              " (bench/benchmark.py readme rewrites them)")
     elif args.command == "cell":
-        from dfpipe.benchmark_dvc import run_cell_stage
+        from dfpipe.benchmark.queue import run_cell_stage
 
         run_cell_stage(args.params, args.metrics)
     elif args.command == "queue":
-        from dfpipe.benchmark_dvc import queue_grid
+        from dfpipe.benchmark.queue import queue_grid
 
         res = queue_grid(args.grid, args.work, args.out, args.recipes, poll_s=args.poll)
         if res["failed"]:

@@ -13,7 +13,7 @@ Steps (each timed, ``timings_s``):
    ``--n-train`` files as ``trainset/`` (label 1 = fake for half of them).
 3. ``train``: a split table written directly (no stage 3: every 10th image is val), an empty stage-2 manifest,
    then one epoch of each of two ``--backbone`` experts (``--pretrained`` weights, ``--img-size`` px, seeds 0
-   and 1) through the training code (:func:`dfpipe.train_experts.loop.run_train`; :func:`~dfpipe.train_experts.loop.train_expert`
+   and 1) through the training code (:func:`dfpipe.train_experts.loop.run`; :func:`~dfpipe.train_experts.loop.train_expert`
    without DVCLive where ``dvclive`` is not installed): store decode + augmentation in ``--workers``
    DataLoader workers, bf16 autocast and channels_last on CUDA. ``train_images_per_s`` is the training loop's
    own rate (its epoch's images / seconds), of the first expert.
@@ -43,6 +43,7 @@ it tiny: ``--n-train 64 --n-score 64 --img-size 64 --backbone test_efficientnet 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import inspect
 import logging
@@ -54,10 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 sys.path.insert(0, str(HERE))  # bench_scale: the synthetic JPEG generator
 
 import numpy as np  # noqa: E402
@@ -74,7 +74,8 @@ from dfpipe.io import setup_logging, write_json  # noqa: E402
 from dfpipe.ensemble_predict import Ensemble, FileDataset  # noqa: E402
 from dfpipe.cluster_split.pipeline import SPLIT_COLUMNS  # noqa: E402
 from dfpipe.train_experts.distributed import set_determinism  # noqa: E402
-from dfpipe.train_experts.loop import run_train, train_expert  # noqa: E402
+from dfpipe.layout import Layout  # noqa: E402
+from dfpipe.train_experts.loop import run as run_train, train_expert  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 TARGETS = {"end_to_end_vs_model_only_min": 0.8, "end_to_end_images_per_s_min": 5000.0}
@@ -149,17 +150,17 @@ def write_training_inputs(root: Path, prepared: Path) -> tuple[Path, Path, int, 
     return splits, aug, int((~val).sum()), int(val.sum())
 
 
-def train_one(cfg: TrainConfig, name: str, root: Path) -> dict:
+def train_one(cfg: TrainConfig, layout: Layout, name: str, root: Path) -> dict:
     history = root / f"history_{name}.csv"
     use_live = importlib.util.find_spec("dvclive") is not None
-    if use_live:
-        best, dt = timed(run_train, cfg, name, root / "live" / name, history)
+    if use_live:  # the stage's own entry: DVCLive logs under layout.train_logs
+        best, dt = timed(lambda: run_train(cfg, layout, name, str(history))[name])
     else:
-        (best, _), dt = timed(train_expert, cfg, name, history_csv=history)
+        (best, _), dt = timed(train_expert, cfg, layout, name, history_csv=history)
     hist = pd.read_csv(history)
     return {"name": name, "img_size": cfg.experts[name].img_size, "seconds": dt,
             "train_loop_images_per_s": float(hist.images_per_s.iloc[-1]), "val_auc": best.get("auc"),
-            "trainer": "run_train" if use_live else "train_expert (no dvclive here)"}
+            "trainer": "run" if use_live else "train_expert (no dvclive here)"}
 
 
 def decode_paths(choice: str, device: torch.device) -> list[str]:
@@ -281,9 +282,9 @@ def run(args: argparse.Namespace) -> dict:
                 shutil.copyfile(paths[i], raw / "trainset" / file_name(i))
         (raw / "trainset_label.txt").write_text(
             "img_name,target\n" + "".join(f"{file_name(i)},{label_of(i)}\n" for i in range(args.n_train)))
-        pcfg = PrepareConfig(data_root=str(raw), out_dir=str(work / "prepared"), report=str(work / "prepare.json"),
-                             duplicates=str(work / "duplicates.csv"), workers=max(1, workers))  # 0 there = all cores
-        rep, timings["prepare"] = timed(prepare, pcfg)
+        layout = Layout().under(work, data_root=str(raw))
+        pcfg = PrepareConfig(workers=max(1, workers))  # 0 there = all cores
+        rep, timings["prepare"] = timed(prepare, pcfg, layout)
         n_prepared = sum(rep["n_images"].values())
         report.update(n_prepared=n_prepared, prepare_images_per_s=n_prepared / timings["prepare"],
                       prepare={"seconds": timings["prepare"], "store": rep["store"]})
@@ -291,16 +292,16 @@ def run(args: argparse.Namespace) -> dict:
                  report["prepare_images_per_s"])
         save()
         # 3. one epoch of two experts
-        splits, aug, report["n_train"], report["n_val"] = write_training_inputs(work, Path(pcfg.out_dir))
+        splits, aug, report["n_train"], report["n_val"] = write_training_inputs(work, Path(layout.prepared))
+        layout = dataclasses.replace(layout, splits=str(splits), augmented=str(aug))
         experts = {name: ExpertConfig(backbone=args.backbone, pretrained=report["pretrained"], img_size=args.img_size,
                                       epochs=1, batch_size=args.batch_size, augment=args.augment, seed=k)
                    for k, name in enumerate(EXPERTS)}
         report["deterministic_training"] = experts[EXPERTS[0]].deterministic
-        tcfg = TrainConfig(splits_csv=str(splits), prepared_dir=pcfg.out_dir, augmented_dir=str(aug),
-                           models_dir=str(work / "models"), workers=workers, experts=experts)
+        tcfg = TrainConfig(workers=workers, experts=experts)
         report["experts"] = []
         for name in EXPERTS:
-            report["experts"].append(train_one(tcfg, name, work))
+            report["experts"].append(train_one(tcfg, layout, name, work))
             save()
         timings["train"] = sum(t["seconds"] for t in report["experts"])
         report["train_images_per_s"] = report["experts"][0]["train_loop_images_per_s"]
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
                  [round(t["train_loop_images_per_s"]) for t in report["experts"]])
         save()
         # 4. end to end
-        ens = Ensemble.load(tcfg.models_dir, list(EXPERTS), tta, "mean_prob", device)
+        ens = Ensemble.load(layout.models, list(EXPERTS), tta, "mean_prob", device)
         score_paths = paths[:args.n_score]
         report["end_to_end"], all_scores = {}, {}
         for path in report["decode_paths"]:  # workers first: the headline numbers

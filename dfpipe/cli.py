@@ -62,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image "
                                                                               "(default: %(default)s)")
     v.add_argument("--max-batch", type=int, default=16, help="images per model call (default: %(default)s)")
+    v.add_argument("--max-memory", type=float, default=1024, metavar="MB",
+                   help="memory for request bodies and decoded images at once, the model aside; requests beyond it "
+                        "wait, then get 503 (default: %(default)s)")
+    v.add_argument("--max-queue", type=int, default=256, help="images waiting for the model before 503 "
+                                                              "(default: %(default)s)")
+    v.add_argument("--limit-concurrency", type=int, default=256,
+                   help="connections + requests at once; uvicorn answers 503 above it (default: %(default)s)")
+    v.add_argument("--header-timeout", type=float, default=10, metavar="S",
+                   help="a request's headers must be complete this long after the connection or its first byte, "
+                        "else the connection is closed (default: %(default)s)")
+    v.add_argument("--request-timeout", type=float, default=60, metavar="S",
+                   help="a request's body must be complete this long after its headers, else 408 "
+                        "(default: %(default)s)")
+    v.add_argument("--token", default=None, help="API token required on every route but /health "
+                                                 "(default: $DFPIPE_TOKEN); needed to listen beyond loopback")
+    v.add_argument("--insecure", action="store_true",
+                   help="listen on a non-loopback address without a token (anyone who reaches it may use it)")
     _common(v)
     return ap
 
@@ -108,15 +125,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serve.api import ServeSettings, create_app
-    from .serve.service import load_ensemble
+    from .serve.server import return_freed_memory_to_the_os, uvicorn_config
+    from .serve.service import ServeError, load_ensemble
 
+    token = args.token or os.environ.get("DFPIPE_TOKEN") or None
+    if not (token or args.insecure or is_loopback(args.host)):
+        raise ServeError(f"--host {args.host} listens beyond this machine: set an API token (--token or "
+                         "DFPIPE_TOKEN), or pass --insecure to serve without one")
     settings = ServeSettings(models_dir=args.models, card=args.card, device=args.device,
-                             max_bytes=int(args.max_mb * 2**20), max_pixels=args.max_pixels, max_batch=args.max_batch)
+                             max_bytes=int(args.max_mb * 2**20), max_pixels=args.max_pixels, max_batch=args.max_batch,
+                             max_memory=int(args.max_memory * 2**20), max_queue=args.max_queue,
+                             request_timeout_s=args.request_timeout, token=token)
     # here, so a bad card (or one that cannot be served) is one line, not a traceback
     ens = load_ensemble(args.card, args.models, args.device, serving=True)
-    # uvicorn's access log (one line per request) only with -v: it costs throughput under load
-    uvicorn.run(create_app(settings, ens), host=args.host, port=args.port, log_level="info", access_log=args.verbose)
+    return_freed_memory_to_the_os()
+    # the app logs one access line per request (dfpipe.serve.access); uvicorn's own is off
+    config = uvicorn_config(create_app(settings, ens), args.host, args.port, limit_concurrency=args.limit_concurrency,
+                            header_timeout=args.header_timeout)
+    uvicorn.Server(config).run()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 COMMANDS = {"predict": cmd_predict, "scan": cmd_scan, "serve": cmd_serve}

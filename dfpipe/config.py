@@ -11,18 +11,35 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
 from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: re-exported, it lived here)
+from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, Registry
 
 T = TypeVar("T")
 
-# Choices, declared once: the stage modules derive their tuples from these (typing.get_args).
-FaceCrop = Literal["none", "haar"]
+
+@dataclass(frozen=True)
+class RegistryChoice:
+    """Marks a ``str`` setting whose value must be a name of ``registry`` (or ``"none"`` when ``none``): the
+    choices are read from the registry when params load, so registering a new entry makes it selectable."""
+
+    registry: Registry
+    none: bool = False  # "none" (off) is a valid value too
+
+    def choices(self) -> list[str]:
+        return ["none", *self.registry.names()] if self.none else self.registry.names()
+
+
+# Choices, declared once. A Literal's: the stage modules derive their tuples from it (typing.get_args). A
+# RegistryChoice's: the names registered in a dfpipe.registry registry, read when params load.
+FaceCrop = Annotated[str, RegistryChoice(FACE_DETECTORS, none=True)]  # dfpipe.data.faces
 FacePolicy = Literal["whole", "largest", "skip"]
-Landmarker = Literal["none", "mediapipe"]  # see dfpipe.data.landmarks
+Landmarker = Annotated[str, RegistryChoice(LANDMARKERS, none=True)]  # dfpipe.data.landmarks
+EditingMethod = Annotated[str, RegistryChoice(EDITING_METHODS)]  # dfpipe.augment_sd.editing
+ExpertArch = Annotated[str, RegistryChoice(EXPERTS)]  # dfpipe.models
 DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
 ReconstructDtype = Literal["auto", "float32", "bfloat16"]
@@ -39,6 +56,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from YAML) to the annotated type ``tp``; raise ConfigError on mismatch."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        choice = next((m for m in tp.__metadata__ if isinstance(m, RegistryChoice)), None)
+        value = _coerce(value, args[0], where)
+        if choice is None or (choice.none and value == "none"):  # "none" (off) needs no registry loaded
+            return value
+        if value not in (allowed := choice.choices()):
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {allowed}{did_you_mean(value, allowed)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -64,8 +89,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        val_tp = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+        key_tp, val_tp = args if len(args) == 2 else (Any, Any)
+        keys = [str(k) if key_tp in (str, Any) else _coerce(k, key_tp, where) for k in value]
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in zip(keys, value.values())}
     if tp is Any:
         return value
     if origin is Literal:
@@ -86,7 +112,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the RegistryChoice markers
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -102,16 +128,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def load_section(cls: type[T], section: str, params_path: str | Path = "params.yaml") -> T:
-    """Read ``section`` of ``params_path`` into ``cls`` (a frozen dataclass)."""
+def read_params(params_path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole params file as a mapping (a clear error when it is missing)."""
     path = Path(params_path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     with path.open(encoding="utf-8") as fh:
-        params = yaml.safe_load(fh) or {}
+        return yaml.safe_load(fh) or {}
+
+
+def load_section(cls: type[T], section: str, params_path: str | Path = "params.yaml") -> T:
+    """Read ``section`` of ``params_path`` into ``cls`` (a frozen dataclass)."""
+    params = read_params(params_path)
     if section not in params:
-        raise ConfigError(f"{path}: no section '{section}'")
-    return from_dict(cls, params[section] or {}, f"{path}:{section}")
+        raise ConfigError(f"{params_path}: no section '{section}'")
+    return from_dict(cls, params[section] or {}, f"{params_path}:{section}")
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -127,28 +158,19 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Stage 1. Paths inside ``data_root`` are relative to it; ``out_dir`` to the repo root."""
+    """Stage 1 (its files: :class:`dfpipe.layout.Layout`; dataset paths are relative to ``data_root``)."""
 
-    data_root: str = "data/raw"
-    train_labels: str = "trainset_label.txt"
-    train_dir: str = "trainset"
-    val_labels: str = "valset_label.txt"
-    val_dir: str = "valset"
-    test_dir: str = "testset"  # no labels: every image file in it is a test image
-    out_dir: str = "data/prepared"
-    report: str = "data/prepare_report.json"
     max_side: int = 0  # stored images: longer side above this is downscaled (aspect kept); 0 = native resolution
     min_side: int = 16  # images with a smaller side are skipped as junk
     max_pixels: int = 100_000_000  # decompression-bomb guard
     workers: int = 0  # 0 = all cores
     limit: int = 0  # >0: only the first N images of each dataset (smoke runs)
-    duplicates: str = "data/duplicates.csv"  # near-duplicate / leak pairs (a, b, split_a, split_b, distance, ...)
     dup_max_distance: int = 4  # pHash (64-bit) Hamming distance <= this = near duplicate
     face_crop: FaceCrop = "none"  # none | haar: crop each image to its (largest) face before caching
     face_margin: float = 1.3  # square crop side = margin * max(face w, h)
     face_policy: FacePolicy = "whole"  # image with no face: whole (keep it uncropped) | largest (same) | skip
-    datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the competition layout keys above
-    chunk_size: int = 1024  # images per resumable unit of work (committed to <out_dir>.work/)
+    datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the layout's train/val/test entries
+    chunk_size: int = 1024  # images per resumable unit of work (committed to <prepared>.work/)
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -197,11 +219,9 @@ class ReconstructConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    prepared_dir: str = "data/prepared"
-    out_dir: str = "data/augmented"
     seed: int = 42
     fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
-    methods: dict[str, float] = field(
+    methods: dict[EditingMethod, float] = field(
         default_factory=lambda: {"self_blend": 1.0, "splice": 1.0, "copy_move": 0.0, "inpaint": 0.0,
                                  "upsample": 0.0, "jpeg_double": 0.0}
     )  # method name -> sampling weight (0 = off)
@@ -218,12 +238,6 @@ class AugmentConfig:
 # --------------------------------------------------------------------------- stage 3
 @dataclass(frozen=True)
 class SplitConfig:
-    prepared_dir: str = "data/prepared"
-    augmented_dir: str = "data/augmented"
-    out_csv: str = "data/splits.csv"
-    report: str = "data/cluster_report.json"
-    features: str = "data/features.npy"  # (N, D) float16, streamed batch by batch; read back in chunks
-    features_index: str = "data/features_index.csv"  # row of features.npy -> uid, img_name, label, origin
     embedder: Embedder = "pretrained"  # pretrained: backbone as `pretrained` gives it | finetune: first trained on labels
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
@@ -241,7 +255,6 @@ class SplitConfig:
     n_folds: int = 5  # whole clusters packed largest first: each fold ~1/n_folds of each class
     val_fold: int = 0  # a splice whose donor and source straddle this fold is left out of the split
     seed: int = 42
-    contact_sheet: str = "data/cluster_examples.png"  # PNG, one row of examples per cluster; "" = cluster_examples.png beside report
     contact_sheet_per_cluster: int = 6
 
 
@@ -257,7 +270,7 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    arch: str = "timm"  # builder in dfpipe.models.EXPERTS
+    arch: ExpertArch = "timm"  # an Expert registered in dfpipe.models.EXPERTS: timm | npr
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "bundled"  # bundled | timm | none | path to a checkpoint file
     # true: a probe on frozen features (UnivFD, Ojha et al. 2023): the backbone keeps its pretrained weights and
@@ -294,10 +307,6 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    splits_csv: str = "data/splits.csv"
-    prepared_dir: str = "data/prepared"
-    augmented_dir: str = "data/augmented"
-    models_dir: str = "models"
     workers: int = -1  # -1 = auto (half the cores, at most 8)
     # the command dvc runs 04_train_experts.py with: "python" (one process) or a DDP launcher such as
     # "accelerate launch --multi_gpu --num_processes 8" or "torchrun --nproc-per-node 8"
@@ -308,11 +317,8 @@ class TrainConfig:
 # --------------------------------------------------------------------------- stage 5
 @dataclass(frozen=True)
 class PredictConfig:
-    prepared_dir: str = "data/prepared"
-    splits_csv: str = "data/splits.csv"
-    models_dir: str = "models"
     experts: list[str] = field(default_factory=lambda: ["lite0_a", "lite0_b"])
-    augmented_dir: str = "data/augmented"  # stage-2 output: val-fold generated images for the per-method AUC; "" = skip
+    per_method: bool = True  # also score stage 2's val-fold generated images: AUC per fake method
     # TTA views: identity, hflip, vflip, rot90, rot180, rot270, scale<f> (input at f x the expert's size),
     # and "+"-joined combinations such as "hflip+scale1.25"
     tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
@@ -321,13 +327,6 @@ class PredictConfig:
     max_fpr: float = 0.01  # "likely fake" threshold: FPR on val at most this
     max_fnr: float = 0.01  # "likely real" threshold: fakes missed on val at most this
     batch_size: int = 64
-    submission: str = "submissions/prediction.txt"
-    metrics: str = "reports/metrics.json"
-    roc: str = "reports/roc.csv"
-    roc_png: str = "reports/roc.png"
-    failures: str = "reports/test_failures.csv"  # test images that failed to decode (img_name, error)
-    card: str = "submissions/ensemble.json"  # experts, TTA, combine, weights, thresholds: for the CLI/API
-    test_labels: str = "data/raw/testset_label_private.txt"  # test labels released later (demo); "" = none
     fallback_score: float = 0.5  # score for a test image that could not be decoded
 
 
@@ -345,19 +344,19 @@ class EvalSetConfig:
 class EvaluateConfig:
     """Stage 6: score held-out labelled sets (and degraded copies) with the ensemble stage 5 wrote."""
 
-    card: str = "submissions/ensemble.json"  # the ensemble (experts, TTA, combine, verdict thresholds)
-    models_dir: str = "models"
-    data_root: str = "data/raw"  # eval set paths are relative to it (a DVC dep: a changed image reruns the stage)
-    sets: list[EvalSetConfig] = field(
-        default_factory=lambda: [EvalSetConfig("demo_test", "testset", "testset_label_private.txt")]
-    )
+    # [] = the data root's test set with its labels (the layout's test_dir, test_labels; skipped with a warning
+    # while the labels are not there)
+    sets: list[EvalSetConfig] = field(default_factory=list)
     # each set is also scored under these (identity always): jpeg<q>, half (downscale to 1/2), blur<sigma>
     degradations: list[str] = field(default_factory=lambda: ["jpeg75", "jpeg50", "half", "blur1"])
     bootstrap: int = 1000  # bootstrap resamples for the AUC 95% interval (0 = no interval)
     seed: int = 0  # bootstrap and degradation randomness
     batch_size: int = 64
     workers: int = -1  # decode processes (-1 = auto)
-    metrics: str = "reports/eval/metrics.json"  # per set (and degradation): auc, ci, ap, tpr@fpr, eer, f1, confusion
-    table: str = "reports/eval/table.md"  # the cross-dataset table, markdown
-    roc_dir: str = "reports/eval/roc"  # roc_<set>.csv per set (dvc plots)
-    scores: str = "reports/eval/scores.csv"  # set, degradation, img_name, label, score: for re-analysis
+
+
+# --------------------------------------------------------------------------- the stages
+# One name per stage: script 0N_<name>.py, this params section, package (or module) dfpipe.<name>, DVC stage <name>.
+STAGE_CONFIGS: dict[str, type] = {"prepare_data": PrepareConfig, "augment_sd": AugmentConfig,
+                                  "cluster_split": SplitConfig, "train_experts": TrainConfig,
+                                  "ensemble_predict": PredictConfig, "evaluate": EvaluateConfig}

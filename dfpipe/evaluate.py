@@ -31,6 +31,7 @@ from .errors import ConfigError, DataError, InputError
 from .data.images import scan_folder
 from .data.labels import read_labels
 from .io import atomic_open, write_csv, write_json
+from .layout import Layout
 from .metrics import MetricError, average_precision, eer, roc_auc, roc_points, tpr_at_fpr, verdict
 
 if TYPE_CHECKING:  # torch is imported only when a run gets past its config checks
@@ -46,7 +47,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _JPEG = re.compile(r"^jpeg(\d+)$")
 _BLUR = re.compile(r"^blur(\d+(?:\.\d+)?)$")
 
-__all__ = ["Degradation", "bootstrap_auc", "list_class_folders", "list_set", "markdown_table", "parse_degradation", "run_evaluate",
+__all__ = ["Degradation", "bootstrap_auc", "list_class_folders", "list_set", "markdown_table", "parse_degradation", "run", "eval_sets",
            "set_metrics", "weighted_auc"]
 
 
@@ -85,8 +86,6 @@ def list_class_folders(name: str, root: Path) -> pd.DataFrame:
 
 def _check_set_names(sets: list[EvalSetConfig]) -> None:
     """Names key the metrics JSON and name the ROC files: unique, file-name safe, not ``mean``."""
-    if not sets:
-        raise ConfigError("evaluate.sets is empty: list at least one labelled set {name, images, labels}")
     names = [s.name for s in sets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -170,7 +169,7 @@ def weighted_auc(pos: np.ndarray, neg: np.ndarray, w_pos: np.ndarray, w_neg: np.
     return wins / (w_pos.sum(axis=1) * w_neg.sum(axis=1))
 
 
-def _resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     """(b, n) multiplicities of ``b`` bootstrap draws of n out of n (with replacement)."""
     idx = rng.integers(0, n, size=(b, n)) + np.arange(b)[:, None] * n
     return np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
@@ -192,8 +191,8 @@ def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, resamples: int, seed:
     out = []
     for start in range(0, resamples, chunk):
         b = min(chunk, resamples - start)
-        out.append(weighted_auc(pos, neg, _resample_counts(rng_pos, b, len(pos)),
-                                _resample_counts(rng_neg, b, len(neg))))
+        out.append(weighted_auc(pos, neg, resample_counts(rng_pos, b, len(pos)),
+                                resample_counts(rng_neg, b, len(neg))))
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -293,31 +292,60 @@ def markdown_table(metrics: dict[str, dict], degradations: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Score every set of ``cfg.sets`` clean and degraded; write metrics, ROC points, scores and table.
+DEFAULT_SET = "test"  # the name of the data root's own test set (evaluate.sets: [])
 
-    Returns the metrics dict written to ``cfg.metrics``: ``{set: {degradation: {...}}, "mean": {...}}``.
+
+def eval_sets(cfg: EvaluateConfig, layout: Layout) -> list[EvalSetConfig]:
+    """``cfg.sets``, or when empty the data root's test set with its labels - none while the labels are not
+    there (a challenge releases them later): then there is nothing held out to score, said in a warning."""
+    if cfg.sets:
+        return list(cfg.sets)
+    labels = layout.data("test_labels")
+    if labels and Path(labels).is_file() and Path(layout.data("test_dir")).is_dir():
+        return [EvalSetConfig(DEFAULT_SET, layout.test_dir, layout.test_labels)]
+    log.warning("evaluate: no labelled set: evaluate.sets is empty and the test set has no labels at %s; "
+                "stage 6 writes empty reports (give evaluate.sets, or paths.test_labels)", labels or "(none)")
+    return []
+
+
+def run(cfg: EvaluateConfig, layout: Layout) -> dict:
+    """Score every set of :func:`eval_sets` (inside ``layout.data_root``) clean and degraded with the ensemble of
+    ``layout.card``; write metrics, ROC points, scores and table.
+
+    Returns the metrics dict written to ``layout.eval_metrics``: ``{set: {degradation: {...}}, "mean": {...}}``
+    (``{}`` when there is no labelled set).
     """
-    _check_set_names(cfg.sets)
+    sets = eval_sets(cfg, layout)
+    _check_set_names(sets)
     degradations = _degradations(cfg.degradations)
-    files = {s.name: list_set(s, cfg.data_root) for s in cfg.sets}  # every listing error before any scoring
+    files = {s.name: list_set(s, layout.data_root) for s in sets}  # every listing error before any scoring
+    if not files:
+        return _write_outputs(layout, {}, {}, list(degradations))
     from .ensemble_predict import Ensemble  # torch and the models only once the config and the sets are checked
 
-    ens = Ensemble.from_card(cfg.card, cfg.models_dir)
+    ens = Ensemble.from_card(layout.card, layout.models)
     thresholds = ens.thresholds
     scored = {name: _score_set(ens, name, f, degradations, cfg) for name, f in files.items()}
     per_set = {name: _metrics_of(name, s, thresholds, cfg) for name, s in scored.items()}
     metrics: dict[str, Any] = {**per_set, "mean": _mean_over_sets(per_set, list(degradations))}
-
-    for name, s in scored.items():
-        clean = s[(s.degradation == CLEAN) & s.score.notna()]
-        write_csv(Path(cfg.roc_dir) / f"roc_{name}.csv", pd.DataFrame(roc_points(clean.label, clean.score)))
-    write_csv(cfg.scores, pd.concat(scored.values(), ignore_index=True))
-    write_json(cfg.metrics, metrics)
-    with atomic_open(cfg.table, "w", encoding="utf-8") as fh:
-        fh.write(markdown_table(metrics, list(degradations)))
+    _write_outputs(layout, metrics, scored, list(degradations))
     for name in per_set:
         c = per_set[name][CLEAN]
         log.info("set %s: AUC %.4f, TPR@FPR=1e-2 %.3f, F1 %.3f (%d real, %d fake, %d failed)", name, c["auc"],
                  c["tpr_at_fpr_1e-2"], c["f1"], c["n_real"], c["n_fake"], c["n_failed"])
+    return metrics
+
+
+def _write_outputs(layout: Layout, metrics: dict, scored: dict[str, pd.DataFrame], degradations: list[str]) -> dict:
+    """Stage 6's declared outputs: ROC points per set, every score, the metrics and the table."""
+    Path(layout.eval_roc).mkdir(parents=True, exist_ok=True)
+    for name, s in scored.items():
+        clean = s[(s.degradation == CLEAN) & s.score.notna()]
+        write_csv(Path(layout.eval_roc) / f"roc_{name}.csv", pd.DataFrame(roc_points(clean.label, clean.score)))
+    columns = ["set", "degradation", "img_name", "label", "score"]
+    write_csv(layout.eval_scores, pd.concat(scored.values(), ignore_index=True) if scored
+              else pd.DataFrame(columns=columns))
+    write_json(layout.eval_metrics, metrics)
+    with atomic_open(layout.eval_table, "w", encoding="utf-8") as fh:
+        fh.write(markdown_table(metrics, degradations) if metrics else "no labelled set was scored\n")
     return metrics

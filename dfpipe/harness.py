@@ -1,4 +1,7 @@
-"""What every numbered stage script shares: argument parsing, logging, clean errors.
+"""What every numbered stage script shares: argument parsing, logging, clean errors, and one entry point.
+
+A stage script is ``harness.stage("<name>", __doc__)``: it reads the section ``<name>`` of the params file and its
+catalog (``paths:``, :class:`~dfpipe.layout.Layout`), then calls ``dfpipe.<name>.run(cfg, layout, **extra)``.
 
 A :class:`~dfpipe.errors.UserError` (bad params, missing input, unusable data) is one line naming the
 file or key and the fix, exit code 2. Anything else is a bug: its full traceback, exit code 1.
@@ -7,6 +10,7 @@ file or key and the fix, exit code 2. Anything else is a bug: its full traceback
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -15,9 +19,6 @@ from collections.abc import Callable
 from .errors import UserError
 from .io import setup_logging
 
-# Nothing may wait on the network (set before heavy imports in the stage functions).
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +42,23 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
             raise
         log.error("%s: %s", type(exc).__name__, exc)
         sys.exit(USER_ERROR_EXIT)
+
+
+def stage(name: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Run stage ``name`` as a script: parse the command line (``extra`` adds the stage's own options, passed to
+    its ``run`` as keyword arguments), load its section and the layout, call ``dfpipe.<name>.run``."""
+    from .config import STAGE_CONFIGS, load_section
+    from .layout import Layout
+
+    p = parser(description)
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+
+    def main(args: argparse.Namespace) -> None:
+        cfg = load_section(STAGE_CONFIGS[name], name, args.params)
+        layout = Layout.load(args.params)
+        options = {k: v for k, v in vars(args).items() if k not in ("params", "verbose")}
+        importlib.import_module(f"dfpipe.{name}").run(cfg, layout, **options)
+
+    run(main, args)

@@ -2,8 +2,8 @@
 
 import os
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
+import dfpipe  # noqa: F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import cv2  # noqa: E402
@@ -76,9 +76,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def expert_description(model, stage1=None, mode: str = "resize") -> dict:
-    """A checkpoint description as training writes it: the model's own plus its preprocessing record."""
-    from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1
+def save_expert_checkpoint(path, model, cfg=None, stage1=None, name: str = "m", metrics: dict | None = None) -> None:
+    """``model`` saved as training saves ``best.pt``: its description (with its input contract), ``stage1``
+    (default: stage 1's defaults), the training config ``cfg`` (default: ExpertConfig's defaults)."""
+    from dfpipe.config import ExpertConfig
+    from dfpipe.data.preprocess import Stage1
+    from dfpipe.train_experts.checkpoint import save_checkpoint
 
-    prep = Preprocess(stage1 or Stage1(), InputPolicy(mode, model.img_size), model.mean, model.std)
-    return {**model.describe(), "preprocess": prep.to_dict()}
+    save_checkpoint(path, model, stage1 or Stage1(), cfg or ExpertConfig(), name, metrics or {})
+
+
+def layout_in(root, **entries):
+    """A :class:`~dfpipe.layout.Layout` with every stage's outputs under ``root`` and ``entries`` (inputs such as
+    ``data_root``, or outputs) set as given: what a test runs a stage with."""
+    import dataclasses
+
+    from dfpipe.layout import Layout
+
+    return dataclasses.replace(Layout().under(root), **{k: str(v) for k, v in entries.items()})

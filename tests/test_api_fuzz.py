@@ -186,3 +186,50 @@ def test_the_api_does_what_its_schema_says(api_schema, method, path, media_type,
         case.call_and_validate(checks=checks)
 
     run()
+
+
+# ----------------------------------------------------------------------------- beyond the schema: hostile requests
+def _hostile_strategy():
+    """bench/bench_abuse.py's strategy (nested / huge / odd JSON, odd multipart and headers): the bench runs 1,000+
+    of its examples over HTTP against a real server; here a bounded, derandomised share through the ASGI app."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_abuse.py"
+    spec = importlib.util.spec_from_file_location("bench_abuse", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.hostile_request()
+
+
+HOSTILE_EXAMPLES = int(os.environ.get("DFPIPE_FUZZ_EXAMPLES", 60))
+
+
+@pytest.fixture(scope="module")
+def hostile_client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    models, card = make_card(tmp_path_factory.mktemp("hostile"), tta=("identity",))
+    app = create_app(ServeSettings(**{**SETTINGS.__dict__, "models_dir": str(models), "card": str(card)}))
+    with TestClient(app, raise_server_exceptions=False) as client:  # a bug shows as the 500 a client would get
+        yield client
+
+
+def test_hostile_requests_get_a_4xx_with_a_message_never_a_5xx(hostile_client):
+    from hypothesis import given
+
+    seen = set()
+
+    @given(_hostile_strategy())
+    @settings(max_examples=HOSTILE_EXAMPLES, derandomize=DERANDOMIZE, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(req):
+        path, headers, body = req
+        r = hostile_client.post(path, content=body, headers=headers)
+        assert r.status_code < 500, (path, headers, body[:100], r.status_code, r.text[:200])
+        if r.status_code >= 400:
+            assert r.json()["detail"], r.text
+        seen.add(r.status_code)
+
+    run()
+    assert {400, 415, 422} <= seen  # the strategy reaches the parser, the content-type check and the schema

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from dfpipe.augment_sd import output, pipeline
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.dist import Dist
@@ -277,17 +277,27 @@ def prepared(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("prepared"))
 
 
-def config(prepared, out, **kw):
-    base = dict(prepared_dir=str(prepared), out_dir=str(out), seed=3, fakes_per_real=2.0,
-                methods={m: 1.0 for m in ALL_METHODS}, real_widening=0.5, contact_sheet_per_method=2, workers=1)
+def config(**kw):
+    base = dict(seed=3, fakes_per_real=2.0, methods={m: 1.0 for m in ALL_METHODS}, real_widening=0.5,
+                contact_sheet_per_method=2, workers=1)
     base.update(kw)
     return AugmentConfig(**base)
+
+
+def layout(prepared, out):
+    """Stage 2 reading the store ``prepared``, writing ``out``."""
+    return layout_in(out.parent, prepared=prepared, augmented=out)
+
+
+def stage(prepared, out, **kw):
+    """Stage 2 with the test settings (``kw`` changed) from ``prepared`` into ``out``: its summary."""
+    return run_augment(config(**kw), layout(prepared, out))
 
 
 @pytest.fixture(scope="module")
 def augmented(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("aug") / "augmented"
-    summary = run_augment(config(prepared, out))
+    summary = stage(prepared, out)
     return out, summary
 
 
@@ -351,7 +361,7 @@ def test_stage_images_masks_and_contact_sheet(augmented, prepared):
 def test_stage_is_deterministic_and_regenerates_rows(augmented, prepared, tmp_path):
     out, _ = augmented
     again = tmp_path / "again"
-    run_augment(config(prepared, again))
+    stage(prepared, again)
     assert same_output(out, again)  # shards, index, manifest, masks, sheet: the same bytes
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     for _, row in man.iterrows():
@@ -371,7 +381,7 @@ def test_stage_writes_shards_of_at_most_shard_images(prepared, tmp_path, monkeyp
     ref, _ = augmented
     monkeypatch.setattr(output, "SHARD_IMAGES", 4)
     out = tmp_path / "sharded"
-    summary = run_augment(config(prepared, out))
+    summary = stage(prepared, out)
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert summary["n_shards"] == 4 and list(man.cache_file) == [f"aug-{k // 4:06d}.bin" for k in range(15)]
     assert list(man.cache_index) == [k % 4 for k in range(15)]
@@ -379,7 +389,7 @@ def test_stage_writes_shards_of_at_most_shard_images(prepared, tmp_path, monkeyp
     ref_man = pd.read_csv(ref / "manifest.csv", keep_default_na=False)
     for a, b in zip(man.itertuples(), ref_man.itertuples()):
         assert stored(out, a).tobytes() == stored(ref, b).tobytes()  # same images, other shard layout
-    # what stages 3-5 read: load_pool points at <augmented_dir>/<cache_file>
+    # what stages 3-5 read: load_pool points at <layout.augmented>/<cache_file>
     pool = load_pool(prepared, out)
     gen = pool[pool.origin == "aug"].reset_index(drop=True)
     assert len(gen) == 15
@@ -391,7 +401,7 @@ def test_stage_writes_shards_of_at_most_shard_images(prepared, tmp_path, monkeyp
 def test_stage_on_a_stage1_store_of_jpegs(tmp_path):
     """Stage 1 for real on JPEGs of several sizes (stored as their original bytes), then stage 2 on its store."""
     from dfpipe.config import PrepareConfig
-    from dfpipe.prepare_data import prepare
+    from dfpipe.prepare_data import run as prepare
 
     rng = np.random.default_rng(11)
     raw = tmp_path / "raw"
@@ -404,10 +414,9 @@ def test_stage_on_a_stage1_store_of_jpegs(tmp_path):
         pd.DataFrame(names, columns=["img_name", "target"]).to_csv(raw / f"{folder}_label.txt", index=False)
     write_jpeg(raw / "testset" / "t0.jpg", photo_like(rng, 50, 50))
     prep = tmp_path / "prepared"
-    prepare(PrepareConfig(data_root=str(raw), out_dir=str(prep), report=str(tmp_path / "r.json"),
-                          duplicates=str(tmp_path / "d.csv"), workers=1))
+    prepare(PrepareConfig(workers=1), layout_in(tmp_path, data_root=raw, prepared=prep))
     out = tmp_path / "aug"
-    summary = run_augment(config(prep, out, fakes_per_real=1.5, real_widening=0.5))
+    summary = stage(prep, out, fakes_per_real=1.5, real_widening=0.5)
     assert summary["n_real_sources"] == 4 and summary["n_images"] == 8
     assert read_store_record(out) == read_store_record(prep)
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
@@ -417,19 +426,19 @@ def test_stage_on_a_stage1_store_of_jpegs(tmp_path):
         assert fake.shape == src.shape and stored(out, row).tobytes() == fake.tobytes(), row.uid
 
 
-def test_stage_refuses_a_prepared_dir_that_is_not_a_store(tmp_path):
+def test_stage_refuses_a_prepared_folder_that_is_not_a_store(tmp_path):
     (tmp_path / "p").mkdir()
     prep = make_prepared(tmp_path / "p")
     (prep / "store.json").unlink()  # e.g. an old stage 1 (.npy caches)
     with pytest.raises(FileNotFoundError, match="store.json not found.*01_prepare_data"):
-        run_augment(config(prep, tmp_path / "aug"))
+        stage(prep, tmp_path / "aug")
     assert not (tmp_path / "aug").exists()
 
 
 def test_stage_other_seed_gives_other_images(augmented, prepared, tmp_path):
     out, _ = augmented
     other = tmp_path / "other"
-    run_augment(config(prepared, other, seed=4))
+    stage(prepared, other, seed=4)
     assert (out / "aug-000000.bin").read_bytes() != (other / "aug-000000.bin").read_bytes()
 
 
@@ -439,8 +448,7 @@ def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path,
     (out / "stale.txt").write_text("old")
     (out / "masks" / "old.png").write_bytes(b"x")
     with caplog.at_level(logging.INFO, logger="dfpipe.augment_sd.pipeline"):
-        summary = run_augment(config(prepared, out, fakes_per_real=0.5, methods={"self_blend": 1.0},
-                                     real_widening=0.0))
+        summary = stage(prepared, out, fakes_per_real=0.5, methods={"self_blend": 1.0}, real_widening=0.0)
     assert "diffusion fakes skipped: no model configured" in caplog.text
     assert not (out / "stale.txt").exists() and not (out / "masks" / "old.png").exists()
     assert summary["by_method"] == {"self_blend": 3}
@@ -448,7 +456,7 @@ def test_stage_replaces_stale_output_and_logs_diffusion_skip(prepared, tmp_path,
 
 def test_stage_with_nothing_to_make_writes_an_empty_valid_output(prepared, tmp_path):
     out = tmp_path / "empty"
-    summary = run_augment(config(prepared, out, fakes_per_real=0.0, real_widening=0.0))
+    summary = stage(prepared, out, fakes_per_real=0.0, real_widening=0.0)
     assert summary["n_images"] == 0 and summary["n_shards"] == 0 and summary["image_sizes"] is None
     assert not list(out.glob("*.bin")) and (out / "store.json").is_file()
     man = pd.read_csv(out / "manifest.csv")
@@ -458,9 +466,9 @@ def test_stage_with_nothing_to_make_writes_an_empty_valid_output(prepared, tmp_p
 
 def test_stage_rejects_unknown_method_and_no_reals(prepared, tmp_path):
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['nope'\].*self_blend"):
-        run_augment(config(prepared, tmp_path / "x", methods={"self_blend": 1.0, "nope": 1.0}))
+        stage(prepared, tmp_path / "x", methods={"self_blend": 1.0, "nope": 1.0})
     with pytest.raises(ValueError, match="positive weight"):
-        run_augment(config(prepared, tmp_path / "x", methods={"self_blend": 0.0}))
+        stage(prepared, tmp_path / "x", methods={"self_blend": 0.0})
     fakes_only = tmp_path / "fakes_only"
     fakes_only.mkdir()
     make_prepared(fakes_only)
@@ -468,19 +476,19 @@ def test_stage_rejects_unknown_method_and_no_reals(prepared, tmp_path):
     man.loc[(man.split != "test") & (man.cache_index >= 0), "label"] = 1  # only the broken row is "real"
     man.to_csv(fakes_only / "manifest.csv", index=False)
     with pytest.raises(ValueError, match="no real"):
-        run_augment(config(fakes_only, tmp_path / "y"))
+        stage(fakes_only, tmp_path / "y")
     assert not (tmp_path / "y").exists()
 
 
 def test_plan_seeds_and_method_weights():
-    jobs = plan_jobs(config("p", "o", fakes_per_real=1.0, methods={"self_blend": 3.0, "splice": 1.0},
-                            real_widening=0.0), n_real=400)
+    jobs = plan_jobs(config(fakes_per_real=1.0, methods={"self_blend": 3.0, "splice": 1.0}, real_widening=0.0),
+                     n_real=400)
     counts = pd.Series([j.method for j in jobs]).value_counts()
     assert len(jobs) == 400 and 250 < counts["self_blend"] < 350
     assert len({j.seed for j in jobs}) == 400
     # a row's seed depends on (seed, kind, index) only, not on how many rows are planned
     assert jobs[5].seed == item_seed(3, "edit", 5)
-    assert plan_jobs(config("p", "o", fakes_per_real=0.5), n_real=400)[5].seed == jobs[5].seed
+    assert plan_jobs(config(fakes_per_real=0.5), n_real=400)[5].seed == jobs[5].seed
     assert all(j.donor not in (-1, j.source) for j in jobs if j.method == "splice")
 
 
@@ -521,11 +529,11 @@ def test_killed_run_resumes_without_redoing_images(augmented, prepared, tmp_path
     out = tmp_path / "aug"
     counting(monkeypatch, "edit_one", fail_after=5)
     with pytest.raises(Killed):
-        run_augment(config(prepared, out))
+        stage(prepared, out)
     assert not out.exists() and not (tmp_path / "aug.tmp").exists()
     assert len(list(work_dir(out).glob("*.npz"))) == 5 and not list(work_dir(out).glob(".*"))
     made = counting(monkeypatch, "edit_one")
-    run_augment(config(prepared, out))
+    stage(prepared, out)
     assert len(made) == 15 - 5  # only the missing images
     assert same_output(ref, out) and not work_dir(out).exists()
 
@@ -534,12 +542,12 @@ def test_work_from_another_config_is_not_reused(prepared, tmp_path, monkeypatch)
     out = tmp_path / "aug"
     counting(monkeypatch, "edit_one", fail_after=6)
     with pytest.raises(Killed):
-        run_augment(config(prepared, out))
+        stage(prepared, out)
     made = counting(monkeypatch, "edit_one")
-    run_augment(config(prepared, out, seed=4))  # other seeds: nothing in the work dir matches
+    stage(prepared, out, seed=4)  # other seeds: nothing in the work dir matches
     assert len(made) == 15
     fresh = tmp_path / "fresh"
-    run_augment(config(prepared, fresh, seed=4))
+    stage(prepared, fresh, seed=4)
     assert same_output(out, fresh) and not work_dir(out).exists()
 
 
@@ -549,7 +557,7 @@ def test_worker_pool_gives_the_same_bytes(augmented, prepared, tmp_path, monkeyp
     monkeypatch.setattr(pipeline, "EDIT_CHUNK", 4)
     assert n_workers(2, 15) == 2
     out = tmp_path / "pool"
-    run_augment(config(prepared, out, workers=2))
+    stage(prepared, out, workers=2)
     assert same_output(ref, out)
 
 
@@ -561,14 +569,14 @@ def test_n_workers():
         n_workers(-1, 10)
 
 
-def run_ranks(cfg, world):
+def run_ranks(cfg, layout, world):
     """``run_augment`` as ``world`` ranks (threads sharing a barrier): the shard/merge logic in one process."""
     barrier = threading.Barrier(world, timeout=60)
     results, errors = [None] * world, []
 
     def rank(r):
         try:
-            results[r] = run_augment(cfg, Dist(rank=r, world=world, _barrier=barrier.wait))
+            results[r] = run_augment(cfg, layout, Dist(rank=r, world=world, _barrier=barrier.wait))
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
             barrier.abort()
@@ -586,7 +594,7 @@ def run_ranks(cfg, world):
 def test_shards_merge_to_the_one_process_output(augmented, prepared, tmp_path, monkeypatch):
     ref, summary = augmented
     made = counting(monkeypatch, "edit_one")
-    results = run_ranks(config(prepared, tmp_path / "aug3"), world=3)
+    results = run_ranks(config(), layout(prepared, tmp_path / "aug3"), world=3)
     assert results[0] == summary and [r["generated"] for r in results[1:]] == [5, 5]
     assert sorted(made) == sorted(pd.read_csv(ref / "manifest.csv").method)  # each image made once
     assert same_output(ref, tmp_path / "aug3")

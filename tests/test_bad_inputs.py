@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.images import decode_image
-from dfpipe.prepare_data import prepare
+from dfpipe.prepare_data import run
 from dfpipe.data.samples import load_manifest
 from dfpipe.data.store import StoreReader
 from dfpipe.errors import DataError
@@ -55,7 +55,7 @@ def _bad_files(rng) -> dict[str, bytes]:
         "vector.png": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>',
         "script.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n",  # EPS: never handed to PIL
         "noise.bmp": rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
-        "bomb.png": _png_with_size(png, 3000, 3000),  # > prepare.max_pixels (header check, nothing decoded)
+        "bomb.png": _png_with_size(png, 3000, 3000),  # > prepare_data.max_pixels (header check, nothing decoded)
         "bomb_pil.png": _png_with_size(png, 20000, 20000),  # > PIL's own hard limit
         "one_px.png": _enc(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
         "tiny.jpg": _enc(Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)), "JPEG"),
@@ -177,10 +177,10 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     rng = np.random.default_rng(3)
     good, skipped, kept = _corpus(tmp / "raw", rng)
-    cfg = PrepareConfig(data_root=str(tmp / "raw"), out_dir=str(tmp / "p"), report=str(tmp / "r.json"),
-                        duplicates=str(tmp / "d.csv"), max_pixels=1_000_000, workers=1, chunk_size=8)
-    report = prepare(cfg)
-    return tmp, cfg, report, good, skipped, kept
+    layout = layout_in(tmp, data_root=tmp / "raw", prepared=tmp / "p", prepare_report=tmp / "r.json",
+                       duplicates=tmp / "d.csv")
+    report = run(PrepareConfig(max_pixels=1_000_000, workers=1, chunk_size=8), layout)
+    return tmp, layout, report, good, skipped, kept
 
 
 def test_corpus_is_big_enough(prepared):
@@ -200,8 +200,8 @@ def test_report_lists_exactly_the_skipped_files(prepared):
 
 
 def test_nothing_good_is_lost_and_pixels_are_right(prepared):
-    tmp, cfg, report, good, _, kept = prepared
-    man = load_manifest(cfg.out_dir)
+    tmp, layout, report, good, _, kept = prepared
+    man = load_manifest(layout.prepared)
     names = {s: set(man.img_name[man.split == s]) for s in ("train", "val", "test")}
     assert names["train"] == set(good["train"]) | set(kept)
     assert names["val"] == set(good["val"]) and names["test"] == set(good["test"])
@@ -226,8 +226,8 @@ def test_nothing_good_is_lost_and_pixels_are_right(prepared):
 
 
 def test_failed_test_image_keeps_its_row_and_unlisted_files_are_reported(prepared):
-    tmp, cfg, report, _, _, _ = prepared
-    full = load_manifest(cfg.out_dir, ok_only=False)
+    tmp, layout, report, _, _, _ = prepared
+    full = load_manifest(layout.prepared, ok_only=False)
     row = full[full.img_name == "test_trunc.jpg"].iloc[0]
     assert row.cache_index == -1 and row.error.startswith("corrupt or truncated")
     with pytest.raises(DataError, match="holds no image"):  # its place in the test split's one shard is empty

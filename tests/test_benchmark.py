@@ -15,6 +15,7 @@ from dfpipe.benchmark import (GridSpec, grid_table, identity_group, load_grid, l
                               recipe_config, split_groups)
 from dfpipe.config import ConfigError
 from dfpipe.errors import InputError
+from dfpipe.layout import STAGES, Layout
 
 
 def _img(path, value=0):
@@ -84,10 +85,10 @@ def test_a_cells_key_follows_the_stage1_settings():
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     ecfg = recipe_config(spec, "a", 0)
-    key = benchmark._cell_key(spec, ecfg)
-    assert key == benchmark._cell_key(spec, ecfg) and len(key) == 8
-    assert benchmark._cell_key(replace(spec, max_side=512), ecfg) != key
-    assert benchmark._shared_settings(spec)["store_format"] >= 1
+    key = benchmark.cell_key(spec, ecfg)
+    assert key == benchmark.cell_key(spec, ecfg) and len(key) == 8
+    assert benchmark.cell_key(replace(spec, max_side=512), ecfg) != key
+    assert benchmark.shared_settings(spec)["store_format"] >= 1
 
 
 def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkeypatch):
@@ -98,17 +99,17 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     ecfg = recipe_config(spec, "a", 0)
-    key, shared = benchmark._cell_key(spec, ecfg), benchmark._shared_settings(spec)
-    # pretend ExpertConfig grew `loss.ce` and `dropout` and the augment section `seed` after the cells were made
+    key, shared = benchmark.cell_key(spec, ecfg), benchmark.shared_settings(spec)
+    # pretend ExpertConfig grew `loss.ce` and `dropout` and the augment_sd section `seed` after the cells were made
     monkeypatch.setitem(benchmark.KEY_OMIT_AT, "expert", {"loss.ce": ecfg.loss.ce, "dropout": ecfg.dropout})
-    monkeypatch.setitem(benchmark.KEY_OMIT_AT, "augment", {"seed": shared["augment"]["seed"]})
-    assert "dropout" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")
-    assert "ce" not in benchmark._omit_later(dataclasses.asdict(ecfg), "expert")["loss"]
-    off = benchmark._cell_key(spec, ecfg)
+    monkeypatch.setitem(benchmark.KEY_OMIT_AT, "augment_sd", {"seed": shared["augment_sd"]["seed"]})
+    assert "dropout" not in benchmark.omit_later(dataclasses.asdict(ecfg), "expert")
+    assert "ce" not in benchmark.omit_later(dataclasses.asdict(ecfg), "expert")["loss"]
+    off = benchmark.cell_key(spec, ecfg)
     assert off != key  # the table changes what is hashed ...
-    assert benchmark._cell_key(spec, replace(ecfg, dropout=ecfg.dropout + 0.1)) != off  # ... a value other than off counts
-    assert benchmark._cell_key(replace(spec, augment={"seed": shared["augment"]["seed"] + 1}), ecfg) != off
-    assert "seed" not in benchmark._shared_settings(spec)["augment"]
+    assert benchmark.cell_key(spec, replace(ecfg, dropout=ecfg.dropout + 0.1)) != off  # ... a value other than off counts
+    assert benchmark.cell_key(replace(spec, augment_sd={"seed": shared["augment_sd"]["seed"] + 1}), ecfg) != off
+    assert "seed" not in benchmark.shared_settings(spec)["augment_sd"]
 
 
 @pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_more.yaml", "bench/grid_sbi.yaml",
@@ -162,11 +163,11 @@ def test_a_finished_cell_is_reused_with_its_scores_path_as_seen_from_here(tmp_pa
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     src = Source("s", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path)
-    cell = tmp_path / "work" / "s" / f"a_s0_{benchmark._cell_key(spec, recipe_config(spec, 'a', 0))}"
+    cell = tmp_path / "work" / "s" / f"a_s0_{benchmark.cell_key(spec, recipe_config(spec, 'a', 0))}"
     cell.mkdir(parents=True)
     (cell / "eval.json").write_text(json.dumps({"recipe": "a", "scores_csv": "elsewhere/scores.csv"}))
     out = run_cell(spec, "a", 0, src, {"s": src}, tmp_path / "work")
-    assert out["recipe"] == "a" and out["scores_csv"] == str(cell / "scores.csv")
+    assert out["recipe"] == "a" and out["scores_csv"] == str(cell / "reports" / "eval" / "scores.csv")
 
 
 # ----------------------------------------------------------------------------- robustness pass and DVC experiments
@@ -180,7 +181,7 @@ def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys
     spec = load_grid(grid)
     assert spec.robustness.degradations == ["jpeg75", "half"] and spec.robustness.bootstrap == 0
     ecfg = recipe_config(spec, "a", 0)
-    assert benchmark._cell_key(spec, ecfg) == benchmark._cell_key(replace(spec, robustness=benchmark.RobustnessSpec()),
+    assert benchmark.cell_key(spec, ecfg) == benchmark.cell_key(replace(spec, robustness=benchmark.RobustnessSpec()),
                                                                   ecfg)
     for bad, msg in (("degradations: [jpeg75, sharpen]", "unknown degradation 'sharpen'"),
                      ("degradations: [clean]", "always scored"), ("degradations: [half, half]", "listed twice"),
@@ -224,7 +225,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
     runs from the repo root of its (temp) copy with that copy's package first on the path."""
     import yaml
 
-    from dfpipe.benchmark_dvc import CellParams
+    from dfpipe.benchmark.queue import CellParams
 
     fields = [f.name for f in dataclasses.fields(CellParams)]
     params = yaml.safe_load(open("bench/grid/params.yaml"))
@@ -239,7 +240,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
 def test_queue_status_is_read_by_column(monkeypatch):
     from types import SimpleNamespace
 
-    from dfpipe import benchmark_dvc
+    from dfpipe.benchmark import queue as benchmark_dvc
 
     text = ("Task     Name                      Created       Status\n"
             "9945a13  demo-base-s0-666e98ed     09:26 AM      Success\n"
@@ -258,7 +259,7 @@ def test_queue_status_is_read_by_column(monkeypatch):
 def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
     import subprocess
 
-    from dfpipe.benchmark_dvc import _check_tree
+    from dfpipe.benchmark.queue import _check_tree
     from dfpipe.errors import InputError
 
     def git(*args):
@@ -342,17 +343,18 @@ def test_a_source_name_with_the_join_character_is_refused(tmp_path):
 
 
 def test_single_source_cells_keep_their_keys_and_folders():
-    """The cached cells of bench/grid.yaml (data/benchmark/<source>/<recipe>_s<seed>_<key>) stay where they are:
+    """The cells of bench/grid.yaml (data/benchmark/<source>/<recipe>_s<seed>_<key>) have pinned keys (a change of
+    them makes every cached cell train again: the keys moved once, when the stage sections lost their paths):
     train_on is no part of a key, a grid listing its sources in train_on has the same cells, and the pairs grid
     (same settings) has the same keys, in folders of its own."""
     from dfpipe.benchmark import cell_dir, grid_cells
 
     spec = load_grid("bench/grid.yaml")
-    assert str(cell_dir(spec, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_8dea6125"
+    assert str(cell_dir(spec, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_17a18390"
     more = load_grid("bench/grid_more.yaml")
-    assert str(cell_dir(more, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_8dea6125"
-    assert str(cell_dir(more, "lil_gil", 1, "genphotos_frll", "w")) == "w/genphotos_frll/lil_gil_s1_3b503466"
-    assert str(cell_dir(spec, "mobilenetv2", 0, "stylegan3_utk", "w")) == "w/stylegan3_utk/mobilenetv2_s0_72745154"
+    assert str(cell_dir(more, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_17a18390"
+    assert str(cell_dir(more, "lil_gil", 1, "genphotos_frll", "w")) == "w/genphotos_frll/lil_gil_s1_aa3bdf4c"
+    assert str(cell_dir(spec, "mobilenetv2", 0, "stylegan3_utk", "w")) == "w/stylegan3_utk/mobilenetv2_s0_16cb0b6e"
     listed = dataclasses.replace(spec, train_on=list(spec.sources))
     assert [cell_dir(listed, *c, "w") for c in grid_cells(listed)] == [cell_dir(spec, *c, "w") for c in grid_cells(spec)]
     pairs = load_grid("bench/grid_pairs.yaml")
@@ -378,7 +380,7 @@ def test_the_split_grids_share_settings_recipes_and_cells():
     """make benchmark's core (bench/grid.yaml, bench/grid_pairs.yaml) and make benchmark-all's other rows
     (bench/grid_more.yaml, bench/grid_pairs_more.yaml) are one grid cut in four: the same settings, one definition per
     recipe name, so a cell (the baseline's above all) is trained once and read by every grid that lists it."""
-    from dfpipe.benchmark import _cell_key
+    from dfpipe.benchmark import cell_key
 
     names = ("grid", "grid_more", "grid_pairs", "grid_pairs_more")
     grids = {n: load_grid(f"bench/{n}.yaml") for n in names}
@@ -390,7 +392,7 @@ def test_the_split_grids_share_settings_recipes_and_cells():
     for n in names:
         for recipe, body in grids[n].recipes.items():
             assert definitions.setdefault(recipe, body) == body, f"{recipe} differs in bench/{n}.yaml"
-    keys = {n: _cell_key(grids[n], recipe_config(grids[n], "baseline", 0)) for n in names}
+    keys = {n: cell_key(grids[n], recipe_config(grids[n], "baseline", 0)) for n in names}
     assert len(set(keys.values())) == 1, keys
     # every recipe and ensemble row of the main grids is in exactly one of the two single-source files
     assert set(grids["grid"].recipes) & set(grids["grid_more"].recipes) == {"baseline"}
@@ -502,7 +504,7 @@ def test_the_alone_reference_reads_finished_single_source_cells_scored_on_every_
                                                  "eval": {s: ev[s] for s in sets}, "scores_csv": "elsewhere"}))
     ref = single_source_reference(spec, tmp_path)
     assert [(c["train_source"], c["seed"]) for c in ref] == [("a", 0), ("a", 1)]  # b's cell lacks c; c: not a part
-    assert ref[0]["scores_csv"] == str(cell_dir(spec, "r", 0, "a", tmp_path) / "scores.csv")
+    assert ref[0]["scores_csv"] == str(cell_dir(spec, "r", 0, "a", tmp_path) / "reports" / "eval" / "scores.csv")
     # a source the grid trains alone itself is in its own cells, not in the reference
     assert single_source_reference(dataclasses.replace(spec, train_on=["a+b", "a"]), tmp_path) == []
     assert single_source_reference(dataclasses.replace(spec, train_on=[]), tmp_path) == []
@@ -526,14 +528,14 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
     """`a+b` is `a_and_b` in the name (single-source names unchanged); git (hence DVC) accepts every name as a ref."""
     import subprocess
 
-    from dfpipe.benchmark import _cell_key, grid_cells
-    from dfpipe.benchmark_dvc import exp_name
+    from dfpipe.benchmark import cell_key, grid_cells
+    from dfpipe.benchmark.queue import exp_name
 
     spec = load_grid("bench/grid.yaml")
-    assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-8dea6125"
+    assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-17a18390"
     pairs = load_grid("bench/grid_pairs_more.yaml")
     names = [exp_name(pairs, *c) for c in grid_cells(pairs)]
-    key = _cell_key(pairs, recipe_config(pairs, "lil_gil", 1))
+    key = cell_key(pairs, recipe_config(pairs, "lil_gil", 1))
     assert f"stylegan3_utk_and_genphotos_frll-lil_gil-s1-{key}" in names and len(set(names)) == len(names)
     for name in names:
         assert re.fullmatch(r"[A-Za-z0-9_-]+", name)
@@ -541,7 +543,7 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
 
 
 def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
-    from dfpipe.benchmark_dvc import run_cell_stage
+    from dfpipe.benchmark.queue import run_cell_stage
     from dfpipe.errors import UnknownNameError
 
     params = tmp_path / "params.yaml"
@@ -553,7 +555,7 @@ def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's tables
 def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
-    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+    from dfpipe.benchmark.readme import readme_blocks, sync_readme
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "table.md").write_text("intro\n\n### summary (ROC AUC, mean of seeds)\n\n| a | b |\n|---|---|\n"
@@ -574,7 +576,7 @@ def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
 
 def test_the_readmes_benchmark_tables_are_the_grids():
     """Every benchmark number the README shows in a table comes from a grid's table.md, as committed."""
-    from dfpipe.benchmark_readme import readme_blocks, sync_readme
+    from dfpipe.benchmark.readme import readme_blocks, sync_readme
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme_blocks(readme)) >= 1
@@ -588,7 +590,7 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
     import os
     import signal
 
-    from dfpipe.benchmark_dvc import run_past_daemons
+    from dfpipe.benchmark.queue import run_past_daemons
 
     script = f"sleep 600 & echo $! > {tmp_path / 'pid'}; echo started; echo to-stderr >&2"
     res = run_past_daemons(["sh", "-c", script], tmp_path)
@@ -633,11 +635,34 @@ def test_cells_record_the_code_their_process_started_with(monkeypatch):
     records the version it saw first."""
     from dfpipe import benchmark
 
-    benchmark._process_code_version.cache_clear()
+    benchmark.process_code_version.cache_clear()
     try:
-        monkeypatch.setattr(benchmark, "code_version", lambda: "aaaaaaaaaaaa")
-        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
-        monkeypatch.setattr(benchmark, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
-        assert benchmark._process_code_version() == "aaaaaaaaaaaa"
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "aaaaaaaaaaaa")
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
     finally:
-        benchmark._process_code_version.cache_clear()
+        benchmark.process_code_version.cache_clear()
+
+
+@pytest.mark.parametrize("entry", Layout.entries())
+def test_the_benchmark_moves_every_catalog_output_into_its_work_folder(tmp_path, entry):
+    """The benchmark never lists a stage's paths: a cell is the catalog moved under its folders (Layout.under), so an
+    output a stage adds to the catalog (parametrised over all of them: a new one is covered with no edit) lands in
+    the training set's folder (stages 1-3) or the cell's (4-6), never in the repository's own data/, and inputs
+    point at the grid's sources."""
+    from dfpipe.benchmark import CELL_STAGES, SOURCE_STAGES, cell_layout, source_layout
+
+    spec = GridSpec(data_root=str(tmp_path / "shared"))
+    work, cell = tmp_path / "work", tmp_path / "work" / "src" / "r_s0_key"
+    src, lay = source_layout(spec, "src", work), cell_layout(spec, "src", work, cell)
+    stage = next((f.metadata["stage"] for f in dataclasses.fields(Layout) if f.name == entry))
+    if stage in SOURCE_STAGES:
+        assert Path(getattr(lay, entry)).is_relative_to(work / "src") and getattr(lay, entry) == getattr(src, entry)
+        assert not Path(getattr(lay, entry)).is_relative_to(cell)
+    elif stage in CELL_STAGES:
+        assert Path(getattr(lay, entry)).is_relative_to(cell)
+    else:  # an input: stage 1 reads the training set's folder (its label files), stage 6 the grid's data root
+        assert stage == "" and set(SOURCE_STAGES) | set(CELL_STAGES) == set(STAGES)
+        assert src.data_root == str((work / "src").resolve()) and lay.data_root == str((tmp_path / "shared").resolve())
+    assert lay.test_labels == ""  # no test metrics in a cell: its held-out sets are stage 6's

@@ -31,10 +31,10 @@ RECIPE = {"img_size": 32, "batch_size": 16, "lr_ref_batch": 16, "lr": 0.002, "au
 def _grid(data_root: Path, robustness: dict | None = None) -> dict:
     return {"data_root": str(data_root), "params": str(REPO / "params.yaml"), "sources": ["demo", "folders"],
             "seeds": [0], "epochs": 1, "heldout": 0.3, "baseline": "base",
-            "augment": {"fakes_per_real": 0.25, "workers": 1},
-            "split": {"kmeans_backend": "sklearn", "n_clusters": 3, "n_folds": 2, "img_size": 32, "batch_size": 32,
-                      "contact_sheet": ""},
-            "predict": {"tta": ["identity"], "batch_size": 32},
+            "augment_sd": {"fakes_per_real": 0.25, "workers": 1},
+            "cluster_split": {"kmeans_backend": "sklearn", "n_clusters": 3, "n_folds": 2, "img_size": 32,
+                              "batch_size": 32},
+            "ensemble_predict": {"tta": ["identity"], "batch_size": 32},
             "evaluate": {"degradations": [], "bootstrap": 0, "batch_size": 32, "workers": 0},
             "recipes": {"base": RECIPE},
             "robustness": robustness or {"degradations": ["jpeg50", "half"]}}
@@ -89,7 +89,7 @@ def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_proces
         assert len(list(cell.glob("robustness_*.json"))) == 1 and (cell / "eval.json").is_file()
     table = (t / "out" / "table.md").read_text()
     assert "### robustness (cross-source ROC AUC under degradations)" in table
-    version = benchmark._process_code_version()  # the code that trained each cell, recorded and counted in the table
+    version = benchmark.process_code_version()  # the code that trained each cell, recorded and counted in the table
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", version) and {c["code"] for c in grid["cells"]} == {version}
     assert f"Code that trained the 2 cells: {version} (2)." in table
     row = next(line for line in table.splitlines() if line.startswith("| base | 2 |"))
@@ -110,10 +110,10 @@ def test_robustness_is_cached_per_setting_and_never_changes_a_cell(tiny, in_proc
         assert {c: cell_dir(s, "base", 0, c, t / "work") for c in spec.sources} == \
                {c: cell_dir(spec, "base", 0, c, t / "work") for c in spec.sources}
 
-    def no_scoring(cfg):
+    def no_scoring(cfg, layout):
         raise AssertionError("scored again")
 
-    monkeypatch.setattr(evaluate, "run_evaluate", no_scoring)
+    monkeypatch.setattr(evaluate, "run", no_scoring)
     again = run_grid(spec, t / "work", t / "out2", train=False)  # everything cached: gathers, scores nothing
     assert again["cells"] == in_process[0]["cells"] and "missing" not in again
     sources = load_sources(spec)
@@ -155,12 +155,12 @@ def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_pr
     for c in pairs:
         d = benchmark.ensemble_dir(spec, "pair", 0, c["train_source"], t / "work")
         for m in ("base", "wide"):
-            link = d / "models" / m / "best.pt"
+            link = d / "models" / m / "best.pt"  # the cell layout's models entry (Layout.under keeps "models")
             assert link.is_symlink() and link.resolve() == (cell_dir(spec, m, 0, c["train_source"], t / "work")
                                                             / "models" / m / "best.pt").resolve()
         assert c["members"] == ["base", "wide"] and set(c["eval"]) == set(grid["cells"][0]["eval"])
         ens = pd.read_csv(c["scores_csv"]).set_index(["set", "degradation", "img_name"]).score
-        members = [pd.read_csv(cell_dir(spec, m, 0, c["train_source"], t / "work") / "scores.csv")
+        members = [pd.read_csv(cell_dir(spec, m, 0, c["train_source"], t / "work") / "reports" / "eval" / "scores.csv")
                    .set_index(["set", "degradation", "img_name"]).score for m in ("base", "wide")]
         assert len(ens) == len(members[0]) > 0
         np.testing.assert_allclose(ens.to_numpy(), ((members[0] + members[1]) / 2).loc[ens.index].to_numpy(),
@@ -169,10 +169,10 @@ def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_pr
     assert "Ensemble rows (no training): pair = base + wide" in table
     assert sum(line.startswith("| pair | ") for line in table.splitlines()) == 3  # summary + one row per source
 
-    def no_scoring(cfg):
+    def no_scoring(cfg, layout):
         raise AssertionError("scored again")
 
-    monkeypatch.setattr(evaluate, "run_evaluate", no_scoring)
+    monkeypatch.setattr(evaluate, "run", no_scoring)
     again = run_grid(spec, t / "work", t / "out_ens2", train=False)  # cached: nothing trained or scored
     assert [c["eval"] for c in again["cells"]] == [c["eval"] for c in grid["cells"]]
 
@@ -255,7 +255,7 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     (the queue's own overhead); the folders cell trains in the queue."""
     import os
 
-    from dfpipe.benchmark_dvc import exp_name
+    from dfpipe.benchmark.queue import exp_name
 
     t, data, _ = tiny
     repo = tmp_path / "repo"
@@ -349,7 +349,7 @@ def test_a_combined_cell_trains_on_both_training_parts_and_is_scored_on_every_he
     assert cell["train_source"] == "demo+folders" and d.parent == t / "work" / "demo+folders"
     assert d.name == cell_dir(spec, "base", 0, "demo", t / "work").name  # the single cells' key, a folder of its own
     # stage 1 read the training parts of both sources, named <source>/<img_name>, and nothing held out
-    man = pd.read_csv(d.parent / "prepared" / "manifest.csv", keep_default_na=False)
+    man = pd.read_csv(d.parent / "data" / "prepared" / "manifest.csv", keep_default_na=False)
     trained = {str(s.root / n) for s in (sources["demo"], sources["folders"]) for n in s.train.img_name}
     held = {str(s.root / n) for s in (sources["demo"], sources["folders"]) for n in s.heldout.img_name}
     assert set(man.path) == trained and not set(man.path) & held and len(held) > 0
@@ -387,7 +387,7 @@ def test_a_combined_cells_table(tiny, pair):
 def test_the_cell_stage_runs_a_combined_set(tiny, pair, tmp_path):
     """The DVC ``cell`` stage with ``source: demo+folders`` (what a queued experiment runs): the finished cell and
     its robustness record are reused, the metrics are the combined cell's."""
-    from dfpipe.benchmark_dvc import run_cell_stage
+    from dfpipe.benchmark.queue import run_cell_stage
 
     t, _, _ = tiny
     grid_path, grid, _, _ = pair

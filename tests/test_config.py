@@ -6,17 +6,17 @@ from dfpipe.config import ConfigError, ExpertConfig, TrainConfig, from_dict, loa
 def test_repo_params_load_for_every_stage():
     from dfpipe import config
 
-    for cls, section in ((config.PrepareConfig, "prepare"), (config.AugmentConfig, "augment"),
-                         (config.SplitConfig, "split"), (config.TrainConfig, "train"),
-                         (config.PredictConfig, "predict"), (config.EvaluateConfig, "evaluate")):
-        load_section(cls, section, "params.yaml")
-    train = load_section(TrainConfig, "train", "params.yaml")
+    for cls, section in ((config.PrepareConfig, "prepare_data"), (config.AugmentConfig, "augment_sd"),
+                         (config.SplitConfig, "cluster_split"), (config.TrainConfig, "train_experts"),
+                         (config.PredictConfig, "ensemble_predict"), (config.EvaluateConfig, "evaluate")):
+        assert isinstance(load_section(cls, section, "params.yaml"), cls)
+    train = load_section(TrainConfig, "train_experts", "params.yaml")
     assert len(train.experts) >= 2 and all(isinstance(e, ExpertConfig) for e in train.experts.values())
 
 
 def test_unknown_key_is_rejected_with_its_name():
     with pytest.raises(ConfigError, match="lerning_rate"):
-        from_dict(ExpertConfig, {"lerning_rate": 1.0}, "train.experts.a")
+        from_dict(ExpertConfig, {"lerning_rate": 1.0}, "train_experts.experts.a")
 
 
 def test_nested_type_errors_name_the_key():
@@ -33,9 +33,9 @@ def test_int_accepted_for_float_and_bool_not_for_int():
 
 def test_missing_section(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("prepare: {}\n")
-    with pytest.raises(ConfigError, match="no section 'train'"):
-        load_section(TrainConfig, "train", p)
+    p.write_text("prepare_data: {}\n")
+    with pytest.raises(ConfigError, match="no section 'train_experts'"):
+        load_section(TrainConfig, "train_experts", p)
 
 
 def test_every_setting_is_written_in_params_yaml():
@@ -59,16 +59,16 @@ def test_every_setting_is_written_in_params_yaml():
 
     hints = {"diffusion": config.DiffusionConfig, "loss": config.LossWeights}
     gaps = []
-    for cls, section in ((config.PrepareConfig, "prepare"), (config.AugmentConfig, "augment"),
-                         (config.SplitConfig, "split"), (config.TrainConfig, "train"),
-                         (config.PredictConfig, "predict"), (config.EvaluateConfig, "evaluate")):
+    for cls, section in ((config.PrepareConfig, "prepare_data"), (config.AugmentConfig, "augment_sd"),
+                         (config.SplitConfig, "cluster_split"), (config.TrainConfig, "train_experts"),
+                         (config.PredictConfig, "ensemble_predict"), (config.EvaluateConfig, "evaluate")):
         gaps += missing(cls, params[section], section)
         for key, sub in hints.items():
             if key in params[section]:
                 gaps += missing(sub, params[section][key], f"{section}.{key}")
-    for name, expert in params["train"]["experts"].items():
-        gaps += missing(config.ExpertConfig, expert, f"train.experts.{name}")
-        gaps += missing(config.LossWeights, expert["loss"], f"train.experts.{name}.loss")
+    for name, expert in params["train_experts"]["experts"].items():
+        gaps += missing(config.ExpertConfig, expert, f"train_experts.experts.{name}")
+        gaps += missing(config.LossWeights, expert["loss"], f"train_experts.experts.{name}.loss")
     for i, eval_set in enumerate(params["evaluate"]["sets"]):
         gaps += missing(config.EvalSetConfig, eval_set, f"evaluate.sets[{i}]")
     assert gaps == []
@@ -79,7 +79,7 @@ def test_params_list_every_editing_method():
 
     from dfpipe.augment_sd.editing import METHODS
 
-    methods = yaml.safe_load(open("params.yaml"))["augment"]["methods"]
+    methods = yaml.safe_load(open("params.yaml"))["augment_sd"]["methods"]
     assert set(methods) == set(METHODS)
 
 
@@ -87,9 +87,9 @@ def test_unknown_key_suggests_the_closest_one():
     from dfpipe.config import PrepareConfig
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_sides'\] \(did you mean 'max_side'\?\)"):
-        from_dict(PrepareConfig, {"max_sides": 64}, "params.yaml:prepare")
+        from_dict(PrepareConfig, {"max_sides": 64}, "params.yaml:prepare_data")
     with pytest.raises(ConfigError, match=r"'lerning_rate'.*did you mean 'lr'|'epoch': did you mean 'epochs'"):
-        from_dict(ExpertConfig, {"epoch": 1, "lerning_rate": 1.0}, "train.experts.a")
+        from_dict(ExpertConfig, {"epoch": 1, "lerning_rate": 1.0}, "train_experts.experts.a")
     with pytest.raises(ConfigError) as exc:  # nothing close: no suggestion, the allowed keys still listed
         from_dict(ExpertConfig, {"zzzzzz": 1}, "x")
     assert "did you mean" not in str(exc.value) and "allowed:" in str(exc.value)
@@ -165,10 +165,92 @@ def test_dataclass_defaults_equal_params_yaml():
         return out
 
     mismatches = []
-    for cls, section in ((config.PrepareConfig, "prepare"), (config.AugmentConfig, "augment"),
-                         (config.SplitConfig, "split"), (config.TrainConfig, "train"),
-                         (config.PredictConfig, "predict"), (config.EvaluateConfig, "evaluate")):
+    for cls, section in ((config.PrepareConfig, "prepare_data"), (config.AugmentConfig, "augment_sd"),
+                         (config.SplitConfig, "cluster_split"), (config.TrainConfig, "train_experts"),
+                         (config.PredictConfig, "ensemble_predict"), (config.EvaluateConfig, "evaluate")):
         mismatches += diff(cls, params[section], section)
-    # train.experts is a dict of experts: ExpertConfig's (and LossWeights') defaults are lite0_a's
-    mismatches += diff(config.ExpertConfig, params["train"]["experts"]["lite0_a"], "train.experts.lite0_a")
+    # train_experts.experts is a dict of experts: ExpertConfig's (and LossWeights') defaults are lite0_a's
+    mismatches += diff(config.ExpertConfig, params["train_experts"]["experts"]["lite0_a"],
+                       "train_experts.experts.lite0_a")
     assert mismatches == [], "\n".join(mismatches)
+
+
+# --------------------------------------------------------------------------- the catalog and the stage names
+def test_stage_configs_name_every_stage_section_of_params_yaml():
+    """One name per stage: the sections of params.yaml (besides the catalog) are exactly STAGE_CONFIGS, each
+    read into its class, and the stages are the catalog's own list, in DAG order."""
+    from dfpipe import config
+    from dfpipe.config import STAGE_CONFIGS, read_params
+    from dfpipe.layout import STAGES
+
+    assert STAGE_CONFIGS == {"prepare_data": config.PrepareConfig, "augment_sd": config.AugmentConfig,
+                             "cluster_split": config.SplitConfig, "train_experts": config.TrainConfig,
+                             "ensemble_predict": config.PredictConfig, "evaluate": config.EvaluateConfig}
+    assert tuple(STAGE_CONFIGS) == STAGES
+    assert set(read_params("params.yaml")) == {"paths", *STAGE_CONFIGS}
+    for name, cls in STAGE_CONFIGS.items():
+        assert isinstance(load_section(cls, name, "params.yaml"), cls)
+
+
+def test_params_paths_section_is_the_layout_defaults():
+    """params.yaml's ``paths:`` is the catalog: every Layout entry written (so ``-S paths.x=...`` can set it),
+    no other key, and the values equal Layout()'s defaults (what tests, the CLI and the API use)."""
+    import dataclasses
+
+    from dfpipe.config import read_params
+    from dfpipe.layout import Layout
+
+    written = read_params("params.yaml")["paths"]
+    assert set(written) == {f.name for f in dataclasses.fields(Layout)}
+    assert Layout.load("params.yaml") == Layout()
+    assert Layout.entries() == [f.name for f in dataclasses.fields(Layout)]
+
+
+def test_layout_rejects_an_unknown_or_mistyped_entry(tmp_path):
+    from dfpipe.layout import Layout
+
+    p = tmp_path / "params.yaml"
+    p.write_text("paths:\n  prepard: elsewhere\n")
+    with pytest.raises(ConfigError, match=r"paths: unknown key\(s\) \['prepard'\].*did you mean 'prepared'"):
+        Layout.load(p)
+    p.write_text("paths:\n  data_root: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"paths\.data_root: expected str"):
+        Layout.load(p)
+    p.write_text("paths:\n  data_root: /mnt/d\n")  # a partial catalog: the rest at its defaults
+    assert Layout.load(p) == Layout(data_root="/mnt/d")
+    p.write_text("prepare_data: {}\n")  # no catalog at all: the defaults
+    assert Layout.load(p) == Layout()
+
+
+def _path_like(value: str) -> bool:
+    return "/" in value or value.endswith((".csv", ".json", ".txt", ".png", ".npy"))
+
+
+def test_no_stage_section_holds_a_path():
+    """Paths live in the catalog only: a stage section holds no path-like value (dataset lists excepted: their
+    folders are relative to paths.data_root)."""
+    from dfpipe.config import STAGE_CONFIGS, read_params
+
+    params = read_params("params.yaml")
+
+    def paths_in(node, where):
+        if isinstance(node, dict):
+            return [p for k, v in node.items() if k not in ("datasets", "sets") for p in paths_in(v, f"{where}.{k}")]
+        if isinstance(node, list):
+            return [p for i, v in enumerate(node) for p in paths_in(v, f"{where}[{i}]")]
+        return [f"{where}: {node!r}"] if isinstance(node, str) and _path_like(node) else []
+
+    assert [_path_like(v) for v in ("data/x", "a.csv", "r.json", "l.txt", "p.png", "f.npy", "lite0", "")] == \
+        [True] * 6 + [False] * 2  # the check itself finds what it looks for
+    assert paths_in({"a": {"b": ["x", "models/m.pt"]}, "datasets": [{"images": "a/b"}]}, "s") == \
+        ["s.a.b[1]: 'models/m.pt'"]
+    found = [p for name in STAGE_CONFIGS for p in paths_in(params[name], name)]
+    assert found == [], found
+
+
+def test_each_path_is_written_once_in_params_yaml():
+    """`grep -c data/prepared params.yaml` is 1: the catalog names the store, no stage section or comment
+    repeats it."""
+    from pathlib import Path
+
+    assert Path("params.yaml").read_text(encoding="utf-8").count("data/prepared") == 1

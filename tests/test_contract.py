@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import skimage.data
 import torch
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from matplotlib import cbook
 from PIL import Image
 from test_serve_api import THRESHOLDS, save_expert
@@ -60,18 +60,18 @@ def world(request, tmp_path_factory):
     files = _files(root / "raw" / "imgs")
     pd.DataFrame({"img_name": [f.name for f in files], "target": [i % 2 for i in range(len(files))]}
                  ).to_csv(root / "raw" / "labels.csv", index=False)
-    cfg = PrepareConfig(data_root=str(root / "raw"), out_dir=str(root / "prepared"), report=str(root / "report.json"),
-                        duplicates=str(root / "dup.csv"), workers=1,
-                        datasets=[DatasetConfig(name="c", split="train", images="imgs", labels="labels.csv"),
-                                  DatasetConfig(name="t", split="test", images="imgs", labels="")],
+    layout = layout_in(root, data_root=root / "raw", prepared=root / "prepared", prepare_report=root / "report.json",
+                       duplicates=root / "dup.csv")
+    cfg = PrepareConfig(workers=1, datasets=[DatasetConfig(name="c", split="train", images="imgs", labels="labels.csv"),
+                                             DatasetConfig(name="t", split="test", images="imgs", labels="")],
                         **settings)
-    prepare(cfg)
-    stage1 = read_store_record(cfg.out_dir)  # what training reads and writes into the checkpoint
+    prepare(cfg, layout)
+    stage1 = read_store_record(layout.prepared)  # what training reads and writes into the checkpoint
     save_expert(root / "models", "m", stage1, mode=mode, img_size=32)
     ens = Ensemble.load(root / "models", ["m"], ["identity", "hflip"], "mean_prob", torch.device("cpu"))
     write_json(root / "ensemble.json", ens.card(THRESHOLDS))
     ens = Ensemble.from_card(root / "ensemble.json", root / "models", torch.device("cpu"))
-    return request.param, root, files, cfg, ens
+    return request.param, root, files, layout, ens
 
 
 def _card_args(root) -> list[str]:
@@ -106,17 +106,17 @@ def _cli_scan_scores(root, files, tmp_path) -> dict[str, float]:
         return {row["path"]: float(row["score"]) for row in csv.DictReader(fh)}
 
 
-def _store_scores(cfg, ens) -> dict[str, float]:
+def _store_scores(layout, ens) -> dict[str, float]:
     """Stage 5's path: the stage-1 store's images, cut to the experts' input policies in the loader."""
     from torch.utils.data import DataLoader
 
-    pool = load_pool(cfg.out_dir, splits=("train",))
+    pool = load_pool(layout.prepared, splits=("train",))
     loader = DataLoader(StoreDataset(pool, ens.policies), batch_size=3, shuffle=False, num_workers=0)
     scores = ens.combine_experts(ens.score_loader(loader))
     return dict(zip(pool.img_name, map(float, scores)))
 
 
-def _submission_scores(cfg, ens, tmp_path) -> dict[str, float]:
+def _submission_scores(layout, ens, tmp_path) -> dict[str, float]:
     """What stage 5 writes to prediction.txt for the same files listed as the test set (its own test-set
     scoring and submission writer, then the file read back)."""
     from dfpipe.config import PredictConfig
@@ -124,19 +124,19 @@ def _submission_scores(cfg, ens, tmp_path) -> dict[str, float]:
     from dfpipe.ensemble_predict import build_submission
     from dfpipe.ensemble_predict.pipeline import _score_test
 
-    test_all, _, _, scores = _score_test(ens, PredictConfig(prepared_dir=cfg.out_dir, batch_size=3))
+    test_all, _, _, scores = _score_test(ens, PredictConfig(batch_size=3), layout.prepared)
     write_csv(tmp_path / "prediction.txt", build_submission(test_all, scores, 0.5), float_format="%.6f")
     sub = pd.read_csv(tmp_path / "prediction.txt")
     return dict(zip(sub.img_name, sub.y_pred))
 
 
 def test_api_cli_and_stage5_give_the_same_score(world, capsys, tmp_path):
-    name, root, files, cfg, ens = world
+    name, root, files, layout, ens = world
     api = _api_scores(root, files)
     by_path = {"CLI predict": _cli_predict_scores(root, files, capsys),
                "CLI scan": _cli_scan_scores(root, files, tmp_path),
-               "stage 5 (store)": _store_scores(cfg, ens),
-               "prediction.txt": _submission_scores(cfg, ens, tmp_path)}
+               "stage 5 (store)": _store_scores(layout, ens),
+               "prediction.txt": _submission_scores(layout, ens, tmp_path)}
     assert sorted(api) == sorted(f.name for f in files)
     for path, scores in by_path.items():
         assert sorted(scores) == sorted(api), path
@@ -146,9 +146,9 @@ def test_api_cli_and_stage5_give_the_same_score(world, capsys, tmp_path):
 
 def test_the_face_crop_comes_from_the_checkpoint_and_is_applied(world):
     """A face-crop expert is served face-cropped (its score is not the whole image's); the other is not."""
-    name, root, _, cfg, ens = world
+    name, root, _, layout, ens = world
     api = _api_scores(root, [root / "raw" / "imgs" / f for f in FACES])
-    man = load_manifest(cfg.out_dir)
+    man = load_manifest(layout.prepared)
     man = man[man.split == "train"].set_index("img_name")  # the files are listed as train and as test
     for f in FACES:
         whole = downscale(decode_image(root / "raw" / "imgs" / f), ens.stage1.max_side)

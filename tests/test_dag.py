@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare": "01_prepare_data.py", "augment": "02_augment_sd.py", "cluster_split": "03_cluster_split.py",
-          "train_experts": "04_train_experts.py", "ensemble_predict": "05_ensemble_predict.py",
-          "evaluate": "06_evaluate.py"}
+STAGES = {"prepare_data": "01_prepare_data.py", "augment_sd": "02_augment_sd.py",
+          "cluster_split": "03_cluster_split.py", "train_experts": "04_train_experts.py",
+          "ensemble_predict": "05_ensemble_predict.py", "evaluate": "06_evaluate.py"}
 PERF_KNOBS = {"workers", "chunk_size", "launcher"}
 
 
@@ -86,10 +86,18 @@ def _deps(stage: str) -> list[str]:
     return [d for d in s["deps"] if d.startswith("dfpipe")]
 
 
+def stage_closure(stage: str) -> set[Path]:
+    """What a stage script runs: its own imports (the harness) and, through ``harness.stage(name)``'s import by
+    name, the stage's package ``dfpipe.<name>`` (one name per stage) and everything that imports."""
+    package = _module_file(f"dfpipe.{stage}")
+    assert package is not None, f"no package dfpipe.{stage} for stage {stage}"
+    return closure(REPO / STAGES[stage]) | closure(package) | {package}
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_deps_cover_every_module_the_stage_imports(stage):
     deps = _deps(stage)
-    used = closure(REPO / STAGES[stage])
+    used = stage_closure(stage)
     missing = sorted(f.relative_to(REPO).as_posix() for f in used if not _covered(f, deps))
     assert not missing, f"{stage}: imports {missing} but dvc.yaml does not list them as deps"
     unused = [d for d in deps if not any(_covered(f, [d]) for f in used)]
@@ -98,14 +106,14 @@ def test_deps_cover_every_module_the_stage_imports(stage):
 
 def test_serving_code_is_no_stage_dependency():
     for stage in STAGES:
-        assert not any(d.startswith(("dfpipe/serve", "dfpipe/cli.py", "dfpipe/demo.py")) for d in _deps(stage)), stage
+        assert not any(d.startswith(("dfpipe/serve", "dfpipe/cli.py", "dfpipe/demo")) for d in _deps(stage)), stage
 
 
 def test_the_closure_sees_lazy_imports():
     # stage 5 imports read_labels inside a function; a closure that missed it would let label parsing
     # changes skip stage 5
-    assert REPO / "dfpipe/data/labels.py" in closure(REPO / "05_ensemble_predict.py")
-    assert REPO / "dfpipe/serve/api.py" not in closure(REPO / "04_train_experts.py")
+    assert REPO / "dfpipe/data/labels.py" in stage_closure("ensemble_predict")
+    assert REPO / "dfpipe/serve/api.py" not in stage_closure("train_experts")
 
 
 def test_performance_knobs_are_not_params_deps():
@@ -114,5 +122,5 @@ def test_performance_knobs_are_not_params_deps():
         for p in s.get("params", []):
             key = p if isinstance(p, str) else next(iter(p))
             assert key.rsplit(".", 1)[-1] not in PERF_KNOBS, f"{stage}: {key} is a performance knob"
-            assert "." in key or key not in ("prepare", "augment", "evaluate"), \
+            assert "." in key or key not in ("prepare_data", "augment_sd", "evaluate"), \
                 f"{stage}: the whole section {key} is a dep, its performance knobs too"

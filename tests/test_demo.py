@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from dfpipe import demo
+from dfpipe.layout import Layout
 
-SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
-LABELS = {"train": "trainset_label.txt", "val": "valset_label.txt", "test": "testset_label_private.txt"}
+# the demo writes the catalog's default input layout (paths.train_dir, ...): what the stages read from data_root
+SPLITS = {"train": Layout().train_dir, "val": Layout().val_dir, "test": Layout().test_dir}
+LABELS = {"train": Layout().train_labels, "val": Layout().val_labels, "test": Layout().test_labels}
 SMALL = dict(n_train=24, n_val=8, n_test=8, size_range=(128, 192))
 
 
@@ -47,6 +49,31 @@ def test_layout_and_label_files(small):
         n = SMALL[f"n_{split}"]
         assert len(df) == n == summary["splits"][split]["n"]
         assert df["target"].sum() == n // 2
+
+
+def test_demo_layout_is_the_catalogs_input_layout():
+    assert SPLITS == {"train": "trainset", "val": "valset", "test": "testset"}  # the competition's names
+    assert LABELS == {"train": "trainset_label.txt", "val": "valset_label.txt", "test": "testset_label_private.txt"}
+    assert demo.SPLIT_DIRS == SPLITS and demo.LABEL_FILES == LABELS
+
+
+def test_stage1_reads_the_demo_with_the_default_layout(small, tmp_path):
+    """Only ``paths.data_root`` points stage 1 at the demo: every other input entry is the default."""
+    from conftest import layout_in
+    from dfpipe.config import PrepareConfig
+    from dfpipe.data.samples import load_manifest
+    from dfpipe.prepare_data import run
+
+    root, _ = small
+    layout = layout_in(tmp_path, data_root=root)
+    report = run(PrepareConfig(workers=1), layout)
+    assert report["n_images"] == {s: SMALL[f"n_{s}"] for s in SPLITS} and report["n_skipped"] == 0
+    man = load_manifest(layout.prepared)
+    for split in ("train", "val"):
+        want = pd.read_csv(root / LABELS[split]).set_index("img_name").target
+        got = man[man.split == split].set_index("img_name").label
+        assert got.sort_index().to_dict() == want.sort_index().to_dict()
+    assert (man[man.split == "test"].label == -1).all()  # the private test labels are never read by stage 1
 
 
 def test_labels_are_readable_by_the_pipeline(small):

@@ -117,16 +117,15 @@ def test_local_folder_round_trip(pipes, images, tmp_path, mode):
 
 
 def test_stage_with_tiny_inpainting_model(tmp_path):
-    from test_augment import SIZES, make_prepared, prepared_image, stored
+    from test_augment import SIZES, layout, make_prepared, prepared_image, stored
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     make_prepared(prepared)
     diff = DiffusionConfig(model=TINY_MODEL, mode="inpaint", steps=2, strength=1.0, batch_size=1, fraction=0.5,
                            per_image=2)
-    cfg = AugmentConfig(prepared_dir=str(prepared), out_dir=str(tmp_path / "aug"), fakes_per_real=0.5,
-                        methods={"self_blend": 1.0}, diffusion=diff)
-    summary = run_augment(cfg)
+    cfg = AugmentConfig(fakes_per_real=0.5, methods={"self_blend": 1.0}, diffusion=diff)
+    summary = run_augment(cfg, layout(prepared, tmp_path / "aug"))
     assert summary["n_diffusion"] == 6 and summary["by_method"] == {"sd_inpaint": 6, "self_blend": 3}
     out = tmp_path / "aug"
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
@@ -172,18 +171,21 @@ def test_mixed_sizes_in_one_batch_keep_their_shapes(pipes, monkeypatch):
 
 
 def test_stage_checks_the_diffusion_model_before_editing(tmp_path, caplog):
-    from test_augment import make_prepared
+    from test_augment import layout, make_prepared
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     make_prepared(prepared)
-    base = dict(prepared_dir=str(prepared), out_dir=str(tmp_path / "aug"), methods={"self_blend": 1.0})
+    lay = layout(prepared, tmp_path / "aug")
     with pytest.raises(FileNotFoundError, match="missing_sd15.*does not exist"):
-        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=str(tmp_path / "missing_sd15"))))
+        run_augment(AugmentConfig(methods={"self_blend": 1.0},
+                                  diffusion=DiffusionConfig(model=str(tmp_path / "missing_sd15"))), lay)
     with pytest.raises(ValueError, match="strength"):
-        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=TINY_MODEL, strength=1.5)))
+        run_augment(AugmentConfig(methods={"self_blend": 1.0},
+                                  diffusion=DiffusionConfig(model=TINY_MODEL, strength=1.5)), lay)
     with pytest.raises(ValueError, match="mode"):
-        run_augment(AugmentConfig(**base, diffusion=DiffusionConfig(model=TINY_MODEL, mode="outpaint")))
+        run_augment(AugmentConfig(methods={"self_blend": 1.0},
+                                  diffusion=DiffusionConfig(model=TINY_MODEL, mode="outpaint")), lay)
     assert not (tmp_path / "aug").exists() and not (tmp_path / "aug.tmp").exists()
 
 
@@ -192,10 +194,17 @@ SD_RUN = DiffusionConfig(model=TINY_MODEL, mode="inpaint", steps=2, strength=1.0
                          per_image=2)  # 3 sources x 2 = 6 diffusion rows in 3 batches of 2
 
 
-def sd_config(prepared, out, **kw):
-    base = dict(prepared_dir=str(prepared), out_dir=str(out), seed=3, fakes_per_real=0.5,
-                methods={"self_blend": 1.0, "splice": 1.0}, real_widening=0.5, diffusion=SD_RUN, workers=1)
+def sd_config(**kw):
+    base = dict(seed=3, fakes_per_real=0.5, methods={"self_blend": 1.0, "splice": 1.0}, real_widening=0.5,
+                diffusion=SD_RUN, workers=1)
     return AugmentConfig(**{**base, **kw})
+
+
+def sd_stage(prepared, out, **kw):
+    """Stage 2 with diffusion rows from the store ``prepared`` into ``out``: its summary."""
+    from test_augment import layout
+
+    return run_augment(sd_config(**kw), layout(prepared, out))
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +215,7 @@ def sd_reference(tmp_path_factory, one_torch_thread):
     prepared = root / "prepared"
     prepared.mkdir()
     make_prepared(prepared)
-    summary = run_augment(sd_config(prepared, root / "aug"))
+    summary = sd_stage(prepared, root / "aug")
     assert summary["n_images"] == 12 and summary["n_diffusion"] == 6
     return prepared, root / "aug"
 
@@ -218,22 +227,22 @@ def test_killed_diffusion_run_resumes_whole_batches(sd_reference, tmp_path, monk
     out = tmp_path / "aug"
     counting(monkeypatch, "sd_batch", fail_after=4)  # batches 1 and 2 stored, killed in batch 3
     with pytest.raises(Killed):
-        run_augment(sd_config(prepared, out))
+        sd_stage(prepared, out)
     sd_files = sorted(work_dir(out).glob("sd_inpaint_*.npz"))
     assert len(sd_files) == 4 and len(list(work_dir(out).glob("*.npz"))) == 4 + 6
     # A kill between two images of one batch: that batch is remade whole (same composition, same bytes).
     sd_files[0].unlink()
     edits, sds = counting(monkeypatch, "edit_one"), counting(monkeypatch, "sd_batch")
-    run_augment(sd_config(prepared, out))
+    sd_stage(prepared, out)
     assert edits == [] and len(sds) == 2 + 2  # the broken batch and the missing one; the full batch is kept
     assert same_output(ref, out) and not work_dir(out).exists()
 
 
 def test_diffusion_shards_merge_to_the_one_process_output(sd_reference, tmp_path):
-    from test_augment import run_ranks, same_output
+    from test_augment import layout, run_ranks, same_output
 
     prepared, ref = sd_reference
-    results = run_ranks(sd_config(prepared, tmp_path / "aug"), world=2)
+    results = run_ranks(sd_config(), layout(prepared, tmp_path / "aug"), world=2)
     assert results[1] == {"rank": 1, "world": 2, "generated": 3 + 2}  # 3 of 6 editing images + batch 2 of 3
     assert same_output(ref, tmp_path / "aug")
 
@@ -243,9 +252,10 @@ def test_torchrun_two_processes_match_one(sd_reference, tmp_path):
     from test_augment import same_output
 
     prepared, ref = sd_reference
-    cfg = sd_config(prepared, tmp_path / "aug")
+    cfg = sd_config()
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"augment": {**asdict(cfg), "diffusion": asdict(SD_RUN)}}))  # JSON is YAML
+    params.write_text(json.dumps({"paths": {"prepared": str(prepared), "augmented": str(tmp_path / "aug")},
+                                  "augment_sd": {**asdict(cfg), "diffusion": asdict(SD_RUN)}}))  # JSON is YAML
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}  # 1 thread, as the reference run
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -11,6 +11,7 @@ import pytest
 
 from dfpipe import harness
 from dfpipe.errors import ConfigError, DataError, InputError, UnknownNameError, UserError
+from conftest import layout_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,9 +33,12 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("params_text, words", [
-    ("prepare:\n  max_sid: 64\n", ["prepare: unknown key(s) ['max_sid']", "did you mean 'max_side'?"]),
-    ("prepare:\n  face_crop: har\n", ["prepare.face_crop: 'har' is not allowed", "did you mean 'haar'?"]),
-    ("prepare:\n  data_root: nowhere\n", ["InputError", "data_root nowhere does not exist"]),
+    ("prepare_data:\n  max_sid: 64\n", ["prepare_data: unknown key(s) ['max_sid']", "did you mean 'max_side'?"]),
+    ("prepare_data:\n  face_crop: har\n", ["prepare_data.face_crop: 'har' is not allowed", "did you mean 'haar'?"]),
+    ("paths:\n  data_root: nowhere\nprepare_data: {}\n", ["InputError", "data_root nowhere does not exist",
+                                                          "paths.data_root"]),
+    ("paths:\n  data_rot: x\nprepare_data: {}\n", ["paths: unknown key(s) ['data_rot']",
+                                                    "did you mean 'data_root'?"]),
 ])
 def test_user_error_is_one_line_and_exit_2(tmp_path, params_text, words):
     res = _prepare(tmp_path, params_text)
@@ -45,17 +49,17 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, params_text, words):
 
 
 def test_dfpipe_debug_shows_the_traceback_of_a_user_error(tmp_path):
-    res = _prepare(tmp_path, "prepare:\n  max_sid: 64\n", DFPIPE_DEBUG="1")
+    res = _prepare(tmp_path, "prepare_data:\n  max_sid: 64\n", DFPIPE_DEBUG="1")
     assert res.returncode not in (0, 2)
     assert "Traceback" in res.stderr and "ConfigError" in res.stderr
 
 
 def test_a_bug_in_a_stage_keeps_its_traceback(tmp_path):
     """A KeyError deep inside the stage (not a UserError) is a bug: full traceback, non-zero exit."""
-    (tmp_path / "params.yaml").write_text("prepare: {}\n")
+    (tmp_path / "params.yaml").write_text("prepare_data: {}\n")
     code = ("import runpy, sys\n"
             "import dfpipe.prepare_data as p\n"
-            "def broken(cfg):\n"
+            "def broken(cfg, layout):\n"
             "    return {}['no_such_column']\n"
             "p.run = broken\n"
             f"sys.argv = ['01_prepare_data.py', '--params', {str(tmp_path / 'params.yaml')!r}]\n"
@@ -80,9 +84,9 @@ def test_harness_run_reraises_a_bug(monkeypatch):
         harness.run(main, _args())
 
 
-@pytest.mark.parametrize("exc", [ConfigError("params.yaml:split.n_folds: must be >= 2"),
+@pytest.mark.parametrize("exc", [ConfigError("params.yaml:cluster_split.n_folds: must be >= 2"),
                                  InputError("data/splits.csv not found: run stage 3"),
-                                 UnknownNameError("expert 'x' not in params train.experts"),
+                                 UnknownNameError("expert 'x' not in params train_experts.experts"),
                                  DataError("no usable labelled image")])
 def test_harness_run_reports_a_user_error_in_one_line(monkeypatch, caplog, exc):
     monkeypatch.delenv("DFPIPE_DEBUG", raising=False)
@@ -121,14 +125,14 @@ def test_stage_code_raises_user_errors_for_user_mistakes(tmp_path):
     from dfpipe.data.samples import load_pool
     from dfpipe.models import EXPERTS
     from dfpipe.cluster_split.kmeans import make_engine
-    from dfpipe.train_experts.loop import run_train
+    from dfpipe.train_experts.loop import run as run_train
 
     with pytest.raises(InputError, match="run stage 1"):
         load_pool(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="unknown k-means backend 'gpu'"):
         make_engine("gpu")
-    with pytest.raises(UnknownNameError, match="expert 'nope' not in params train.experts"):
-        run_train(TrainConfig(), "nope", str(tmp_path / "live"))
+    with pytest.raises(UnknownNameError, match="expert 'nope' not in params train_experts.experts"):
+        run_train(TrainConfig(), layout_in(tmp_path), expert="nope")
     with pytest.raises(UnknownNameError, match="no_such_arch"):
         EXPERTS.get("no_such_arch")
 

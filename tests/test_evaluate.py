@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import time
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from sklearn.metrics import roc_auc_score
 from test_serve_api import THRESHOLDS, make_card
 
 from dfpipe.config import EvalSetConfig, EvaluateConfig
 from dfpipe.data.images import decode_image
-from dfpipe.evaluate import (bootstrap_auc, list_set, markdown_table, parse_degradation, run_evaluate, set_metrics,
-                             weighted_auc)
+from dfpipe.evaluate import (bootstrap_auc, list_set, markdown_table, parse_degradation, run as run_evaluate,
+                             set_metrics, weighted_auc)
 from dfpipe.metrics import MetricError
 from dfpipe.ensemble_predict import Ensemble
 
@@ -70,10 +71,9 @@ def test_listing_errors_name_the_folder_and_duplicate_set_names_are_refused(tmp_
     write_jpeg(tmp_path / "half" / "real" / "r.jpg", photo_like(rng, 32, 32))
     with pytest.raises(ValueError, match=r"half/fake has no images"):
         list_set(EvalSetConfig("h", "half"), tmp_path)
-    cfg = EvaluateConfig(card=str(tmp_path / "none.json"), data_root=str(tmp_path),
-                         sets=[EvalSetConfig("x", "half"), EvalSetConfig("x", "empty")])
+    cfg = EvaluateConfig(sets=[EvalSetConfig("x", "half"), EvalSetConfig("x", "empty")])
     with pytest.raises(ValueError, match=r"duplicate set name\(s\) \['x'\]"):
-        run_evaluate(cfg)
+        run_evaluate(cfg, layout_in(tmp_path, data_root=tmp_path, card=tmp_path / "none.json"))
 
 
 # ----------------------------------------------------------------------------- degradations
@@ -173,29 +173,29 @@ def test_markdown_table_has_a_row_per_set_and_the_mean():
 # ----------------------------------------------------------------------------- the whole stage
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A card + expert, a folder-layout set with a corrupt fake and a label-CSV set, and the config."""
+    """A card + expert, a folder-layout set with a corrupt fake and a label-CSV set, the config and layout, and
+    the metrics stage 6 returned."""
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(7)
     models, card = make_card(root, tta=("identity",))
     _folder_set(root / "raw" / "folders", rng, n=4, broken_fake=True)
     _csv_set(root / "raw" / "csvset", rng, n=3)
     out = root / "reports"
-    cfg = EvaluateConfig(card=str(card), models_dir=str(models), data_root=str(root / "raw"),
-                         sets=[EvalSetConfig("folders", "folders"),
+    cfg = EvaluateConfig(sets=[EvalSetConfig("folders", "folders"),
                                EvalSetConfig("csvset", "csvset/img", "csvset/labels.csv")],
-                         degradations=["jpeg50", "half"], bootstrap=200, seed=0, batch_size=4, workers=0,
-                         metrics=str(out / "metrics.json"), table=str(out / "table.md"), roc_dir=str(out / "roc"),
-                         scores=str(out / "scores.csv"))
-    return cfg, run_evaluate(cfg)
+                         degradations=["jpeg50", "half"], bootstrap=200, seed=0, batch_size=4, workers=0)
+    layout = layout_in(root, card=card, models=models, data_root=root / "raw", eval_metrics=out / "metrics.json",
+                       eval_table=out / "table.md", eval_roc=out / "roc", eval_scores=out / "scores.csv")
+    return cfg, layout, run_evaluate(cfg, layout)
 
 
 def test_run_evaluate_writes_every_output(world):
-    cfg, metrics = world
-    assert json.loads(Path(cfg.metrics).read_text()) == metrics
+    _, layout, metrics = world
+    assert json.loads(Path(layout.eval_metrics).read_text()) == metrics
     assert set(metrics) == {"folders", "csvset", "mean"}
     for name in ("folders", "csvset"):
         assert set(metrics[name]) == {"clean", "jpeg50", "half"}
-        roc = pd.read_csv(Path(cfg.roc_dir) / f"roc_{name}.csv")
+        roc = pd.read_csv(Path(layout.eval_roc) / f"roc_{name}.csv")
         assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc.fpr.iloc[-1] == 1 and roc.tpr.iloc[-1] == 1
     assert set(metrics["mean"]["clean"]) >= {"auc", "ap", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"}
     assert metrics["mean"]["half"]["auc"] == pytest.approx((metrics["folders"]["half"]["auc"]
@@ -205,31 +205,31 @@ def test_run_evaluate_writes_every_output(world):
         return all(numbers(v) if isinstance(v, dict) else isinstance(v, (int, float)) for v in d.values())
 
     assert numbers(metrics)
-    rows = [ln for ln in Path(cfg.table).read_text().splitlines() if ln.startswith("| ")]
+    rows = [ln for ln in Path(layout.eval_table).read_text().splitlines() if ln.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows] == ["set", "folders", "csvset", "mean"]
     assert "AUC half" in rows[0] and "AUC jpeg50" in rows[0]
-    scores = pd.read_csv(cfg.scores)
+    scores = pd.read_csv(layout.eval_scores)
     assert list(scores.columns) == ["set", "degradation", "img_name", "label", "score"]
     assert len(scores) == 3 * (9 + 6)  # every file under every degradation, failed ones included (empty score)
 
 
 def test_corrupt_file_is_counted_not_fatal(world):
-    cfg, metrics = world
+    _, layout, metrics = world
     for d in ("clean", "jpeg50", "half"):
         m = metrics["folders"][d]
         assert (m["n_real"], m["n_fake"], m["n_failed"]) == (4, 4, 1)
         assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == 8
         assert metrics["csvset"][d]["n_failed"] == 0
-    scores = pd.read_csv(cfg.scores)
+    scores = pd.read_csv(layout.eval_scores)
     broken = scores[scores.img_name == "fake/broken.jpg"]
     assert len(broken) == 3 and broken.score.isna().all()
 
 
 def test_scores_are_the_ensembles_one_scoring_path(world):
-    cfg, _ = world
-    ens = Ensemble.from_card(cfg.card, cfg.models_dir, torch.device("cpu"))
-    files = list_set(cfg.sets[1], cfg.data_root)
-    scores = pd.read_csv(cfg.scores).query("set == 'csvset'")
+    cfg, layout, _ = world
+    ens = Ensemble.from_card(layout.card, layout.models, torch.device("cpu"))
+    files = list_set(cfg.sets[1], layout.data_root)
+    scores = pd.read_csv(layout.eval_scores).query("set == 'csvset'")
     want, _ = ens.score_files(list(files.path), workers=0)
     clean = scores[scores.degradation == "clean"]
     assert list(clean.img_name) == list(files.img_name)
@@ -241,15 +241,73 @@ def test_scores_are_the_ensembles_one_scoring_path(world):
 
 
 def test_a_set_without_usable_fakes_is_a_clear_error(world, tmp_path, rng):
-    cfg, _ = world
+    cfg, layout, _ = world
     write_jpeg(tmp_path / "bad" / "real" / "r.jpg", photo_like(rng, 40, 40))
     (tmp_path / "bad" / "fake").mkdir()
     (tmp_path / "bad" / "fake" / "f.jpg").write_bytes(BROKEN)
-    bad = replace(cfg, data_root=str(tmp_path), sets=[EvalSetConfig("badset", "bad")], degradations=[],
-                  metrics=str(tmp_path / "m.json"))
+    bad = replace(cfg, sets=[EvalSetConfig("badset", "bad")], degradations=[])
     with pytest.raises(ValueError, match=r"evaluate set 'badset' \(clean\): no usable fake image \(1 failed"):
-        run_evaluate(bad)
+        run_evaluate(bad, replace(layout, data_root=str(tmp_path), eval_metrics=str(tmp_path / "m.json")))
     assert not (tmp_path / "m.json").exists()
+
+
+# ----------------------------------------------------------------------------- sets: [] = the data root's test set
+def _test_set(raw: Path, rng, labels: bool) -> list[str]:
+    """raw/testset/*.jpg (3 real, 3 blurred fake) and, with ``labels``, raw/testset_label_private.txt (the
+    default layout's names); returns the image names."""
+    names = []
+    for i in range(6):
+        img = photo_like(rng, 52, 60)
+        write_jpeg(raw / "testset" / f"t{i}.jpg", cv2.GaussianBlur(img, (0, 0), 2) if i % 2 else img)
+        names.append(f"t{i}.jpg")
+    if labels:
+        pd.DataFrame({"img_name": names, "target": [i % 2 for i in range(6)]}).to_csv(
+            raw / "testset_label_private.txt", index=False)
+    return names
+
+
+def test_no_sets_scores_the_data_roots_own_test_set_as_test(world, tmp_path, rng):
+    """evaluate.sets: [] (the default) = paths.test_dir scored against paths.test_labels, as set "test"."""
+    cfg, layout, _ = world
+    raw = tmp_path / "raw"
+    names = _test_set(raw, rng, labels=True)
+    out = layout_in(tmp_path, data_root=raw, card=layout.card, models=layout.models)  # the default test entries
+    metrics = run_evaluate(replace(cfg, sets=[], degradations=["jpeg50"]), out)
+    assert set(metrics) == {"test", "mean"} and set(metrics["test"]) == {"clean", "jpeg50"}
+    clean = metrics["test"]["clean"]
+    assert (clean["n_real"], clean["n_fake"], clean["n_failed"]) == (3, 3, 0)
+    scores = pd.read_csv(out.eval_scores)
+    assert set(scores.set) == {"test"} and list(scores.img_name[scores.degradation == "clean"]) == names
+    ens = Ensemble.from_card(layout.card, layout.models, torch.device("cpu"))
+    want, _ = ens.score_files([str(raw / "testset" / n) for n in names], workers=0)
+    np.testing.assert_allclose(scores.score[scores.degradation == "clean"], want, atol=1e-6)
+    assert clean["auc"] == pytest.approx(roc_auc_score([i % 2 for i in range(6)], want), abs=1e-9)
+    assert json.loads(Path(out.eval_metrics).read_text()) == metrics
+    assert (Path(out.eval_roc) / "roc_test.csv").is_file()
+
+
+@pytest.mark.parametrize("labels", ["missing", "not named"])
+def test_no_sets_and_no_test_labels_writes_empty_outputs_with_a_warning(tmp_path, rng, caplog, labels):
+    """No labelled set at all (the test labels are not out yet, or paths.test_labels is ""): nothing to score,
+    no error; stage 6's declared outputs exist (DVC needs them), empty. The card and models do not exist: any
+    attempt to score would fail."""
+    raw = tmp_path / "raw"
+    _test_set(raw, rng, labels=False)  # test images are there, their labels are not
+    layout = layout_in(tmp_path / "out", data_root=raw, card=tmp_path / "no_card.json", models=tmp_path / "none",
+                       **({"test_labels": ""} if labels == "not named" else {}))
+    with caplog.at_level(logging.WARNING, logger="dfpipe.evaluate"):
+        metrics = run_evaluate(EvaluateConfig(), layout)
+    assert metrics == {}
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no labelled set" in warned[0].getMessage()
+    if labels == "missing":
+        assert str(raw / "testset_label_private.txt") in warned[0].getMessage()  # where it looked
+    assert json.loads(Path(layout.eval_metrics).read_text()) == {}
+    scores = pd.read_csv(layout.eval_scores)
+    assert list(scores.columns) == ["set", "degradation", "img_name", "label", "score"] and len(scores) == 0
+    assert Path(layout.eval_roc).is_dir() and not any(Path(layout.eval_roc).iterdir())
+    assert "no labelled set" in Path(layout.eval_table).read_text()
+    assert not (tmp_path / "no_card.json").exists()
 
 
 def test_stage_script_reports_bad_config_in_one_line(tmp_path):

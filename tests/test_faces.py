@@ -6,7 +6,10 @@ from PIL import Image
 
 from conftest import photo_like
 from dfpipe.data import faces
+from dfpipe.config import PrepareConfig, from_dict, load_section
 from dfpipe.data.faces import Box, apply_face_crop, crop_face, crop_window, get_detector, register_detector
+from dfpipe.errors import ConfigError
+from dfpipe.registry import FACE_DETECTORS
 
 
 def _hopper() -> np.ndarray:
@@ -70,19 +73,34 @@ class _Fake:
         return [Box(10, 10, 20, 20, 0.9), Box(40, 40, 40, 30, 0.5), Box(0, 50, 5, 5, 1.0)]
 
 
-def test_pluggable_detector_and_several_faces_take_the_largest(monkeypatch):
-    monkeypatch.setitem(faces._REGISTRY, "fake", _Fake)
-    get_detector.cache_clear()
-    try:
-        img = np.zeros((100, 100, 3), np.uint8)
-        out, res = apply_face_crop(img, "fake", 1.0, "whole")
-        assert res.status == "largest_of_3" and res.box == (40, 40, 40, 30) and out.shape == (40, 40, 3)
-        faces.check_face_config("fake", 1.3, "skip")
-    finally:
-        get_detector.cache_clear()
-    register_detector("fake2", _Fake)
-    assert isinstance(get_detector("fake2"), _Fake)
-    faces._REGISTRY.pop("fake2")
-    get_detector.cache_clear()
-    with pytest.raises(ValueError, match="unknown face detector"):
-        get_detector("fake2")
+@pytest.fixture
+def fake_detector():
+    """``_Fake`` registered as the detector "fake" for one test (and unregistered after it)."""
+    register_detector("fake", _Fake)
+    yield "fake"
+    FACE_DETECTORS.unregister("fake")
+
+
+def test_pluggable_detector_and_several_faces_take_the_largest(fake_detector):
+    img = np.zeros((100, 100, 3), np.uint8)
+    out, res = apply_face_crop(img, fake_detector, 1.0, "whole")
+    assert res.status == "largest_of_3" and res.box == (40, 40, 40, 30) and out.shape == (40, 40, 3)
+    faces.check_face_config(fake_detector, 1.3, "skip")
+    assert get_detector("fake") is get_detector("fake")  # built once per process
+    with pytest.raises(KeyError, match="already registered"):
+        register_detector("fake", _Fake)
+
+
+def test_a_registered_detector_is_selectable_in_params(fake_detector, tmp_path):
+    """No config edit: registering is enough for params.yaml to name it; unregistered, it is refused."""
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare:\n  face_crop: fake\n")
+    assert load_section(PrepareConfig, "prepare", params).face_crop == "fake"
+    FACE_DETECTORS.unregister("fake")
+    with pytest.raises(ConfigError, match=rf"{params}:prepare\.face_crop: 'fake' is not allowed; "
+                                          r"choose one of \['none', 'haar'\]"):
+        load_section(PrepareConfig, "prepare", params)
+    with pytest.raises(ConfigError, match=r"'hars' is not allowed; choose one of \['none', 'haar'\] \(did you mean 'haar'\?\)"):
+        from_dict(PrepareConfig, {"face_crop": "hars"}, "params.yaml:prepare")
+    with pytest.raises(ValueError, match=r"unknown face detector 'fake'; choose one of \['haar'\]"):
+        get_detector("fake")

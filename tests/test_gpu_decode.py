@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import expert_description, photo_like, write_jpeg
+from conftest import photo_like, save_expert_checkpoint, write_jpeg
 from dfpipe.config import ExpertConfig
 from dfpipe.data.images import decode_image
 from dfpipe.data.preprocess import InputPolicy, Stage1, fit, scoring_image
@@ -25,7 +25,6 @@ from dfpipe.models import build_expert
 from dfpipe.ensemble_predict import Ensemble, FileDataset, load_expert
 from dfpipe.ensemble_predict import gpu_decode
 from dfpipe.ensemble_predict.gpu_decode import JpegHeader, device_batches, device_decodable, inputs_on_device
-from dfpipe.train_experts.loop import save_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -50,10 +49,10 @@ def _bogus_huffman(raw: bytes) -> bytes:
 
 def _tiny_ensemble(tmp_path, mode: str, stage1: Stage1 | None = None, size: int = 32, device=CPU) -> Ensemble:
     torch.manual_seed(size)
-    model = build_expert(ExpertConfig(pretrained="none", img_size=size)).eval()
+    cfg = ExpertConfig(pretrained="none", img_size=size, input_mode=mode)
+    model = build_expert(cfg).eval()
     path = tmp_path / f"m_{mode}" / "best.pt"
-    save_checkpoint(path, model, expert_description(model, stage1=stage1, mode=mode),
-                    ExpertConfig(img_size=size, input_mode=mode), "m", {})
+    save_expert_checkpoint(path, model, cfg, stage1)
     return Ensemble([load_expert(path, device)], ["identity"], "mean_prob", device)
 
 

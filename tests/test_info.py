@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expert_description
+from conftest import save_expert_checkpoint
 from dfpipe.config import ConfigError, ExpertConfig, LossWeights
 from dfpipe.losses import (JointLoss, ce_loss, global_information_loss, info_divergence, local_information_loss,
                            mixup)
 from dfpipe.models import EXPERTS, build_expert, expert_from_description
 from dfpipe.ensemble_predict.experts import load_expert
 from dfpipe.train_experts import loop
-from dfpipe.train_experts.checkpoint import save_checkpoint
 from test_train import _cfg, _load, _run, _write_pool, kill_at_epoch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -213,9 +212,9 @@ def test_checkpoint_round_trip_scores_identically(tmp_path):
         for p in (*e.info.parameters(), *e.head.parameters()):
             p.normal_(0, 0.05)
     e.eval()
-    desc = expert_description(e)
+    desc = e.describe()
     assert desc["info_heads"] == 4
-    save_checkpoint(tmp_path / "best.pt", e, desc, ExpertConfig(info_heads=4), "x", {"auc": 0.5})
+    save_expert_checkpoint(tmp_path / "best.pt", e, ExpertConfig(info_heads=4), name="x", metrics={"auc": 0.5})
     x = torch.randn(5, 3, SIZE, SIZE)
     rebuilt = expert_from_description(desc).eval()
     with torch.no_grad():

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from skimage import data
 
-from dfpipe.augment_sd import editing
+from conftest import layout_in
+from dfpipe.augment_sd import editing, imaging
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.editing import MASK_GRID, face_hull, landmark_mask, self_blend
 from dfpipe.augment_sd.generate import edit_one, regenerate
@@ -88,7 +89,7 @@ def test_landmark_mask_covers_the_hull_and_changes_nothing_outside(astronaut, fa
         core = mask >= 0.99 * mask.max()
         assert np.abs(fake[core].astype(int) - astronaut[core]).mean() > 1.0  # the face did change
         assert mask.max() == pytest.approx(params["blend_ratio"], abs=1 / 255)
-        assert editing._quantise_mask(mask).tobytes() == mask.tobytes()  # survives the 8-bit PNG
+        assert imaging.quantise_mask(mask).tobytes() == mask.tobytes()  # survives the 8-bit PNG
         n_blobs = cv2.connectedComponents((mask > 0).astype(np.uint8))[0] - 1
         assert n_blobs == 1
 
@@ -166,24 +167,25 @@ def test_landmark_mask_work_follows_the_face_not_the_image(monkeypatch):
 
 # --------------------------------------------------------------------------- configuration and errors
 def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
-    assert lmk.LANDMARKERS == ("none", "mediapipe")
-    with pytest.raises(ConfigError, match="did you mean 'mediapipe'"):
-        from_dict(AugmentConfig, {"landmarks": "mediapip"}, "params.yaml:augment")
+    assert lmk.LANDMARKERS.names() == ["mediapipe"]  # the config adds "none"
+    with pytest.raises(ConfigError, match=r"choose one of \['none', 'mediapipe'\] \(did you mean 'mediapipe'\?\)"):
+        from_dict(AugmentConfig, {"landmarks": "mediapip"}, "params.yaml:augment_sd")
     lmk.check_landmarker("none")
     with pytest.raises(ConfigError, match="choose one of"):
         lmk.check_landmarker("dlib")
-    lmk.get_landmarker.cache_clear()
+    lmk.LANDMARKERS.clear_cache()
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # `import mediapipe` fails as when not installed
     try:
-        with pytest.raises(ConfigError, match=r"'mediapipe' is not installed.*--no-deps mediapipe==0.10.21"):
+        with pytest.raises(ConfigError, match=r"augment_sd\.landmarks: mediapipe: the package 'mediapipe' is not "
+                                              r"installed.*--no-deps mediapipe==0.10.21.*set augment_sd\.landmarks"):
             lmk.check_landmarker("mediapipe")
         with pytest.raises(ConfigError, match="not installed"):
             lmk.face_landmarks(np.zeros((64, 64, 3), np.uint8), "mediapipe")
         # the stage refuses before writing anything
         out = tmp_path / "aug"
         with pytest.raises(ConfigError, match="mediapipe"):
-            run_augment(AugmentConfig(prepared_dir=str(make_store(tmp_path / "prep", [data.astronaut()])),
-                                      out_dir=str(out), landmarks="mediapipe", workers=1))
+            run_augment(AugmentConfig(landmarks="mediapipe", workers=1),
+                        layout_in(tmp_path, prepared=make_store(tmp_path / "prep", [data.astronaut()]), augmented=out))
         assert not out.exists()
         # a release without the legacy solutions (0.10.30 and later)
         newer = types.ModuleType("mediapipe")
@@ -194,7 +196,25 @@ def test_config_choice_and_missing_package_error(monkeypatch, tmp_path):
         with pytest.raises(ConfigError, match=r"mediapipe 1.2.3 has no Face Mesh.*mediapipe==0.10.21"):
             lmk.check_landmarker("mediapipe")
     finally:
-        lmk.get_landmarker.cache_clear()
+        lmk.LANDMARKERS.clear_cache()
+
+
+def test_a_registered_landmarker_is_selectable_and_built_once():
+    class Fixed:  # five points, wherever the face is
+        def detect(self, img):
+            return np.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], np.float32)
+
+    lmk.register_landmarker("fixed", Fixed)
+    try:
+        assert from_dict(AugmentConfig, {"landmarks": "fixed"}, "a").landmarks == "fixed"
+        lmk.check_landmarker("fixed")
+        pts = lmk.face_landmarks_batch([np.zeros((8, 8, 3), np.uint8)] * 2, "fixed")
+        assert len(pts) == 2 and pts[0].shape == (5, 2)
+        assert lmk.get_landmarker("fixed") is lmk.get_landmarker("fixed")
+    finally:
+        lmk.LANDMARKERS.unregister("fixed")
+    with pytest.raises(ConfigError, match="'fixed' is not allowed"):
+        from_dict(AugmentConfig, {"landmarks": "fixed"}, "a")
 
 
 def test_edit_one_records_which_mask_was_used(astronaut, face_box, monkeypatch):
@@ -294,9 +314,9 @@ def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_pat
     prep = make_store(tmp_path / "prep", images)
     monkeypatch.setattr(pipeline, "MIN_JOBS_PER_WORKER", 1)
     out = tmp_path / "aug"
-    run_augment(AugmentConfig(prepared_dir=str(prep), out_dir=str(out), seed=1, fakes_per_real=2.0,
-                              methods={"self_blend": 1.0}, contact_sheet_per_method=1, landmarks="mediapipe",
-                              workers=workers))
+    cfg = AugmentConfig(seed=1, fakes_per_real=2.0, methods={"self_blend": 1.0}, contact_sheet_per_method=1,
+                        landmarks="mediapipe", workers=workers)
+    run_augment(cfg, layout_in(tmp_path, prepared=prep, augmented=out))
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert len(man) == 8
     shapes = {}
@@ -312,18 +332,17 @@ def test_stage_with_mediapipe_landmarks_regenerates_without_the_detector(tmp_pat
 
 
 def test_work_files_of_self_blend_depend_on_the_detector(tmp_path):
-    """A run resumed with another ``augment.landmarks`` remakes the self-blends, and only them."""
+    """A run resumed with another ``augment_sd.landmarks`` remakes the self-blends, and only them."""
     from dfpipe.augment_sd.plan import plan_jobs
     from dfpipe.augment_sd.sources import load_reals
     from dfpipe.augment_sd.work import work_names
 
     prep = make_store(tmp_path / "prep", [data.astronaut(), data.astronaut()[::-1].copy(), data.coffee()])
     reals = load_reals(str(prep))
-    base = AugmentConfig(prepared_dir=str(prep), out_dir=str(tmp_path / "aug"), fakes_per_real=3.0,
-                         methods={"self_blend": 1.0, "splice": 1.0})
+    base = AugmentConfig(fakes_per_real=3.0, methods={"self_blend": 1.0, "splice": 1.0})
     jobs = plan_jobs(base, len(reals))
-    plain = work_names(jobs, reals, base)
-    lm = work_names(jobs, reals, dataclasses.replace(base, landmarks="mediapipe"))
+    plain = work_names(jobs, reals, base, str(prep))
+    lm = work_names(jobs, reals, dataclasses.replace(base, landmarks="mediapipe"), str(prep))
     assert {j.method for j in jobs} == {"self_blend", "splice"}
     for j, a, b in zip(jobs, plain, lm):
         assert (a != b) == (j.method == "self_blend"), j

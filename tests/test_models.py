@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from dfpipe.config import ExpertConfig
+from dfpipe.data.preprocess import InputPolicy, InputSpec
+from dfpipe.errors import DataError
 from dfpipe.models import (
     BUNDLED,
     EXPERTS,
@@ -165,7 +167,8 @@ def test_bundled_expert_carries_its_backbones_normalisation(name, mean, std, fea
     expert = build_expert(ExpertConfig(backbone=name, pretrained="bundled", img_size=64))
     assert (expert.mean, expert.std, expert.feat_dim) == (mean, std, feat_dim)
     desc = expert.describe()
-    assert (desc["backbone"], tuple(desc["mean"]), tuple(desc["std"])) == (name, mean, std)
+    assert desc["backbone"] == name and desc["input"] == {"size": 64, "mode": "resize", "mean": list(mean),
+                                                          "std": list(std)}
     out = expert.eval()(torch.randn(2, 3, 64, 64))
     assert out["logits"].shape == (2, 2) and torch.isfinite(out["logits"]).all()
 
@@ -271,8 +274,8 @@ def test_description_round_trip_gives_identical_outputs():
     expert = build_expert(ExpertConfig(backbone=LITE0, pretrained="bundled", img_size=96)).eval()
     with torch.no_grad():
         expert.head[1].weight.normal_()  # a non-default head, so a fresh one could not match by chance
-    desc = {**expert.describe(), "preprocess": {"input": {"mode": "crop"}}}  # training adds keys; rebuilding ignores them
-    assert desc["backbone"] == LITE0 and desc["img_size"] == 96 and desc["num_classes"] == 2
+    desc = {**expert.describe(), "stage1": {"max_side": 0}}  # other keys beside it; rebuilding ignores them
+    assert desc["backbone"] == LITE0 and desc["input"]["size"] == 96 and desc["num_classes"] == 2
     rebuilt = expert_from_description(desc).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -282,23 +285,43 @@ def test_description_round_trip_gives_identical_outputs():
     assert not torch.allclose(before, a["logits"])  # it really was rebuilt without the weights
     for k in ("logits", "prob", "feat"):
         assert torch.equal(a[k], b[k]), k
+    assert rebuilt.input == expert.input
     assert (rebuilt.img_size, rebuilt.mean, rebuilt.std) == (96, expert.mean, expert.std)
 
 
-def test_expert_from_description_takes_normalisation_from_it():
-    desc = {"arch": "timm", "backbone": LITE0, "img_size": 64, "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.3, 0.4],
-            "num_classes": 2}
+def test_expert_from_description_takes_its_input_contract_as_stored():
+    """mean/std come from the description (what the weights were trained with), not from the backbone's
+    pretrained config (0.5 for lite0): nothing is recomputed, and a description without them is refused."""
+    desc = {"arch": "timm", "backbone": LITE0, "num_classes": 2, "dropout": 0.2, "proj_dim": 0,
+            "input": {"size": 64, "mode": "crop", "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.3, 0.4]}}
     rebuilt = expert_from_description(desc)
-    assert rebuilt.mean == (0.4, 0.4, 0.4) and rebuilt.std == (0.2, 0.3, 0.4)
+    assert rebuilt.input == InputSpec(64, "crop", (0.4, 0.4, 0.4), (0.2, 0.3, 0.4))
+    assert rebuilt.input.policy == InputPolicy("crop", 64) and rebuilt.describe() == desc
     with pytest.raises(ValueError, match="num_classes"):
         expert_from_description({**desc, "num_classes": 3})
+    old = {"arch": "timm", "backbone": LITE0, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}  # format 1
+    with pytest.raises(DataError, match=r"best\.pt: the expert description lacks \['input'\].*dvc repro"):
+        expert_from_description(old, "models/a/best.pt")
+    with pytest.raises(DataError, match=r"best\.pt: input: InputSpec record with missing keys \['std'\]"):
+        expert_from_description({**desc, "input": {"size": 64, "mode": "crop", "mean": [0.4] * 3}}, "best.pt")
+
+
+def test_input_spec_checks_what_it_holds():
+    spec = InputSpec(np.int64(32), "resize", [0.5, 0.5, 0.5], (1, 1, 1))  # JSON / numpy values become plain ones
+    assert spec.size == 32 and type(spec.size) is int and spec.std == (1.0, 1.0, 1.0) and spec.key == "resize32"
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    for bad, match in (({"mode": "squash"}, "input mode 'squash'"), ({"size": 4}, "input size 4"),
+                       ({"std": (1, 0, 1)}, "must be > 0"), ({"mean": (0.5, 0.5)}, "one value per RGB channel")):
+        with pytest.raises(ValueError, match=match):
+            InputSpec(**{"size": 32, "mode": "resize", "mean": (0.5,) * 3, "std": (0.5,) * 3, **bad})
 
 
 def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(KeyError, match="already registered"):
         EXPERTS.register("timm")(lambda cfg: None)
-    with pytest.raises(KeyError, match="registered"):
-        build_expert(ExpertConfig(pretrained="none"), arch="no_such_arch")
+    with pytest.raises(KeyError, match=r"unknown expert 'tim'; choose one of \['npr', 'timm'\] "
+                                       r"\(did you mean 'timm'\?\)"):
+        build_expert(ExpertConfig(pretrained="none"), arch="tim")
 
 
 def test_params_choose_arch_and_dropout():

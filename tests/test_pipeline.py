@@ -1,5 +1,6 @@
-"""All five stages, end to end, on a tiny demo dataset in a temp dir (CPU, about a minute)."""
+"""All six stages, end to end, on a tiny demo dataset in a temp dir (CPU, about a minute)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from dfpipe.config import (AugmentConfig, ExpertConfig, LossWeights, PredictConfig, PrepareConfig,
-                           SplitConfig, TrainConfig)
+from dfpipe.config import (AugmentConfig, EvaluateConfig, ExpertConfig, LossWeights, PredictConfig,
+                           PrepareConfig, SplitConfig, TrainConfig)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -33,48 +34,58 @@ def tiny_expert(**kw) -> ExpertConfig:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """All six stages on a copy of the demo data laid out somewhere else, the one setting changed from the
+    default layout being ``data_root`` (issue: "one setting points the whole DAG at a user's data"). The stages
+    run from an empty working directory, where the default ``data/raw`` does not exist: a stage that read its
+    input from anywhere but ``data_root`` would fail. Returns (working dir, layout, stage 5 metrics, stage 6's)."""
+    from dfpipe import evaluate
     from dfpipe.augment_sd import run as run_augment
-    from dfpipe.prepare_data import run as prepare
+    from dfpipe.cluster_split import run as run_split
     from dfpipe.demo import make_demo_dataset
     from dfpipe.ensemble_predict import run as run_predict
-    from dfpipe.cluster_split import run as run_split
-    from dfpipe.train_experts.loop import run_train
+    from dfpipe.layout import Layout
+    from dfpipe.prepare_data import run as prepare
+    from dfpipe.train_experts import run as run_train
 
     t = tmp_path_factory.mktemp("pipe")
     # one learnable kind everywhere (blocky up-sampling, the demo's generator-like artefact), so the test can
     # ask that the whole pipeline learns: val and test AUC well above chance (test_the_pipeline_learns)
-    make_demo_dataset(t / "raw", seed=0, n_train=160, n_val=32, n_test=32, size_range=(64, 96),
+    make_demo_dataset(t / "made", seed=0, n_train=160, n_val=32, n_test=32, size_range=(64, 96),
                       fake_kinds=dict.fromkeys(("train", "val", "test"), ["upsample"]))
-    prep = PrepareConfig(data_root=str(t / "raw"), out_dir=str(t / "prepared"), report=str(t / "prep.json"),
-                         duplicates=str(t / "dup.csv"), workers=1)
-    prepare(prep)
-    aug = AugmentConfig(prepared_dir=prep.out_dir, out_dir=str(t / "aug"), fakes_per_real=0.5)
-    run_augment(aug)
-    split = SplitConfig(prepared_dir=prep.out_dir, augmented_dir=aug.out_dir, out_csv=str(t / "splits.csv"),
-                        report=str(t / "cluster.json"), features=str(t / "feats.npy"),
-                        features_index=str(t / "feats.csv"), img_size=64,
-                        n_clusters=4, n_folds=2, per_class=False, contact_sheet="")
-    run_split(split)
-    train = TrainConfig(splits_csv=split.out_csv, prepared_dir=prep.out_dir, augmented_dir=aug.out_dir,
-                        models_dir=str(t / "models"), workers=0,
-                        experts={"a": tiny_expert(), "b": tiny_expert(img_size=48, loss=LossWeights(kl=0.0, nce=0.2),
-                                                                       augment="strong", seed=1)})
-    for name in train.experts:
-        run_train(train, name, t / "train" / name)
-    pred = PredictConfig(prepared_dir=prep.out_dir, splits_csv=split.out_csv, models_dir=train.models_dir,
-                         experts=["a", "b"], submission=str(t / "sub" / "prediction.txt"),
-                         metrics=str(t / "metrics.json"), roc=str(t / "roc.csv"), roc_png=str(t / "roc.png"),
-                         failures=str(t / "fail.csv"), card=str(t / "ensemble.json"), augmented_dir=aug.out_dir,
-                         test_labels=str(t / "raw" / "testset_label_private.txt"))
-    metrics = run_predict(pred)
-    return t, metrics
+    users = t / "users_data" / "phase1"
+    shutil.copytree(t / "made", users)
+    shutil.rmtree(t / "made")  # only the copy is left to read
+    before = {p: p.stat().st_mtime_ns for p in users.rglob("*")}
+    layout = Layout(data_root=str(users))
+    assert layout == dataclasses.replace(Layout(), data_root=str(users))  # nothing else differs from the default
+    work = t / "work"
+    work.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # the default layout's outputs are relative: they land in here
+        prepare(PrepareConfig(workers=1), layout)
+        run_augment(AugmentConfig(fakes_per_real=0.5), layout)
+        run_split(SplitConfig(img_size=64, n_clusters=4, n_folds=2, per_class=False), layout)
+        best = run_train(TrainConfig(workers=0, experts={
+            "a": tiny_expert(), "b": tiny_expert(img_size=48, loss=LossWeights(kl=0.0, nce=0.2), augment="strong",
+                                                 seed=1)}), layout)
+        assert set(best) == {"a", "b"}  # no expert named: every expert of the config
+        metrics = run_predict(PredictConfig(experts=["a", "b"]), layout)
+        evaluated = evaluate.run(EvaluateConfig(degradations=["jpeg50"], bootstrap=50, workers=0), layout)
+    assert sorted(p.name for p in t.iterdir()) == ["users_data", "work"]  # every output in the working dir
+    assert {p: p.stat().st_mtime_ns for p in users.rglob("*")} == before  # and the user's data left as it was
+    return work, layout, metrics, evaluated
+
+
+def out(t: Path, layout, name: str) -> Path:
+    """Entry ``name`` of the default layout, which the fixture ran inside the working dir ``t``."""
+    return t / getattr(layout, name)
 
 
 def test_submission_has_one_row_per_test_image_in_sorted_order(run):
-    t, _ = run
-    lines = (t / "sub" / "prediction.txt").read_text().splitlines()
+    t, layout, _, _ = run
+    lines = out(t, layout, "submission").read_text().splitlines()
     assert lines[0] == "img_name,y_pred"
-    names = sorted(p.name for p in (t / "raw" / "testset").iterdir())
+    names = sorted(p.name for p in Path(layout.data("test_dir")).iterdir())  # the copy's test set
     assert [ln.split(",")[0] for ln in lines[1:]] == names
     scores = np.array([float(ln.split(",")[1]) for ln in lines[1:]])
     assert ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0
@@ -82,7 +93,7 @@ def test_submission_has_one_row_per_test_image_in_sorted_order(run):
 
 def test_the_pipeline_learns(run):
     """Issue 15: the end-to-end run is above chance on the val fold and on the test set (labels it never saw)."""
-    _, metrics = run
+    _, _, metrics, _ = run
     val, test = metrics["val"]["ensemble"]["auc"], metrics["test"]["ensemble"]["auc"]
     print(f"end-to-end AUC: val {val:.3f}, test {test:.3f}")
     assert val > 0.7 and test > 0.7, (val, test)
@@ -96,13 +107,14 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     from dfpipe.data.store import StoreReader
     from dfpipe.ensemble_predict import Ensemble, combine_scores
 
-    t, metrics = run
-    assert json.loads((t / "metrics.json").read_text())["val"]["ensemble"]["auc"] == metrics["val"]["ensemble"]["auc"]
-    splits = pd.read_csv(t / "splits.csv")
+    t, layout, metrics, _ = run
+    assert json.loads(out(t, layout, "metrics").read_text())["val"]["ensemble"]["auc"] == \
+        metrics["val"]["ensemble"]["auc"]
+    splits = pd.read_csv(out(t, layout, "splits"))
     val_uids = set(splits.uid[(splits.subset == "val") & (splits.origin != "aug")])
-    pool = load_pool(t / "prepared")
+    pool = load_pool(out(t, layout, "prepared"))
     val = pool[pool.uid.isin(val_uids)]
-    ens = Ensemble.load(t / "models", ["a", "b"], ["identity", "hflip"], "mean_prob", torch.device("cpu"))
+    ens = Ensemble.load(out(t, layout, "models"), ["a", "b"], ["identity", "hflip"], "mean_prob", torch.device("cpu"))
     reader = StoreReader()
     imgs = [reader.image(p, i) for p, i in zip(val.cache_path, val.cache_index)]  # native sizes
     scores = ens.score_images(imgs)
@@ -111,23 +123,23 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     assert "test" in metrics and metrics["n_test"] == 32
     # per-method breakdown: the val-fold generated fakes of each editing method against the val reals
     assert set(metrics["val"]["by_method"]) >= {"original"} and len(metrics["val"]["by_method"]) >= 2
-    assert (t / "roc.png").stat().st_size > 1000 and (t / "ensemble.json").is_file()
+    assert out(t, layout, "roc_png").stat().st_size > 1000 and out(t, layout, "card").is_file()
     # the ensemble of the two is the mean of the experts' own scores
     pe = ens.score_batch({p.key: torch.from_numpy(np.stack([fit(im, p) for im in imgs])) for p in ens.policies})
     np.testing.assert_allclose(combine_scores(pe, "mean_prob"), scores, atol=1e-6)
 
 
 def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
-    t, _ = run
-    ckpt = torch.load(t / "models" / "a" / "best.pt", map_location="cpu", weights_only=True)
+    t, layout, _, _ = run
+    ckpt = torch.load(out(t, layout, "models") / "a" / "best.pt", map_location="cpu", weights_only=True)
     d = ckpt["description"]
-    assert d["img_size"] == 64 and len(d["mean"]) == 3
-    assert d["preprocess"]["input"] == {"mode": "crop", "size": 64} and d["preprocess"]["stage1"]["max_side"] == 0
-    assert d["preprocess"]["mean"] == d["mean"]
+    assert d["input"] == {"size": 64, "mode": "crop", "mean": [0.5] * 3, "std": [0.5] * 3}  # stored once
+    assert ckpt["stage1"]["max_side"] == 0 and ckpt["format"] == 2
+    assert "img_size" not in ckpt["config"] and "input_mode" not in ckpt["config"]
     assert ckpt["config"]["loss"]["kl"] == 0.5
     from test_train import live_history
 
-    hist = live_history(t / "train" / "a")
+    hist = live_history(out(t, layout, "train_logs") / "a")  # <train_logs>/<expert>
     assert list(hist.epoch) == [1, 2, 3]
     assert {"loss", "ce", "kl", "nce", "val_auc", "val_tpr_at_fpr_1e-3", "lr", "images_per_s"} <= set(hist.columns)
     assert hist.kl.iloc[-1] > 0  # the EMA teacher differs from the student, so KL is active
@@ -136,8 +148,8 @@ def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
 def test_splits_keep_generated_images_with_their_source(run):
     from dfpipe.cluster_split.cluster import check_split
 
-    t, _ = run
-    df = pd.read_csv(t / "splits.csv", keep_default_na=False)
+    t, layout, _, _ = run
+    df = pd.read_csv(out(t, layout, "splits"), keep_default_na=False)
     assert (df.groupby("cluster").fold.nunique() == 1).all()
     fold = df.set_index("uid").fold
     aug = df[df.origin == "aug"]
@@ -146,7 +158,22 @@ def test_splits_keep_generated_images_with_their_source(run):
     donors = aug[(aug.subset == "train") & (aug.donor_uid != "")]
     assert len(donors) > 0 and not (df.set_index("uid").subset.loc[donors.donor_uid] == "val").any()
     check_split(df, val_fold=0)
-    assert (t / "cluster.png").stat().st_size > 1000
+    assert out(t, layout, "cluster_plot").stat().st_size > 1000
+
+
+def test_stage_6_scores_the_data_roots_own_test_set(run):
+    """evaluate.sets: [] = the test set of data_root (its released labels): the same images and labels stage 5
+    scored, so the clean AUC is stage 5's test AUC; every output lands at its layout entry."""
+    t, layout, metrics, evaluated = run
+    assert set(evaluated) == {"test", "mean"} and set(evaluated["test"]) == {"clean", "jpeg50"}
+    clean = evaluated["test"]["clean"]
+    assert clean["n_real"] + clean["n_fake"] == metrics["n_test"] == 32 and clean["n_failed"] == 0
+    assert clean["auc"] == pytest.approx(metrics["test"]["ensemble"]["auc"], abs=1e-3)
+    assert json.loads(out(t, layout, "eval_metrics").read_text()) == json.loads(json.dumps(evaluated))
+    scores = pd.read_csv(out(t, layout, "eval_scores"))
+    assert set(scores.set) == {"test"} and len(scores) == 2 * 32
+    assert (out(t, layout, "eval_roc") / "roc_test.csv").is_file()
+    assert "\n| test | " in out(t, layout, "eval_table").read_text()
 
 
 # ----------------------------------------------------------------------------- the DVC DAG itself
@@ -172,11 +199,11 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     _dvc(work, "config", "core.analytics", "false")
     make_demo_dataset(work / "data" / "raw", seed=0, n_train=32, n_val=12, n_test=8, size_range=(64, 80))
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["prepare"].update(workers=1)
-    params["split"].update(img_size=64, n_clusters=2, n_folds=2)
-    for e in params["train"]["experts"].values():
+    params["prepare_data"].update(workers=1)
+    params["cluster_split"].update(img_size=64, n_clusters=2, n_folds=2)
+    for e in params["train_experts"]["experts"].values():
         e.update(img_size=48, epochs=1, batch_size=16)
-    params["train"]["workers"] = 0
+    params["train_experts"]["workers"] = 0
     params["evaluate"].update(degradations=["jpeg50"], bootstrap=50, workers=0)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -184,11 +211,15 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     _dvc(work, "repro", "-q")
     assert (work / "submissions" / "prediction.txt").is_file()
     shown = _dvc(work, "metrics", "show")
-    assert "ensemble" in shown and "demo_test" in shown  # stage 5's and stage 6's metrics
+    assert "ensemble" in shown and "reports/eval/metrics.json" in shown  # stage 5's and stage 6's metrics
     # stage 4's DVCLive summaries: the best epoch of each expert
     assert "reports/train/lite0_a/metrics.json" in shown and "reports/train/lite0_b/metrics.json" in shown
     metrics = json.loads(_dvc(work, "metrics", "show", "--json"))
     expert = metrics[""]["data"]["reports/train/lite0_a/metrics.json"]["data"]
+    # evaluate.sets: [] scored the data root's own (labelled) test set, as set "test"
+    evaluated = metrics[""]["data"]["reports/eval/metrics.json"]["data"]
+    assert set(evaluated) == {"test", "mean"} and evaluated["test"]["clean"]["n_real"] + \
+        evaluated["test"]["clean"]["n_fake"] == 8
     assert 0 <= expert["val_auc"] <= 1 and expert["best_epoch"] == 1 and expert["step"] == 1
     # and its per-epoch curves, one .tsv per metric, x = step
     plots = json.loads(_dvc(work, "plots", "show", "--json"))["data"]
@@ -197,15 +228,15 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     points = plots[curve][0]["content"]["data"]["values"]
     assert [(p["step"], float(p["val_auc"])) for p in points] == [("1", expert["val_auc"])]
     assert (work / "dvc.yaml").read_bytes() == dvc_yaml  # DVCLive left the pipeline alone
-    assert (work / "reports" / "eval" / "table.md").read_text().count("demo_test") == 1
+    assert (work / "reports" / "eval" / "table.md").read_text().count("\n| test | ") == 1
     # nothing changed: nothing to run
     assert json.loads(_dvc(work, "status", "--json")) == {}
     # one expert's param changed: only that expert and the ensemble run again
-    params["train"]["experts"]["lite0_a"]["lr"] = 5e-4
+    params["train_experts"]["experts"]["lite0_a"]["lr"] = 5e-4
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert set(json.loads(_dvc(work, "status", "--json"))) == {"train_experts@lite0_a"}
     ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro")))
     assert ran == {"train_experts@lite0_a", "ensemble_predict", "evaluate"}
     # `dvc repro <stage>` reruns that one stage when forced, nothing else
-    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro", "-f", "-s", "augment")))
-    assert ran == {"augment"}
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(work, "repro", "-f", "-s", "augment_sd")))
+    assert ran == {"augment_sd"}

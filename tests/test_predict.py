@@ -1,16 +1,17 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import expert_description
+from conftest import save_expert_checkpoint
 from dfpipe.config import ExpertConfig
 from dfpipe.data.preprocess import Stage1
 from dfpipe.data.store import write_png_shard, write_store_record
 from dfpipe.models import build_expert
 from dfpipe.ensemble_predict import (Ensemble, build_submission, check_submission, combine_scores, fit_stacking, load_expert,
                             parse_view)
-from dfpipe.train_experts.loop import save_checkpoint
 
 
 def test_combine_scores_hand_values():
@@ -51,10 +52,10 @@ def test_check_submission_refuses_wrong_names_and_scores():
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = build_expert(ExpertConfig(pretrained="none", img_size=32)).eval()
-    desc = expert_description(model)
+    cfg = ExpertConfig(pretrained="none", img_size=32)
+    model = build_expert(cfg).eval()
     path = tmp_path / "m" / "best.pt"
-    save_checkpoint(path, model, desc, ExpertConfig(img_size=32), "m", {"auc": 0.5})
+    save_expert_checkpoint(path, model, cfg, metrics={"auc": 0.5})
     return path, model
 
 
@@ -64,7 +65,8 @@ def test_load_expert_restores_the_weights(checkpoint):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x)["prob"], model(x)["prob"])
-    assert loaded.description["preprocess"]["input"] == {"mode": "resize", "size": 32}
+    assert loaded.description["input"] == {"size": 32, "mode": "resize", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert loaded.preprocess.input is loaded.model.input and loaded.preprocess.stage1 == Stage1()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -206,26 +208,41 @@ def _fake_stage_outputs(t, rng):
     splits.to_csv(t / "splits.csv", index=False)
     for name, size, mode in (("a", 32, "resize"), ("b", 24, "crop")):  # two sizes, two input policies
         torch.manual_seed(size)
-        model = build_expert(ExpertConfig(pretrained="none", img_size=size)).eval()
-        save_checkpoint(t / "models" / name / "best.pt", model, expert_description(model, mode=mode),
-                        ExpertConfig(img_size=size, input_mode=mode), name, {})
+        cfg = ExpertConfig(pretrained="none", img_size=size, input_mode=mode)
+        save_expert_checkpoint(t / "models" / name / "best.pt", build_expert(cfg).eval(), cfg, name=name)
     return prep, aug, test_imgs
 
 
-def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng):
+TEST_LABELS = [0, 1, 0, 1, 0]  # of t0.jpg .. t4.jpg (the "released" labels of the test set)
+
+
+@pytest.mark.parametrize("labels", ["missing", "none", "present"])
+def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng, labels):
+    """``labels``: the data root has no test label file at ``paths.test_labels`` (a challenge's test set before
+    its labels are out: a submission, no test metrics, no error), ``paths.test_labels`` is "" (none), or the file
+    is there (test metrics, on the decodable test images it names)."""
     import json
 
+    from sklearn.metrics import roc_auc_score
+
+    from conftest import layout_in
     from dfpipe.config import PredictConfig
     from dfpipe.ensemble_predict import run as run_predict
 
     prep, aug, test_imgs = _fake_stage_outputs(tmp_path, rng)
-    out = tmp_path / "out"
-    cfg = PredictConfig(prepared_dir=str(prep), augmented_dir=str(aug), splits_csv=str(tmp_path / "splits.csv"),
-                        models_dir=str(tmp_path / "models"), experts=["a", "b"], tta=["identity", "rot180"],
-                        combine="stack", stack_folds=3, batch_size=8, submission=str(out / "prediction.txt"),
-                        metrics=str(out / "metrics.json"), roc=str(out / "roc.csv"), roc_png=str(out / "roc.png"),
-                        failures=str(out / "failures.csv"), card=str(out / "ensemble.json"), test_labels="")
-    metrics = run_predict(cfg)
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    raw.mkdir()
+    if labels == "present":  # the broken image is left out: its row is the fallback score, never a metric
+        pd.DataFrame({"img_name": [f"t{i}.jpg" for i in range(5)], "target": TEST_LABELS}).to_csv(
+            raw / "testset_label_private.txt", index=False)
+    layout = layout_in(tmp_path, data_root=raw, prepared=prep, augmented=aug, splits=tmp_path / "splits.csv",
+                       models=tmp_path / "models", submission=out / "prediction.txt", metrics=out / "metrics.json",
+                       roc=out / "roc.csv", roc_png=out / "roc.png", failures=out / "failures.csv",
+                       card=out / "ensemble.json", **({"test_labels": ""} if labels == "none" else {}))
+    assert Path(layout.data("test_labels")).is_file() == (labels == "present")
+    cfg = PredictConfig(experts=["a", "b"], tta=["identity", "rot180"], combine="stack", stack_folds=3,
+                        batch_size=8)
+    metrics = run_predict(cfg, layout)
     sub = pd.read_csv(out / "prediction.txt")
     assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]
     assert sub.y_pred.iloc[0] == 0.5 and sub.y_pred.between(0, 1).all()
@@ -241,7 +258,13 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     assert saved["val"]["selection_biased"] == 1
     card_protocol = json.loads((out / "ensemble.json").read_text())["protocol"]
     assert "selection-biased" in card_protocol["val"] and "out-of-fold" in card_protocol["val"]
-    assert "test" not in card_protocol  # no test labels were given
+    if labels == "present":
+        test = saved["test"]["ensemble"]
+        assert test["n_pos"] == 2 and test["n_neg"] == 3 and "test" in card_protocol
+        assert test["auc"] == pytest.approx(roc_auc_score(TEST_LABELS, sub.y_pred.iloc[1:]), abs=1e-6)
+        assert metrics["test"] == saved["test"]
+    else:
+        assert "test" not in card_protocol and "test" not in saved and "test" not in metrics  # no test labels
 
     def numbers(d):  # dvc metrics: nested dicts of numbers only
         return all(numbers(v) if isinstance(v, dict) else isinstance(v, (int, float)) for v in d.values())

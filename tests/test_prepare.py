@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.labels import LabelError
-from dfpipe.prepare_data import prepare
+from dfpipe.layout import Layout
+from dfpipe.prepare_data import run
 from dfpipe.data.samples import load_manifest
 from dfpipe.data.store import StoreReader
 
@@ -49,12 +50,12 @@ def make_layout(root, rng, n=6, bad=True):
 def test_prepare_stores_images_and_reports_bad_ones(tmp_path, rng):
     raw = tmp_path / "raw"
     expected = make_layout(raw, rng)
-    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "prep"), report=str(tmp_path / "rep.json"),
-                        duplicates=str(tmp_path / "dup.csv"), workers=2)
-    report = prepare(cfg)
-    man = load_manifest(cfg.out_dir)
+    layout = layout_in(tmp_path, data_root=raw, prepared=tmp_path / "prep", prepare_report=tmp_path / "rep.json",
+                       duplicates=tmp_path / "dup.csv")
+    report = run(PrepareConfig(workers=2), layout)
+    man = load_manifest(layout.prepared)
     assert (man.groupby("split").size().to_dict()) == {"train": 6, "val": 6, "test": 3}
-    full = load_manifest(cfg.out_dir, ok_only=False)
+    full = load_manifest(layout.prepared, ok_only=False)
     reader = StoreReader()
     for split in ("train", "val", "test"):
         # one shard position per manifest row of the split; a failed image's position holds nothing
@@ -76,7 +77,7 @@ def test_prepare_stores_images_and_reports_bad_ones(tmp_path, rng):
     assert report["n_skipped"] == 4 and report["skipped_by_reason"] == dict.fromkeys(sorted(expected.values()), 1)
     assert json.loads((tmp_path / "rep.json").read_text())["n_images"] == {"train": 6, "val": 6, "test": 3}
     # the failed test image keeps a row (for the submission) with its reason
-    full = load_manifest(cfg.out_dir, ok_only=False)
+    full = load_manifest(layout.prepared, ok_only=False)
     trunc = full[full.img_name == "t_trunc.jpg"].iloc[0]
     assert trunc.cache_index == -1 and "truncated" in trunc.error
 
@@ -84,10 +85,9 @@ def test_prepare_stores_images_and_reports_bad_ones(tmp_path, rng):
 def test_stored_pixels_match_decode_at_native_size(tmp_path, rng):
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
-    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                        duplicates=str(tmp_path / "dup.csv"), workers=1)
-    prepare(cfg)
-    man = load_manifest(cfg.out_dir)
+    cfg, layout = PrepareConfig(workers=1), _layout(tmp_path, raw)
+    run(cfg, layout)
+    man = load_manifest(layout.prepared)
     from dfpipe.data.images import decode_image
 
     row = man[man.img_name == "val_3.jpg"].iloc[0]
@@ -96,7 +96,7 @@ def test_stored_pixels_match_decode_at_native_size(tmp_path, rng):
     np.testing.assert_array_equal(stored, decode_image(row.path))
     # a rerun gives byte-identical outputs (deterministic stage)
     before = (tmp_path / "p" / "train-000000.bin").read_bytes()
-    prepare(cfg)
+    run(cfg, layout)
     assert (tmp_path / "p" / "train-000000.bin").read_bytes() == before
 
 
@@ -106,7 +106,7 @@ def test_max_side_downscales_and_stores_lossless(tmp_path, rng):
 
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
-    report = prepare(_cfg(tmp_path, raw, workers=1, max_side=64))
+    report = run(PrepareConfig(workers=1, max_side=64), _layout(tmp_path, raw))
     man = load_manifest(tmp_path / "p")
     big = man[man.img_name == "val_5.jpg"].iloc[0]  # 110 x 80 -> 64 x 47 (aspect kept)
     assert (big.height, big.width) == (64, 47)
@@ -119,10 +119,8 @@ def test_bad_label_file_is_a_clear_error(tmp_path, rng):
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
     (raw / "trainset_label.txt").write_text("img_name,target\ntrain_0.jpg,1\ntrain_0.jpg,0\n")
-    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                        duplicates=str(tmp_path / "dup.csv"))
     with pytest.raises(LabelError, match="trainset_label.txt:3: duplicate"):
-        prepare(cfg)
+        run(PrepareConfig(), _layout(tmp_path, raw))
     assert not (tmp_path / "p").exists()  # nothing half-written
 
 
@@ -133,20 +131,39 @@ def test_one_class_only_is_refused(tmp_path, rng):
         df = pd.read_csv(raw / f)
         df["target"] = 0
         df.to_csv(raw / f, index=False)
-    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                        duplicates=str(tmp_path / "dup.csv"))
     with pytest.raises(ValueError, match="one class only"):
-        prepare(cfg)
+        run(PrepareConfig(), _layout(tmp_path, raw))
 
 
 def test_missing_data_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data_root"):
-        prepare(PrepareConfig(data_root=str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="data_root .*nope does not exist.*paths.data_root"):
+        run(PrepareConfig(), layout_in(tmp_path, data_root=tmp_path / "nope"))
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
-def _cfg(tmp_path, raw, **kw) -> PrepareConfig:
-    return PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                         duplicates=str(tmp_path / "dup.csv"), **kw)
+def test_the_layout_names_the_input_folders_and_labels(tmp_path, rng):
+    """The competition layout's names are catalog entries (paths.train_dir, ...): a data root with other names
+    is read through them, the old names mean nothing there."""
+    raw = tmp_path / "raw"
+    make_layout(raw, rng, n=4, bad=False)
+    for old, new in (("trainset", "tr"), ("valset", "va"), ("testset", "te"), ("trainset_label.txt", "tr.csv"),
+                     ("valset_label.txt", "va.csv")):
+        (raw / old).rename(raw / new)
+    with pytest.raises(LabelError, match="trainset_label.txt: label file not found"):
+        run(PrepareConfig(workers=1), _layout(tmp_path, raw))
+    layout = dataclasses.replace(_layout(tmp_path, raw), train_dir="tr", val_dir="va", test_dir="te",
+                                 train_labels="tr.csv", val_labels="va.csv")
+    report = run(PrepareConfig(workers=1), layout)
+    man = load_manifest(layout.prepared)
+    assert man.groupby("split").size().to_dict() == {"train": 4, "val": 4, "test": 3}
+    assert man[man.split == "val"].path.str.startswith(str(raw / "va") + os.sep).all()
+    assert report["n_images"] == {"train": 4, "val": 4, "test": 3}
+
+
+def _layout(tmp_path, raw) -> Layout:
+    """Stage 1 reading ``raw``, writing the store to ``p``, the report to ``r.json``, the pairs to ``dup.csv``."""
+    return layout_in(tmp_path, data_root=raw, prepared=tmp_path / "p", prepare_report=tmp_path / "r.json",
+                     duplicates=tmp_path / "dup.csv")
 
 
 def test_duplicates_across_splits_are_reported_and_grouped(tmp_path, rng):
@@ -157,7 +174,7 @@ def test_duplicates_across_splits_are_reported_and_grouped(tmp_path, rng):
     from dfpipe.data.images import decode_image
 
     write_jpeg(raw / "testset" / "leak_reenc.jpg", decode_image(src), quality=60)
-    report = prepare(_cfg(tmp_path, raw, workers=2))
+    report = run(PrepareConfig(workers=2), _layout(tmp_path, raw))
     dup = pd.read_csv(tmp_path / "dup.csv")
     assert list(dup.columns[:5]) == ["a", "b", "split_a", "split_b", "distance"]
     pairs = {frozenset(p): k for p, k in zip(zip(dup.a, dup.b), dup.kind)}
@@ -193,7 +210,7 @@ def _face_layout(raw, rng) -> None:
 def test_face_crop_in_prepare(tmp_path, rng, policy):
     raw = tmp_path / "raw"
     _face_layout(raw, rng)
-    report = prepare(_cfg(tmp_path, raw, workers=1, face_crop="haar", face_policy=policy))
+    report = run(PrepareConfig(workers=1, face_crop="haar", face_policy=policy), _layout(tmp_path, raw))
     man = load_manifest(tmp_path / "p", ok_only=False).set_index("img_name")
     for name in ("astronaut.jpg", "hopper.jpg"):
         row = man.loc[name]
@@ -213,34 +230,36 @@ def test_face_crop_in_prepare(tmp_path, rng, policy):
 def test_bad_face_settings_are_clear_errors(tmp_path, rng):
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
-    with pytest.raises(ValueError, match="face_crop"):
-        prepare(_cfg(tmp_path, raw, face_crop="retina"))
-    with pytest.raises(ValueError, match="face_policy"):
-        prepare(_cfg(tmp_path, raw, face_crop="haar", face_policy="biggest"))
-    with pytest.raises(ValueError, match="dup_max_distance"):
-        prepare(_cfg(tmp_path, raw, dup_max_distance=65))
+    layout = _layout(tmp_path, raw)
+    with pytest.raises(ValueError, match=r"prepare_data\.face_crop='retina'"):
+        run(PrepareConfig(face_crop="retina"), layout)
+    with pytest.raises(ValueError, match=r"prepare_data\.face_policy='biggest'"):
+        run(PrepareConfig(face_crop="haar", face_policy="biggest"), layout)
+    with pytest.raises(ValueError, match=r"prepare_data\.dup_max_distance=65"):
+        run(PrepareConfig(dup_max_distance=65), layout)
 
 
 # --------------------------------------------------------------------------- resume after a kill
 _KILL_AFTER = """
 import json, os, signal, sys
+import dfpipe.prepare_data as P
 from dfpipe.config import PrepareConfig
-from dfpipe.data import prepare as P
+from dfpipe.layout import Layout
 commit, n = P.Work.commit, [0]
 def commit_then_die(self, *args):
     commit(self, *args)
     n[0] += 1
-    if n[0] == int(sys.argv[2]):
+    if n[0] == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as with a crash or OOM kill
 P.Work.commit = commit_then_die
-P.prepare(PrepareConfig(**json.loads(sys.argv[1])))
+P.run(PrepareConfig(**json.loads(sys.argv[1])), Layout(**json.loads(sys.argv[2])))
 """
 
 
-def _outputs(cfg: PrepareConfig) -> dict[str, bytes]:
-    files = {p.name: p.read_bytes() for p in sorted(Path(cfg.out_dir).iterdir())}
-    files["report"] = open(cfg.report, "rb").read()
-    files["duplicates"] = open(cfg.duplicates, "rb").read()
+def _outputs(layout: Layout) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(Path(layout.prepared).iterdir())}
+    files["report"] = open(layout.prepare_report, "rb").read()
+    files["duplicates"] = open(layout.duplicates, "rb").read()
     return files
 
 
@@ -261,13 +280,16 @@ def _counting_decode(monkeypatch) -> list[str]:
 def test_killed_run_resumes_without_redoing_chunks_and_gives_the_same_bytes(tmp_path, rng, monkeypatch):
     raw = tmp_path / "raw"
     make_layout(raw, rng)  # train 8 items (2 fail), val 6, test 4 (1 fails); chunks of 4: 2 + 2 + 1
-    ref = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "ref" / "p"), report=str(tmp_path / "ref/r.json"),
-                        duplicates=str(tmp_path / "ref/d.csv"), chunk_size=4, workers=2)
-    prepare(ref)
-    cfg = dataclasses.replace(ref, out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                              duplicates=str(tmp_path / "d.csv"), workers=1)
+    ref = PrepareConfig(chunk_size=4, workers=2)
+    ref_layout = layout_in(tmp_path / "ref", data_root=raw, prepared=tmp_path / "ref" / "p",
+                           prepare_report=tmp_path / "ref/r.json", duplicates=tmp_path / "ref/d.csv")
+    run(ref, ref_layout)
+    cfg = dataclasses.replace(ref, workers=1)
+    layout = layout_in(tmp_path, data_root=raw, prepared=tmp_path / "p", prepare_report=tmp_path / "r.json",
+                       duplicates=tmp_path / "d.csv")
     repo = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", _KILL_AFTER, json.dumps(dataclasses.asdict(cfg)), "3"],
+    res = subprocess.run([sys.executable, "-c", _KILL_AFTER, json.dumps(dataclasses.asdict(cfg)),
+                          json.dumps(dataclasses.asdict(layout)), "3"],
                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=120)
     assert res.returncode == -signal.SIGKILL, res.stderr.decode()[-2000:]
     work = tmp_path / "p.work"
@@ -275,10 +297,10 @@ def test_killed_run_resumes_without_redoing_chunks_and_gives_the_same_bytes(tmp_
                                                                       "val-000000.csv"]
     assert not (tmp_path / "p").exists() and not (tmp_path / "r.json").exists()
     seen = _counting_decode(monkeypatch)
-    prepare(cfg)
+    run(cfg, layout)
     # only the chunks not committed were decoded again: val_4, val_5 and the test images
     assert sorted(seen) == ["t0.jpg", "t1.jpg", "t2.jpg", "t_trunc.jpg", "val_4.jpg", "val_5.jpg"]
-    assert _outputs(cfg) == _outputs(ref)  # byte for byte, and whatever the number of workers
+    assert _outputs(layout) == _outputs(ref_layout)  # byte for byte, and whatever the number of workers
     assert not work.exists()
 
 
@@ -287,7 +309,7 @@ def test_changed_settings_start_afresh(tmp_path, rng, monkeypatch):
 
     raw = tmp_path / "raw"
     make_layout(raw, rng, bad=False)
-    cfg = _cfg(tmp_path, raw, workers=1, chunk_size=4)
+    cfg, layout = PrepareConfig(workers=1, chunk_size=4), _layout(tmp_path, raw)
     commit, calls = P.Work.commit, []
 
     def commit_then_fail(self, *args):
@@ -298,21 +320,21 @@ def test_changed_settings_start_afresh(tmp_path, rng, monkeypatch):
 
     monkeypatch.setattr(P.Work, "commit", commit_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg)
+        run(cfg, layout)
     monkeypatch.setattr(P.Work, "commit", commit)
     assert len(list((tmp_path / "p.work" / "chunks").glob("*.csv"))) == 2
     seen = _counting_decode(monkeypatch)
     (raw / "trainset" / "train_0.jpg").write_bytes((raw / "trainset" / "train_1.jpg").read_bytes())  # input changed
-    prepare(cfg)
+    run(cfg, layout)
     assert len(seen) == 15  # every image again: the old work does not match the inputs any more
     seen.clear()
     monkeypatch.setattr(P.Work, "commit", commit_then_fail)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg)
+        run(cfg, layout)
     monkeypatch.setattr(P.Work, "commit", commit)
     seen.clear()
-    prepare(dataclasses.replace(cfg, max_side=40))  # a setting that changes the stored images
+    run(dataclasses.replace(cfg, max_side=40), layout)  # a setting that changes the stored images
     man = load_manifest(tmp_path / "p")
     assert len(seen) == 15 and (np.maximum(man.width, man.height) == 40).all()
 
@@ -333,11 +355,12 @@ def test_several_datasets_feed_the_splits(tmp_path, rng):
     (raw / "dev" / "labels.txt").write_text("img_name,target\nd0.jpg,0\nd1.jpg,1\nd2.jpg,0\nd3.jpg,1\n")
     (raw / "challenge" / "test_nolabel.txt").write_text("img_name\nc2.jpg\nc0.jpg\nc1.jpg\n")  # c3 not listed
     params = tmp_path / "params.yaml"
-    params.write_text(f"""prepare:
+    params.write_text(f"""paths:
   data_root: {raw}
-  out_dir: {tmp_path / 'p'}
-  report: {tmp_path / 'r.json'}
+  prepared: {tmp_path / 'p'}
+  prepare_report: {tmp_path / 'r.json'}
   duplicates: {tmp_path / 'd.csv'}
+prepare_data:
   workers: 1
   datasets:
     - {{name: ffhq, split: train, images: ffhq/img, labels: ffhq/labels.csv}}
@@ -345,8 +368,8 @@ def test_several_datasets_feed_the_splits(tmp_path, rng):
     - {{name: dev, split: val, images: dev, labels: dev/labels.txt}}
     - {{name: challenge, split: test, images: challenge/test, labels: challenge/test_nolabel.txt}}
 """)
-    cfg = load_section(PrepareConfig, "prepare", params)
-    report = prepare(cfg)
+    cfg = load_section(PrepareConfig, "prepare_data", params)
+    report = run(cfg, Layout.load(params))
     man = load_manifest(tmp_path / "p")
     train = man[man.split == "train"]
     # two datasets feed train: names are prefixed so they stay unique; one dataset per split keeps its names
@@ -373,6 +396,6 @@ def test_bad_dataset_entries_are_clear_errors(tmp_path, rng, entry, match):
     from dfpipe.config import DatasetConfig, from_dict
 
     (tmp_path / "a").mkdir()
-    ds = from_dict(DatasetConfig, yaml.safe_load(entry), "prepare.datasets[0]")
+    ds = from_dict(DatasetConfig, yaml.safe_load(entry), "prepare_data.datasets[0]")
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        prepare(_cfg(tmp_path, tmp_path, datasets=[ds]))
+        run(PrepareConfig(datasets=[ds]), _layout(tmp_path, tmp_path))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_like
+from conftest import layout_in, photo_like
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.plan import RECON_REAL, plan_jobs
 from dfpipe.augment_sd.reconstruct import METHODS, Context, Reconstructor, check_config, random_ae, reconstruct
@@ -280,7 +280,7 @@ def test_a_classifier_on_tables_and_size_cannot_tell_the_pairs_apart():
 def jpeg_prepared(tmp_path, sizes=((60, 90), (96, 72), (70, 70), (88, 64), (130, 100))):
     """Stage 1 for real on JPEGs of several sizes and qualities (kept as their original bytes)."""
     from dfpipe.config import PrepareConfig
-    from dfpipe.prepare_data import prepare
+    from dfpipe.prepare_data import run as prepare
 
     rng = np.random.default_rng(11)
     raw = tmp_path / "raw"
@@ -295,8 +295,7 @@ def jpeg_prepared(tmp_path, sizes=((60, 90), (96, 72), (70, 70), (88, 64), (130,
     (raw / "testset").mkdir()
     (raw / "testset" / "t0.jpg").write_bytes(jpeg(smooth(rng, 50, 50)))
     prep = tmp_path / "prepared"
-    prepare(PrepareConfig(data_root=str(raw), out_dir=str(prep), report=str(tmp_path / "r.json"),
-                          duplicates=str(tmp_path / "d.csv"), workers=1))
+    prepare(PrepareConfig(workers=1), layout_in(tmp_path, data_root=raw, prepared=prep))
     return prep
 
 
@@ -304,11 +303,16 @@ RECON = ReconstructConfig(per_real=2.0, methods={"taef2": 1.0, "random_ae": 1.0}
                           ae_models=2, ae_steps=4, ae_crop=32, ae_batch=4, ae_train_images=4, batch_size=3)
 
 
-def recon_config(prep, out, **kw):
-    base = dict(prepared_dir=str(prep), out_dir=str(out), seed=5, fakes_per_real=0.5, methods={"self_blend": 1.0},
-                contact_sheet_per_method=1, workers=1, reconstruct=RECON)
+def recon_config(**kw):
+    base = dict(seed=5, fakes_per_real=0.5, methods={"self_blend": 1.0}, contact_sheet_per_method=1, workers=1,
+                reconstruct=RECON)
     base.update(kw)
     return AugmentConfig(**base)
+
+
+def recon_stage(prep, out, **kw):
+    """Stage 2 with reconstruction from the store ``prep`` into ``out``: its summary."""
+    return run_augment(recon_config(**kw), layout_in(out.parent, prepared=prep, augmented=out))
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +320,7 @@ def stage_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("recon")
     prep = jpeg_prepared(root)
     out = root / "aug"
-    return prep, out, run_augment(recon_config(prep, out))
+    return prep, out, recon_stage(prep, out)
 
 
 def test_stage_writes_pairs_with_provenance(stage_run):
@@ -402,12 +406,12 @@ def test_stage_is_deterministic_and_resumes_after_a_kill(stage_run, tmp_path, mo
     monkeypatch.setattr(stage, "recon_fakes", killing)
     monkeypatch.setattr(random_ae, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
     with pytest.raises(Killed):
-        run_augment(recon_config(prep, out))
+        recon_stage(prep, out)
     assert not out.exists() and len(trained) == 2
     n_work = len(list(work_dir(out).glob("*.npz")))
     assert n_work == 4 + len(pd.read_csv(ref / "manifest.csv").query("method == @RECON_REAL")) + sum(batches)
     monkeypatch.setattr(stage, "recon_fakes", real_fakes)
-    run_augment(recon_config(prep, out))
+    recon_stage(prep, out)
     assert len(trained) == 2  # the random autoencoders were cached in the work dir, not trained again
     assert same_output(ref, out) and not work_dir(out).exists()
 
@@ -415,15 +419,15 @@ def test_stage_is_deterministic_and_resumes_after_a_kill(stage_run, tmp_path, mo
 def test_reconstruction_leaves_the_other_rows_unchanged(stage_run, tmp_path):
     prep, on, _ = stage_run
     off = tmp_path / "off"
-    summary = run_augment(recon_config(prep, off, reconstruct=ReconstructConfig()))
+    summary = recon_stage(prep, off, reconstruct=ReconstructConfig())
     assert "n_reconstructed" not in summary and not (off / "reconstruct").exists()
     a = pd.read_csv(on / "manifest.csv", keep_default_na=False)
     b = pd.read_csv(off / "manifest.csv", keep_default_na=False)
     assert a.head(len(b)).drop(columns="cache_index").equals(b.drop(columns="cache_index"))
-    jobs_off = plan_jobs(recon_config(prep, off, reconstruct=ReconstructConfig()), 8)
-    assert plan_jobs(recon_config(prep, on), 8, [(64, 64)] * 8)[:len(jobs_off)] == jobs_off
+    jobs_off = plan_jobs(recon_config(reconstruct=ReconstructConfig()), 8)
+    assert plan_jobs(recon_config(), 8, [(64, 64)] * 8)[:len(jobs_off)] == jobs_off
     with pytest.raises(ValueError, match="size of every real"):
-        plan_jobs(recon_config(prep, on), 8)
+        plan_jobs(recon_config(), 8)
 
 
 def test_worker_processes_give_the_same_bytes(stage_run, tmp_path, monkeypatch):
@@ -431,7 +435,7 @@ def test_worker_processes_give_the_same_bytes(stage_run, tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "MIN_IMAGES_PER_WORKER", 1)
     assert stage.n_processes(2, 28, 1, "cpu") == 2 and stage.n_processes(2, 28, 1, "cuda") == 1
     out = tmp_path / "pool"
-    run_augment(recon_config(prep, out, workers=2))
+    recon_stage(prep, out, workers=2)
     assert same_output(ref, out)
 
 

@@ -247,7 +247,7 @@ def test_a_rank_card_is_refused_for_serving(tmp_path, capsys):
     from dfpipe.serve.service import ServeError, load_ensemble
 
     models, card = make_card(tmp_path, tta=("identity",), combine="rank")
-    words = [str(card), "combine 'rank' cannot be served", "predict.combine: mean_prob, mean_logit or stack"]
+    words = [str(card), "combine 'rank' cannot be served", "ensemble_predict.combine: mean_prob, mean_logit or stack"]
     with pytest.raises(ServeError) as err:
         load_ensemble(card, models, "cpu", serving=True)
     assert all(w in str(err.value) for w in words)

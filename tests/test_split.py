@@ -58,7 +58,8 @@ def test_per_class_clusters_never_mix_labels(rng):
 
 
 def test_too_few_clusters_for_folds():
-    with pytest.raises(ConfigError, match="cannot fill 4 folds: raise split.n_clusters or lower split.n_folds"):
+    with pytest.raises(ConfigError,
+                       match="cannot fill 4 folds: raise cluster_split.n_clusters or lower cluster_split.n_folds"):
         assign_folds(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), 4, 0)
 
 
@@ -209,7 +210,7 @@ def test_a_donor_in_another_fold_takes_its_fake_out_of_the_split(rng):
 
 def test_val_fold_outside_the_folds_is_a_config_error(rng):
     pool, feats = make_pool(rng)
-    with pytest.raises(ConfigError, match="split.val_fold 2 is not a fold"):
+    with pytest.raises(ConfigError, match="cluster_split.val_fold 2 is not a fold"):
         split_pool(pool, feats, n_clusters=2, per_class=True, n_folds=2, seed=0, val_fold=2)
 
 
@@ -294,7 +295,7 @@ def tiny_model(seed=0):
 
 
 def test_random_init_embedder_is_the_same_on_every_run_and_leaves_the_global_rng_alone():
-    """pretrained: none draws the weights from split.seed: stage 3's folds do not change from run to run."""
+    """pretrained: none draws the weights from cluster_split.seed: stage 3's folds do not change from run to run."""
     import torch
 
     torch.manual_seed(123)
@@ -521,35 +522,44 @@ def write_prepared(tmp_path, rng, n_train=24, n_val=8, n_aug=6):
 def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
     import json
 
+    import cv2
+
+    from conftest import layout_in
     from dfpipe.config import SplitConfig
     from dfpipe.cluster_split import run as run_split
 
     prep, aug = write_prepared(tmp_path, rng)
     out = tmp_path / "out"
-    cfg = SplitConfig(prepared_dir=str(prep), augmented_dir=str(aug), out_csv=str(out / "splits.csv"),
-                      report=str(out / "report.json"), features=str(out / "f.npy"),
-                      features_index=str(out / "f.csv"), embedder="finetune", backbone=TINY, pretrained="none",
+    layout = layout_in(tmp_path, prepared=prep, augmented=aug, splits=out / "splits.csv",
+                       cluster_report=out / "report.json", features=out / "f.npy", features_index=out / "f.csv",
+                       cluster_plot=out / "pca.png", cluster_examples=out / "sheet.png")
+    cfg = SplitConfig(embedder="finetune", backbone=TINY, pretrained="none",
                       img_size=32, batch_size=8, finetune_epochs=1, finetune_batch_size=8, kmeans_backend="torch",
-                      n_clusters=2, per_class=False, n_folds=2, contact_sheet="", contact_sheet_per_cluster=2)
-    df = run_split(cfg)
+                      n_clusters=2, per_class=False, n_folds=2, contact_sheet_per_cluster=2)
+    df = run_split(cfg, layout)
     check_split(df, val_fold=0)
     report = json.loads((out / "report.json").read_text())
     n_dropped = report["generated_dropped_for_donor_leak"]["n"]
     assert len(df) + n_dropped == 24 + 8 + 6 and set(df.fold) == {0, 1}
-    table = pd.read_csv(cfg.out_csv, keep_default_na=False)
+    table = pd.read_csv(layout.splits, keep_default_na=False)
     check_split(table, val_fold=0)  # splits.csv alone holds what the leak check needs (donors too)
     assert (table.donor_uid[table.origin == "aug"] != "").all() and len(table) == len(df)
     assert sum(f["n_original"] for f in report["folds"].values()) == 32
-    feats, index = np.load(cfg.features), pd.read_csv(cfg.features_index)
+    feats, index = np.load(layout.features), pd.read_csv(layout.features_index)
     assert feats.shape == (32, 256) and index.uid.tolist() == df.uid[df.origin != "aug"].tolist()
     ft = report["embedding"]["finetune"]
     assert report["embedding"]["embedder"] == "finetune" and ft["n_images"] == 24 and len(ft["history"]) == 1
     assert report["kmeans"]["backend"] == "torch"
+    # the PCA picture and the contact sheet go where the layout names them (no longer derived from the report)
+    for picture in (out / "pca.png", out / "sheet.png"):
+        assert cv2.imread(str(picture)) is not None, picture
+    assert sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npy", "pca.png", "report.json", "sheet.png",
+                                                     "splits.csv"]
 
 
 def test_unknown_embedder_is_rejected(tmp_path):
     from dfpipe.config import SplitConfig
     from dfpipe.cluster_split.pipeline import build_embedder
 
-    with pytest.raises(ValueError, match="split.embedder"):
+    with pytest.raises(ValueError, match="cluster_split.embedder"):
         build_embedder(SplitConfig(embedder="clip"), pd.DataFrame())

@@ -2,27 +2,30 @@
 
 import io
 import pickle
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import photo_like, write_jpeg
+from conftest import layout_in, photo_like, write_jpeg
 from dfpipe.config import PrepareConfig
 from dfpipe.data.dataset import StoreDataset
 from dfpipe.data.images import decode_image
-from dfpipe.prepare_data import prepare
-from dfpipe.data.preprocess import InputPolicy, Preprocess, Stage1, downscale, fit, scoring_image
+from dfpipe.prepare_data import run
+from dfpipe.data.preprocess import (InputPolicy, InputSpec, Preprocess, Stage1, downscale, fit, scoring_image,
+                                    stage1_from_dict)
 from dfpipe.data.samples import load_pool
 from dfpipe.data.store import ShardWriter, StoreReader, read_store_record, stored_bytes, write_png_shard
 from dfpipe.errors import DataError, InputError
 
 
 def _prepare(tmp_path, raw, **kw):
-    cfg = PrepareConfig(data_root=str(raw), out_dir=str(tmp_path / "p"), report=str(tmp_path / "r.json"),
-                        duplicates=str(tmp_path / "d.csv"), workers=1, **kw)
-    return cfg, prepare(cfg)
+    """Stage 1 on ``raw`` with settings ``kw``, the store in ``p``: (its layout, its report)."""
+    layout = layout_in(tmp_path, data_root=raw, prepared=tmp_path / "p", prepare_report=tmp_path / "r.json",
+                       duplicates=tmp_path / "d.csv")
+    return layout, run(PrepareConfig(workers=1, **kw), layout)
 
 
 def _layout(raw, imgs_by_split: dict) -> None:
@@ -88,8 +91,8 @@ def test_what_is_stored_original_bytes_or_lossless_png(tmp_path, rng):
 def test_store_record_is_required_and_read_back(tmp_path, rng):
     raw = tmp_path / "raw"
     _layout(raw, {"train": [photo_like(rng, 50, 60) for _ in range(4)], "val": [photo_like(rng, 50, 60)] * 2})
-    cfg, _ = _prepare(tmp_path, raw, max_side=48, face_margin=1.5)
-    assert read_store_record(cfg.out_dir) == Stage1(max_side=48, face_crop="none", face_margin=1.5)
+    layout, _ = _prepare(tmp_path, raw, max_side=48, face_margin=1.5)
+    assert read_store_record(layout.prepared) == Stage1(max_side=48, face_crop="none", face_margin=1.5)
     with pytest.raises(InputError, match="not a stage-1 image store"):
         read_store_record(tmp_path)
 
@@ -102,12 +105,12 @@ def test_storage_of_large_jpegs_is_about_their_size(tmp_path, rng):
     imgs = [photo_like(rng, int(h), int(w)) for h, w in sizes]
     raw = tmp_path / "raw"
     _layout(raw, {"train": imgs[:8], "val": imgs[8:]})
-    cfg, report = _prepare(tmp_path, raw)
+    layout, report = _prepare(tmp_path, raw)
     in_bytes = sum(p.stat().st_size for p in raw.rglob("*.jpg"))
     on_disk = sum(p.stat().st_size for p in (tmp_path / "p").glob("*-*.*"))  # shards + their indexes
     assert report["store"]["input_bytes"] == in_bytes
     assert 0.8 <= on_disk / in_bytes <= 1.2, on_disk / in_bytes
-    pool = load_pool(cfg.out_dir)
+    pool = load_pool(layout.prepared)
     first = StoreDataset(pool, [InputPolicy("resize", 32)]).image(0)
     assert first.shape == (int(sizes[0][0]), int(sizes[0][1]), 3)  # every pixel kept
 
@@ -121,8 +124,8 @@ def test_a_native_image_reaches_a_crop_expert_pixel_for_pixel(tmp_path, rng):
     imgs = [photo_like(rng, 256, 256) for _ in range(4)]
     raw = tmp_path / "raw"
     _layout(raw, {"train": imgs, "val": imgs[:2]})
-    cfg, _ = _prepare(tmp_path, raw)
-    pool = load_pool(cfg.out_dir)
+    layout, _ = _prepare(tmp_path, raw)
+    pool = load_pool(layout.prepared)
     policy = InputPolicy("crop", 256)
     want = decode_image(raw / "trainset" / "train1.jpg")  # the decoded file, nothing else
     k = int(np.flatnonzero(pool.uid == "train/train1.jpg")[0])
@@ -169,20 +172,22 @@ def test_scoring_image_applies_stage1_as_prepare_does(tmp_path, rng):
     imgs = [photo_like(rng, 90, 130) for _ in range(4)]
     raw = tmp_path / "raw"
     _layout(raw, {"train": imgs, "val": imgs[:2]})
-    cfg, _ = _prepare(tmp_path, raw, max_side=70)
-    pool = load_pool(cfg.out_dir)
+    layout, _ = _prepare(tmp_path, raw, max_side=70)
+    pool = load_pool(layout.prepared)
     stored = StoreDataset(pool, [InputPolicy("resize", 32)]).image(0)
     path = raw / "trainset" / pool.img_name[0]
-    np.testing.assert_array_equal(scoring_image(decode_image(path), read_store_record(cfg.out_dir)), stored)
+    np.testing.assert_array_equal(scoring_image(decode_image(path), read_store_record(layout.prepared)), stored)
 
 
-def test_preprocess_record_round_trips_and_rejects_unknown_keys():
-    rec = Preprocess(Stage1(max_side=512, face_crop="haar"), InputPolicy("crop", 224), (0.1, 0.2, 0.3), (1, 1, 1))
-    assert Preprocess.from_dict(pickle.loads(pickle.dumps(rec.to_dict()))) == rec
-    d = rec.to_dict()
-    d["input"]["jitter"] = 1
-    with pytest.raises(DataError, match="unknown InputPolicy keys"):
-        Preprocess.from_dict(d)
+def test_preprocess_records_round_trip_and_reject_unknown_keys():
+    s1, spec = Stage1(max_side=512, face_crop="haar"), InputSpec(224, "crop", (0.1, 0.2, 0.3), (1, 1, 1))
+    assert stage1_from_dict(pickle.loads(pickle.dumps(asdict(s1)))) == s1
+    assert InputSpec.from_dict(pickle.loads(pickle.dumps(spec.to_dict()))) == spec
+    assert Preprocess(s1, spec).input.policy == InputPolicy("crop", 224)  # the policy is a view of the spec
+    with pytest.raises(DataError, match=r"best\.pt: InputSpec record with unknown keys \['jitter'\]"):
+        InputSpec.from_dict({**spec.to_dict(), "jitter": 1}, "best.pt")
+    with pytest.raises(DataError, match=r"best\.pt: Stage1 record with unknown keys \['face'\]"):
+        stage1_from_dict({"face": "haar"}, "best.pt")
 
 
 # --------------------------------------------------------------------------- the pool of stages 3-5

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,9 @@ from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.train_experts import loop
 from dfpipe.train_experts.distributed import global_batch, maybe_sync_bn, rank_seed, scaled_lr, set_determinism
 from dfpipe.train_experts.ema import ema_decay, make_ema
-from dfpipe.train_experts.loop import run_train
+from dfpipe.layout import Layout
 from dfpipe.train_experts.sampling import SeededSampler, epoch_length
-from conftest import write_cache_pool
+from conftest import layout_in, write_cache_pool
 
 SIZE = 32
 
@@ -49,13 +50,26 @@ def pool(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(root: Path, models: str, **kw) -> TrainConfig:
+class Setup(NamedTuple):
+    """A stage-4 config (one expert, "e") and the layout it reads the pool of ``root`` through."""
+
+    cfg: TrainConfig
+    layout: Layout
+
+
+def pool_layout(root: Path, **entries) -> Layout:
+    """The layout of a pool written by :func:`conftest.write_cache_pool` under ``root``."""
+    return layout_in(root, splits=root / "splits.csv", prepared=root / "prepared", augmented=root / "aug",
+                     **entries)
+
+
+def _cfg(root: Path, models: str, workers: int = 0, **kw) -> Setup:
+    """Expert "e" (``kw`` over a tiny recipe) trained on the pool of ``root`` into ``root / models``."""
     base = dict(pretrained="none", img_size=SIZE, epochs=3, batch_size=8, lr=2e-3, ema_epochs=0.5,
                 warmup_epochs=0.5, augment="strong", loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
     base.update(kw)
-    return TrainConfig(splits_csv=str(root / "splits.csv"), prepared_dir=str(root / "prepared"),
-                       augmented_dir=str(root / "aug"), models_dir=str(root / models), workers=0,
-                       experts={"e": ExpertConfig(**base)})
+    return Setup(TrainConfig(workers=workers, experts={"e": ExpertConfig(**base)}),
+                 pool_layout(root, models=root / models))
 
 
 LIVE_FILES = {"metrics.json", "plots/metrics"}  # what dvc.yaml declares of reports/train/<name>
@@ -75,9 +89,16 @@ def live_files(live_dir: Path) -> set[str]:
             for p in live_dir.rglob("*") if p.is_file()}
 
 
-def _run(cfg: TrainConfig, root: Path, tag: str) -> tuple[dict, pd.DataFrame]:
-    best = run_train(cfg, "e", root / tag)
-    return best, live_history(root / tag)
+def live_dir(root: Path, tag: str) -> Path:
+    """Where :func:`_run` ``(..., root, tag)`` has expert "e" log: ``<train_logs>/e`` with train_logs = root/tag."""
+    return root / tag / "e"
+
+
+def _run(setup: Setup, root: Path, tag: str) -> tuple[dict, pd.DataFrame]:
+    """Stage 4 (``loop.run``) on ``setup``, logging under ``root / tag``: (best of "e", its DVCLive history)."""
+    best = loop.run(setup.cfg, dataclasses.replace(setup.layout, train_logs=str(root / tag)), "e")
+    assert list(best) == ["e"]
+    return best["e"], live_history(live_dir(root, tag))
 
 
 def _load(path: Path) -> dict:
@@ -131,12 +152,12 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
     assert "images_per_s" not in last["history"][0]  # timings never enter last.pt
     assert best_a == best_b
     # the logs of the resumed run are those of the uninterrupted one, to the byte (timings aside)
-    assert live_files(pool / "a") == live_files(pool / "b") == LIVE_FILES
-    for f in sorted((pool / "a" / "plots" / "metrics").glob("*.tsv")):
+    assert live_files(live_dir(pool, "a")) == live_files(live_dir(pool, "b")) == LIVE_FILES
+    for f in sorted((live_dir(pool, "a") / "plots" / "metrics").glob("*.tsv")):
         if f.name != "images_per_s.tsv":
-            assert f.read_bytes() == (pool / "b" / "plots" / "metrics" / f.name).read_bytes(), f.name
-    assert (pool / "a" / "metrics.json").read_bytes() == (pool / "b" / "metrics.json").read_bytes()
-    summary = json.loads((pool / "b" / "metrics.json").read_text())
+            assert f.read_bytes() == (live_dir(pool, "b") / "plots" / "metrics" / f.name).read_bytes(), f.name
+    assert (live_dir(pool, "a") / "metrics.json").read_bytes() == (live_dir(pool, "b") / "metrics.json").read_bytes()
+    summary = json.loads((live_dir(pool, "b") / "metrics.json").read_text())
     assert summary["step"] == 3 and summary["best_epoch"] == best_b["epoch"]
     assert summary["val_auc"] == best_b["auc"] and summary["val_n_pos"] == best_b["n_pos"]
     for f in ("best.pt", "last.pt"):
@@ -181,7 +202,7 @@ def test_early_stopping_on_val_auc(pool, monkeypatch, caplog):
     assert "early stop after epoch 4" in caplog.text
     # per-epoch curves hold every epoch; the summary (dvc metrics show) the best one, not the last
     assert list(hist.val_auc) == [0.6, 0.7, 0.65, 0.7]
-    summary = json.loads((pool / "p" / "metrics.json").read_text())
+    summary = json.loads((live_dir(pool, "p") / "metrics.json").read_text())
     assert summary["best_epoch"] == 2 and summary["val_auc"] == 0.7 and summary["step"] == 4
     assert summary["loss"] == hist.loss[1] and "images_per_s" not in summary
     assert _load(pool / "models_p" / "e" / "last.pt")["finished"]
@@ -202,11 +223,13 @@ def test_logs_go_to_their_directory_only_no_dvc_yaml_no_experiment(pool, tmp_pat
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, env=env, check=True)
     monkeypatch.chdir(repo)
     # no commit yet (git init; dvc init; dvc repro): DVCLive cannot read the repo, logs all the same
-    run_train(_cfg(pool, "models_x0", epochs=1), "e", "reports/train/e0")
-    assert live_files(repo / "reports" / "train" / "e0") == LIVE_FILES
+    first = _cfg(pool, "models_x0", epochs=1)  # relative train_logs: inside the repo, as under DVC
+    loop.run(first.cfg, dataclasses.replace(first.layout, train_logs="reports/train0"), "e")
+    assert live_files(repo / "reports" / "train0" / "e") == LIVE_FILES
     git("commit", "-qm", "init")
     head = git("rev-parse", "HEAD")
-    best = run_train(_cfg(pool, "models_x", epochs=2), "e", "reports/train/e", history_csv="h.csv")
+    cfg, layout = _cfg(pool, "models_x", epochs=2)
+    best = loop.run(cfg, dataclasses.replace(layout, train_logs="reports/train"), "e", history="h_{name}.csv")["e"]
 
     live = repo / "reports" / "train" / "e"
     assert live_files(live) == LIVE_FILES
@@ -215,7 +238,7 @@ def test_logs_go_to_their_directory_only_no_dvc_yaml_no_experiment(pool, tmp_pat
     assert git("for-each-ref", "refs/exps") == "" and git("rev-parse", "HEAD") == head
     assert git("diff", "--cached", "--name-only") == ""  # nothing staged either
     assert not (repo / ".dvc" / "tmp" / "exps" / "run" / "DVCLIVE_ONLY").exists()
-    hist, csv = live_history(live), pd.read_csv(repo / "h.csv")
+    hist, csv = live_history(live), pd.read_csv(repo / "h_e.csv")  # the pattern's {name} is the expert
     assert set(csv.columns) == set(hist.columns)
     pd.testing.assert_frame_equal(csv[hist.columns], hist)
 
@@ -326,7 +349,7 @@ def test_ema_off_keeps_no_copy_unless_the_kl_teacher_needs_one():
 def test_batches_do_not_depend_on_the_number_of_workers(pool):
     """Order and augmentation seeds come from the main process's generator, not the workers' RNGs."""
     _, h0 = _run(_cfg(pool, "models_w0", epochs=1), pool, "w0")
-    _, h2 = _run(dataclasses.replace(_cfg(pool, "models_w2", epochs=1), workers=2), pool, "w2")
+    _, h2 = _run(_cfg(pool, "models_w2", workers=2, epochs=1), pool, "w2")
     pd.testing.assert_frame_equal(h0.drop(columns="images_per_s"), h2.drop(columns="images_per_s"))
     a = _load(pool / "models_w0" / "e" / "best.pt")["state_dict"]
     b = _load(pool / "models_w2" / "e" / "best.pt")["state_dict"]
@@ -378,13 +401,14 @@ def test_sampler_rejects_bad_shards():
 
 def test_checkpoints_are_byte_reproducible(tmp_path):
     """The same checkpoint saved twice gives the same bytes (stable DVC hashes across runs)."""
+    from dfpipe.data.preprocess import Stage1
     from dfpipe.models import build_expert
     from dfpipe.train_experts.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_expert(ExpertConfig(pretrained="none", img_size=32))
     for name in ("a", "b"):
-        save_checkpoint(tmp_path / name / "best.pt", model, model.describe(), ExpertConfig(), "x", {"auc": 0.5})
+        save_checkpoint(tmp_path / name / "best.pt", model, Stage1(), ExpertConfig(), "x", {"auc": 0.5})
     assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
     assert not list(tmp_path.rglob("*.tmp"))
 

@@ -1,4 +1,4 @@
-"""Stage 4 under DDP: a 2-process run on CPU (gloo) through the same ``run_train`` entry.
+"""Stage 4 under DDP: a 2-process run on CPU (gloo) through the same stage entry, ``loop.run``.
 
 Each process is a rank set up as ``torchrun`` / ``accelerate launch`` would (RANK, WORLD_SIZE, MASTER_*),
 with a few spies: which training samples it loaded per epoch, the val predictions that went into the
@@ -9,6 +9,7 @@ with NCE and LIL over the gathered global batch gives the one-process loss and g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train import LIVE_FILES, _cfg, _write_pool, live_files, live_history
+from test_train import LIVE_FILES, _cfg, _write_pool, live_dir, live_files, live_history
 
 WORLD = 2
 N_TRAIN, N_VAL = 24, 11  # 24 = 3 global batches of 8 (batch_size 4 per rank); 11 val: uneven shards, 6 + 5
@@ -101,7 +102,13 @@ def _rank_main(rank: int, port: int, root: str) -> None:
     loop.build_expert, loop.make_ema, loop.gather_across_ranks = build, ema, gather
     logs.write_csv, checkpoint.save_torch, dvclive.Live.__init__ = writer(logs.write_csv), save_torch, live_init
 
-    best_a = loop.run_train(_cfg(root_p, "models_a", **RUN), "e", root_p / "a", root_p / "a.csv")
+    def train(models: str, tag: str) -> dict:
+        """Stage 4 on this rank: expert "e" into ``root / models``, logs under ``root / tag`` and ``tag.csv``."""
+        cfg, layout = _cfg(root_p, models, **RUN)
+        layout = dataclasses.replace(layout, train_logs=str(root_p / tag))
+        return loop.run(cfg, layout, "e", history=str(root_p / f"{tag}.csv"))["e"]
+
+    best_a = train("models_a", "a")
     state = {"params": {k: v.detach().clone() for k, v in captured["model"].state_dict().items()},
              "ema": {k: v.clone() for k, v in captured["ema"].state_dict().items()}}
     record = {"best": best_a, "seen": spy["seen"], "val": spy["val"], "writes": spy["writes"], "seeds": spy["seeds"],
@@ -110,13 +117,12 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
     spy["seen"], spy["writes"], spy["seeds"] = [], [], []
     kill_at["epoch"] = 2
-    cfg_b = _cfg(root_p, "models_b", **RUN)
     try:
-        loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
+        train("models_b", "b")
     except KeyboardInterrupt:
         torch.distributed.barrier()  # a launcher restarts every rank after rank 0 wrote last.pt
     kill_at["epoch"] = None
-    record["best_b"] = loop.run_train(cfg_b, "e", root_p / "b", root_p / "b.csv")
+    record["best_b"] = train("models_b", "b")
     record["writes_b"], record["seeds_b"] = spy["writes"], spy["seeds"]
     torch.save(state, root_p / f"rank{rank}.pt")
     (root_p / f"rank{rank}.json").write_text(json.dumps(record))
@@ -149,7 +155,6 @@ def test_each_epoch_covers_every_training_sample_once_across_ranks(ddp_run):
 
 def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     from dfpipe.data.dataset import StoreDataset
-    from dfpipe.data.preprocess import InputPolicy
     from dfpipe.data.samples import load_split_pool
     from dfpipe.models import expert_from_description
     from dfpipe.train_experts.loop import predict_probs
@@ -159,7 +164,7 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     val_df = df[df.subset == "val"].reset_index(drop=True)
     metrics = recs[0]["best"]
     assert metrics["n_pos"] + metrics["n_neg"] == N_VAL
-    logged = json.loads((ddp_run / "a" / "metrics.json").read_text())  # DVCLive's summary: the best epoch
+    logged = json.loads((live_dir(ddp_run, "a") / "metrics.json").read_text())  # DVCLive's summary: the best epoch
     assert logged["val_auc"] == metrics["auc"] and logged["best_epoch"] == metrics["epoch"]
     assert logged["val_n_pos"] + logged["val_n_neg"] == N_VAL
     for rec in recs:  # every rank scored the same, whole, val set in its original order
@@ -170,7 +175,7 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
     ckpt = torch.load(ddp_run / "models_a" / "e" / "best.pt", map_location="cpu", weights_only=False)
     model = expert_from_description(ckpt["description"])
     model.load_state_dict(ckpt["state_dict"])
-    policy = InputPolicy(**ckpt["description"]["preprocess"]["input"])  # the contract the checkpoint carries
+    policy = model.input.policy  # the contract the checkpoint carries
     loader = torch.utils.data.DataLoader(StoreDataset(val_df, [policy]), batch_size=4)
     probs = predict_probs(model, loader, torch.device("cpu"))
     gathered = np.asarray(recs[0]["val"][metrics["epoch"] - 1][1])
@@ -180,12 +185,13 @@ def test_val_metrics_are_those_of_the_whole_val_set(ddp_run):
 def test_only_rank_0_writes_one_checkpoint_set_and_the_reports(ddp_run):
     recs = [_record(ddp_run, r) for r in range(WORLD)]
     assert recs[1]["writes"] == [] and recs[1]["writes_b"] == []
-    assert {Path(p).name for p in recs[0]["writes"]} == {"best.pt", "last.pt", "a", "a.csv"}
+    assert {Path(p).relative_to(ddp_run).as_posix() for p in recs[0]["writes"]} == {
+        "models_a/e/best.pt", "models_a/e/last.pt", "a/e", "a.csv"}  # <train_logs>/<expert>: DVCLive's dir
     assert sorted(p.name for p in (ddp_run / "models_a" / "e").iterdir()) == ["best.pt", "last.pt"]
     last = torch.load(ddp_run / "models_a" / "e" / "last.pt", map_location="cpu", weights_only=False)
     assert last["finished"] and last["world"] == WORLD and last["epoch"] == 2
-    assert live_files(ddp_run / "a") == LIVE_FILES
-    hist = live_history(ddp_run / "a")
+    assert live_files(live_dir(ddp_run, "a")) == LIVE_FILES
+    hist = live_history(live_dir(ddp_run, "a"))
     assert list(hist.epoch) == [1, 2] and hist.images_per_s.gt(0).all()
     csv = pd.read_csv(ddp_run / "a.csv")  # the optional plain CSV: the same rows
     pd.testing.assert_frame_equal(csv[hist.columns], hist)
@@ -206,10 +212,11 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(ddp_run):
     assert rec["best_b"] == rec["best"]
     for f in ("best.pt", "last.pt"):
         assert (ddp_run / "models_a" / "e" / f).read_bytes() == (ddp_run / "models_b" / "e" / f).read_bytes(), f
-    hist_a, hist_b = live_history(ddp_run / "a"), live_history(ddp_run / "b")
+    hist_a, hist_b = live_history(live_dir(ddp_run, "a")), live_history(live_dir(ddp_run, "b"))
     pd.testing.assert_frame_equal(hist_a.drop(columns="images_per_s"), hist_b.drop(columns="images_per_s"))
     assert hist_b.images_per_s.notna().all()  # epoch 1's timing comes back from the killed run's logs
-    assert (ddp_run / "a" / "metrics.json").read_bytes() == (ddp_run / "b" / "metrics.json").read_bytes()
+    live_a, live_b = live_dir(ddp_run, "a"), live_dir(ddp_run, "b")
+    assert (live_a / "metrics.json").read_bytes() == (live_b / "metrics.json").read_bytes()
 
 
 def test_global_batch_nce_and_rank_seeds_in_the_run(ddp_run):

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import write_cache_pool
+from conftest import layout_in, write_cache_pool
 from dfpipe.config import ExpertConfig, LossWeights, TrainConfig
 from dfpipe.models.registry import Expert
 from dfpipe.train_experts.loop import train_expert
@@ -65,10 +65,9 @@ def _train(root: Path) -> tuple[dict, pd.DataFrame]:
     expert = ExpertConfig(pretrained="bundled", img_size=IMG, epochs=2, batch_size=16, lr=2e-3, lr_ref_batch=16,
                           ema_epochs=1.0, warmup_epochs=0.25, augment="light",
                           loss=LossWeights(ce=1.0, kl=0.5, nce=0.1))
-    cfg = TrainConfig(splits_csv=str(root / "splits.csv"), prepared_dir=str(root / "prepared"),
-                      augmented_dir=str(root / "aug"), models_dir=str(root / "models"), workers=0,
-                      experts={"e": expert})
-    return train_expert(cfg, "e")
+    layout = layout_in(root, splits=root / "splits.csv", prepared=root / "prepared", augmented=root / "aug",
+                       models=root / "models")
+    return train_expert(TrainConfig(workers=0, experts={"e": expert}), layout, "e")
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def load_pipeline(model: str | Path, mode: str = "img2img", dtype: str = "auto",
     torch_dtype = resolve_dtype(dtype, device)
     model = str(model)
     if not model:
-        raise ConfigError("no diffusion model given (augment.diffusion.model is empty)")
+        raise ConfigError("no diffusion model given (augment_sd.diffusion.model is empty)")
     if model == TINY_MODEL:
         log.warning("using the tiny RANDOM-weight diffusion pipeline: outputs are for tests only")
         pipe = tiny_pipeline(mode)
@@ -94,7 +94,7 @@ def load_pipeline(model: str | Path, mode: str = "img2img", dtype: str = "auto",
             raise InputError(
                 f"diffusion model {model!r} could not be loaded: it is not a local diffusers folder and "
                 f"is not in the Hugging Face cache{' (HF_HUB_OFFLINE=1: no download)' if offline else ''}. "
-                f"Set augment.diffusion.model to a folder holding model_index.json. ({exc})"
+                f"Set augment_sd.diffusion.model to a folder holding model_index.json. ({exc})"
             ) from None
     _check_mode(pipe, mode, model)
     if getattr(pipe, "safety_checker", None) is not None:
@@ -129,7 +129,7 @@ def _check_mode(pipe: Any, mode: str, model: str) -> None:
     in_ch = pipe.unet.config.in_channels
     if mode == "img2img" and in_ch != 4:
         raise ConfigError(f"diffusion model {model!r} is an inpainting model (UNet in_channels={in_ch}): "
-                         "set augment.diffusion.mode to inpaint")
+                         "set augment_sd.diffusion.mode to inpaint")
     if mode == "inpaint" and in_ch == 4:
         log.info("%s: plain (4-channel) UNet used for inpainting: masked latent blending", model)
 

@@ -42,7 +42,7 @@ def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None, 
     another size is resized to it by the method).
 
     Methods that draw their mask from face landmarks (:data:`editing.USES_LANDMARKS`) get those of
-    ``src`` found by the detector ``landmarks`` (``augment.landmarks``; ``none``: no detector), or
+    ``src`` found by the detector ``landmarks`` (``augment_sd.landmarks``; ``none``: no detector), or
     ``points`` when given (the hull a manifest row recorded: the detector is not run). Their params then
     say ``"landmarks": {"detector": ..., "face": found or not}``; ``params["mask"]["shape"]`` says which
     mask was used.
@@ -94,7 +94,7 @@ def _sd_params(d: DiffusionConfig, pipe: Any, mask_params: dict) -> dict:
             "size": native_size(pipe), "mask": mask_params}
 
 
-def _prompt_embeds(pipe: Any) -> Any:
+def prompt_embeds(pipe: Any) -> Any:
     from .diffusion import placeholder_prompt_embeds
 
     if getattr(pipe, "text_encoder", None) is not None:
@@ -179,7 +179,7 @@ def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.nda
         p = json.loads(row["params"])
         d = DiffusionConfig(**{k: p[k] for k in asdict(DiffusionConfig()) if k in p}, batch_size=1)
         pipe = _cached_pipeline(d.model, d.mode, d.dtype)
-        fake, mask, _ = sd_batch(pipe, d, [src], [seed], _prompt_embeds(pipe))[0]
+        fake, mask, _ = sd_batch(pipe, d, [src], [seed], prompt_embeds(pipe))[0]
         return fake, mask
     donor_uid = row.get("donor_uid")
     donor = image(donor_uid) if isinstance(donor_uid, str) and donor_uid else None  # "" or NaN: none

@@ -19,6 +19,7 @@ from ..config import AugmentConfig
 from ..data.images import decode_image
 from ..data.store import ShardWriter, read_store_record, shard_name, write_store_record
 from ..io import work_dir, write_csv, write_json
+from ..layout import Layout
 from .plan import REAL_KINDS, SD_PREFIX, WIDEN, Job
 from .sources import CacheReader
 from .work import load_work
@@ -140,10 +141,10 @@ def contact_sheet(examples: Mapping[str, list[Example]], per_method: int, tile: 
     return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
-def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.DataFrame, cache: CacheReader
-              ) -> dict:
-    """Merge the work files, in plan order, into a staging dir, then swap it in for ``out_dir``."""
-    out, work = Path(cfg.out_dir), work_dir(cfg.out_dir)
+def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[str], reals: pd.DataFrame,
+             cache: CacheReader) -> dict:
+    """Merge the work files, in plan order, into a staging dir, then swap it in for ``layout.augmented``."""
+    out, work = Path(layout.augmented), work_dir(layout.augmented)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     writer: _Writer | None = None
@@ -157,7 +158,7 @@ def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.D
             writer.add(job, reals, png, mask_png, params, src)
         writer.close()
         # generated images are stage-1 images of the same contract as their sources
-        write_store_record(tmp, read_store_record(cfg.prepared_dir))
+        write_store_record(tmp, read_store_record(layout.prepared))
         _copy_models(work, tmp)
         summary = _write_tables(tmp, writer, cfg, reals)
     except BaseException:
@@ -165,7 +166,7 @@ def _assemble(cfg: AugmentConfig, jobs: list[Job], names: list[str], reals: pd.D
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written output behind
         raise
-    shutil.rmtree(out, ignore_errors=True)  # the stage owns out_dir: no stale file may survive
+    shutil.rmtree(out, ignore_errors=True)  # the stage owns its output folder: no stale file may survive
     os.replace(tmp, out)
     return summary
 

@@ -33,7 +33,7 @@ diffusion, the diffusion settings and the batch it is made in). A killed run rer
 makes only the missing images and gives the same bytes; work made under another config is never reused.
 The work dir is removed once ``out_dir`` is written.
 
-Output (``cfg.out_dir``, replaced as a whole; it is a DVC output), an image store like stage 1's:
+Output (``layout.augmented``, replaced as a whole; it is a DVC output), an image store like stage 1's:
   aug-000000.bin    the generated images as lossless PNGs (their exact pixels), up to 1024 per shard,
   aug-000000.idx.npy  with the shard's index (:mod:`dfpipe.data.store`); a row's image is
                     (``cache_file`` = shard name, ``cache_index`` = position in the shard)
@@ -61,9 +61,10 @@ from ..config import AugmentConfig, DiffusionConfig
 from ..data.store import read_store_record
 from ..errors import ConfigError, DataError
 from ..io import work_dir
+from ..layout import Layout
 from .dist import Dist, get_dist
-from .generate import _prompt_embeds, edit_one, sd_batch
-from .output import _assemble
+from .generate import edit_one, prompt_embeds, sd_batch
+from .output import assemble
 from .plan import WIDEN, Job, plan_jobs
 from .sources import CacheReader, Sources, load_reals
 from .work import save_work, sd_batches, work_names
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 EDIT_CHUNK = 16  # editing images per pool task
 MIN_JOBS_PER_WORKER = 256  # fewer images per process: its start-up (~1 s) outweighs the work
 
-__all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers", "run", "run_augment", "sd_batch"]
+__all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers", "run", "sd_batch"]
 
 
 _WORKER: dict[str, Any] = {}  # in a pool process: image reader and work dir (set by _init_worker)
@@ -101,7 +102,7 @@ def _edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = Non
 def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
     """Editing processes: ``requested`` (0 = this process's share of the cores), fewer for small runs."""
     if requested < 0:
-        raise ConfigError(f"augment.workers must be >= 0 (0 = all cores), got {requested}")
+        raise ConfigError(f"augment_sd.workers must be >= 0 (0 = all cores), got {requested}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wanted = requested or max(1, cores // max(1, world))
     return max(1, min(wanted, n_tasks // MIN_JOBS_PER_WORKER))
@@ -128,19 +129,20 @@ def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, worke
                 bar.update(n)
 
 
-def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
-    """Run stage 2 (this process's shard under a launcher, see the module docstring).
+def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
+    """Run stage 2 from ``layout.prepared`` into ``layout.augmented`` (this process's shard under a launcher, see
+    the module docstring).
 
-    Returns the summary counts (also written to ``out_dir/summary.json``) on the main process; other
+    Returns the summary counts (also written to ``<augmented>/summary.json``) on the main process; other
     processes return ``{"rank": r, "world": w, "generated": n}`` once their shard is stored.
     """
     dist = dist or get_dist()
-    reals = load_reals(cfg.prepared_dir)
-    read_store_record(cfg.prepared_dir)  # a clear error for a folder that is not a stage-1 image store
-    sources = Sources.from_reals(cfg.prepared_dir, reals)
+    reals = load_reals(layout.prepared)
+    read_store_record(layout.prepared)  # a clear error for a folder that is not a stage-1 image store
+    sources = Sources.from_reals(layout.prepared, reals)
     jobs = plan_jobs(cfg, len(reals), _sizes(reals) if cfg.reconstruct.per_real else None)  # validates the config
-    names = work_names(jobs, reals, cfg)
-    work = work_dir(cfg.out_dir)
+    names = work_names(jobs, reals, cfg, layout.prepared)
+    work = work_dir(layout.augmented)
     done = {p.name for p in work.glob("*.npz")} if work.is_dir() else set()
     edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind in ("edit", "widen") and n not in done]
     sd_todo = [b for b in sd_batches(jobs, cfg.diffusion.batch_size) if any(names[i] not in done for i in b)]
@@ -166,9 +168,9 @@ def run(cfg: AugmentConfig, dist: Dist | None = None) -> dict:
     dist.barrier()  # every shard is stored
     if not dist.is_main:
         return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
-    summary = _assemble(cfg, jobs, names, reals, CacheReader(cfg.prepared_dir))
+    summary = assemble(cfg, layout, jobs, names, reals, CacheReader(layout.prepared))
     shutil.rmtree(work, ignore_errors=True)
-    log.info("augment: wrote %d images to %s %s", summary["n_images"], cfg.out_dir, summary["by_method"])
+    log.info("augment: wrote %d images to %s %s", summary["n_images"], layout.augmented, summary["by_method"])
     return summary
 
 
@@ -176,7 +178,7 @@ def _sizes(reals: pd.DataFrame) -> list[tuple[int, int]]:
     """(h, w) of each real from the stage-1 manifest (a pair's fit to ``max_side`` is planned from it)."""
     if not {"width", "height"} <= set(reals.columns):
         raise DataError("the prepared manifest has no width/height columns (an old stage 1): rerun stage 1 "
-                        "to use augment.reconstruct")
+                        "to use augment_sd.reconstruct")
     return list(zip(reals.height.astype(int), reals.width.astype(int)))
 
 
@@ -191,7 +193,7 @@ def _run_diffusion(pipe: Any, d: DiffusionConfig, batches: list[list[int]], jobs
     """This process's diffusion batches; images of a batch already stored are not written again."""
     n = sum(len(b) for b in batches)
     log.info("%sdiffusion: %d %s fakes with %s on %s", dist.tag(), n, d.mode, d.model, pipe.device)
-    embeds = _prompt_embeds(pipe)
+    embeds = prompt_embeds(pipe)
     image = sources.reader()
     with tqdm(total=n, desc=f"{dist.tag()}augment sd_{d.mode}", unit="img") as bar:
         for batch in batches:
@@ -202,5 +204,3 @@ def _run_diffusion(pipe: Any, d: DiffusionConfig, batches: list[list[int]], jobs
                     save_work(work / names[i], fake, mask, params)
             bar.update(len(batch))
 
-
-run_augment = run  # the former name (dfpipe.benchmark, bench/, tests)

@@ -41,16 +41,16 @@ def _check_cfg(cfg: AugmentConfig) -> tuple[list[str], np.ndarray]:
     """Validate numbers and method names; return method names and normalised weights."""
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
-        raise ConfigError(f"augment.methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+        raise ConfigError(f"augment_sd.methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
     names = list(cfg.methods)
     weights = np.array([cfg.methods[n] for n in names], dtype=np.float64)
     if (weights < 0).any() or not np.isfinite(weights).all():
-        raise ConfigError(f"augment.methods: weights must be finite and >= 0, got {dict(cfg.methods)}")
+        raise ConfigError(f"augment_sd.methods: weights must be finite and >= 0, got {dict(cfg.methods)}")
     for field_name in ("fakes_per_real", "real_widening"):
         if getattr(cfg, field_name) < 0:
             raise ConfigError(f"augment.{field_name} must be >= 0, got {getattr(cfg, field_name)}")
     if cfg.fakes_per_real > 0 and weights.sum() <= 0:
-        raise ConfigError("augment.methods: fakes_per_real > 0 but no method has a positive weight")
+        raise ConfigError("augment_sd.methods: fakes_per_real > 0 but no method has a positive weight")
     check_landmarker(cfg.landmarks)  # unknown name or package not installed: fail before any work
     d = cfg.diffusion
     if d.model:
@@ -58,7 +58,7 @@ def _check_cfg(cfg: AugmentConfig) -> tuple[list[str], np.ndarray]:
 
         check_config(d)
         if not 0.0 <= d.fraction <= 1.0 or d.per_image < 1:
-            raise ConfigError(f"augment.diffusion: need 0 <= fraction <= 1 and per_image >= 1, got "
+            raise ConfigError(f"augment_sd.diffusion: need 0 <= fraction <= 1 and per_image >= 1, got "
                              f"fraction={d.fraction}, per_image={d.per_image}")
     if cfg.reconstruct.per_real:
         from .reconstruct import check_config as check_reconstruct

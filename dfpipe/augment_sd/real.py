@@ -10,7 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .editing import _f, _odd, color_jitter
+from .editing import color_jitter
+from .imaging import f32, odd
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
@@ -30,19 +31,19 @@ def _resize_chain(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     factor = rng.uniform(0.4, 0.85)
     down, up = str(rng.choice(["area", "bilinear", "bicubic"])), str(rng.choice(["bilinear", "bicubic", "nearest"]))
     small = cv2.resize(img, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=_INTERP[down])
-    return cv2.resize(small, (w, h), interpolation=_INTERP[up]), {"factor": _f(factor), "down": down, "up": up}
+    return cv2.resize(small, (w, h), interpolation=_INTERP[up]), {"factor": f32(factor), "down": down, "up": up}
 
 
 def _blur(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     sigma = rng.uniform(0.3, 1.2)
-    k = _odd(6 * sigma)
-    return cv2.GaussianBlur(img, (k, k), sigma), {"sigma": _f(sigma)}
+    k = odd(6 * sigma)
+    return cv2.GaussianBlur(img, (k, k), sigma), {"sigma": f32(sigma)}
 
 
 def _noise(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     sigma = rng.uniform(1.0, 5.0)
     noisy = img.astype(np.float32) + rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8), {"sigma": _f(sigma)}
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8), {"sigma": f32(sigma)}
 
 
 def _colour(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:

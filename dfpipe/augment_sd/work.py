@@ -55,9 +55,10 @@ def recon_batches(jobs: list[Job], cfg: AugmentConfig) -> list[list[int]]:
     return [idx[s:s + r.batch_size] for idx in groups.values() for s in range(0, len(idx), r.batch_size)]
 
 
-def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig) -> list[str]:
-    """File name of each job's work file: a hash of everything its bytes depend on (never the row index)."""
-    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(cfg.prepared_dir)}
+def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, prepared: str) -> list[str]:
+    """File name of each job's work file: a hash of everything its bytes depend on (never the row index), with
+    ``prepared`` the stage-1 store the sources come from."""
+    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(prepared)}
     d = cfg.diffusion
     sd = {k: v for k, v in asdict(d).items() if k not in ("per_image", "fraction")}
     mates: dict[int, list] = {}

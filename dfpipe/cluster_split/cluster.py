@@ -16,7 +16,8 @@ import pandas as pd
 from ..errors import ConfigError, DataError
 
 # MINIBATCH_ABOVE and kmeans_labels are re-exported: they lived here before .kmeans
-from .kmeans import MINIBATCH_ABOVE, KMeansEngine, kmeans_labels, n_rows, take  # noqa: F401
+from .kmeans import MINIBATCH_ABOVE, KMeansEngine, kmeans_labels  # noqa: F401
+from .rows import n_rows, take
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,12 @@ def assign_folds(clusters: np.ndarray, labels: np.ndarray, n_folds: int, seed: i
     balanced labels, not sizes: up to twice a fold's share in one fold. Equal-size clusters are taken
     in a seeded order and fold numbers are a seeded permutation, so which fold gets the largest
     cluster depends on ``seed``. A cluster is never cut: one larger than a fold's share leaves the
-    folds unbalanced, and a warning says to raise ``split.n_clusters``.
+    folds unbalanced, and a warning says to raise ``cluster_split.n_clusters``.
     """
     ids, inv, sizes = np.unique(clusters, return_inverse=True, return_counts=True)
     if len(ids) < n_folds:
-        raise ConfigError(f"{len(ids)} clusters cannot fill {n_folds} folds: raise split.n_clusters or lower "
-                          f"split.n_folds")
+        raise ConfigError(f"{len(ids)} clusters cannot fill {n_folds} folds: raise cluster_split.n_clusters or lower "
+                          f"cluster_split.n_folds")
     fake = np.asarray(labels) == 1
     counts = np.stack([np.bincount(inv, weights=~fake, minlength=len(ids)),
                        np.bincount(inv, weights=fake, minlength=len(ids))], axis=1)  # (clusters, [real, fake])
@@ -157,11 +158,11 @@ def warn_unbalanced(load: np.ndarray, sizes: np.ndarray, ids: np.ndarray) -> Non
     total = load.sum(axis=1)
     if total.max() > 1.5 * total.sum() / len(total):
         log.warning("folds are unbalanced (%s samples): cluster %s alone holds %.0f%% of them; raise "
-                    "split.n_clusters", total.astype(int).tolist(), ids[sizes.argmax()],
+                    "cluster_split.n_clusters", total.astype(int).tolist(), ids[sizes.argmax()],
                     100 * sizes.max() / sizes.sum())
     for c, name in enumerate(("real", "fake")):
         if load[:, c].sum() and (load[:, c] == 0).any():
-            log.warning("some folds have no %s image (fewer %s clusters than folds): raise split.n_clusters",
+            log.warning("some folds have no %s image (fewer %s clusters than folds): raise cluster_split.n_clusters",
                         name, name)
 
 
@@ -223,7 +224,7 @@ def split_pool(pool: pd.DataFrame, feats: np.ndarray, n_clusters: int | Sequence
     (:func:`attach_generated`). ``engine``: where k-means runs (default sklearn on CPU).
     """
     if val_fold is not None and not 0 <= val_fold < n_folds:
-        raise ConfigError(f"split.val_fold {val_fold} is not a fold: folds are 0..{n_folds - 1}")
+        raise ConfigError(f"cluster_split.val_fold {val_fold} is not a fold: folds are 0..{n_folds - 1}")
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
     if len(orig) != len(feats):
         raise ValueError(f"{len(feats)} embeddings for {len(orig)} original images")

@@ -17,7 +17,6 @@ All paths are deterministic for a seed (the torch one on CPU; on CUDA up to floa
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
 
@@ -25,6 +24,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from ..config import KMeansBackend
 from ..errors import ConfigError
+from .rows import READ_ROWS, iter_chunks, n_rows, take  # noqa: F401  (READ_ROWS, take: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ MINIBATCH_ABOVE = 100_000  # more rows: chunked MiniBatchKMeans (bench: KMeans o
 MINIBATCH_BATCH = 2048  # rows per partial_fit step
 INIT_SAMPLE = 20_000  # rows whose KMeans centres start the chunked path
 PARTIAL_FIT_PASSES = 3  # passes over all rows, batch order reshuffled each pass
-READ_ROWS = 32_768  # rows per read when predicting or copying to a device: I/O only, results do not depend on it
 N_INIT = 4  # k-means restarts (best inertia wins), every backend
 
 
@@ -68,24 +67,6 @@ def make_engine(backend: str = "auto", minibatch_above: int = MINIBATCH_ABOVE) -
         backend = "torch" if cuda else "sklearn"
     device = "cuda" if backend == "torch" and cuda else "cpu"
     return KMeansEngine(backend=backend, device=device, minibatch_above=int(minibatch_above))
-
-
-def n_rows(feats: np.ndarray, rows: np.ndarray | None) -> int:
-    return len(feats) if rows is None else len(rows)
-
-
-def take(feats: np.ndarray, rows: np.ndarray | None, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """float32 copy of rows ``start:stop`` (of ``rows`` when given, else of ``feats``)."""
-    sel = slice(start, stop) if rows is None else rows[start:stop]
-    return np.asarray(feats[sel], dtype=np.float32)
-
-
-def iter_chunks(feats: np.ndarray, rows: np.ndarray | None, size: int = READ_ROWS
-                ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, float32 chunk) over all selected rows, in order."""
-    n = n_rows(feats, rows)
-    for s in range(0, n, size):
-        yield s, take(feats, rows, s, min(s + size, n))
 
 
 def kmeans_labels(feats: np.ndarray, k: int, seed: int, rows: np.ndarray | None = None,

@@ -15,6 +15,7 @@ from ..data.samples import load_pool
 from ..data.store import StoreReader
 from ..errors import ConfigError
 from ..io import atomic_path, write_csv, write_json
+from ..layout import Layout
 from .cluster import cluster_report, select_k, split_pool
 from .embed import embed_to_file, load_backbone, load_features, write_index
 from .kmeans import make_engine
@@ -31,7 +32,7 @@ FINETUNE_NOTE = ("fine-tuned on the labels of the train-origin originals it then
 def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Module, dict]:
     """The feature extractor ``cfg.embedder`` names, and a description of it for the report."""
     if cfg.embedder not in EMBEDDERS:
-        raise ConfigError(f"unknown split.embedder {cfg.embedder!r}; choose one of {EMBEDDERS}")
+        raise ConfigError(f"unknown cluster_split.embedder {cfg.embedder!r}; choose one of {EMBEDDERS}")
     info = {"embedder": cfg.embedder, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
             "img_size": cfg.img_size}
     if cfg.embedder == "pretrained":
@@ -46,35 +47,33 @@ def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Modul
     return model, info
 
 
-def run(cfg: SplitConfig) -> pd.DataFrame:
-    """Run stage 3 and return the split table (also written to ``cfg.out_csv``)."""
+def run(cfg: SplitConfig, layout: Layout) -> pd.DataFrame:
+    """Run stage 3 on stages 1-2's stores and return the split table (also written to ``layout.splits``)."""
     engine = make_engine(cfg.kmeans_backend, cfg.minibatch_above)  # checked before the slow part
-    pool = load_pool(cfg.prepared_dir, cfg.augmented_dir)
+    pool = load_pool(layout.prepared, layout.augmented)
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
     model, embedder_info = build_embedder(cfg, orig)
-    _, embedder_info["dim"] = embed_to_file(orig, model, cfg.img_size, cfg.batch_size, cfg.features)
-    write_index(orig, cfg.features_index)
+    _, embedder_info["dim"] = embed_to_file(orig, model, cfg.img_size, cfg.batch_size, layout.features)
+    write_index(orig, layout.features_index)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the GPU to torch k-means
-    feats = load_features(cfg.features)  # rows read on demand: k-means reads it in chunks when the pool is large
+    feats = load_features(layout.features)  # rows read on demand: k-means reads it in chunks when the pool is large
     k, k_selection = cfg.n_clusters, None
     if k == 0:  # choose k by silhouette score
         k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
                                   cfg.silhouette_sample, engine)
     df = split_pool(pool, feats, k, cfg.per_class, cfg.n_folds, cfg.seed, engine=engine, val_fold=cfg.val_fold)
     df["subset"] = np.where(df.fold == cfg.val_fold, "val", "train")
-    write_csv(cfg.out_csv, df[SPLIT_COLUMNS])
+    write_csv(layout.splits, df[SPLIT_COLUMNS])
     report = cluster_report(df, cfg.val_fold, dropped=pool[~pool.uid.isin(df.uid)])
     report["embedding"] = embedder_info
     report["kmeans"] = engine.describe(len(orig))
     if k_selection is not None:
         report["k_selection"] = k_selection
-    write_json(cfg.report, report)
-    plot_path = Path(cfg.report).with_suffix(".png")
-    plot_embedding(feats, df[df.origin != "aug"], plot_path, cfg.seed)
-    sheet = cfg.contact_sheet or str(Path(cfg.report).parent / "cluster_examples.png")
-    cluster_contact_sheet(pool, df, sheet, cfg.contact_sheet_per_cluster, cfg.seed)
+    write_json(layout.cluster_report, report)
+    plot_embedding(feats, df[df.origin != "aug"], Path(layout.cluster_plot), cfg.seed)
+    cluster_contact_sheet(pool, df, layout.cluster_examples, cfg.contact_sheet_per_cluster, cfg.seed)
     log.info("split %d originals + %d generated into %d folds over %d clusters; val fold %d: %d images",
              len(orig), len(df) - len(orig), cfg.n_folds, report["n_clusters"], cfg.val_fold, report["n_val"])
     return df
@@ -155,5 +154,3 @@ def cluster_contact_sheet(pool: pd.DataFrame, df: pd.DataFrame, path: str | Path
     log.info("contact sheet of %d clusters: %s", len(clusters), path)
     return Path(path)
 
-
-run_split = run  # the former name (dfpipe.benchmark, tests)

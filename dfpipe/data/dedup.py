@@ -4,7 +4,7 @@ Stage 1's worker hashes every decoded image (before any face crop): a 64-bit pHa
 (``imagehash``) and a digest of the decoded pixels. Two images are
 
 * ``exact`` duplicates when their decoded pixels are identical (same digest), and
-* ``near`` duplicates when their pHash Hamming distance is <= ``prepare.dup_max_distance``
+* ``near`` duplicates when their pHash Hamming distance is <= ``prepare_data.dup_max_distance``
   (a re-encoded JPEG is typically 0-2 bits away, a resized copy 0-4; unrelated photos ~32).
 
 Pairing (:func:`near_pairs`) is exact and sub-quadratic: multi-index hashing in plain numpy.

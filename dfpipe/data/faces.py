@@ -2,9 +2,10 @@
 
 A detector is any object with ``detect(img) -> list[Box]`` taking an (H, W, 3) uint8 RGB array and
 returning boxes in that image's pixel coordinates. Register another one (e.g. a DNN detector) with
-:func:`register_detector` and select it with ``prepare.face_crop``.
+:func:`register_detector` (or ``@FACE_DETECTORS.register("name")`` on its class): ``prepare_data.face_crop``
+then accepts its name, with no other edit (the config's choices come from :data:`FACE_DETECTORS`).
 
-Policy (``prepare.face_policy``) for an image with no face: ``whole`` keeps the whole image,
+Policy (``prepare_data.face_policy``) for an image with no face: ``whole`` keeps the whole image,
 ``skip`` drops it (reported like a bad input), ``largest`` keeps the whole image too (there is no
 face to choose from); with several faces the largest one is cropped.
 """
@@ -13,17 +14,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable, NamedTuple, Protocol, get_args
 
 import cv2
 import numpy as np
-from ..config import FaceCrop, FacePolicy
-from ..errors import ConfigError
+
+from ..config import FacePolicy
+from ..errors import ConfigError, did_you_mean
+from ..registry import FACE_DETECTORS
 
 log = logging.getLogger(__name__)
 
-FACE_CROPS = get_args(FaceCrop)  # ("none", "haar")
 FACE_POLICIES = get_args(FacePolicy)  # ("whole", "largest", "skip")
 
 
@@ -42,6 +43,7 @@ class FaceDetector(Protocol):
         """Faces of an (H, W, 3) uint8 RGB image."""
 
 
+@FACE_DETECTORS.register("haar")
 class HaarDetector:
     """OpenCV 4's bundled frontal-face Haar cascade (no download, CPU, deterministic).
 
@@ -77,21 +79,14 @@ class HaarDetector:
         return boxes
 
 
-_REGISTRY: dict[str, Callable[[], FaceDetector]] = {"haar": HaarDetector}
-
-
 def register_detector(name: str, factory: Callable[[], FaceDetector]) -> None:
-    """Make ``prepare.face_crop: <name>`` use ``factory()`` (called once per worker process)."""
-    _REGISTRY[name] = factory
-    get_detector.cache_clear()
+    """Make ``prepare_data.face_crop: <name>`` valid and use ``factory()`` (called once per worker process)."""
+    FACE_DETECTORS.register(name, factory)
 
 
-@lru_cache(maxsize=None)
 def get_detector(name: str) -> FaceDetector:
     """The detector called ``name``, built once per process (cascades cannot be pickled)."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown face detector {name!r}; choose one of {['none', *sorted(_REGISTRY)]}")
-    return _REGISTRY[name]()
+    return FACE_DETECTORS.build(name)
 
 
 def crop_face(img: np.ndarray, box: Box | tuple, margin: float = 1.3) -> np.ndarray:
@@ -140,9 +135,10 @@ def apply_face_crop(img: np.ndarray, detector_name: str, margin: float,
 
 def check_face_config(face_crop: str, margin: float, policy: str) -> None:
     """Raise a clear ValueError for an unknown detector / policy or a bad margin."""
-    if face_crop != "none" and face_crop not in _REGISTRY:
-        raise ConfigError(f"prepare.face_crop={face_crop!r}: choose one of {['none', *sorted(_REGISTRY)]}")
+    if face_crop != "none" and face_crop not in FACE_DETECTORS:
+        raise ConfigError(f"prepare_data.face_crop={face_crop!r}: choose one of {['none', *FACE_DETECTORS.names()]}"
+                          f"{did_you_mean(face_crop, FACE_DETECTORS.names())}")
     if policy not in FACE_POLICIES:
-        raise ConfigError(f"prepare.face_policy={policy!r}: choose one of {list(FACE_POLICIES)}")
+        raise ConfigError(f"prepare_data.face_policy={policy!r}: choose one of {list(FACE_POLICIES)}")
     if margin < 1.0:
-        raise ConfigError(f"prepare.face_margin={margin}: must be >= 1.0 (1.0 = the detector's box)")
+        raise ConfigError(f"prepare_data.face_margin={margin}: must be >= 1.0 (1.0 = the detector's box)")

@@ -2,8 +2,8 @@
 
 A landmarker is any object with ``detect(img) -> (N, 2) float32 array or None`` taking an (H, W, 3)
 uint8 RGB array and returning the (x, y) pixel coordinates of one face's landmarks in that image (None:
-no face). Select one with ``augment.landmarks`` (``none`` = no detector); register another with
-:func:`register_landmarker`.
+no face). Select one with ``augment_sd.landmarks`` (``none`` = no detector); register another with
+:func:`register_landmarker` (or ``@LANDMARKERS.register("name")``): the config then accepts its name.
 
 ``mediapipe``: MediaPipe's Face Mesh (468 points, forehead to chin, cheek to cheek), the "legacy
 solutions" API of ``mediapipe==0.10.21``, whose wheel holds the TFLite models (face detector and mesh):
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from functools import lru_cache
-from typing import Protocol, get_args
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from ..config import Landmarker
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
+from ..registry import LANDMARKERS
 
 log = logging.getLogger(__name__)
 
-LANDMARKERS = get_args(Landmarker)  # ("none", "mediapipe")
 MEDIAPIPE_PIN = "mediapipe==0.10.21"
 MEDIAPIPE_INSTALL = (f"pip install --no-deps {MEDIAPIPE_PIN} && pip install 'protobuf>=4.25.3,<5' attrs "
                      "(or `make setup`)")
@@ -44,18 +42,19 @@ def _import_face_mesh():
     try:
         import mediapipe
     except ImportError as exc:
-        raise ConfigError(f"augment.landmarks: mediapipe: the package 'mediapipe' is not installed ({exc}); "
-                          f"install it with `{MEDIAPIPE_INSTALL}`, or set augment.landmarks: none") from None
+        raise ConfigError(f"augment_sd.landmarks: mediapipe: the package 'mediapipe' is not installed ({exc}); "
+                          f"install it with `{MEDIAPIPE_INSTALL}`, or set augment_sd.landmarks: none") from None
     try:
         from mediapipe.python.solutions import face_mesh
     except ImportError as exc:  # 0.10.30 and later: no legacy solutions, no models in the wheel
         version = getattr(mediapipe, "__version__", "?")
-        raise ConfigError(f"augment.landmarks: mediapipe {version} has no Face Mesh solution with its model "
+        raise ConfigError(f"augment_sd.landmarks: mediapipe {version} has no Face Mesh solution with its model "
                           f"inside the wheel ({exc}); install `{MEDIAPIPE_PIN}` with `{MEDIAPIPE_INSTALL}`"
                           ) from None
     return face_mesh
 
 
+@LANDMARKERS.register("mediapipe")
 class MediaPipeFaceMesh:
     """MediaPipe Face Mesh in static-image mode: 468 landmarks of the most confident face (CPU, no download).
 
@@ -93,32 +92,26 @@ class MediaPipeFaceMesh:
         self._mesh.close()
 
 
-_REGISTRY: dict[str, Callable[[], FaceLandmarker]] = {"mediapipe": MediaPipeFaceMesh}
-
-
 def register_landmarker(name: str, factory: Callable[[], FaceLandmarker]) -> None:
-    """Make ``augment.landmarks: <name>`` use ``factory()`` (called once per process)."""
-    _REGISTRY[name] = factory
-    get_landmarker.cache_clear()
+    """Make ``augment_sd.landmarks: <name>`` valid and use ``factory()`` (called once per process)."""
+    LANDMARKERS.register(name, factory)
 
 
-@lru_cache(maxsize=None)
 def get_landmarker(name: str) -> FaceLandmarker:
     """The landmarker called ``name``, built once per process (MediaPipe graphs cannot be pickled).
 
     Raises a ConfigError for an unknown name or a detector whose package is not installed.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown landmark detector {name!r}; choose one of {['none', *sorted(_REGISTRY)]}")
-    return _REGISTRY[name]()
+    return LANDMARKERS.build(name)
 
 
 def check_landmarker(name: str) -> None:
     """Fail fast (ConfigError) on an unknown name or a missing package; ``none`` always passes."""
     if name == "none":
         return
-    if name not in _REGISTRY:
-        raise ConfigError(f"augment.landmarks={name!r}: choose one of {['none', *sorted(_REGISTRY)]}")
+    if name not in LANDMARKERS:
+        raise ConfigError(f"augment_sd.landmarks={name!r}: choose one of {['none', *LANDMARKERS.names()]}"
+                          f"{did_you_mean(name, LANDMARKERS.names())}")
     if name == "mediapipe":
         _import_face_mesh()  # cheap: the graph itself is built in the workers
 

@@ -15,15 +15,18 @@ evaluation, ``dfpipe predict`` / ``scan``, the HTTP API):
 4. **normalise** (on the device, in batches: :func:`dfpipe.data.transforms.to_model_input`) with the
    expert's ``mean`` / ``std``.
 
-:class:`Preprocess` holds the settings of all four; training writes it into every checkpoint
-(``description["preprocess"]``) and stage 5 into the ensemble card, so nothing an expert was trained
-with is retyped on a command line: a model trained on face crops is served face-cropped.
+Steps 3 and 4 are the expert's *input contract*, :class:`InputSpec` (size, mode, mean, std; timm's
+``PretrainedCfg`` plays this part for a timm model): the expert carries it (``expert.input``), its checkpoint
+stores it once (in ``description["input"]``) and it is rebuilt from there; the input policy of step 3 is a view
+of it (``spec.policy``), not a second copy. :class:`Preprocess` is stage 1's record (step 2) with that contract:
+what a model was trained with travels with its checkpoint, so nothing is retyped on a command line, and a
+model trained on face crops is served face-cropped.
 """
 
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import cv2
 import numpy as np
@@ -49,7 +52,8 @@ class Stage1:
 
 @dataclass(frozen=True)
 class InputPolicy:
-    """How one expert takes its ``size`` x ``size`` input from a stage-1 image."""
+    """How a ``size`` x ``size`` input is taken from a stage-1 image: the geometric part of an expert's
+    :class:`InputSpec` (``spec.policy``), or alone where no expert is fed (stage 3's embedding)."""
 
     mode: InputMode = "resize"
     size: int = 128
@@ -66,35 +70,80 @@ class InputPolicy:
         return f"{self.mode}{self.size}"
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """Everything between the file and the model's input tensor (written into checkpoints and the card)."""
+def _rgb(values, what: str) -> tuple[float, float, float]:
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise ConfigError(f"input {what} {list(out)}: needs one value per RGB channel")
+    return out
 
-    stage1: Stage1 = Stage1()
-    input: InputPolicy = InputPolicy()
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An expert's input contract: a ``size`` x ``size`` RGB input taken from the stage-1 image by ``mode``
+    (:class:`InputPolicy`), normalised per channel as ``(x / 255 - mean) / std``.
+
+    Built once, from the expert's config (size, mode) and its backbone's pretrained normalisation, and then only
+    carried: by the expert (``expert.input``), its checkpoint (``description["input"]``) and whatever feeds it.
+    """
+
+    size: int
+    mode: InputMode
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", int(self.size))  # JSON and numpy ints alike
+        object.__setattr__(self, "mean", _rgb(self.mean, "mean"))
+        object.__setattr__(self, "std", _rgb(self.std, "std"))
+        if min(self.std) <= 0:
+            raise ConfigError(f"input std {list(self.std)}: must be > 0")
+        InputPolicy(self.mode, self.size)  # checks mode and size
+
+    @property
+    def policy(self) -> InputPolicy:
+        """How the input is cut from a stage-1 image (what a decoding worker needs: no normalisation)."""
+        return InputPolicy(self.mode, self.size)
+
+    @property
+    def key(self) -> str:
+        return self.policy.key
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        return {"size": self.size, "mode": self.mode, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        try:
-            return cls(stage1=_build(Stage1, d["stage1"]), input=_build(InputPolicy, d["input"]),
-                       mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"malformed preprocessing record {d!r}: {exc}") from None
+    def from_dict(cls, d: dict, where: str = "input record") -> InputSpec:
+        return _build(cls, d, where)
 
 
-def _build(cls, d: dict):
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise DataError(f"preprocessing record: unknown {cls.__name__} keys {sorted(unknown)}")
-    return cls(**d)
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything between the file and the model's input tensor: stage 1's record and the expert's input
+    contract (``input.size``, ``input.mean``...). A checkpoint stores ``stage1`` beside the expert's description,
+    which holds ``input``."""
+
+    stage1: Stage1
+    input: InputSpec
+
+
+def stage1_from_dict(d: dict, where: str = "stage-1 record") -> Stage1:
+    """The :class:`Stage1` of a stored record (a checkpoint's, ``store.json``'s); a DataError naming ``where``."""
+    return _build(Stage1, d, where)
+
+
+def _build(cls, d: dict, where: str):
+    """``cls(**d)``, or a DataError naming ``where`` when ``d`` is not a record of ``cls``."""
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: {cls.__name__} record {d!r} is not a mapping")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d)
+    if unknown or missing:
+        raise DataError(f"{where}: {cls.__name__} record with " + ", ".join(
+            [*([f"unknown keys {unknown}"] if unknown else []), *([f"missing keys {missing}"] if missing else [])]))
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: bad {cls.__name__} record {d!r}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- step 2: stage 1

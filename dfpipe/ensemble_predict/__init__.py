@@ -19,11 +19,11 @@ from ..metrics import verdict
 from .combine import COMBINE, combine_scores, fit_stacking
 from .ensemble import CARD_FORMAT, Ensemble, FileDataset
 from .experts import LoadedExpert, fold_batchnorm, load_expert
-from .pipeline import run, run_predict
+from .pipeline import run
 from .reports import by_cluster, by_method, plot_roc
 from .submission import build_submission, check_submission
 from .tta import GEOMETRIC, TTA_VIEWS, View, parse_view
 
 __all__ = ["CARD_FORMAT", "COMBINE", "Ensemble", "FileDataset", "GEOMETRIC", "LoadedExpert", "TTA_VIEWS", "View",
            "build_submission", "by_cluster", "by_method", "check_submission", "combine_scores", "fit_stacking",
-           "fold_batchnorm", "load_expert", "parse_view", "plot_roc", "run", "run_predict", "verdict"]
+           "fold_batchnorm", "load_expert", "parse_view", "plot_roc", "run", "verdict"]

@@ -28,7 +28,9 @@ from .tta import TTA_VIEWS, View, parse_view
 
 log = logging.getLogger(__name__)
 
-CARD_FORMAT = 2  # 2: the preprocessing contract (stage1 + each expert's preprocess) replaces cache_size
+# 2: the preprocessing contract (stage1 + each expert's preprocess) replaces cache_size; 3: an expert's entry is
+# its name, checkpoint and sha256 only: its description (input contract included) is read from the checkpoint
+CARD_FORMAT = 3
 
 
 class FileDataset(Dataset):
@@ -74,14 +76,6 @@ def scoring_workers(requested: int, device: torch.device) -> int:
     return num_workers(requested)
 
 
-def expert_preprocess(e: LoadedExpert) -> Preprocess:
-    """The preprocessing record an expert was trained with (its checkpoint's description)."""
-    if "preprocess" not in e.description:
-        raise DataError(f"expert {e.name!r}: its checkpoint predates the preprocessing contract (no "
-                        "'preprocess' in its description): retrain it (dvc repro train_experts)")
-    return Preprocess.from_dict(e.description["preprocess"])
-
-
 class Ensemble:
     def __init__(self, experts: list[LoadedExpert], tta: list[str], combine: str, device: torch.device,
                  stack: dict | None = None, thresholds: dict | None = None):
@@ -92,14 +86,14 @@ class Ensemble:
         self.views = [parse_view(v) for v in tta]
         if combine not in COMBINE:
             raise ConfigError(f"unknown combine {combine!r}; choose one of {COMBINE}")
-        self.preps = [expert_preprocess(e) for e in experts]
+        self.preps: list[Preprocess] = [e.preprocess for e in experts]
         stage1s = {p.stage1 for p in self.preps}
         if len(stage1s) > 1:
             raise ConfigError(f"experts were trained on images prepared differently (stage 1: {sorted(map(str, stage1s))}): "
                               "an ensemble takes one stage-1 image per input")
         self.experts, self.tta, self.combine, self.device = experts, list(tta), combine, device
         self.stage1: Stage1 = stage1s.pop()
-        self.policies: list[InputPolicy] = list(dict.fromkeys(p.input for p in self.preps))
+        self.policies: list[InputPolicy] = list(dict.fromkeys(p.input.policy for p in self.preps))
         self.stack, self.thresholds = stack, thresholds
 
     @property
@@ -111,7 +105,7 @@ class Ensemble:
              device: torch.device | None = None, stack: dict | None = None) -> "Ensemble":
         device = device or pick_device()
         if not names:
-            raise ConfigError("predict.experts is empty: list the experts to ensemble")
+            raise ConfigError("ensemble_predict.experts is empty: list the experts to ensemble")
         experts = [load_expert(Path(models_dir) / n / "best.pt", device) for n in names]
         return cls(experts, tta, combine, device, stack=stack)
 
@@ -124,7 +118,8 @@ class Ensemble:
         """
         card = json.loads(Path(card_path).read_text())
         if card.get("format") != CARD_FORMAT:
-            raise DataError(f"{card_path}: unknown ensemble card format {card.get('format')!r}")
+            raise DataError(f"{card_path}: ensemble card format {card.get('format')!r}; this version reads format "
+                            f"{CARD_FORMAT}: rerun stage 5 (dvc repro ensemble_predict)")
         ens = cls.load(models_dir, [e["name"] for e in card["experts"]], card["tta"], card["combine"],
                        device, stack=card.get("stack"))
         for e, want in zip(ens.experts, card["experts"]):
@@ -135,11 +130,15 @@ class Ensemble:
         return ens
 
     def card(self, thresholds: dict, extra: dict | None = None) -> dict:
-        """Everything a CLI/API needs to score and give verdicts as stage 5 did (JSON-serialisable)."""
+        """Everything a CLI/API needs to score and give verdicts as stage 5 did (JSON-serialisable).
+
+        An expert is named by its checkpoint and that file's sha256: its description and input contract are read
+        from the checkpoint (stored there once), and the hash refuses a retrained one. ``stage1`` is the experts'
+        common record, for the reader (loading reads each checkpoint's)."""
         return {"format": CARD_FORMAT, "stage1": asdict(self.stage1), "tta": self.tta, "combine": self.combine,
                 "stack": self.stack, "thresholds": thresholds,
-                "experts": [{"name": e.name, "checkpoint": f"{e.name}/best.pt", "sha256": e.sha256,
-                             "description": e.description} for e in self.experts],
+                "experts": [{"name": e.name, "checkpoint": f"{e.name}/best.pt", "sha256": e.sha256}
+                            for e in self.experts],
                 **(extra or {})}
 
     # -- scoring

@@ -10,18 +10,51 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from ..errors import InputError
-from ..models import expert_from_description
+from ..data.preprocess import Preprocess, stage1_from_dict
+from ..errors import DataError, InputError
+from ..models import CHECKPOINT_FORMAT, expert_from_description
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedExpert:
+    """An inference expert and what feeds it: ``preprocess`` is its checkpoint's stage-1 record and the model's
+    own input contract (``preprocess.input is model.input``)."""
+
     name: str
     model: torch.nn.Module
     description: dict
+    preprocess: Preprocess
     sha256: str = ""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """An expert's ``best.pt`` in the layout of :data:`CHECKPOINT_FORMAT` (tensors and plain data only:
+    ``weights_only``); a format-1 file is read into that layout. A missing file, or one that predates the
+    preprocessing record, is one line naming the file and saying to retrain."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found (train it: dvc repro train_experts)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == 1 and "preprocess" in ckpt.get("description", {}):
+        return _from_format_1(ckpt)
+    if fmt != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: checkpoint format {fmt!r} without the preprocessing record this version needs "
+                        f"(format {CHECKPOINT_FORMAT}): retrain the expert (dvc repro train_experts)")
+    return ckpt
+
+
+def _from_format_1(ckpt: dict) -> dict:
+    """A format-1 checkpoint in format 2's layout. Format 1 stored the input size three times (description
+    ``img_size``, ``preprocess.input.size``, ``config.img_size``) and mean/std twice; the copies scoring read are
+    kept (the model's size and normalisation from the description, the input mode and stage 1 from the record)."""
+    desc = dict(ckpt["description"])
+    prep = desc.pop("preprocess")
+    size, mean, std = desc.pop("img_size"), desc.pop("mean"), desc.pop("std")
+    desc["input"] = {"size": size, "mode": prep["input"]["mode"], "mean": mean, "std": std}
+    return {**ckpt, "format": CHECKPOINT_FORMAT, "description": desc, "stage1": prep["stage1"]}
 
 
 def _sha256(path: Path) -> str:
@@ -81,12 +114,11 @@ def load_expert(path: str | Path, device: torch.device) -> LoadedExpert:
     the plain NCHW model to ~1e-6.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found (train it: dvc repro train_experts)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = expert_from_description(ckpt["description"])
+    ckpt = read_checkpoint(path)
+    model = expert_from_description(ckpt["description"], str(path))
+    prep = Preprocess(stage1_from_dict(ckpt["stage1"], f"{path}: stage1"), model.input)
     model.load_state_dict(ckpt["state_dict"])
     model = model.eval().requires_grad_(False)
     fold_batchnorm(model)
     model = model.to(device).to(memory_format=torch.channels_last)
-    return LoadedExpert(ckpt["name"], model, ckpt["description"], _sha256(path))
+    return LoadedExpert(ckpt["name"], model, ckpt["description"], prep, _sha256(path))

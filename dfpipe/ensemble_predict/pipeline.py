@@ -14,10 +14,11 @@ from ..config import PredictConfig
 from ..data.dataset import StoreDataset
 from ..data.samples import load_manifest, load_split_pool
 from ..io import write_csv, write_json
+from ..layout import Layout
 from ..metrics import MetricError, choose_thresholds, roc_points
 from .combine import fit_stacking
 from .ensemble import Ensemble, scoring_workers
-from .reports import _metrics, by_cluster, by_method, plot_roc
+from .reports import by_cluster, by_method, plot_roc, ensemble_metrics
 from .submission import build_submission
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ def _loader(pool: pd.DataFrame, ens: Ensemble, batch_size: int) -> DataLoader:
                       num_workers=scoring_workers(-1, ens.device), pin_memory=ens.device.type == "cuda")
 
 
-def _val_sets(cfg: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _val_sets(cfg: PredictConfig, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The val fold's original images (with their cluster) and its stage-2 generated images."""
-    df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir or None)
+    df = load_split_pool(layout.splits, layout.prepared, layout.augmented if cfg.per_method else None)
     in_val = df[df.subset == "val"]
     return (in_val[in_val.origin != "aug"].reset_index(drop=True),
             in_val[in_val.origin == "aug"].reset_index(drop=True))
@@ -60,12 +61,14 @@ def _with_generated(ens: Ensemble, val_pe: np.ndarray, val_scores: np.ndarray,
     return joint[:val_pe.shape[1]], joint[val_pe.shape[1]:]
 
 
-def _score_test(ens: Ensemble, cfg: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
-    """All listed test images, the decodable ones, their per-expert and ensemble scores."""
-    test_all = load_manifest(cfg.prepared_dir, ok_only=False)
+def _score_test(ens: Ensemble, cfg: PredictConfig, prepared: str
+                ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """All listed test images of the store ``prepared``, the decodable ones, their per-expert and ensemble
+    scores."""
+    test_all = load_manifest(prepared, ok_only=False)
     test_all = test_all[test_all.split == "test"].reset_index(drop=True)
     test_ok = test_all[test_all.cache_index >= 0].reset_index(drop=True)
-    test_pool = pd.DataFrame({"cache_path": [str(Path(cfg.prepared_dir) / f) for f in test_ok.cache_file],
+    test_pool = pd.DataFrame({"cache_path": [str(Path(prepared) / f) for f in test_ok.cache_file],
                               "cache_index": test_ok.cache_index, "label": -1})
     test_pe = ens.score_loader(_loader(test_pool, ens, cfg.batch_size), "score test")
     test_scores = ens.combine_experts(test_pe) if len(test_ok) else np.zeros(0)
@@ -96,21 +99,30 @@ def protocol(combine: str, test_labelled: bool) -> dict[str, str]:
     return out
 
 
-def run(cfg: PredictConfig) -> dict:
+def _test_labels(layout: Layout) -> str:
+    """The test set's label file when there is one (a challenge releases them later; the demo has them)."""
+    path = layout.data("test_labels")
+    if path and not Path(path).is_file():
+        log.info("no test labels at %s: the test set is scored without metrics", path)
+        return ""
+    return path
+
+
+def run(cfg: PredictConfig, layout: Layout) -> dict:
     """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics."""
-    ens = Ensemble.load(cfg.models_dir, cfg.experts, cfg.tta, cfg.combine)
+    ens = Ensemble.load(layout.models, cfg.experts, cfg.tta, cfg.combine)
     names = ens.names
     if cfg.combine == "rank":
         log.warning("combine 'rank': scores are ranks within each scored set, so the thresholds chosen on val "
                     "(verdicts, accuracy) do not carry over to other sets or to single images")
-    val, gen = _val_sets(cfg)
+    val, gen = _val_sets(cfg, layout)
     y = val.label.to_numpy()
     val_pe = ens.score_loader(_loader(val, ens, cfg.batch_size), "score val")
     val_scores, combination = _combine_val(ens, cfg, val_pe, y)
     thresholds = choose_thresholds(y, val_scores, cfg.max_fpr, cfg.max_fnr)
     thr = {"ensemble": thresholds["t_decision"], **{n: choose_thresholds(y, p)["t_decision"]
                                                     for n, p in zip(names, val_pe)}}
-    metrics: dict[str, Any] = {"val": _metrics(y, val_pe, val_scores, names, thr)}
+    metrics: dict[str, Any] = {"val": ensemble_metrics(y, val_pe, val_scores, names, thr)}
     metrics["val"]["by_cluster"] = by_cluster(val, val_scores, thresholds["t_decision"])
     if len(gen):
         gen_pe = ens.score_loader(_loader(gen, ens, cfg.batch_size), "score gen")
@@ -118,25 +130,26 @@ def run(cfg: PredictConfig) -> dict:
                                                 thresholds["t_decision"])
     metrics["combine"], metrics["thresholds"], metrics["n_tta_views"] = combination, thresholds, len(ens.views)
     metrics["val"]["selection_biased"] = 1  # dvc metrics show: numbers only; the card says why (protocol)
-    write_csv(cfg.roc, pd.DataFrame(roc_points(y, val_scores)))
-    plot_roc(cfg.roc_png, y, {"ensemble": val_scores, **dict(zip(names, val_pe))})
+    write_csv(layout.roc, pd.DataFrame(roc_points(y, val_scores)))
+    plot_roc(layout.roc_png, y, {"ensemble": val_scores, **dict(zip(names, val_pe))})
 
     # test: every listed image gets a row
-    test_all, test_ok, test_pe, test_scores = _score_test(ens, cfg)
+    test_all, test_ok, test_pe, test_scores = _score_test(ens, cfg, layout.prepared)
     sub = build_submission(test_all, test_scores, cfg.fallback_score)
-    write_csv(cfg.submission, sub, float_format="%.6f")
+    write_csv(layout.submission, sub, float_format="%.6f")
     metrics["n_test"] = len(test_all)
-    metrics["n_test_failed"] = _write_failures(cfg.failures, test_all)
-    if cfg.test_labels and len(test_ok):
-        metrics["test"] = _test_metrics(cfg.test_labels, test_ok, test_pe, test_scores, names, thr)
-    write_json(cfg.metrics, metrics)
-    write_json(cfg.card, ens.card(thresholds, {"fallback_score": cfg.fallback_score,
+    metrics["n_test_failed"] = _write_failures(layout.failures, test_all)
+    test_labels = _test_labels(layout)
+    if test_labels and len(test_ok):
+        metrics["test"] = _test_metrics(test_labels, test_ok, test_pe, test_scores, names, thr)
+    write_json(layout.metrics, metrics)
+    write_json(layout.card, ens.card(thresholds, {"fallback_score": cfg.fallback_score,
                                                "val": metrics["val"]["ensemble"],
-                                               "protocol": protocol(cfg.combine, bool(cfg.test_labels))}))
+                                               "protocol": protocol(cfg.combine, bool(test_labels))}))
     log.info("val AUC %.4f (selection-biased: epochs and thresholds were chosen on val), TPR@FPR=1e-3 %.3f "
              "(%d images); wrote %d test rows to %s",
              metrics["val"]["ensemble"]["auc"], metrics["val"]["ensemble"]["tpr_at_fpr_1e-3"], len(val),
-             len(sub), cfg.submission)
+             len(sub), layout.submission)
     return metrics
 
 
@@ -151,7 +164,4 @@ def _test_metrics(labels_csv: str, test_ok: pd.DataFrame, per_expert: np.ndarray
     if not known.any():
         raise MetricError(f"{labels_csv}: none of its names are test images")
     y = labels.loc[test_ok.img_name[known]].to_numpy()
-    return _metrics(y, per_expert[:, known], scores[known], names, thr)
-
-
-run_predict = run  # the former name (dfpipe.benchmark, tests)
+    return ensemble_metrics(y, per_expert[:, known], scores[known], names, thr)

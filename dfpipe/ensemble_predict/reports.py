@@ -10,7 +10,7 @@ import pandas as pd
 from ..metrics import roc_auc, roc_points, summary
 
 
-def _metrics(labels: np.ndarray, per_expert: np.ndarray, ens: np.ndarray, names: list[str],
+def ensemble_metrics(labels: np.ndarray, per_expert: np.ndarray, ens: np.ndarray, names: list[str],
              thr: dict[str, float]) -> dict:
     """Ensemble and per-expert summaries; accuracy at each one's threshold chosen on val (``thr``)."""
     return {"ensemble": summary(labels, ens, thr["ensemble"]),

@@ -1,4 +1,4 @@
-"""TTA views (``predict.tta``): ``identity``, ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270``
+"""TTA views (``ensemble_predict.tta``): ``identity``, ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270``
 (``torch.rot90`` of the model input), ``scale<f>`` (the model input resized to ``round(f * img_size)``
 pixels instead of ``img_size``; the backbones pool globally, so any size works), and ``+``-joined
 combinations (``hflip+scale1.25``). The 3rd-place team's 6-view TTA is e.g.

@@ -10,10 +10,19 @@ from .pretrained import (
     default_cache_dir,
     normalization,
 )
-from .registry import EXPERTS, Expert, Registry, build_expert, expert_from_description, trainable_parameters
+from .registry import (
+    CHECKPOINT_FORMAT,
+    EXPERTS,
+    Expert,
+    Registry,
+    build_expert,
+    expert_from_description,
+    trainable_parameters,
+)
 
 __all__ = [
     "BUNDLED",
+    "CHECKPOINT_FORMAT",
     "EXPERTS",
     "PRETRAINED_MODES",
     "Expert",

@@ -1,70 +1,45 @@
-"""Expert (real/fake classifier) registry, DeepfakeBench style: ``@EXPERTS.register("timm")``.
+"""Experts (real/fake classifiers), registered by name in :data:`dfpipe.registry.EXPERTS`: ``@EXPERTS.register("npr")``.
 
-An expert is a timm backbone giving pooled features plus a 2-way head (class 1 = fake). It describes
-itself (``describe()``), so a checkpoint holding that description and a state_dict can be rebuilt with
-``expert_from_description`` without the original params.yaml and without downloading anything.
+An expert is a timm backbone giving pooled features plus a 2-way head (class 1 = fake). A registered entry is an
+:class:`Expert` subclass (or any callable taking the same arguments). The expert carries its input contract
+(``expert.input``, a :class:`~dfpipe.data.preprocess.InputSpec`: size, mode, mean, std), built once from the
+config and the backbone's pretrained normalisation. It describes itself (``describe()``: architecture and
+``input``), so a checkpoint holding that description and a state_dict is rebuilt by
+:func:`expert_from_description` without the original params.yaml and without downloading anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ExpertConfig
-from ..errors import UnknownNameError
+from ..data.preprocess import InputPolicy, InputSpec
+from ..errors import DataError
+from ..registry import EXPERTS, Registry  # noqa: F401  (Registry: re-exported, it lived here)
 from .info import InfoHeads
 from .pretrained import create_backbone, normalization
 
 log = logging.getLogger(__name__)
 
-FnT = TypeVar("FnT", bound=Callable[..., Any])
-
 NUM_CLASSES = 2  # 0 = real, 1 = fake
+# best.pt's layout (dfpipe.train_experts.checkpoint writes it, dfpipe.ensemble_predict.experts reads it).
+# 2: the input contract stored once, as description["input"] (size, mode, mean, std), stage1 beside it
+CHECKPOINT_FORMAT = 2
 DEFAULT_DROPOUT = ExpertConfig.dropout
-
-
-class Registry:
-    """Name -> builder. Registering a taken name is an error, so two modules cannot silently collide."""
-
-    def __init__(self, kind: str = "expert") -> None:
-        self.kind = kind
-        self._items: dict[str, Callable[..., Any]] = {}
-
-    def register(self, name: str) -> Callable[[FnT], FnT]:
-        def deco(fn: FnT) -> FnT:
-            if name in self._items:
-                raise KeyError(f"{self.kind} {name!r} is already registered")
-            self._items[name] = fn
-            return fn
-
-        return deco
-
-    def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._items:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}")
-        return self._items[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-
-EXPERTS = Registry("expert")
 
 
 class Expert(nn.Module):
     """timm backbone (pooled features) + dropout + Linear(D, 2), and optionally a projection head for NCE.
+
+    ``input``: the input contract. An :class:`InputSpec` (from a checkpoint) is kept as it is; an
+    :class:`InputPolicy` (size and mode, from the config) is completed with the backbone's pretrained mean/std.
+    ``img_size``, ``mean`` and ``std`` read ``self.input``.
 
     ``forward(x)`` with x (B, 3, H, W) normalised by ``mean``/``std`` returns
     ``{"logits": (B, 2), "prob": (B,) softmax probability of fake, "feat": (B, D) pooled feature}``
@@ -86,11 +61,11 @@ class Expert(nn.Module):
     A frozen expert's description and state_dict are those of a plain one: rebuilt for inference it scores the same.
     """
 
-    def __init__(self, backbone: str, img_size: int, pretrained: str = "bundled", dropout: float = DEFAULT_DROPOUT,
-                 arch: str = "timm", proj_dim: int = 0, info_heads: int = 0, freeze_backbone: bool = False) -> None:
+    def __init__(self, backbone: str, input: InputSpec | InputPolicy, *, pretrained: str = "bundled",  # noqa: A002
+                 dropout: float = DEFAULT_DROPOUT, arch: str = "timm", proj_dim: int = 0, info_heads: int = 0,
+                 freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone_name = backbone
-        self.img_size = int(img_size)
         self.arch = arch
         self.dropout = float(dropout)
         self.proj_dim = int(proj_dim)
@@ -107,9 +82,24 @@ class Expert(nn.Module):
             hidden = max(self.proj_dim, head_dim // 2)
             self.proj = nn.Sequential(nn.Linear(head_dim, hidden), nn.ReLU(inplace=True),
                                       nn.Linear(hidden, self.proj_dim))
-        self.mean, self.std = normalization(self.backbone)  # 3-tuples the input pipeline must use
+        if isinstance(input, InputSpec):  # a checkpoint's: what the weights were trained with
+            self.input = input
+        else:  # the config's size and mode, normalised as the backbone's pretrained weights expect
+            self.input = InputSpec(input.size, input.mode, *normalization(self.backbone))
         if self.freeze_backbone:
             _freeze(self.backbone, backbone, pretrained)
+
+    @property
+    def img_size(self) -> int:
+        return self.input.size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.input.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.input.std
 
     def train(self, mode: bool = True) -> Expert:
         """``nn.Module.train``, but a frozen backbone stays in eval mode (``eval()`` is ``train(False)``)."""
@@ -159,12 +149,13 @@ class Expert(nn.Module):
         return {**out, **info}
 
     def describe(self) -> dict[str, Any]:
-        """Everything needed to rebuild this architecture and feed it correctly (JSON-serialisable)."""
-        return {"arch": self.arch, "backbone": self.backbone_name, "img_size": self.img_size,
-                "mean": list(self.mean), "std": list(self.std), "num_classes": NUM_CLASSES,
+        """Everything needed to rebuild this architecture and feed it correctly (JSON-serialisable): the
+        architecture's arguments and ``input``, the input contract (the one place a checkpoint stores it)."""
+        return {"arch": self.arch, "backbone": self.backbone_name, "num_classes": NUM_CLASSES,
                 "dropout": self.dropout, "proj_dim": self.proj_dim,
                 # only when on: the descriptions (and resume keys) of experts without branches stay as they were
-                **({"info_heads": self.info_heads} if self.info_heads else {})}
+                **({"info_heads": self.info_heads} if self.info_heads else {}),
+                "input": self.input.to_dict()}
 
 
 def _freeze(backbone: nn.Module, name: str, pretrained: str) -> None:
@@ -189,6 +180,10 @@ def npr(x: torch.Tensor) -> torch.Tensor:
     return x - F.interpolate(down, size=(h, w), mode="nearest")
 
 
+EXPERTS.register("timm", Expert)  # the default expert
+
+
+@EXPERTS.register("npr")
 class NPRExpert(Expert):
     """The artifact expert: the same backbone and heads, fed the NPR residual (:func:`npr`) of its input."""
 
@@ -196,25 +191,13 @@ class NPRExpert(Expert):
         return npr(x)
 
 
-def _builder(cls: type[Expert], arch: str) -> Callable[..., Expert]:
-    def build(cfg: ExpertConfig, pretrained: str | None = None, dropout: float | None = None) -> Expert:
-        return cls(cfg.backbone, cfg.img_size, pretrained=cfg.pretrained if pretrained is None else pretrained,
-                   dropout=cfg.dropout if dropout is None else dropout, arch=arch, proj_dim=cfg.proj_dim,
-                   info_heads=cfg.info_heads, freeze_backbone=cfg.freeze_backbone)
-
-    build.__doc__ = (f"Builds a {cls.__name__}. Builders take (cfg, pretrained=None, dropout=None); ``pretrained`` "
-                     "overrides ``cfg.pretrained`` (``\"none\"`` when rebuilding from a checkpoint), ``dropout`` "
-                     "``cfg.dropout``.")
-    return build
-
-
-build_timm_expert = EXPERTS.register("timm")(_builder(Expert, "timm"))  # the default expert
-build_npr_expert = EXPERTS.register("npr")(_builder(NPRExpert, "npr"))  # the artifact expert
-
-
 def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
-    """Build the expert registered as ``arch`` (default ``cfg.arch``); weights as ``cfg.pretrained`` says."""
-    return EXPERTS.get(arch or cfg.arch)(cfg)
+    """Build the expert registered as ``arch`` (default ``cfg.arch``); weights as ``cfg.pretrained`` says, input
+    ``cfg.img_size`` x ``cfg.img_size`` taken by ``cfg.input_mode``, normalised as the backbone expects."""
+    arch = arch or cfg.arch
+    return EXPERTS.get(arch)(cfg.backbone, InputPolicy(cfg.input_mode, cfg.img_size), pretrained=cfg.pretrained,
+                             dropout=cfg.dropout, arch=arch, proj_dim=cfg.proj_dim, info_heads=cfg.info_heads,
+                             freeze_backbone=cfg.freeze_backbone)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -226,21 +209,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def expert_from_description(desc: dict[str, Any]) -> Expert:
-    """Rebuild the architecture ``describe()`` produced, randomly initialised, ready for load_state_dict.
+def expert_from_description(desc: dict[str, Any], where: str = "expert description") -> Expert:
+    """Rebuild the architecture ``describe()`` produced, randomly initialised, ready for load_state_dict, with the
+    input contract ``desc["input"]`` it was trained with (mean/std included: nothing is recomputed).
 
-    Extra keys (e.g. ``preprocess`` added by training) are ignored; mean/std come from the description
-    since they are what the checkpoint was trained with. The expert is never frozen (``freeze_backbone`` is a
-    training setting; it travels in a checkpoint's ``config``): an inference model is the same either way.
+    The expert is never frozen (``freeze_backbone`` is a training setting; it travels in a checkpoint's
+    ``config``): an inference model is the same either way. ``where`` (the checkpoint's path) names the
+    description in errors.
     """
     num_classes = int(desc.get("num_classes", NUM_CLASSES))
     if num_classes != NUM_CLASSES:
-        raise ValueError(f"expert description has num_classes={num_classes}; only {NUM_CLASSES} is supported")
-    cfg = ExpertConfig(backbone=desc["backbone"], img_size=int(desc["img_size"]), pretrained="none",
-                       proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)))
-    dropout = float(desc.get("dropout", DEFAULT_DROPOUT))
-    expert = EXPERTS.get(desc.get("arch", "timm"))(cfg, pretrained="none", dropout=dropout)
-    if "mean" in desc and "std" in desc:
-        expert.mean = tuple(float(v) for v in desc["mean"])
-        expert.std = tuple(float(v) for v in desc["std"])
-    return expert
+        raise DataError(f"{where}: num_classes={num_classes}; only {NUM_CLASSES} is supported")
+    missing = [k for k in ("arch", "backbone", "input") if k not in desc]
+    if missing:
+        raise DataError(f"{where}: the expert description lacks {missing} (written by an older version?): "
+                        "retrain it (dvc repro train_experts)")
+    spec = InputSpec.from_dict(desc["input"], f"{where}: input")
+    return EXPERTS.get(desc["arch"])(desc["backbone"], spec, pretrained="none", arch=desc["arch"],
+                                     dropout=float(desc.get("dropout", DEFAULT_DROPOUT)),
+                                     proj_dim=int(desc.get("proj_dim", 0)), info_heads=int(desc.get("info_heads", 0)))

@@ -23,7 +23,7 @@ from ..data.images import ImageError, decode_file
 from ..data.preprocess import Stage1, stage1_image
 from ..data.store import ShardWriter, shard_name, stored_bytes
 from .sources import Item
-from .work import Work, _chunks
+from .work import Work, chunks
 
 log = logging.getLogger(__name__)
 TASK_SIZE = 16  # images per worker task: amortises inter-process overhead, bounds memory in flight
@@ -91,10 +91,10 @@ class Task(NamedTuple):
     last: bool  # the chunk's last task: commit the chunk when it is written
 
 
-def _decode_all(cfg: PrepareConfig, items: list[Item], work: Work) -> None:
+def decode_all(cfg: PrepareConfig, items: list[Item], work: Work) -> None:
     """Decode every chunk not yet committed; commit each (shard, then rows) as soon as its last image is in."""
-    todo = [(s, k, c) for s, k, c in _chunks(items, cfg.chunk_size) if not work.done(s, k)]
-    n_chunks = sum(1 for _ in _chunks(items, cfg.chunk_size))
+    todo = [(s, k, c) for s, k, c in chunks(items, cfg.chunk_size) if not work.done(s, k)]
+    n_chunks = sum(1 for _ in chunks(items, cfg.chunk_size))
     if len(todo) < n_chunks:
         log.info("resuming from %s: %d of %d chunks already done", work.path, n_chunks - len(todo), n_chunks)
     tasks = (Task(split, k, j, chunk[j:j + TASK_SIZE], j + TASK_SIZE >= len(chunk))

@@ -16,11 +16,12 @@ import pandas as pd
 from ..config import PrepareConfig
 from ..errors import DataError
 from ..io import atomic_open, write_csv, write_json
+from ..layout import Layout
 from ..data.dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
 from ..data.store import write_store_record
 from .pool import stage1_of
 from .sources import SPLITS, Collected, Item
-from .work import MANIFEST_COLUMNS, Work, _chunks
+from .work import MANIFEST_COLUMNS, Work, chunks
 
 log = logging.getLogger(__name__)
 REPORT_EXAMPLES = 100  # unlabelled / ignored files named in the report (all are counted)
@@ -81,12 +82,12 @@ class Tally:
 
 
 def _committed(work: Work, items: list[Item], chunk_size: int) -> Iterator[pd.DataFrame]:
-    for split, k, _ in _chunks(items, chunk_size):
+    for split, k, _ in chunks(items, chunk_size):
         yield pd.read_csv(work.chunk_file(split, k), dtype=str, keep_default_na=False)
 
 
-def _publish(cfg: PrepareConfig, col: Collected, work: Work) -> dict:
-    """Manifest, dedup, report: then rename the store onto ``out_dir`` and drop the work dir."""
+def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> dict:
+    """Manifest, dedup, report: then rename the store onto ``layout.prepared`` and drop the work dir."""
     tally = Tally()
     for df in _committed(work, col.items, cfg.chunk_size):
         tally.add(df)
@@ -95,13 +96,13 @@ def _publish(cfg: PrepareConfig, col: Collected, work: Work) -> dict:
     _log_duplicates(dup_summary)
     _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
     write_store_record(work.cache, stage1_of(cfg))
-    out = Path(cfg.out_dir)
+    out = Path(layout.prepared)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work.cache, out)  # a rename: the store is never copied
-    write_csv(cfg.duplicates, pairs[DUP_COLUMNS])
+    write_csv(layout.duplicates, pairs[DUP_COLUMNS])
     report = _report(cfg, col, tally)
     report["duplicates"] = dup_summary
-    write_json(cfg.report, report)
+    write_json(layout.prepare_report, report)
     shutil.rmtree(work.path)
     log.info("prepared %d images (%s), skipped %d; store %.1f MB = %.2fx the input files (%s)",
              sum(tally.counts["images"].values()), dict(tally.counts["images"]), report["n_skipped"],

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..config import ConfigError, PrepareConfig
 from ..errors import InputError
+from ..layout import Layout
 from ..data.images import scan_folder
 from ..data.labels import read_labels, read_names
 
@@ -49,19 +50,20 @@ class Collected:
     listed: dict[str, int] = field(default_factory=dict)  # dataset -> images listed
 
 
-def resolve_sources(cfg: PrepareConfig) -> list[Source]:
-    """The datasets to read: ``cfg.datasets`` or, when empty, the competition layout of ``data_root``."""
-    root = Path(cfg.data_root)
+def resolve_sources(cfg: PrepareConfig, layout: Layout) -> list[Source]:
+    """The datasets to read: ``cfg.datasets`` or, when empty, the competition layout of ``layout.data_root``."""
+    root = Path(layout.data_root)
     if not root.is_dir():
-        raise InputError(f"data_root {root} does not exist (set prepare.data_root in params.yaml)")
+        raise InputError(f"data_root {root} does not exist (set paths.data_root in params.yaml)")
     if not cfg.datasets:
-        return [Source(cfg.train_dir, "train", root / cfg.train_dir, root / cfg.train_labels),
-                Source(cfg.val_dir, "val", root / cfg.val_dir, root / cfg.val_labels, optional=True),
-                Source(cfg.test_dir, "test", root / cfg.test_dir, None, optional=True)]
+        lay = layout
+        return [Source(lay.train_dir, "train", root / lay.train_dir, root / lay.train_labels),
+                Source(lay.val_dir, "val", root / lay.val_dir, root / lay.val_labels, optional=True),
+                Source(lay.test_dir, "test", root / lay.test_dir, None, optional=True)]
     seen: set[str] = set()
     sources = []
     for i, d in enumerate(cfg.datasets):
-        where = f"prepare.datasets[{i}]"
+        where = f"prepare_data.datasets[{i}]"
         if not DATASET_NAME.match(d.name) or d.name in seen:
             raise ConfigError(f"{where}.name={d.name!r}: give each dataset a unique name of letters, digits, _ . -")
         if d.split not in SPLITS:
@@ -75,12 +77,12 @@ def resolve_sources(cfg: PrepareConfig) -> list[Source]:
     return sources
 
 
-def collect_items(cfg: PrepareConfig) -> Collected:
+def collect_items(cfg: PrepareConfig, layout: Layout) -> Collected:
     """List the images of every dataset, in params order then label-file order; report missing ones.
 
     When several datasets feed one split, img_name becomes ``<dataset>/<name>`` so it stays unique.
     """
-    sources = resolve_sources(cfg)
+    sources = resolve_sources(cfg, layout)
     per_split = Counter(s.split for s in sources)
     out = Collected()
     for src in sources:

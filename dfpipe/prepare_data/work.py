@@ -91,7 +91,7 @@ class Work:
         write_csv(self.chunk_file(split, k), pd.DataFrame(rows, columns=CHUNK_COLUMNS))
 
 
-def _chunks(items: list[Item], chunk_size: int) -> Iterator[tuple[str, int, list[Item]]]:
+def chunks(items: list[Item], chunk_size: int) -> Iterator[tuple[str, int, list[Item]]]:
     """(split, chunk number, items) in manifest order: split order, then item order."""
     for split in SPLITS:
         sub = [it for it in items if it.split == split]

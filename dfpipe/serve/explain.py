@@ -13,6 +13,7 @@ positive = this region pushes the score towards fake, negative = towards real.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import cv2
@@ -64,6 +65,26 @@ def occlusion_map(score_prepared: Callable[[list[np.ndarray]], np.ndarray], img:
     rows, cols = np.diff(ys), np.diff(xs)
     heat = np.repeat(np.repeat(cell.astype(np.float32), rows, axis=0), cols, axis=1)
     return base, heat
+
+
+def paced(score_fn: Callable[[list[np.ndarray]], np.ndarray], idle: Callable[[], bool], chunk: int,
+          deadline: float, pause_s: float = 0.5, poll_s: float = 0.005) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """``score_fn`` scoring at most ``chunk`` images per call, each call only once ``idle()`` (the /predict model
+    thread has nothing to do) or after ``pause_s`` of waiting for it, so an explanation neither blocks /predict
+    nor starves under a steady stream of it. Raises TimeoutError once ``deadline`` (time.monotonic) has passed."""
+
+    def score(images: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), chunk):
+            if time.monotonic() > deadline:
+                raise TimeoutError("explanation deadline passed")
+            give_way_until = time.monotonic() + pause_s
+            while not idle() and time.monotonic() < give_way_until:
+                time.sleep(poll_s)
+            out.append(np.asarray(score_fn(images[start:start + chunk]), dtype=np.float64))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    return score
 
 
 def _blurred(img: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """What the CLI and the HTTP API share: load the ensemble from its card with one-line errors, check
-and decode uploaded bytes, and a micro-batcher that runs every model call on one worker thread.
+and decode uploaded bytes (to the experts' small inputs at once), memory budgets (:class:`Budget`) and a bounded
+micro-batcher that runs every model call on one worker thread.
 
 Scoring itself is :class:`dfpipe.ensemble_predict.Ensemble` (``score_images`` / ``score_files`` / ``verdict``),
 the same path as the submission; nothing here computes a score. An upload is only decoded here:
@@ -12,18 +13,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ..errors import UserError
+from ..layout import Layout
 from ..data.images import ImageError, decode_image
+from ..data.preprocess import downscale, fit
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
     from ..ensemble_predict import Ensemble
@@ -31,8 +38,8 @@ if TYPE_CHECKING:  # torch and the models load only when a command needs them (f
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_CARD = "submissions/ensemble.json"
-DEFAULT_MODELS = "models"
+DEFAULT_CARD = Layout().card  # where stage 5 writes the card and stage 4 the experts: the catalog's defaults
+DEFAULT_MODELS = Layout().models
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 # A server decodes several uploads at once: 50 MP (~150 MB as RGB) bounds each decode's memory.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -48,6 +55,14 @@ class InputError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class Busy(InputError):
+    """The server is at one of its bounds (memory budget, queue): 503 with ``Retry-After`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2):
+        super().__init__(503, message)
+        self.retry_after = retry_after
 
 
 def load_ensemble(card: str | Path, models_dir: str | Path, device: str = "auto", serving: bool = False) -> Ensemble:
@@ -100,7 +115,7 @@ def check_servable(ens: Ensemble, card: str | Path) -> None:
 
 _RANK_REFUSED = ("{card}: combine 'rank' cannot be served: it scores an image by its rank among the images scored "
                  "with it, so one request's score would depend on other requests in the same batch. Re-run stage 5 "
-                 "with predict.combine: mean_prob, mean_logit or stack (in params.yaml, then dvc repro "
+                 "with ensemble_predict.combine: mean_prob, mean_logit or stack (in params.yaml, then dvc repro "
                  "ensemble_predict) and serve the new card")
 
 
@@ -149,27 +164,161 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise InputError(422, f"not a usable image: {exc}") from None
 
 
+# ----------------------------------------------------------------------------- prepared inputs
+# What a served image is kept as between its decode and the model call: each input policy's (S, S, 3) uint8
+# array, as Ensemble.score_prepared computes it (fit of the stage-1 image). A 49 MP upload is decoded, turned
+# into these few KB and dropped at once, instead of waiting full-size in the micro-batch queue.
+ModelInputs = dict[str, np.ndarray]
+
+
+@dataclass
+class Prepared:
+    inputs: ModelInputs
+    pixels: int  # of the upload, for the access log
+    explain_image: np.ndarray | None = None  # the stage-1 image within the explanation's pixel budget
+    explain_region: str = "whole image"  # or "face crop": what stage 1 made of the upload
+    explain_scaled: bool = False  # explain_image is a downscaled copy of the stage-1 image
+
+
+def model_inputs(ens: Ensemble, img: np.ndarray) -> ModelInputs:
+    """A decoded image -> each input policy's array: :meth:`Ensemble.score_prepared`'s ``fit`` of
+    :meth:`Ensemble.stage1_image` (tests/test_serve_limits.py holds the two paths to the same scores)."""
+    return _inputs(ens, ens.stage1_image(img))
+
+
+def _inputs(ens: Ensemble, s1: np.ndarray) -> ModelInputs:
+    return {p.key: fit(s1, p) for p in ens.policies}
+
+
+def score_inputs(ens: Ensemble, items: list[ModelInputs]) -> np.ndarray:
+    """Ensemble scores (N,) of prepared inputs: the stacked arrays through ``score_batch`` and the combination,
+    as :meth:`Ensemble.score_prepared` does."""
+    import torch
+
+    if not items:
+        return np.zeros(0)
+    xs = {p.key: torch.from_numpy(np.stack([it[p.key] for it in items])) for p in ens.policies}
+    return ens.combine_experts(ens.score_batch(xs))
+
+
+def explain_copy(ens: Ensemble, s1: np.ndarray, max_pixels: int) -> np.ndarray:
+    """The stage-1 image ``s1`` downscaled (area filter) to at most ``max_pixels``, but never to a shorter side
+    below the largest expert input: the heatmap of a 49 MP upload is made on ~1 MP, in seconds."""
+    h, w = s1.shape[:2]
+    if h * w <= max_pixels:
+        return s1
+    need = max(p.size for p in ens.policies)
+    f = max(math.sqrt(max_pixels / (h * w)), need / min(h, w))
+    return s1 if f >= 1 else downscale(s1, max(1, round(max(h, w) * f)))
+
+
+def prepare_upload(ens: Ensemble, data: bytes, max_bytes: int, max_pixels: int,
+                   explain_pixels: int = 0) -> Prepared:
+    """Checked bytes -> :class:`Prepared` (decode, stage 1, input policies); the full-size image is dropped here.
+    ``explain_pixels`` > 0 also keeps the explanation's copy of the stage-1 image."""
+    img = decode_upload(data, max_bytes, max_pixels)
+    s1 = ens.stage1_image(img)
+    out = Prepared(_inputs(ens, s1), img.shape[0] * img.shape[1])
+    if explain_pixels > 0:
+        whole = s1.shape[:2] == downscale(img, ens.stage1.max_side).shape[:2]
+        out.explain_image = explain_copy(ens, s1, explain_pixels)
+        out.explain_region = "whole image" if whole else "face crop"
+        out.explain_scaled = out.explain_image.shape != s1.shape
+    return out
+
+
+# ----------------------------------------------------------------------------- memory budget
+class Budget:
+    """An asyncio token bucket of ``capacity`` units (bytes) that requests hold while they use that memory.
+
+    First come, first served; a reservation above ``capacity`` takes the whole bucket (so one image at the pixel
+    limit still goes through, alone). A request waits at most ``timeout_s`` and at most ``max_waiting`` wait at
+    once; beyond either it is refused with :class:`Busy` (503 + Retry-After) instead of queueing without bound.
+    """
+
+    def __init__(self, name: str, capacity: int, max_waiting: int = 64, timeout_s: float = 30.0):
+        self.name, self.capacity, self.max_waiting, self.timeout_s = name, max(1, int(capacity)), max_waiting, timeout_s
+        self.free = self.capacity
+        self.peak_used = 0  # for /health and tests
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @asynccontextmanager
+    async def hold(self, amount: int):
+        n = min(max(0, int(amount)), self.capacity)
+        await self._acquire(n)
+        try:
+            yield n
+        finally:
+            self.free += n
+            self._wake()
+
+    async def _acquire(self, n: int) -> None:
+        if not self._waiters and self.free >= n:
+            self._take(n)
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Busy(f"server busy: {len(self._waiters)} requests already wait for {self.name} memory; retry later")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            self._give_up(n, fut)
+            raise Busy(f"server busy: no {self.name} memory free within {self.timeout_s:g} s; retry later",
+                       retry_after=max(1, round(self.timeout_s / 4))) from None
+        except BaseException:  # the client went away (cancelled): leave the queue
+            self._give_up(n, fut)
+            raise
+
+    def _give_up(self, n: int, fut: asyncio.Future) -> None:
+        if fut.done() and not fut.cancelled():
+            self.free += n  # granted just as we gave up: give it back
+        else:
+            self._waiters = collections.deque(w for w in self._waiters if w[1] is not fut)
+        self._wake()
+
+    def _take(self, n: int) -> None:
+        self.free -= n
+        self.peak_used = max(self.peak_used, self.capacity - self.free)
+
+    def _wake(self) -> None:
+        while self._waiters and (self._waiters[0][1].done() or self._waiters[0][0] <= self.free):
+            n, fut = self._waiters.popleft()
+            if not fut.done():
+                self._take(n)
+                fut.set_result(None)
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:g} MB"
 
 
 # ----------------------------------------------------------------------------- batching
 class MicroBatcher:
-    """Scores images of concurrent requests in shared batches on ONE worker thread.
+    """Scores items (images, or their prepared inputs) of concurrent requests in shared batches on ONE worker
+    thread.
 
     Torch inference stays off the event loop, and one model call at a time uses all intra-op threads
     without oversubscribing the cores. Whatever queued while the model was busy forms the next batch
     (up to ``max_batch``), so a lone request waits for nothing and a busy server batches by itself;
-    ``max_wait_s`` > 0 additionally waits that long for company.
+    ``max_wait_s`` > 0 additionally waits that long for company. ``max_queue`` > 0 bounds the items waiting:
+    a request that would go past it is refused with :class:`Busy` (503), not queued (unless the queue is empty).
     """
 
-    def __init__(self, score_fn: Callable[[list[np.ndarray]], np.ndarray], max_batch: int = 16,
-                 max_wait_s: float = 0.0):
+    def __init__(self, score_fn: Callable[[list[Any]], np.ndarray], max_batch: int = 16,
+                 max_wait_s: float = 0.0, max_queue: int = 0):
         self.score_fn, self.max_batch, self.max_wait_s = score_fn, max(1, max_batch), max_wait_s
+        self.max_queue = max_queue
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dfpipe-model")
         self.batch_sizes: list[int] = []  # for /health and tests: proof that batching happens
+        self.running = 0  # items in the model call now
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no model call running (read from other threads: a hint, not a lock)."""
+        return self.running == 0 and (self._queue is None or self._queue.empty())
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -181,10 +330,14 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def score(self, images: list[np.ndarray]) -> list[float]:
+    async def score(self, images: list[Any]) -> list[float]:
         """Ensemble scores of ``images``, batched with other requests' images."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
+        # an empty queue takes any request (a batch larger than the bound is not refused forever)
+        if self.max_queue and not self._queue.empty() and self._queue.qsize() + len(images) > self.max_queue:
+            raise Busy(f"server busy: {self._queue.qsize()} images already wait for the model (the queue holds "
+                       f"{self.max_queue}); retry later", retry_after=1)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
         for img, fut in zip(images, futures):
@@ -211,6 +364,7 @@ class MicroBatcher:
             if not batch:
                 continue
             self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            self.running = len(batch)
             try:
                 scores = await loop.run_in_executor(self.executor, self.score_fn, [b[0] for b in batch])
             except Exception as exc:  # noqa: BLE001 - the requests get the error, the loop lives on
@@ -219,6 +373,8 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            finally:
+                self.running = 0
             for (_, fut), s in zip(batch, scores):
                 if not fut.done():
                     fut.set_result(float(s))

@@ -1,5 +1,12 @@
 """Checkpoints of stage 4: the best EMA weights (``best.pt``) and the resumable state (``last.pt``).
 
+``best.pt`` (format :data:`CHECKPOINT_FORMAT`) describes itself and stores each setting once: ``description``
+(the expert's ``describe()``: architecture and ``input``, the input contract: size, mode, mean, std), ``stage1``
+(how stage 1 made the images it trained on), ``state_dict``, ``config`` (the other training settings: the
+expert's config but for ``img_size`` / ``input_mode``, which are ``description["input"]``), ``metrics`` and
+``name``. :func:`dfpipe.ensemble_predict.experts.read_checkpoint` also reads format 1 (the size stored three
+times) and refuses older or unknown files with one line saying to retrain.
+
 ``last.pt`` is written atomically at the end of every epoch. It holds everything needed to continue
 exactly where the run stopped: model, optimizer, scheduler and EMA states (EMA None when off), the
 history rows, the best metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader
@@ -27,20 +34,26 @@ import pandas as pd
 import torch
 
 from ..config import ExpertConfig
+from ..data.preprocess import Stage1
 from ..io import save_torch
+from ..models import CHECKPOINT_FORMAT
 
 log = logging.getLogger(__name__)
+
+INPUT_KEYS = ("img_size", "input_mode")  # ExpertConfig keys a checkpoint holds as description["input"] only
 
 LAST_FORMAT = 3  # 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA
 TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, desc: dict, ecfg: ExpertConfig, name: str,
+def save_checkpoint(path: Path, model: torch.nn.Module, stage1: Stage1, ecfg: ExpertConfig, name: str,
                     metrics: dict) -> None:
-    """Save the weights and buffers of ``model`` (the EMA's model when there is one)."""
+    """Save the weights and buffers of ``model`` (the EMA's model when there is one), its description (with
+    its input contract) and ``stage1``, the record of the images it was trained on."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    ckpt = {"name": name, "description": desc, "state_dict": state, "config": dataclasses.asdict(ecfg),
-            "metrics": metrics, "format": 1}
+    config = {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in INPUT_KEYS}
+    ckpt = {"format": CHECKPOINT_FORMAT, "name": name, "description": model.describe(),
+            "stage1": dataclasses.asdict(stage1), "state_dict": state, "config": config, "metrics": metrics}
     save_torch(ckpt, path)
 
 

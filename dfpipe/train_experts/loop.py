@@ -23,8 +23,8 @@ are gathered so val AUC is that of the whole val set, and only rank 0 logs and w
 (the EMA copy and a DDP wrap included: the override is the expert's), and DDP reduces only the heads'
 gradients (it skips parameters without ``requires_grad``).
 
-Per-epoch logs go through DVCLive (:mod:`dfpipe.train_experts.logs`): ``run_train(cfg, name, live_dir)`` writes
-``<live_dir>/plots/metrics/*.tsv`` (one step per epoch) and ``<live_dir>/metrics.json`` (the best epoch).
+Per-epoch logs go through DVCLive (:mod:`dfpipe.train_experts.logs`): ``run(cfg, layout)`` writes
+``<train_logs>/<name>/plots/metrics/*.tsv`` (one step per epoch) and ``<train_logs>/<name>/metrics.json`` (the best epoch).
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ from tqdm import tqdm
 
 from ..config import ExpertConfig, TrainConfig
 from ..data.dataset import StoreDataset
-from ..data.preprocess import InputPolicy, Preprocess
+from ..data.preprocess import InputPolicy
 from ..data.samples import load_split_pool
 from ..data.store import read_store_record
 from ..data.transforms import seed_worker, to_model_input, train_augment
 from ..device import autocast, num_workers
 from ..errors import ConfigError, DataError, UnknownNameError
+from ..layout import Layout
 from ..losses import JointLoss, mixup
 from ..metrics import summary
 from ..models import build_expert, trainable_parameters
@@ -107,10 +108,11 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     return probs
 
 
-def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
+def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator | None = None,
                  history_csv: str | Path | None = None,
                  live_dir: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
-    """Train expert ``name`` of ``cfg.experts``; save the best EMA checkpoint. Returns (best, history).
+    """Train expert ``name`` of ``cfg.experts`` on ``layout``'s split into ``<models>/<name>``; save the best (EMA)
+    checkpoint. Returns (best, history).
 
     One process or one rank of a DDP run (``acc``, default: a new one; see :mod:`.distributed`).
     Rank 0 logs every epoch (timings included, unlike ``last.pt``) to the DVCLive directory ``live_dir``
@@ -121,7 +123,7 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     acc = acc or make_accelerator(ecfg)
     seed_everything(ecfg.seed)  # the same on every rank: same initial weights (dropout: rank_seed per epoch)
     device, main = acc.device, acc.is_main_process
-    df = load_split_pool(cfg.splits_csv, cfg.prepared_dir, cfg.augmented_dir)
+    df = load_split_pool(layout.splits, layout.prepared, layout.augmented)
     train_df = df[(df.subset == "train") & (ecfg.use_augmented | (df.origin != "aug"))].reset_index(drop=True)
     val_df = df[(df.subset == "val") & (df.origin != "aug")].reset_index(drop=True)
     batch = global_batch(ecfg.batch_size, acc.num_processes)
@@ -147,12 +149,12 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=ecfg.weight_decay)
     sched = cosine_with_warmup(opt, int(ecfg.warmup_epochs * steps_per_epoch), ecfg.epochs * steps_per_epoch)
 
-    out_dir = Path(cfg.models_dir) / name
+    out_dir = Path(layout.models) / name
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    # the preprocessing contract: stage 1's record + this expert's input policy + its normalisation
-    prep = Preprocess(read_store_record(cfg.prepared_dir), input_policy(ecfg), model.mean, model.std)
-    desc = {**model.describe(), "preprocess": prep.to_dict()}
+    # the preprocessing contract: stage 1's record + the expert's input contract (model.input)
+    stage1 = read_store_record(layout.prepared)
+    desc = {**model.describe(), "stage1": dataclasses.asdict(stage1)}  # what best.pt describes
     key = {"config": dataclasses.asdict(ecfg), "data": data_fingerprint(train_df, val_df, desc),
            "world": acc.num_processes}  # N processes: another global batch, lr and EMA decay, so another run
     history, best, first = [], {"auc": -1.0}, 1
@@ -178,7 +180,7 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
         if val["auc"] > best["auc"]:
             best = {**val, "epoch": epoch}
             if main:
-                save_checkpoint(out_dir / "best.pt", evaluated, desc, ecfg, name, best)
+                save_checkpoint(out_dir / "best.pt", evaluated, stage1, ecfg, name, best)
         history.append(row)
         stop = _should_stop(ecfg.patience, epoch, best)
         if main:
@@ -197,7 +199,7 @@ def train_expert(cfg: TrainConfig, name: str, acc: Accelerator | None = None,
 
 def _expert(cfg: TrainConfig, name: str) -> ExpertConfig:
     if name not in cfg.experts:
-        raise UnknownNameError(f"expert {name!r} not in params train.experts (have {sorted(cfg.experts)})")
+        raise UnknownNameError(f"expert {name!r} not in params train_experts.experts (have {sorted(cfg.experts)})")
     return cfg.experts[name]
 
 
@@ -365,11 +367,14 @@ def _train_epoch(model, teacher, ema, loader, loss_fn, opt, sched, acc, channels
     return row
 
 
-def run_train(cfg: TrainConfig, name: str, live_dir: str | Path,
-              history_csv: str | Path | None = None) -> dict:
-    """Train one expert, logging to the DVCLive directory ``live_dir`` (rank 0; see :mod:`.logs`; and to
-    ``history_csv``, an optional plain per-epoch CSV); every rank returns the same best metrics."""
-    acc = make_accelerator(_expert(cfg, name))
-    best, _ = train_expert(cfg, name, acc, history_csv=history_csv, live_dir=live_dir)
-    acc.wait_for_everyone()  # no rank leaves before the reports exist
-    return best
+def run(cfg: TrainConfig, layout: Layout, expert: str | None = None, history: str = "") -> dict[str, dict]:
+    """Stage 4: train ``expert`` (default: every expert of ``cfg.experts``, one after another), logging each to
+    the DVCLive directory ``<train_logs>/<name>`` (rank 0; see :mod:`.logs`) and, when ``history`` is given, to
+    the plain per-epoch CSV ``history.format(name=name)``. Returns name -> best metrics, the same on every rank."""
+    out = {}
+    for name in [expert] if expert else list(cfg.experts):
+        acc = make_accelerator(_expert(cfg, name))
+        out[name], _ = train_expert(cfg, layout, name, acc, history_csv=history.format(name=name) or None,
+                                    live_dir=Path(layout.train_logs) / name)
+        acc.wait_for_everyone()  # no rank leaves before the reports exist
+    return out

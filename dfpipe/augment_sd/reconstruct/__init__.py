@@ -131,22 +131,22 @@ def variant(name: str, seed: int, r: ReconstructConfig) -> int:
 
 
 def check_config(r: ReconstructConfig) -> None:
-    """Validate ``augment.reconstruct`` before any work (unknown methods, bad numbers, missing vae folder)."""
+    """Validate ``augment_sd.reconstruct`` before any work (unknown methods, bad numbers, missing vae folder)."""
     from .parity import check_post_config
 
     unknown = sorted(set(r.methods) - set(METHODS))
     if unknown:
-        raise ConfigError(f"augment.reconstruct.methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+        raise ConfigError(f"augment_sd.reconstruct.methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
     w = np.array(list(r.methods.values()), np.float64)
     if (w < 0).any() or not np.isfinite(w).all():
-        raise ConfigError(f"augment.reconstruct.methods: weights must be finite and >= 0, got {dict(r.methods)}")
+        raise ConfigError(f"augment_sd.reconstruct.methods: weights must be finite and >= 0, got {dict(r.methods)}")
     if r.per_real < 0:
-        raise ConfigError(f"augment.reconstruct.per_real must be >= 0, got {r.per_real}")
+        raise ConfigError(f"augment_sd.reconstruct.per_real must be >= 0, got {r.per_real}")
     if r.per_real > 0 and w.sum() <= 0:
-        raise ConfigError("augment.reconstruct.methods: per_real > 0 but no method has a positive weight")
+        raise ConfigError("augment_sd.reconstruct.methods: per_real > 0 but no method has a positive weight")
     for key in ("batch_size", "ae_models", "ae_steps", "ae_crop", "ae_batch", "ae_train_images"):
         if getattr(r, key) < 1:
-            raise ConfigError(f"augment.reconstruct.{key} must be >= 1, got {getattr(r, key)}")
+            raise ConfigError(f"augment_sd.reconstruct.{key} must be >= 1, got {getattr(r, key)}")
     if r.per_real > 0 and r.methods.get("vae", 0) > 0:
         from .vae import load_vae
 

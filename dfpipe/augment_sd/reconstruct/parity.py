@@ -135,7 +135,7 @@ class Post:
 def check_post_config(r: ReconstructConfig) -> None:
     """Reject settings :func:`draw_post` cannot use, naming the key."""
     def bad(key: str, value: object, need: str) -> ConfigError:
-        return ConfigError(f"augment.reconstruct.{key}: {need}, got {value}")
+        return ConfigError(f"augment_sd.reconstruct.{key}: {need}, got {value}")
 
     for key in ("clean_share", "resize_prob", "webp_share"):
         if not 0.0 <= getattr(r, key) <= 1.0:

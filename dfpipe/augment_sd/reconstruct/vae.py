@@ -1,6 +1,6 @@
 """A user's own latent-diffusion autoencoder from a local folder, as a [0, 1] -> [0, 1] image module.
 
-Accepted (``augment.reconstruct.vae_model``):
+Accepted (``augment_sd.reconstruct.vae_model``):
 
 * a diffusers ``AutoencoderKL`` (SD 1.x/2.x/XL VAEs...) or ``AutoencoderTiny`` (TAESD in diffusers form)
   folder holding ``config.json``, or a pipeline folder with such a ``vae/`` subfolder;
@@ -89,10 +89,10 @@ def load_taesd_pair(folder: Path) -> TinyAutoencoder:
 def load_vae(model: str | Path) -> tuple[nn.Module, int]:
     """(module mapping (B, 3, H, W) [0, 1] to the same, the side multiple its input needs)."""
     if not str(model):
-        raise InputError("augment.reconstruct.vae_model is empty: the vae method needs a local autoencoder folder")
+        raise InputError("augment_sd.reconstruct.vae_model is empty: the vae method needs a local autoencoder folder")
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise InputError(f"augment.reconstruct.vae_model: {path} is not a folder (a local VAE folder is needed)")
+        raise InputError(f"augment_sd.reconstruct.vae_model: {path} is not a folder (a local VAE folder is needed)")
     folder = _diffusers_folder(path)
     if folder is not None:
         vae = load_diffusers_vae(folder)

@@ -18,8 +18,8 @@ import logging
 import re
 from pathlib import Path
 
-from .errors import InputError
-from .io import atomic_open
+from ..errors import InputError
+from ..io import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from .benchmark import (JOIN, GridSpec, _cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
+from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
                         run_cell, run_grid, run_robustness, training_set, training_sets)
-from .config import from_dict
-from .errors import ConfigError, InputError, UnknownNameError
-from .io import write_json
+from ..config import from_dict
+from ..errors import ConfigError, InputError, UnknownNameError
+from ..io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def exp_name(spec: GridSpec, recipe: str, seed: int, source: str) -> str:
     accepts as a ref (``git check-ref-format``, no ``/``), which ``+`` passes, but ``+`` has a meaning at the head
     of a git refspec (force) and of a Hydra override (add a key), so names keep to the single-source cells'
     letters, digits, ``_`` and ``-`` (plain to type in ``dvc exp`` / ``dvc queue logs`` commands)."""
-    return f"{source.replace(JOIN, EXP_JOIN)}-{recipe}-s{seed}-{_cell_key(spec, recipe_config(spec, recipe, seed))}"
+    return f"{source.replace(JOIN, EXP_JOIN)}-{recipe}-s{seed}-{cell_key(spec, recipe_config(spec, recipe, seed))}"
 
 
 def _dvc_env() -> dict[str, str]:
