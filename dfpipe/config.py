@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 
 from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: re-exported, it lived here)
-from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, Registry
+from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, RECONSTRUCTION_METHODS, Registry
 
 T = TypeVar("T")
 
@@ -39,6 +39,7 @@ FaceCrop = Annotated[str, RegistryChoice(FACE_DETECTORS, none=True)]  # dfpipe.d
 FacePolicy = Literal["whole", "largest", "skip"]
 Landmarker = Annotated[str, RegistryChoice(LANDMARKERS, none=True)]  # dfpipe.data.landmarks
 EditingMethod = Annotated[str, RegistryChoice(EDITING_METHODS)]  # dfpipe.augment_sd.editing
+ReconstructMethod = Annotated[str, RegistryChoice(RECONSTRUCTION_METHODS)]  # dfpipe.augment_sd.reconstruct
 ExpertArch = Annotated[str, RegistryChoice(EXPERTS)]  # dfpipe.models
 DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -195,7 +196,7 @@ class ReconstructConfig:
     (real, reconstruction) with one compression and resize history."""
 
     per_real: float = 0.0  # reconstructions per real image (expected count); 0 = off
-    methods: dict[str, float] = field(
+    methods: dict[ReconstructMethod, float] = field(
         default_factory=lambda: {"taef2": 1.0, "random_ae": 1.0, "vae": 0.0}
     )  # method -> sampling weight: taef2 (shipped FLUX.2 tiny AE) | random_ae (trained here) | vae (vae_model)
     vae_model: str = ""  # `vae`: a local diffusers AutoencoderKL / AutoencoderTiny folder, or upstream TAESD .pth pair

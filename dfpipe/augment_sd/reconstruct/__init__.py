@@ -4,7 +4,8 @@ A reconstruction has its real's content, pose and light; what differs is the dec
 up-sampling, its smoothing of fine texture). Trained on such pairs a detector cannot lean on content,
 and decoder traces are what latent-diffusion images share (arXiv 2601.20461; GenSign / DAIR, CVPR'26).
 
-Methods (:data:`METHODS`, name -> factory of :class:`Reconstructor` variants):
+Methods (:data:`METHODS`, :data:`dfpipe.registry.RECONSTRUCTION_METHODS`: name -> factory of
+:class:`Reconstructor` variants; registering one makes it selectable in ``augment_sd.reconstruct.methods``):
 
 * ``taef2``: the FLUX.2 tiny autoencoder shipped in ``dfpipe/assets/taesd`` (:mod:`.taesd`);
 * ``random_ae``: ``ae_models`` small autoencoders with drawn decoders, trained briefly on the reals
@@ -14,6 +15,8 @@ Methods (:data:`METHODS`, name -> factory of :class:`Reconstructor` variants):
 Both images of a pair end with one history (:mod:`.parity`). :func:`reconstruct` runs a model over
 images of any sizes: each is reflect-padded to the model's side multiple (never resized: a resampling the
 real does not have would be a cue) and cropped back.
+
+Importing this package does not import torch (the config validates method names against the registry).
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from ...config import ReconstructConfig
-from ...errors import ConfigError, UnknownNameError
+from ...errors import ConfigError
+from ...registry import RECONSTRUCTION_METHODS
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +118,14 @@ def _random_ae(r: ReconstructConfig, ctx: Context) -> list[Reconstructor]:
     return out
 
 
-# name -> factory; a generic registry will replace this dict (the names stay)
-METHODS: dict[str, Callable[[ReconstructConfig, Context], list[Reconstructor]]] = {
-    "taef2": _taef2, RANDOM_AE: _random_ae, "vae": _vae,
-}
+RECONSTRUCTION_METHODS.register("taef2", _taef2)
+RECONSTRUCTION_METHODS.register(RANDOM_AE, _random_ae)
+RECONSTRUCTION_METHODS.register("vae", _vae)
+METHODS = RECONSTRUCTION_METHODS  # name -> factory, read like a dict
 
 
 def get_method(name: str) -> Callable[[ReconstructConfig, Context], list[Reconstructor]]:
-    if name not in METHODS:
-        raise UnknownNameError(f"unknown reconstruction method {name!r}; valid: {sorted(METHODS)}")
-    return METHODS[name]
+    return METHODS.get(name)  # UnknownNameError listing the names, with a suggestion
 
 
 def variant(name: str, seed: int, r: ReconstructConfig) -> int:
@@ -165,6 +170,8 @@ def _pad(img: np.ndarray, factor: int) -> np.ndarray:
 def resolve_dtype(dtype: str, device: str | torch.device) -> str:
     """``auto``: bfloat16 where ``device`` computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX),
     float32 elsewhere (emulated bf16 is slower than float32)."""
+    import torch
+
     if dtype != "auto":
         return dtype
     if torch.device(device).type == "cuda":
@@ -172,7 +179,6 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-@torch.inference_mode()
 def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: int = 8, dtype: str = "float32"
                 ) -> list[np.ndarray]:
     """``rec`` applied to (H, W, 3) uint8 RGB images of any sizes; uint8 images of the same sizes.
@@ -182,6 +188,15 @@ def reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: in
     Consecutive images whose padded sizes agree run as one batch (at most ``batch_size``), in input order,
     on the model's device, channels-last (measured 1.2-1.5x faster for TAESD on CPU).
     """
+    import torch
+
+    with torch.inference_mode():
+        return _reconstruct(rec, images, batch_size, dtype)
+
+
+def _reconstruct(rec: Reconstructor, images: Sequence[np.ndarray], batch_size: int, dtype: str) -> list[np.ndarray]:
+    import torch
+
     model = rec.model.to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
     out: list[np.ndarray | None] = [None] * len(images)
