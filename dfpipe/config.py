@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 
 from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: re-exported, it lived here)
-from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, Registry
+from .registry import EDITING_METHODS, EXPERTS, FACE_DETECTORS, LANDMARKERS, RECONSTRUCTION_METHODS, Registry
 
 T = TypeVar("T")
 
@@ -39,9 +39,11 @@ FaceCrop = Annotated[str, RegistryChoice(FACE_DETECTORS, none=True)]  # dfpipe.d
 FacePolicy = Literal["whole", "largest", "skip"]
 Landmarker = Annotated[str, RegistryChoice(LANDMARKERS, none=True)]  # dfpipe.data.landmarks
 EditingMethod = Annotated[str, RegistryChoice(EDITING_METHODS)]  # dfpipe.augment_sd.editing
+ReconstructMethod = Annotated[str, RegistryChoice(RECONSTRUCTION_METHODS)]  # dfpipe.augment_sd.reconstruct
 ExpertArch = Annotated[str, RegistryChoice(EXPERTS)]  # dfpipe.models
 DiffusionMode = Literal["img2img", "inpaint"]
 DiffusionDtype = Literal["auto", "float32", "float16", "bfloat16"]
+ReconstructDtype = Literal["auto", "float32", "bfloat16"]
 Embedder = Literal["pretrained", "finetune"]
 KMeansBackend = Literal["auto", "sklearn", "torch"]
 AugmentPreset = Literal["none", "light", "strong", "randaugment", "blur_jpeg", "light_blur_jpeg", "safe",
@@ -190,6 +192,34 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Reconstruction fakes: reals passed through an autoencoder (dfpipe.augment_sd.reconstruct), each pair
+    (real, reconstruction) with one compression and resize history."""
+
+    per_real: float = 0.0  # reconstructions per real image (expected count); 0 = off
+    methods: dict[ReconstructMethod, float] = field(
+        default_factory=lambda: {"taef2": 1.0, "random_ae": 1.0, "vae": 0.0}
+    )  # method -> sampling weight: taef2 (shipped FLUX.2 tiny AE) | random_ae (trained here) | vae (vae_model)
+    vae_model: str = ""  # `vae`: a local diffusers AutoencoderKL / AutoencoderTiny folder, or upstream TAESD .pth pair
+    batch_size: int = 1  # images per model call (same-size images batch together): 1 is fastest on CPU, raise on GPU
+    # model arithmetic: auto = bfloat16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 / AMX:
+    # 2-3x faster for taef2, within 1/255 of float32), else float32
+    dtype: ReconstructDtype = "auto"
+    max_side: int = 1024  # a larger real is downscaled first (its pair's real image is that copy); 0 = no limit
+    clean_share: float = 0.5  # pairs left with the real's own history only (the traces stay learnable)
+    resize_prob: float = 0.3  # processed pairs: chance of a downscale (both images)
+    resize_range: tuple[float, float] = (0.5, 0.9)  # its factor
+    webp_share: float = 0.25  # processed pairs: WebP instead of JPEG as the last step (both images)
+    jpeg_quality: tuple[int, int] = (65, 100)
+    webp_quality: tuple[int, int] = (60, 100)
+    ae_models: int = 4  # random_ae: autoencoders, each with its own drawn decoder
+    ae_steps: int = 200  # random_ae: training steps of each (Adam, L1 on crops of the reals)
+    ae_crop: int = 48  # random_ae: training crop side
+    ae_batch: int = 8  # random_ae: crops per step
+    ae_train_images: int = 256  # random_ae: reals sampled to cut training crops from (8 crops each)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     seed: int = 42
     fakes_per_real: float = 1.0  # editing fakes made per real training image (expected count)
@@ -204,6 +234,7 @@ class AugmentConfig:
     # landmarks (SBI), the random region where no face is found (dfpipe.data.landmarks)
     landmarks: Landmarker = "none"
     workers: int = 0  # editing fakes: processes (0 = all cores, 1 = in-process); same bytes either way
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)  # off by default (per_real 0)
 
 
 # --------------------------------------------------------------------------- stage 3

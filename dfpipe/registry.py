@@ -112,3 +112,5 @@ EXPERTS: Registry = Registry("expert", "dfpipe.models.registry")  # Expert subcl
 FACE_DETECTORS: Registry = Registry("face detector", "dfpipe.data.faces")  # () -> FaceDetector
 LANDMARKERS: Registry = Registry("landmark detector", "dfpipe.data.landmarks")  # () -> FaceLandmarker
 EDITING_METHODS: Registry = Registry("editing method", "dfpipe.augment_sd.editing")  # EditFn
+# (ReconstructConfig, Context) -> [Reconstructor, ...]
+RECONSTRUCTION_METHODS: Registry = Registry("reconstruction method", "dfpipe.augment_sd.reconstruct")

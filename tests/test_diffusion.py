@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +255,7 @@ def test_torchrun_two_processes_match_one(sd_reference, tmp_path):
     cfg = sd_config()
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"paths": {"prepared": str(prepared), "augmented": str(tmp_path / "aug")},
-                                  "augment_sd": {**cfg.__dict__, "diffusion": SD_RUN.__dict__}}))  # JSON is YAML
+                                  "augment_sd": {**asdict(cfg), "diffusion": asdict(SD_RUN)}}))  # JSON is YAML
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}  # 1 thread, as the reference run
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -19,7 +19,7 @@ from ..config import DiffusionConfig
 from ..errors import InputError, UnknownNameError
 from ..data.landmarks import face_landmarks
 from .editing import MASK_GRID, USES_LANDMARKS, get_method, region_mask
-from .plan import SD_PREFIX, WIDEN
+from .plan import RECON_REAL, SD_PREFIX, WIDEN
 from .real import widen_real
 from .sources import CacheReader
 
@@ -139,11 +139,19 @@ def _prepared(manifest: str, mtime_ns: int) -> tuple[pd.DataFrame, CacheReader]:
     return man.set_index("uid"), CacheReader(Path(manifest).parent)
 
 
+def is_reconstruction(method: str) -> bool:
+    from .reconstruct import METHODS as RECON_METHODS
+
+    return method == RECON_REAL or method in RECON_METHODS
+
+
 def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Rebuild one manifest row's (image, mask) from its source, donor and seed.
 
     Editing fakes and widened reals come back byte-identical to the image the stage stored (its store is
-    lossless PNG), at the source's native size. Diffusion rows reload the model named
+    lossless PNG), at the source's native size. Reconstruction rows: a pair's new real image comes back
+    byte-identical; a ``taef2`` or ``vae`` fake too when the stage ran with ``reconstruct.batch_size: 1`` on the
+    same hardware (``random_ae`` is refused: its weights are in the stage output's ``reconstruct/``). Diffusion rows reload the model named
     in ``params`` and run it alone (batch of one): identical when the stage also ran with
     ``batch_size: 1`` on the same hardware, otherwise equal up to floating-point batch effects.
     """
@@ -159,6 +167,13 @@ def regenerate(row: Mapping[str, Any], prepared_dir: str | Path) -> tuple[np.nda
         return cache.get(r.cache_file, r.cache_index)
 
     method, seed = str(row["method"]), int(row["seed"])
+    if is_reconstruction(method):  # needs the source's stored bytes (its JPEG history), no mask
+        from .reconstruct.stage import regenerate_pair_image
+
+        r = by_uid.loc[str(row["source_uid"])] if str(row["source_uid"]) in by_uid.index else None
+        if r is None:
+            raise UnknownNameError(f"{row['source_uid']!r} is not in {prepared_dir}/manifest.csv")
+        return regenerate_pair_image(method, json.loads(row["params"]), cache.raw(r.cache_file, r.cache_index)), None
     src = image(str(row["source_uid"]))
     if method.startswith(SD_PREFIX):
         p = json.loads(row["params"])

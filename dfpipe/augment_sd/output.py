@@ -20,7 +20,7 @@ from ..data.images import decode_image
 from ..data.store import ShardWriter, read_store_record, shard_name, write_store_record
 from ..io import work_dir, write_csv, write_json
 from ..layout import Layout
-from .plan import SD_PREFIX, WIDEN, Job
+from .plan import REAL_KINDS, SD_PREFIX, WIDEN, Job
 from .sources import CacheReader
 from .work import load_work
 
@@ -80,7 +80,7 @@ class _Writer:
             mask_path = f"masks/{Path(name).stem}.png"
             (self.tmp / mask_path).write_bytes(mask_png)
         self.rows.append({
-            "uid": f"aug/{name}", "img_name": name, "label": 0 if job.kind == "widen" else 1,
+            "uid": f"aug/{name}", "img_name": name, "label": 0 if job.kind in REAL_KINDS else 1,
             "source_uid": reals.uid[job.source], "donor_uid": reals.uid[job.donor] if job.donor >= 0 else "",
             "method": job.method, "params": params_json,
             "seed": job.seed, "mask_path": mask_path, "cache_file": cache_file, "cache_index": index,
@@ -126,6 +126,8 @@ def contact_sheet(examples: Mapping[str, list[Example]], per_method: int, tile: 
         cv2.putText(row, method, (4, tile // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         x = label_w
         for src, fake, mask in items[:per_method]:
+            if src.shape != fake.shape:  # a reconstruction pair fitted or resized: compare at the fake's size
+                src = cv2.resize(src, fake.shape[1::-1], interpolation=cv2.INTER_AREA)
             if mask is not None:
                 third = np.repeat((np.round(mask * 255.0).astype(np.uint8))[..., None], 3, axis=2)
             else:  # no mask (widened real): show where it changed instead
@@ -157,6 +159,7 @@ def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[st
         writer.close()
         # generated images are stage-1 images of the same contract as their sources
         write_store_record(tmp, read_store_record(layout.prepared))
+        _copy_models(work, tmp)
         summary = _write_tables(tmp, writer, cfg, reals)
     except BaseException:
         if writer is not None:
@@ -166,6 +169,16 @@ def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[st
     shutil.rmtree(out, ignore_errors=True)  # the stage owns its output folder: no stale file may survive
     os.replace(tmp, out)
     return summary
+
+
+def _copy_models(work: Path, tmp: Path) -> None:
+    """Trained reconstruction models (random autoencoders) into ``reconstruct/``: kept with the images they
+    made (a DVC output), so a row can be traced to its model's weights."""
+    models = sorted((work / "models").glob("*.safetensors"))
+    if models:
+        (tmp / "reconstruct").mkdir()
+        for path in models:
+            shutil.copyfile(path, tmp / "reconstruct" / path.name)
 
 
 def _write_tables(tmp: Path, writer: _Writer, cfg: AugmentConfig, reals: pd.DataFrame) -> dict:
@@ -191,10 +204,15 @@ def size_range(sizes: set[tuple[int, int]]) -> dict | None:
 
 def _summary(cfg: AugmentConfig, reals: pd.DataFrame, manifest: pd.DataFrame, writer: _Writer) -> dict:
     by_method = {str(k): int(v) for k, v in manifest.method.value_counts().sort_index().items()}
-    return {
+    summary = {
         "seed": cfg.seed, "image_sizes": size_range(writer.sizes), "n_real_sources": len(reals),
         "n_images": len(manifest), "n_shards": writer.n_shards,
         "n_fake": int((manifest.label == 1).sum()), "n_widened_real": int((manifest.method == WIDEN).sum()),
         "n_diffusion": int(manifest.method.str.startswith(SD_PREFIX).sum()),
         "diffusion_model": cfg.diffusion.model or None, "by_method": by_method,
     }
+    if cfg.reconstruct.per_real:  # only then: with reconstruction off the summary is as before, byte for byte
+        recon = manifest.method.isin(list(cfg.reconstruct.methods))
+        summary["n_reconstructed"] = int(recon.sum())
+        summary["n_reconstruction_reals"] = int((manifest.method == "recon_real").sum())
+    return summary

@@ -6,7 +6,10 @@ cluster, so both splits are sources), read at their native size from the prepare
 
 * editing forgeries (label 1): :data:`editing.METHODS`, chosen by ``cfg.methods`` weights;
 * widened reals (label 0): JPEG/resize/blur/noise/colour copies, so degradation is not a fake cue;
-* Stable Diffusion fakes (label 1): only when ``cfg.diffusion.model`` is set.
+* Stable Diffusion fakes (label 1): only when ``cfg.diffusion.model`` is set;
+* reconstruction fakes (label 1): reals through an autoencoder, only when ``cfg.reconstruct.per_real`` > 0,
+  each with a new real image (label 0, ``recon_real``) when its pair's post-processing changed the real
+  (:mod:`dfpipe.augment_sd.reconstruct`). A pair's two rows share ``source_uid`` and ``seed``.
 
 Every row has its own integer seed (derived from ``cfg.seed``, the row's kind and index), so the
 same config gives the same bytes and :func:`regenerate` rebuilds any row from the manifest alone.
@@ -51,11 +54,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import pandas as pd
 from tqdm import tqdm
 
 from ..config import AugmentConfig, DiffusionConfig
 from ..data.store import read_store_record
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import work_dir
 from ..layout import Layout
 from .dist import Dist, get_dist
@@ -136,11 +140,11 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
     reals = load_reals(layout.prepared)
     read_store_record(layout.prepared)  # a clear error for a folder that is not a stage-1 image store
     sources = Sources.from_reals(layout.prepared, reals)
-    jobs = plan_jobs(cfg, len(reals))  # validates the config before anything is written or loaded
+    jobs = plan_jobs(cfg, len(reals), _sizes(reals) if cfg.reconstruct.per_real else None)  # validates the config
     names = work_names(jobs, reals, cfg, layout.prepared)
     work = work_dir(layout.augmented)
     done = {p.name for p in work.glob("*.npz")} if work.is_dir() else set()
-    edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind != "sd" and n not in done]
+    edit_todo = [(j, n) for j, n in zip(jobs, names) if j.kind in ("edit", "widen") and n not in done]
     sd_todo = [b for b in sd_batches(jobs, cfg.diffusion.batch_size) if any(names[i] not in done for i in b)]
     n_done = sum(n in done for n in names)
     if n_done and dist.is_main:
@@ -157,6 +161,10 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
     if my_sd:
         _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, sources, work, dist)
     n_mine = len(my_edits) + sum(len(b) for b in my_sd)
+    if cfg.reconstruct.per_real:
+        from .reconstruct.stage import run_reconstruct
+
+        n_mine += run_reconstruct(cfg, jobs, names, done, reals, sources, work, dist)
     dist.barrier()  # every shard is stored
     if not dist.is_main:
         return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
@@ -164,6 +172,14 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     log.info("augment: wrote %d images to %s %s", summary["n_images"], layout.augmented, summary["by_method"])
     return summary
+
+
+def _sizes(reals: pd.DataFrame) -> list[tuple[int, int]]:
+    """(h, w) of each real from the stage-1 manifest (a pair's fit to ``max_side`` is planned from it)."""
+    if not {"width", "height"} <= set(reals.columns):
+        raise DataError("the prepared manifest has no width/height columns (an old stage 1): rerun stage 1 "
+                        "to use augment_sd.reconstruct")
+    return list(zip(reals.height.astype(int), reals.width.astype(int)))
 
 
 def _load_diffusion(d: DiffusionConfig, device: str | None = None) -> Any:

@@ -44,6 +44,13 @@ class CacheReader:
             self._seen.add(cache_file)
         return self._store.image(path, int(index))  # a fresh array: the caller may keep it
 
+    def raw(self, cache_file: str, index: int) -> bytes:
+        """The stored bytes of an image (a clean stage-1 JPEG keeps its own: its quantisation tables)."""
+        path = self.dir / str(cache_file)
+        if not path.is_file():
+            raise InputError(f"{path} not found (listed in the prepared manifest): rerun stage 1")
+        return self._store.read(path, int(index))
+
 
 @dataclass(frozen=True)
 class Sources:

@@ -42,6 +42,19 @@ def sd_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
     return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
 
 
+def recon_batches(jobs: list[Job], cfg: AugmentConfig) -> list[list[int]]:
+    """Indices of the reconstruction fakes in fixed batches of the plan, one model per batch (like
+    :func:`sd_batches`: the same whatever is resumed or sharded)."""
+    from .reconstruct import variant
+
+    r = cfg.reconstruct
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, j in enumerate(jobs):
+        if j.kind == "recon":
+            groups.setdefault((j.method, variant(j.method, j.seed, r)), []).append(i)
+    return [idx[s:s + r.batch_size] for idx in groups.values() for s in range(0, len(idx), r.batch_size)]
+
+
 def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, prepared: str) -> list[str]:
     """File name of each job's work file: a hash of everything its bytes depend on (never the row index), with
     ``prepared`` the stage-1 store the sources come from."""
@@ -52,12 +65,20 @@ def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, prepare
     for batch in sd_batches(jobs, d.batch_size) if d.model else []:
         members = [[reals.uid[jobs[i].source], jobs[i].seed] for i in batch]
         mates.update({i: members for i in batch})
+    recon = {k: v for k, v in asdict(cfg.reconstruct).items() if k not in ("per_real", "methods")}
+    for batch in recon_batches(jobs, cfg) if cfg.reconstruct.per_real else []:
+        members = [[reals.uid[jobs[i].source], jobs[i].seed] for i in batch]
+        mates.update({i: members for i in batch})
     names = []
     for i, j in enumerate(jobs):
         key = {**base, "kind": j.kind, "method": j.method, "seed": j.seed, "source": reals.uid[j.source],
                "donor": reals.uid[j.donor] if j.donor >= 0 else ""}
         if j.kind == "sd":
             key.update(diffusion=sd, batch=mates[i])
+        if j.kind in ("recon", "recon_real"):  # a pair's draws depend on these settings too
+            key["reconstruct"] = recon
+        if j.kind == "recon":
+            key["batch"] = mates[i]
         if j.method in USES_LANDMARKS and cfg.landmarks != "none":  # absent for none: older work files still match
             key["landmarks"] = cfg.landmarks
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
