@@ -151,7 +151,6 @@ def run_reconstruct(cfg: AugmentConfig, jobs: list[Job], names: list[str], done:
     in ``cfg.workers`` single-threaded processes (0 = this process's share of the cores): on a shared
     machine one thread per process keeps its speed where two threads of one process wait on each other.
     """
-    r = cfg.reconstruct
     batches = [b for b in recon_batches(jobs, cfg) if any(names[i] not in done for i in b)]
     copies = [i for i, j in enumerate(jobs) if j.kind == "recon_real" and names[i] not in done]
     methods = sorted({jobs[b[0]].method for b in batches})  # the same on every process
