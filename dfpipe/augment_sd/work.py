@@ -24,7 +24,7 @@ from .plan import Job
 WORK_VERSION = 2  # bump when a change makes old work files wrong (part of every work file's key)
 
 
-def _prepared_fingerprint(prepared_dir: str | Path) -> str:
+def prepared_fingerprint(prepared_dir: str | Path) -> str:
     """Changes when stage 1 is rerun differently (its manifest or its ``store.json`` settings), so work made
     from other sources is never reused."""
     folder = Path(prepared_dir)
@@ -58,7 +58,7 @@ def recon_batches(jobs: list[Job], cfg: AugmentConfig) -> list[list[int]]:
 def work_names(jobs: list[Job], reals: pd.DataFrame, cfg: AugmentConfig, prepared: str) -> list[str]:
     """File name of each job's work file: a hash of everything its bytes depend on (never the row index), with
     ``prepared`` the stage-1 store the sources come from."""
-    base = {"v": WORK_VERSION, "prepared": _prepared_fingerprint(prepared)}
+    base = {"v": WORK_VERSION, "prepared": prepared_fingerprint(prepared)}
     d = cfg.diffusion
     sd = {k: v for k, v in asdict(d).items() if k not in ("per_image", "fraction")}
     mates: dict[int, list] = {}

@@ -24,7 +24,7 @@ from ...data.store import StoreReader
 from ..dist import Dist
 from ..plan import Job
 from ..sources import Sources
-from ..work import _prepared_fingerprint, recon_batches, save_work
+from ..work import prepared_fingerprint, recon_batches, save_work
 from . import RANDOM_AE, Context, Reconstructor, get_method, reconstruct, resolve_dtype, variant
 from .parity import draw_post, fake_bytes, fit, jpeg_history, real_bytes
 
@@ -78,7 +78,7 @@ def load_models(cfg: AugmentConfig, methods: list[str], reals: pd.DataFrame, sou
                 dist: Dist) -> dict[str, list[Reconstructor]]:
     """The models of ``methods``; random autoencoders are trained once (main process) and cached in ``work``."""
     ctx = Context(seed=cfg.seed, train_images=_train_images(reals, sources, cfg.reconstruct, cfg.seed),
-                  cache_dir=work / MODEL_DIR, key=_prepared_fingerprint(sources.prepared_dir))
+                  cache_dir=work / MODEL_DIR, key=prepared_fingerprint(sources.prepared_dir))
     models = {}
     train_first = RANDOM_AE in methods and dist.world > 1
     if train_first and dist.is_main:
