@@ -880,3 +880,18 @@ def test_groups_across_folds_counts_pairs_that_reach_into_val():
     assert groups_across_folds(split, [src, other]) == {"n_groups": 2, "n_across_folds": 1, "n_across_val": 1}
     alone = split[split.img_name.str.startswith("d/")].assign(img_name=lambda d: d.img_name.str[2:])
     assert groups_across_folds(alone, [src])["n_across_val"] == 1
+
+
+def test_reconstruction_fakes_enter_the_cell_key_only_when_on():
+    """Stage 2's reconstruct block (added after the cells were first cached) is left out of the key while off
+    (per_real 0, whatever its other settings), so cached cells stay valid; switched on, it makes new cells."""
+    from dfpipe import benchmark
+
+    spec = load_grid("bench/grid.yaml")
+    ecfg = recipe_config(spec, "baseline", 0)
+    off = benchmark.cell_key(spec, ecfg)
+    assert "reconstruct" not in benchmark.shared_settings(spec)["augment_sd"]
+    other_off = dataclasses.replace(spec, augment_sd={"reconstruct": {"per_real": 0.0, "methods": ["random_ae"]}})
+    assert benchmark.cell_key(other_off, ecfg) == off
+    on = dataclasses.replace(spec, augment_sd={"reconstruct": {"per_real": 1.0, "methods": ["taef2"]}})
+    assert benchmark.cell_key(on, ecfg) != off

@@ -218,6 +218,8 @@ def test_layout_rejects_an_unknown_or_mistyped_entry(tmp_path):
         Layout.load(p)
     p.write_text("paths:\n  data_root: /mnt/d\n")  # a partial catalog: the rest at its defaults
     assert Layout.load(p) == Layout(data_root="/mnt/d")
+    p.write_text("other: {}\n")  # no catalog at all: the defaults
+    assert Layout.load(p) == Layout()
     p.write_text("prepare_data: {}\n")  # no catalog at all: the defaults
     assert Layout.load(p) == Layout()
 

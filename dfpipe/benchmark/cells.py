@@ -142,21 +142,24 @@ KEY_OMIT_AT: dict[str, dict[str, Any]] = {
     "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
                "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False,  # + the frozen-backbone probe
                "front": "none", "stages": 0},  # + the artifact expert's residual front and cut backbone
-    "augment_sd": {"landmarks": "none"},  # self_blend's mask from face landmarks
+    "augment_sd": {"landmarks": "none",  # self_blend's mask from face landmarks
+                   # reconstruction fakes: off (per_real 0) leaves the whole block out, whatever its other settings
+                   "reconstruct": lambda block: isinstance(block, dict) and not block.get("per_real")},
     "cluster_split": {},
     "grid": {"max_train_per_source": 0},  # GridSpec settings of stage 1's input (the training parts)
 }
 
 
 def omit_later(d: dict[str, Any], section: str) -> dict[str, Any]:
-    """``d`` (a settings mapping) without the :data:`KEY_OMIT_AT` entries of ``section`` at their omit value."""
+    """``d`` (a settings mapping) without the :data:`KEY_OMIT_AT` entries of ``section`` at their omit value (or, for
+    a callable, where it says the setting is off)."""
     out = copy.deepcopy(d)
     for dotted, value in KEY_OMIT_AT[section].items():
         *parents, leaf = dotted.split(".")
         node = out
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+        if isinstance(node, dict) and leaf in node and (value(node[leaf]) if callable(value) else node[leaf] == value):
             del node[leaf]
     return out
 

@@ -138,26 +138,25 @@ def run_grid(spec: GridSpec, work: str | Path, out: str | Path, recipes: list[st
     missing: list[str] = []
     grid: dict = {}
     t0 = time.perf_counter()
+
+    def record(row: str, seed: int, src_name: str, result: dict | None) -> None:
+        """A finished cell (with its robustness pass) into the table, or its name into ``missing``."""
+        nonlocal grid
+        if result is None:
+            missing.append(f"{src_name}/{row}/s{seed}")
+            return
+        rob = run_robustness(spec, row, seed, training_set(src_name, sources), sources, work)
+        cells.append({**result, "robustness": rob} if rob else result)
+        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
+
     for recipe, seed, src_name in grid_cells(spec, recipes):
         if train:
             log.info("benchmark cell: train on %s, recipe %s, seed %d", src_name, recipe, seed)
-            result = run_cell(spec, recipe, seed, training_set(src_name, sources), sources, work)
+            record(recipe, seed, src_name, run_cell(spec, recipe, seed, training_set(src_name, sources), sources, work))
         else:
-            result = finished_cell(spec, recipe, seed, src_name, work)
-            if result is None:
-                missing.append(f"{src_name}/{recipe}/s{seed}")
-                continue
-        rob = run_robustness(spec, recipe, seed, training_set(src_name, sources), sources, work)
-        cells.append({**result, "robustness": rob} if rob else result)
-        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
+            record(recipe, seed, src_name, finished_cell(spec, recipe, seed, src_name, work))
     for name, seed, src_name in ensemble_cells(spec, recipes):
-        result = run_ensemble(spec, name, seed, training_set(src_name, sources), sources, work)
-        if result is None:
-            missing.append(f"{src_name}/{name}/s{seed}")
-            continue
-        rob = run_robustness(spec, name, seed, training_set(src_name, sources), sources, work)
-        cells.append({**result, "robustness": rob} if rob else result)
-        grid = write_grid(cells, spec, out, time.perf_counter() - t0, missing, reference)
+        record(name, seed, src_name, run_ensemble(spec, name, seed, training_set(src_name, sources), sources, work))
     if missing:
         log.warning("%d cell(s) not finished, left out of the table: %s", len(missing), ", ".join(missing))
     if not cells:
