@@ -83,12 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_inputs(paths: list[Path]) -> None:
+    """Every image argument of ``predict`` exists and is a file: one line naming the bad ones, and the command for a
+    folder."""
+    from .serve.service import ServeError
+
+    missing = [str(p) for p in paths if not p.exists()]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if missing:
+        raise ServeError(f"not found: {', '.join(missing)}")
+    if folders:
+        raise ServeError(f"{', '.join(folders)}: a folder; score every image in it with `dfpipe scan "
+                         f"{folders[0]} --out scores.csv`")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .serve.scan import score_paths
     from .serve.service import load_ensemble
 
-    ens = load_ensemble(args.card, args.models, args.device)
     paths = [Path(p) for p in args.images]
+    check_inputs(paths)  # before the models load (seconds): a typo fails at once
+    ens = load_ensemble(args.card, args.models, args.device)
     scores, errors = score_paths(ens, paths, workers=0)
     rows = []
     for p, s in zip(paths, scores):

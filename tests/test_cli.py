@@ -162,3 +162,27 @@ def test_console_script_is_registered_and_runs():
     assert ep.value == "dfpipe.cli:main"
     r = subprocess.run([sys.executable, "-m", "dfpipe.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "scan" in r.stdout and "serve" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["scan out is a folder", "predict a missing file", "predict a folder"])
+def test_bad_inputs_fail_before_the_models_load(case, card, folder, tmp_path, capsys, monkeypatch):
+    """Issue 25: `scan --out DIR` was an IsADirectoryError traceback, and `predict` loaded the models (seconds)
+    before finding that an input is missing or a folder ("Is a directory", no hint). Now one line, exit 2, and the
+    models are never loaded."""
+    from dfpipe.serve import service
+
+    def no_loading(*a, **k):
+        raise AssertionError("the models were loaded before the inputs were checked")
+
+    monkeypatch.setattr(service, "load_ensemble", no_loading)
+    (tmp_path / "outdir").mkdir()
+    args, words = {
+        "scan out is a folder": (["scan", str(folder), "--out", str(tmp_path / "outdir"), *card],
+                                 ["is a folder", str(tmp_path / "outdir" / "scan.csv")]),
+        "predict a missing file": (["predict", str(folder / "a.jpg"), str(tmp_path / "nope.jpg"), *card],
+                                   ["not found", "nope.jpg"]),
+        "predict a folder": (["predict", str(folder), *card], ["a folder", "dfpipe scan"]),
+    }[case]
+    assert main(args) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("dfpipe: error: ") and all(w in err for w in words), err

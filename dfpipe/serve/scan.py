@@ -58,6 +58,8 @@ def plan_scan(root: str | Path, out_csv: str | Path) -> tuple[list[Path], list[P
     root, out_csv = Path(root), Path(out_csv)
     if not root.is_dir():
         raise ServeError(f"{root}: folder not found")
+    if out_csv.is_dir():
+        raise ServeError(f"--out {out_csv}: is a folder; give the CSV file to write, e.g. --out {out_csv / 'scan.csv'}")
     paths = list_images(root)
     if not paths:
         raise ServeError(f"{root}: no images in it or below (looked for {', '.join(IMAGE_EXTENSIONS)})")
