@@ -355,3 +355,19 @@ def test_heads_are_fp32_under_bf16_autocast_so_scores_do_not_collapse(proj_dim, 
     assert distinct > 0.99 * n
     want = torch.softmax(model.head(feats.float()), dim=1)[:, 1]  # the same numbers as without autocast
     torch.testing.assert_close(out["prob"], want)
+
+
+def test_loading_a_checkpoint_does_not_log_missing_weights(tmp_path, caplog):
+    """Issue 25: every CLI command logged `backbone tf_efficientnet_lite0 (none weights)` twice, which reads as
+    missing weights; the random init a checkpoint is loaded into is a debug line now."""
+    import logging
+
+    from conftest import save_expert_checkpoint
+
+    from dfpipe.ensemble_predict import load_expert
+
+    cfg = ExpertConfig(pretrained="none", img_size=32)
+    save_expert_checkpoint(tmp_path / "m" / "best.pt", build_expert(cfg).eval(), cfg, name="m")
+    with caplog.at_level(logging.INFO):
+        load_expert(tmp_path / "m" / "best.pt", torch.device("cpu"))
+    assert not [r for r in caplog.records if "weights" in r.getMessage() and r.levelno >= logging.INFO]

@@ -215,7 +215,10 @@ def create_backbone(name: str, pretrained: str = "bundled", num_classes: int = 0
             raise InputError(f"pretrained checkpoint not found: {path} (pretrained must be one of "
                                     f"{'|'.join(PRETRAINED_MODES)} or a path to a checkpoint file)")
         model = _with_file(name, path, num_classes, kwargs)
-    log.info("backbone %s (%s weights), num_classes=%d", name, pretrained, num_classes)
+    if mode.lower() == "none":  # random init: what a checkpoint's weights are loaded into (CLI, API, stage 5)
+        log.debug("backbone %s built without pretrained weights, num_classes=%d", name, num_classes)
+    else:
+        log.info("backbone %s (%s weights), num_classes=%d", name, pretrained, num_classes)
     return model
 
 
