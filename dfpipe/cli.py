@@ -122,14 +122,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from .serve.scan import plan_scan, scan_folder
-    from .serve.service import load_ensemble
+    from .serve.service import card_model_id, load_ensemble
 
-    paths, todo = plan_scan(args.folder, args.out)  # before loading the models: bad input fails fast
+    model = card_model_id(args.card)  # the card alone: rows of another model are scored again
+    paths, todo = plan_scan(args.folder, args.out, model)  # before loading the models: bad input fails fast
     if not todo:
-        print(f"{args.out}: all {len(paths)} images already there; nothing to do")
+        print(f"{args.out}: all {len(paths)} images already scored by {model}; nothing to do")
         return 0
     ens = load_ensemble(args.card, args.models, args.device)
-    counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers, decode=args.decode)
+    counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers, decode=args.decode,
+                         model=model)
     verdicts = ", ".join(f"{counts[k]} {k}" for k in ("likely real", "uncertain", "likely fake") if counts.get(k))
     print(f"{args.out}: {counts['n_scored']} scored ({verdicts or 'none'}), {counts['n_errors']} errors, "
           f"{counts['n_skipped']} already there")

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from conftest import photo_like, write_jpeg
-from test_serve_api import expected_verdict, make_card
+from test_serve_api import THRESHOLDS, expected_verdict, make_card
 
 from dfpipe.cli import main
 from dfpipe.ensemble_predict import Ensemble
@@ -85,10 +85,40 @@ def test_scan_resumes_after_a_kill_without_duplicates(card, folder, tmp_path, ca
     assert sorted(out.read_text().splitlines()) == sorted(full.splitlines())  # the same rows
     (folder / "new.jpg").write_bytes((folder / "a.jpg").read_bytes())
     assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
-    rows = _rows(out)
-    assert [r["path"] for r in rows[5:]] == ["new.jpg"] and rows[5]["score"] == rows[0]["score"] != ""
+    rows = {r["path"]: r for r in _rows(out)}
+    assert len(_rows(out)) == 6 and rows["new.jpg"]["score"] == rows["a.jpg"]["score"] != ""
+    # rows that ended in an error are tried again (a file fixed meanwhile gets its score); the others stay
+    (folder / "sub" / "broken.jpg").write_bytes((folder / "a.jpg").read_bytes())
+    (folder / "empty.png").unlink()
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    rows = {r["path"]: r for r in _rows(out)}
+    assert len(_rows(out)) == 5 and rows["sub/broken.jpg"]["score"] == rows["a.jpg"]["score"]
     assert main(["scan", str(folder), "--out", str(out), *card]) == 0
-    assert "nothing to do" in capsys.readouterr().out and len(_rows(out)) == 6
+    assert "nothing to do" in capsys.readouterr().out and len(_rows(out)) == 5
+
+
+def test_a_rerun_with_another_model_scores_every_row_again(card, folder, tmp_path):
+    """Issue 25: the CSV had no model column, so after retraining a rerun said "nothing to do" and kept the old
+    scores. Each row names its model (experts and card digest); rows of another model, or of a scan written before
+    the column existed, are scored again."""
+    from dfpipe.serve.service import card_model_id
+
+    out = tmp_path / "results.csv"
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *card]) == 0
+    first = {r["path"]: r for r in _rows(out)}
+    assert {r["model"] for r in first.values()} == {card_model_id(card[3])} and "@" in card_model_id(card[3])
+    models, other = make_card(tmp_path / "retrained", thresholds={**THRESHOLDS, "t_decision": 0.6})
+    args = ["--models", str(models), "--card", str(other), "--device", "cpu"]
+    assert card_model_id(other) != card_model_id(card[3])
+    assert main(["scan", str(folder), "--out", str(out), "--workers", "0", *args]) == 0
+    again = {r["path"]: r for r in _rows(out)}
+    assert sorted(again) == sorted(first) and {r["model"] for r in again.values()} == {card_model_id(other)}
+    # a scan CSV of the former four columns: read, rewritten with the model column, every row scored again
+    old = tmp_path / "old.csv"
+    old.write_text("path,score,verdict,error\na.jpg,0.5,uncertain,\n")
+    assert main(["scan", str(folder), "--out", str(old), "--workers", "0", *card]) == 0
+    assert old.read_text().splitlines()[0] == "path,score,verdict,error,model"
+    assert {r["path"] for r in _rows(old)} == set(first) and all(r["model"] for r in _rows(old))
 
 
 def test_scan_and_predict_face_crop_as_the_checkpoint_says(tmp_path, capsys):

@@ -308,3 +308,22 @@ def test_auto_scoring_workers_leave_two_cores_to_the_model(monkeypatch):
     assert scoring_workers(-1, cpu) == 0 and scoring_workers(-1, cuda) == 1 and scoring_workers(3, cpu) == 3
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert scoring_workers(-1, cpu) == 8 and scoring_workers(-1, cuda) == 8
+
+
+def test_score_files_reports_progress_per_batch(tmp_path, rng):
+    """Issue 25: `scan`'s bar moved once per 512 images; score_files now says how many files each batch settled."""
+    from conftest import photo_like, write_jpeg
+    from test_serve_api import make_card
+
+    from dfpipe.ensemble_predict import Ensemble
+
+    models, card = make_card(tmp_path / "c", tta=("identity",))
+    ens = Ensemble.from_card(card, models, torch.device("cpu"))
+    paths = []
+    for i in range(7):
+        write_jpeg(tmp_path / f"{i}.jpg", photo_like(rng, 40, 48))
+        paths.append(tmp_path / f"{i}.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    calls = []
+    scores, errors = ens.score_files([*paths, tmp_path / "bad.jpg"], batch_size=3, workers=0, progress=calls.append)
+    assert sum(calls) == 8 and len(calls) == 3 and max(calls) <= 3 and len(errors) == 1

@@ -211,11 +211,13 @@ class Ensemble:
     def score_files(self, paths: list[str | Path], batch_size: int = 64, workers: int = -1,
                     degrade: Callable[[np.ndarray], np.ndarray] | None = None,
                     decode: Literal["workers", "device"] = "workers",
+                    progress: Callable[[int], object] | None = None,
                     ) -> tuple[np.ndarray, list[tuple[str, str]]]:
         """Ensemble scores (N,) of image files, decoded in ``workers`` DataLoader processes (-1 = auto).
 
         A file that fails to decode scores NaN (the caller picks a fallback) and is listed in the
-        returned ``[(path, error)]``. ``degrade`` is passed to :class:`FileDataset`.
+        returned ``[(path, error)]``. ``degrade`` is passed to :class:`FileDataset`. ``progress(n)`` is called after
+        each batch with the number of files it settled (a progress bar's ``update``).
 
         ``decode="device"`` (opt-in) has the workers only read the files and decodes the JPEGs that allow
         it on ``self.device`` (nvJPEG on CUDA), resizing there too (:mod:`dfpipe.ensemble_predict.gpu_decode`);
@@ -237,6 +239,8 @@ class Ensemble:
             errors += [(ds.paths[i], e) for i, e in err]
             if len(idx):
                 per_expert[:, idx] = self.score_batch(x)
+            if progress is not None:
+                progress(len(idx) + len(err))
         scores = np.full(len(ds), np.nan)
         good = ~np.isnan(per_expert[0])
         if good.any():

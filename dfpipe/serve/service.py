@@ -125,6 +125,19 @@ def model_id(card: str | Path, names: list[str]) -> str:
     return f"{'+'.join(names)}@{digest}"
 
 
+def card_model_id(card: str | Path) -> str:
+    """:func:`model_id` from the card alone (its experts' names), before any model loads; a ServeError naming the
+    card when it is missing or not a card."""
+    try:
+        names = [e["name"] for e in json.loads(Path(card).read_text(encoding="utf-8"))["experts"]]
+    except FileNotFoundError:
+        raise ServeError(f"{card}: ensemble card not found (make it with dvc repro ensemble_predict, or pass --card)"
+                         ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServeError(f"{card}: not a JSON ensemble card ({type(exc).__name__}: {exc})") from None
+    return model_id(card, names)
+
+
 # ----------------------------------------------------------------------------- uploads
 def b64_to_bytes(text: Any, max_bytes: int) -> bytes:
     """Base64 text (plain, URL-safe, wrapped lines, or a ``data:image/...;base64,`` URL) -> bytes."""
