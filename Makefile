@@ -35,7 +35,7 @@ demo: data/raw
 
 repro: setup data/raw
 	source $(VENV)/bin/activate && dvc repro
-	source $(VENV)/bin/activate && dvc metrics show
+	$(PY) -m dfpipe.cli report   # one short table (dvc metrics show: every number, long lines)
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     s = sub.add_parser("scan", help="score every image under a folder into a CSV (resumable)")
     s.add_argument("folder", help="folder scanned recursively")
-    s.add_argument("--out", required=True, help="CSV to write or resume (columns path,score,verdict,error)")
+    s.add_argument("--out", required=True, help="CSV to write or resume (columns path,score,verdict,error,model)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=-1, help="decoding processes (-1 = auto)")
     s.add_argument("--decode", choices=("workers", "device"), default="workers",
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--insecure", action="store_true",
                    help="listen on a non-loopback address without a token (anyone who reaches it may use it)")
     _common(v)
+    r = sub.add_parser("report", help="the DAG's results in one short table: val, test and held-out AUC, TPR@1e-2")
+    r.add_argument("--params", default="params.yaml", help="params file whose paths: catalog names the reports")
+    r.add_argument("-v", "--verbose", action="store_true", help="log details")
     return ap
 
 
@@ -175,7 +178,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-COMMANDS = {"predict": cmd_predict, "scan": cmd_scan, "serve": cmd_serve}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .layout import Layout
+    from .report import render
+
+    print(render(Layout.load(args.params)), end="")
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "scan": cmd_scan, "serve": cmd_serve, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
