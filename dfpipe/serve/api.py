@@ -155,15 +155,21 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         pixels = image_pixels(data)
         return (pixels if pixels <= settings.max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
 
-    async def prepare(request: Request, datas: list[bytes], explain: bool = False) -> list[Prepared | InputError]:
+    async def prepare(request: Request, datas: list[bytes | InputError], explain: bool = False
+                      ) -> list[Prepared | InputError]:
         """The uploads of a request decoded one after another, each to the experts' inputs (the full image is
         dropped at once), under ONE reservation of the decode budget sized for the largest: a request waits for
         its turn once, then runs to its end (interleaved per image, concurrent batches would all time out half
-        done). A bad image is its InputError in its slot; Busy is raised."""
+        done). A bad image (or an item that was no image to begin with: an InputError already) is its InputError in
+        its slot; Busy is raised."""
         s = state(request)
         out: list[Prepared | InputError] = []
-        async with s.decodes.hold(max(map(decode_cost, datas), default=0)):
+        sizes = [decode_cost(d) for d in datas if isinstance(d, bytes)]
+        async with s.decodes.hold(max(sizes, default=0)):
             for i in range(len(datas)):
+                if isinstance(datas[i], InputError):
+                    out.append(datas[i])
+                    continue
                 try:
                     p = await run_in_threadpool(prepare_upload, s.ensemble, datas[i], settings.max_bytes,
                                                 settings.max_pixels, settings.explain_max_pixels if explain else 0)

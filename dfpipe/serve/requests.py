@@ -45,7 +45,7 @@ def _validated(model: type[BaseModel], payload: Any, key: str, settings: ServeSe
     by_type = {e["type"]: e for e in errors}
     if "too_long" in by_type:
         n = len(payload[key])
-        raise InputError(413, f"{n} images in one request; the limit is {settings.max_batch_images}")
+        raise InputError(422, f"{n} images in one request; the limit is {settings.max_batch_images} images")
     if "string_too_long" in by_type:
         raise InputError(413, f"{_where(by_type['string_too_long']['loc'])} is longer than "
                               f"{settings.max_image_chars} characters: the image limit is {megabytes(settings.max_bytes)}")
@@ -74,7 +74,7 @@ def _where(loc: tuple) -> str:
     return f"'{loc[0]}'" if loc else "the body"
 
 
-async def _json_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
+async def _json_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | InputError]:
     limit = settings.max_batch_bytes if many else settings.max_body_bytes
     payload = parse_json(await _read_capped(request, limit))
     image_model, batch_model = request_models(settings)
@@ -85,7 +85,20 @@ async def _json_images(request: Request, settings: ServeSettings, many: bool) ->
             values = [_validated(image_model, payload, "image", settings).image]  # type: ignore[attr-defined]
     except RecursionError:  # a structure nested deeper than the validator (or its error report) can walk
         raise InputError(400, "request body is nested too deeply") from None
-    return [b64_to_bytes(v, settings.max_bytes) for v in values]
+    if not many:
+        return [b64_to_bytes(values[0], settings.max_bytes)]
+    return [_item_bytes(i, v, settings.max_bytes) for i, v in enumerate(values)]
+
+
+def _item_bytes(i: int, value: str, max_bytes: int) -> bytes | InputError:
+    """One item of a batch: its bytes, or its error (empty, not base64, too large) in its slot, so the other items
+    are still scored; the message names the item."""
+    if not value:
+        return InputError(422, f"images[{i}] is empty: send the image file's bytes in base64")
+    try:
+        return b64_to_bytes(value, max_bytes)
+    except InputError as exc:
+        return InputError(exc.status, f"images[{i}]: {exc}")
 
 
 def parse_json(body: bytes) -> Any:
@@ -134,7 +147,8 @@ async def _form_images(request: Request, limit: int, max_bytes: int, max_files: 
         raise InputError(422, f"{stray}: send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
                               "and nothing else")
     if len(values) > max_files:
-        raise InputError(413, f"{len(values)} images in one request; the limit is {max_files}")
+        raise InputError(422, f"{len(values)} images in one request; the limit is {max_files} images" if max_files > 1
+                         else f"{len(values)} files in one request: this route takes one image (several: /predict/batch)")
     out = []
     try:
         for v in values:
@@ -168,7 +182,7 @@ def _text_part_bytes(value: str, max_bytes: int) -> bytes:
     return check_size(raw, max_bytes)
 
 
-async def request_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
+async def request_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | InputError]:
     ctype = content_type(request)
     if ctype == "application/json":
         return await _json_images(request, settings, many)

@@ -25,8 +25,13 @@ def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseM
     class ImageRequest(BaseModel):
         image: b64 = Field(description=image_doc)
 
+    # a batch item may be any string: an empty or undecodable one is that item's error (its slot of
+    # results), never the whole batch's; hence no format either (nothing is refused for it)
+    item = Annotated[str, Field(max_length=settings.max_image_chars,
+                                description="as 'image' of /predict; an unusable one is an error in its slot")]
+
     class BatchRequest(BaseModel):
-        images: list[b64] = Field(min_length=1, max_length=settings.max_batch_images,
+        images: list[item] = Field(min_length=1, max_length=settings.max_batch_images,
                                   description=f"1 to {settings.max_batch_images} images, each as 'image' of "
                                               f"/predict; the whole body at most {megabytes(settings.max_batch_bytes)}")
 
@@ -110,18 +115,18 @@ def error_responses(settings: ServeSettings, many: bool) -> dict[int | str, dict
     """The 4xx responses of an image endpoint, for ``responses=``."""
     body = megabytes(settings.max_batch_bytes if many else settings.max_body_bytes)
     n = settings.max_batch_images if many else 1
-    too_large = (f"request body over {body}, an image over {megabytes(settings.max_bytes)}" +
-                 (f", more than {n} images" if many else "") +
+    too_large = (f"request body over {body}" + ("" if many else f", the image over {megabytes(settings.max_bytes)}") +
                  f", or a multipart form of more than {n + FORM_SLACK} text fields or files")
-    docs = {400: "body is not valid JSON or not a well-formed multipart form; an image is not valid base64 or "
-                 "decodes to 0 bytes",
+    docs = {400: "body is not valid JSON or not a well-formed multipart form" +
+                 ("" if many else "; the image is not valid base64 or decodes to 0 bytes"),
             411: "multipart upload without a Content-Length header",
             413: too_large,
             415: "content type is neither application/json nor multipart/form-data",
             422: "body does not match the request schema (missing field, wrong type, empty string or list, "
-                 f"a multipart field other than '{FILE_FIELD}')" +
-                 ("; an image that is not usable (unknown format, truncated, too many pixels) is not a 422 here "
-                  "but an error in its slot of the 200 response" if many else
+                 f"a multipart field other than '{FILE_FIELD}'" + (f", more than {n} images)" if many else ")") +
+                 ("; an item that is no usable image (empty, not base64, over "
+                  f"{megabytes(settings.max_bytes)}, unknown format, truncated, too many pixels) is not a 422 here "
+                  "but an error in its slot of the 200 response, with its index" if many else
                   ", or the bytes are not a usable image (unknown format, truncated, too many pixels)")}
     return {code: {"model": Error, "description": text} for code, text in docs.items()}
 

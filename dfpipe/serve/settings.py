@@ -68,4 +68,5 @@ class ServeSettings:
 
 
 def megabytes(n: int) -> str:
-    return f"{n / 2**20:g} MB"
+    """A byte limit as people read it: ``20 MB``, ``30.1 MB``, ``64 KB`` (one decimal at most)."""
+    return f"{round(n / 2**20, 1):g} MB" if n >= 2**20 else f"{round(n / 2**10, 1):g} KB"
