@@ -476,3 +476,38 @@ def test_gpu_determinism_settings(monkeypatch):
     finally:
         cudnn.benchmark, cudnn.deterministic = saved[:2]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_a_killed_run_leaves_a_best_pt_that_stage_5_refuses_until_resumed(pool, monkeypatch):
+    """Stage 4 killed in epoch 2 of 3: its best.pt (epoch 1) is refused by load_expert (stage 5, the CLI and the
+    API load experts through it) with one line naming the expert and the resume command; resumed, it loads."""
+    from dfpipe.ensemble_predict.experts import load_expert
+    from dfpipe.errors import DataError
+
+    setup = _cfg(pool, "models_k")
+    real_epoch = kill_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, pool, "k")
+    best = pool / "models_k" / "e" / "best.pt"
+    assert best.is_file()
+    with pytest.raises(DataError) as err:
+        load_expert(best, torch.device("cpu"))
+    msg = str(err.value)
+    assert msg == f"{pool / 'models_k' / 'e'}: training stopped at epoch 1 of 3; resume it with dvc repro train_experts@e"
+    assert "\n" not in msg
+    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
+    _run(setup, pool, "k")
+    assert _load(best)["training"] == {"epoch": 3, "epochs": 3, "finished": True}
+    assert load_expert(best, torch.device("cpu")).name == "e"
+
+
+def test_early_stopping_counts_as_finished(pool, monkeypatch):
+    from dfpipe.ensemble_predict.experts import load_expert
+
+    aucs = iter([0.6, 0.7, 0.65, 0.7])
+    real_summary = loop.summary
+    monkeypatch.setattr(loop, "summary", lambda y, p: {**real_summary(y, p), "auc": next(aucs)})
+    _run(_cfg(pool, "models_s", epochs=6, patience=2, loss=LossWeights(kl=0.0)), pool, "s")
+    best = pool / "models_s" / "e" / "best.pt"
+    assert _load(best)["training"] == {"epoch": 4, "epochs": 6, "finished": True}
+    assert load_expert(best, torch.device("cpu")).name == "e"

@@ -7,6 +7,11 @@ expert's config but for ``img_size`` / ``input_mode``, which are ``description["
 ``name``. :func:`dfpipe.ensemble_predict.experts.read_checkpoint` also reads format 1 (the size stored three
 times) and refuses older or unknown files with one line saying to retrain.
 
+``best.pt`` also holds ``training``: ``{"epoch": last epoch run, "epochs": planned, "finished": bool}``, rewritten
+at every epoch end (:func:`mark_training`), so a run killed mid-way leaves a ``best.pt`` that says so and
+:func:`dfpipe.ensemble_predict.experts.load_expert` refuses it (early stopping counts as finished). A file without
+the record predates it and is taken as finished.
+
 ``last.pt`` is written atomically at the end of every epoch. It holds everything needed to continue
 exactly where the run stopped: model, optimizer, scheduler and EMA states (EMA None when off), the
 history rows, the best metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader
@@ -46,15 +51,32 @@ LAST_FORMAT = 3  # 2: no timings in the history, CUDA RNG of the current device 
 TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
+def training_record(epoch: int, epochs: int, finished: bool) -> dict:
+    """``best.pt``'s ``training`` entry: the last epoch run, the planned epochs, whether the run ended."""
+    return {"epoch": epoch, "epochs": epochs, "finished": finished}
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, stage1: Stage1, ecfg: ExpertConfig, name: str,
-                    metrics: dict) -> None:
+                    metrics: dict, training: dict | None = None) -> None:
     """Save the weights and buffers of ``model`` (the EMA's model when there is one), its description (with
-    its input contract) and ``stage1``, the record of the images it was trained on."""
+    its input contract), ``stage1``, the record of the images it was trained on, and ``training``
+    (:func:`training_record`; default: a finished run of ``ecfg.epochs``)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     config = {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in INPUT_KEYS}
     ckpt = {"format": CHECKPOINT_FORMAT, "name": name, "description": model.describe(),
-            "stage1": dataclasses.asdict(stage1), "state_dict": state, "config": config, "metrics": metrics}
-    save_torch(ckpt, path)
+            "stage1": dataclasses.asdict(stage1), "state_dict": state, "config": config, "metrics": metrics,
+            "training": training or training_record(ecfg.epochs, ecfg.epochs, True)}
+    save_torch(_canonical(ckpt), path)
+
+
+def mark_training(path: Path, training: dict) -> None:
+    """Rewrite ``best.pt``'s ``training`` entry (an epoch that did not beat the best still moves it on).
+
+    Canonical pickles (:func:`_canonical`) make the rewrite's bytes depend on the values only, so a resumed
+    run's ``best.pt`` is the uninterrupted run's to the byte."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["training"] = training
+    save_torch(_canonical(ckpt), path)
 
 
 def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -> str:
