@@ -25,6 +25,7 @@ any store size, and DataLoader workers can share a reader (it reopens its files 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -191,12 +192,47 @@ def store_bytes_on_disk(folder: str | Path) -> int:
 
 STORE_RECORD = "store.json"
 STORE_FORMAT = 1
+MANIFEST = "manifest.csv"
 
 
-def write_store_record(folder: Path, s1: Stage1) -> None:
+def write_store_record(folder: Path, s1: Stage1, manifest_rows: int | None = None) -> None:
     """``store.json``: the store's format and how its images were made (read by training, which writes it
-    into every checkpoint: see :mod:`dfpipe.data.preprocess`)."""
-    write_json(folder / STORE_RECORD, {"format": STORE_FORMAT, "stage1": dataclasses.asdict(s1)})
+    into every checkpoint: see :mod:`dfpipe.data.preprocess`); with ``manifest_rows``, also the row count and
+    sha256 of the folder's (already written) ``manifest.csv``, which readers verify (:func:`check_manifest`)."""
+    rec: dict = {"format": STORE_FORMAT, "stage1": dataclasses.asdict(s1)}
+    if manifest_rows is not None:
+        rec["manifest"] = {"rows": int(manifest_rows), "sha256": _sha256(Path(folder) / MANIFEST)}
+    write_json(Path(folder) / STORE_RECORD, rec)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_manifest(folder: str | Path, stage: str) -> int | None:
+    """Verify ``<folder>/manifest.csv`` against the row count and sha256 its ``store.json`` records, before
+    it is parsed; returns the recorded row count (None: a store from before the record, not checked).
+    A cut or edited manifest is one line naming the file; ``stage`` says which stage to rerun."""
+    folder = Path(folder)
+    try:
+        rec = json.loads((folder / STORE_RECORD).read_text()).get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable record: read_store_record reports it where the record is needed
+    if not isinstance(rec, dict):
+        return None
+    path = folder / MANIFEST
+    if _sha256(path) != rec.get("sha256"):
+        data, n = path.read_bytes(), rec.get("rows")
+        rows = max(data.count(b"\n") - 1, 0)  # whole data rows after the header (a hint for the message)
+        if not data.endswith(b"\n"):
+            what = f"cut mid-row after {rows} of {n} rows"
+        elif rows < n:
+            what = f"cut short: {rows} of {n} rows"
+        else:
+            what = "edited"
+        raise DataError(f"{path}: {what} (it does not match the sha256 in {folder / STORE_RECORD}); rerun {stage}")
+    return int(rec["rows"])
 
 
 def read_store_record(folder: str | Path) -> Stage1:
