@@ -275,3 +275,45 @@ def test_a_stage_2_manifest_is_verified_too(tmp_path, rng):
     _damage(aug / "manifest.csv", "cut_at_row")
     with pytest.raises(DataError, match=r"aug/manifest.csv: cut short: 1 of 2 rows .* rerun stage 2"):
         load_pool(layout.prepared, aug)
+
+
+# --------------------------------------------------------------------------- per-image checksums
+def test_bytes_overwritten_inside_a_shard_are_refused_naming_shard_and_image(tmp_path, rng):
+    """Same-size damage inside a stage-1 shard: reading that image (the path of stages 2-5) is a one-line
+    DataError naming the shard and the image, never other pixels; the other images still read."""
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": [photo_like(rng, 40, 50) for _ in range(4)], "val": [photo_like(rng, 40, 50) for _ in range(2)]})
+    layout, _ = _prepare(tmp_path, raw)
+    pool = load_pool(layout.prepared)
+    row = pool.iloc[2]
+    shard = row.cache_path
+    before = [StoreReader().image(p, i) for p, i in zip(pool.cache_path, pool.cache_index)]
+    entries = np.load(str(shard)[: -len(".bin")] + ".idx.npy")  # (offset, length, crc32) rows
+    offset, n = int(entries[row.cache_index, 0]), int(entries[row.cache_index, 1])
+    with open(shard, "r+b") as fh:  # a few bytes mid-image, same size (JPEG data still decodes: wrong pixels)
+        fh.seek(offset + n // 2)
+        old = fh.read(8)
+        fh.seek(offset + n // 2)
+        fh.write(bytes(b ^ 0x5A for b in old))
+    reader = StoreReader()
+    with pytest.raises(DataError) as err:
+        reader.image(shard, int(row.cache_index))
+    msg = str(err.value)
+    assert msg.startswith(f"{shard}: image {row.cache_index} does not match its crc32") and "\n" not in msg
+    for k, (p, i) in enumerate(zip(pool.cache_path, pool.cache_index)):
+        if (p, i) != (shard, row.cache_index):
+            np.testing.assert_array_equal(reader.image(p, i), before[k])
+    with pytest.raises(DataError, match="does not match its crc32"):  # a DataLoader's dataset reads the same way
+        StoreDataset(pool.iloc[[2]], [InputPolicy("resize", 32)])[0]
+
+
+def test_an_index_without_checksums_is_still_read(tmp_path, rng):
+    """A store from before the checksums ((n, 2) indexes) reads as before, unchecked."""
+    img = photo_like(rng, 30, 40)
+    write_png_shard(tmp_path / "s-000000.bin", [img])
+    idx = tmp_path / "s-000000.idx.npy"
+    np.save(idx, np.load(idx)[:, :2])
+    np.testing.assert_array_equal(StoreReader().image(tmp_path / "s-000000.bin", 0), img)
+    np.save(idx, np.zeros((1, 5), np.int64))
+    with pytest.raises(DataError, match=r"shard index of shape \(1, 5\)"):
+        StoreReader().read(tmp_path / "s-000000.bin", 0)

@@ -14,7 +14,10 @@ Either way, decoding the stored bytes with :func:`dfpipe.data.images.decode_imag
 image stage 1 made: the "stage-1 image" of :mod:`dfpipe.data.preprocess`.
 
 Layout: a shard is ``<name>.bin`` (the encoded images back to back) plus ``<name>.idx.npy``, an int64
-(n, 2) array of (offset, length) per image (length 0 = no image at that position: a file that failed).
+(n, 3) array of (offset, length, crc32 of the bytes) per image (length 0 = no image at that position: a file
+that failed). Every read checks the crc32 (zlib's, a few GB/s: see ``reports/bench/bench_prepare.json``), so
+bytes overwritten inside a shard are a one-line error naming the shard and the image, never other pixels; an
+(n, 2) index of a store from before the checksums is read unchecked.
 A manifest row points at an image with ``cache_file`` (the shard's file name, relative to the store
 folder) and ``cache_index`` (its position in the shard). A shard is written to a temporary name and
 renamed into place (:meth:`ShardWriter.commit`), so a killed writer never leaves half a shard under the
@@ -28,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -83,7 +87,7 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
-        self.entries: list[tuple[int, int]] = []
+        self.entries: list[tuple[int, int, int]] = []
         self.pos = 0
 
     def add(self, data: bytes | None) -> int:
@@ -91,7 +95,7 @@ class ShardWriter:
         n = len(data) if data else 0
         if n:
             self.fh.write(data)
-        self.entries.append((self.pos, n))
+        self.entries.append((self.pos, n, zlib.crc32(data) if n else 0))
         self.pos += n
         return len(self.entries) - 1
 
@@ -101,7 +105,7 @@ class ShardWriter:
         idx = index_path(self.path)
         idx_tmp = idx.with_name(idx.name + ".tmp")
         with open(idx_tmp, "wb") as fh:
-            np.save(fh, np.asarray(self.entries, dtype=np.int64).reshape(-1, 2))
+            np.save(fh, np.asarray(self.entries, dtype=np.int64).reshape(-1, 3))
         os.replace(idx_tmp, idx)
         os.replace(self.tmp, self.path)
         return self.path
@@ -128,9 +132,12 @@ class StoreReader:
         if idx is None:
             path = index_path(shard)
             try:
-                idx = self._index[shard] = np.load(path)
+                idx = np.load(path)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{path}: cannot read the shard index ({exc}); rerun the stage that wrote it") from None
+            if idx.ndim != 2 or idx.shape[1] not in (2, 3):  # (offset, length[, crc32]) rows
+                raise DataError(f"{path}: a shard index of shape {idx.shape}, not (n, 3); rerun the stage that wrote it")
+            self._index[shard] = idx
         return idx
 
     def _fd(self, shard: str) -> int:
@@ -155,12 +162,15 @@ class StoreReader:
         entries = self._entries(shard)
         if not 0 <= index < len(entries):
             raise DataError(f"{shard}: no image {index} (the shard holds {len(entries)})")
-        offset, n = (int(v) for v in entries[index])
+        offset, n = int(entries[index, 0]), int(entries[index, 1])
         if n == 0:
             raise DataError(f"{shard}: position {index} holds no image (it failed in the stage that wrote it)")
         data = os.pread(self._fd(shard), n, offset)
         if len(data) != n:
             raise DataError(f"{shard}: image {index} is cut short ({len(data)} of {n} bytes); rerun its stage")
+        if entries.shape[1] > 2 and zlib.crc32(data) != int(entries[index, 2]):
+            raise DataError(f"{shard}: image {index} does not match its crc32 in {index_path(shard).name} (the shard "
+                            "is damaged); rerun the stage that wrote it")
         return data
 
     def image(self, shard: str | Path, index: int) -> np.ndarray:
