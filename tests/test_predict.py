@@ -308,3 +308,36 @@ def test_auto_scoring_workers_leave_two_cores_to_the_model(monkeypatch):
     assert scoring_workers(-1, cpu) == 0 and scoring_workers(-1, cuda) == 1 and scoring_workers(3, cpu) == 3
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert scoring_workers(-1, cpu) == 8 and scoring_workers(-1, cuda) == 8
+
+
+def test_roc_png_is_written_atomically_and_readable_by_others(tmp_path, monkeypatch):
+    """A plot that fails half-way leaves the previous roc.png whole (no partial file under the real name, no temp
+    file); a written one has the mode a plain open gives (0644 under umask 022, not mkstemp's 0600)."""
+    import os
+
+    import matplotlib.figure
+
+    from dfpipe.ensemble_predict.reports import plot_roc
+
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    curves = {"ensemble": np.array([0.1, 0.9, 0.3, 0.7, 0.6, 0.2])}
+    png = tmp_path / "reports" / "roc.png"
+    old = os.umask(0o022)
+    try:
+        plot_roc(png, labels, curves)
+    finally:
+        os.umask(old)
+    first = png.read_bytes()
+    assert first.startswith(b"\x89PNG") and png.stat().st_mode & 0o777 == 0o644
+    real = matplotlib.figure.Figure.savefig
+
+    def dies_half_way(self, fname, *args, **kwargs):
+        real(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        plot_roc(png, labels, {"ensemble": curves["ensemble"][::-1]})
+    assert png.read_bytes() == first and sorted(p.name for p in png.parent.iterdir()) == ["roc.png"]

@@ -511,3 +511,30 @@ def test_early_stopping_counts_as_finished(pool, monkeypatch):
     best = pool / "models_s" / "e" / "best.pt"
     assert _load(best)["training"] == {"epoch": 4, "epochs": 6, "finished": True}
     assert load_expert(best, torch.device("cpu")).name == "e"
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (what a planted last.pt could hold)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_last_pt_as_weights_only_and_never_runs_its_code(pool, tmp_path, caplog):
+    """last.pt holds tensors and plain values only (numpy's RNG state as a list), so resume reads it with
+    weights_only=True: a planted file that would run code on load is refused (a fresh start), not executed."""
+    from dfpipe.train_experts.checkpoint import load_resumable
+
+    setup = _cfg(pool, "models_w", epochs=1)
+    _run(setup, pool, "w")
+    last = pool / "models_w" / "e" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # a real last.pt loads safely
+    assert isinstance(ckpt["rng"]["numpy"][1], list)
+    marker = tmp_path / "ran"
+    torch.save({**ckpt, "finished": False, "payload": _RunsCode(marker)}, last)
+    with caplog.at_level("WARNING", logger="dfpipe.train_experts.checkpoint"):
+        assert load_resumable(last.parent, ckpt["key"]) is None
+    assert not marker.exists() and "cannot read" in caplog.text

@@ -17,6 +17,7 @@ exactly where the run stopped: model, optimizer, scheduler and EMA states (EMA N
 history rows, the best metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader
 generator; dropout is re-seeded per epoch and rank anyway, see :func:`.distributed.rank_seed`). A run
 killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
+It holds tensors and plain values only and is read with ``weights_only=True``: a planted file cannot run code.
 
 Both files are deterministic for a fixed seed, config and data (``models/<name>`` keeps its DVC hash
 from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the training logs (:mod:`.logs`).
@@ -47,7 +48,9 @@ log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("img_size", "input_mode")  # ExpertConfig keys a checkpoint holds as description["input"] only
 
-LAST_FORMAT = 3  # 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA
+# 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA; 4: plain types and
+# tensors only (numpy's RNG state as a list), read with weights_only=True
+LAST_FORMAT = 4
 TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
@@ -90,7 +93,10 @@ def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -
 
 
 def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as plain values: an ndarray would need unpickling arbitrary globals (weights_only=False)
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state(),
              "loader": loader_generator.get_state()}
     if torch.cuda.is_available():
         # this process's device only: under DDP rank r restores it onto its own cuda:r
@@ -143,8 +149,9 @@ def load_resumable(out_dir: Path, key: dict) -> dict | None:
         log.info("no %s: starting fresh", path)
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt or foreign file must not stop training
+        # tensors and plain values only: a file that wants to run code is refused, not executed
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt, foreign or older (format < 4) file must not stop training
         log.warning("cannot read %s (%s): starting fresh", path, exc)
         return None
     if ckpt.get("format") != LAST_FORMAT or ckpt.get("key") != key:
