@@ -6,9 +6,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +40,31 @@ def umask() -> int:
 def temp_prefix(path: str | Path) -> str:
     """The start of every temp name :func:`atomic_path` makes for ``path``: ``.<name>.`` (then random, ``.tmp``)."""
     return f".{Path(path).name}."
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .<name>.<mkstemp's 8 random characters>.tmp
+
+
+def remove_stale_temps(outputs: Iterable[str | Path]) -> list[Path]:
+    """Delete the temp files a killed :func:`atomic_path` left for ``outputs``: ``.<name>.<random>.tmp`` beside
+    each, and every such name inside one that is a folder (the stage owns all of it). Nothing else is touched.
+    A stage calls this as it starts (:func:`dfpipe.harness.stage`); returns what was removed."""
+    removed = []
+    for out in map(Path, outputs):
+        beside = out.parent.glob(f"{glob_escape(temp_prefix(out))}*.tmp") if out.parent.is_dir() else []
+        inside = out.rglob(".*.tmp") if out.is_dir() else []
+        for p in [*beside, *inside]:
+            if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(name)
 
 
 @contextlib.contextmanager
