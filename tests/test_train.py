@@ -538,3 +538,36 @@ def test_resume_reads_last_pt_as_weights_only_and_never_runs_its_code(pool, tmp_
     with caplog.at_level("WARNING", logger="dfpipe.train_experts.checkpoint"):
         assert load_resumable(last.parent, ckpt["key"]) is None
     assert not marker.exists() and "cannot read" in caplog.text
+
+
+def test_stage_5_the_cli_and_the_api_refuse_an_expert_whose_retraining_was_killed(pool, monkeypatch, tmp_path, capsys):
+    """A finished expert and its card; then stage 4 retrains it (another lr) and is killed in epoch 2 of 2. Stage 5
+    (Ensemble.load), the CLI and the API (load_ensemble) each stop with the one line naming the expert and the
+    resume command, instead of scoring the half-trained epoch-1 weights."""
+    import cv2
+
+    from dfpipe.cli import main
+    from dfpipe.ensemble_predict import Ensemble
+    from dfpipe.errors import DataError
+    from dfpipe.io import write_json
+    from dfpipe.serve.service import ServeError, load_ensemble
+
+    cpu = torch.device("cpu")
+    models, card = pool / "models_r", tmp_path / "ensemble.json"
+    _run(_cfg(pool, "models_r", epochs=2), pool, "r")
+    write_json(card, Ensemble.load(models, ["e"], ["identity"], "mean_prob", cpu).card({"t_decision": 0.5}))
+    kill_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(pool, "models_r", epochs=2, lr=1e-3), pool, "r")
+    line = f"{models / 'e'}: training stopped at epoch 1 of 2; resume it with dvc repro train_experts@e"
+    with pytest.raises(DataError) as err:
+        Ensemble.load(models, ["e"], ["identity"], "mean_prob", cpu)
+    assert str(err.value) == line
+    with pytest.raises(ServeError) as err:
+        load_ensemble(card, models, "cpu", serving=True)
+    assert str(err.value).endswith(line) and "\n" not in str(err.value)
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((SIZE, SIZE, 3), np.uint8))
+    capsys.readouterr()
+    assert main(["predict", str(img), "--card", str(card), "--models", str(models), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"dfpipe: error: {line}"
