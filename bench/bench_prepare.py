@@ -11,6 +11,13 @@ came, ``n_original`` / ``n_png`` say how each image was stored). Memory: the pea
 RSS of the process tree (the stage and its decode workers), sampled every 50 ms from outside, plus
 ``ru_maxrss`` of the stage process and of its largest worker. Bounded memory means the peak at the
 largest size is within 20% of the peak at the smallest one (``bounded`` in the JSON).
+
+Checksums (``checksum`` in the JSON): every stored image carries a crc32 that stage 1 computes once when it
+writes it and every reader checks (:mod:`dfpipe.data.store`). On the largest store this times zlib.crc32 over
+every stored image (the work the checksums add, written or read) against stage 1's wall time and against
+reading + decoding every image through :class:`~dfpipe.data.store.StoreReader` (the checked path; scoring does
+this and then runs the experts, so the share of scoring is lower still). Goal: < 5% of each. Also the
+manifest's sha256 check (``manifest_check_seconds``, part of ``load_manifest_seconds``).
 """
 
 from __future__ import annotations
@@ -113,6 +120,45 @@ def run_stage(cfg: list[dict]) -> dict:
     return res
 
 
+def checksum_cost(store: Path, stage_seconds: float, repeats: int = 3) -> dict:
+    """Time of crc32 over every image of ``store`` against stage 1 (``stage_seconds``) and against reading and
+    decoding every image (best of ``repeats``, warm page cache: the checksum's share is largest then)."""
+    import zlib
+
+    from dfpipe.data.images import decode_image
+    from dfpipe.data.store import SHARD_SUFFIX, StoreReader, index_path
+
+    items = [(str(shard), k) for shard in sorted(store.glob(f"*{SHARD_SUFFIX}"))
+             for k, (_, n, *_) in enumerate(np.load(index_path(shard))) if n]
+    datas = [StoreReader().read(s, k) for s, k in items]
+    crc, read = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for d in datas:
+            zlib.crc32(d)
+        crc.append(time.perf_counter() - t0)
+        reader = StoreReader()
+        t0 = time.perf_counter()
+        for s, k in items:
+            decode_image(reader.read(s, k))
+        read.append(time.perf_counter() - t0)
+    from dfpipe.data.samples import load_manifest
+    from dfpipe.data.store import check_manifest
+
+    sha, man = [], []
+    for _ in range(repeats):  # the manifest's sha256, checked before each parse, against the whole load
+        t0 = time.perf_counter()
+        check_manifest(store, "stage 1")
+        sha.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        load_manifest(store)
+        man.append(time.perf_counter() - t0)
+    return {"manifest_check_seconds": min(sha), "load_manifest_seconds": min(man),
+            "n_images": len(items), "bytes": sum(map(len, datas)), "crc32_seconds": min(crc),
+            "crc32_mb_per_s": sum(map(len, datas)) / min(crc) / 1e6, "read_decode_seconds": min(read),
+            "share_of_stage1": min(crc) / stage_seconds, "share_of_read_decode": min(crc) / min(read)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -140,6 +186,8 @@ def main() -> None:
                      "prepare_report": str(tmp / f"r{n}.json"), "duplicates": str(tmp / f"d{n}.csv")}
             result["runs"][str(n)] = run_stage([cfg, paths])
             print(f"{n} images: {result['runs'][str(n)]}", file=sys.stderr)
+        hi_n = str(max(sizes))
+        result["checksum"] = checksum_cost(tmp / f"p{hi_n}", result["runs"][hi_n]["seconds"])
     lo, hi = result["runs"][str(min(sizes))], result["runs"][str(max(sizes))]
     result["peak_rss_ratio_largest_vs_smallest"] = hi["peak_tree_rss_mb"] / lo["peak_tree_rss_mb"]
     result["bounded"] = abs(result["peak_rss_ratio_largest_vs_smallest"] - 1) < 0.2

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import UserError
-from .io import setup_logging
+from .io import remove_stale_temps, setup_logging
 
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,14 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         sys.exit(USER_ERROR_EXIT)
 
 
+def stage_outputs(layout, name: str, expert: str | None = None) -> list[str]:
+    """The paths stage ``name`` writes (of one expert only, for ``train_experts --expert``: another expert may be
+    training beside it)."""
+    if name == "train_experts" and expert:
+        return [os.path.join(layout.models, expert), os.path.join(layout.train_logs, expert)]
+    return [getattr(layout, entry) for entry in type(layout).entries(name)]
+
+
 def stage(name: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Run stage ``name`` as a script: parse the command line (``extra`` adds the stage's own options, passed to
     its ``run`` as keyword arguments), load its section and the layout, call ``dfpipe.<name>.run``."""
@@ -59,6 +67,10 @@ def stage(name: str, description: str, extra: Callable[[argparse.ArgumentParser]
         cfg = load_section(STAGE_CONFIGS[name], name, args.params)
         layout = Layout.load(args.params)
         options = {k: v for k, v in vars(args).items() if k not in ("params", "verbose")}
+        removed = remove_stale_temps(stage_outputs(layout, name, options.get("expert")))
+        if removed:
+            log.info("removed %d stale temp file(s) of %s (a killed run's): %s", len(removed), name,
+                     ", ".join(map(str, removed[:5])) + (" ..." if len(removed) > 5 else ""))
         importlib.import_module(f"dfpipe.{name}").run(cfg, layout, **options)
 
     run(main, args)

@@ -6,9 +6,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,16 +24,62 @@ def work_dir(out_dir: str | Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` sets it as it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_prefix(path: str | Path) -> str:
+    """The start of every temp name :func:`atomic_path` makes for ``path``: ``.<name>.`` (then random, ``.tmp``)."""
+    return f".{Path(path).name}."
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .<name>.<mkstemp's 8 random characters>.tmp
+
+
+def remove_stale_temps(outputs: Iterable[str | Path]) -> list[Path]:
+    """Delete the temp files a killed :func:`atomic_path` left for ``outputs``: ``.<name>.<random>.tmp`` beside
+    each, and every such name inside one that is a folder (the stage owns all of it). Nothing else is touched.
+    A stage calls this as it starts (:func:`dfpipe.harness.stage`); returns what was removed."""
+    removed = []
+    for out in map(Path, outputs):
+        beside = out.parent.glob(f"{glob_escape(temp_prefix(out))}*.tmp") if out.parent.is_dir() else []
+        inside = out.rglob(".*.tmp") if out.is_dir() else []
+        for p in [*beside, *inside]:
+            if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temp path beside ``path`` (a unique name: two runs never share one); rename it onto ``path`` only
+    if the block succeeds, with the mode a plain ``open`` would give (0644 under the usual umask; ``mkstemp``
+    makes 0600, which another account could not read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -327,3 +327,36 @@ def test_score_files_reports_progress_per_batch(tmp_path, rng):
     calls = []
     scores, errors = ens.score_files([*paths, tmp_path / "bad.jpg"], batch_size=3, workers=0, progress=calls.append)
     assert sum(calls) == 8 and len(calls) == 3 and max(calls) <= 3 and len(errors) == 1
+
+
+def test_roc_png_is_written_atomically_and_readable_by_others(tmp_path, monkeypatch):
+    """A plot that fails half-way leaves the previous roc.png whole (no partial file under the real name, no temp
+    file); a written one has the mode a plain open gives (0644 under umask 022, not mkstemp's 0600)."""
+    import os
+
+    import matplotlib.figure
+
+    from dfpipe.ensemble_predict.reports import plot_roc
+
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    curves = {"ensemble": np.array([0.1, 0.9, 0.3, 0.7, 0.6, 0.2])}
+    png = tmp_path / "reports" / "roc.png"
+    old = os.umask(0o022)
+    try:
+        plot_roc(png, labels, curves)
+    finally:
+        os.umask(old)
+    first = png.read_bytes()
+    assert first.startswith(b"\x89PNG") and png.stat().st_mode & 0o777 == 0o644
+    real = matplotlib.figure.Figure.savefig
+
+    def dies_half_way(self, fname, *args, **kwargs):
+        real(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        plot_roc(png, labels, {"ensemble": curves["ensemble"][::-1]})
+    assert png.read_bytes() == first and sorted(p.name for p in png.parent.iterdir()) == ["roc.png"]

@@ -220,3 +220,100 @@ def test_load_pool_reads_only_the_manifest_columns_it_uses(tmp_path):
     assert pool.source_uid.tolist() == ["train/a.jpg", "val/b.jpg", "train/e.jpg", "train/a.jpg"]
     man = load_manifest(prep, columns=("uid", "cache_index", "dup_group"))  # a column the file lacks: left out
     assert list(man.columns) == ["uid", "cache_index"] and len(man) == 4
+
+
+# --------------------------------------------------------------------------- manifest integrity
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    if how == "cut_at_row":  # the header and half the rows: parses cleanly, rows silently missing
+        path.write_bytes(b"".join(lines[: 1 + (len(lines) - 1) // 2]))
+    elif how == "cut_mid_row":
+        path.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    else:  # edited in place, same size: one image's label flipped
+        row = lines[2].split(b",")
+        label = row.index(b"0") if b"0" in row else row.index(b"1")
+        row[label] = b"1" if row[label] == b"0" else b"0"
+        path.write_bytes(b"".join(lines[:2] + [b",".join(row)] + lines[3:]))
+    assert path.read_bytes() != data
+
+
+@pytest.mark.parametrize("how", ["cut_at_row", "cut_mid_row", "edited"])
+def test_a_cut_or_edited_manifest_is_refused_naming_the_file(tmp_path, rng, how):
+    from dfpipe.data.samples import load_manifest
+
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": [photo_like(rng, 40, 50) for _ in range(6)], "val": [photo_like(rng, 40, 50) for _ in range(4)]})
+    layout, _ = _prepare(tmp_path, raw)
+    assert len(load_manifest(layout.prepared)) == 10 and len(load_pool(layout.prepared)) == 10
+    man = tmp_path / "p" / "manifest.csv"
+    _damage(man, how)
+    for read in (lambda: load_manifest(layout.prepared, ok_only=False), lambda: load_pool(layout.prepared)):
+        with pytest.raises(DataError) as err:
+            read()
+        msg = str(err.value)
+        assert msg.startswith(f"{man}: ") and "\n" not in msg and "rerun stage 1" in msg
+        assert {"cut_at_row": "cut short: 5 of 10 rows", "cut_mid_row": "cut mid-row after 2 of 10 rows",
+                "edited": "edited"}[how] in msg
+
+
+def test_a_stage_2_manifest_is_verified_too(tmp_path, rng):
+    """Stage 2's store records its manifest the same way; load_pool checks it."""
+    from dfpipe.data.store import write_store_record
+
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": [photo_like(rng, 40, 50) for _ in range(4)], "val": [photo_like(rng, 40, 50) for _ in range(2)]})
+    layout, _ = _prepare(tmp_path, raw)
+    aug = tmp_path / "aug"
+    aug.mkdir()
+    write_png_shard(aug / "images-000000.bin", [photo_like(rng, 40, 50) for _ in range(2)])
+    pd.DataFrame({"uid": ["aug/a.png", "aug/b.png"], "img_name": ["a.png", "b.png"], "label": [1, 1],
+                  "source_uid": ["train/train0.jpg"] * 2, "donor_uid": ["", ""], "method": ["m", "m"],
+                  "cache_file": ["images-000000.bin"] * 2, "cache_index": [0, 1]}).to_csv(aug / "manifest.csv", index=False)
+    write_store_record(aug, Stage1(), manifest_rows=2)
+    assert len(load_pool(layout.prepared, aug)) == 8
+    _damage(aug / "manifest.csv", "cut_at_row")
+    with pytest.raises(DataError, match=r"aug/manifest.csv: cut short: 1 of 2 rows .* rerun stage 2"):
+        load_pool(layout.prepared, aug)
+
+
+# --------------------------------------------------------------------------- per-image checksums
+def test_bytes_overwritten_inside_a_shard_are_refused_naming_shard_and_image(tmp_path, rng):
+    """Same-size damage inside a stage-1 shard: reading that image (the path of stages 2-5) is a one-line
+    DataError naming the shard and the image, never other pixels; the other images still read."""
+    raw = tmp_path / "raw"
+    _layout(raw, {"train": [photo_like(rng, 40, 50) for _ in range(4)], "val": [photo_like(rng, 40, 50) for _ in range(2)]})
+    layout, _ = _prepare(tmp_path, raw)
+    pool = load_pool(layout.prepared)
+    row = pool.iloc[2]
+    shard = row.cache_path
+    before = [StoreReader().image(p, i) for p, i in zip(pool.cache_path, pool.cache_index)]
+    entries = np.load(str(shard)[: -len(".bin")] + ".idx.npy")  # (offset, length, crc32) rows
+    offset, n = int(entries[row.cache_index, 0]), int(entries[row.cache_index, 1])
+    with open(shard, "r+b") as fh:  # a few bytes mid-image, same size (JPEG data still decodes: wrong pixels)
+        fh.seek(offset + n // 2)
+        old = fh.read(8)
+        fh.seek(offset + n // 2)
+        fh.write(bytes(b ^ 0x5A for b in old))
+    reader = StoreReader()
+    with pytest.raises(DataError) as err:
+        reader.image(shard, int(row.cache_index))
+    msg = str(err.value)
+    assert msg.startswith(f"{shard}: image {row.cache_index} does not match its crc32") and "\n" not in msg
+    for k, (p, i) in enumerate(zip(pool.cache_path, pool.cache_index)):
+        if (p, i) != (shard, row.cache_index):
+            np.testing.assert_array_equal(reader.image(p, i), before[k])
+    with pytest.raises(DataError, match="does not match its crc32"):  # a DataLoader's dataset reads the same way
+        StoreDataset(pool.iloc[[2]], [InputPolicy("resize", 32)])[0]
+
+
+def test_an_index_without_checksums_is_still_read(tmp_path, rng):
+    """A store from before the checksums ((n, 2) indexes) reads as before, unchecked."""
+    img = photo_like(rng, 30, 40)
+    write_png_shard(tmp_path / "s-000000.bin", [img])
+    idx = tmp_path / "s-000000.idx.npy"
+    np.save(idx, np.load(idx)[:, :2])
+    np.testing.assert_array_equal(StoreReader().image(tmp_path / "s-000000.bin", 0), img)
+    np.save(idx, np.zeros((1, 5), np.int64))
+    with pytest.raises(DataError, match=r"shard index of shape \(1, 5\)"):
+        StoreReader().read(tmp_path / "s-000000.bin", 0)

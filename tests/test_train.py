@@ -476,3 +476,98 @@ def test_gpu_determinism_settings(monkeypatch):
     finally:
         cudnn.benchmark, cudnn.deterministic = saved[:2]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_a_killed_run_leaves_a_best_pt_that_stage_5_refuses_until_resumed(pool, monkeypatch):
+    """Stage 4 killed in epoch 2 of 3: its best.pt (epoch 1) is refused by load_expert (stage 5, the CLI and the
+    API load experts through it) with one line naming the expert and the resume command; resumed, it loads."""
+    from dfpipe.ensemble_predict.experts import load_expert
+    from dfpipe.errors import DataError
+
+    setup = _cfg(pool, "models_k")
+    real_epoch = kill_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, pool, "k")
+    best = pool / "models_k" / "e" / "best.pt"
+    assert best.is_file()
+    with pytest.raises(DataError) as err:
+        load_expert(best, torch.device("cpu"))
+    msg = str(err.value)
+    assert msg == f"{pool / 'models_k' / 'e'}: training stopped at epoch 1 of 3; resume it with dvc repro train_experts@e"
+    assert "\n" not in msg
+    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
+    _run(setup, pool, "k")
+    assert _load(best)["training"] == {"epoch": 3, "epochs": 3, "finished": True}
+    assert load_expert(best, torch.device("cpu")).name == "e"
+
+
+def test_early_stopping_counts_as_finished(pool, monkeypatch):
+    from dfpipe.ensemble_predict.experts import load_expert
+
+    aucs = iter([0.6, 0.7, 0.65, 0.7])
+    real_summary = loop.summary
+    monkeypatch.setattr(loop, "summary", lambda y, p: {**real_summary(y, p), "auc": next(aucs)})
+    _run(_cfg(pool, "models_s", epochs=6, patience=2, loss=LossWeights(kl=0.0)), pool, "s")
+    best = pool / "models_s" / "e" / "best.pt"
+    assert _load(best)["training"] == {"epoch": 4, "epochs": 6, "finished": True}
+    assert load_expert(best, torch.device("cpu")).name == "e"
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (what a planted last.pt could hold)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_last_pt_as_weights_only_and_never_runs_its_code(pool, tmp_path, caplog):
+    """last.pt holds tensors and plain values only (numpy's RNG state as a list), so resume reads it with
+    weights_only=True: a planted file that would run code on load is refused (a fresh start), not executed."""
+    from dfpipe.train_experts.checkpoint import load_resumable
+
+    setup = _cfg(pool, "models_w", epochs=1)
+    _run(setup, pool, "w")
+    last = pool / "models_w" / "e" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # a real last.pt loads safely
+    assert isinstance(ckpt["rng"]["numpy"][1], list)
+    marker = tmp_path / "ran"
+    torch.save({**ckpt, "finished": False, "payload": _RunsCode(marker)}, last)
+    with caplog.at_level("WARNING", logger="dfpipe.train_experts.checkpoint"):
+        assert load_resumable(last.parent, ckpt["key"]) is None
+    assert not marker.exists() and "cannot read" in caplog.text
+
+
+def test_stage_5_the_cli_and_the_api_refuse_an_expert_whose_retraining_was_killed(pool, monkeypatch, tmp_path, capsys):
+    """A finished expert and its card; then stage 4 retrains it (another lr) and is killed in epoch 2 of 2. Stage 5
+    (Ensemble.load), the CLI and the API (load_ensemble) each stop with the one line naming the expert and the
+    resume command, instead of scoring the half-trained epoch-1 weights."""
+    import cv2
+
+    from dfpipe.cli import main
+    from dfpipe.ensemble_predict import Ensemble
+    from dfpipe.errors import DataError
+    from dfpipe.io import write_json
+    from dfpipe.serve.service import ServeError, load_ensemble
+
+    cpu = torch.device("cpu")
+    models, card = pool / "models_r", tmp_path / "ensemble.json"
+    _run(_cfg(pool, "models_r", epochs=2), pool, "r")
+    write_json(card, Ensemble.load(models, ["e"], ["identity"], "mean_prob", cpu).card({"t_decision": 0.5}))
+    kill_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(pool, "models_r", epochs=2, lr=1e-3), pool, "r")
+    line = f"{models / 'e'}: training stopped at epoch 1 of 2; resume it with dvc repro train_experts@e"
+    with pytest.raises(DataError) as err:
+        Ensemble.load(models, ["e"], ["identity"], "mean_prob", cpu)
+    assert str(err.value) == line
+    with pytest.raises(ServeError) as err:
+        load_ensemble(card, models, "cpu", serving=True)
+    assert str(err.value).endswith(line) and "\n" not in str(err.value)
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((SIZE, SIZE, 3), np.uint8))
+    capsys.readouterr()
+    assert main(["predict", str(img), "--card", str(card), "--models", str(models), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"dfpipe: error: {line}"

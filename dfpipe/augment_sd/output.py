@@ -157,10 +157,11 @@ def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[st
                    if writer.wants_example(job.method) else None)
             writer.add(job, reals, png, mask_png, params, src)
         writer.close()
-        # generated images are stage-1 images of the same contract as their sources
-        write_store_record(tmp, read_store_record(layout.prepared))
         _copy_models(work, tmp)
         summary = _write_tables(tmp, writer, cfg, reals)
+        # generated images are stage-1 images of the same contract as their sources; after the manifest, whose
+        # row count and hash it records
+        write_store_record(tmp, read_store_record(layout.prepared), manifest_rows=len(writer.rows))
     except BaseException:
         if writer is not None:
             writer.abort()

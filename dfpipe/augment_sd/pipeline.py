@@ -62,6 +62,7 @@ from ..data.store import read_store_record
 from ..errors import ConfigError, DataError
 from ..io import work_dir
 from ..layout import Layout
+from ..workers import exit_with_parent
 from .dist import Dist, get_dist
 from .generate import edit_one, prompt_embeds, sd_batch
 from .output import assemble
@@ -84,6 +85,7 @@ def _worker_state(sources: Sources, work: str | Path, landmarks: str = "none") -
 
 
 def _init_worker(sources: Sources, work: str, landmarks: str) -> None:
+    exit_with_parent()  # a killed stage 2 leaves no orphan worker
     cv2.setNumThreads(1)  # one process per core: no thread oversubscription
     _WORKER.update(_worker_state(sources, work, landmarks))
 

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 
+from ..workers import exit_with_parent
 from .preprocess import InputPolicy, fit
 from .store import StoreReader
 
@@ -26,6 +27,7 @@ _READER: StoreReader | None = None  # a worker's, for the life of its pool (one 
 
 
 def _init_worker() -> None:
+    exit_with_parent()  # a killed stage leaves no orphan decode worker (nor, through it, the resource tracker)
     cv2.setNumThreads(1)  # one batch per worker at a time: OpenCV threads on top would oversubscribe the cores
 
 

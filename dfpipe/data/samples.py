@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DataError, InputError
+from .store import check_manifest
 
 POOL_COLUMNS = ["uid", "img_name", "label", "origin", "source_uid", "donor_uid", "method", "cache_path",
                 "cache_index", "dup_group"]
@@ -27,13 +28,22 @@ AUG_MANIFEST_COLUMNS = ("uid", "img_name", "label", "source_uid", "donor_uid", "
 def load_manifest(prepared_dir: str | Path, ok_only: bool = True, columns: Sequence[str] | None = None
                   ) -> pd.DataFrame:
     """The stage-1 manifest; ``ok_only`` drops images that failed to decode; ``columns``: only those of them
-    the file has (``cache_index`` among them when ``ok_only``)."""
+    the file has (``cache_index`` among them when ``ok_only``). A manifest that does not match the row count
+    and sha256 of its ``store.json`` (cut, edited) is a one-line DataError naming it."""
     path = Path(prepared_dir) / "manifest.csv"
     if not path.is_file():
         raise InputError(f"{path} not found: run stage 1 (python 01_prepare_data.py) first")
+    rows = check_manifest(path.parent, "stage 1 (python 01_prepare_data.py)")
     usecols = None if columns is None else set(columns).__contains__
     df = pd.read_csv(path, keep_default_na=False, dtype={"img_name": str, "error": str}, usecols=usecols)
+    _check_rows(path, df, rows)
     return df[df.cache_index >= 0].reset_index(drop=True) if ok_only else df
+
+
+def _check_rows(path: Path, df: pd.DataFrame, rows: int | None) -> None:
+    """The parsed row count against the one ``store.json`` records (None: not recorded)."""
+    if rows is not None and len(df) != rows:
+        raise DataError(f"{path}: {len(df)} rows parsed, its store.json records {rows}; rerun the stage that wrote it")
 
 
 def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
@@ -54,8 +64,10 @@ def load_pool(prepared_dir: str | Path, augmented_dir: str | Path | None = None,
         aug_path = Path(augmented_dir) / "manifest.csv"
         if not aug_path.is_file():
             raise InputError(f"{aug_path} not found: run stage 2 (python 02_augment_sd.py) first")
+        rows = check_manifest(aug_path.parent, "stage 2 (python 02_augment_sd.py)")
         aug = pd.read_csv(aug_path, keep_default_na=False, dtype={"img_name": str},
                           usecols=set(AUG_MANIFEST_COLUMNS).__contains__)  # not params, seed, mask_path
+        _check_rows(aug_path, aug, rows)
         if len(aug):
             pool = pd.concat([pool, pd.DataFrame({
                 "uid": aug.uid, "img_name": aug.img_name, "label": aug.label.astype(int), "origin": "aug",

@@ -14,7 +14,10 @@ Either way, decoding the stored bytes with :func:`dfpipe.data.images.decode_imag
 image stage 1 made: the "stage-1 image" of :mod:`dfpipe.data.preprocess`.
 
 Layout: a shard is ``<name>.bin`` (the encoded images back to back) plus ``<name>.idx.npy``, an int64
-(n, 2) array of (offset, length) per image (length 0 = no image at that position: a file that failed).
+(n, 3) array of (offset, length, crc32 of the bytes) per image (length 0 = no image at that position: a file
+that failed). Every read checks the crc32 (zlib's, a few GB/s: see ``reports/bench/bench_prepare.json``), so
+bytes overwritten inside a shard are a one-line error naming the shard and the image, never other pixels; an
+(n, 2) index of a store from before the checksums is read unchecked.
 A manifest row points at an image with ``cache_file`` (the shard's file name, relative to the store
 folder) and ``cache_index`` (its position in the shard). A shard is written to a temporary name and
 renamed into place (:meth:`ShardWriter.commit`), so a killed writer never leaves half a shard under the
@@ -25,8 +28,10 @@ any store size, and DataLoader workers can share a reader (it reopens its files 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -82,7 +87,7 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
-        self.entries: list[tuple[int, int]] = []
+        self.entries: list[tuple[int, int, int]] = []
         self.pos = 0
 
     def add(self, data: bytes | None) -> int:
@@ -90,7 +95,7 @@ class ShardWriter:
         n = len(data) if data else 0
         if n:
             self.fh.write(data)
-        self.entries.append((self.pos, n))
+        self.entries.append((self.pos, n, zlib.crc32(data) if n else 0))
         self.pos += n
         return len(self.entries) - 1
 
@@ -100,7 +105,7 @@ class ShardWriter:
         idx = index_path(self.path)
         idx_tmp = idx.with_name(idx.name + ".tmp")
         with open(idx_tmp, "wb") as fh:
-            np.save(fh, np.asarray(self.entries, dtype=np.int64).reshape(-1, 2))
+            np.save(fh, np.asarray(self.entries, dtype=np.int64).reshape(-1, 3))
         os.replace(idx_tmp, idx)
         os.replace(self.tmp, self.path)
         return self.path
@@ -127,9 +132,12 @@ class StoreReader:
         if idx is None:
             path = index_path(shard)
             try:
-                idx = self._index[shard] = np.load(path)
+                idx = np.load(path)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{path}: cannot read the shard index ({exc}); rerun the stage that wrote it") from None
+            if idx.ndim != 2 or idx.shape[1] not in (2, 3):  # (offset, length[, crc32]) rows
+                raise DataError(f"{path}: a shard index of shape {idx.shape}, not (n, 3); rerun the stage that wrote it")
+            self._index[shard] = idx
         return idx
 
     def _fd(self, shard: str) -> int:
@@ -154,12 +162,15 @@ class StoreReader:
         entries = self._entries(shard)
         if not 0 <= index < len(entries):
             raise DataError(f"{shard}: no image {index} (the shard holds {len(entries)})")
-        offset, n = (int(v) for v in entries[index])
+        offset, n = int(entries[index, 0]), int(entries[index, 1])
         if n == 0:
             raise DataError(f"{shard}: position {index} holds no image (it failed in the stage that wrote it)")
         data = os.pread(self._fd(shard), n, offset)
         if len(data) != n:
             raise DataError(f"{shard}: image {index} is cut short ({len(data)} of {n} bytes); rerun its stage")
+        if entries.shape[1] > 2 and zlib.crc32(data) != int(entries[index, 2]):
+            raise DataError(f"{shard}: image {index} does not match its crc32 in {index_path(shard).name} (the shard "
+                            "is damaged); rerun the stage that wrote it")
         return data
 
     def image(self, shard: str | Path, index: int) -> np.ndarray:
@@ -191,12 +202,47 @@ def store_bytes_on_disk(folder: str | Path) -> int:
 
 STORE_RECORD = "store.json"
 STORE_FORMAT = 1
+MANIFEST = "manifest.csv"
 
 
-def write_store_record(folder: Path, s1: Stage1) -> None:
+def write_store_record(folder: Path, s1: Stage1, manifest_rows: int | None = None) -> None:
     """``store.json``: the store's format and how its images were made (read by training, which writes it
-    into every checkpoint: see :mod:`dfpipe.data.preprocess`)."""
-    write_json(folder / STORE_RECORD, {"format": STORE_FORMAT, "stage1": dataclasses.asdict(s1)})
+    into every checkpoint: see :mod:`dfpipe.data.preprocess`); with ``manifest_rows``, also the row count and
+    sha256 of the folder's (already written) ``manifest.csv``, which readers verify (:func:`check_manifest`)."""
+    rec: dict = {"format": STORE_FORMAT, "stage1": dataclasses.asdict(s1)}
+    if manifest_rows is not None:
+        rec["manifest"] = {"rows": int(manifest_rows), "sha256": _sha256(Path(folder) / MANIFEST)}
+    write_json(Path(folder) / STORE_RECORD, rec)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_manifest(folder: str | Path, stage: str) -> int | None:
+    """Verify ``<folder>/manifest.csv`` against the row count and sha256 its ``store.json`` records, before
+    it is parsed; returns the recorded row count (None: a store from before the record, not checked).
+    A cut or edited manifest is one line naming the file; ``stage`` says which stage to rerun."""
+    folder = Path(folder)
+    try:
+        rec = json.loads((folder / STORE_RECORD).read_text()).get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable record: read_store_record reports it where the record is needed
+    if not isinstance(rec, dict):
+        return None
+    path = folder / MANIFEST
+    if _sha256(path) != rec.get("sha256"):
+        data, n = path.read_bytes(), rec.get("rows")
+        rows = max(data.count(b"\n") - 1, 0)  # whole data rows after the header (a hint for the message)
+        if not data.endswith(b"\n"):
+            what = f"cut mid-row after {rows} of {n} rows"
+        elif rows < n:
+            what = f"cut short: {rows} of {n} rows"
+        else:
+            what = "edited"
+        raise DataError(f"{path}: {what} (it does not match the sha256 in {folder / STORE_RECORD}); rerun {stage}")
+    return int(rec["rows"])
 
 
 def read_store_record(folder: str | Path) -> Stage1:

@@ -32,7 +32,8 @@ class LoadedExpert:
 def read_checkpoint(path: str | Path) -> dict:
     """An expert's ``best.pt`` in the layout of :data:`CHECKPOINT_FORMAT` (tensors and plain data only:
     ``weights_only``); a format-1 file is read into that layout. A missing file, or one that predates the
-    preprocessing record, is one line naming the file and saying to retrain."""
+    preprocessing record, is one line naming the file and saying to retrain; one whose training did not finish
+    (a killed stage 4), one line naming the expert and the command that resumes it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found (train it: dvc repro train_experts)")
@@ -43,7 +44,18 @@ def read_checkpoint(path: str | Path) -> dict:
     if fmt != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: checkpoint format {fmt!r} without the preprocessing record this version needs "
                         f"(format {CHECKPOINT_FORMAT}): retrain the expert (dvc repro train_experts)")
+    _check_finished(path, ckpt)
     return ckpt
+
+
+def _check_finished(path: Path, ckpt: dict) -> None:
+    """Refuse the best epoch of a run that was stopped before its end (early stopping is an end). A checkpoint
+    without the ``training`` record predates it and is taken as finished."""
+    training = ckpt.get("training")
+    if isinstance(training, dict) and not training.get("finished", True):
+        name = ckpt.get("name", path.parent.name)
+        raise DataError(f"{path.parent}: training stopped at epoch {training.get('epoch')} of "
+                        f"{training.get('epochs')}; resume it with dvc repro train_experts@{name}")
 
 
 def _from_format_1(ckpt: dict) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..io import atomic_path
 from ..metrics import roc_auc, roc_points, summary
 
 
@@ -71,7 +72,9 @@ def plot_roc(path: str | Path, labels: np.ndarray, curves: dict[str, np.ndarray]
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a killed or failed plot never leaves half a png under the real name
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -22,6 +22,7 @@ from ..data.faces import FaceResult
 from ..data.images import ImageError, decode_file
 from ..data.preprocess import Stage1, stage1_image
 from ..data.store import ShardWriter, shard_name, stored_bytes
+from ..workers import exit_with_parent
 from .sources import Item
 from .work import Work, chunks
 
@@ -78,6 +79,7 @@ def _load_batch(paths: list[str], cfg: PrepareConfig) -> list[Loaded]:
 
 
 def _init_worker() -> None:
+    exit_with_parent()  # a killed stage 1 leaves no orphan decoders
     cv2.setNumThreads(1)  # the pool already uses every core; OpenCV threads on top would oversubscribe
 
 

@@ -94,8 +94,8 @@ def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> d
     _check_usable(tally.counts["labels"])
     pairs, dup, dup_summary = tally.duplicates(cfg.dup_max_distance)
     _log_duplicates(dup_summary)
-    _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
-    write_store_record(work.cache, stage1_of(cfg))
+    n_rows = _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
+    write_store_record(work.cache, stage1_of(cfg), manifest_rows=n_rows)  # readers verify the manifest against it
     out = Path(layout.prepared)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work.cache, out)  # a rename: the store is never copied
@@ -110,8 +110,8 @@ def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> d
     return report
 
 
-def _write_manifest(path: Path, chunks: Iterable[pd.DataFrame], dup: np.ndarray) -> None:
-    """Stream the committed chunks into one CSV (values are written back as read: same bytes)."""
+def _write_manifest(path: Path, chunks: Iterable[pd.DataFrame], dup: np.ndarray) -> int:
+    """Stream the committed chunks into one CSV (values are written back as read: same bytes); its row count."""
     pos = 0
     with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
         pd.DataFrame(columns=MANIFEST_COLUMNS).to_csv(fh, index=False)
@@ -119,6 +119,7 @@ def _write_manifest(path: Path, chunks: Iterable[pd.DataFrame], dup: np.ndarray)
             df["dup_group"] = dup[pos:pos + len(df)].astype(str)
             pos += len(df)
             df[MANIFEST_COLUMNS].to_csv(fh, index=False, header=False)
+    return pos
 
 
 def _log_duplicates(summary: dict) -> None:

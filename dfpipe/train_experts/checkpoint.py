@@ -7,11 +7,17 @@ expert's config but for ``img_size`` / ``input_mode``, which are ``description["
 ``name``. :func:`dfpipe.ensemble_predict.experts.read_checkpoint` also reads format 1 (the size stored three
 times) and refuses older or unknown files with one line saying to retrain.
 
+``best.pt`` also holds ``training``: ``{"epoch": last epoch run, "epochs": planned, "finished": bool}``, rewritten
+at every epoch end (:func:`mark_training`), so a run killed mid-way leaves a ``best.pt`` that says so and
+:func:`dfpipe.ensemble_predict.experts.load_expert` refuses it (early stopping counts as finished). A file without
+the record predates it and is taken as finished.
+
 ``last.pt`` is written atomically at the end of every epoch. It holds everything needed to continue
 exactly where the run stopped: model, optimizer, scheduler and EMA states (EMA None when off), the
 history rows, the best metrics so far, and the RNG states (python, numpy, torch CPU/CUDA, the DataLoader
 generator; dropout is re-seeded per epoch and rank anyway, see :func:`.distributed.rank_seed`). A run
 killed mid-epoch restarts that epoch from its beginning (from the state at the end of the previous one).
+It holds tensors and plain values only and is read with ``weights_only=True``: a planted file cannot run code.
 
 Both files are deterministic for a fixed seed, config and data (``models/<name>`` keeps its DVC hash
 from run to run): wall-clock measurements (:data:`TIMING_KEYS`) live only in the training logs (:mod:`.logs`).
@@ -42,19 +48,38 @@ log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("img_size", "input_mode")  # ExpertConfig keys a checkpoint holds as description["input"] only
 
-LAST_FORMAT = 3  # 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA
+# 2: no timings in the history, CUDA RNG of the current device only, world size; 3: timm EMA; 4: plain types and
+# tensors only (numpy's RNG state as a list), read with weights_only=True
+LAST_FORMAT = 4
 TIMING_KEYS = ("images_per_s",)  # history columns measured, not computed: kept out of last.pt
 
 
+def training_record(epoch: int, epochs: int, finished: bool) -> dict:
+    """``best.pt``'s ``training`` entry: the last epoch run, the planned epochs, whether the run ended."""
+    return {"epoch": epoch, "epochs": epochs, "finished": finished}
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, stage1: Stage1, ecfg: ExpertConfig, name: str,
-                    metrics: dict) -> None:
+                    metrics: dict, training: dict | None = None) -> None:
     """Save the weights and buffers of ``model`` (the EMA's model when there is one), its description (with
-    its input contract) and ``stage1``, the record of the images it was trained on."""
+    its input contract), ``stage1``, the record of the images it was trained on, and ``training``
+    (:func:`training_record`; default: a finished run of ``ecfg.epochs``)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     config = {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in INPUT_KEYS}
     ckpt = {"format": CHECKPOINT_FORMAT, "name": name, "description": model.describe(),
-            "stage1": dataclasses.asdict(stage1), "state_dict": state, "config": config, "metrics": metrics}
-    save_torch(ckpt, path)
+            "stage1": dataclasses.asdict(stage1), "state_dict": state, "config": config, "metrics": metrics,
+            "training": training or training_record(ecfg.epochs, ecfg.epochs, True)}
+    save_torch(_canonical(ckpt), path)
+
+
+def mark_training(path: Path, training: dict) -> None:
+    """Rewrite ``best.pt``'s ``training`` entry (an epoch that did not beat the best still moves it on).
+
+    Canonical pickles (:func:`_canonical`) make the rewrite's bytes depend on the values only, so a resumed
+    run's ``best.pt`` is the uninterrupted run's to the byte."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["training"] = training
+    save_torch(_canonical(ckpt), path)
 
 
 def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -> str:
@@ -68,7 +93,10 @@ def data_fingerprint(train_df: pd.DataFrame, val_df: pd.DataFrame, desc: dict) -
 
 
 def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as plain values: an ndarray would need unpickling arbitrary globals (weights_only=False)
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state(),
              "loader": loader_generator.get_state()}
     if torch.cuda.is_available():
         # this process's device only: under DDP rank r restores it onto its own cuda:r
@@ -121,8 +149,9 @@ def load_resumable(out_dir: Path, key: dict) -> dict | None:
         log.info("no %s: starting fresh", path)
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt or foreign file must not stop training
+        # tensors and plain values only: a file that wants to run code is refused, not executed
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt, foreign or older (format < 4) file must not stop training
         log.warning("cannot read %s (%s): starting fresh", path, exc)
         return None
     if ckpt.get("format") != LAST_FORMAT or ckpt.get("key") != key:

@@ -56,7 +56,8 @@ from ..layout import Layout
 from ..losses import JointLoss, mixup
 from ..metrics import summary
 from ..models import build_expert, trainable_parameters
-from .checkpoint import data_fingerprint, load_resumable, save_checkpoint, save_last, set_rng_state
+from .checkpoint import (data_fingerprint, load_resumable, mark_training, save_checkpoint, save_last, set_rng_state,
+                         training_record)
 from .distributed import (check_same, gather_across_ranks, gather_by_index, global_batch, make_accelerator,
                           maybe_sync_bn, rank_seed, reduce_sum, scaled_lr, sync_buffers)
 from .ema import make_ema
@@ -177,13 +178,19 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
         probs = _predict_val(evaluated, val_loader, acc, len(val_df))
         val = summary(val_df.label.to_numpy(), probs)
         row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
-        if val["auc"] > best["auc"]:
-            best = {**val, "epoch": epoch}
-            if main:
-                save_checkpoint(out_dir / "best.pt", evaluated, stage1, ecfg, name, best)
         history.append(row)
+        improved = val["auc"] > best["auc"]
+        if improved:
+            best = {**val, "epoch": epoch}
         stop = _should_stop(ecfg.patience, epoch, best)
         if main:
+            # best.pt says how far the run got (load_expert refuses an unfinished one): before last.pt, so a
+            # kill in between reruns this epoch
+            training = training_record(epoch, ecfg.epochs, stop or epoch == ecfg.epochs)
+            if improved:
+                save_checkpoint(out_dir / "best.pt", evaluated, stage1, ecfg, name, best, training)
+            elif (out_dir / "best.pt").is_file():
+                mark_training(out_dir / "best.pt", training)
             _log_epoch(name, row)
             if stop:
                 log.info("expert %s: early stop after epoch %d, no better val auc for %d epochs (best %.4f at "

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ...config import AugmentConfig, ReconstructConfig
 from ...data.images import decode_image
 from ...data.store import StoreReader
+from ...workers import exit_with_parent
 from ..dist import Dist
 from ..plan import Job
 from ..sources import Sources
@@ -106,6 +107,7 @@ def _init_worker(cfg: AugmentConfig, jobs: list[Job], names: list[str], done: se
                  sources: Sources, work: str, methods: list[str]) -> None:
     import cv2
 
+    exit_with_parent()  # a killed stage 2 leaves no orphan worker
     torch.set_num_threads(1)  # one process per core: no thread oversubscription
     cv2.setNumThreads(1)
     models = load_models(cfg, methods, reals, sources, Path(work), Dist())  # random_ae: from the cache
