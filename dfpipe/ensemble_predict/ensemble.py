@@ -196,12 +196,21 @@ class Ensemble:
         """A decoded image's stage-1 image under this ensemble's contract (``max_side``, face crop)."""
         return scoring_image(img, self.stage1)
 
+    def fit_inputs(self, s1: np.ndarray) -> dict[str, np.ndarray]:
+        """A stage-1 image -> each input policy's uint8 array (what :meth:`score_inputs` stacks): the full-size
+        image is no longer needed after this (the server keeps only these)."""
+        return {p.key: fit(s1, p) for p in self.policies}
+
+    def score_inputs(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Ensemble scores (N,) of :meth:`fit_inputs` outputs: stacked per policy, scored, combined."""
+        if not items:
+            return np.zeros(0)
+        xs = {p.key: torch.from_numpy(np.stack([it[p.key] for it in items])) for p in self.policies}
+        return self.combine_experts(self.score_batch(xs))
+
     def score_prepared(self, images: list[np.ndarray]) -> np.ndarray:
         """Ensemble scores (N,) of stage-1 images (already through :meth:`stage1_image`), any sizes."""
-        if not images:
-            return np.zeros(0)
-        xs = {p.key: torch.from_numpy(np.stack([fit(im, p) for im in images])) for p in self.policies}
-        return self.combine_experts(self.score_batch(xs))
+        return self.score_inputs([self.fit_inputs(im) for im in images])
 
     def score_images(self, images: list[np.ndarray]) -> np.ndarray:
         """Ensemble scores (N,) of decoded uint8 RGB images of any size: the same steps as files and stage 5

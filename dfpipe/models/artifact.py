@@ -32,7 +32,7 @@ from torch import nn
 from ..data.preprocess import InputPolicy, InputSpec
 from ..errors import ConfigError
 from .info import InfoHeads
-from .registry import EXPERTS, NUM_CLASSES, Expert, freeze_backbone_weights
+from .registry import ARCH_OPTIONS, EXPERTS, NUM_CLASSES, Expert, freeze_backbone_weights
 from .residual import apply_front, front_channels
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _widen_stem(conv: nn.Conv2d, in_channels: int, pretrained: str) -> None:
 class ArtifactExpert(Expert):
     """:class:`Expert` with a fixed residual front and (``stages`` > 0) a backbone cut after its first stages."""
 
-    OPTIONS = {"front": "none", "stages": 0}
+    OPTIONS = ARCH_OPTIONS  # front, stages
 
     def __init__(self, backbone: str, input: InputSpec | InputPolicy, *, pretrained: str = "bundled",  # noqa: A002
                  dropout: float = 0.2, arch: str = "artifact", proj_dim: int = 0, info_heads: int = 0,

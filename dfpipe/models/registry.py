@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ExpertConfig
 from ..data.preprocess import InputPolicy, InputSpec
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..registry import EXPERTS, Registry  # noqa: F401  (Registry: re-exported, it lived here)
 from .info import InfoHeads
 from .pretrained import create_backbone, normalization
@@ -33,7 +33,7 @@ NUM_CLASSES = 2  # 0 = real, 1 = fake
 CHECKPOINT_FORMAT = 2
 DEFAULT_DROPOUT = ExpertConfig.dropout
 # ExpertConfig settings that only some archs take, at their "off" value: an arch that takes one lists it in its
-# OPTIONS; build_expert refuses one set for an arch that does not (dfpipe.models.artifact: front, stages)
+# OPTIONS (dfpipe.models.artifact: front, stages); build_expert passes those that are set
 ARCH_OPTIONS: dict[str, Any] = {"front": "none", "stages": 0}
 
 
@@ -202,12 +202,8 @@ def build_expert(cfg: ExpertConfig, arch: str | None = None) -> Expert:
     ``cfg.img_size`` x ``cfg.img_size`` taken by ``cfg.input_mode``, normalised as the backbone expects."""
     arch = arch or cfg.arch
     cls = EXPERTS.get(arch)
+    # the arch's own settings, when set (ExpertConfig refuses them for an arch that does not take them)
     options = {k: getattr(cfg, k) for k in ARCH_OPTIONS if getattr(cfg, k) != ARCH_OPTIONS[k]}
-    foreign = sorted(set(options) - set(getattr(cls, "OPTIONS", {})))
-    if foreign:
-        raise ConfigError(f"expert settings {foreign} = {[options[k] for k in foreign]} are not taken by arch "
-                          f"{arch!r}; leave them at {[ARCH_OPTIONS[k] for k in foreign]} or pick an arch that takes "
-                          f"them ({[n for n in EXPERTS.names() if set(foreign) <= set(getattr(EXPERTS.get(n), 'OPTIONS', {}))]})")
     return cls(cfg.backbone, InputPolicy(cfg.input_mode, cfg.img_size), pretrained=cfg.pretrained,
                dropout=cfg.dropout, arch=arch, proj_dim=cfg.proj_dim, info_heads=cfg.info_heads,
                freeze_backbone=cfg.freeze_backbone, **options)

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from ..layout import Layout
 from ..data.images import ImageError, decode_image
-from ..data.preprocess import downscale, fit
+from ..data.preprocess import downscale
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
     from ..ensemble_predict import Ensemble
@@ -194,24 +194,14 @@ class Prepared:
 
 
 def model_inputs(ens: Ensemble, img: np.ndarray) -> ModelInputs:
-    """A decoded image -> each input policy's array: :meth:`Ensemble.score_prepared`'s ``fit`` of
-    :meth:`Ensemble.stage1_image` (tests/test_serve_limits.py holds the two paths to the same scores)."""
-    return _inputs(ens, ens.stage1_image(img))
-
-
-def _inputs(ens: Ensemble, s1: np.ndarray) -> ModelInputs:
-    return {p.key: fit(s1, p) for p in ens.policies}
+    """A decoded image -> each input policy's array: :meth:`Ensemble.fit_inputs` of :meth:`Ensemble.stage1_image`,
+    the first half of :meth:`Ensemble.score_images` (tests/test_serve_limits.py holds both to the same scores)."""
+    return ens.fit_inputs(ens.stage1_image(img))
 
 
 def score_inputs(ens: Ensemble, items: list[ModelInputs]) -> np.ndarray:
-    """Ensemble scores (N,) of prepared inputs: the stacked arrays through ``score_batch`` and the combination,
-    as :meth:`Ensemble.score_prepared` does."""
-    import torch
-
-    if not items:
-        return np.zeros(0)
-    xs = {p.key: torch.from_numpy(np.stack([it[p.key] for it in items])) for p in ens.policies}
-    return ens.combine_experts(ens.score_batch(xs))
+    """Ensemble scores (N,) of :func:`model_inputs` outputs: :meth:`Ensemble.score_inputs`."""
+    return ens.score_inputs(items)
 
 
 def explain_copy(ens: Ensemble, s1: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -231,7 +221,7 @@ def prepare_upload(ens: Ensemble, data: bytes, max_bytes: int, max_pixels: int,
     ``explain_pixels`` > 0 also keeps the explanation's copy of the stage-1 image."""
     img = decode_upload(data, max_bytes, max_pixels)
     s1 = ens.stage1_image(img)
-    out = Prepared(_inputs(ens, s1), img.shape[0] * img.shape[1])
+    out = Prepared(ens.fit_inputs(s1), img.shape[0] * img.shape[1])
     if explain_pixels > 0:
         whole = s1.shape[:2] == downscale(img, ens.stage1.max_side).shape[:2]
         out.explain_image = explain_copy(ens, s1, explain_pixels)
