@@ -775,6 +775,28 @@ def test_the_cap_applies_to_training_parts_only_and_is_in_the_key_only_when_set(
     assert shared_settings(on)["max_train_per_source"] == 10 and cell_key(on, ecfg) != cell_key(spec, ecfg)
 
 
+def test_the_eval_cap_draws_the_same_balanced_scored_parts_for_every_recipe_and_keys_cells_only(tmp_path):
+    from dfpipe.benchmark import cell_key, load_sources, shared_settings
+
+    _paired_folder(tmp_path / "data" / "dfdc", 40)
+    spec = GridSpec(data_root=str(tmp_path / "data"), sources=["dfdc"], recipes={"r": {"img_size": 96}, "q": {}})
+    full = load_sources(spec)["dfdc"]
+    on = dataclasses.replace(spec, max_eval_per_source=12)
+    capped = load_sources(on)["dfdc"]
+    assert capped.train.equals(full.train)  # training parts untouched
+    for part, whole in ((capped.heldout, full.heldout), (capped.cross, full.cross)):
+        assert len(part) == 12 and part.label.sum() == 6 and set(part.img_name) <= set(whole.img_name)
+        assert (part.groupby("group").label.nunique() == 2).all()  # a fake and its real scored together
+    assert load_sources(on)["dfdc"].cross.equals(capped.cross)  # the same images on every call (recipe, seed)
+    assert shared_settings(on) == shared_settings(spec)  # stages 1-3 are shared with the uncapped grid
+    for recipe in ("r", "q"):
+        ecfg = recipe_config(spec, recipe, 0)
+        assert cell_key(on, ecfg) != cell_key(spec, ecfg)
+    with pytest.raises(ConfigError, match="max_eval_per_source -3: 0 \\(no cap\\)"):
+        (tmp_path / "g.yaml").write_text("sources: [a]\nmax_eval_per_source: -3\nrecipes: {baseline: {}}\n")
+        load_grid(tmp_path / "g.yaml")
+
+
 @pytest.mark.parametrize("body, msg", [
     ("train_on: [b+c, a+c]", "leave_one_out: train_on must hold out each source exactly once"),
     ("train_on: [c, a+c, a+b]", "leave_one_out: train_on must hold out each source exactly once"),

@@ -146,7 +146,8 @@ KEY_OMIT_AT: dict[str, dict[str, Any]] = {
                    # reconstruction fakes: off (per_real 0) leaves the whole block out, whatever its other settings
                    "reconstruct": lambda block: isinstance(block, dict) and not block.get("per_real")},
     "cluster_split": {},
-    "grid": {"max_train_per_source": 0},  # GridSpec settings of stage 1's input (the training parts)
+    "grid": {"max_train_per_source": 0,  # GridSpec settings of stage 1's input (the training parts)
+             "max_eval_per_source": 0},  # and of the scored parts (cell key only)
 }
 
 
@@ -195,7 +196,7 @@ def cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
     format is a new cell (cells of the former uint8-cache stage 1 are never reused); a setting added later at
     its "off" value (:data:`KEY_OMIT_AT`) is not."""
     key = json.dumps({"expert": omit_later(dataclasses.asdict(ecfg), "expert"), "predict": spec.ensemble_predict,
-                      "evaluate": spec.evaluate,
+                      "evaluate": spec.evaluate, **omit_later({"max_eval_per_source": spec.max_eval_per_source}, "grid"),
                       **shared_settings(spec)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 

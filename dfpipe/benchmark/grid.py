@@ -70,6 +70,9 @@ class GridSpec:
     max_side: int = 0  # stage 1 (prepare_data.max_side): 0 = every image at native resolution
     max_train_per_source: int = 0  # at most this many images of each source's training part (cap_train, seeded by
     #                                 split_seed, class-balanced, whole groups); 0 = no cap
+    max_eval_per_source: int = 0  # at most this many images of each scored part (a source's held-out part, or the
+    #                               whole of a source held out), drawn as max_train_per_source; 0 = all. Cheaper
+    #                               grids, wider intervals: part of the cell key (not of stages 1-3's)
     leave_one_out: bool = False  # the table's leave-one-source-out summary; train_on must then hold out each
     #                              source exactly once (checked on load). No part of any key
     augment_sd: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes
@@ -88,8 +91,9 @@ def load_grid(path: str | Path) -> GridSpec:
         spec = from_dict(GridSpec, yaml.safe_load(fh) or {}, str(path))
     _check_train_on(spec, str(path))
     _check_leave_one_out(spec, str(path))
-    if spec.max_train_per_source < 0:
-        raise ConfigError(f"{path}: max_train_per_source {spec.max_train_per_source}: 0 (no cap) or a positive count")
+    for cap in ("max_train_per_source", "max_eval_per_source"):
+        if getattr(spec, cap) < 0:
+            raise ConfigError(f"{path}: {cap} {getattr(spec, cap)}: 0 (no cap) or a positive count")
     _check_robustness(spec, str(path))
     _check_ensembles(spec, str(path))
     return spec
@@ -220,5 +224,8 @@ def load_sources(spec: GridSpec) -> dict[str, Source]:
     out = {}
     for name in spec.sources:
         src = load_source(root / name, spec.heldout, spec.split_seed)
-        out[name] = dataclasses.replace(src, train=cap_train(src.train, spec.max_train_per_source, spec.split_seed))
+        cap = spec.max_eval_per_source
+        out[name] = dataclasses.replace(src, train=cap_train(src.train, spec.max_train_per_source, spec.split_seed),
+                                        heldout=cap_train(src.heldout, cap, spec.split_seed),
+                                        cross=cap_train(src.cross, cap, spec.split_seed))
     return out
