@@ -889,6 +889,35 @@ def test_the_loso_table_leaves_unfinished_columns_out_of_the_means(tmp_path):
     assert "leave-one-source-out summary" not in plain and "### summary of combined training sets" in plain
 
 
+def test_without_in_source_eval_cells_score_only_held_out_sources_and_the_loso_table_is_unchanged(tmp_path):
+    from dfpipe.benchmark import cell_key
+    from dfpipe.benchmark.cells import eval_sets
+
+    cells, spec, _, _ = _loso_cells(tmp_path)
+    full = grid_table(cells, spec).splitlines()
+    held = {"b+c": "a", "a+c": "b", "a+b": "c"}
+    lean = [{**c, "eval": {s: v for s, v in c["eval"].items() if s == held[c["train_source"]]}} for c in cells]
+    lines = grid_table(lean, dataclasses.replace(spec, in_source_eval=False)).splitlines()
+    k = full.index("### leave-one-source-out summary (ROC AUC; TPR at FPR 1e-2; mean of seeds)")
+    assert lines[k:k + 8] == full[k:k + 8]  # the summary reads the held-out columns only
+    block = lines.index("### trained on b + c")
+    assert lines[block + 2].startswith("| recipe | a | mean cross |")  # no in-source column to show
+    # eval_sets: the held-out source alone; the setting is in the cell key only when off
+    for name in "abc":
+        _paired_folder(tmp_path / "data" / name, 6)
+    src_spec = GridSpec(data_root=str(tmp_path / "data"), sources=list("abc"), train_on=["b+c", "a+c", "a+b"],
+                        leave_one_out=True, recipes={"r": {}})
+    from dfpipe.benchmark import load_sources, training_set
+
+    sources = load_sources(src_spec)
+    ts = training_set("b+c", sources)
+    assert [e.name for e in eval_sets(src_spec, ts, sources, tmp_path / "w")] == ["a", "b", "c"]
+    off = dataclasses.replace(src_spec, in_source_eval=False)
+    assert [e.name for e in eval_sets(off, ts, sources, tmp_path / "w")] == ["a"]
+    ecfg = recipe_config(src_spec, "r", 0)
+    assert cell_key(off, ecfg) != cell_key(src_spec, ecfg)
+
+
 def test_groups_across_folds_counts_pairs_that_reach_into_val():
     from dfpipe.benchmark import Source, groups_across_folds
 

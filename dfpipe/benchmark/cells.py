@@ -147,7 +147,7 @@ KEY_OMIT_AT: dict[str, dict[str, Any]] = {
                    "reconstruct": lambda block: isinstance(block, dict) and not block.get("per_real")},
     "cluster_split": {},
     "grid": {"max_train_per_source": 0,  # GridSpec settings of stage 1's input (the training parts)
-             "max_eval_per_source": 0},  # and of the scored parts (cell key only)
+             "max_eval_per_source": 0, "in_source_eval": True},  # and of the scored parts (cell key only)
 }
 
 
@@ -179,10 +179,13 @@ def section(spec: GridSpec, name: str) -> dict[str, Any]:
 
 def eval_sets(spec: GridSpec, train_src: Source | TrainingSet, sources: dict[str, Source],
               work: Path) -> list[EvalSetConfig]:
-    """The in-source held-out part of each source trained on and the cross part of every other source."""
+    """The in-source held-out part of each source trained on (unless ``spec.in_source_eval`` is off) and the cross
+    part of every other source."""
     trained = {s.name for s in train_parts(train_src)}
     out = []
     for name, src in sources.items():
+        if name in trained and not spec.in_source_eval:
+            continue
         df = src.heldout if name in trained else src.cross
         labels = work / "eval_labels" / f"{name}_{'heldout' if name in trained else 'cross'}.csv"
         _write_labels(labels, df)
@@ -196,7 +199,8 @@ def cell_key(spec: GridSpec, ecfg: ExpertConfig) -> str:
     format is a new cell (cells of the former uint8-cache stage 1 are never reused); a setting added later at
     its "off" value (:data:`KEY_OMIT_AT`) is not."""
     key = json.dumps({"expert": omit_later(dataclasses.asdict(ecfg), "expert"), "predict": spec.ensemble_predict,
-                      "evaluate": spec.evaluate, **omit_later({"max_eval_per_source": spec.max_eval_per_source}, "grid"),
+                      "evaluate": spec.evaluate, **omit_later({"max_eval_per_source": spec.max_eval_per_source,
+                                                               "in_source_eval": spec.in_source_eval}, "grid"),
                       **shared_settings(spec)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 

@@ -73,6 +73,8 @@ class GridSpec:
     max_eval_per_source: int = 0  # at most this many images of each scored part (a source's held-out part, or the
     #                               whole of a source held out), drawn as max_train_per_source; 0 = all. Cheaper
     #                               grids, wider intervals: part of the cell key (not of stages 1-3's)
+    in_source_eval: bool = True  # false: a cell scores only the sources it did not train on (a LOSO grid's summary
+    #                              reads nothing else; the in-source parts cost a third of a small cell). Cell key
     leave_one_out: bool = False  # the table's leave-one-source-out summary; train_on must then hold out each
     #                              source exactly once (checked on load). No part of any key
     augment_sd: dict[str, Any] = field(default_factory=dict)  # ... with these overrides, shared by all recipes

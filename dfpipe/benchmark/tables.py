@@ -113,11 +113,12 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
         sub = df[df.train == train]
         if sub.empty:
             continue
-        parts = set_parts(train)
-        sets = parts + [s for s in spec.sources if s not in parts]
-        cross = sets[len(parts):]
+        trained = set_parts(train)
+        cross = [s for s in spec.sources if s not in trained]
+        parts = [s for s in trained if all(s in c["eval"] for c in sub.cell)]  # none when in_source_eval is off
+        sets = parts + cross
         head = ["recipe"] + [f"{s} (in-source)" if s in parts else s for s in sets] + ["mean cross", "delta mean cross"]
-        lines += [f"### trained on {' + '.join(parts)}", "", *_md_head(head)]
+        lines += [f"### trained on {' + '.join(trained)}", "", *_md_head(head)]
         base = _mean_cross(sub[sub.recipe == spec.baseline], cross)
         for recipe in dict.fromkeys(sub.recipe):
             runs = sub[sub.recipe == recipe].sort_values("seed")
