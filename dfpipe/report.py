@@ -68,10 +68,16 @@ def rows(layout: Layout) -> list[list[str]]:
 
 
 def pictures(layout: Layout) -> list[str]:
-    """The pictures the DAG drew that are on disk, and the training curves' folder."""
+    """The pictures the DAG drew that are on disk: the ROC, stage 3's two, stage 2's contact sheet and each
+    expert's training curves (else the training logs' folder, whose .tsv plots need ``dvc plots show``)."""
+    from .train_experts.curves import CURVES_PNG
+
     names = [layout.roc_png, layout.cluster_plot, layout.cluster_examples,
-             str(Path(layout.augmented) / "contact_sheet.png"), layout.train_logs]
-    return [p for p in names if Path(p).exists()]
+             str(Path(layout.augmented) / "contact_sheet.png")]
+    curves = sorted(str(p) for p in Path(layout.train_logs).glob(f"*/{CURVES_PNG.as_posix()}"))
+    if not curves and Path(layout.train_logs).exists():  # logs from before the curves were drawn
+        curves = [layout.train_logs]
+    return [p for p in names if Path(p).exists()] + curves
 
 
 def render(layout: Layout) -> str:

@@ -21,6 +21,7 @@ from dfpipe.augment_sd.output import MANIFEST_COLUMNS
 from dfpipe.augment_sd.pipeline import n_workers
 from dfpipe.augment_sd.plan import item_seed, plan_jobs
 from dfpipe.augment_sd.real import widen_real
+from dfpipe.augment_sd.sheet import COLUMNS, GAP, LABEL_W, OUTLINE, TILE, TITLE_H, contact_sheet, sheet_width
 from dfpipe.config import AugmentConfig
 from dfpipe.data.preprocess import Stage1
 from dfpipe.data.samples import load_pool
@@ -352,10 +353,44 @@ def test_stage_images_masks_and_contact_sheet(augmented, prepared):
         assert (fake[mask > 0] != src[mask > 0]).any()
         assert json.loads(row.params)
     assert len(shapes) == 3  # sources of different sizes: fakes of their own sizes
-    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    sheet = cv2.cvtColor(cv2.imread(str(out / "contact_sheet.png")), cv2.COLOR_BGR2RGB)
     n_methods = man.method.nunique()
-    assert sheet is not None and sheet.shape[0] >= n_methods * 64 and sheet.shape[1] >= 2 * 3 * 64
+    # a title row over one row per method of TILE px tiles; the fakes' masks outlined, the widened reals' not
+    assert sheet.shape == (TITLE_H + n_methods * TILE + (n_methods - 1) * 2 * GAP, sheet_width(2), 3)
+    assert (sheet[:TITLE_H] < 128).any()
+    green = np.all(sheet == OUTLINE, axis=2)
+    rows = {m: green[TITLE_H + i * (TILE + 2 * GAP):][:TILE] for i, m in enumerate(dict.fromkeys(man.method))}
+    assert not rows.pop("widen_real").any() and all(r.any() for r in rows.values())
     assert not list(out.parent.glob("*.tmp"))
+
+
+def _titled(tile: np.ndarray) -> bool:
+    return bool((tile < 128).any())
+
+
+def test_contact_sheet_has_column_titles_big_tiles_and_a_zoomed_outlined_edit(pair):
+    """A faint edit in a corner (a self-blend at 0.4 over an eighth of the image) is outlined on the whole fake and
+    zoomed into the next tiles, under a title row that names every column; a row without a mask outlines nothing.
+    (Before: no titles, 128 px tiles, the mask as a grey tile of its own, nothing zoomed.)"""
+    src = cv2.resize(pair[0], (120, 90), interpolation=cv2.INTER_LINEAR)
+    mask = np.zeros((90, 120), np.float32)
+    mask[8:38, 76:112] = 0.4
+    fake = (src * (1 - mask[..., None]) + (255 - src) * mask[..., None]).astype(np.uint8)
+    widened = np.clip(src.astype(np.int16) + 6, 0, 255).astype(np.uint8)
+    sheet = contact_sheet({"self_blend": [(src, fake, mask)], "widen_real": [(src, widened, None)]}, per_method=1)
+    assert TILE >= 160 and sheet.shape == (TITLE_H + 2 * TILE + 2 * GAP, LABEL_W + 4 * TILE + 3 * GAP, 3)
+    title = sheet[:TITLE_H]
+    assert _titled(title[:, :LABEL_W]) and len(COLUMNS) == 4
+    assert all(_titled(title[:, LABEL_W + j * (TILE + GAP):][:, :TILE]) for j in range(4))
+    blend, widen = sheet[TITLE_H:TITLE_H + TILE], sheet[TITLE_H + TILE + 2 * GAP:]
+    tiles = [blend[:, LABEL_W + j * (TILE + GAP):][:, :TILE] for j in range(4)]
+    green = [np.all(t == OUTLINE, axis=2) for t in tiles]
+    assert not np.all(widen == OUTLINE, axis=2).any()
+    assert green[0].any() and green[2].any() and not green[1].any() and not green[3].any()
+    # the outline fills the zoomed tile (most of its width) but a third of the whole-image tile at most
+    span = [np.ptp(np.nonzero(g)[1]) for g in (green[0], green[2])]
+    assert span[0] < TILE / 3 and span[1] > TILE / 2
+    assert tiles[3].mean() > 20  # |fake - source| x4 of the zoom: the faint blend shows
 
 
 def test_stage_is_deterministic_and_regenerates_rows(augmented, prepared, tmp_path):

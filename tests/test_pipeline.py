@@ -176,6 +176,27 @@ def test_stage_6_scores_the_data_roots_own_test_set(run):
     assert "\n| test | " in out(t, layout, "eval_table").read_text()
 
 
+def test_every_picture_is_drawn_and_explains_itself(run, monkeypatch):
+    """Issue 25: stage 2's sheet has column titles and outlined masks, stage 3's sheet marks the val fold, each expert
+    has its training curves as a PNG, and ``dfpipe report`` lists them all."""
+    import cv2
+
+    from dfpipe.augment_sd.sheet import OUTLINE, TITLE_H
+    from dfpipe.cluster_split.pictures import VAL_BGR
+    from dfpipe.report import pictures
+
+    t, layout, _, _ = run
+    sheet = cv2.cvtColor(cv2.imread(str(out(t, layout, "augmented") / "contact_sheet.png")), cv2.COLOR_BGR2RGB)
+    assert (sheet[:TITLE_H] < 128).any() and np.all(sheet[TITLE_H:] == OUTLINE, axis=2).sum() > 100
+    assert np.all(cv2.imread(str(out(t, layout, "cluster_examples"))) == VAL_BGR, axis=2).sum() > 1000
+    curves = [out(t, layout, "train_logs") / e / "plots" / "metrics" / "curves.png" for e in ("a", "b")]
+    assert all(cv2.imread(str(c)) is not None for c in curves)
+    monkeypatch.chdir(t)  # the layout's entries are relative to the working dir
+    assert pictures(layout) == [layout.roc_png, layout.cluster_plot, layout.cluster_examples,
+                                str(Path(layout.augmented) / "contact_sheet.png"),
+                                *(str(c.relative_to(t)) for c in curves)]
+
+
 # ----------------------------------------------------------------------------- the DVC DAG itself
 def _dvc(cwd: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1",
@@ -227,6 +248,8 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_what_changed(tmp_path):
     assert curve in plots and "reports/train/lite0_b/plots/metrics/loss.tsv" in plots, sorted(plots)
     points = plots[curve][0]["content"]["data"]["values"]
     assert [(p["step"], float(p["val_auc"])) for p in points] == [("1", expert["val_auc"])]
+    # the same curves as a picture in that folder: an image plot, which needs no CDN to show
+    assert [p["type"] for p in plots["reports/train/lite0_a/plots/metrics/curves.png"]] == ["image"]
     assert (work / "dvc.yaml").read_bytes() == dvc_yaml  # DVCLive left the pipeline alone
     assert (work / "reports" / "eval" / "table.md").read_text().count("\n| test | ") == 1
     # nothing changed: nothing to run

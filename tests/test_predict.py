@@ -1,3 +1,4 @@
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ TEST_LABELS = [0, 1, 0, 1, 0]  # of t0.jpg .. t4.jpg (the "released" labels of t
 
 
 @pytest.mark.parametrize("labels", ["missing", "none", "present"])
-def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng, labels):
+def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp_path, rng, labels, monkeypatch):
     """``labels``: the data root has no test label file at ``paths.test_labels`` (a challenge's test set before
     its labels are out: a submission, no test metrics, no error), ``paths.test_labels`` is "" (none), or the file
     is there (test metrics, on the decodable test images it names)."""
@@ -242,6 +243,9 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     assert Path(layout.data("test_labels")).is_file() == (labels == "present")
     cfg = PredictConfig(experts=["a", "b"], tta=["identity", "rot180"], combine="stack", stack_folds=3,
                         batch_size=8)
+    stage5 = importlib.import_module("dfpipe.ensemble_predict.pipeline")
+    drawn, plot_roc = [], stage5.plot_roc
+    monkeypatch.setattr(stage5, "plot_roc", lambda path, sets: (drawn.append(sets), plot_roc(path, sets)))
     metrics = run_predict(cfg, layout)
     sub = pd.read_csv(out / "prediction.txt")
     assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]
@@ -263,7 +267,13 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
         assert test["n_pos"] == 2 and test["n_neg"] == 3 and "test" in card_protocol
         assert test["auc"] == pytest.approx(roc_auc_score(TEST_LABELS, sub.y_pred.iloc[1:]), abs=1e-6)
         assert metrics["test"] == saved["test"]
+        # roc.png: the held-out test curves beside the val ones, on the images the test metrics count
+        (val_set, test_set), = drawn
+        assert (val_set.name, test_set.name) == ("val", "test") and test_set.labels.tolist() == TEST_LABELS
+        assert test_set.n_neg == 3 and list(test_set.scores) == ["ensemble", "a", "b"]
+        np.testing.assert_allclose(test_set.scores["ensemble"], sub.y_pred.iloc[1:], atol=1e-6)
     else:
+        assert [[s.name for s in sets] for sets in drawn] == [["val"]]
         assert "test" not in card_protocol and "test" not in saved and "test" not in metrics  # no test labels
 
     def numbers(d):  # dvc metrics: nested dicts of numbers only
@@ -329,25 +339,62 @@ def test_score_files_reports_progress_per_batch(tmp_path, rng):
     assert sum(calls) == 8 and len(calls) == 3 and max(calls) <= 3 and len(errors) == 1
 
 
-def test_roc_png_is_written_atomically_and_readable_by_others(tmp_path, monkeypatch):
+def roc_sets(rng):
+    """A val set (34 reals) and a test set (300 reals), each scored by the ensemble and one expert."""
+    from dfpipe.ensemble_predict.roc_plot import RocSet
+
+    out = []
+    for name, n_neg, n_pos in (("val", 34, 20), ("test", 300, 100)):
+        y = np.r_[np.zeros(n_neg, int), np.ones(n_pos, int)]
+        scores = {k: 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.5 * y))) for k in ("ensemble", "a")}
+        out.append(RocSet(name, "selection-biased" if name == "val" else "held out", y, scores))
+    return out
+
+
+def test_roc_figure_has_val_and_test_curves_the_diagonal_and_the_reals_behind_tpr_at_fpr(rng):
+    """Before: the val curves only, no diagonal, no word on how many reals a TPR@FPR rests on."""
+    from dfpipe.ensemble_predict.roc_plot import roc_figure
+    from dfpipe.metrics import tpr_at_fpr
+
+    val, test = roc_sets(rng)
+    fig = roc_figure([val, test])
+    lin, log = fig.axes
+    curves = [ln for ln in lin.get_lines() if ln.get_label().startswith(("ensemble", "a,"))]
+    assert [ln.get_label().split(":")[0] for ln in curves] == ["ensemble, val", "a, val", "ensemble, test", "a, test"]
+    assert [ln.get_linestyle() for ln in curves] == ["-", "-", "--", "--"]
+    diagonal = [ln for ln in lin.get_lines() if ln.get_label() == "chance (AUC 0.5)"]
+    assert len(diagonal) == 1 and np.array_equal(diagonal[0].get_xydata(), [[0, 0], [1, 1]])
+    assert len(log.get_lines()) == len(lin.get_lines()) + 2  # + the FPR 1e-2 / 1e-3 marks
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(legend) == 4 and "over 34 reals" in legend[0] and "over 300 reals" in legend[2]
+    assert f"TPR@1e-2 {tpr_at_fpr(test.labels, test.scores['ensemble'], 1e-2):.2f}" in legend[2]
+    assert "over" not in legend[1]  # the experts' entries stay short
+    assert "held out" in fig.get_suptitle() and "selection-biased" in fig.get_suptitle()
+
+
+def test_roc_png_is_written_atomically_deterministically_and_readable_by_others(tmp_path, monkeypatch, rng):
     """A plot that fails half-way leaves the previous roc.png whole (no partial file under the real name, no temp
-    file); a written one has the mode a plain open gives (0644 under umask 022, not mkstemp's 0600)."""
+    file); a written one has the mode a plain open gives (0644 under umask 022, not mkstemp's 0600), no date or
+    version in it, and the same bytes from the same scores."""
     import os
 
     import matplotlib.figure
 
-    from dfpipe.ensemble_predict.reports import plot_roc
+    from dfpipe.ensemble_predict.roc_plot import plot_roc
 
-    labels = np.array([0, 1, 0, 1, 1, 0])
-    curves = {"ensemble": np.array([0.1, 0.9, 0.3, 0.7, 0.6, 0.2])}
+    sets = roc_sets(rng)
     png = tmp_path / "reports" / "roc.png"
     old = os.umask(0o022)
     try:
-        plot_roc(png, labels, curves)
+        plot_roc(png, sets)
     finally:
         os.umask(old)
     first = png.read_bytes()
     assert first.startswith(b"\x89PNG") and png.stat().st_mode & 0o777 == 0o644
+    assert b"Software" not in first and b"atplotlib" not in first
+    plot_roc(tmp_path / "again.png", sets)
+    assert (tmp_path / "again.png").read_bytes() == first
+    (tmp_path / "again.png").unlink()
     real = matplotlib.figure.Figure.savefig
 
     def dies_half_way(self, fname, *args, **kwargs):
@@ -358,5 +405,5 @@ def test_roc_png_is_written_atomically_and_readable_by_others(tmp_path, monkeypa
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        plot_roc(png, labels, {"ensemble": curves["ensemble"][::-1]})
+        plot_roc(png, sets[:1])
     assert png.read_bytes() == first and sorted(p.name for p in png.parent.iterdir()) == ["roc.png"]

@@ -9,7 +9,7 @@ from conftest import layout_in
 
 from dfpipe.cli import main
 from dfpipe.errors import InputError
-from dfpipe.report import WIDTH, render, rows
+from dfpipe.report import WIDTH, pictures, render, rows
 
 
 def _write(path, obj):
@@ -31,6 +31,10 @@ def test_report_reads_every_result_into_one_narrow_table(tmp_path, capsys):
                                              "jpeg50": {"auc": 0.619, "tpr_at_fpr_1e-2": 0.0}},
                                     "mean": {"clean": {"auc": 0.649}}})
     Path(lay.roc_png).write_bytes(b"png")
+    for expert in ("b", "a"):  # each expert's training curves, by name; not the logs' folder
+        curves = Path(lay.train_logs) / expert / "plots" / "metrics" / "curves.png"
+        curves.parent.mkdir(parents=True)
+        curves.write_bytes(b"png")
     table = rows(lay)
     assert [r[:2] for r in table][:3] == [["ensemble", "val (selection-biased)"],
                                           ["  a_very_long_expert_name_that_still_fits", "val (selection-biased)"],
@@ -40,6 +44,8 @@ def test_report_reads_every_result_into_one_narrow_table(tmp_path, capsys):
     assert not any(r[0].startswith("set mean") for r in table)  # the mean row of stage 6 is no set
     text = render(lay)
     assert max(len(line) for line in text.splitlines()) <= WIDTH and f"pictures: {lay.roc_png}" in text
+    assert pictures(lay) == [lay.roc_png, *(str(Path(lay.train_logs) / e / "plots" / "metrics" / "curves.png")
+                                           for e in ("a", "b"))]
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"paths": {"metrics": lay.metrics, "eval_metrics": lay.eval_metrics,
                                             "roc_png": lay.roc_png}}))

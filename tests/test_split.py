@@ -242,21 +242,52 @@ def test_k_chosen_per_class_and_candidates_clamped(rng):
     assert choose_k(feats[:2], [4], seed=0) == (1, {})
 
 
-def test_contact_sheet_has_one_row_per_cluster(tmp_path, rng):
+def test_contact_sheet_has_one_row_per_cluster_a_legend_and_the_val_fold_marked(tmp_path, rng):
+    """Under a legend (what red and blue borders and the highlighted label mean), a row per cluster; the label
+    cell of each val-fold cluster is highlighted, the others are not. (Before: no legend, no fold, no marking.)"""
     import cv2
 
-    from dfpipe.cluster_split.pipeline import cluster_contact_sheet, contact_sheet_shape
+    from dfpipe.cluster_split.pictures import (SHEET_GAP, SHEET_HEADER_H, SHEET_LABEL_W, SHEET_THUMB, VAL_BGR,
+                                               cluster_contact_sheet, contact_sheet_shape)
 
     cache = tmp_path / "train-000000.bin"
     write_png_shard(cache, [rng.integers(0, 255, (40, 30 + i, 3), dtype=np.uint8) for i in range(20)])
     uids = [f"train/{i}.jpg" for i in range(20)]
     pool = pd.DataFrame({"uid": uids, "cache_path": str(cache), "cache_index": np.arange(20)})
-    df = pd.DataFrame({"uid": uids, "origin": "train", "label": np.arange(20) % 2,
-                       "cluster": np.repeat([0, 1, 2], [10, 8, 2])})
-    out = cluster_contact_sheet(pool, df, tmp_path / "sheet.png", per_cluster=4, seed=0)
+    cluster = np.repeat([0, 1, 2], [10, 8, 2])
+    df = pd.DataFrame({"uid": uids, "origin": "train", "label": np.arange(20) % 2, "cluster": cluster,
+                       "fold": np.array([1, 0, 1])[cluster]})
+    out = cluster_contact_sheet(pool, df, tmp_path / "sheet.png", per_cluster=4, seed=0, val_fold=0)
     img = cv2.imread(str(out))
     assert img.shape[:2] == contact_sheet_shape(3, 4)
     assert not list(tmp_path.glob(".sheet.png.*"))  # no temp file left behind
+    header = img[:SHEET_HEADER_H]
+    for colour in ((0, 0, 255), (255, 0, 0), VAL_BGR):  # the legend's swatches: fake, real, val fold
+        assert np.all(header == colour, axis=2).sum() > 20, colour
+    assert (header < 100).all(axis=2).sum() > 50  # and its words
+    cell = SHEET_THUMB + SHEET_GAP
+    marked = [np.all(img[SHEET_HEADER_H + SHEET_GAP + r * cell:][:SHEET_THUMB, :SHEET_LABEL_W] == VAL_BGR,
+                     axis=2).mean() > 0.3 for r in range(3)]
+    assert marked == [False, True, False]
+
+
+def test_pca_picture_has_legends_and_rings_the_val_fold(rng):
+    """The PCA figure names every cluster and its fold in a legend (the val one as such), has a legend by label,
+    and rings exactly the val fold's points on both panels."""
+    from dfpipe.cluster_split.pictures import embedding_figure
+
+    cluster = np.repeat([0, 1, 2, 3], 6)
+    orig = pd.DataFrame({"cluster": cluster, "label": np.arange(24) % 2, "fold": np.array([1, 0, 1, 2])[cluster]})
+    xy = rng.normal(size=(24, 2))
+    fig = embedding_figure(xy, orig, val_fold=0)
+    by_cluster, by_label = fig.axes
+    names = [t.get_text() for t in by_cluster.get_legend().get_texts()]
+    assert names == ["0: fold 1", "1: fold 0 = val", "2: fold 1", "3: fold 2"]
+    labels = [t.get_text() for t in by_label.get_legend().get_texts()]
+    assert labels == ["real (12)", "fake (12)", "ringed: val fold 0 (6 originals)"]
+    for ax in (by_cluster, by_label):
+        rings = [c for c in ax.collections if len(c.get_facecolors()) == 0]
+        assert len(rings) == 1 and np.allclose(rings[0].get_offsets(), xy[cluster == 1])
 
 
 # --------------------------------------------------------------------------- embedders, streaming, k-means engines
@@ -527,6 +558,7 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
     from conftest import layout_in
     from dfpipe.config import SplitConfig
     from dfpipe.cluster_split import run as run_split
+    from dfpipe.cluster_split.pictures import VAL_BGR, contact_sheet_shape
 
     prep, aug = write_prepared(tmp_path, rng)
     out = tmp_path / "out"
@@ -553,6 +585,8 @@ def test_run_split_with_finetuned_embedder_and_torch_kmeans(tmp_path, rng):
     # the PCA picture and the contact sheet go where the layout names them (no longer derived from the report)
     for picture in (out / "pca.png", out / "sheet.png"):
         assert cv2.imread(str(picture)) is not None, picture
+    sheet = cv2.imread(str(out / "sheet.png"))  # the val fold's clusters are marked
+    assert sheet.shape[:2] == contact_sheet_shape(2, 2) and np.all(sheet == VAL_BGR, axis=2).sum() > 1000
     assert sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npy", "pca.png", "report.json", "sheet.png",
                                                      "splits.csv"]
 

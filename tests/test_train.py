@@ -72,7 +72,8 @@ def _cfg(root: Path, models: str, workers: int = 0, **kw) -> Setup:
                  pool_layout(root, models=root / models))
 
 
-LIVE_FILES = {"metrics.json", "plots/metrics"}  # what dvc.yaml declares of reports/train/<name>
+# what dvc.yaml declares of reports/train/<name>, and the curves' PNG inside it (shows offline, unlike the .tsv plots)
+LIVE_FILES = {"metrics.json", "plots/metrics", "plots/metrics/curves.png"}
 
 
 def live_history(live_dir: Path) -> pd.DataFrame:
@@ -157,6 +158,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(pool, monkeypatch, c
         if f.name != "images_per_s.tsv":
             assert f.read_bytes() == (live_dir(pool, "b") / "plots" / "metrics" / f.name).read_bytes(), f.name
     assert (live_dir(pool, "a") / "metrics.json").read_bytes() == (live_dir(pool, "b") / "metrics.json").read_bytes()
+    curves = "plots/metrics/curves.png"  # no timings drawn: the same picture, to the byte
+    assert (live_dir(pool, "a") / curves).read_bytes() == (live_dir(pool, "b") / curves).read_bytes()
     summary = json.loads((live_dir(pool, "b") / "metrics.json").read_text())
     assert summary["step"] == 3 and summary["best_epoch"] == best_b["epoch"]
     assert summary["val_auc"] == best_b["auc"] and summary["val_n_pos"] == best_b["n_pos"]
@@ -206,6 +209,26 @@ def test_early_stopping_on_val_auc(pool, monkeypatch, caplog):
     assert summary["best_epoch"] == 2 and summary["val_auc"] == 0.7 and summary["step"] == 4
     assert summary["loss"] == hist.loss[1] and "images_per_s" not in summary
     assert _load(pool / "models_p" / "e" / "last.pt")["finished"]
+
+
+def test_training_curves_png_shows_loss_and_val_auc_per_epoch_and_the_best_epoch(pool):
+    """After training a tiny expert, curves.png is a PNG beside the .tsv files; its figure draws the logged loss
+    and val AUC of every epoch, the terms that were on (ce, kl, nce here), and the best epoch. (Before: only the
+    .tsv files, which ``dvc plots show`` renders with Vega-Lite from a CDN: nothing offline.)"""
+    from dfpipe.train_experts.curves import curves_figure
+
+    best, hist = _run(_cfg(pool, "models_curves", epochs=2), pool, "curves")
+    png = live_dir(pool, "curves") / "plots" / "metrics" / "curves.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and b"Software" not in png.read_bytes()
+    fig = curves_figure(hist.to_dict("records"), best["epoch"], "e")
+    loss_ax, val_ax = fig.axes
+    lines = {ax: {ln.get_label(): ln for ln in ax.get_lines()} for ax in (loss_ax, val_ax)}
+    assert set(lines[loss_ax]) == {"loss", "ce", "kl", "nce", f"best epoch {best['epoch']}"}  # lil, gil: off
+    assert set(lines[val_ax]) == {"val_auc", "val_tpr_at_fpr_1e-2", f"best epoch {best['epoch']}"}
+    np.testing.assert_allclose(lines[loss_ax]["loss"].get_ydata(), hist.loss)
+    np.testing.assert_allclose(lines[val_ax]["val_auc"].get_ydata(), hist.val_auc)
+    assert list(lines[val_ax]["val_auc"].get_xdata()) == [1, 2]
+    assert "images_per_s" not in {*lines[loss_ax], *lines[val_ax]}
 
 
 def test_logs_go_to_their_directory_only_no_dvc_yaml_no_experiment(pool, tmp_path, monkeypatch):

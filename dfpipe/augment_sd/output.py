@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -21,6 +20,7 @@ from ..data.store import ShardWriter, read_store_record, shard_name, write_store
 from ..io import work_dir, write_csv, write_json
 from ..layout import Layout
 from .plan import REAL_KINDS, SD_PREFIX, WIDEN, Job
+from .sheet import Example, contact_sheet
 from .sources import CacheReader
 from .work import load_work
 
@@ -28,9 +28,7 @@ MANIFEST_COLUMNS = ["uid", "img_name", "label", "source_uid", "donor_uid", "meth
                     "mask_path", "cache_file", "cache_index"]
 SHARD_PREFIX = "aug"
 SHARD_IMAGES = 1024  # images per shard of the stage-2 store
-TILE = 128  # contact-sheet tile side
 
-Example = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # source, generated image, mask (or None)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -101,44 +99,6 @@ class _Writer:
         if self.shard is not None:
             self.shard.abort()
             self.shard = None
-
-
-def _tile(img: np.ndarray, tile: int) -> np.ndarray:
-    """``img`` fitted into a white ``tile`` x ``tile`` square, aspect kept (sources differ in size and shape)."""
-    h, w = img.shape[:2]
-    s = tile / max(h, w)
-    nh, nw = max(1, min(tile, round(h * s))), max(1, min(tile, round(w * s)))
-    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    out = np.full((tile, tile, 3), 255, np.uint8)
-    y0, x0 = (tile - nh) // 2, (tile - nw) // 2
-    out[y0:y0 + nh, x0:x0 + nw] = small
-    return out
-
-
-def contact_sheet(examples: Mapping[str, list[Example]], per_method: int, tile: int = TILE) -> np.ndarray:
-    """RGB grid: one row per method, ``per_method`` groups of source | fake | mask (or |diff| x4); each
-    image fitted into a ``tile`` square, aspect kept."""
-    label_w, gap = 110, 2
-    width = label_w + per_method * (3 * tile + 2 * gap) + (per_method - 1) * 3 * gap
-    rows = []
-    for method, items in examples.items():
-        row = np.full((tile, width, 3), 255, np.uint8)
-        cv2.putText(row, method, (4, tile // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-        x = label_w
-        for src, fake, mask in items[:per_method]:
-            if src.shape != fake.shape:  # a reconstruction pair fitted or resized: compare at the fake's size
-                src = cv2.resize(src, fake.shape[1::-1], interpolation=cv2.INTER_AREA)
-            if mask is not None:
-                third = np.repeat((np.round(mask * 255.0).astype(np.uint8))[..., None], 3, axis=2)
-            else:  # no mask (widened real): show where it changed instead
-                third = np.clip(np.abs(fake.astype(np.int16) - src.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
-            for t in (src, fake, third):
-                row[:, x:x + tile] = _tile(t, tile)
-                x += tile + gap
-            x += 2 * gap
-        rows.append(row)
-    sep = np.full((gap * 2, width, 3), 255, np.uint8)
-    return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
 def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[str], reals: pd.DataFrame,

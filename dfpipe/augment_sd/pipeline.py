@@ -40,7 +40,8 @@ Output (``layout.augmented``, replaced as a whole; it is a DVC output), an image
   store.json        the prepared folder's stage-1 record (generated images are stage-1 images too)
   manifest.csv      uid,img_name,label,source_uid,donor_uid,method,params,seed,mask_path,cache_file,cache_index
   masks/<stem>.png  uint8 mask of the changed pixels (0 = untouched), fakes only, of the image's size
-  contact_sheet.png one row per method: source | fake | mask examples
+  contact_sheet.png one row per method: fake with its mask outlined, source | fake | |diff| zoomed on the edit
+                    (:mod:`.sheet`), under a row of column titles
   summary.json      counts (also returned by :func:`run`)
 """
 

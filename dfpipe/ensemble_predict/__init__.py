@@ -20,7 +20,8 @@ from .combine import COMBINE, combine_scores, fit_stacking
 from .ensemble import CARD_FORMAT, Ensemble, FileDataset
 from .experts import LoadedExpert, fold_batchnorm, load_expert
 from .pipeline import run
-from .reports import by_cluster, by_method, plot_roc
+from .reports import by_cluster, by_method
+from .roc_plot import plot_roc
 from .submission import build_submission, check_submission
 from .tta import GEOMETRIC, TTA_VIEWS, View, parse_view
 

@@ -18,7 +18,8 @@ from ..layout import Layout
 from ..metrics import MetricError, choose_thresholds, roc_points
 from .combine import fit_stacking
 from .ensemble import Ensemble, scoring_workers
-from .reports import by_cluster, by_method, plot_roc, ensemble_metrics
+from .reports import by_cluster, by_method, ensemble_metrics
+from .roc_plot import RocSet, plot_roc
 from .submission import build_submission
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     metrics["combine"], metrics["thresholds"], metrics["n_tta_views"] = combination, thresholds, len(ens.views)
     metrics["val"]["selection_biased"] = 1  # dvc metrics show: numbers only; the card says why (protocol)
     write_csv(layout.roc, pd.DataFrame(roc_points(y, val_scores)))
-    plot_roc(layout.roc_png, y, {"ensemble": val_scores, **dict(zip(names, val_pe))})
+    roc_sets = [RocSet("val", "selection-biased (epochs, thresholds chosen on it)", y,
+                       {"ensemble": val_scores, **dict(zip(names, val_pe))})]
 
     # test: every listed image gets a row
     test_all, test_ok, test_pe, test_scores = _score_test(ens, cfg, layout.prepared)
@@ -141,7 +143,11 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     metrics["n_test_failed"] = _write_failures(layout.failures, test_all)
     test_labels = _test_labels(layout)
     if test_labels and len(test_ok):
-        metrics["test"] = _test_metrics(test_labels, test_ok, test_pe, test_scores, names, thr)
+        known, y_test = _known_test_labels(test_labels, test_ok)
+        metrics["test"] = ensemble_metrics(y_test, test_pe[:, known], test_scores[known], names, thr)
+        roc_sets.append(RocSet("test", "held out", y_test,
+                               {"ensemble": test_scores[known], **dict(zip(names, test_pe[:, known]))}))
+    plot_roc(layout.roc_png, roc_sets)
     write_json(layout.metrics, metrics)
     write_json(layout.card, ens.card(thresholds, {"fallback_score": cfg.fallback_score,
                                                "val": metrics["val"]["ensemble"],
@@ -153,15 +159,13 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     return metrics
 
 
-def _test_metrics(labels_csv: str, test_ok: pd.DataFrame, per_expert: np.ndarray, scores: np.ndarray,
-                  names: list[str], thr: dict[str, float]) -> dict:
-    """Metrics on test images whose labels are known (e.g. released after the challenge), with the
-    thresholds chosen on val."""
+def _known_test_labels(labels_csv: str, test_ok: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Which test images have a known label (e.g. released after the challenge), and those labels; the metrics
+    on them use the thresholds chosen on val."""
     from ..data.labels import read_labels
 
     labels = read_labels(labels_csv).set_index("img_name").label
     known = test_ok.img_name.isin(labels.index).to_numpy()
     if not known.any():
         raise MetricError(f"{labels_csv}: none of its names are test images")
-    y = labels.loc[test_ok.img_name[known]].to_numpy()
-    return ensemble_metrics(y, per_expert[:, known], scores[known], names, thr)
+    return known, labels.loc[test_ok.img_name[known]].to_numpy()

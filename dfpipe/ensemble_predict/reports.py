@@ -1,14 +1,11 @@
-"""Stage 5's reports: ensemble and per-expert metrics, by stage-3 cluster, by kind of fake, and the ROC plot."""
+"""Stage 5's reports: ensemble and per-expert metrics, by stage-3 cluster, by kind of fake (ROC picture: roc_plot)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path
-from ..metrics import roc_auc, roc_points, summary
+from ..metrics import roc_auc, summary
 
 
 def ensemble_metrics(labels: np.ndarray, per_expert: np.ndarray, ens: np.ndarray, names: list[str],
@@ -50,31 +47,3 @@ def by_method(val: pd.DataFrame, val_scores: np.ndarray, gen_scores: np.ndarray,
             out[name] = {"auc": roc_auc(y, np.r_[reals, fakes]), "n": int(len(fakes)),
                          "flagged_rate": float(np.mean(fakes >= t))}
     return out
-
-
-def plot_roc(path: str | Path, labels: np.ndarray, curves: dict[str, np.ndarray]) -> None:
-    """ROC of each named score vector; linear and log-FPR panels (the tie-breaker lives at 1e-3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for name, s in curves.items():
-        r = roc_points(labels, s)
-        for ax in axes:
-            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {roc_auc(labels, s):.3f})",
-                    lw=2 if name == "ensemble" else 1)
-    floor = 1.0 / max(1, int((labels == 0).sum()))
-    axes[1].set_xscale("log")
-    axes[1].set_xlim(min(1e-3, floor) / 2, 1)
-    for ax, title in zip(axes, ("ROC (validation fold)", "log FPR")):
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:  # a killed or failed plot never leaves half a png under the real name
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)

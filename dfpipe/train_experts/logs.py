@@ -4,6 +4,7 @@
 
 - ``plots/metrics/<metric>.tsv``: one row per epoch (DVCLive ``step`` = the epoch) of the loss terms,
   ``lr``, ``images_per_s`` and the val metrics: ``dvc plots show`` draws them against ``step``.
+- ``plots/metrics/curves.png``: the loss and val AUC per epoch as a picture that shows offline (:mod:`.curves`).
 - ``metrics.json``: DVCLive's summary, set to the **best** epoch's metrics (that of ``best.pt``, not
   the last epoch's): ``best_epoch``, that epoch's loss terms, ``lr`` and ``val_*`` metrics (with the
   val class counts), and ``step``, the last epoch logged. ``dvc metrics show`` / ``dvc exp show``
@@ -33,6 +34,7 @@ import pandas as pd
 
 from ..io import write_csv
 from .checkpoint import TIMING_KEYS
+from .curves import CURVES_PNG, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,19 @@ class TrainLog:
                 self._log_live(history[: i + 1], best)
         if history:
             self._write_csv(history)
+            self._draw(history, best)
         return history
 
     def epoch(self, history: list[dict], best: dict) -> None:
-        """Log the last row of ``history`` (one DVCLive step) and the best metrics so far."""
+        """Log the last row of ``history`` (one DVCLive step) and the best metrics so far; redraw the curves."""
         self._log_live(history, best)
         self._write_csv(history)
+        self._draw(history, best)
+
+    def _draw(self, history: list[dict], best: dict) -> None:
+        """The curves as a PNG beside DVCLive's .tsv files (after DVCLive's start, which empties that folder)."""
+        if self._live is not None and self.live_dir is not None:
+            write_curves(self.live_dir / CURVES_PNG, history, best.get("epoch"), self.live_dir.name)
 
     def end(self) -> None:
         if self._live is not None:
