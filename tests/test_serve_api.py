@@ -80,7 +80,8 @@ def test_predict_base64_contract_matches_the_ensemble(served, rng):
     r = client.post("/predict", json={"image": _b64(data)})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"result", "verdict", "model"} and body["model"].startswith("m@")
+    assert set(body) == {"result", "verdict", "model", "demo", "warning"} and body["model"].startswith("m@")
+    assert body["demo"] is None and body["warning"] is None  # a card without provenance: unknown, not a demo
     assert body["result"] == pytest.approx(want, abs=1e-6)
     assert body["verdict"] == expected_verdict(body["result"])
     # the original clients' variants: a data URL, wrapped lines, URL-safe alphabet without padding
@@ -169,7 +170,8 @@ def test_decompression_bomb_is_refused_before_decoding(served):
     bomb = _bomb_png()
     assert len(bomb) < 64 * 1024  # under the byte limit: only the pixel check can stop it
     r = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
-    assert r.status_code == 422 and "pixels" in r.json()["detail"], r.text
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "not a usable image: too large: 12000x12000 = 144 MP, the limit is 100 MP"
 
 
 def test_batch_limits(served, rng):
@@ -206,7 +208,8 @@ def test_health_docs_and_page(served):
     assert h["status"] == "ok" and h["experts"] == ["m"] and h["thresholds"]["t_fake"] == 0.7
     assert h["max_batch_images"] == 4
     assert h["stage1"] == {"max_side": 0, "face_crop": "none", "face_margin": 1.3, "face_policy": "whole",
-                           "max_pixels": Stage1().max_pixels}  # the checkpoints' preprocessing, not a setting
+                           "max_pixels": Stage1().max_pixels, "min_side": 16}  # the checkpoints', not a setting
+    assert (h["max_pixels"], h["min_side"]) == (100_000_000, 16)  # the model's limits: stage 1's and the CLI's
     assert h["inputs"] == {"m": {"mode": "resize", "size": 32}}
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"application/json",
