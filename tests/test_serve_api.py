@@ -33,14 +33,22 @@ def save_expert(models: Path, name: str = "m", stage1: Stage1 = NATIVE, mode: st
     save_checkpoint(models / name / "best.pt", build_expert(cfg).eval(), stage1, cfg, name, {})
 
 
+# what stage 5 writes into the card of a model trained on the demo data (dfpipe.ensemble_predict.provenance)
+DEMO_PROVENANCE = {"demo": True, "commit": "0123456789ab",
+                   "training_data": {"demo": True, "summary": "240 real + 240 fake images of the synthetic demo data "
+                                                              "(raw)"}}
+
+
 def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
-              combine: str = "mean_prob", stage1: Stage1 = NATIVE) -> tuple[Path, Path]:
+              combine: str = "mean_prob", stage1: Stage1 = NATIVE, provenance: dict | None = None
+              ) -> tuple[Path, Path]:
     """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, native-resolution stage 1
-    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.ensemble_predict.run`` writes them.
+    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.ensemble_predict.run`` writes them
+    (with ``provenance``: its demo, training_data and commit; without, a card that predates them).
     Returns (models_dir, card)."""
     save_expert(root / "models", "m", stage1)
     ens = Ensemble.load(root / "models", ["m"], list(tta), combine, torch.device("cpu"))
-    write_json(root / "ensemble.json", ens.card(thresholds))
+    write_json(root / "ensemble.json", ens.card(thresholds, provenance))
     return root / "models", root / "ensemble.json"
 
 
