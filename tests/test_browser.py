@@ -225,8 +225,8 @@ def test_a_demo_model_says_so_and_the_verdict_is_read_at_a_glance(browser, tmp_p
         with _serve(tmp_path / "demo", provenance=DEMO_PROVENANCE) as (url, _):
             browser.get(url + "/")
             WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("1 model"))
-            assert browser.find_element(By.ID, "model").text == (
-                "1 model · trained on 240 real + 240 fake images of the synthetic demo data (raw) · commit 0123456789ab")
+            assert browser.find_element(By.ID, "model").text == ("1 model · trained on 240 real + 240 fake images of "
+                                                                 "the synthetic demo data (raw) · commit 0123456789ab")
             banner = browser.find_element(By.ID, "demo-banner")
             assert banner.is_displayed() and banner.text == DEMO_WARNING
             browser.find_element(By.ID, "file").send_keys(str(_portrait(tmp_path / "tall.jpg")))

@@ -48,8 +48,8 @@ class Stage1:
     face_margin: float = 1.3
     face_policy: FacePolicy = "whole"
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked from the header
-    # shorter side below this = refused (stage 1 drops it; the CLI and API refuse it: one rule, images.check_dimensions);
-    # a record written before it existed reads as the default, which stage 1 then applied
+    # shorter side below this = refused: stage 1 drops it, the CLI and API refuse it (one rule:
+    # images.check_dimensions); a record written before it existed reads as the default, which stage 1 then applied
     min_side: int = DEFAULT_MIN_SIDE
 
 

@@ -34,7 +34,7 @@ class Identity:
 
     @property
     def header(self) -> str:
-        """``2 models · trained on 240 real + 240 fake images of ... · commit 6eb7c0d1a2b3``: the page's title line."""
+        """The page's title line: ``2 models · trained on 240 real + 240 fake images of ... · commit 6eb7c0d1a2b3``."""
         models = f"{self.n_experts} model{'s' if self.n_experts != 1 else ''}"
         return f"{models} · trained on {self.trained_on} · commit {self.commit}"
 
