@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_serve_api import make_card
@@ -144,3 +145,21 @@ def test_the_exit_codes_are_the_documented_ones(served, tmp_path, rng, capsys):
         main(["predict", str(good), "--no-such-option"])
     assert bad_option.value.code == 2  # argparse's: a bad command line is a user error too
     capsys.readouterr()
+
+
+def test_scan_refuses_a_small_jpeg_in_the_same_words_whichever_decoder(served, tmp_path, rng):
+    """--decode device takes plain JPEGs past the CPU decoder: the size rule must hold there too."""
+    import csv
+
+    from conftest import photo_like, write_jpeg
+
+    args, _ = served
+    write_jpeg(tmp_path / "in" / "tiny.jpg", rng.integers(0, 256, (8, 12, 3), dtype=np.uint8))
+    write_jpeg(tmp_path / "in" / "ok.jpg", photo_like(rng, 40, 40))
+    for mode in ("workers", "device"):
+        out = tmp_path / f"{mode}.csv"
+        assert main(["scan", str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--decode", mode, *args]) == 0
+        with open(out, newline="") as fh:
+            rows = {r["path"]: r for r in csv.DictReader(fh)}
+        assert rows["tiny.jpg"]["error"] == "too small: 12x8, the shorter side must be at least 16 px", mode
+        assert rows["ok.jpg"]["verdict"] != "error", mode
