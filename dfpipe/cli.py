@@ -9,10 +9,14 @@ checkpoints from ``--models`` (default models/). How an image is prepared for th
 face crop, each expert's input policy) comes from the checkpoints (:mod:`dfpipe.data.preprocess`), never
 from a command-line option: every command scores a file exactly as stage 5 and the HTTP API do.
 
-A problem the user can fix (missing card or model folder, empty folder: a
-:class:`~dfpipe.errors.UserError`) is one line on stderr and exit code 2, as for the stage scripts
-(``DFPIPE_DEBUG=1`` shows its traceback); a bug keeps its traceback. ``predict`` with some unreadable
-images scores the others and exits 1.
+Exit codes (docs/serving.md): 0 done; 1 ``predict`` scored some images but not all (each refused one is a line
+on stderr: unreadable, or outside the size rule stage 1 and the API apply, in the same words); 2 a problem the
+user can fix before anything is scored (missing card or model folder, missing input, empty folder: a
+:class:`~dfpipe.errors.UserError`, one line on stderr, as for the stage scripts; ``DFPIPE_DEBUG=1`` shows its
+traceback) or a bad command line (argparse); 130 interrupted. A bug keeps its traceback (Python's exit 1).
+
+A model trained on the synthetic demo data (its card says ``demo: true``) is said so on stderr, one warning line,
+whenever ``predict`` or ``scan`` scores with it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .harness import USER_ERROR_EXIT
-from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS
+from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS
+
+if TYPE_CHECKING:
+    from .serve.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8080)
     v.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20, help="upload size limit per image "
                                                                                     "(default: %(default)s)")
-    v.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image "
-                                                                              "(default: %(default)s)")
+    v.add_argument("--max-pixels", type=int, default=None,
+                   help="pixel limit per image, to bound memory: only lower than the model's own applies "
+                        "(default: the model's, as stage 1 and predict apply it; 100 MP unless stage 1 set another)")
     v.add_argument("--max-batch", type=int, default=16, help="images per model call (default: %(default)s)")
     v.add_argument("--max-memory", type=float, default=1024, metavar="MB",
                    help="memory for request bodies and decoded images at once, the model aside; requests beyond it "
@@ -101,18 +110,22 @@ def check_inputs(paths: list[Path]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .serve.identity import card_identity
     from .serve.scan import score_paths
     from .serve.service import load_ensemble
 
     paths = [Path(p) for p in args.images]
     check_inputs(paths)  # before the models load (seconds): a typo fails at once
+    identity = card_identity(args.card)
     ens = load_ensemble(args.card, args.models, args.device)
+    warn_if_demo(identity)
     scores, errors = score_paths(ens, paths, workers=0)
     rows = []
     for p, s in zip(paths, scores):
         err = errors.get(str(p), "")
         rows.append({"path": str(p), "score": None if err else round(float(s), 6),
-                     "verdict": "error" if err else ens.verdict(float(s)), "error": err or None})
+                     "verdict": "error" if err else ens.verdict(float(s)), "error": err or None,
+                     "demo": identity.demo})
     if args.json:
         print(json.dumps(rows, indent=2))
     for r in rows:
@@ -124,21 +137,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from .serve.identity import card_identity
     from .serve.scan import plan_scan, scan_folder
-    from .serve.service import card_model_id, load_ensemble
+    from .serve.service import load_ensemble
 
-    model = card_model_id(args.card)  # the card alone: rows of another model are scored again
+    identity = card_identity(args.card)  # the card alone: rows of another model are scored again
+    model = identity.id
     paths, todo = plan_scan(args.folder, args.out, model)  # before loading the models: bad input fails fast
     if not todo:
         print(f"{args.out}: all {len(paths)} images already scored by {model}; nothing to do")
         return 0
     ens = load_ensemble(args.card, args.models, args.device)
+    warn_if_demo(identity)
     counts = scan_folder(ens, args.folder, args.out, args.batch_size, args.workers, decode=args.decode,
                          model=model)
     verdicts = ", ".join(f"{counts[k]} {k}" for k in ("likely real", "uncertain", "likely fake") if counts.get(k))
     print(f"{args.out}: {counts['n_scored']} scored ({verdicts or 'none'}), {counts['n_errors']} errors, "
           f"{counts['n_skipped']} already there")
     return 0
+
+
+def warn_if_demo(identity: Identity) -> None:
+    """One warning line on stderr when a demo model is about to score (the API and page say it too)."""
+    log.info("model %s: %s", identity.id, identity.header)
+    if identity.warning:
+        log.warning("%s", identity.warning)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -52,8 +52,10 @@ CONFIG = {
 
 @st.composite
 def image_files(draw) -> bytes:
-    """A small image file with random pixels (its size up to 40 x 40, so /explain stays quick)."""
-    h, w = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    """A small image file with random pixels (its size up to 40 x 40, so /explain stays quick), of at least the
+    model's shorter side (16 px: a smaller one is not a usable image, a 422 in stage 1's words, as a truncated file
+    is; the format names "an image the model takes", which no JSON schema keyword can state)."""
+    h, w = draw(st.integers(16, 40)), draw(st.integers(16, 40))
     seed = draw(st.integers(0, 2**16))
     mode, fmt = draw(st.sampled_from([("RGB", "PNG"), ("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("RGB", "BMP")]))
     pixels = np.random.default_rng(seed).integers(0, 256, (h, w, len(mode)), dtype=np.uint8)

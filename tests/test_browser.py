@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve_api import expected_verdict, make_card
+from test_serve_api import DEMO_PROVENANCE, expected_verdict, make_card
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 IN_CI = os.environ.get("CI") == "true"
@@ -115,9 +115,14 @@ def test_upload_shows_score_verdict_and_heatmap(server, browser, tmp_path):
 
     url, ens = server
     browser.get(url + "/")
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("model m@"))
-    # the preprocessing the experts were trained with (from the checkpoints), shown with the model
-    assert browser.find_element(By.ID, "model").text.endswith("· no face crop · resize 32px")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("1 model"))
+    # a card that predates provenance: said to be unknown, and no demo banner
+    assert browser.find_element(By.ID, "model").text == "1 model · trained on unknown · commit unknown"
+    assert not browser.find_element(By.ID, "demo-banner").is_displayed()
+    # the preprocessing the experts were trained with (from the checkpoints), under the technical details
+    browser.find_element(By.CSS_SELECTOR, "#model-details summary").click()
+    tech = browser.find_element(By.ID, "model-tech").text
+    assert tech.startswith("model m@") and tech.endswith("· no face crop · resize 32px")
     img = _photo(tmp_path / "astronaut.jpg")
     browser.find_element(By.ID, "file").send_keys(str(img))
     WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
@@ -157,7 +162,8 @@ def test_a_face_crop_expert_shows_its_crop(browser, tmp_path):
 
     with _serve(tmp_path / "face", stage1=Stage1(face_crop="haar")) as (url, ens):
         browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "face crop haar" in d.find_element(By.ID, "model").text)
+        WebDriverWait(browser, 30).until(
+            lambda d: "face crop haar" in d.find_element(By.ID, "model-tech").get_attribute("textContent"))
         img = _photo(tmp_path / "astronaut.jpg")
         browser.find_element(By.ID, "file").send_keys(str(img))
         WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
@@ -184,3 +190,54 @@ def test_a_non_image_shows_the_servers_message(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
                                      == "error")
     assert "not a usable image" in browser.find_element(By.ID, "error").text
+
+
+def _portrait(path: Path) -> Path:
+    """A tall photograph (the astronaut, stretched to 1:2): the tallest preview the page shows."""
+    import cv2
+    from skimage import data
+
+    img = cv2.resize(data.astronaut(), (300, 600))
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def _box(driver, element_id: str) -> dict:
+    return driver.execute_script(
+        "const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+        "return {top: r.top, bottom: r.bottom, height: window.innerHeight, scrolled: window.scrollY};", element_id)
+
+
+def test_a_demo_model_says_so_and_the_verdict_is_read_at_a_glance(browser, tmp_path):
+    """Issue 25: the page's header was jargon, nothing said the model was trained on plumbing data, and at
+    1280x900 the score and verdict were below the image. Now: a plain header, a banner for a demo model, and
+    score and verdict first, inside the 900 px viewport whatever the image, banner shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dfpipe.serve.identity import DEMO_WARNING
+
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        with _serve(tmp_path / "demo", provenance=DEMO_PROVENANCE) as (url, _):
+            browser.get(url + "/")
+            WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.startswith("1 model"))
+            assert browser.find_element(By.ID, "model").text == ("1 model · trained on 240 real + 240 fake images of "
+                                                                 "the synthetic demo data (raw) · commit 0123456789ab")
+            banner = browser.find_element(By.ID, "demo-banner")
+            assert banner.is_displayed() and banner.text == DEMO_WARNING
+            browser.find_element(By.ID, "file").send_keys(str(_portrait(tmp_path / "tall.jpg")))
+            WebDriverWait(browser, 90).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                             in ("explained", "error"))
+            assert browser.find_element(By.ID, "error").text == ""
+            verdict, score, preview = (_box(browser, i) for i in ("verdict", "score", "preview"))
+            assert verdict["height"] == 900 and verdict["scrolled"] == 0
+            for box in (verdict, score):
+                assert 0 < box["top"] < box["bottom"] <= 900, box  # above the fold
+            assert verdict["bottom"] <= preview["top"]  # read before the image, so its size cannot push it down
+            assert banner.is_displayed()
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

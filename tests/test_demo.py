@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def test_layout_and_label_files(small):
     assert not (root / "testset_label.txt").exists()  # the public layout has no test labels
     assert (root / "testset_label_private.txt").is_file()
     assert (root / "demo_manifest.csv").is_file()
+    card = json.loads((root / "dataset_card.json").read_text())  # the mark stage 1 carries to the ensemble card
+    assert card["demo"] is True and "nothing about real deepfakes" in card["description"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp leftovers
     for split, folder in SPLITS.items():
         label_path = root / LABELS[split]
@@ -74,6 +77,18 @@ def test_stage1_reads_the_demo_with_the_default_layout(small, tmp_path):
         got = man[man.split == split].set_index("img_name").label
         assert got.sort_index().to_dict() == want.sort_index().to_dict()
     assert (man[man.split == "test"].label == -1).all()  # the private test labels are never read by stage 1
+    # issue 25: the demo marks its data, stage 1 records it, stage 5 puts it in the ensemble card
+    from dfpipe.data.datacard import read_data_card
+    from dfpipe.ensemble_predict.provenance import provenance
+
+    n = {s: (SMALL[f"n_{s}"] - SMALL[f"n_{s}"] // 2, SMALL[f"n_{s}"] // 2) for s in ("train", "val")}
+    card = read_data_card(layout.prepared)
+    assert card == report["data"] and card["demo"] is True and card["root"] == "raw"
+    assert card["by_split"] == {s: {"real": r, "fake": f} for s, (r, f) in n.items()}
+    assert card["summary"] == "16 real + 16 fake images of the synthetic demo data (raw)"
+    prov = provenance(layout.prepared)
+    assert prov["demo"] is True and prov["training_data"] == card
+    assert prov["commit"] == "unknown" or len(prov["commit"].removesuffix("-dirty")) == 12
 
 
 def test_labels_are_readable_by_the_pipeline(small):

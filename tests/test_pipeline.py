@@ -129,6 +129,16 @@ def test_metrics_agree_with_sklearn_on_the_val_fold(run):
     np.testing.assert_allclose(combine_scores(pe, "mean_prob"), scores, atol=1e-6)
 
 
+def test_the_card_says_what_the_model_was_trained_on(run):
+    """Issue 25: a model trained on the demo data looked real. The demo's dataset card reaches the ensemble card
+    through stage 1's data card; the CLI, API and page read it from there (tests/test_identity.py)."""
+    t, layout, _, _ = run
+    card = json.loads(out(t, layout, "card").read_text())
+    assert card["demo"] is True and card["training_data"]["demo"] is True
+    assert card["training_data"]["summary"] == "96 real + 96 fake images of the synthetic demo data (phase1)"
+    assert card["commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{12}(-dirty)?", card["commit"])
+
+
 def test_checkpoints_describe_themselves_and_hold_ema_weights(run):
     t, layout, _, _ = run
     ckpt = torch.load(out(t, layout, "models") / "a" / "best.pt", map_location="cpu", weights_only=True)

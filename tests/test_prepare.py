@@ -80,6 +80,13 @@ def test_prepare_stores_images_and_reports_bad_ones(tmp_path, rng):
     full = load_manifest(layout.prepared, ok_only=False)
     trunc = full[full.img_name == "t_trunc.jpg"].iloc[0]
     assert trunc.cache_index == -1 and "truncated" in trunc.error
+    # the data card: the labelled images kept per split and class; no dataset card says demo, so not a demo
+    from dfpipe.data.datacard import read_data_card
+
+    card = read_data_card(layout.prepared)
+    assert card == report["data"] and card["demo"] is False and card["root"] == "raw"
+    assert card["by_split"] == {"train": {"real": 3, "fake": 3}, "val": {"real": 3, "fake": 3}}
+    assert card["summary"] == "6 real + 6 fake images of raw"
 
 
 def test_stored_pixels_match_decode_at_native_size(tmp_path, rng):

@@ -33,14 +33,22 @@ def save_expert(models: Path, name: str = "m", stage1: Stage1 = NATIVE, mode: st
     save_checkpoint(models / name / "best.pt", build_expert(cfg).eval(), stage1, cfg, name, {})
 
 
+# what stage 5 writes into the card of a model trained on the demo data (dfpipe.ensemble_predict.provenance)
+DEMO_PROVENANCE = {"demo": True, "commit": "0123456789ab",
+                   "training_data": {"demo": True, "summary": "240 real + 240 fake images of the synthetic demo data "
+                                                              "(raw)"}}
+
+
 def make_card(root: Path, thresholds: dict = THRESHOLDS, tta: tuple = ("identity", "hflip"),
-              combine: str = "mean_prob", stage1: Stage1 = NATIVE) -> tuple[Path, Path]:
+              combine: str = "mean_prob", stage1: Stage1 = NATIVE, provenance: dict | None = None
+              ) -> tuple[Path, Path]:
     """A stage-4 checkpoint (tf_efficientnet_lite0 at 32 px, random weights, native-resolution stage 1
-    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.ensemble_predict.run`` writes them.
+    unless ``stage1`` says otherwise) and a stage-5 card for it, as ``dfpipe.ensemble_predict.run`` writes them
+    (with ``provenance``: its demo, training_data and commit; without, a card that predates them).
     Returns (models_dir, card)."""
     save_expert(root / "models", "m", stage1)
     ens = Ensemble.load(root / "models", ["m"], list(tta), combine, torch.device("cpu"))
-    write_json(root / "ensemble.json", ens.card(thresholds))
+    write_json(root / "ensemble.json", ens.card(thresholds, provenance))
     return root / "models", root / "ensemble.json"
 
 
@@ -80,7 +88,8 @@ def test_predict_base64_contract_matches_the_ensemble(served, rng):
     r = client.post("/predict", json={"image": _b64(data)})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"result", "verdict", "model"} and body["model"].startswith("m@")
+    assert set(body) == {"result", "verdict", "model", "demo", "warning"} and body["model"].startswith("m@")
+    assert body["demo"] is None and body["warning"] is None  # a card without provenance: unknown, not a demo
     assert body["result"] == pytest.approx(want, abs=1e-6)
     assert body["verdict"] == expected_verdict(body["result"])
     # the original clients' variants: a data URL, wrapped lines, URL-safe alphabet without padding
@@ -169,7 +178,8 @@ def test_decompression_bomb_is_refused_before_decoding(served):
     bomb = _bomb_png()
     assert len(bomb) < 64 * 1024  # under the byte limit: only the pixel check can stop it
     r = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
-    assert r.status_code == 422 and "pixels" in r.json()["detail"], r.text
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "not a usable image: too large: 12000x12000 = 144 MP, the limit is 100 MP"
 
 
 def test_batch_limits(served, rng):
@@ -206,7 +216,8 @@ def test_health_docs_and_page(served):
     assert h["status"] == "ok" and h["experts"] == ["m"] and h["thresholds"]["t_fake"] == 0.7
     assert h["max_batch_images"] == 4
     assert h["stage1"] == {"max_side": 0, "face_crop": "none", "face_margin": 1.3, "face_policy": "whole",
-                           "max_pixels": Stage1().max_pixels}  # the checkpoints' preprocessing, not a setting
+                           "max_pixels": Stage1().max_pixels, "min_side": 16}  # the checkpoints', not a setting
+    assert (h["max_pixels"], h["min_side"]) == (100_000_000, 16)  # the model's limits: stage 1's and the CLI's
     assert h["inputs"] == {"m": {"mode": "resize", "size": 32}}
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]["/predict"]["post"]["requestBody"]["content"]) == {"application/json",

@@ -4,6 +4,11 @@ Every failure is an :class:`ImageError` whose message says what is wrong and who
 reason code (counted in the prepare report), so a caller scanning a 500k folder can report and skip
 the file instead of dying on a traceback from inside PIL. Inputs that are unusual but usable are
 converted and the conversion is named in :attr:`Decoded.notes` (never silent).
+
+The size rules (:func:`check_dimensions`: at least ``min_side`` px a side, at most ``max_pixels``) are the one
+input rule of stage 1, the CLI and the API: each reads its limits from the same stage-1 record
+(:class:`dfpipe.data.preprocess.Stage1`) and refuses an image with the same message, read from the header before
+any pixel is decoded. Pillow's own decompression-bomb error never reaches a user.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ FORMAT_EXTENSIONS = {
     "WEBP": (".webp",), "BMP": (".bmp", ".dib"), "TIFF": (".tif", ".tiff"), "GIF": (".gif",),
 }
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # PIL's JPEG opener also returns MPO files
+# The stage-1 defaults (prepare_data.min_side, max_pixels in params.yaml): what a checkpoint records and every
+# scoring path then applies (dfpipe.data.preprocess.Stage1).
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MIN_SIDE = 16
 
 # Reason codes (ImageError.kind) and conversion notes (Decoded.notes), as they appear in reports.
 ERROR_KINDS = ("unreadable", "empty_file", "not_an_image", "decompression_bomb", "too_small", "corrupt",
@@ -95,12 +103,7 @@ def _decode(raw: bytes, suffix: str, max_pixels: int, min_side: int, background:
     notes = set()
     if suffix and suffix not in FORMAT_EXTENSIONS.get(fmt, ()):
         notes.add("extension_mismatch")
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"decompression bomb: too many pixels ({w}x{h} > max_pixels {max_pixels})",
-                         "decompression_bomb")
-    if min(w, h) < min_side:
-        raise ImageError(f"too small ({w}x{h}, min side {min_side})", "too_small")
+    check_dimensions(*img.size, max_pixels=max_pixels, min_side=min_side)
     if getattr(img, "is_animated", False):
         notes.add("animated_first_frame")
     try:
@@ -114,6 +117,23 @@ def _decode(raw: bytes, suffix: str, max_pixels: int, min_side: int, background:
     except (OSError, ValueError) as exc:  # a mode PIL cannot convert (e.g. LAB)
         raise ImageError(f"unsupported image mode {img.mode}: {exc}", "unsupported_mode") from None
     return Decoded(arr, tuple(k for k in NOTE_KINDS if k in notes), fmt)
+
+
+def check_dimensions(w: int, h: int, *, max_pixels: int, min_side: int) -> None:
+    """The size rule of every input (stage 1, CLI, API), from the header: an :class:`ImageError` (kind
+    ``decompression_bomb`` or ``too_small``) in the words all three show."""
+    if w * h > max_pixels:
+        size, limit = _megapixels(w * h), _megapixels(max_pixels)
+        if size == limit:  # just over: rounded, both would read the same
+            size, limit = f"{w * h:,} pixels", f"{max_pixels:,} pixels"
+        raise ImageError(f"too large: {w}x{h} = {size}, the limit is {limit}", "decompression_bomb")
+    if min(w, h) < min_side:
+        raise ImageError(f"too small: {w}x{h}, the shorter side must be at least {min_side} px", "too_small")
+
+
+def _megapixels(n: int) -> str:
+    """``400 MP``, ``12.3 MP`` (one decimal at most) from 1 MP up; ``4,032 pixels`` below."""
+    return f"{round(n / 1e6, 1):g} MP" if n >= 1_000_000 else f"{n:,} pixels"
 
 
 def _read(data: bytes | str | Path) -> tuple[bytes, str]:
@@ -141,10 +161,26 @@ def _open(raw: bytes) -> Image.Image:
             return Image.open(io.BytesIO(raw), formats=OPEN_FORMATS)
         except UnidentifiedImageError:
             raise ImageError("not an image (unrecognised format)", "not_an_image") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"decompression bomb: {exc}", "decompression_bomb") from None
+        except Image.DecompressionBombError:  # past PIL's hard limit: our own check names the size and limit
+            return _open_unchecked(raw)
         except Exception as exc:  # noqa: BLE001 - e.g. a header cut short; never fatal
             raise ImageError(f"corrupt or truncated image: {exc or type(exc).__name__}", "corrupt") from None
+
+
+def _open_unchecked(raw: bytes) -> Image.Image:
+    """What :func:`_open` does, without PIL's decompression-bomb check (which raises before the size is known, in
+    its own words): the format's opener reads the header only; :func:`check_dimensions` then applies our limit."""
+    Image.init()
+    for fmt in OPEN_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        ok = accept(raw[:16]) if accept is not None else True
+        if factory is None or not ok or isinstance(ok, str):  # a str is PIL's "maybe" warning: not this format
+            continue
+        try:
+            return factory(io.BytesIO(raw), "")
+        except Exception:  # noqa: BLE001 - not this format after all (PIL's own loop does the same)
+            continue
+    raise ImageError("corrupt or truncated image: its header could not be read", "corrupt")
 
 
 def _exif_upright(img: Image.Image, notes: set[str]) -> Image.Image:

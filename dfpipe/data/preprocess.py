@@ -34,7 +34,7 @@ import numpy as np
 from ..config import FaceCrop, FacePolicy, InputMode
 from ..errors import ConfigError, DataError
 from .faces import FaceResult, apply_face_crop
-from .images import DEFAULT_MAX_PIXELS, resize_square
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, resize_square
 
 INPUT_MODES = typing.get_args(InputMode)  # resize, resize_short_crop, crop
 
@@ -48,6 +48,9 @@ class Stage1:
     face_margin: float = 1.3
     face_policy: FacePolicy = "whole"
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked from the header
+    # shorter side below this = refused: stage 1 drops it, the CLI and API refuse it (one rule:
+    # images.check_dimensions); a record written before it existed reads as the default, which stage 1 then applied
+    min_side: int = DEFAULT_MIN_SIDE
 
 
 MAX_GRID = 4  # crops: at most a 4 x 4 grid

@@ -9,6 +9,8 @@ Layout written under ``root``::
                                                       the pipeline never trains on them, it only uses
                                                       them to report test metrics
     demo_manifest.csv                                 how every image was made (split, kind, source, ...)
+    dataset_card.json                                 {"demo": true, ...}: stage 1 records it, the ensemble
+                                                      card carries it, the CLI, API and page warn about it
 
 Real images are random crops / scales / flips / slight colour changes of the photographs bundled
 with scikit-image and matplotlib (only those that load offline) and of procedurally rendered

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io import setup_logging, write_csv
+from ..data.datacard import DATASET_CARD
+from ..io import setup_logging, write_csv, write_json
 from .fakes import MANIPULATIONS
 from .sources import Source, build_sources, sample_real
 
@@ -33,6 +34,10 @@ FAKE_KINDS = {
 }
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 JPEG_QUALITY = (85, 95)  # inclusive range, drawn per image independently of the label
+
+DEMO_DESCRIPTION = ("synthetic plumbing data: small JPEGs cut from bundled sample photographs and rendered scenes, "
+                    "fakes made by local edits; it exercises every stage in minutes, and a model trained on it says "
+                    "nothing about real deepfakes")
 
 # A fake's mean absolute change inside its region (0-255 scale) must reach MIN_EFFECT, else its
 # parameters are re-drawn (at most MAX_REDRAWS draws; the strongest is kept): no invisible "fakes".
@@ -203,6 +208,9 @@ def make_demo_dataset(
         root / MANIFEST,
         manifest.sort_values(["split", "img_name"], key=lambda s: s.map(_SPLIT_IDS) if s.name == "split" else s),
     )
+    # the mark stage 1 carries to the ensemble card: a model trained on this is labelled a demo model everywhere
+    write_json(root / DATASET_CARD, {"name": "dfpipe demo data", "demo": True, "generator": "python -m dfpipe.demo",
+                                     "seed": int(seed), "description": DEMO_DESCRIPTION})
 
     summary = {
         "root": str(root),

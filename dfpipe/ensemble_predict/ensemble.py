@@ -29,7 +29,8 @@ from .tta import TTA_VIEWS, View, parse_view
 log = logging.getLogger(__name__)
 
 # 2: the preprocessing contract (stage1 + each expert's preprocess) replaces cache_size; 3: an expert's entry is
-# its name, checkpoint and sha256 only: its description (input contract included) is read from the checkpoint
+# its name, checkpoint and sha256 only: its description (input contract included) is read from the checkpoint.
+# Format 3 cards may also carry demo, training_data and commit (.provenance); a card without them reads as unknown.
 CARD_FORMAT = 3
 
 
@@ -56,7 +57,7 @@ class FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int, str]:
         try:
-            img = decode_image(self.paths[i], max_pixels=self.stage1.max_pixels)
+            img = decode_image(self.paths[i], max_pixels=self.stage1.max_pixels, min_side=self.stage1.min_side)
             if self.degrade is not None:
                 img = self.degrade(img)
             img = scoring_image(img, self.stage1)

@@ -94,7 +94,7 @@ def device_refusal(stage1: Stage1, degrade) -> str:
     return ""
 
 
-def device_decodable(raw: bytes, max_pixels: int) -> JpegHeader | str:
+def device_decodable(raw: bytes, max_pixels: int, min_side: int = 1) -> JpegHeader | str:
     """The JPEG header of ``raw`` if the device decoder gives the pixels :func:`dfpipe.data.images.decode`
     would (see the module docstring), else the reason it goes through the CPU path. Reads markers up to
     the first scan only: microseconds per file."""
@@ -103,7 +103,7 @@ def device_decodable(raw: bytes, max_pixels: int) -> JpegHeader | str:
     if not raw.endswith(_EOI):
         return "no end-of-image marker at the end (truncated, or data appended)"
     limit = max_pixels
-    if Image.MAX_IMAGE_PIXELS:  # PIL's own bomb error: the CPU path refuses these, so must we
+    if Image.MAX_IMAGE_PIXELS:  # past PIL's own bomb limit: left to the CPU path (dfpipe.data.images)
         limit = min(limit, 2 * Image.MAX_IMAGE_PIXELS)
     header: JpegHeader | None = None
     adobe_transform = None
@@ -161,6 +161,8 @@ def device_decodable(raw: bytes, max_pixels: int) -> JpegHeader | str:
         return "RGB-coded JPEG (Adobe transform 0)"
     if header.width * header.height > limit:
         return "too many pixels"
+    if min(header.width, header.height) < min_side:
+        return "too small"  # the CPU path refuses it, in the words of every input path
     return header
 
 
@@ -197,7 +199,7 @@ class BytesOrFitted(Dataset):
     def __getitem__(self, i: int):
         try:
             raw = Path(self.fallback.paths[i]).read_bytes()
-            got = device_decodable(raw, self.fallback.stage1.max_pixels)
+            got = device_decodable(raw, self.fallback.stage1.max_pixels, self.fallback.stage1.min_side)
         except OSError:
             got = "unreadable"
         if isinstance(got, JpegHeader):

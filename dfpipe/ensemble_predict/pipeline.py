@@ -18,6 +18,7 @@ from ..layout import Layout
 from ..metrics import MetricError, choose_thresholds, roc_points
 from .combine import fit_stacking
 from .ensemble import Ensemble, scoring_workers
+from .provenance import provenance
 from .reports import by_cluster, by_method, ensemble_metrics
 from .roc_plot import RocSet, plot_roc
 from .submission import build_submission
@@ -151,7 +152,8 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     write_json(layout.metrics, metrics)
     write_json(layout.card, ens.card(thresholds, {"fallback_score": cfg.fallback_score,
                                                "val": metrics["val"]["ensemble"],
-                                               "protocol": protocol(cfg.combine, bool(test_labels))}))
+                                               "protocol": protocol(cfg.combine, bool(test_labels)),
+                                               **provenance(layout.prepared)}))
     log.info("val AUC %.4f (selection-biased: epochs and thresholds were chosen on val), TPR@FPR=1e-3 %.3f "
              "(%d images); wrote %d test rows to %s",
              metrics["val"]["ensemble"]["auc"], metrics["val"]["ensemble"]["tpr_at_fpr_1e-3"], len(val),

@@ -22,7 +22,12 @@ Output (``layout.prepared``):
                 stage-1 version (:mod:`dfpipe.data.preprocess`) at native resolution, as the file's own
                 bytes when nothing changed it, else lossless PNG; ``cache_file`` names the shard and
                 ``cache_index`` the position (-1: failed, its position holds no bytes).
-  store.json    the stage-1 settings every checkpoint records (max_side, face crop, margin, policy).
+  store.json    the stage-1 settings every checkpoint records (max_side, face crop, margin, policy, the size
+                rule: max_pixels, min_side).
+  data_card.json
+                what the store holds, for the ensemble card (:mod:`dfpipe.data.datacard`): labelled images per
+                split and class, the data folder, and ``demo`` (a ``dataset_card.json`` of the inputs says so, as
+                ``python -m dfpipe.demo`` writes); also the report's ``data``.
 The report (``layout.prepare_report``) lists every skipped file with its reason code (``kind``) and message, counts
 per reason, conversions per kind, files that no label lists, per-dataset counts and the near-duplicate
 counts per split pair (``duplicates``); the pairs themselves go to ``layout.duplicates``

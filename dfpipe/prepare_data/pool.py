@@ -71,7 +71,7 @@ def _load(path: str, cfg: PrepareConfig) -> Loaded:
 def stage1_of(cfg: PrepareConfig) -> Stage1:
     """The stage-1 part of the preprocessing contract, from stage 1's settings."""
     return Stage1(max_side=cfg.max_side, face_crop=cfg.face_crop, face_margin=cfg.face_margin,
-                  face_policy=cfg.face_policy, max_pixels=cfg.max_pixels)
+                  face_policy=cfg.face_policy, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
 
 
 def _load_batch(paths: list[str], cfg: PrepareConfig) -> list[Loaded]:

@@ -17,10 +17,11 @@ from ..config import PrepareConfig
 from ..errors import DataError
 from ..io import atomic_open, write_csv, write_json
 from ..layout import Layout
+from ..data.datacard import data_card, read_dataset_card, write_data_card
 from ..data.dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
 from ..data.store import write_store_record
 from .pool import stage1_of
-from .sources import SPLITS, Collected, Item
+from .sources import SPLITS, Collected, Item, resolve_sources
 from .work import MANIFEST_COLUMNS, Work, chunks
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,31 @@ def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> d
     _log_duplicates(dup_summary)
     n_rows = _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
     write_store_record(work.cache, stage1_of(cfg), manifest_rows=n_rows)  # readers verify the manifest against it
+    card = _data_card(cfg, layout, tally)
+    write_data_card(work.cache, card)  # what the models will have been trained on: stage 5 puts it in its card
     out = Path(layout.prepared)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work.cache, out)  # a rename: the store is never copied
     write_csv(layout.duplicates, pairs[DUP_COLUMNS])
     report = _report(cfg, col, tally)
     report["duplicates"] = dup_summary
+    report["data"] = card
     write_json(layout.prepare_report, report)
     shutil.rmtree(work.path)
     log.info("prepared %d images (%s), skipped %d; store %.1f MB = %.2fx the input files (%s)",
              sum(tally.counts["images"].values()), dict(tally.counts["images"]), report["n_skipped"],
              tally.stored_bytes / 1e6, report["store"]["ratio"], dict(tally.counts["stored"]))
     return report
+
+
+def _data_card(cfg: PrepareConfig, layout: Layout, tally: Tally) -> dict:
+    """The store's data card: labelled images kept per split and class, and whether a dataset card of the inputs
+    (the data root's, or a dataset folder's) says they are the demo's."""
+    folders = dict.fromkeys([Path(layout.data_root), *(s.images for s in resolve_sources(cfg, layout))])
+    cards = [c for c in map(read_dataset_card, folders) if c is not None]
+    c = tally.counts
+    counts = {s: {"real": c["images"][s] - c["fake"][s], "fake": c["fake"][s]} for s in ("train", "val")}
+    return data_card(layout.data_root, cards, counts)
 
 
 def _write_manifest(path: Path, chunks: Iterable[pd.DataFrame], dup: np.ndarray) -> int:

@@ -13,6 +13,7 @@ import pandas as pd
 from ..config import ConfigError, PrepareConfig
 from ..errors import InputError
 from ..layout import Layout
+from ..data.datacard import DATASET_CARD
 from ..data.images import scan_folder
 from ..data.labels import read_labels, read_names
 
@@ -147,7 +148,7 @@ def _note_unlisted(src: Source, unlisted: list[str], others: list[str], out: Col
                     src.images, len(unlisted), src.labels, unlisted[0])
         out.unlabelled += [str(src.images / n) for n in unlisted]
     label_file = src.labels.resolve() if src.labels is not None else None
-    others = [n for n in others if (src.images / n).resolve() != label_file]
+    others = [n for n in others if (src.images / n).resolve() != label_file and n != DATASET_CARD]
     if others:
         log.warning("%s: %d files without an image extension are ignored, e.g. %s", src.images, len(others), others[0])
         out.ignored += [str(src.images / n) for n in others]

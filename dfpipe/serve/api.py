@@ -1,7 +1,8 @@
 """HTTP API and web page (FastAPI, served by uvicorn).
 
 - ``POST /predict``: JSON ``{"image": "<base64 or data URL>"}`` (the original Flask clients' format)
-  or a multipart upload (field ``file``) -> ``{"result": score, "verdict": ..., "model": ...}``.
+  or a multipart upload (field ``file``) -> ``{"result": score, "verdict": ..., "model": ..., "demo": ...,
+  "warning": ...}`` (``demo``: the model was trained on the synthetic demo data; every scoring response says it).
 - ``POST /predict/batch``: JSON ``{"images": [...]}`` or several ``file`` fields -> one result (or
   error) per image, in order.
 - ``POST /explain``: as ``/predict``, plus an occlusion heatmap (PNG data URL) over the *stage-1 image*:
@@ -23,8 +24,8 @@ lists its 4xx codes (:data:`ERRORS`):
 - 411: a multipart upload without Content-Length; 413: too large (body, image or image count, or a form
   of too many parts);
 - 415: neither JSON nor multipart; 422: the body does not match the request schema (a form may hold
-  field ``file`` and nothing else), or the bytes are not a usable image (unknown format, truncated, too
-  many pixels).
+  field ``file`` and nothing else), or the bytes are not a usable image (unknown format, truncated, outside
+  the model's pixel rule: :func:`dfpipe.data.images.check_dimensions`, the words stage 1 and the CLI use).
 
 - 401: a token is set and the request does not carry it; 408: the body did not arrive in time; 503: the
   server is at one of its bounds (memory budget, model queue, explanation queue), with ``Retry-After``.
@@ -63,13 +64,14 @@ from fastapi.staticfiles import StaticFiles
 
 from ..data.images import image_pixels
 from .explain import occlusion_map, overlay, paced, png_bytes
+from .identity import Identity, ensemble_identity
 from .service import (DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS, Budget, Busy, InputError,
-                      MicroBatcher, Prepared, check_servable, load_ensemble, model_id, prepare_upload, score_inputs)
+                      MicroBatcher, Prepared, check_servable, load_ensemble, pixel_limit, prepare_upload, score_inputs)
 from .guard import Guard
 from .requests import content_type, request_images
-from .schemas import (BatchItem, BatchPrediction, Explanation, Health, InputInfo, Prediction, Stage1Info, body_doc,
-                      error_responses, request_models)
-from .settings import BODY_FACTOR, STATIC, ServeSettings
+from .schemas import (BatchItem, BatchPrediction, Explanation, Health, IdentityInfo, InputInfo, Prediction, Stage1Info,
+                      body_doc, error_responses, request_models)
+from .settings import BODY_FACTOR, STATIC, ServeSettings, megabytes
 from .settings import DECODE_BYTES_PER_PIXEL, IMAGE_FORMAT  # noqa: F401  (re-exported for clients and tests)
 
 if TYPE_CHECKING:
@@ -82,7 +84,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _State:
     ensemble: Ensemble
-    model: str
+    identity: Identity
+    max_pixels: int   # per image: the model's limit, or the lower one of the settings (service.pixel_limit)
     batcher: MicroBatcher
     bodies: Budget    # request bodies until their images are decoded
     decodes: Budget   # images while they are decoded
@@ -109,7 +112,12 @@ def create_app(settings: ServeSettings | None = None, ensemble: Ensemble | None 
         await batcher.start()
         wait = dict(max_waiting=settings.max_waiting, timeout_s=settings.busy_timeout_s)
         explainer = ThreadPoolExecutor(1, thread_name_prefix="dfpipe-explain")
-        app.state.dfpipe = _State(ens, model_id(settings.card, ens.names), batcher,
+        identity = ensemble_identity(settings.card, ens.names)
+        if identity.demo:
+            log.warning("%s", identity.warning)
+        max_pixels = pixel_limit(settings.max_pixels, ens.stage1)
+        _warn_past_budget(max_pixels, settings)
+        app.state.dfpipe = _State(ens, identity, max_pixels, batcher,
                                   Budget("request body", settings.body_memory, **wait),
                                   Budget("image decoding", settings.decode_memory, **wait), explainer)
         yield
@@ -137,6 +145,17 @@ async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
 
+def _warn_past_budget(max_pixels: int, settings: ServeSettings) -> None:
+    """Say so when one image at the pixel limit needs more decoding memory than the budget holds: it then takes the
+    whole budget, alone, and the process goes past ``max_memory`` by the difference (docs/serving.md)."""
+    need = max_pixels * DECODE_BYTES_PER_PIXEL
+    if need > settings.decode_memory:
+        log.warning("an image at the %d-pixel limit needs %s to decode, more than the %s decoding budget of "
+                    "--max-memory %s: such an image is decoded alone, past that budget; raise --max-memory or lower "
+                    "--max-pixels to stay within it", max_pixels, megabytes(need), megabytes(settings.decode_memory),
+                    megabytes(settings.max_memory))
+
+
 def _body_cost(request: Request, settings: ServeSettings) -> int:
     """Memory a request's body will hold (its declared length, else the route's limit, times BODY_FACTOR)."""
     declared = request.headers.get("content-length", "")
@@ -150,10 +169,10 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
     def state(request: Request) -> _State:
         return request.app.state.dfpipe
 
-    def decode_cost(data: bytes) -> int:
+    def decode_cost(data: bytes, max_pixels: int) -> int:
         """Decode memory of one upload, from its header (an image over the pixel limit is refused unread)."""
         pixels = image_pixels(data)
-        return (pixels if pixels <= settings.max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
+        return (pixels if pixels <= max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
 
     async def prepare(request: Request, datas: list[bytes | InputError], explain: bool = False
                       ) -> list[Prepared | InputError]:
@@ -164,7 +183,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         its slot; Busy is raised."""
         s = state(request)
         out: list[Prepared | InputError] = []
-        sizes = [decode_cost(d) for d in datas if isinstance(d, bytes)]
+        sizes = [decode_cost(d, s.max_pixels) for d in datas if isinstance(d, bytes)]
         async with s.decodes.hold(max(sizes, default=0)):
             for i in range(len(datas)):
                 if isinstance(datas[i], InputError):
@@ -172,7 +191,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
                     continue
                 try:
                     p = await run_in_threadpool(prepare_upload, s.ensemble, datas[i], settings.max_bytes,
-                                                settings.max_pixels, settings.explain_max_pixels if explain else 0)
+                                                s.max_pixels, settings.explain_max_pixels if explain else 0)
                     request.state.pixels = getattr(request.state, "pixels", 0) + p.pixels
                     out.append(p)
                 except Busy:
@@ -198,9 +217,12 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
     async def health(request: Request) -> Health:
         s = state(request)
         ens = s.ensemble
-        return Health(status="ok", model=s.model, experts=ens.names, combine=ens.combine, tta=ens.tta,
+        who = s.identity
+        return Health(status="ok", model=who.id, experts=ens.names, combine=ens.combine, tta=ens.tta,
+                      identity=IdentityInfo(id=who.id, demo=who.demo, trained_on=who.trained_on, commit=who.commit,
+                                            header=who.header, warning=who.warning),
                       device=str(ens.device), thresholds=ens.thresholds or {}, max_bytes=settings.max_bytes,
-                      max_pixels=settings.max_pixels, max_batch_images=settings.max_batch_images,
+                      max_pixels=s.max_pixels, min_side=ens.stage1.min_side, max_batch_images=settings.max_batch_images,
                       mean_batch=float(np.mean(s.batcher.batch_sizes)) if s.batcher.batch_sizes else None,
                       stage1=Stage1Info(**dataclasses.asdict(ens.stage1)),
                       inputs={e.name: InputInfo(mode=p.input.mode, size=p.input.size)
@@ -212,7 +234,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         s = state(request)
         p = await one_image(request)
         score = (await s.batcher.score([p.inputs]))[0]
-        return Prediction(result=score, verdict=s.ensemble.verdict(score), model=s.model)
+        return Prediction(result=score, verdict=s.ensemble.verdict(score), **s.identity.fields())
 
     @app.post("/predict/batch", response_model=BatchPrediction, openapi_extra=body_doc(batch_model, True, settings),
               responses=error_responses(settings, True))
@@ -227,7 +249,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         scores = await s.batcher.score([items[i].inputs for i in good])
         for i, sc in zip(good, scores):
             items[i] = BatchItem(result=sc, verdict=s.ensemble.verdict(sc))
-        return BatchPrediction(results=items, model=s.model)
+        return BatchPrediction(results=items, **s.identity.fields())
 
     @app.post("/explain", response_model=Explanation, openapi_extra=body_doc(image_model, False, settings),
               responses=error_responses(settings, False))
@@ -251,7 +273,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         rgb, scale = await run_in_threadpool(overlay, p.explain_image, heat)
         png = base64.b64encode(await run_in_threadpool(png_bytes, rgb)).decode()
         img = p.explain_image
-        return Explanation(result=score, verdict=s.ensemble.verdict(score), model=s.model,
+        return Explanation(result=score, verdict=s.ensemble.verdict(score), **s.identity.fields(),
                            heatmap=f"data:image/png;base64,{png}", heatmap_scale=scale, heatmap_region=p.explain_region,
                            heatmap_size=[img.shape[1], img.shape[0]],
                            method=f"occlusion (blur, {settings.explain_grid}x{settings.explain_grid} grid) "

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .settings import FILE_FIELD, FORM_SLACK, IMAGE_FORMAT, ServeSettings, megabytes
+from .settings import FILE_FIELD, FORM_SLACK, IMAGE_FORMAT, ServeSettings, megabytes, pixels_doc
 
 
 # ----------------------------------------------------------------------------- schemas (OpenAPI docs)
@@ -18,7 +18,7 @@ def request_models(settings: ServeSettings) -> tuple[type[BaseModel], type[BaseM
     """
     image_doc = (f"the image file (JPEG, PNG, WebP, BMP, GIF, TIFF...) in base64; a data:image/...;base64, URL, "
                  f"URL-safe base64 and wrapped lines are fine. At most {megabytes(settings.max_bytes)} once decoded "
-                 f"(413 above) and {settings.max_pixels:,} pixels (422 above).")
+                 f"(413 above); {pixels_doc(settings)}.")
     b64 = Annotated[str, Field(min_length=1, max_length=settings.max_image_chars,
                                json_schema_extra={"format": IMAGE_FORMAT})]
 
@@ -43,10 +43,17 @@ ImageRequest, BatchRequest = request_models(ServeSettings())  # with the default
 Verdict = Literal["likely real", "uncertain", "likely fake"]
 
 
+DEMO_DOC = ("true: the model was trained on the synthetic demo data, so its scores say nothing about real fakes; "
+            "null: its card does not say (made before stage 5 recorded it)")
+WARNING_DOC = "a warning to show with the scores (a demo model), or null"
+
+
 class Prediction(BaseModel):
     result: float = Field(ge=0, le=1, description="ensemble score in [0, 1]; higher = more likely fake")
     verdict: Verdict = Field(description="from the card's thresholds: likely real | uncertain | likely fake")
     model: str = Field(description="the ensemble that scored it: expert names @ card digest")
+    demo: bool | None = Field(description=DEMO_DOC)
+    warning: str | None = Field(description=WARNING_DOC)
 
 
 class BatchItem(BaseModel):
@@ -58,6 +65,8 @@ class BatchItem(BaseModel):
 class BatchPrediction(BaseModel):
     results: list[BatchItem] = Field(description="one per image, in the order sent")
     model: str = Field(description="as /predict")
+    demo: bool | None = Field(description=DEMO_DOC)
+    warning: str | None = Field(description=WARNING_DOC)
 
 
 class Explanation(Prediction):
@@ -83,6 +92,7 @@ class Stage1Info(BaseModel):
     face_margin: float = Field(description="face crop side / face box side")
     face_policy: str = Field(description="image without a face: scored whole (whole | largest | skip)")
     max_pixels: int = Field(description="the experts' stage-1 pixel limit")
+    min_side: int = Field(description="the experts' stage-1 minimum shorter side, in pixels")
 
 
 class InputInfo(BaseModel):
@@ -91,16 +101,30 @@ class InputInfo(BaseModel):
     size: int = Field(description="the expert's input side, in pixels")
 
 
+class IdentityInfo(BaseModel):
+    """Which model this is, in plain words (from the ensemble card: dfpipe.serve.identity)."""
+
+    id: str = Field(description="expert names @ card digest (as 'model' of every response)")
+    demo: bool | None = Field(description=DEMO_DOC)
+    trained_on: str = Field(description="the training data in one line, or 'unknown'")
+    commit: str = Field(description="the code's commit when stage 5 ran, or 'unknown'")
+    header: str = Field(description="the page's title line: models, training data, commit")
+    warning: str | None = Field(description=WARNING_DOC)
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str = Field(description="expert names @ card digest")
+    identity: IdentityInfo = Field(description="the model in plain words, and whether it is a demo model")
     experts: list[str]
     combine: str = Field(description="how the experts' scores are combined (mean_prob | mean_logit | stack)")
     tta: list[str] = Field(description="test-time augmentation views averaged per expert")
     device: str
     thresholds: dict[str, float] = Field(description="the card's thresholds (t_real, t_fake, t_decision...)")
     max_bytes: int = Field(description="largest image accepted, in bytes")
-    max_pixels: int = Field(description="most pixels an image may have")
+    max_pixels: int = Field(description="most pixels an image may have (the model's limit, or a lower one of this "
+                                        "server's)")
+    min_side: int = Field(description="shortest shorter side an image may have, in pixels (the model's)")
     max_batch_images: int = Field(description="most images in one /predict/batch request")
     mean_batch: float | None = Field(description="mean images per model call so far (null before the first)")
     stage1: Stage1Info = Field(description="the stage-1 part of the preprocessing contract, from the checkpoints")
@@ -125,9 +149,9 @@ def error_responses(settings: ServeSettings, many: bool) -> dict[int | str, dict
             422: "body does not match the request schema (missing field, wrong type, empty string or list, "
                  f"a multipart field other than '{FILE_FIELD}'" + (f", more than {n} images)" if many else ")") +
                  ("; an item that is no usable image (empty, not base64, over "
-                  f"{megabytes(settings.max_bytes)}, unknown format, truncated, too many pixels) is not a 422 here "
-                  "but an error in its slot of the 200 response, with its index" if many else
-                  ", or the bytes are not a usable image (unknown format, truncated, too many pixels)")}
+                  f"{megabytes(settings.max_bytes)}, unknown format, truncated, too many or too few pixels) is not a "
+                  "422 here but an error in its slot of the 200 response, with its index" if many else
+                  ", or the bytes are not a usable image (unknown format, truncated, too many or too few pixels)")}
     return {code: {"model": Error, "description": text} for code, text in docs.items()}
 
 

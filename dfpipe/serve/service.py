@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from ..layout import Layout
 from ..data.images import ImageError, decode_image
-from ..data.preprocess import downscale
+from ..data.preprocess import Stage1, downscale
 
 if TYPE_CHECKING:  # torch and the models load only when a command needs them (fast --help)
     from ..ensemble_predict import Ensemble
@@ -41,8 +41,6 @@ T = TypeVar("T")
 DEFAULT_CARD = Layout().card  # where stage 5 writes the card and stage 4 the experts: the catalog's defaults
 DEFAULT_MODELS = Layout().models
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-# A server decodes several uploads at once: 50 MP (~150 MB as RGB) bounds each decode's memory.
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ServeError(UserError, RuntimeError):
@@ -125,17 +123,23 @@ def model_id(card: str | Path, names: list[str]) -> str:
     return f"{'+'.join(names)}@{digest}"
 
 
-def card_model_id(card: str | Path) -> str:
-    """:func:`model_id` from the card alone (its experts' names), before any model loads; a ServeError naming the
-    card when it is missing or not a card."""
+def read_card(card: str | Path) -> tuple[dict, list[str]]:
+    """(the ensemble card as JSON, its experts' names), before any model loads; a ServeError naming the card when
+    it is missing or not a card."""
     try:
-        names = [e["name"] for e in json.loads(Path(card).read_text(encoding="utf-8"))["experts"]]
+        raw = json.loads(Path(card).read_text(encoding="utf-8"))
+        names = [str(e["name"]) for e in raw["experts"]]
     except FileNotFoundError:
         raise ServeError(f"{card}: ensemble card not found (make it with dvc repro ensemble_predict, or pass --card)"
                          ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ServeError(f"{card}: not a JSON ensemble card ({type(exc).__name__}: {exc})") from None
-    return model_id(card, names)
+    return raw, names
+
+
+def card_model_id(card: str | Path) -> str:
+    """:func:`model_id` from the card alone (its experts' names), before any model loads (:func:`read_card`)."""
+    return model_id(card, read_card(card)[1])
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -168,11 +172,23 @@ def check_size(data: bytes, max_bytes: int) -> bytes:
     return data
 
 
-def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Checked bytes -> RGB uint8 (H, W, 3) with stage 1's decoder (EXIF, alpha, bombs handled)."""
+def pixel_limit(requested: int | None, stage1: Stage1) -> int:
+    """The server's pixel limit per image: the model's (its stage-1 record, what stage 1 and ``dfpipe predict`` /
+    ``scan`` accept: one rule, :func:`dfpipe.data.images.check_dimensions`), or a lower one an operator set to bound
+    memory (``--max-pixels``); never higher, since nothing larger was ever stored for training."""
+    if requested is None or requested >= stage1.max_pixels:
+        if requested is not None and requested > stage1.max_pixels:
+            log.warning("--max-pixels %d is above the model's limit: the model's %d applies", requested,
+                        stage1.max_pixels)
+        return stage1.max_pixels
+    return max(1, int(requested))
+
+
+def decode_upload(data: bytes, max_bytes: int, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """Checked bytes -> RGB uint8 (H, W, 3) with stage 1's decoder and size rule (EXIF, alpha, bombs handled)."""
     check_size(data, max_bytes)
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return decode_image(data, max_pixels=max_pixels, min_side=min_side)
     except ImageError as exc:
         raise InputError(422, f"not a usable image: {exc}") from None
 
@@ -219,7 +235,7 @@ def prepare_upload(ens: Ensemble, data: bytes, max_bytes: int, max_pixels: int,
                    explain_pixels: int = 0) -> Prepared:
     """Checked bytes -> :class:`Prepared` (decode, stage 1, input policies); the full-size image is dropped here.
     ``explain_pixels`` > 0 also keeps the explanation's copy of the stage-1 image."""
-    img = decode_upload(data, max_bytes, max_pixels)
+    img = decode_upload(data, max_bytes, max_pixels, ens.stage1.min_side)
     s1 = ens.stage1_image(img)
     out = Prepared(ens.fit_inputs(s1), img.shape[0] * img.shape[1])
     if explain_pixels > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODELS
+from .service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS
 
 
 STATIC = Path(__file__).with_name("static")
@@ -28,7 +28,9 @@ class ServeSettings:
     card: str = DEFAULT_CARD
     device: str = "auto"
     max_bytes: int = DEFAULT_MAX_BYTES        # per image
-    max_pixels: int = DEFAULT_MAX_PIXELS      # per image, checked from the header before decoding
+    # per image, from the header before decoding: None = the model's own limit (its stage-1 record, as stage 1 and
+    # the CLI); an operator may set a lower one to bound memory (service.pixel_limit), never a higher one
+    max_pixels: int | None = None
     max_batch_images: int = 64                # per /predict/batch request
     max_batch_bytes: int = 64 * 1024 * 1024   # per /predict/batch request body
     max_batch: int = 16                       # images per model call (micro-batching)
@@ -65,6 +67,13 @@ class ServeSettings:
     @property
     def decode_memory(self) -> int:
         return self.max_memory - self.body_memory
+
+
+def pixels_doc(settings: ServeSettings) -> str:
+    """The pixel rule for the API's documentation (the number itself comes from the model: GET /health)."""
+    lower = f", or {settings.max_pixels:,} if lower (this server's limit)" if settings.max_pixels else ""
+    return (f"at most the model's pixel limit{lower} and at least its shorter-side minimum, as stage 1 and "
+            "dfpipe predict apply them (GET /health: max_pixels, min_side; 422 outside them)")
 
 
 def megabytes(n: int) -> str:

@@ -18,7 +18,14 @@ function showError(msg) {
   $("error").hidden = !msg;
 }
 
+// A model trained on the synthetic demo data says so above everything else (the API's "warning").
+function showWarning(text) {
+  $("demo-banner").textContent = text || "";
+  $("demo-banner").hidden = !text;
+}
+
 function showScore(r) {
+  if (r.warning) showWarning(r.warning);
   const s = Number(r.result);
   $("score").textContent = s.toFixed(4);
   $("score").dataset.score = String(s);
@@ -76,8 +83,10 @@ async function loadHealth() {
   try {
     const h = await (await fetch("/health")).json();
     thresholds = h.thresholds;
-    $("model").textContent = `model ${h.model} · ${h.combine} · ${h.tta.length} TTA view(s) · ${h.device}` +
+    $("model").textContent = h.identity.header;  // "2 models · trained on ... · commit ..."
+    $("model-tech").textContent = `model ${h.model} · ${h.combine} · ${h.tta.length} TTA view(s) · ${h.device}` +
       ` · ${preprocessText(h)}`;
+    showWarning(h.identity.warning);
     placeTicks();
   } catch (err) {
     $("model").textContent = "model unavailable";
