@@ -100,3 +100,5 @@ def test_the_model_card_states_data_licences_numbers_and_failures_from_its_input
     assert "| a | 0.800 | 0.100 | 0.550 | 1 |" in text and "| c | - | - | - | 0 |" in text
     assert "likely fake at score >= 0.710" in text and "code abc123" in text
     assert "## Known failures" in text and "research" in text
+    alone = build.model_card("baseline", {}, result, card, {}, rows, "baseline", "g.yaml", "loso/")
+    assert "| a | 0.550 | 0.000 | 1 |" in alone  # the baseline shipped: its columns once
