@@ -4,7 +4,8 @@
     dfpipe scan DIR --out results.csv            every image under DIR -> CSV (resumable)
     dfpipe serve --host 127.0.0.1 --port 8080    HTTP API + web page
 
-Every command loads the ensemble from ``--card`` (default submissions/ensemble.json) and the experts'
+Every command loads the ensemble from ``--card`` (default: the detector shipped in dfpipe/assets/detector; the
+DAG writes submissions/ensemble.json) and the experts'
 checkpoints from ``--models`` (default models/). How an image is prepared for the experts (``max_side``,
 face crop, each expert's input policy) comes from the checkpoints (:mod:`dfpipe.data.preprocess`), never
 from a command-line option: every command scores a file exactly as stage 5 and the HTTP API do.
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .harness import USER_ERROR_EXIT
-from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS
+from .serve.service import DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS, resolve_model
 
 if TYPE_CHECKING:
     from .serve.identity import Identity
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=DEFAULT_MODELS, help="folder of the experts' checkpoints (default: %(default)s)")
-    p.add_argument("--card", default=DEFAULT_CARD, help="ensemble card written by stage 5 (default: %(default)s)")
+    p.add_argument("--card", default=None, help="ensemble card: one written by stage 5 (the DAG's is "
+                   f"{DEFAULT_CARD}); default: the detector shipped in dfpipe/assets/detector (its MODEL_CARD.md)")
+    p.add_argument("--models", default=None, help=f"folder of the card's experts (default: {DEFAULT_MODELS} for a "
+                   "named card, the shipped detector's own folder otherwise)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
 
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     # per command: scan and serve report progress, predict keeps stderr for errors
     logging.getLogger().setLevel(logging.INFO if args.verbose or args.command != "predict" else logging.WARNING)
+    if hasattr(args, "card"):  # the scoring commands: no card named = the shipped detector
+        args.card, args.models = resolve_model(args.card, args.models)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:  # ServeError included; any other exception is a bug, its traceback shown

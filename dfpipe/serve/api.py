@@ -65,8 +65,9 @@ from fastapi.staticfiles import StaticFiles
 from ..data.images import image_pixels
 from .explain import occlusion_map, overlay, paced, png_bytes
 from .identity import Identity, ensemble_identity
-from .service import (DEFAULT_CARD, DEFAULT_MAX_BYTES, DEFAULT_MODELS, Budget, Busy, InputError,
-                      MicroBatcher, Prepared, check_servable, load_ensemble, pixel_limit, prepare_upload, score_inputs)
+from .service import (DEFAULT_MAX_BYTES, Budget, Busy, InputError,
+                      MicroBatcher, Prepared, check_servable, load_ensemble, pixel_limit, prepare_upload, resolve_model,
+                      score_inputs)
 from .guard import Guard
 from .requests import content_type, request_images
 from .schemas import (BatchItem, BatchPrediction, Explanation, Health, IdentityInfo, InputInfo, Prediction, Stage1Info,
@@ -300,8 +301,8 @@ def app_from_env() -> FastAPI:
     DFPIPE_MAX_BYTES, DFPIPE_MAX_MEMORY_MB and DFPIPE_TOKEN (run uvicorn with ``--limit-concurrency`` and
     ``--timeout-keep-alive``; ``dfpipe serve`` sets those, and a deadline for request headers, itself)."""
     env = os.environ.get
-    return create_app(ServeSettings(models_dir=env("DFPIPE_MODELS", DEFAULT_MODELS),
-                                    card=env("DFPIPE_CARD", DEFAULT_CARD),
+    card, models = resolve_model(env("DFPIPE_CARD"), env("DFPIPE_MODELS"))  # neither set: the shipped detector
+    return create_app(ServeSettings(models_dir=models, card=card,
                                     device=env("DFPIPE_DEVICE", "auto"),
                                     max_bytes=int(env("DFPIPE_MAX_BYTES", DEFAULT_MAX_BYTES)),
                                     max_memory=int(float(env("DFPIPE_MAX_MEMORY_MB", 1024)) * 2**20),

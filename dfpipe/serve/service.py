@@ -40,6 +40,17 @@ T = TypeVar("T")
 
 DEFAULT_CARD = Layout().card  # where stage 5 writes the card and stage 4 the experts: the catalog's defaults
 DEFAULT_MODELS = Layout().models
+# The detector the repo ships (bench/build_detector.py: the benchmark's recipe trained on the five dev sources, its
+# MODEL_CARD.md beside it): what the CLI, the API and the page load when no card is named.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "detector"
+
+
+def resolve_model(card: str | None, models: str | None) -> tuple[str, str]:
+    """(card, models folder) to load. Neither named: the shipped detector (:data:`SHIPPED_DIR`), or the DAG's card
+    and models when the install has none. A card or a models folder named: the DAG's defaults for the other."""
+    if card is None and models is None and (SHIPPED_DIR / "ensemble.json").is_file():
+        return str(SHIPPED_DIR / "ensemble.json"), str(SHIPPED_DIR)
+    return card or DEFAULT_CARD, models or DEFAULT_MODELS
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 
 
