@@ -14,8 +14,9 @@ run by ``make benchmark`` after the table); with ``check=True`` it only lists th
 
 from __future__ import annotations
 
+from ..docs import TABLE as BLOCK  # the table blocks' pattern (dfpipe.benchmark re-exports it)
 from ..docs import blocks as readme_blocks
 from ..docs import section_table
 from ..docs import sync as sync_readme
 
-__all__ = ["readme_blocks", "section_table", "sync_readme"]
+__all__ = ["BLOCK", "readme_blocks", "section_table", "sync_readme"]
