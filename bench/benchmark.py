@@ -1,6 +1,6 @@
 """The development benchmark (``make benchmark``): leave-one-source-out grid over ../shared/data.
 
-Subcommands (README, benchmark section):
+Subcommands (docs/benchmark.md):
   queue  every cell as a DVC experiment (``dvc exp run --queue`` + ``dvc queue start``), then the table
   run    every cell in this process, then the table (the default: ``benchmark.py --grid ...`` as before)
   cell   one cell: the ``cell`` stage of bench/grid/dvc.yaml (params from bench/grid/params.yaml)
