@@ -141,7 +141,8 @@ def test_value_cell_and_table_blocks_are_rewritten_from_their_sources(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "m.json").write_text('{"val": {"auc": 0.7234, "n": 1200, "runs": [{"s": 2.5}]}, "a.b": 0.5}')
     (tmp_path / "r" / "t.md").write_text("intro\n\n| set | AUC |\n|---|---|\n| test | 0.649 [0.52, 0.77] |\n\n"
-                                         "### summary\n\n| recipe | cell |\n|---|---|\n| base | 0.843 / 0.605 (0.724) |\n")
+                                         "### summary\n\n| recipe | cell |\n|---|---|\n"
+                                         "| base | 0.843 / 0.605 (0.724) |\n")
     page = tmp_path / "README.md"
     text = ("AUC <!-- value: r/m.json val.auc .3f -->0.700<!-- /value --> on "
             "<!-- value: r/m.json val.n , -->1200<!-- /value --> images, "
@@ -153,13 +154,15 @@ def test_value_cell_and_table_blocks_are_rewritten_from_their_sources(tmp_path):
     assert sync(page, check=True) == ["r/t.md", "r/m.json val.auc", "r/m.json val.n",
                                       'r/t.md "### summary" "base" "cell" #2'] and page.read_text() == text
     assert sync(page) != []
-    assert page.read_text() == (text.replace("0.700", "0.723").replace("1200<", "1,200<").replace("#2 -->0.7<", "#2 -->0.724<")
+    assert page.read_text() == (text.replace("0.700", "0.723").replace("1200<", "1,200<")
+                                .replace("#2 -->0.7<", "#2 -->0.724<")
                                 .replace("| test | 0.6 |", "| test | 0.649 [0.52, 0.77] |"))
     assert sync(page, check=True) == []
 
 
 @pytest.mark.parametrize("block, message", [
-    ("<!-- value: r/none.json a .3f -->1<!-- /value -->", r"README.md: block r/none.json a: .*none.json does not exist"),
+    ("<!-- value: r/none.json a .3f -->1<!-- /value -->",
+     r"README.md: block r/none.json a: .*none.json does not exist"),
     ("<!-- value: r/m.json val.nope .3f -->1<!-- /value -->", r"README.md: block r/m.json val.nope: no key 'nope'"),
     ("<!-- value: r/m.json val .3f -->1<!-- /value -->", r"is a dict, not a value"),
     ('<!-- cell: r/t.md "### summary" "base" "nope" -->1<!-- /cell -->', r"no column 'nope'"),
@@ -180,6 +183,16 @@ def test_the_benchmark_readme_command_checks_every_page():
     res = subprocess.run([sys.executable, "bench/benchmark.py", "readme", "--check"], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stderr
+
+
+def test_the_readme_types_no_result_number_by_hand():
+    """Every decimal number of the README (a score, a rate) sits in a generated block; only a version and the
+    confidence level are typed (the README before issue 25 held 268 such numbers)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    bare = re.sub(r"<!-- (value|cell): .*?<!-- /\1 -->", "", text)
+    bare = re.sub(r"<!-- (benchmark-table|table): .*?<!-- /\1 -->", "", bare, flags=re.S)
+    typed = [n for n in re.findall(r"\d*\.\d+%?|\d+%", bare) if n not in ("3.11", "95%")]  # Python; the CI's level
+    assert not typed, f"README.md: numbers typed by hand (use a <!-- value/cell --> block): {typed}"
 
 
 # ----------------------------------------------------------------------------- the front page
@@ -244,7 +257,8 @@ def sandbox(tmp_path_factory):
         pytest.fail(f"{sys.prefix}: no dfpipe command in this environment (make setup installs it)")
     work = tmp_path_factory.mktemp("docs") / "repo"
     work.mkdir()
-    for item in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "dfpipe", *(p.name for p in REPO.glob("0*_*.py"))):
+    scripts = [p.name for p in REPO.glob("0*_*.py")]
+    for item in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "dfpipe", *scripts):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
