@@ -16,8 +16,9 @@ format spec when one is given (``.3f``, ``.0%``, ``,.0f``); ``cell`` is one cell
 its row's first cell and its column's header, or with ``#N`` after the column only the N-th decimal number in it
 (from 0: ``#2`` of ``0.843 / 0.605 (0.724); TPR@1e-2 0.118`` is ``0.724``). ``python -m dfpipe.docs`` (``make docs``)
 rewrites every block of README.md and docs/*.md from its source; ``--check`` writes nothing and fails when a block
-is stale, as the test suite checks, so no figure on those pages can drift from the reports. A block naming a missing file, heading, key,
-row or column, or an opening comment without its closing one, is an error naming the page and the block.
+is stale, as the test suite checks, so no figure on those pages can drift from the reports. A block naming a
+missing file, heading, key, row or column, or an opening comment without its closing one, is an error naming the
+page and the block.
 """
 
 from __future__ import annotations
