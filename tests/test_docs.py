@@ -301,6 +301,8 @@ def sandbox(tmp_path_factory):
 
     sh("git", "init", "-q")
     (work / ".git" / "info" / "exclude").write_text(".venv\n")  # a symlink: the .gitignore's `.venv/` misses it
+    sh("git", "config", "user.name", "docs")  # dvc exp run commits: an identity even where git has none
+    sh("git", "config", "user.email", "docs@example.org")
     sh(sys.executable, "-m", "dvc", "init", "-q")
     sh(sys.executable, "-m", "dvc", "commit", "-f", "-q")  # the stages' outputs, as if `dvc repro` had made them
     sh("git", "add", "-A")
