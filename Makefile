@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test demo bench benchmark benchmark-all clean-outputs
+.PHONY: setup repro test demo docs bench benchmark benchmark-all clean-outputs
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ repro: setup data/raw
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# Every table and number of README.md and docs/*.md rewritten from reports/ (dfpipe/docs.py); tests/test_docs.py
+# fails while one is stale, and runs every shell block marked runnable.
+docs: setup
+	$(PY) -m dfpipe.docs
 
 # Benchmarks (not tests): each bench/bench_*.py writes JSON under reports/bench/.
 bench: setup

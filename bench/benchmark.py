@@ -1,11 +1,12 @@
 """The development benchmark (``make benchmark``): leave-one-source-out grid over ../shared/data.
 
-Subcommands (README, benchmark section):
+Subcommands (docs/benchmark.md):
   queue  every cell as a DVC experiment (``dvc exp run --queue`` + ``dvc queue start``), then the table
   run    every cell in this process, then the table (the default: ``benchmark.py --grid ...`` as before)
   cell   one cell: the ``cell`` stage of bench/grid/dvc.yaml (params from bench/grid/params.yaml)
   table  the table of the finished cells (and their missing robustness passes); trains nothing
-  readme the README's benchmark tables rewritten from the grids' table.md files (--check: only list stale ones)
+  readme the generated blocks of README.md and docs/*.md (benchmark tables among them) rewritten from reports/
+         (python -m dfpipe.docs, make docs; --check: only list stale ones)
 
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
 interrupted run resumes whichever way it ran. See dfpipe/benchmark/ for the protocol and bench/grid.yaml for
@@ -47,8 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c = sub.add_parser("cell", help="one cell (the cell stage of bench/grid/dvc.yaml)")
     c.add_argument("--params", default="bench/grid/params.yaml")
     c.add_argument("--metrics", default="bench/grid/metrics.json")
-    r = sub.add_parser("readme", help="the README's benchmark tables from the grids' table.md files")
-    r.add_argument("--readme", default="README.md")
+    r = sub.add_parser("readme", help="README.md's and docs/*.md's tables and numbers from reports/ (dfpipe.docs)")
+    r.add_argument("--readme", default=None, help="only this page (default: README.md and docs/*.md)")
     r.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
     for s in sub.choices.values():
         s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,12 +58,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "readme":
-        from dfpipe.benchmark.readme import sync_readme
+        from dfpipe.docs import sync, sync_all
 
-        stale = sync_readme(args.readme, check=args.check)
+        if args.readme:  # one page
+            stale = {args.readme: sync(args.readme, ".", check=args.check)}
+        else:
+            stale = sync_all(".", check=args.check)
+        stale = {page: s for page, s in stale.items() if s}
         if args.check and stale:
-            raise SystemExit(f"{args.readme}: {len(stale)} benchmark table(s) differ from the grid: {'; '.join(stale)}"
-                             " (bench/benchmark.py readme rewrites them)")
+            raise SystemExit("; ".join(f"{page}: {len(s)} block(s) differ from reports/: {'; '.join(s)}"
+                                       for page, s in stale.items()) + " (bench/benchmark.py readme rewrites them)")
     elif args.command == "cell":
         from dfpipe.benchmark.queue import run_cell_stage
 
