@@ -3,7 +3,7 @@
 One process with ``python``; DDP over GPUs or nodes with the same arguments under a launcher, e.g.
 ``accelerate launch --multi_gpu --num_processes 8 04_train_experts.py --expert NAME`` or
 ``torchrun --nproc-per-node 8 04_train_experts.py --expert NAME``. batch_size is per process: the global
-batch is batch_size x N, and lr is rescaled to it from lr_ref_batch (README, "Training on several GPUs").
+batch is batch_size x N, and lr is rescaled to it from lr_ref_batch (docs/training_at_scale.md).
 """
 
 import argparse

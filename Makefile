@@ -58,7 +58,7 @@ clean-outputs: setup
 # (dvc exp run --queue, dvc queue start; `cd bench/grid && dvc exp show`). Queued runs see the committed tree plus
 # changes to tracked files; in one process instead: bench/benchmark.py run. `make benchmark` is the core, which fits
 # one CPU session from nothing: bench/grid.yaml (the seed-style baseline and the rows still in contention, one
-# source at a time) and bench/grid_pairs.yaml (the baseline trained on two sources at once), then the README's
+# source at a time) and bench/grid_pairs.yaml (the baseline trained on two sources at once), then the docs'
 # benchmark tables rewritten from the grids' table.md. `make benchmark-all` adds the rows that lost (bench/grid_more.yaml,
 # bench/grid_pairs_more.yaml) and the SBI grid (its own stage 2, so its own work folder). Finished cells are kept
 # under data/benchmark*/, so either target resumes and a rerun trains only what is missing.

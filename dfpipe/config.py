@@ -264,7 +264,7 @@ class SplitConfig:
 @dataclass(frozen=True)
 class LossWeights:
     ce: float = 1.0
-    kl: float = 0.0  # the winners' 0.5 lost on unseen sources (README benchmark)
+    kl: float = 0.0  # the winners' 0.5 lost on unseen sources (docs/benchmark.md)
     nce: float = 0.0  # the winners' 0.1 lost on unseen sources
     lil: float = 0.0  # local information loss (Ba et al. 2024): needs info_heads >= 2; 0 = off
     gil: float = 0.0  # global information loss (Ba et al. 2024): needs info_heads >= 2; 0 = off
