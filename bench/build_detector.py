@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", default="data/detector", help="the cell's work folder (reused: resume)")
     p.add_argument("--loso", default="reports/benchmark/loso_quick", help="folder of the LOSO grid.json to quote")
     p.add_argument("--out", default="dfpipe/assets/detector")
+    p.add_argument("--report", default="reports/detector/metrics.json",
+                   help="the held-out numbers of the build (stage 6 of its cell), for the docs' generated numbers")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -168,6 +170,12 @@ def build(args: argparse.Namespace) -> None:
     ecfg = dataclasses.asdict(recipe_config(spec, recipe, seed))
     text = model_card(recipe, ecfg, result, card, counts, loso, spec.baseline, args.grid, args.loso)
     package(Path(layout.card), Path(layout.models), Path(args.out), text)
+    from dfpipe.io import write_json
+
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.report, {"recipe": recipe, "seed": seed, "code": result.get("code"), "train": counts,
+                             "held_out": {k: v["clean"] for k, v in result["eval"].items() if "clean" in v},
+                             "loso": loso})
 
 
 def package(card_path: Path, models_dir: Path, out: Path, model_card_md: str) -> float:
