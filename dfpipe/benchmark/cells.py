@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pandas as pd
 
 from ..config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertConfig, PrepareConfig, TrainConfig,
                       from_dict, read_params)
+from ..ensemble_predict.provenance import code_version
 from ..io import write_csv, write_json
 from ..layout import Layout
 from .grid import GridSpec, Source, TrainingSet, groups_of, recipe_config, train_parts
@@ -215,25 +215,12 @@ def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, wor
     return read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
 
 
-def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
-    """The commit whose code trains a cell (12 hex digits, ``-dirty`` when ``dfpipe/`` differs from it; a queued
-    run's temp copy is a checkout of its base commit plus the changes DVC applied), or ``unknown`` outside git.
-
-    Recorded in every new cell: the cell key covers settings, not code, and a change of training numerics far
-    below the settings' level (the last bits of a float) moves a cell's cross-source AUC by up to 0.2."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dfpipe"], cwd=root, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
-
-
 @functools.cache
 def process_code_version() -> str:
     """:func:`code_version` as this process first saw it: the code it runs was imported then, and a commit made
-    while a long grid runs moves HEAD, not the code in memory."""
+    while a long grid runs moves HEAD, not the code in memory. Recorded in every new cell: the cell key covers
+    settings, not code, and a change of training numerics far below the settings' level (the last bits of a float)
+    moves a cell's cross-source AUC by up to 0.2."""
     return code_version()
 
 
