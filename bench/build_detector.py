@@ -112,9 +112,10 @@ def model_card(recipe: str, ecfg: dict, result: dict, card: dict, counts: dict[s
         ci = [c.get("auc_ci_low"), c.get("auc_ci_high")]
         lines.append(f"| {name} | {c.get('n_real', 0) + c.get('n_fake', 0)} | {_fmt(c['auc'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
                      f"{_fmt(c.get('tpr_at_fpr_1e-2'))} |")
+    beside = "" if recipe == baseline else ", beside the seed-style baseline trained the same way"
     lines += ["", "These sources were seen in training (other images of them), so this is the optimistic number. The "
               "honest one is leave-one-source-out: the same recipe trained on four sources and scored on the fifth "
-              f"(`{loso_dir}`, mean over seeds), beside the seed-style baseline trained the same way:", ""]
+              f"(`{loso_dir}`: its grid file gives the training cap and image size; mean over seeds){beside}:", ""]
     if loso and recipe == baseline:  # the shipped recipe is the baseline itself: one set of columns
         lines += [f"| held out | {recipe} AUC | {recipe} TPR@1e-2 | seeds |", "|---|---|---|---|"]
         lines += [f"| {r['held_out']} | {_fmt(r[recipe]['auc'])} | {_fmt(r[recipe]['tpr_at_fpr_1e-2'])} | "
