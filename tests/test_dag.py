@@ -14,7 +14,7 @@ STAGES = {"prepare_data": "01_prepare_data.py", "augment_sd": "02_augment_sd.py"
           "ensemble_predict": "05_ensemble_predict.py", "evaluate": "06_evaluate.py"}
 PERF_KNOBS = {"workers", "chunk_size", "launcher"}
 # package data a stage reads by path, not by import: a dep all the same (new weights rerun the stage)
-DATA_DEPS = {"dfpipe/assets"}
+DATA_DEPS = {"dfpipe/assets/taesd"}
 
 
 def _module_file(name: str) -> Path | None:
