@@ -77,6 +77,23 @@ def test_recipe_gets_the_grids_budget_and_seed_and_typos_are_refused(tmp_path):
         recipe_config(spec, "missing", 0)
 
 
+def test_recipe_epochs_gives_one_recipe_its_own_budget_and_the_table_says_so(tmp_path):
+    from dfpipe.benchmark.tables import grid_table
+
+    spec = GridSpec(epochs=2, baseline="a", recipe_epochs={"long": 7}, recipes={"a": {"img_size": 96}, "long": {"img_size": 96}})
+    assert recipe_config(spec, "a", 0).epochs == 2 and recipe_config(spec, "long", 0).epochs == 7
+    grid = tmp_path / "g.yaml"
+    grid.write_text("recipes: {a: {}, b: {}}\nrecipe_epochs: {c: 5}\n")
+    with pytest.raises(ConfigError, match="recipe_epochs.c"):
+        load_grid(grid)
+    grid.write_text("recipes: {a: {}, b: {}}\nrecipe_epochs: {b: 0}\n")
+    with pytest.raises(ConfigError, match="recipe_epochs.b"):
+        load_grid(grid)
+    cells = [{"recipe": r, "seed": 0, "train_source": "s", "code": "x", "eval": {"t": {"clean": {"auc": 0.5}}}}
+             for r in ("a", "long")]
+    assert grid_table(cells, spec).startswith("Budget: 2 epochs per expert, long 7, seeds")
+
+
 def test_a_cells_key_follows_the_stage1_settings():
     """A cell trained on another stage 1 (max_side, store format) is a new cell, never a reused one."""
     from dataclasses import replace
@@ -114,7 +131,7 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
 
 @pytest.mark.parametrize("grid", ["bench/grid.yaml", "bench/grid_more.yaml", "bench/grid_sbi.yaml",
                                   "bench/grid_first.yaml", "bench/grid_pairs.yaml", "bench/grid_pairs_more.yaml",
-                                  "bench/grid_loso.yaml"])
+                                  "bench/grid_loso.yaml", "bench/grid_loso_quick.yaml"])
 def test_the_repo_grid_loads_and_every_recipe_is_a_valid_expert(grid):
     spec = load_grid(grid)
     assert spec.baseline in spec.recipes and len(spec.seeds) >= 2
@@ -198,13 +215,28 @@ def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys
     ({"pair": ["base"]}, "two or more distinct"),
     ({"pair": ["base", "base"]}, "two or more distinct"),
     ({"base": ["base", "other"]}, "the name is a recipe's too"),
+    ({"pair": ["base"], "_predict_of": {"solo": {"tta": ["hflip"]}}}, "_predict_of.solo: not an ensemble row"),
 ])
 def test_ensemble_rows_are_checked_when_the_grid_loads(tmp_path, ensembles, error):
     grid = tmp_path / "grid.yaml"
+    predict_of = ensembles.pop("_predict_of", {})
     grid.write_text(yaml.safe_dump({"baseline": "base", "recipes": {"base": {}, "other": {"lr": 0.001}},
-                                    "ensembles": ensembles}))
-    with pytest.raises(ConfigError, match=f"grid.yaml: ensembles.*{error}"):
+                                    "ensembles": ensembles, "ensemble_predict_of": predict_of}))
+    with pytest.raises(ConfigError, match=f"grid.yaml: ensemble.*{error}"):
         load_grid(grid)
+
+
+def test_a_one_member_row_with_its_own_stage5_settings_loads_and_gets_them(tmp_path):
+    """ensemble_predict_of: a row that re-scores one recipe's cells another way (its TTA on top of the grid's)."""
+    from dfpipe.benchmark.grid import row_predict
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"baseline": "base", "recipes": {"base": {}}, "ensembles": {"base_crops": ["base"]},
+                                    "ensemble_predict": {"tta": ["identity"], "combine": "mean_prob"},
+                                    "ensemble_predict_of": {"base_crops": {"tta": ["crops4"]}}}))
+    spec = load_grid(grid)
+    assert row_predict(spec, "base_crops") == {"tta": ["crops4"], "combine": "mean_prob"}
+    assert row_predict(spec, "base") == {"tta": ["identity"], "combine": "mean_prob"}
 
 
 def test_cell_metrics_are_flat_numbers_per_set():

@@ -180,6 +180,35 @@ def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_pr
     assert [c["eval"] for c in again["cells"]] == [c["eval"] for c in grid["cells"]]
 
 
+def test_a_one_member_row_rescores_a_recipes_cells_with_its_own_tta(tiny, in_process):
+    """ensemble_predict_of: the row's card records its own TTA (the member's cell keeps the grid's), its scores
+    come from that card, and the row's folder key differs from a row with the grid's settings."""
+    from dfpipe import benchmark
+    from dfpipe.benchmark.cells import cell_layout
+
+    t, _, grid_path = tiny
+    raw = yaml.safe_load(grid_path.read_text())
+    raw["ensembles"] = {"flipped": ["base"]}
+    raw["ensemble_predict_of"] = {"flipped": {"tta": ["hflip", "vflip"]}}
+    raw["robustness"] = {}
+    spec = load_grid(_write(t / "grid_flip.yaml", raw))
+    grid = run_grid(spec, t / "work", t / "out_flip")
+    flips = [c for c in grid["cells"] if c["recipe"] == "flipped"]
+    assert len(flips) == 2
+    for c in flips:
+        d = benchmark.ensemble_dir(spec, "flipped", 0, c["train_source"], t / "work")
+        card = json.loads(Path(cell_layout(spec, c["train_source"], t / "work", d).card).read_text())
+        member = cell_dir(spec, "base", 0, c["train_source"], t / "work")
+        base_card = json.loads(Path(cell_layout(spec, c["train_source"], t / "work", member).card).read_text())
+        assert card["tta"] == ["hflip", "vflip"] and base_card["tta"] == ["identity"]
+        mine = pd.read_csv(c["scores_csv"]).score.to_numpy()
+        base = pd.read_csv(member / "reports" / "eval" / "scores.csv").score.to_numpy()
+        assert mine.shape == base.shape and not np.allclose(mine, base)  # other views, other scores
+    same = replace(spec, ensemble_predict_of={})
+    assert benchmark.ensemble_dir(same, "flipped", 0, "demo", t / "work") != \
+        benchmark.ensemble_dir(spec, "flipped", 0, "demo", t / "work")
+
+
 def test_an_ensemble_row_gets_a_robustness_pass_when_listed(tiny, in_process):
     """`robustness.recipes` may name an ensemble row: its cell (the linked members' card) is scored again on its
     cross-source set under the degradations, cached in the ensemble's folder; its clean AUC is the row's own;

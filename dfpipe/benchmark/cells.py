@@ -50,10 +50,11 @@ def cell_layout(spec: GridSpec, name: str, work: str | Path, cell: Path) -> Layo
                                                  test_labels="")
 
 
-def stage_config(spec: GridSpec, stage: str, **over: Any) -> Any:
-    """Stage ``stage``'s settings: params.yaml's section, the grid's overrides of it (checked), then ``over`` (typed
-    values from the benchmark itself)."""
-    return dataclasses.replace(from_dict(STAGE_CONFIGS[stage], section(spec, stage), f"{spec.params}:{stage}"), **over)
+def stage_config(spec: GridSpec, stage: str, grid: dict[str, Any] | None = None, **over: Any) -> Any:
+    """Stage ``stage``'s settings: params.yaml's section, the grid's overrides of it (or ``grid``, in their place;
+    both checked), then ``over`` (typed values from the benchmark itself)."""
+    raw = section(spec, stage) if grid is None else {**(read_params(spec.params).get(stage) or {}), **grid}
+    return dataclasses.replace(from_dict(STAGE_CONFIGS[stage], raw, f"{spec.params}:{stage}"), **over)
 
 
 def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> Layout:
@@ -253,10 +254,11 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
 
 
 def select_and_evaluate(spec: GridSpec, layout: Layout, experts: list[str], train_src: Source | TrainingSet,
-                         sources: dict[str, Source], work: Path) -> dict:
-    """Stage 5 over the cell's models (the val fold: epoch already chosen, thresholds, the card), then stage 6 on
-    the sets no step saw. Returns stage 6's metrics."""
+                         sources: dict[str, Source], work: Path, predict: dict[str, Any] | None = None) -> dict:
+    """Stage 5 over the cell's models (the val fold: epoch already chosen, thresholds, the card; ``predict``: the
+    grid's stage 5 overrides, default ``spec.ensemble_predict``), then stage 6 on the sets no step saw. Returns
+    stage 6's metrics."""
     from .. import ensemble_predict, evaluate
 
-    ensemble_predict.run(stage_config(spec, "ensemble_predict", experts=list(experts)), layout)
+    ensemble_predict.run(stage_config(spec, "ensemble_predict", predict, experts=list(experts)), layout)
     return evaluate.run(stage_config(spec, "evaluate", sets=eval_sets(spec, train_src, sources, work)), layout)

@@ -63,7 +63,9 @@ class GridSpec:
     train_on: list[str] = field(default_factory=list)  # training sets: a source or several joined by "+" ("a+b");
     #                                                    [] = each of `sources` alone
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    epochs: int = 3  # the budget: every recipe trains this many epochs
+    epochs: int = 3  # the budget: every recipe trains this many epochs ...
+    recipe_epochs: dict[str, int] = field(default_factory=dict)  # ... but these (recipe -> epochs): a cheaper expert
+    #                                                               given the same wall time, say; the table says so
     heldout: float = 0.3  # folder sources: share of identities held out (the in-source column)
     split_seed: int = 0  # the train / held-out split of the folder sources (fixed across seeds)
     baseline: str = "baseline"  # the row every other is compared with
@@ -85,6 +87,9 @@ class GridSpec:
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)  # a pass over finished cells
     ensembles: dict[str, list[str]] = field(default_factory=dict)  # name -> member recipes: rows scored from the
     # members' finished cells through stage 5 + 6, no training (:func:`run_ensemble`)
+    ensemble_predict_of: dict[str, dict[str, Any]] = field(default_factory=dict)  # ensemble row -> its own stage 5
+    # overrides on top of ensemble_predict (another TTA, say); such a row may have one member: that recipe's cells
+    # scored another way, no training (:func:`row_predict`)
 
 
 
@@ -98,20 +103,35 @@ def load_grid(path: str | Path) -> GridSpec:
             raise ConfigError(f"{path}: {cap} {getattr(spec, cap)}: 0 (no cap) or a positive count")
     _check_robustness(spec, str(path))
     _check_ensembles(spec, str(path))
+    for name, n in spec.recipe_epochs.items():
+        if name not in spec.recipes or n < 1:
+            raise ConfigError(f"{path}: recipe_epochs.{name}: {n}: needs a recipe of the grid and >= 1 epoch "
+                              f"(recipes: {sorted(spec.recipes)})")
     return spec
 
 
 def _check_ensembles(spec: GridSpec, where: str) -> None:
-    """An ensemble names two or more distinct recipes of the grid and no recipe's name."""
+    """An ensemble names two or more distinct recipes of the grid (one, when it has its own stage 5 settings in
+    ``ensemble_predict_of``) and no recipe's name."""
+    for name in spec.ensemble_predict_of:
+        if name not in spec.ensembles:
+            raise ConfigError(f"{where}: ensemble_predict_of.{name}: not an ensemble row (have {sorted(spec.ensembles)})")
     for name, members in spec.ensembles.items():
         if name in spec.recipes:
             raise ConfigError(f"{where}: ensembles.{name}: the name is a recipe's too; pick another")
-        if len(members) < 2 or len(set(members)) != len(members):
-            raise ConfigError(f"{where}: ensembles.{name}: needs two or more distinct member recipes, got {members}")
+        least = 1 if name in spec.ensemble_predict_of else 2
+        if len(members) < least or len(set(members)) != len(members):
+            raise ConfigError(f"{where}: ensembles.{name}: needs {'one' if least == 1 else 'two'} or more distinct "
+                              f"member recipes, got {members}")
         unknown = sorted(set(members) - set(spec.recipes))
         if unknown:
             raise UnknownNameError(f"{where}: ensembles.{name}: {unknown} not recipes of the grid "
                                    f"(have {sorted(spec.recipes)})")
+
+
+def row_predict(spec: GridSpec, row: str) -> dict[str, Any]:
+    """Stage 5's grid overrides for ``row``: ``ensemble_predict``, then the row's own (``ensemble_predict_of``)."""
+    return {**spec.ensemble_predict, **spec.ensemble_predict_of.get(row, {})}
 
 
 JOIN = "+"  # joins the sources of a combined training set: "stylegan3_utk+genphotos_frll"
@@ -188,10 +208,11 @@ def _check_robustness(spec: GridSpec, where: str) -> None:
 
 
 def recipe_config(spec: GridSpec, name: str, seed: int) -> ExpertConfig:
-    """The expert a recipe trains: ExpertConfig defaults, the recipe's overrides, the grid's budget and seed."""
+    """The expert a recipe trains: ExpertConfig defaults, the recipe's overrides, the grid's budget (or the recipe's
+    own in ``recipe_epochs``; an ``epochs`` inside a recipe is ignored) and seed."""
     if name not in spec.recipes:
         raise UnknownNameError(f"recipe {name!r} not in the grid (have {sorted(spec.recipes)})")
-    over = {**copy.deepcopy(spec.recipes[name]), "epochs": spec.epochs, "seed": seed}
+    over = {**copy.deepcopy(spec.recipes[name]), "epochs": spec.recipe_epochs.get(name, spec.epochs), "seed": seed}
     return from_dict(ExpertConfig, over, f"recipes.{name}")
 
 

@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..io import write_json
 from .cells import (cell_dir, cell_layout, eval_sets, finished_cell, prepare_source, read_json, run_cell,
                     select_and_evaluate, stage_config)
-from .grid import (GridSpec, RobustnessSpec, Source, TrainingSet, ensemble_cells, grid_cells, grid_recipes,
+from .grid import (GridSpec, RobustnessSpec, Source, TrainingSet, ensemble_cells, grid_cells, grid_recipes, row_predict,
                    is_combined, load_sources, set_parts, train_parts, training_set, training_sets)
 from .tables import write_grid
 
@@ -27,7 +27,7 @@ def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: 
     """``<work>/<source>/ens_<name>_s<seed>_<key>``; the key covers the members' cell folders (their own keys), the
     stage 5 / 6 settings and :data:`ENSEMBLE_FORMAT`, so a changed member makes a new ensemble cell."""
     members = [cell_dir(spec, m, seed, train_source, work).name for m in spec.ensembles[name]]
-    key = json.dumps({"members": members, "predict": spec.ensemble_predict, "evaluate": spec.evaluate,
+    key = json.dumps({"members": members, "predict": row_predict(spec, name), "evaluate": spec.evaluate,
                       "format": ENSEMBLE_FORMAT}, sort_keys=True)
     return Path(work) / train_source / f"ens_{name}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -35,7 +35,7 @@ def ensemble_dir(spec: GridSpec, name: str, seed: int, train_source: str, work: 
 def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
                  work: str | Path) -> dict | None:
     """One ensemble row's cell: the member recipes' finished cells (same training source and seed) combined by
-    stage 5 (``spec.ensemble_predict``'s combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
+    stage 5 (the row's :func:`row_predict` settings: combine and TTA; thresholds on the same val fold) and scored by stage 6 on the
     same sets, through the ensemble card's one scoring path. No training: the members' ``best.pt`` are linked.
 
     None while a member cell is not finished. Cached in the ensemble's folder (``eval.json``), like a cell.
@@ -59,7 +59,7 @@ def run_ensemble(spec: GridSpec, name: str, seed: int, train_src: Source | Train
         link.symlink_to((Path(cell_layout(spec, train_src.name, work, c).models) / member / "best.pt").resolve())
     prepare_source(spec, train_src, work)  # made by the members' cells: only checked here
     t0 = time.perf_counter()
-    metrics = select_and_evaluate(spec, layout, members, train_src, sources, work)
+    metrics = select_and_evaluate(spec, layout, members, train_src, sources, work, predict=row_predict(spec, name))
     result = {"train_source": train_src.name, "recipe": name, "seed": seed, "members": list(members),
               "score_seconds": time.perf_counter() - t0, "eval": metrics, "scores_csv": layout.eval_scores}
     write_json(done, result)

@@ -90,7 +90,8 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
     columns = eval sets (in-source first)."""
     df = _cells_frame(cells)
     single = df[~_combined_mask(df)]
-    lines = [f"Budget: {spec.epochs} epochs per expert, seeds {spec.seeds}. Cells: ROC AUC seed "
+    others = "".join(f", {n} {e}" for n, e in sorted(spec.recipe_epochs.items()))
+    lines = [f"Budget: {spec.epochs} epochs per expert{others}, seeds {spec.seeds}. Cells: ROC AUC seed "
              + " / seed ".join(str(s) for s in spec.seeds) + " (mean), TPR at FPR 1e-2 of the mean run below it. "
              "Every column is a set that no training or selection step saw; the in-source column is the training "
              "source's held-out part. delta = mean AUC minus the baseline's, paired bootstrap 95% interval of seed "
@@ -99,7 +100,9 @@ def grid_table(cells: list[dict], spec: GridSpec, reference: list[dict] | None =
                 if _combined_mask(df).any() else ""), ""]
     lines += [_provenance(cells), ""]
     if spec.ensembles:
-        members = "; ".join(f"{n} = {' + '.join(m)}" for n, m in spec.ensembles.items())
+        members = "; ".join(f"{n} = {' + '.join(m)}"
+                            + "".join(f", {k} {v}" for k, v in spec.ensemble_predict_of.get(n, {}).items())
+                            for n, m in spec.ensembles.items())
         lines += [f"Ensemble rows (no training): {members}"
                   + ", each the members' cells of the same training set and seed combined by stage 5 "
                   f"({spec.ensemble_predict.get('combine', 'mean_prob')}) and scored by stage 6 on the same sets.", ""]
