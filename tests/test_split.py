@@ -460,13 +460,14 @@ def test_finetune_needs_both_classes(tmp_path, rng):
 
 @pytest.mark.parametrize("engine", ["minibatch", "torch"])
 def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, rng, monkeypatch, engine):
-    from dfpipe.cluster_split import kmeans
+    from dfpipe.cluster_split import kmeans, rows as chunked
     from dfpipe.cluster_split.features import FeatureFile
 
     monkeypatch.setattr(kmeans, "INIT_SAMPLE", 100)  # < n: the chunked path starts from a sample
-    monkeypatch.setattr(kmeans, "READ_ROWS", 64)  # several chunks
+    monkeypatch.setattr(chunked, "READ_ROWS", 64)  # several chunks (both engines read through rows.iter_chunks)
     eng = kmeans.KMeansEngine(minibatch_above=50) if engine == "minibatch" else kmeans.KMeansEngine("torch")
     feats, truth = blobs(rng)
+    assert [s for s, _ in chunked.iter_chunks(feats, None)] == [0, 64, 128, 192]
     np.save(tmp_path / "f.npy", feats)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
     labels = kmeans.kmeans_labels(mm, 4, seed=0, engine=eng)

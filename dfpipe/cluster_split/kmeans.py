@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from ..config import KMeansBackend
 from ..errors import ConfigError
-from .rows import READ_ROWS, iter_chunks, n_rows, take  # noqa: F401  (READ_ROWS, take: re-exported)
+from .rows import iter_chunks, n_rows, take  # noqa: F401  (take: re-exported)
 
 log = logging.getLogger(__name__)
 

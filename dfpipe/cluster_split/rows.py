@@ -19,9 +19,11 @@ def take(feats: np.ndarray, rows: np.ndarray | None, start: int = 0, stop: int |
     return np.asarray(feats[sel], dtype=np.float32)
 
 
-def iter_chunks(feats: np.ndarray, rows: np.ndarray | None, size: int = READ_ROWS
+def iter_chunks(feats: np.ndarray, rows: np.ndarray | None, size: int | None = None
                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, float32 chunk) over all selected rows, in order."""
+    """(start, float32 chunk) over all selected rows, in order; ``size`` rows each (default :data:`READ_ROWS`, read
+    at call time so a test can shrink it)."""
+    size = READ_ROWS if size is None else size
     n = n_rows(feats, rows)
     for s in range(0, n, size):
         yield s, take(feats, rows, s, min(s + size, n))
