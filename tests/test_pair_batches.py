@@ -122,6 +122,14 @@ def test_ddp_shards_are_disjoint_and_step_k_is_the_one_process_batch_k(world, n_
         assert torch.equal(state, state_one)
 
 
+def test_bad_shards_are_refused():
+    groups = np.arange(10)
+    with pytest.raises(ValueError, match="rank"):
+        PairBatchSampler(groups, torch.Generator(), 4, rank=2, world=2)
+    with pytest.raises(ValueError, match="whole batches"):
+        PairBatchSampler(groups, torch.Generator(), 4, length=10)  # 10 rows are not whole batches of 4
+
+
 def test_pair_groups_roots_originals_and_generated_rows():
     df = pd.DataFrame({
         "uid": ["train/a", "train/b", "aug/r1", "aug/r1_real", "aug/splice", "aug/sbi", "train/c"],
@@ -202,7 +210,7 @@ def test_a_training_run_with_pair_batches_trains_on_paired_batches(paired_pool, 
     with caplog.at_level("INFO", logger="dfpipe.train_experts.loop"):
         best = loop.run(cfg, layout, "e")["e"]
     # 22 training images: 6 real + reconstruction pairs, 10 singletons
-    assert "pair batches: 22 training images in 16 groups (6 of 2+ images, largest 2)" in caplog.text
+    assert "pair batches: 22 training images in 16 groups (6 of 2+ images, largest 2), packed whole" in caplog.text
     history = live_history(paired_pool / "logs_paired" / "e")
     assert list(history.epoch) == [1, 2] and np.isfinite(history.loss).all() and 0.0 <= best["auc"] <= 1.0
     ckpt = torch.load(paired_pool / "models_paired" / "e" / "best.pt", map_location="cpu", weights_only=False)

@@ -269,10 +269,11 @@ def _pair_sampler(train_df: pd.DataFrame, g: torch.Generator, batch: int, rank: 
     """Each original with its stage-2 images in one global batch of ``batch``; logs what the groups are."""
     groups = pair_groups(train_df)
     sizes = np.bincount(groups)
-    log.info("pair batches: %d training images in %d groups (%d of 2+ images, largest %d), each group in one "
-             "global batch of %d", len(groups), len(sizes), int((sizes > 1).sum()), int(sizes.max()), batch)
+    log.info("pair batches: %d training images in %d groups (%d of 2+ images, largest %d), packed whole into "
+             "global batches of %d", len(groups), len(sizes), int((sizes > 1).sum()), int(sizes.max()), batch)
     if (sizes > 1).sum() == 0:
-        log.warning("pair_batches is on but no training image has a stage-2 image made from it: plain shuffling")
+        log.warning("pair_batches is on but no training image has a stage-2 image made from it: every group is "
+                    "one image, the batches are a plain shuffle")
     return PairBatchSampler(groups, g, batch, rank=rank, world=world, length=length)
 
 

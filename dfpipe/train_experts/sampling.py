@@ -88,13 +88,14 @@ class PairBatchSampler(Sampler[tuple[int, int]]):
     in that order, into ``length // batch`` global batches of ``batch`` (the global batch; a ``length`` below it
     is one batch of ``length``). A group that does not fit the current batch waits and starts a later one, so
     batches are full and whole groups stay together. A group is split only when it is larger than a batch, or
-    at the epoch's end when the whole groups left cannot fill the last batches exactly (one group per such
-    batch). Rows past the last batch sit the epoch out (fewer than one batch, as with SeededSampler).
+    when no group left fits the space a batch has left (sizes that cannot tile a batch: only triples in batches
+    of 4); such a group spans two consecutive batches (:func:`pack_groups`). Rows past the last batch sit the
+    epoch out (fewer than one batch, as with SeededSampler).
 
     Rank ``r`` of ``world`` yields positions ``r, r + world, ...`` of the packed order: the shards are disjoint
     and their batch ``k`` together is the one-process batch ``k``. So a pair is in one *global* batch, but
-    under DDP its two images may sit on different ranks (a per-rank term such as CE or BN statistics sees them
-    apart; the NCE term, gathered over the global batch, sees them together).
+    under DDP its two images may sit on different ranks: the all-reduced gradient and the gathered NCE term see
+    the pair, per-rank BN statistics (without sync_bn) and mixup's partners do not.
     """
 
     def __init__(self, groups: np.ndarray, generator: torch.Generator, batch: int, rank: int = 0, world: int = 1,
