@@ -16,6 +16,7 @@ import torch
 
 from conftest import write_cache_pool
 from dfpipe.config import ConfigError, ExpertConfig, LossWeights, TrainConfig, from_dict
+from dfpipe.data.samples import load_split_pool
 from dfpipe.data.store import shard_name, write_png_shard
 from dfpipe.train_experts import loop
 from dfpipe.train_experts.sampling import PairBatchSampler, SeededSampler, epoch_length, pair_groups, pack_groups
@@ -170,8 +171,8 @@ def _write_paired_pool(root: Path) -> None:
                         "cache_index": index})
     aug.to_csv(root / "aug" / "manifest.csv", index=False)
     splits = pd.read_csv(root / "splits.csv")
-    by_uid = splits.set_index("uid")
-    rows = by_uid.loc[src, ["cluster", "fold", "subset"]].reset_index(drop=True).assign(uid=aug.uid, origin="aug")
+    rows = splits.set_index("uid").loc[src, ["cluster", "fold", "subset"]].reset_index(drop=True)
+    rows = rows.assign(uid=aug.uid, origin="aug")  # a reconstruction sits in its source's fold (stage 3's rule)
     pd.concat([splits, rows[splits.columns]], ignore_index=True).to_csv(root / "splits.csv", index=False)
 
 
@@ -233,7 +234,7 @@ def test_off_stage_4_shuffles_exactly_as_before(paired_pool):
     assert list(before) == [(1, 1958470325), (2, 578353978), (4, 1099022331), (7, 1853169803)]
     cfg, _ = _setup(paired_pool, "unused")
     ecfg = cfg.experts["e"]
-    train_df = loop.load_split_pool(paired_pool / "splits.csv", paired_pool / "prepared", paired_pool / "aug")
+    train_df = load_split_pool(paired_pool / "splits.csv", paired_pool / "prepared", paired_pool / "aug")
     train_df = train_df[train_df.subset == "train"].reset_index(drop=True)
     acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
     loaders = loop._loaders(cfg, ecfg, train_df, train_df, torch.Generator().manual_seed(3), acc)
