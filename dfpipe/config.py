@@ -302,6 +302,9 @@ class ExpertConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentPreset = "randaugment"  # see dfpipe.data.transforms
     use_augmented: bool = False  # train on stage-2 fakes too
+    # true: an original and the stage-2 images made from it share one global batch (dfpipe.train_experts.sampling
+    # PairBatchSampler); needs use_augmented; false = independent shuffling
+    pair_batches: bool = False
     seed: int = 0
     deterministic: bool = True  # GPU: deterministic cuDNN / cuBLAS kernels (can be slower); CPU runs always are
     patience: int = 0  # early stopping: stop after this many epochs without a better val AUC (0 = off)
@@ -313,6 +316,9 @@ class ExpertConfig:
     # (with a front or a cut, arch artifact needs input_mode: crop, native pixels; its builder refuses the others)
 
     def __post_init__(self) -> None:
+        if self.pair_batches and not self.use_augmented:
+            raise ConfigError("pair_batches batches each original with the stage-2 images made from it, which train "
+                              "only with use_augmented: set use_augmented: true, or pair_batches: false")
         if self.stages < 0:
             raise ConfigError(f"stages must be >= 0 (0 = the whole backbone), got {self.stages}")
         if (self.front != "none" or self.stages) and self.arch != "artifact":

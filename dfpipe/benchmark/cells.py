@@ -142,7 +142,7 @@ def shared_settings(spec: GridSpec) -> dict[str, Any]:
 KEY_OMIT_AT: dict[str, dict[str, Any]] = {
     "expert": {"info_heads": 0, "info_mi": "kl", "info_temperature": 1.5, "mixup": 0.0,  # LIL / GIL, mixup
                "loss.lil": 0.0, "loss.gil": 0.0, "freeze_backbone": False,  # + the frozen-backbone probe
-               "front": "none", "stages": 0},  # + the artifact expert's residual front and cut backbone
+               "front": "none", "stages": 0, "pair_batches": False},  # + the artifact front and cut; pair batches
     "augment_sd": {"landmarks": "none",  # self_blend's mask from face landmarks
                    # reconstruction fakes: off (per_real 0) leaves the whole block out, whatever its other settings
                    "reconstruct": lambda block: isinstance(block, dict) and not block.get("per_real")},

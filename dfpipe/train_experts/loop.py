@@ -62,7 +62,7 @@ from .distributed import (check_same, gather_across_ranks, gather_by_index, glob
                           maybe_sync_bn, rank_seed, reduce_sum, scaled_lr, sync_buffers)
 from .ema import make_ema
 from .logs import TrainLog
-from .sampling import SeededAugmentDataset, SeededSampler, epoch_length
+from .sampling import PairBatchSampler, SeededAugmentDataset, SeededSampler, epoch_length, pair_groups
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,8 @@ def _log_frozen(name: str, model: torch.nn.Module) -> None:
 
 def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_df: pd.DataFrame,
              g: torch.Generator, acc: Accelerator) -> tuple[DataLoader, DataLoader]:
-    """Training batches come from :class:`SeededSampler` (order and augmentation from ``g`` only).
+    """Training batches come from :class:`SeededSampler`, or with ``pair_batches`` :class:`PairBatchSampler`
+    (order and augmentation from ``g`` only).
 
     Each rank loads its shard: ``batch_size`` training samples per step (of a global ``batch_size x world``),
     every ``world``-th val image (val predictions are gathered, see :func:`_predict_val`).
@@ -248,7 +249,10 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
     pin = acc.device.type == "cuda"
     policy = input_policy(ecfg)
     train_ds = SeededAugmentDataset(StoreDataset(train_df, [policy]), policy, train_augment(ecfg.augment, ecfg.seed))
-    sampler = SeededSampler(len(train_ds), g, rank=rank, world=world, length=length)
+    if ecfg.pair_batches:
+        sampler = _pair_sampler(train_df, g, global_batch(batch, world), rank, world, length)
+    else:
+        sampler = SeededSampler(len(train_ds), g, rank=rank, world=world, length=length)
     # the sampler yields whole batches only (the old drop_last), so every rank runs the same steps
     train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, drop_last=False, num_workers=workers,
                               worker_init_fn=seed_worker, pin_memory=pin,
@@ -258,6 +262,19 @@ def _loaders(cfg: TrainConfig, ecfg: ExpertConfig, train_df: pd.DataFrame, val_d
     val_loader = DataLoader(StoreDataset(val_df, [policy]), batch_size=batch * 2, sampler=range(rank, len(val_df), world),
                             num_workers=workers, pin_memory=pin)
     return train_loader, val_loader
+
+
+def _pair_sampler(train_df: pd.DataFrame, g: torch.Generator, batch: int, rank: int, world: int,
+                  length: int) -> PairBatchSampler:
+    """Each original with its stage-2 images in one global batch of ``batch``; logs what the groups are."""
+    groups = pair_groups(train_df)
+    sizes = np.bincount(groups)
+    log.info("pair batches: %d training images in %d groups (%d of 2+ images, largest %d), packed whole into "
+             "global batches of %d", len(groups), len(sizes), int((sizes > 1).sum()), int(sizes.max()), batch)
+    if (sizes > 1).sum() == 0:
+        log.warning("pair_batches is on but no training image has a stage-2 image made from it: every group is "
+                    "one image, the batches are a plain shuffle")
+    return PairBatchSampler(groups, g, batch, rank=rank, world=world, length=length)
 
 
 def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -> JointLoss:
