@@ -53,8 +53,8 @@ def cell_layout(spec: GridSpec, name: str, work: str | Path, cell: Path) -> Layo
 def stage_config(spec: GridSpec, stage: str, grid: dict[str, Any] | None = None, **over: Any) -> Any:
     """Stage ``stage``'s settings: params.yaml's section, the grid's overrides of it (or ``grid``, in their place;
     both checked), then ``over`` (typed values from the benchmark itself)."""
-    raw = section(spec, stage) if grid is None else {**(read_params(spec.params).get(stage) or {}), **grid}
-    return dataclasses.replace(from_dict(STAGE_CONFIGS[stage], raw, f"{spec.params}:{stage}"), **over)
+    return dataclasses.replace(from_dict(STAGE_CONFIGS[stage], section(spec, stage, grid), f"{spec.params}:{stage}"),
+                               **over)
 
 
 def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> Layout:
@@ -173,9 +173,10 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def section(spec: GridSpec, name: str) -> dict[str, Any]:
-    """A params.yaml section with the grid's overrides (nested mappings are replaced, not merged)."""
-    return {**(read_params(spec.params).get(name) or {}), **getattr(spec, name, {})}
+def section(spec: GridSpec, name: str, grid: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A params.yaml section with the grid's overrides, or ``grid`` in their place (nested mappings are replaced,
+    not merged)."""
+    return {**(read_params(spec.params).get(name) or {}), **(getattr(spec, name, {}) if grid is None else grid)}
 
 
 def eval_sets(spec: GridSpec, train_src: Source | TrainingSet, sources: dict[str, Source],

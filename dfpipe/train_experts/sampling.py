@@ -45,6 +45,17 @@ def epoch_length(n: int, batch_size: int, world: int = 1) -> int:
     return n - n % world
 
 
+def shard_length(n: int, rank: int, world: int, length: int | None) -> int:
+    """The epoch length a sampler of ``n`` rows uses (default ``n``), checked with ``rank`` of ``world``: positions
+    in (0, n], divisible over the ranks."""
+    length = n if length is None else length
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, {world})")
+    if not 0 < length <= n or length % world:
+        raise ValueError(f"epoch length {length} must be in (0, {n}] and divisible by {world} ranks")
+    return length
+
+
 class SeededSampler(Sampler[tuple[int, int]]):
     """Yield ``(index, augmentation_seed)`` pairs in a random order drawn from ``generator``.
 
@@ -53,11 +64,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, n: int, generator: torch.Generator, rank: int = 0, world: int = 1, length: int | None = None):
-        length = n if length is None else length
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} not in [0, {world})")
-        if not 0 < length <= n or length % world:
-            raise ValueError(f"epoch length {length} must be in (0, {n}] and divisible by {world} ranks")
+        length = shard_length(n, rank, world, length)
         self.n, self.generator, self.rank, self.world, self.length = n, generator, rank, world, length
 
     def __len__(self) -> int:
@@ -101,11 +108,7 @@ class PairBatchSampler(Sampler[tuple[int, int]]):
     def __init__(self, groups: np.ndarray, generator: torch.Generator, batch: int, rank: int = 0, world: int = 1,
                  length: int | None = None):
         n = len(groups)
-        length = n if length is None else length
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} not in [0, {world})")
-        if not 0 < length <= n or length % world:
-            raise ValueError(f"epoch length {length} must be in (0, {n}] and divisible by {world} ranks")
+        length = shard_length(n, rank, world, length)
         self.cap = min(batch, length)  # rows per global batch
         if length % self.cap or self.cap % world:
             raise ValueError(f"epoch length {length} must be whole batches of {self.cap} split over {world} ranks")
