@@ -28,10 +28,10 @@ sequence of matching calls in call order:
 * ``functions``: distinct functions, and ``first_call_returns``: the returns of the sequence of functions at
   their first call only (loops over batches do not inflate it: closer to reading the code by hand).
 
-``from_entry`` repeats the counts from the stage's entry call (the first matching call made directly by the
-stage script, normally its ``run``), in case the new code passes the config around before ``run``. The
-JSON keeps the collapsed file sequence (``[file, consecutive calls]``) and the functions in first-call order,
-so a reader can check the counts.
+``from_entry`` repeats the counts from the stage's ``run`` (the issue's "followed call by call from its run";
+:func:`stage_entry`): the harness's temp-file cleanup before ``run`` is left out there. The JSON keeps, from the
+entry, the collapsed file sequence (``[file, consecutive calls]``) and the functions in first-call order, so a
+reader can check the counts.
 
 Only the stage's main process and main thread are traced: forked workers (DataLoader, pools) stop tracing
 at fork, spawned ones never start it; threads are not traced.
@@ -313,23 +313,36 @@ def count_returns(files: list[str]) -> int:
     return returns
 
 
+def stage_entry(calls: list, names: list[str]) -> int | None:
+    """Index of the stage's entry call: the first call of a function named ``run`` (or ``run_<stage>``, the old
+    code's names) that receives the config, as the issue counts "from its run"; else the first call made by the
+    script itself that receives the config or layout. Since the harness (one entry point for every script) cleans
+    a killed run's temp files before ``run``, that cleanup is not the stage's data flow and is left out here (the
+    whole-process counts keep it)."""
+    for k, (code, bits, _) in enumerate(calls):
+        func = names[code].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        if bits & CONFIG and (func == "run" or func.startswith("run_")):
+            return k
+    return next((k for k, (_, bits, from_script) in enumerate(calls) if from_script and bits & (CONFIG | LAYOUT)),
+                None)
+
+
 def analyse(raw: dict[str, Any]) -> dict[str, Any]:
     """The per-stage report from the tracer's raw calls."""
     code_files = [c[0] for c in raw["codes"]]
     names = [f"{c[0]}:{c[1]}" for c in raw["codes"]]
     calls = raw["calls"]
-    entry = next((k for k, (_, bits, from_script) in enumerate(calls) if from_script and bits & (CONFIG | LAYOUT)),
-                 None)
+    entry = stage_entry(calls, names)
     res: dict[str, Any] = {k: raw[k] for k in ("exit_code", "wall_s", "config_class", "layout_seen",
                                                "dfpipe_calls", "dfpipe_imported_from")}
     res["other_config_calls"] = sum(1 for _, bits, _ in calls if bits & OTHER_CONFIG)
     res["entry"] = names[calls[entry][0]] if entry is not None else None
     res["from_entry"], res["sequence"], res["functions"] = {}, {}, {}
     for view, mask in VIEWS.items():
-        seq = [i for i, bits, _ in calls if bits & mask]
-        res[view] = summarize([code_files[i] for i in seq], seq, code_files)
-        tail = [i for i, bits, _ in calls[entry or 0:] if bits & mask]
-        res["from_entry"][view] = summarize([code_files[i] for i in tail], tail, code_files)
+        everything = [i for i, bits, _ in calls if bits & mask]
+        res[view] = summarize([code_files[i] for i in everything], everything, code_files)
+        seq = [i for i, bits, _ in calls[entry or 0:] if bits & mask]  # the listings below start at the entry
+        res["from_entry"][view] = summarize([code_files[i] for i in seq], seq, code_files)
         runs = [[f, len(list(g))] for f, g in itertools.groupby(code_files[i] for i in seq)]
         res["sequence"][view] = runs[:MAX_SEQUENCE]
         if len(runs) > MAX_SEQUENCE:
@@ -394,7 +407,7 @@ def main(args: argparse.Namespace) -> None:
             "first_call_returns": "returns over the functions in first-call order (loops do not count)",
             "config_or_values": "calls receiving the config or one of its field values (identity; not None, "
                                 "bools, small ints, 1-character strings), or an object holding one",
-            "from_entry": "the same, from the first such call made by the stage script itself (its run)",
+            "from_entry": "the same, from the stage's run (stage_entry); sequence and functions list this part",
             "sequence": "[file, consecutive calls] runs of the call sequence",
         },
     }
