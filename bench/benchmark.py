@@ -9,7 +9,7 @@ Subcommands (docs/benchmark.md):
          (python -m dfpipe.docs, make docs; --check: only list stale ones)
 
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
-interrupted run resumes whichever way it ran. See dfpipe/benchmark/ for the protocol and bench/grid.yaml for
+interrupted run resumes whichever way it ran. See dfbench/ for the protocol and bench/grid.yaml for
 the grid.
 
 A grid's ``train_on`` trains on several sources at once (``a+b``: one cell per pair, scored in-source on each
@@ -69,17 +69,17 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("; ".join(f"{page}: {len(s)} block(s) differ from reports/: {'; '.join(s)}"
                                        for page, s in stale.items()) + " (bench/benchmark.py readme rewrites them)")
     elif args.command == "cell":
-        from dfpipe.benchmark.queue import run_cell_stage
+        from dfbench.queue import run_cell_stage
 
         run_cell_stage(args.params, args.metrics)
     elif args.command == "queue":
-        from dfpipe.benchmark.queue import queue_grid
+        from dfbench.queue import queue_grid
 
         res = queue_grid(args.grid, args.work, args.out, args.recipes, poll_s=args.poll)
         if res["failed"]:
             raise SystemExit(f"{len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}")
     else:
-        from dfpipe.benchmark import load_grid, run_grid
+        from dfbench import load_grid, run_grid
 
         run_grid(load_grid(args.grid), args.work, args.out, args.recipes, train=args.command == "run")
 

@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
 def build(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from dfpipe.benchmark import TrainingSet, load_grid, load_sources, recipe_config, run_cell
-    from dfpipe.benchmark.cells import cell_dir, cell_layout
+    from dfbench import TrainingSet, load_grid, load_sources, recipe_config, run_cell
+    from dfbench.cells import cell_dir, cell_layout
     from dfpipe.errors import ConfigError
 
     spec = load_grid(args.grid)

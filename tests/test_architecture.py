@@ -18,7 +18,7 @@ LAYERS = [
     ("stages", {"dfpipe.prepare_data", "dfpipe.augment_sd", "dfpipe.cluster_split", "dfpipe.train_experts",
                 "dfpipe.ensemble_predict"}),
     ("evaluation", {"dfpipe.evaluate"}),  # stage 6 scores through stage 5's one scoring path
-    ("clients", {"dfpipe.benchmark", "dfpipe.serve", "dfpipe.cli", "dfpipe.demo", "dfpipe.report", "dfpipe.docs"}),
+    ("clients", {"dfpipe.serve", "dfpipe.cli", "dfpipe.demo", "dfpipe.report", "dfpipe.docs"}),
 ]
 
 

@@ -1,5 +1,5 @@
 """The README's benchmark tables: now one kind of :mod:`dfpipe.docs` block, which also holds single values and
-table cells and covers docs/*.md. Kept so that ``from dfpipe.benchmark.readme import sync_readme`` still works.
+table cells and covers docs/*.md. Kept so that ``from dfbench.readme import sync_readme`` still works.
 
 A block of a page between::
 
@@ -14,9 +14,9 @@ run by ``make benchmark`` after the table); with ``check=True`` it only lists th
 
 from __future__ import annotations
 
-from ..docs import TABLE as BLOCK  # the table blocks' pattern (dfpipe.benchmark re-exports it)
-from ..docs import blocks as readme_blocks
-from ..docs import section_table
-from ..docs import sync as sync_readme
+from dfpipe.docs import TABLE as BLOCK  # the table blocks' pattern (dfbench re-exports it)
+from dfpipe.docs import blocks as readme_blocks
+from dfpipe.docs import section_table
+from dfpipe.docs import sync as sync_readme
 
 __all__ = ["BLOCK", "readme_blocks", "section_table", "sync_readme"]
