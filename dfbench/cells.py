@@ -217,13 +217,16 @@ def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, wor
     return read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
 
 
+CODE = ("dfpipe", "dfbench")  # what trains a cell: the stages and the protocol (splits, caps): -dirty if either moved
+
+
 @functools.cache
 def process_code_version() -> str:
-    """:func:`code_version` as this process first saw it: the code it runs was imported then, and a commit made
-    while a long grid runs moves HEAD, not the code in memory. Recorded in every new cell: the cell key covers
-    settings, not code, and a change of training numerics far below the settings' level (the last bits of a float)
-    moves a cell's cross-source AUC by up to 0.2."""
-    return code_version()
+    """:func:`code_version` (of :data:`CODE`) as this process first saw it: the code it runs was imported then, and
+    a commit made while a long grid runs moves HEAD, not the code in memory. Recorded in every new cell: the cell key
+    covers settings, not code, and a change of training numerics far below the settings' level (the last bits of a
+    float) moves a cell's cross-source AUC by up to 0.2."""
+    return code_version(paths=CODE)
 
 
 def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],

@@ -636,11 +636,13 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
 
 
 def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
-    """What every new cell records as the code that trained it: the commit, -dirty when dfpipe/ differs from it
-    (changes elsewhere do not count), unknown outside git."""
+    """What every new cell records as the code that trained it: the commit, -dirty when dfpipe/ or the benchmark's
+    dfbench/ differs from it (changes elsewhere do not count; the ensemble card's version looks at dfpipe/ only),
+    unknown outside git."""
     import subprocess
 
     from dfbench import code_version
+    from dfbench.cells import CODE
 
     assert code_version(tmp_path) == "unknown"
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
@@ -658,8 +660,16 @@ def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
     assert code_version(tmp_path) == head[:12]
     (tmp_path / "README").write_text("elsewhere\n")
     assert code_version(tmp_path) == head[:12]
+    (tmp_path / "dfbench").mkdir()  # the benchmark's own package: dirty for the cells, not for the pipeline's card
+    (tmp_path / "dfbench" / "m.py").write_text("y = 1\n")
+    assert code_version(tmp_path) == head[:12]
+    assert code_version(tmp_path, paths=CODE) == head[:12] + "-dirty"
+    git("add", "-A")
+    git("commit", "-qm", "d")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_version(tmp_path, paths=CODE) == head[:12]
     (tmp_path / "dfpipe" / "m.py").write_text("x = 2\n")
-    assert code_version(tmp_path) == head[:12] + "-dirty"
+    assert code_version(tmp_path) == code_version(tmp_path, paths=CODE) == head[:12] + "-dirty"
 
 
 
@@ -670,9 +680,9 @@ def test_cells_record_the_code_their_process_started_with(monkeypatch):
 
     benchmark.process_code_version.cache_clear()
     try:
-        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "aaaaaaaaaaaa")
-        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
-        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda paths: "aaaaaaaaaaaa" if "dfbench" in paths else "")
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"  # the benchmark's package counts too
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda paths: "bbbbbbbbbbbb")  # HEAD moved
         assert benchmark.process_code_version() == "aaaaaaaaaaaa"
     finally:
         benchmark.process_code_version.cache_clear()
