@@ -920,6 +920,23 @@ def test_the_loso_table_has_a_column_per_held_out_source_with_paired_intervals(t
     assert lines.count("### trained on b + c") == 1  # the per-set blocks stay
 
 
+def test_a_held_out_column_is_the_mean_of_the_cells_that_left_that_source_out(tmp_path):
+    """The one reading of a leave-one-source-out column (the table's summary, the model card's numbers): the recipe's
+    cells not trained on the source that scored it, averaged over seeds; a cell trained on it (its in-source part)
+    or one that never scored it does not count; none -> nan and 0 seeds."""
+    from dfbench import held_out_means
+
+    cells, _, _, _ = _loso_cells(tmp_path)
+    assert held_out_means(cells, "new", "a") == {"auc": pytest.approx(0.85), "tpr_at_fpr_1e-2": pytest.approx(0.15),
+                                                 "seeds": 2}
+    in_source = {"train_source": "a", "recipe": "new", "seed": 0, "eval": {"a": {"clean": {"auc": 0.0,
+                                                                                          "tpr_at_fpr_1e-2": 0.0}}}}
+    unscored = {**cells[-3], "seed": 2, "eval": {}}  # new on b+c: held a out, but scored nothing
+    assert held_out_means([*cells, in_source, unscored], "new", "a")["auc"] == pytest.approx(0.85)
+    none = held_out_means(cells, "other", "a")
+    assert np.isnan(none["auc"]) and np.isnan(none["tpr_at_fpr_1e-2"]) and none["seeds"] == 0
+
+
 def test_the_loso_table_leaves_unfinished_columns_out_of_the_means(tmp_path):
     cells, spec, _, _ = _loso_cells(tmp_path)
     partial = [c for c in cells if not (c["recipe"] == "new" and c["train_source"] == "a+b")]
