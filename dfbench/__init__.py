@@ -47,4 +47,3 @@ from .tables import (cell_metrics, grid_table, held_out_means, loso_summary, pai
                      write_grid)
 from .queue import (ACTIVE, CellParams, EXP_JOIN, PROJECT, STAGE_OUTPUTS, dvc, exp_name, queue_grid, queue_status,
                     run_cell_stage, run_past_daemons, wait_for_queue)
-from .readme import (BLOCK, readme_blocks, section_table, sync_readme)

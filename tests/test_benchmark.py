@@ -588,7 +588,7 @@ def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's tables
 def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
-    from dfbench.readme import readme_blocks, sync_readme
+    from dfpipe.docs import blocks as readme_blocks, sync as sync_readme
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "table.md").write_text("intro\n\n### summary (ROC AUC, mean of seeds)\n\n| a | b |\n|---|---|\n"
@@ -609,7 +609,7 @@ def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
 
 def test_the_readmes_benchmark_tables_are_the_grids():
     """Every benchmark number the README shows in a table comes from a grid's table.md, as committed."""
-    from dfbench.readme import readme_blocks, sync_readme
+    from dfpipe.docs import blocks as readme_blocks, sync as sync_readme
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme_blocks(readme)) >= 1
