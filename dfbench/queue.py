@@ -28,11 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
-                        run_cell, run_grid, run_robustness, training_set, training_sets)
 from dfpipe.config import from_dict
 from dfpipe.errors import ConfigError, InputError, UnknownNameError
 from dfpipe.io import write_json
+
+from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config, run_cell,
+               run_grid, run_robustness, training_set, training_sets)
+
+from .cells import CODE
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def _check_tree(repo: Path, grid_rel: str) -> None:
     if not _git(["ls-files", "--", grid_rel], repo).strip():
         raise InputError(f"{grid_rel} is not tracked by git: queued experiments see only tracked files; "
                          f"git add {grid_rel}")
-    untracked = [f for f in _git(["ls-files", "--others", "--exclude-standard", "--", "dfpipe", "bench", "params.yaml"],
+    untracked = [f for f in _git(["ls-files", "--others", "--exclude-standard", "--", *CODE, "bench", "params.yaml"],
                                  repo).split() if f not in STAGE_OUTPUTS]
     if untracked:
         raise InputError(f"untracked file(s) a queued experiment would not see: {untracked[:10]}"

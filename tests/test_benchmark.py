@@ -317,6 +317,11 @@ def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
     (tmp_path / "dfpipe" / "new.py").write_text("")
     with pytest.raises(InputError, match=r"untracked file\(s\).*dfpipe/new.py.*git add"):
         _check_tree(tmp_path, "grid.yaml")
+    git("add", "dfpipe")
+    (tmp_path / "dfbench").mkdir()  # the benchmark's own package: a queued cell imports it from the copy too
+    (tmp_path / "dfbench" / "new.py").write_text("")
+    with pytest.raises(InputError, match=r"untracked file\(s\).*dfbench/new.py.*git add"):
+        _check_tree(tmp_path, "grid.yaml")
 
 
 def test_the_script_keeps_its_former_interface(monkeypatch):
