@@ -19,6 +19,7 @@ from dfpipe.config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertCo
 from dfpipe.ensemble_predict.provenance import code_version
 from dfpipe.io import write_csv, write_json
 from dfpipe.layout import Layout
+
 from .grid import GridSpec, Source, TrainingSet, groups_of, recipe_config, train_parts
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import yaml
 
 from dfpipe.config import (ExpertConfig, from_dict)
 from dfpipe.errors import ConfigError, UnknownNameError
+
 from .sources import (GROUPINGS, PAIRS_FILE, Source, cap_train, groups_of, identity_group,  # noqa: F401 (re-exported)
                       load_source, pair_groups, source_groups, split_groups)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dfpipe.errors import InputError
 from dfpipe.io import write_json
+
 from .cells import (cell_dir, cell_layout, eval_sets, finished_cell, prepare_source, read_json, run_cell,
                     select_and_evaluate, stage_config)
 from .grid import (GridSpec, RobustnessSpec, Source, TrainingSet, ensemble_cells, grid_cells, grid_recipes, row_predict,

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dfpipe.io import atomic_open, write_json
+
 from .grid import GridSpec, held_out_source, is_combined, set_parts, training_sets
 from .paired import paired_auc_diff, paired_seed_deltas  # noqa: F401 (paired_auc_diff: re-exported)
 
