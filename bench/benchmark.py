@@ -21,9 +21,11 @@ as bench/grid.yaml (its single-source cells are read for the "alone" comparison,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from dfpipe import harness  # its import sets the offline env vars (dfpipe.OFFLINE_ENV)
+from dfpipe.errors import ConfigError
 
 COMMANDS = ("queue", "run", "cell", "table", "readme")
 
@@ -56,7 +58,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_dfbench() -> None:
+    """The benchmark lives in dfbench/ beside dfpipe/: an editable install made before that exposes dfpipe only
+    (this script's folder, not the repository root, is on sys.path). Say the fix instead of a traceback."""
+    if importlib.util.find_spec("dfbench") is None:
+        raise ConfigError("dfbench: not importable (the installed dfpipe predates the benchmark package beside it): "
+                          "run make setup, which reinstalls when pyproject.toml changes, or set PYTHONPATH=.")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command != "readme":  # readme needs dfpipe.docs only
+        check_dfbench()
     if args.command == "readme":
         from dfpipe.docs import sync, sync_all
 

@@ -341,6 +341,21 @@ def test_the_script_keeps_its_former_interface(monkeypatch):
     assert calls == [("w", "o", ["npr"], True), ("w2", "reports/benchmark", None, False)]
 
 
+def test_the_script_says_the_fix_when_an_old_install_cannot_import_dfbench(monkeypatch, caplog, tmp_path):
+    """An editable install made before dfbench/ existed maps dfpipe only: one line naming make setup, exit 2."""
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("bench_benchmark", "bench/benchmark.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dfbench" else find(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["table", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "dfbench: not importable" in caplog.text and "make setup" in caplog.text
+
+
 # ----------------------------------------------------------------------------- training on several sources at once
 def _grid_file(tmp_path, body: str) -> Path:
     path = tmp_path / "grid.yaml"
