@@ -22,7 +22,7 @@ LAYERS = [
                 "dfpipe.ensemble_predict"}),
     ("evaluation", {"dfpipe.evaluate"}),  # stage 6 scores through stage 5's one scoring path
     ("clients", {"dfpipe.serve", "dfpipe.cli", "dfpipe.demo", "dfpipe.report", "dfpipe.docs"}),
-    ("benchmark", {"dfbench"}),  # a client package of its own (it reads dfpipe.docs' blocks: above the clients)
+    ("benchmark", {"dfbench"}),  # a client package of its own, on top: no dfpipe module may import it
 ]
 
 
