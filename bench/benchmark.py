@@ -9,7 +9,7 @@ Subcommands (docs/benchmark.md):
          (python -m dfpipe.docs, make docs; --check: only list stale ones)
 
 All write ``<out>/grid.json`` and ``<out>/table.md``; finished cells are kept under ``--work`` and reused, so an
-interrupted run resumes whichever way it ran. See dfpipe/benchmark/ for the protocol and bench/grid.yaml for
+interrupted run resumes whichever way it ran. See dfbench/ for the protocol and bench/grid.yaml for
 the grid.
 
 A grid's ``train_on`` trains on several sources at once (``a+b``: one cell per pair, scored in-source on each
@@ -21,9 +21,11 @@ as bench/grid.yaml (its single-source cells are read for the "alone" comparison,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from dfpipe import harness  # its import sets the offline env vars (dfpipe.OFFLINE_ENV)
+from dfpipe.errors import ConfigError
 
 COMMANDS = ("queue", "run", "cell", "table", "readme")
 
@@ -56,7 +58,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_dfbench() -> None:
+    """The benchmark lives in dfbench/ beside dfpipe/: an editable install made before that exposes dfpipe only
+    (this script's folder, not the repository root, is on sys.path). Say the fix instead of a traceback."""
+    if importlib.util.find_spec("dfbench") is None:
+        raise ConfigError("dfbench: not importable (the installed dfpipe predates the benchmark package beside it): "
+                          "run make setup, which reinstalls when pyproject.toml changes, or set PYTHONPATH=.")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command != "readme":  # readme needs dfpipe.docs only
+        check_dfbench()
     if args.command == "readme":
         from dfpipe.docs import sync, sync_all
 
@@ -69,17 +81,17 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("; ".join(f"{page}: {len(s)} block(s) differ from reports/: {'; '.join(s)}"
                                        for page, s in stale.items()) + " (bench/benchmark.py readme rewrites them)")
     elif args.command == "cell":
-        from dfpipe.benchmark.queue import run_cell_stage
+        from dfbench.queue import run_cell_stage
 
         run_cell_stage(args.params, args.metrics)
     elif args.command == "queue":
-        from dfpipe.benchmark.queue import queue_grid
+        from dfbench.queue import queue_grid
 
         res = queue_grid(args.grid, args.work, args.out, args.recipes, poll_s=args.poll)
         if res["failed"]:
             raise SystemExit(f"{len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}")
     else:
-        from dfpipe.benchmark import load_grid, run_grid
+        from dfbench import load_grid, run_grid
 
         run_grid(load_grid(args.grid), args.work, args.out, args.recipes, train=args.command == "run")
 

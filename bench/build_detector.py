@@ -45,17 +45,14 @@ def loso_rows(grid_json: Path, recipe: str, baseline: str) -> list[dict]:
     """Per held-out source: the recipe's and the baseline's AUC and TPR@1e-2 (mean over seeds, seeds listed)."""
     if not grid_json.is_file():
         return []
+    from dfbench import held_out_means  # the table's own leave-one-source-out columns
+
     grid = json.loads(grid_json.read_text())
-    sources = grid["spec"]["sources"]
     rows = []
-    for held in sources:
+    for held in grid["spec"]["sources"]:
         row = {"held_out": held}
-        for name in (recipe, baseline):
-            cells = [c for c in grid["cells"] if c["recipe"] == name and held not in c["train_source"].split("+")]
-            aucs = [c["eval"][held]["clean"]["auc"] for c in cells if held in c["eval"]]
-            tprs = [c["eval"][held]["clean"]["tpr_at_fpr_1e-2"] for c in cells if held in c["eval"]]
-            row[name] = {"auc": float(np.mean(aucs)) if aucs else None, "seeds": len(aucs),
-                         "tpr_at_fpr_1e-2": float(np.mean(tprs)) if tprs else None}
+        for name in (recipe, baseline):  # None, not nan: a dash in the card and valid JSON in the report
+            row[name] = {k: None if np.isnan(v) else v for k, v in held_out_means(grid["cells"], name, held).items()}
         rows.append(row)
     return rows
 
@@ -150,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 def build(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from dfpipe.benchmark import TrainingSet, load_grid, load_sources, recipe_config, run_cell
-    from dfpipe.benchmark.cells import cell_dir, cell_layout
+    from dfbench import TrainingSet, load_grid, load_sources, recipe_config, run_cell
+    from dfbench.cells import cell_dir, cell_layout
     from dfpipe.errors import ConfigError
 
     spec = load_grid(args.grid)

@@ -1,5 +1,7 @@
-"""The package's shape: imports only run down the layers, no import cycle (lazy imports inside functions count),
-no private name imported across modules, no module over 450 lines."""
+"""The packages' shape: imports only run down the layers, no import cycle (lazy imports inside functions count),
+no private name imported across modules, no module over 450 lines. Two packages: the pipeline ``dfpipe`` and the
+development benchmark ``dfbench``, a client of it (issue 26): dfbench may import dfpipe's public names, dfpipe never
+imports dfbench."""
 
 import ast
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dfpipe"
+CLIENT = REPO / "dfbench"  # the benchmark: outside dfpipe, above every layer of it
 MAX_LINES = 450
 # Lowest first: a module may import from its own layer's package and from the layers below it, never above.
 LAYERS = [
@@ -18,7 +21,8 @@ LAYERS = [
     ("stages", {"dfpipe.prepare_data", "dfpipe.augment_sd", "dfpipe.cluster_split", "dfpipe.train_experts",
                 "dfpipe.ensemble_predict"}),
     ("evaluation", {"dfpipe.evaluate"}),  # stage 6 scores through stage 5's one scoring path
-    ("clients", {"dfpipe.benchmark", "dfpipe.serve", "dfpipe.cli", "dfpipe.demo", "dfpipe.report", "dfpipe.docs"}),
+    ("clients", {"dfpipe.serve", "dfpipe.cli", "dfpipe.demo", "dfpipe.report", "dfpipe.docs"}),
+    ("benchmark", {"dfbench"}),  # a client package of its own, on top: no dfpipe module may import it
 ]
 
 
@@ -27,15 +31,18 @@ def _name(path: Path) -> str:
     return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
 
 
-MODULES = {_name(p): p for p in PACKAGE.rglob("*.py")}
+MODULES = {_name(p): p for package in (PACKAGE, CLIENT) for p in package.rglob("*.py")}
 
 
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(module, imported names) of every import anywhere in the file, relative ones resolved."""
-    here, is_pkg = _name(path), path.name == "__init__.py"
+def _imports(path: Path, here: str | None = None) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import anywhere in the file, relative ones resolved (``here``: the module's
+    name, by default from its path), ``importlib.import_module("x")`` / ``__import__("x")`` with a literal name too."""
+    here, is_pkg = here or _name(path), path.name == "__init__.py"
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and _dynamic_import(node):
+            out.append((node.args[0].value, []))
+        elif isinstance(node, ast.Import):
             out += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -46,8 +53,16 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _dynamic_import(call: ast.Call) -> bool:
+    """``import_module("x")``, ``importlib.import_module("x")`` or ``__import__("x")`` with a literal module name."""
+    f = call.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    return (name in ("import_module", "__import__") and bool(call.args) and isinstance(call.args[0], ast.Constant)
+            and isinstance(call.args[0].value, str))
+
+
 def _edges(name: str) -> set[str]:
-    """dfpipe modules ``name`` imports (a submodule importing its own parent package is not an edge)."""
+    """dfpipe and dfbench modules ``name`` imports (a submodule importing its own parent package is not an edge)."""
     out = set()
     for base, names in _imports(MODULES[name]):
         for m in [base, *(f"{base}.{n}" for n in names)]:
@@ -98,7 +113,8 @@ def test_imports_only_run_down_the_layers_and_stages_do_not_import_each_other():
 
 def test_no_private_name_is_imported_across_modules():
     bad = [f"{m}: from {base} import {n}" for m, p in MODULES.items() for base, names in _imports(p)
-           for n in names if base.startswith("dfpipe") and n.startswith("_") and not n.startswith("__")]
+           for n in names if base.split(".")[0] in ("dfpipe", "dfbench") and n.startswith("_")
+           and not n.startswith("__")]
     assert not bad, bad
 
 
@@ -106,3 +122,33 @@ def test_no_private_name_is_imported_across_modules():
 def test_no_module_is_over_the_line_limit(module):
     n = len(MODULES[module].read_text().splitlines())
     assert n <= MAX_LINES, f"{MODULES[module].relative_to(REPO)}: {n} lines (split it by concern)"
+
+
+def _imports_of_dfbench(path: Path, here: str | None = None) -> list[str]:
+    return [f"{base} ({', '.join(names)})" if names else base for base, names in _imports(path, here)
+            if base == "dfbench" or base.startswith("dfbench.")]
+
+
+def test_the_pipeline_never_imports_the_benchmark():
+    """dfbench is a client of dfpipe: no dfpipe module imports it, at the top or lazily inside a function."""
+    bad = {m: found for m, p in MODULES.items() if m.split(".")[0] == "dfpipe" and (found := _imports_of_dfbench(p))}
+    assert not bad, f"dfpipe imports the benchmark (a client of it; move the code the other way): {bad}"
+
+
+def test_the_import_scan_sees_lazy_and_dynamic_imports_of_the_benchmark(tmp_path):
+    """The check above is not blind: each way a module can import dfbench is found."""
+    f = tmp_path / "mod.py"
+    f.write_text("import importlib\n\ndef f():\n    from dfbench import grid\n    import dfbench.tables\n"
+                 "    importlib.import_module('dfbench.queue')\n    return __import__('dfbench')\n\n"
+                 "from . import sibling\n")
+    assert sorted(_imports_of_dfbench(f, "dfpipe.x.mod")) == ["dfbench", "dfbench (grid)", "dfbench.queue",
+                                                              "dfbench.tables"]
+
+
+def test_no_benchmark_code_is_left_in_the_pipeline_package():
+    """Issue 26's target (the benchmark's code in dfpipe under 600 lines), met by moving it out whole: dfpipe has no
+    benchmark module (lines: 0) and the benchmark lives in dfbench."""
+    inside = [m for m in MODULES if m.split(".")[0] == "dfpipe" and "benchmark" in m]
+    lines = sum(len(MODULES[m].read_text().splitlines()) for m in inside)
+    assert not inside, f"benchmark modules inside dfpipe ({lines} lines): {inside}; they belong in dfbench/"
+    assert {"dfbench", "dfbench.grid", "dfbench.cells", "dfbench.runs", "dfbench.tables", "dfbench.queue"} <= set(MODULES)

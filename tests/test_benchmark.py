@@ -1,4 +1,4 @@
-"""The development benchmark's protocol (dfpipe.benchmark): held-out parts, identities, the table."""
+"""The development benchmark's protocol (dfbench): held-out parts, identities, the table."""
 
 import dataclasses
 import os
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from dfpipe.benchmark import (GridSpec, grid_table, identity_group, load_grid, load_source, paired_auc_diff,
+from dfbench import (GridSpec, grid_table, identity_group, load_grid, load_source, paired_auc_diff,
                               recipe_config, split_groups)
 from dfpipe.config import ConfigError
 from dfpipe.errors import InputError
@@ -78,7 +78,7 @@ def test_recipe_gets_the_grids_budget_and_seed_and_typos_are_refused(tmp_path):
 
 
 def test_recipe_epochs_gives_one_recipe_its_own_budget_and_the_table_says_so(tmp_path):
-    from dfpipe.benchmark.tables import grid_table
+    from dfbench.tables import grid_table
 
     spec = GridSpec(epochs=2, baseline="a", recipe_epochs={"long": 7}, recipes={"a": {"img_size": 96}, "long": {"img_size": 96}})
     assert recipe_config(spec, "a", 0).epochs == 2 and recipe_config(spec, "long", 0).epochs == 7
@@ -98,7 +98,7 @@ def test_a_cells_key_follows_the_stage1_settings():
     """A cell trained on another stage 1 (max_side, store format) is a new cell, never a reused one."""
     from dataclasses import replace
 
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     ecfg = recipe_config(spec, "a", 0)
@@ -112,7 +112,7 @@ def test_a_setting_added_later_keeps_finished_cells_only_at_its_off_value(monkey
     """KEY_OMIT_AT: a new switch left off keeps every cached cell's key; switched on, it is a new cell."""
     from dataclasses import replace
 
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     ecfg = recipe_config(spec, "a", 0)
@@ -176,8 +176,8 @@ def test_a_finished_cell_is_reused_with_its_scores_path_as_seen_from_here(tmp_pa
     """A cell made by a run started elsewhere stored a scores path relative to that folder: reuse fixes it."""
     import json
 
-    from dfpipe import benchmark
-    from dfpipe.benchmark import Source, run_cell
+    import dfbench as benchmark
+    from dfbench import Source, run_cell
 
     spec = GridSpec(recipes={"a": {"img_size": 96}})
     src = Source("s", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path)
@@ -192,7 +192,7 @@ def test_a_finished_cell_is_reused_with_its_scores_path_as_seen_from_here(tmp_pa
 def test_robustness_settings_are_checked_when_the_grid_loads_and_leave_cell_keys_alone(tmp_path):
     from dataclasses import replace
 
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("recipes: {a: {img_size: 96}}\nrobustness: {degradations: [jpeg75, half], recipes: [a]}\n")
@@ -228,7 +228,7 @@ def test_ensemble_rows_are_checked_when_the_grid_loads(tmp_path, ensembles, erro
 
 def test_a_one_member_row_with_its_own_stage5_settings_loads_and_gets_them(tmp_path):
     """ensemble_predict_of: a row that re-scores one recipe's cells another way (its TTA on top of the grid's)."""
-    from dfpipe.benchmark.grid import row_predict
+    from dfbench.grid import row_predict
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"baseline": "base", "recipes": {"base": {}}, "ensembles": {"base_crops": ["base"]},
@@ -240,7 +240,7 @@ def test_a_one_member_row_with_its_own_stage5_settings_loads_and_gets_them(tmp_p
 
 
 def test_cell_metrics_are_flat_numbers_per_set():
-    from dfpipe.benchmark import cell_metrics
+    from dfbench import cell_metrics
 
     ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.1}} for s, a in (("src", 0.9), ("x", 0.6), ("y", 0.7))}
     result = {"train_source": "src", "eval": {**ev, "mean": {}}, "train_seconds": 12.0}
@@ -258,7 +258,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
     runs from the repo root of its (temp) copy with that copy's package first on the path."""
     import yaml
 
-    from dfpipe.benchmark.queue import CellParams
+    from dfbench.queue import CellParams
 
     fields = [f.name for f in dataclasses.fields(CellParams)]
     params = yaml.safe_load(open("bench/grid/params.yaml"))
@@ -273,7 +273,7 @@ def test_the_cell_stage_declares_exactly_the_params_it_reads():
 def test_queue_status_is_read_by_column(monkeypatch):
     from types import SimpleNamespace
 
-    from dfpipe.benchmark import queue as benchmark_dvc
+    from dfbench import queue as benchmark_dvc
 
     text = ("Task     Name                      Created       Status\n"
             "9945a13  demo-base-s0-666e98ed     09:26 AM      Success\n"
@@ -292,7 +292,7 @@ def test_queue_status_is_read_by_column(monkeypatch):
 def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
     import subprocess
 
-    from dfpipe.benchmark.queue import _check_tree
+    from dfbench.queue import _check_tree
     from dfpipe.errors import InputError
 
     def git(*args):
@@ -317,13 +317,18 @@ def test_queueing_refuses_what_a_queued_run_would_not_see(tmp_path):
     (tmp_path / "dfpipe" / "new.py").write_text("")
     with pytest.raises(InputError, match=r"untracked file\(s\).*dfpipe/new.py.*git add"):
         _check_tree(tmp_path, "grid.yaml")
+    git("add", "dfpipe")
+    (tmp_path / "dfbench").mkdir()  # the benchmark's own package: a queued cell imports it from the copy too
+    (tmp_path / "dfbench" / "new.py").write_text("")
+    with pytest.raises(InputError, match=r"untracked file\(s\).*dfbench/new.py.*git add"):
+        _check_tree(tmp_path, "grid.yaml")
 
 
 def test_the_script_keeps_its_former_interface(monkeypatch):
     """`bench/benchmark.py --grid ...` (no subcommand) still runs the grid in-process; `table` trains nothing."""
     import importlib.util
 
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     calls = []
     monkeypatch.setattr(benchmark, "run_grid", lambda spec, work, out, recipes, train: calls.append(
@@ -336,6 +341,21 @@ def test_the_script_keeps_its_former_interface(monkeypatch):
     assert calls == [("w", "o", ["npr"], True), ("w2", "reports/benchmark", None, False)]
 
 
+def test_the_script_says_the_fix_when_an_old_install_cannot_import_dfbench(monkeypatch, caplog, tmp_path):
+    """An editable install made before dfbench/ existed maps dfpipe only: one line naming make setup, exit 2."""
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("bench_benchmark", "bench/benchmark.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dfbench" else find(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["table", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "dfbench: not importable" in caplog.text and "make setup" in caplog.text
+
+
 # ----------------------------------------------------------------------------- training on several sources at once
 def _grid_file(tmp_path, body: str) -> Path:
     path = tmp_path / "grid.yaml"
@@ -344,7 +364,7 @@ def _grid_file(tmp_path, body: str) -> Path:
 
 
 def test_train_on_defaults_to_each_source_alone_and_takes_combined_sets(tmp_path):
-    from dfpipe.benchmark import grid_cells, set_parts, training_sets
+    from dfbench import grid_cells, set_parts, training_sets
 
     spec = load_grid(_grid_file(tmp_path, ""))
     assert spec.train_on == [] and training_sets(spec) == ["a", "b", "c"]
@@ -380,7 +400,7 @@ def test_single_source_cells_keep_their_keys_and_folders():
     them makes every cached cell train again: the keys moved once, when the stage sections lost their paths):
     train_on is no part of a key, a grid listing its sources in train_on has the same cells, and the pairs grid
     (same settings) has the same keys, in folders of its own."""
-    from dfpipe.benchmark import cell_dir, grid_cells
+    from dfbench import cell_dir, grid_cells
 
     spec = load_grid("bench/grid.yaml")
     assert str(cell_dir(spec, "baseline", 0, "yonsei_faces", "w")) == "w/yonsei_faces/baseline_s0_17a18390"
@@ -399,7 +419,7 @@ def test_single_source_cells_keep_their_keys_and_folders():
 
 def test_the_pairs_grid_is_the_main_grid_on_pairs():
     """bench/grid_pairs.yaml: bench/grid.yaml's settings and recipe definitions, one pair per held-out source."""
-    from dfpipe.benchmark import set_parts
+    from dfbench import set_parts
 
     main, pairs = load_grid("bench/grid.yaml"), load_grid("bench/grid_pairs.yaml")
     same = {f.name for f in dataclasses.fields(main)} - {"train_on", "recipes", "ensembles"}
@@ -413,7 +433,7 @@ def test_the_split_grids_share_settings_recipes_and_cells():
     """make benchmark's core (bench/grid.yaml, bench/grid_pairs.yaml) and make benchmark-all's other rows
     (bench/grid_more.yaml, bench/grid_pairs_more.yaml) are one grid cut in four: the same settings, one definition per
     recipe name, so a cell (the baseline's above all) is trained once and read by every grid that lists it."""
-    from dfpipe.benchmark import cell_key
+    from dfbench import cell_key
 
     names = ("grid", "grid_more", "grid_pairs", "grid_pairs_more")
     grids = {n: load_grid(f"bench/{n}.yaml") for n in names}
@@ -434,7 +454,7 @@ def test_the_split_grids_share_settings_recipes_and_cells():
 
 def _source(root, name, n_train, n_held):
     """A Source with ``n_train`` / ``n_held`` labelled names (no files: eval_sets only writes label CSVs)."""
-    from dfpipe.benchmark import Source
+    from dfbench import Source
 
     def part(kind, n):
         return pd.DataFrame({"img_name": [f"{kind}/{i}.jpg" for i in range(n)], "label": [i % 2 for i in range(n)]})
@@ -445,7 +465,7 @@ def _source(root, name, n_train, n_held):
 
 
 def test_a_combined_cells_eval_sets_are_both_held_out_parts_and_the_thirds_cross_part(tmp_path):
-    from dfpipe.benchmark import eval_sets, training_set
+    from dfbench import eval_sets, training_set
 
     sources = {n: _source(tmp_path, n, 6, 4) for n in ("a", "b", "c")}
     ts = training_set("b+a", sources)
@@ -461,7 +481,7 @@ def test_a_combined_cells_eval_sets_are_both_held_out_parts_and_the_thirds_cross
 
 
 def test_combined_cell_metrics_average_the_in_source_sets():
-    from dfpipe.benchmark import cell_metrics
+    from dfbench import cell_metrics
 
     ev = {s: {"clean": {"auc": a, "tpr_at_fpr_1e-2": 0.1}} for s, a in (("a", 0.9), ("b", 0.8), ("c", 0.6))}
     m = cell_metrics({"train_source": "a+b", "eval": {**ev, "mean": {}}})
@@ -525,7 +545,7 @@ def test_the_alone_reference_reads_finished_single_source_cells_scored_on_every_
     a cell not scored on every source of this grid, or not finished, is left out; nothing is trained."""
     import json
 
-    from dfpipe.benchmark import cell_dir, single_source_reference
+    from dfbench import cell_dir, single_source_reference
 
     spec = GridSpec(sources=["a", "b", "c"], train_on=["a+b"], seeds=[0, 1], baseline="r",
                     recipes={"r": {"img_size": 96}})
@@ -561,8 +581,8 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
     """`a+b` is `a_and_b` in the name (single-source names unchanged); git (hence DVC) accepts every name as a ref."""
     import subprocess
 
-    from dfpipe.benchmark import cell_key, grid_cells
-    from dfpipe.benchmark.queue import exp_name
+    from dfbench import cell_key, grid_cells
+    from dfbench.queue import exp_name
 
     spec = load_grid("bench/grid.yaml")
     assert exp_name(spec, "baseline", 0, "yonsei_faces") == "yonsei_faces-baseline-s0-17a18390"
@@ -576,7 +596,7 @@ def test_exp_names_of_combined_sets_are_valid_dvc_experiment_names():
 
 
 def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
-    from dfpipe.benchmark.queue import run_cell_stage
+    from dfbench.queue import run_cell_stage
     from dfpipe.errors import UnknownNameError
 
     params = tmp_path / "params.yaml"
@@ -588,7 +608,7 @@ def test_the_cell_stage_takes_a_combined_set_and_refuses_unknown_ones(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's tables
 def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
-    from dfpipe.benchmark.readme import readme_blocks, sync_readme
+    from dfpipe.docs import blocks as readme_blocks, sync as sync_readme
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "table.md").write_text("intro\n\n### summary (ROC AUC, mean of seeds)\n\n| a | b |\n|---|---|\n"
@@ -609,7 +629,7 @@ def test_readme_blocks_are_rewritten_from_their_table_files(tmp_path):
 
 def test_the_readmes_benchmark_tables_are_the_grids():
     """Every benchmark number the README shows in a table comes from a grid's table.md, as committed."""
-    from dfpipe.benchmark.readme import readme_blocks, sync_readme
+    from dfpipe.docs import blocks as readme_blocks, sync as sync_readme
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme_blocks(readme)) >= 1
@@ -623,7 +643,7 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
     import os
     import signal
 
-    from dfpipe.benchmark.queue import run_past_daemons
+    from dfbench.queue import run_past_daemons
 
     script = f"sleep 600 & echo $! > {tmp_path / 'pid'}; echo started; echo to-stderr >&2"
     res = run_past_daemons(["sh", "-c", script], tmp_path)
@@ -636,11 +656,13 @@ def test_starting_the_queue_worker_returns_while_its_daemon_runs(tmp_path):
 
 
 def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
-    """What every new cell records as the code that trained it: the commit, -dirty when dfpipe/ differs from it
-    (changes elsewhere do not count), unknown outside git."""
+    """What every new cell records as the code that trained it: the commit, -dirty when dfpipe/ or the benchmark's
+    dfbench/ differs from it (changes elsewhere do not count; the ensemble card's version looks at dfpipe/ only),
+    unknown outside git."""
     import subprocess
 
-    from dfpipe.benchmark import code_version
+    from dfbench import code_version
+    from dfbench.cells import CODE
 
     assert code_version(tmp_path) == "unknown"
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
@@ -658,21 +680,29 @@ def test_code_version_names_the_commit_and_a_dirty_package(tmp_path):
     assert code_version(tmp_path) == head[:12]
     (tmp_path / "README").write_text("elsewhere\n")
     assert code_version(tmp_path) == head[:12]
+    (tmp_path / "dfbench").mkdir()  # the benchmark's own package: dirty for the cells, not for the pipeline's card
+    (tmp_path / "dfbench" / "m.py").write_text("y = 1\n")
+    assert code_version(tmp_path) == head[:12]
+    assert code_version(tmp_path, paths=CODE) == head[:12] + "-dirty"
+    git("add", "-A")
+    git("commit", "-qm", "d")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_version(tmp_path, paths=CODE) == head[:12]
     (tmp_path / "dfpipe" / "m.py").write_text("x = 2\n")
-    assert code_version(tmp_path) == head[:12] + "-dirty"
+    assert code_version(tmp_path) == code_version(tmp_path, paths=CODE) == head[:12] + "-dirty"
 
 
 
 def test_cells_record_the_code_their_process_started_with(monkeypatch):
     """A commit while a long in-process grid runs moves HEAD, not the code in memory: every cell the process trains
     records the version it saw first."""
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     benchmark.process_code_version.cache_clear()
     try:
-        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "aaaaaaaaaaaa")
-        assert benchmark.process_code_version() == "aaaaaaaaaaaa"
-        monkeypatch.setattr(benchmark.cells, "code_version", lambda: "bbbbbbbbbbbb")  # HEAD moved
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda paths: "aaaaaaaaaaaa" if "dfbench" in paths else "")
+        assert benchmark.process_code_version() == "aaaaaaaaaaaa"  # the benchmark's package counts too
+        monkeypatch.setattr(benchmark.cells, "code_version", lambda paths: "bbbbbbbbbbbb")  # HEAD moved
         assert benchmark.process_code_version() == "aaaaaaaaaaaa"
     finally:
         benchmark.process_code_version.cache_clear()
@@ -684,7 +714,7 @@ def test_the_benchmark_moves_every_catalog_output_into_its_work_folder(tmp_path,
     output a stage adds to the catalog (parametrised over all of them: a new one is covered with no edit) lands in
     the training set's folder (stages 1-3) or the cell's (4-6), never in the repository's own data/, and inputs
     point at the grid's sources."""
-    from dfpipe.benchmark import CELL_STAGES, SOURCE_STAGES, cell_layout, source_layout
+    from dfbench import CELL_STAGES, SOURCE_STAGES, cell_layout, source_layout
 
     spec = GridSpec(data_root=str(tmp_path / "shared"))
     work, cell = tmp_path / "work", tmp_path / "work" / "src" / "r_s0_key"
@@ -715,7 +745,7 @@ def _paired_folder(root, n_pairs, extra_fakes=()):
 def test_a_fake_and_its_real_are_never_on_two_sides_of_the_split(tmp_path):
     """dfdc_faces: grouped by pairs.csv (a real with two fakes is one group of three); the split holds out 30% of the
     pairs whole, deterministically; a file in no pair is a group of its own."""
-    from dfpipe.benchmark import pair_groups
+    from dfbench import pair_groups
 
     root = _paired_folder(tmp_path / "dfdc", 20, extra_fakes=[(20, 0)])
     _img(root / "real" / "lonely.jpg")
@@ -749,7 +779,7 @@ def test_a_bad_pairs_file_is_refused_naming_it(tmp_path, body, msg):
 
 def test_each_folder_sources_grouping_rule():
     """No pairs.csv: the genphotos rule by name (other names alone); the competition layout: each image alone."""
-    from dfpipe.benchmark import GROUPINGS, source_groups
+    from dfbench import GROUPINGS, source_groups
 
     items = pd.DataFrame({"img_name": ["real/001_03.jpg", "real/001_08.jpg", "fake/coco_00001.jpg"], "label": [0, 0, 1]})
     rule, groups = source_groups(Path("/nonexistent"), items)
@@ -773,7 +803,7 @@ def test_the_split_holds_out_each_stratum_and_leaves_one_class_groups_as_before(
 
 
 def test_the_cap_keeps_whole_groups_class_balanced_and_is_seeded():
-    from dfpipe.benchmark import cap_train
+    from dfbench import cap_train
 
     pairs = pd.DataFrame({"img_name": [f"{c}/p{i}.jpg" for i in range(50) for c in ("real", "fake")],
                           "label": [0, 1] * 50, "group": [f"pair/{i}" for i in range(50) for _ in range(2)]})
@@ -793,7 +823,7 @@ def test_the_cap_keeps_whole_groups_class_balanced_and_is_seeded():
 
 
 def test_the_cap_applies_to_training_parts_only_and_is_in_the_key_only_when_set(tmp_path):
-    from dfpipe.benchmark import cell_key, load_sources, shared_settings
+    from dfbench import cell_key, load_sources, shared_settings
 
     _paired_folder(tmp_path / "data" / "dfdc", 40)
     spec = GridSpec(data_root=str(tmp_path / "data"), sources=["dfdc"], recipes={"r": {"img_size": 96}})
@@ -808,7 +838,7 @@ def test_the_cap_applies_to_training_parts_only_and_is_in_the_key_only_when_set(
 
 
 def test_the_eval_cap_draws_the_same_balanced_scored_parts_for_every_recipe_and_keys_cells_only(tmp_path):
-    from dfpipe.benchmark import cell_key, load_sources, shared_settings
+    from dfbench import cell_key, load_sources, shared_settings
 
     _paired_folder(tmp_path / "data" / "dfdc", 40)
     spec = GridSpec(data_root=str(tmp_path / "data"), sources=["dfdc"], recipes={"r": {"img_size": 96}, "q": {}})
@@ -844,7 +874,7 @@ def test_a_leave_one_out_grid_must_hold_out_each_source_once(tmp_path, body, msg
 
 
 def test_the_loso_grid_holds_out_each_of_the_five_sources_with_the_main_baseline():
-    from dfpipe.benchmark import held_out_source
+    from dfbench import held_out_source
 
     loso, main = load_grid("bench/grid_loso.yaml"), load_grid("bench/grid.yaml")
     assert set(loso.sources) == {"yonsei_faces", "stylegan3_utk", "genphotos_frll", "dfdc_faces", "sd14_coco"}
@@ -879,7 +909,7 @@ def _loso_cells(tmp_path):
 
 
 def test_the_loso_table_has_a_column_per_held_out_source_with_paired_intervals(tmp_path):
-    from dfpipe.benchmark import paired_auc_diff, paired_seed_deltas
+    from dfbench import paired_auc_diff, paired_seed_deltas
 
     cells, spec, good, bad = _loso_cells(tmp_path)
     lines = grid_table(cells, spec).splitlines()
@@ -910,6 +940,23 @@ def test_the_loso_table_has_a_column_per_held_out_source_with_paired_intervals(t
     assert lines.count("### trained on b + c") == 1  # the per-set blocks stay
 
 
+def test_a_held_out_column_is_the_mean_of_the_cells_that_left_that_source_out(tmp_path):
+    """The one reading of a leave-one-source-out column (the table's summary, the model card's numbers): the recipe's
+    cells not trained on the source that scored it, averaged over seeds; a cell trained on it (its in-source part)
+    or one that never scored it does not count; none -> nan and 0 seeds."""
+    from dfbench import held_out_means
+
+    cells, _, _, _ = _loso_cells(tmp_path)
+    assert held_out_means(cells, "new", "a") == {"auc": pytest.approx(0.85), "tpr_at_fpr_1e-2": pytest.approx(0.15),
+                                                 "seeds": 2}
+    in_source = {"train_source": "a", "recipe": "new", "seed": 0, "eval": {"a": {"clean": {"auc": 0.0,
+                                                                                          "tpr_at_fpr_1e-2": 0.0}}}}
+    unscored = {**cells[-3], "seed": 2, "eval": {}}  # new on b+c: held a out, but scored nothing
+    assert held_out_means([*cells, in_source, unscored], "new", "a")["auc"] == pytest.approx(0.85)
+    none = held_out_means(cells, "other", "a")
+    assert np.isnan(none["auc"]) and np.isnan(none["tpr_at_fpr_1e-2"]) and none["seeds"] == 0
+
+
 def test_the_loso_table_leaves_unfinished_columns_out_of_the_means(tmp_path):
     cells, spec, _, _ = _loso_cells(tmp_path)
     partial = [c for c in cells if not (c["recipe"] == "new" and c["train_source"] == "a+b")]
@@ -922,8 +969,8 @@ def test_the_loso_table_leaves_unfinished_columns_out_of_the_means(tmp_path):
 
 
 def test_without_in_source_eval_cells_score_only_held_out_sources_and_the_loso_table_is_unchanged(tmp_path):
-    from dfpipe.benchmark import cell_key
-    from dfpipe.benchmark.cells import eval_sets
+    from dfbench import cell_key
+    from dfbench.cells import eval_sets
 
     cells, spec, _, _ = _loso_cells(tmp_path)
     full = grid_table(cells, spec).splitlines()
@@ -939,7 +986,7 @@ def test_without_in_source_eval_cells_score_only_held_out_sources_and_the_loso_t
         _paired_folder(tmp_path / "data" / name, 6)
     src_spec = GridSpec(data_root=str(tmp_path / "data"), sources=list("abc"), train_on=["b+c", "a+c", "a+b"],
                         leave_one_out=True, recipes={"r": {}})
-    from dfpipe.benchmark import load_sources, training_set
+    from dfbench import load_sources, training_set
 
     sources = load_sources(src_spec)
     ts = training_set("b+c", sources)
@@ -951,7 +998,7 @@ def test_without_in_source_eval_cells_score_only_held_out_sources_and_the_loso_t
 
 
 def test_groups_across_folds_counts_pairs_that_reach_into_val():
-    from dfpipe.benchmark import Source, groups_across_folds
+    from dfbench import Source, groups_across_folds
 
     train = pd.DataFrame({"img_name": ["real/r0.jpg", "fake/f0.jpg", "real/r1.jpg", "fake/f1.jpg", "real/x.jpg"],
                           "label": [0, 1, 0, 1, 0], "group": ["p0", "p0", "p1", "p1", "real/x.jpg"]})
@@ -968,7 +1015,7 @@ def test_groups_across_folds_counts_pairs_that_reach_into_val():
 def test_reconstruction_fakes_enter_the_cell_key_only_when_on():
     """Stage 2's reconstruct block (added after the cells were first cached) is left out of the key while off
     (per_real 0, whatever its other settings), so cached cells stay valid; switched on, it makes new cells."""
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     spec = load_grid("bench/grid.yaml")
     ecfg = recipe_config(spec, "baseline", 0)

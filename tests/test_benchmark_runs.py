@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dfpipe.benchmark import cell_dir, load_grid, load_sources, run_grid
+from dfbench import cell_dir, load_grid, load_sources, run_grid
 from dfpipe.errors import UnknownNameError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def in_process(tiny, one_torch_thread):
 
 
 def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_process):
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     t, _, grid_path = tiny
     grid, seconds = in_process
@@ -103,7 +103,8 @@ def test_in_process_grid_scores_each_cell_under_the_degradations(tiny, in_proces
 
 
 def test_robustness_is_cached_per_setting_and_never_changes_a_cell(tiny, in_process, monkeypatch):
-    from dfpipe import benchmark, evaluate
+    import dfbench as benchmark
+    from dfpipe import evaluate
 
     t, _, grid_path = tiny
     spec = load_grid(grid_path)
@@ -138,7 +139,8 @@ def test_table_lists_unfinished_cells_and_trains_nothing(tiny, in_process):
 def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_process, monkeypatch):
     """`ensembles:` rows: the members' finished cells (same source, seed) through stage 5 + 6, their best.pt
     linked, not trained again; mean_prob = the mean of the members' scores image by image; cached like a cell."""
-    from dfpipe import benchmark, evaluate
+    import dfbench as benchmark
+    from dfpipe import evaluate
 
     t, _, grid_path = tiny
     raw = yaml.safe_load(grid_path.read_text())
@@ -183,8 +185,8 @@ def test_an_ensemble_row_combines_the_members_cells_without_training(tiny, in_pr
 def test_a_one_member_row_rescores_a_recipes_cells_with_its_own_tta(tiny, in_process):
     """ensemble_predict_of: the row's card records its own TTA (the member's cell keeps the grid's), its scores
     come from that card, and the row's folder key differs from a row with the grid's settings."""
-    from dfpipe import benchmark
-    from dfpipe.benchmark.cells import cell_layout
+    import dfbench as benchmark
+    from dfbench.cells import cell_layout
 
     t, _, grid_path = tiny
     raw = yaml.safe_load(grid_path.read_text())
@@ -213,7 +215,7 @@ def test_an_ensemble_row_gets_a_robustness_pass_when_listed(tiny, in_process):
     """`robustness.recipes` may name an ensemble row: its cell (the linked members' card) is scored again on its
     cross-source set under the degradations, cached in the ensemble's folder; its clean AUC is the row's own;
     rows not listed get no pass; a name that is neither a recipe nor an ensemble fails when the grid loads."""
-    from dfpipe import benchmark
+    import dfbench as benchmark
 
     t, _, grid_path = tiny
     raw = yaml.safe_load(grid_path.read_text())
@@ -252,10 +254,11 @@ def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def _repo_copy(dst: Path, grid: dict) -> None:
-    """What a queued cell needs, committed in a fresh git repo: the package, the entry script, root params and the
-    bench/grid DVC project; the grid file with this test's tiny settings."""
+    """What a queued cell needs, committed in a fresh git repo: the pipeline and the benchmark packages, the entry
+    script, root params and the bench/grid DVC project; the grid file with this test's tiny settings."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "dfpipe", dst / "dfpipe", ignore=ignore)
+    for package in ("dfpipe", "dfbench"):  # the queued run imports both from the copy (PYTHONPATH=.)
+        shutil.copytree(REPO / package, dst / package, ignore=ignore)
     shutil.copytree(REPO / "bench" / "grid", dst / "bench" / "grid", ignore=shutil.ignore_patterns("tmp", "metrics.json"))
     for f in ("bench/benchmark.py", "params.yaml", ".gitignore", "dvc.yaml", "dvc.lock", ".dvcignore", ".dvc/config",
               ".dvc/.gitignore"):  # the root DVC project too: the cell's project sits inside it, as in the repo
@@ -287,7 +290,7 @@ def test_grid_as_dvc_experiments(tiny, in_process, tmp_path):
     (the queue's own overhead); the folders cell trains in the queue."""
     import os
 
-    from dfpipe.benchmark.queue import exp_name
+    from dfbench.queue import exp_name
 
     t, data, _ = tiny
     repo = tmp_path / "repo"
@@ -369,7 +372,7 @@ def pair(tiny, in_process):
 
 
 def test_a_combined_cell_trains_on_both_training_parts_and_is_scored_on_every_held_out_set(tiny, pair):
-    from dfpipe.benchmark import cell_metrics
+    from dfbench import cell_metrics
 
     t, _, _ = tiny
     grid_path, grid, before, seconds = pair
@@ -426,7 +429,7 @@ def test_a_combined_cells_table(tiny, pair):
 def test_the_cell_stage_runs_a_combined_set(tiny, pair, tmp_path):
     """The DVC ``cell`` stage with ``source: demo+folders`` (what a queued experiment runs): the finished cell and
     its robustness record are reused, the metrics are the combined cell's."""
-    from dfpipe.benchmark.queue import run_cell_stage
+    from dfbench.queue import run_cell_stage
 
     t, _, _ = tiny
     grid_path, grid, _, _ = pair

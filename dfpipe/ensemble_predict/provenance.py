@@ -14,12 +14,12 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def code_version(root: Path = REPO) -> str:
-    """The commit of the code (12 hex digits, ``-dirty`` when ``dfpipe/`` differs from it), or ``unknown`` outside
-    git (an installed package, no git)."""
+def code_version(root: Path = REPO, paths: tuple[str, ...] = ("dfpipe",)) -> str:
+    """The commit of the code (12 hex digits, ``-dirty`` when one of ``paths`` differs from it: the benchmark adds
+    its own package), or ``unknown`` outside git (an installed package, no git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dfpipe"], cwd=root, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
                                text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -14,11 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertConfig, PrepareConfig, TrainConfig,
+from dfpipe.config import (STAGE_CONFIGS, DatasetConfig, EvalSetConfig, ExpertConfig, PrepareConfig, TrainConfig,
                       from_dict, read_params)
-from ..ensemble_predict.provenance import code_version
-from ..io import write_csv, write_json
-from ..layout import Layout
+from dfpipe.ensemble_predict.provenance import code_version
+from dfpipe.io import write_csv, write_json
+from dfpipe.layout import Layout
+
 from .grid import GridSpec, Source, TrainingSet, groups_of, recipe_config, train_parts
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def stage_config(spec: GridSpec, stage: str, grid: dict[str, Any] | None = None,
 def prepare_source(spec: GridSpec, src: Source | TrainingSet, work: Path) -> Layout:
     """Stages 1-3 on the source's training part, or on the training parts of a combined set's sources together,
     in ``<work>/<name>/``, once (a later call reuses them). Returns their layout."""
-    from .. import augment_sd, cluster_split, prepare_data
+    from dfpipe import augment_sd, cluster_split, prepare_data
 
     layout = source_layout(spec, src.name, work)
     d = Path(work) / src.name
@@ -126,7 +127,7 @@ def _combined_datasets(ts: TrainingSet, d: Path) -> list[dict[str, str]]:
 def shared_settings(spec: GridSpec) -> dict[str, Any]:
     """What a source's stages 1-3 depend on (beyond its files): a work folder made with other settings, or by
     an older stage 1 (another store format), is made again rather than reused."""
-    from ..data.store import STORE_FORMAT
+    from dfpipe.data.store import STORE_FORMAT
 
     grid = omit_later({"max_train_per_source": spec.max_train_per_source}, "grid")
     return json.loads(json.dumps({"max_side": spec.max_side, "store_format": STORE_FORMAT, "heldout": spec.heldout,
@@ -217,13 +218,16 @@ def finished_cell(spec: GridSpec, recipe: str, seed: int, train_source: str, wor
     return read_json(cell_dir(spec, recipe, seed, train_source, work) / "eval.json")
 
 
+CODE = ("dfpipe", "dfbench")  # what trains a cell: the stages and the protocol (splits, caps): -dirty if either moved
+
+
 @functools.cache
 def process_code_version() -> str:
-    """:func:`code_version` as this process first saw it: the code it runs was imported then, and a commit made
-    while a long grid runs moves HEAD, not the code in memory. Recorded in every new cell: the cell key covers
-    settings, not code, and a change of training numerics far below the settings' level (the last bits of a float)
-    moves a cell's cross-source AUC by up to 0.2."""
-    return code_version()
+    """:func:`code_version` (of :data:`CODE`) as this process first saw it: the code it runs was imported then, and
+    a commit made while a long grid runs moves HEAD, not the code in memory. Recorded in every new cell: the cell key
+    covers settings, not code, and a change of training numerics far below the settings' level (the last bits of a
+    float) moves a cell's cross-source AUC by up to 0.2."""
+    return code_version(paths=CODE)
 
 
 def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | TrainingSet, sources: dict[str, Source],
@@ -233,7 +237,7 @@ def run_cell(spec: GridSpec, recipe: str, seed: int, train_src: Source | Trainin
 
     Reuses a finished cell (its ``eval.json``) so an interrupted grid resumes where it stopped.
     """
-    from ..train_experts.loop import train_expert
+    from dfpipe.train_experts.loop import train_expert
 
     ecfg = recipe_config(spec, recipe, seed)
     cell = cell_dir(spec, recipe, seed, train_src.name, work)
@@ -259,7 +263,7 @@ def select_and_evaluate(spec: GridSpec, layout: Layout, experts: list[str], trai
     """Stage 5 over the cell's models (the val fold: epoch already chosen, thresholds, the card; ``predict``: the
     grid's stage 5 overrides, default ``spec.ensemble_predict``), then stage 6 on the sets no step saw. Returns
     stage 6's metrics."""
-    from .. import ensemble_predict, evaluate
+    from dfpipe import ensemble_predict, evaluate
 
     ensemble_predict.run(stage_config(spec, "ensemble_predict", predict, experts=list(experts)), layout)
     return evaluate.run(stage_config(spec, "evaluate", sets=eval_sets(spec, train_src, sources, work)), layout)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from dfpipe.errors import InputError
 
 
 # ----------------------------------------------------------------------------- sources
@@ -31,7 +31,7 @@ class Source:
 
 def _folder_items(root: Path) -> pd.DataFrame:
     """``real/**`` = 0, ``fake/**`` = 1, listed as stage 6 lists a folder set."""
-    from ..evaluate import list_class_folders
+    from dfpipe.evaluate import list_class_folders
 
     if not ((root / "real").is_dir() or (root / "fake").is_dir()):
         raise InputError(f"{root}: no images under real/ or fake/")
@@ -133,7 +133,7 @@ def cap_train(train: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
 def load_source(root: Path, heldout: float = 0.3, seed: int = 0) -> Source:
     """A source in the competition layout (trainset/ + valset/ label CSVs) or as real/ + fake/ folders (grouped by
     :func:`source_groups`: a group is never on both sides of the train / held-out split)."""
-    from ..data.labels import read_labels
+    from dfpipe.data.labels import read_labels
 
     root = Path(root).resolve()
     if (root / "trainset_label.txt").is_file():

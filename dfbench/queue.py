@@ -1,14 +1,14 @@
 """The benchmark grid as DVC experiments: one ``dvc exp run --queue`` per cell, ``dvc queue start``, then the table.
 
 ``bench/grid`` is a DVC project of its own (``dvc init --subdir``) with one stage, ``cell``: it runs one cell of
-:mod:`dfpipe.benchmark` (:func:`run_cell_stage`) and writes its metrics, so ``cd bench/grid && dvc exp show`` lists
+:mod:`dfbench` (:func:`run_cell_stage`) and writes its metrics, so ``cd bench/grid && dvc exp show`` lists
 every cell with its params (source: the training set, one source or ``a+b``; recipe, seed) and metrics. The root
 DAG, ``dvc status`` and ``dvc metrics show`` at the root never see it.
 
 Queued experiments run in a temporary copy of the repository (``bench/grid/.dvc/tmp/exps/<tmp>``) made from the
 committed tree plus the uncommitted changes to tracked (or ``git add``-ed) files; untracked files are left out,
 which :func:`queue_grid` checks before it queues anything. Paths a cell needs outside that copy (``work``,
-``data_root``) are made absolute when queued. Every cell trains through :func:`dfpipe.benchmark.run_cell` in the
+``data_root``) are made absolute when queued. Every cell trains through :func:`dfbench.run_cell` in the
 shared ``work`` folder, so the in-process grid and the queue reuse each other's cells and an interrupted queue
 resumes.
 """
@@ -28,11 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config,
-                        run_cell, run_grid, run_robustness, training_set, training_sets)
-from ..config import from_dict
-from ..errors import ConfigError, InputError, UnknownNameError
-from ..io import write_json
+from dfpipe.config import from_dict
+from dfpipe.errors import ConfigError, InputError, UnknownNameError
+from dfpipe.io import write_json
+
+from . import (JOIN, GridSpec, cell_key, cell_metrics, grid_cells, load_grid, load_sources, recipe_config, run_cell,
+               run_grid, run_robustness, training_set, training_sets)
+
+from .cells import CODE
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class CellParams:
 # ----------------------------------------------------------------------------- the stage
 def run_cell_stage(params_path: str | Path, metrics_path: str | Path) -> dict:
     """The ``cell`` stage: one cell (trained, or reused from ``work``), its robustness pass if the grid has one,
-    and its metrics as flat numbers (:func:`dfpipe.benchmark.cell_metrics`) in ``metrics_path``."""
+    and its metrics as flat numbers (:func:`dfbench.cell_metrics`) in ``metrics_path``."""
     with open(params_path, encoding="utf-8") as fh:
         p = from_dict(CellParams, yaml.safe_load(fh) or {}, str(params_path))
     spec = load_grid(p.grid)
@@ -132,7 +135,7 @@ def _check_tree(repo: Path, grid_rel: str) -> None:
     if not _git(["ls-files", "--", grid_rel], repo).strip():
         raise InputError(f"{grid_rel} is not tracked by git: queued experiments see only tracked files; "
                          f"git add {grid_rel}")
-    untracked = [f for f in _git(["ls-files", "--others", "--exclude-standard", "--", "dfpipe", "bench", "params.yaml"],
+    untracked = [f for f in _git(["ls-files", "--others", "--exclude-standard", "--", *CODE, "bench", "params.yaml"],
                                  repo).split() if f not in STAGE_OUTPUTS]
     if untracked:
         raise InputError(f"untracked file(s) a queued experiment would not see: {untracked[:10]}"

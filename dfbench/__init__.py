@@ -43,7 +43,7 @@ from .cells import (CELL_STAGES, GROUPS_RECORD, KEY_OMIT_AT, SHARED_RECORD, SOUR
                     shared_settings, source_layout, stage_config)
 from .runs import (ENSEMBLE_FORMAT, ROBUSTNESS_FORMAT, ensemble_dir, run_ensemble, run_grid, run_robustness,
                    single_source_reference)
-from .tables import (cell_metrics, grid_table, loso_summary, paired_auc_diff, paired_seed_deltas, write_grid)
+from .tables import (cell_metrics, grid_table, held_out_means, loso_summary, paired_auc_diff, paired_seed_deltas,
+                     write_grid)
 from .queue import (ACTIVE, CellParams, EXP_JOIN, PROJECT, STAGE_OUTPUTS, dvc, exp_name, queue_grid, queue_status,
                     run_cell_stage, run_past_daemons, wait_for_queue)
-from .readme import (BLOCK, readme_blocks, section_table, sync_readme)

@@ -8,8 +8,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import InputError
-from ..io import write_json
+from dfpipe.errors import InputError
+from dfpipe.io import write_json
+
 from .cells import (cell_dir, cell_layout, eval_sets, finished_cell, prepare_source, read_json, run_cell,
                     select_and_evaluate, stage_config)
 from .grid import (GridSpec, RobustnessSpec, Source, TrainingSet, ensemble_cells, grid_cells, grid_recipes, row_predict,
@@ -87,7 +88,7 @@ def run_robustness(spec: GridSpec, recipe: str, seed: int, train_src: Source | T
     resumes and a changed list scores again without touching the cell. None when the grid asks for no pass (no
     degradations, the row not listed, or no cross-source set).
     """
-    from .. import evaluate
+    from dfpipe import evaluate
 
     r = spec.robustness
     if not r.degradations or (r.recipes and recipe not in r.recipes):

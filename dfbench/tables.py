@@ -5,13 +5,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_open, write_json
+from dfpipe.io import atomic_open, write_json
+
 from .grid import GridSpec, held_out_source, is_combined, set_parts, training_sets
 from .paired import paired_auc_diff, paired_seed_deltas  # noqa: F401 (paired_auc_diff: re-exported)
 
@@ -258,10 +260,10 @@ def loso_summary(df: pd.DataFrame, spec: GridSpec, n_boot: int = LOSO_BOOT) -> l
            "with a paired bootstrap 95% interval (images resampled, the same for both rows and each common seed; the "
            "difference averaged over those seeds). mean: over the columns; its interval from the same resamples.", "",
            *_md_head(head)]
-    base_auc = {s: _seed_mean(df, spec.baseline, by_source[s], s, _auc) for s in cols}
+    base_auc = {s: held_out_means(df.cell, spec.baseline, s)["auc"] for s in cols}
     for recipe in dict.fromkeys(df[df.train.isin([by_source[s] for s in cols])].recipe):
-        aucs = [_seed_mean(df, recipe, by_source[s], s, _auc) for s in cols]
-        tprs = [_seed_mean(df, recipe, by_source[s], s, _tpr) for s in cols]
+        means = [held_out_means(df.cell, recipe, s) for s in cols]
+        aucs, tprs = [m["auc"] for m in means], [m[TPR] for m in means]
         row, boots, deltas = [recipe], [], []
         for i, s in enumerate(cols):
             text = f"{_fmt(aucs[i])} ({_fmt(tprs[i])})"
@@ -285,10 +287,17 @@ def loso_summary(df: pd.DataFrame, spec: GridSpec, n_boot: int = LOSO_BOOT) -> l
     return out + [""]
 
 
-def _seed_mean(df: pd.DataFrame, recipe: str, train: str, eval_set: str, metric: Any) -> float:
-    """The mean over seeds of ``metric`` (:func:`_auc`, :func:`_tpr`) of the recipe's cells on ``train``; nan: none."""
-    runs = df[(df.train == train) & (df.recipe == recipe)]
-    return float(np.mean([metric(c, eval_set) for c in runs.cell])) if len(runs) else float("nan")
+TPR = "tpr_at_fpr_1e-2"
+
+
+def held_out_means(cells: Iterable[dict], recipe: str, held: str) -> dict[str, float | int]:
+    """A leave-one-source-out column of one recipe: the mean over its cells (seeds) that did not train on ``held``
+    and scored it, of their clean ``auc`` and ``tpr_at_fpr_1e-2`` (nan when there is none), and ``seeds``: how many.
+    The table's summary and the shipped detector's model card (bench/build_detector.py) read the same numbers."""
+    runs = [c["eval"][held]["clean"] for c in cells
+            if c["recipe"] == recipe and held not in set_parts(c["train_source"]) and held in c["eval"]]
+    means = {m: float(np.mean([r[m] for r in runs])) if runs else float("nan") for m in ("auc", TPR)}
+    return {**means, "seeds": len(runs)}
 
 
 def _seed_pairs(df: pd.DataFrame, recipe: str, baseline: str, train: str) -> list[tuple[str, str]]:

@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
-from ..config import (ExpertConfig, from_dict)
-from ..errors import ConfigError, UnknownNameError
+from dfpipe.config import (ExpertConfig, from_dict)
+from dfpipe.errors import ConfigError, UnknownNameError
+
 from .sources import (GROUPINGS, PAIRS_FILE, Source, cap_train, groups_of, identity_group,  # noqa: F401 (re-exported)
                       load_source, pair_groups, source_groups, split_groups)
 
@@ -193,7 +194,7 @@ def _check_leave_one_out(spec: GridSpec, where: str) -> None:
 
 def _check_robustness(spec: GridSpec, where: str) -> None:
     """Typos in ``robustness:`` fail when the grid loads, not after hours of training."""
-    from ..evaluate import CLEAN, parse_degradation
+    from dfpipe.evaluate import CLEAN, parse_degradation
 
     r = spec.robustness
     for name in r.degradations:

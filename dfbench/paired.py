@@ -12,8 +12,8 @@ import pandas as pd
 def paired_auc_diff(a_csv: str, b_csv: str, eval_set: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """AUC(a) - AUC(b) on the same images of ``eval_set``, with a paired stratified bootstrap 95% interval
     (each resample weighs the same images for both; vectorised, see :func:`dfpipe.evaluate.weighted_auc`)."""
-    from ..evaluate import resample_counts, weighted_auc
-    from ..metrics import roc_auc
+    from dfpipe.evaluate import resample_counts, weighted_auc
+    from dfpipe.metrics import roc_auc
 
     a, b = (pd.read_csv(p, keep_default_na=False) for p in (a_csv, b_csv))
     a = a[(a.set == eval_set) & (a.degradation == "clean")].set_index("img_name")
@@ -54,8 +54,8 @@ def _stamp(path: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def _paired_seed_deltas(stamps: tuple, eval_set: str, n_boot: int, seed: int) -> tuple[float, np.ndarray]:
-    from ..evaluate import resample_counts, weighted_auc
-    from ..metrics import roc_auc
+    from dfpipe.evaluate import resample_counts, weighted_auc
+    from dfpipe.metrics import roc_auc
 
     frames = [(_clean_scores(a, eval_set), _clean_scores(b, eval_set)) for a, b, _, _ in stamps]
     common = frames[0][0].index
