@@ -348,8 +348,7 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     pool = image_pool(tmp_path, rng, n=11)
     model = tiny_model()
     mem = embed_pool(pool, TINY, "none", 32, batch_size=4, workers=0, model=model)  # 3 batches, last one short
-    n, d = embed_to_file(pool, model, 32, 4, tmp_path / "f.npy", workers=0)
-    write_index(pool, tmp_path / "f.csv")
+    n, d = embed_to_file(pool, model, 32, 4, tmp_path / "f.npy", workers=0, index_path=tmp_path / "f.csv")
     disk = load_features(tmp_path / "f.npy")
     assert isinstance(disk, FeatureFile) and disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
     np.testing.assert_array_equal(np.asarray(disk), mem)
@@ -358,9 +357,12 @@ def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     # row i really is image i: embed image 7 alone
     one = embed_pool(pool.iloc[[7]], TINY, "none", 32, batch_size=1, workers=0, model=model)
     np.testing.assert_allclose(one[0].astype(np.float32), disk[7].astype(np.float32), atol=2e-3)
-    index = pd.read_csv(tmp_path / "f.csv")
+    index = pd.read_csv(tmp_path / "f.csv")  # written by the same call: the rows it embedded
     assert index.row.tolist() == list(range(11)) and index.uid.tolist() == pool.uid.tolist()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "train-000000.bin",
+    assert index.columns.tolist() == ["row", "uid", "img_name", "label", "origin"]
+    write_index(pool, tmp_path / "g.csv")  # what stage 3 wrote apart before
+    assert (tmp_path / "g.csv").read_bytes() == (tmp_path / "f.csv").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "f.npy", "g.csv", "train-000000.bin",
                                                           "train-000000.idx.npy"]  # no temp files
     assert not torch.is_inference_mode_enabled()  # the generator leaves inference mode between batches
 
@@ -460,11 +462,11 @@ def test_finetune_needs_both_classes(tmp_path, rng):
 
 @pytest.mark.parametrize("engine", ["minibatch", "torch"])
 def test_kmeans_engines_recover_blobs_deterministically_from_a_memmap(tmp_path, rng, monkeypatch, engine):
-    from dfpipe.cluster_split import kmeans, rows as chunked
+    from dfpipe.cluster_split import features as chunked, kmeans
     from dfpipe.cluster_split.features import FeatureFile
 
     monkeypatch.setattr(kmeans, "INIT_SAMPLE", 100)  # < n: the chunked path starts from a sample
-    monkeypatch.setattr(chunked, "READ_ROWS", 64)  # several chunks (both engines read through rows.iter_chunks)
+    monkeypatch.setattr(chunked, "READ_ROWS", 64)  # several chunks (both engines read through features.iter_chunks)
     eng = kmeans.KMeansEngine(minibatch_above=50) if engine == "minibatch" else kmeans.KMeansEngine("torch")
     feats, truth = blobs(rng)
     assert [s for s, _ in chunked.iter_chunks(feats, None)] == [0, 64, 128, 192]

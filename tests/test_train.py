@@ -480,6 +480,18 @@ def test_rank_seeds_differ_by_rank_and_epoch_and_repeat():
     assert rank_seed(0, 2, 1) == seeds[(2, 1)] and rank_seed(1, 2, 1) != seeds[(2, 1)]
 
 
+def test_accelerator_takes_plain_flags_and_tells_ddp_of_unused_heads_only_when_asked():
+    """make_accelerator knows processes, not expert configs: the loop decides (leaves_parameters_unused) and passes
+    the answer, which reaches DDP's kwargs; the search for unused layers is off by default (it costs a graph walk)."""
+    from dfpipe.train_experts.distributed import make_accelerator
+
+    assert make_accelerator().ddp_handler.to_kwargs() == {}  # accelerate's default: find_unused_parameters off
+    acc = make_accelerator(find_unused_parameters=True)
+    assert acc.ddp_handler.to_kwargs() == {"find_unused_parameters": True} and acc.device.type == "cpu"
+    unused = ExpertConfig(proj_dim=16, loss=LossWeights(ce=1.0, nce=0.0))  # a projection head NCE never reads
+    assert loop.leaves_parameters_unused(unused) and not loop.leaves_parameters_unused(ExpertConfig())
+
+
 def test_gpu_determinism_settings(monkeypatch):
     """Set on CUDA only (CPU kernels already are deterministic); cuBLAS's workspace before its first use."""
     cudnn = torch.backends.cudnn

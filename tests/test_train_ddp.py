@@ -341,7 +341,7 @@ def test_ddp_is_told_of_unused_heads_exactly_when_a_head_gets_no_gradient(weight
     """The rule behind make_accelerator's find_unused_parameters, checked against a real backward: asked for
     exactly when some trainable layer gets no gradient (off otherwise: the search costs a graph walk a step)."""
     from dfpipe.config import ExpertConfig, LossWeights
-    from dfpipe.train_experts.distributed import leaves_parameters_unused
+    from dfpipe.train_experts.loop import leaves_parameters_unused
 
     ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=proj_dim, info_heads=info_heads,
                         loss=LossWeights(**{"ce": 0.0, "kl": 0.0, "nce": 0.0, **weights}))
@@ -354,7 +354,7 @@ def test_a_projection_head_without_nce_trains_under_ddp(tmp_path):
     """proj_dim > 0 with loss.nce = 0 (NCE switched off in params, the head kept): the projection head gets no
     gradient. Without find_unused_parameters DDP fails on the second step; with the rule's answer it trains."""
     from dfpipe.config import ExpertConfig, LossWeights
-    from dfpipe.train_experts.distributed import leaves_parameters_unused
+    from dfpipe.train_experts.loop import leaves_parameters_unused
 
     ecfg = ExpertConfig(pretrained="none", img_size=32, proj_dim=16, loss=LossWeights(ce=1.0, kl=0.0, nce=0.0))
     assert leaves_parameters_unused(ecfg)

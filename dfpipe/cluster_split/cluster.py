@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError
 
 # MINIBATCH_ABOVE and kmeans_labels are re-exported: they lived here before .kmeans
 from .kmeans import MINIBATCH_ABOVE, KMeansEngine, kmeans_labels  # noqa: F401
-from .rows import n_rows, take
+from .features import n_rows, take
 
 log = logging.getLogger(__name__)
 

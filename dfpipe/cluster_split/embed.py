@@ -82,14 +82,18 @@ def embed_pool(pool: pd.DataFrame, backbone: str, pretrained: str, img_size: int
 
 
 def embed_to_file(pool: pd.DataFrame, model: nn.Module, img_size: int, batch_size: int, path: str | Path,
-                  workers: int = -1) -> tuple[int, int]:
-    """Write (N, D) float16 features of ``pool`` (in pool order) to the ``.npy`` file ``path``.
+                  workers: int = -1, index_path: str | Path | None = None) -> tuple[int, int]:
+    """Write (N, D) float16 features of ``pool`` (in pool order) to the ``.npy`` file ``path``, and, given
+    ``index_path``, the CSV index of its rows (:func:`write_index`).
 
     Each batch is appended to a temp file renamed onto ``path`` when complete, so a killed run never
-    leaves a partial features file. Returns (N, D).
+    leaves a partial features file. One call writes both, so the index describes the very rows written (a caller
+    cannot hand it another pool); it goes first, being the pool's order, known before any feature. Returns (N, D).
     """
     if len(pool) == 0:
         raise DataError("no original images to embed")
+    if index_path is not None:
+        write_index(pool, index_path)
     with atomic_open(path, "wb") as fh:
         out = FeatureWriter(fh, len(pool), np.float16)
         for f in embed_batches(pool, model, img_size, batch_size, workers):

@@ -5,11 +5,15 @@ Pages of a memmap count toward the process's RSS once touched and stay there unt
 over every row) would hold the whole file resident, 500k x 1280 float16 = 1.2 GB. :class:`FeatureWriter`
 appends rows with ``write``; :class:`FeatureFile` reads the rows asked for with ``readinto``, so memory holds
 only what a caller keeps. The file is the same ``.npy`` ``np.save`` writes: ``np.load`` reads it.
+
+:func:`n_rows`, :func:`take` and :func:`iter_chunks` read the rows of a feature matrix (this file, an array or a
+memmap), or of a selection of them, as float32 chunks: how k-means, the silhouette and the torch engine read it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +22,7 @@ import numpy as np
 from ..errors import DataError
 
 BLOCK_BYTES = 8 * 2**20  # one read of an index selection spans at most this many bytes of rows
+READ_ROWS = 32_768  # rows per read when predicting or copying to a device: I/O only, results do not depend on it
 
 
 class FeatureWriter:
@@ -146,3 +151,23 @@ class FeatureFile:
         out = self._read(0, self.shape[0])
         return out if dtype is None else out.astype(dtype, copy=False)
 
+
+def n_rows(feats: np.ndarray, rows: np.ndarray | None) -> int:
+    """How many rows are selected: ``rows``' count when given, else all of ``feats``."""
+    return len(feats) if rows is None else len(rows)
+
+
+def take(feats: np.ndarray, rows: np.ndarray | None, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """float32 copy of rows ``start:stop`` (of ``rows`` when given, else of ``feats``)."""
+    sel = slice(start, stop) if rows is None else rows[start:stop]
+    return np.asarray(feats[sel], dtype=np.float32)
+
+
+def iter_chunks(feats: np.ndarray, rows: np.ndarray | None, size: int | None = None
+                ) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 chunk) over all selected rows, in order; ``size`` rows each (default :data:`READ_ROWS`, read
+    at call time so a test can shrink it)."""
+    size = READ_ROWS if size is None else size
+    n = n_rows(feats, rows)
+    for s in range(0, n, size):
+        yield s, take(feats, rows, s, min(s + size, n))

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from ..config import KMeansBackend
 from ..errors import ConfigError
-from .rows import iter_chunks, n_rows, take  # noqa: F401  (take: re-exported)
+from .features import iter_chunks, n_rows, take  # noqa: F401  (take: re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ with warnings.catch_warnings():  # torch_kmeans 0.2 decorates helpers with torch
     warnings.simplefilter("ignore", FutureWarning)
     from torch_kmeans import KMeans as _TorchKMeans
 
-from .rows import iter_chunks, n_rows
+from .features import iter_chunks, n_rows
 
 log = logging.getLogger(__name__)
 

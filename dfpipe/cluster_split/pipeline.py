@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from ..io import write_csv, write_json
 from ..layout import Layout
 from .cluster import cluster_report, select_k, split_pool
-from .embed import embed_to_file, load_backbone, load_features, write_index
+from .embed import embed_to_file, load_backbone
+from .features import FeatureFile
 from .kmeans import make_engine
 from .pictures import cluster_contact_sheet, plot_embedding
 
@@ -48,16 +49,17 @@ def build_embedder(cfg: SplitConfig, orig: pd.DataFrame) -> tuple[torch.nn.Modul
 
 def run(cfg: SplitConfig, layout: Layout) -> pd.DataFrame:
     """Run stage 3 on stages 1-2's stores and return the split table (also written to ``layout.splits``)."""
-    engine = make_engine(cfg.kmeans_backend, cfg.minibatch_above)  # checked before the slow part
     pool = load_pool(layout.prepared, layout.augmented)
     orig = pool[pool.origin != "aug"].reset_index(drop=True)
+    engine = make_engine(cfg.kmeans_backend, cfg.minibatch_above)  # checked before the slow part
+    kmeans_info = engine.describe(len(orig))  # the path k-means takes for this many rows: known now
     model, embedder_info = build_embedder(cfg, orig)
-    _, embedder_info["dim"] = embed_to_file(orig, model, cfg.img_size, cfg.batch_size, layout.features)
-    write_index(orig, layout.features_index)
+    _, embedder_info["dim"] = embed_to_file(orig, model, cfg.img_size, cfg.batch_size, layout.features,
+                                            index_path=layout.features_index)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the GPU to torch k-means
-    feats = load_features(layout.features)  # rows read on demand: k-means reads it in chunks when the pool is large
+    feats = FeatureFile(layout.features)  # rows read on demand: k-means reads it in chunks when the pool is large
     k, k_selection = cfg.n_clusters, None
     if k == 0:  # choose k by silhouette score
         k, k_selection = select_k(feats, orig.label.to_numpy(), cfg.per_class, cfg.k_candidates, cfg.seed,
@@ -67,7 +69,7 @@ def run(cfg: SplitConfig, layout: Layout) -> pd.DataFrame:
     write_csv(layout.splits, df[SPLIT_COLUMNS])
     report = cluster_report(df, cfg.val_fold, dropped=pool[~pool.uid.isin(df.uid)])
     report["embedding"] = embedder_info
-    report["kmeans"] = engine.describe(len(orig))
+    report["kmeans"] = kmeans_info
     if k_selection is not None:
         report["k_selection"] = k_selection
     write_json(layout.cluster_report, report)

@@ -41,35 +41,26 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast
 from timm.layers import convert_sync_batchnorm
 
-from ..config import ExpertConfig, LrScale
+from ..config import LrScale
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def leaves_parameters_unused(ecfg: ExpertConfig) -> bool:
-    """Whether the expert has a trainable layer that the loss's weights leave out of the graph (no gradient).
+def make_accelerator(find_unused_parameters: bool = False, deterministic: bool = False) -> Accelerator:
+    """The run's Accelerator: process group and device (``cuda:<local rank>``, else CPU).
 
-    DDP then needs ``find_unused_parameters`` (without it the second step fails); the search costs a graph
-    traversal per step, so it is asked for only here. The layers and the loss terms that read them
-    (:class:`~dfpipe.losses.JointLoss`): the classifier, by CE, KL and GIL; the projection head
-    (``proj_dim``), by NCE only. The local branches (``info_heads``) are always in the graph: their CE enters
-    the total times ``loss.ce`` even at 0 (a zero gradient, which DDP accepts).
+    ``find_unused_parameters``: DDP must search each step for layers without a gradient (the loop knows from the
+    expert and its loss whether there are any: :func:`dfpipe.train_experts.loop.leaves_parameters_unused`);
+    ``deterministic``: :func:`set_determinism`. Plain flags: this module knows processes, not expert configs.
     """
-    w = ecfg.loss
-    return (w.ce == 0 and w.kl == 0 and w.gil == 0) or (ecfg.proj_dim > 0 and w.nce == 0)
-
-
-def make_accelerator(ecfg: ExpertConfig) -> Accelerator:
-    """The run's Accelerator: process group and device (``cuda:<local rank>``, else CPU)."""
-    unused = leaves_parameters_unused(ecfg)  # DDP must be told when a head gets no gradient
-    set_determinism(ecfg.deterministic)  # before the Accelerator: it may be the first to touch CUDA
+    set_determinism(deterministic)  # before the Accelerator: it may be the first to touch CUDA
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),  # never MPS & co.: the same device choice as dfpipe.device
         # precision is ours (bf16 autocast on CUDA, see dfpipe.device.autocast): a launcher's
         # --mixed_precision must not change the numerics behind params.yaml's back
         mixed_precision="no",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     if not acc.is_main_process:
         # INFO from every rank would repeat each line world times; warnings and errors still show

@@ -115,13 +115,14 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
     """Train expert ``name`` of ``cfg.experts`` on ``layout``'s split into ``<models>/<name>``; save the best (EMA)
     checkpoint. Returns (best, history).
 
-    One process or one rank of a DDP run (``acc``, default: a new one; see :mod:`.distributed`).
+    One process or one rank of a DDP run (``acc``, default: a new one for this expert; see :mod:`.distributed`);
+    every rank waits for the others before it returns.
     Rank 0 logs every epoch (timings included, unlike ``last.pt``) to the DVCLive directory ``live_dir``
     and/or rewrites the plain CSV ``history_csv`` (see :mod:`.logs`; each optional).
     """
     ecfg = _expert(cfg, name)
     _check_frozen(ecfg)
-    acc = acc or make_accelerator(ecfg)
+    acc = acc or make_accelerator(leaves_parameters_unused(ecfg), ecfg.deterministic)
     seed_everything(ecfg.seed)  # the same on every rank: same initial weights (dropout: rank_seed per epoch)
     device, main = acc.device, acc.is_main_process
     df = load_split_pool(layout.splits, layout.prepared, layout.augmented)
@@ -136,6 +137,7 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
 
     g = torch.Generator().manual_seed(ecfg.seed)  # shuffle order + per-sample augmentation seeds
     train_loader, val_loader = _loaders(cfg, ecfg, train_df, val_df, g, acc)
+    loss_fn = _loss_fn(ecfg, train_df, device)  # from the data too (class weights); draws no random number
     model = maybe_sync_bn(build_expert(ecfg), ecfg.sync_bn, acc).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
@@ -146,7 +148,6 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
     ema = make_ema(model, ecfg.ema_epochs, steps_per_epoch, teacher=ecfg.loss.kl > 0)  # None: the student is
     teacher = ema.module if ema is not None and ecfg.loss.kl > 0 else None
     evaluated = model if ema is None else ema.module  # validated and saved in best.pt
-    loss_fn = _loss_fn(ecfg, train_df, device)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=ecfg.weight_decay)
     sched = cosine_with_warmup(opt, int(ecfg.warmup_epochs * steps_per_epoch), ecfg.epochs * steps_per_epoch)
 
@@ -201,6 +202,7 @@ def train_expert(cfg: TrainConfig, layout: Layout, name: str, acc: Accelerator |
         if stop:
             break
     logs.end()
+    acc.wait_for_everyone()  # no rank leaves before the reports exist
     return best, pd.DataFrame(history)
 
 
@@ -275,6 +277,19 @@ def _pair_sampler(train_df: pd.DataFrame, g: torch.Generator, batch: int, rank: 
         log.warning("pair_batches is on but no training image has a stage-2 image made from it: every group is "
                     "one image, the batches are a plain shuffle")
     return PairBatchSampler(groups, g, batch, rank=rank, world=world, length=length)
+
+
+def leaves_parameters_unused(ecfg: ExpertConfig) -> bool:
+    """Whether the expert has a trainable layer that the loss's weights leave out of the graph (no gradient).
+
+    DDP then needs ``find_unused_parameters`` (without it the second step fails); the search costs a graph
+    traversal per step, so it is asked for only here. The layers and the loss terms that read them (the
+    :class:`~dfpipe.losses.JointLoss` that :func:`_loss_fn` builds): the classifier, by CE, KL and GIL; the
+    projection head (``proj_dim``), by NCE only. The local branches (``info_heads``) are always in the graph:
+    their CE enters the total times ``loss.ce`` even at 0 (a zero gradient, which DDP accepts).
+    """
+    w = ecfg.loss
+    return (w.ce == 0 and w.kl == 0 and w.gil == 0) or (ecfg.proj_dim > 0 and w.nce == 0)
 
 
 def _loss_fn(ecfg: ExpertConfig, train_df: pd.DataFrame, device: torch.device) -> JointLoss:
@@ -397,8 +412,6 @@ def run(cfg: TrainConfig, layout: Layout, expert: str | None = None, history: st
     the plain per-epoch CSV ``history.format(name=name)``. Returns name -> best metrics, the same on every rank."""
     out = {}
     for name in [expert] if expert else list(cfg.experts):
-        acc = make_accelerator(_expert(cfg, name))
-        out[name], _ = train_expert(cfg, layout, name, acc, history_csv=history.format(name=name) or None,
+        out[name], _ = train_expert(cfg, layout, name, history_csv=history.format(name=name) or None,
                                     live_dir=Path(layout.train_logs) / name)
-        acc.wait_for_everyone()  # no rank leaves before the reports exist
     return out
