@@ -23,7 +23,7 @@ def run(cfg: PrepareConfig, layout: Layout) -> dict:
                "max_side": cfg.max_side, "chunk_size": cfg.chunk_size}
     work = Work.open(path, journal)
     decode_all(s1, col.items, work, cfg.workers)
-    return publish(cfg, layout, col, work, s1)
+    return publish(layout, col, work, s1, cfg.dup_max_distance)
 
 
 def stage1_of(cfg: PrepareConfig) -> Stage1:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import PrepareConfig
 from ..errors import DataError
 from ..io import atomic_open, write_csv, write_json
 from ..layout import Layout
@@ -87,16 +86,17 @@ def _committed(work: Work, items: list[Item]) -> Iterator[pd.DataFrame]:
         yield pd.read_csv(work.chunk_file(split, k), dtype=str, keep_default_na=False)
 
 
-def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work, s1: Stage1) -> dict:
-    """Manifest, dedup, report: then rename the store (of images made by ``s1``) onto ``layout.prepared`` and
-    drop the work dir. Everything is worked out from the committed chunks first, then written."""
+def publish(layout: Layout, col: Collected, work: Work, s1: Stage1, dup_max_distance: int) -> dict:
+    """Manifest, dedup (pHash distance <= ``dup_max_distance``), report: then rename the store (of images made
+    by ``s1``) onto ``layout.prepared`` and drop the work dir. Everything is worked out from the committed chunks
+    first, then written."""
     tally = Tally()
     for df in _committed(work, col.items):
         tally.add(df)
     _check_usable(tally.counts["labels"])
-    pairs, dup, dup_summary = tally.duplicates(cfg.dup_max_distance)
+    pairs, dup, dup_summary = tally.duplicates(dup_max_distance)
     _log_duplicates(dup_summary)
-    report = _report(cfg, col, tally)
+    report = _report(s1, col, tally)
     report["duplicates"] = dup_summary
     card = _data_card(layout.data_root, col.sources, tally)
     report["data"] = card
@@ -153,14 +153,15 @@ def _check_usable(labels: Counter) -> None:
         raise DataError(f"labelled images hold one class only (label {next(iter(labels))}): need real and fake")
 
 
-def _report(cfg: PrepareConfig, col: Collected, tally: Tally) -> dict:
+def _report(s1: Stage1, col: Collected, tally: Tally) -> dict:
+    """The report's counts; its settings are those the stored images were made with (``s1``)."""
     skipped = col.skipped + tally.failed
     c = tally.counts
     datasets = {name: {"n_listed": n, "n_images": c["ds_ok"][name], "n_failed": c["ds_failed"][name],
                        "n_missing": sum(1 for s in col.skipped if s["dataset"] == name)}
                 for name, n in col.listed.items()}
     return {
-        "max_side": cfg.max_side,
+        "max_side": s1.max_side,
         "store": {"bytes": tally.stored_bytes, "input_bytes": tally.file_bytes,
                   "ratio": round(tally.stored_bytes / max(1, tally.file_bytes), 4),
                   **{f"n_{k}": c["stored"][k] for k in ("original", "png")}},
@@ -176,5 +177,5 @@ def _report(cfg: PrepareConfig, col: Collected, tally: Tally) -> dict:
         "n_ignored_files": len(col.ignored),
         "ignored_files": col.ignored[:REPORT_EXAMPLES],
         "datasets": datasets,
-        "faces": {"detector": cfg.face_crop, **dict(sorted(c["faces"].items()))},
+        "faces": {"detector": s1.face_crop, **dict(sorted(c["faces"].items()))},
     }
