@@ -78,7 +78,6 @@ MIN_JOBS_PER_WORKER = 256  # fewer images per process: its start-up (~1 s) outwe
 __all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers", "run", "sd_batch"]
 
 
-
 def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
     """Editing processes: ``requested`` (0 = this process's share of the cores), fewer for small runs."""
     if requested < 0:
