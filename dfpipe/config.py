@@ -174,6 +174,24 @@ class PrepareConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)  # [] = the layout's train/val/test entries
     chunk_size: int = 1024  # images per resumable unit of work (committed to <prepared>.work/)
 
+    def __post_init__(self) -> None:
+        # checked when the settings are made (params load, -S overrides, code), not after stage 1 has begun:
+        # the stage then takes them as they are
+        if self.face_crop != "none" and self.face_crop not in FACE_DETECTORS:
+            names = FACE_DETECTORS.names()
+            raise ConfigError(f"prepare_data.face_crop={self.face_crop!r}: choose one of {['none', *names]}"
+                              f"{did_you_mean(self.face_crop, names)}")
+        if self.face_policy not in typing.get_args(FacePolicy):
+            raise ConfigError(f"prepare_data.face_policy={self.face_policy!r}: choose one of "
+                              f"{list(typing.get_args(FacePolicy))}")
+        if self.face_margin < 1.0:
+            raise ConfigError(f"prepare_data.face_margin={self.face_margin}: must be >= 1.0 (1.0 = the detector's box)")
+        if not 0 <= self.dup_max_distance <= 64:
+            raise ConfigError(f"prepare_data.dup_max_distance={self.dup_max_distance}: must be in [0, 64]")
+        if self.chunk_size < 1 or self.max_side < 0 or self.workers < 0:
+            raise ConfigError(f"prepare_data: chunk_size ({self.chunk_size}) must be >= 1, max_side ({self.max_side}) "
+                              f"and workers ({self.workers}) >= 0")
+
 
 # --------------------------------------------------------------------------- stage 2
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import layout_in, photo_like, write_jpeg
-from dfpipe.augment_sd import output, pipeline
+from dfpipe.augment_sd import generate, output, pipeline
 from dfpipe.augment_sd import run as run_augment
 from dfpipe.augment_sd.dist import Dist
 from dfpipe.augment_sd import editing
@@ -537,7 +537,9 @@ def same_output(a, b):
     return True
 
 
-ORIGINAL = {"edit_one": pipeline.edit_one, "sd_batch": pipeline.sd_batch}
+# where the stage looks each one up: edit_one in the editing worker (generate.edit_chunk), sd_batch in pipeline
+CALLED_FROM = {"edit_one": generate, "sd_batch": pipeline}
+ORIGINAL = {name: getattr(module, name) for name, module in CALLED_FROM.items()}
 
 
 class Killed(Exception):
@@ -545,7 +547,8 @@ class Killed(Exception):
 
 
 def counting(monkeypatch, name, fail_after=None):
-    """Wrap ``pipeline.<name>`` (edit_one or sd_batch) to record the images it makes; raise after ``fail_after``."""
+    """Wrap ``<name>`` (edit_one or sd_batch) where the stage calls it, to record the images it makes; raise after
+    ``fail_after``."""
     real, made = ORIGINAL[name], []
 
     def wrapper(*args, **kwargs):
@@ -555,7 +558,7 @@ def counting(monkeypatch, name, fail_after=None):
         made.extend([args[0]] if name == "edit_one" else list(args[3]))  # method names / diffusion seeds
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, name, wrapper)
+    monkeypatch.setattr(CALLED_FROM[name], name, wrapper)
     return made
 
 
@@ -594,6 +597,24 @@ def test_worker_pool_gives_the_same_bytes(augmented, prepared, tmp_path, monkeyp
     out = tmp_path / "pool"
     stage(prepared, out, workers=2)
     assert same_output(ref, out)
+
+
+def test_editing_worker_stores_each_image_of_its_chunk(pair, tmp_path):
+    """generate.edit_chunk (the pool's task, and the in-process loop) stores, per (job, name), exactly what
+    edit_one makes from the job's source, donor and seed: the PNG of the image, the mask and the params."""
+    from dfpipe.augment_sd.plan import Job
+    from dfpipe.augment_sd.work import encode_mask, load_work
+    from dfpipe.data.store import encode_png
+
+    images = list(pair)
+    tasks = [(Job("edit", "splice", 0, 1, 11), "a.npz"), (Job("widen", pipeline.WIDEN, 1, -1, 12), "b.npz")]
+    assert generate.edit_chunk(tasks, generate.worker_state(images.__getitem__, tmp_path)) == 2
+    for (job, name), donor in zip(tasks, (images[1], None)):
+        fake, mask, params = generate.edit_one(job.method, images[job.source], job.seed, donor)
+        png, mask_png, params_json = load_work(tmp_path / name)
+        assert png == encode_png(fake) and json.loads(params_json) == json.loads(json.dumps(params))
+        assert mask_png == (None if mask is None else encode_mask(mask))
+    assert (mask_png is None) == (tasks[1][0].method == pipeline.WIDEN)  # a widened real has no mask
 
 
 def test_n_workers():

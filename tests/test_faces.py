@@ -5,7 +5,6 @@ from matplotlib import cbook
 from PIL import Image
 
 from conftest import photo_like
-from dfpipe.data import faces
 from dfpipe.config import PrepareConfig, from_dict, load_section
 from dfpipe.data.faces import Box, apply_face_crop, crop_face, crop_window, get_detector, register_detector
 from dfpipe.errors import ConfigError
@@ -85,7 +84,7 @@ def test_pluggable_detector_and_several_faces_take_the_largest(fake_detector):
     img = np.zeros((100, 100, 3), np.uint8)
     out, res = apply_face_crop(img, fake_detector, 1.0, "whole")
     assert res.status == "largest_of_3" and res.box == (40, 40, 40, 30) and out.shape == (40, 40, 3)
-    faces.check_face_config(fake_detector, 1.3, "skip")
+    assert PrepareConfig(face_crop=fake_detector, face_policy="skip").face_crop == "fake"  # registered: accepted
     assert get_detector("fake") is get_detector("fake")  # built once per process
     with pytest.raises(KeyError, match="already registered"):
         register_detector("fake", _Fake)

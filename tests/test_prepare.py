@@ -246,6 +246,35 @@ def test_bad_face_settings_are_clear_errors(tmp_path, rng):
         run(PrepareConfig(dup_max_distance=65), layout)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("face_margin", 0.5, r"prepare_data\.face_margin=0\.5: must be >= 1\.0"),
+    ("chunk_size", 0, r"chunk_size \(0\) must be >= 1"),
+    ("workers", -1, r"workers \(-1\) >= 0"),
+    ("dup_max_distance", -1, r"prepare_data\.dup_max_distance=-1: must be in \[0, 64\]"),
+])
+def test_bad_settings_are_refused_when_params_load(tmp_path, key, value, match):
+    """Before stage 1 lists or writes anything: the settings object cannot be made (params load, -S, code)."""
+    from dfpipe.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict(PrepareConfig, {key: value}, "params.yaml:prepare_data")
+    with pytest.raises(ConfigError, match=match):
+        PrepareConfig(**{key: value})
+
+
+def test_work_cuts_chunks_by_its_journal(tmp_path):
+    """Decoding and publishing take the chunks from the work dir: the journal's chunk_size, per split in split
+    order, items in their order."""
+    from dfpipe.prepare_data import Item, Work
+
+    items = [Item(s, f"{s}{i}.jpg", 0, f"/x/{s}{i}.jpg", "d") for s, n in (("test", 1), ("train", 5)) for i in range(n)]
+    work = Work.open(tmp_path / "w", {"chunk_size": 2})
+    got = [(s, k, [it.img_name for it in c]) for s, k, c in work.chunks(items)]
+    assert got == [("train", 0, ["train0.jpg", "train1.jpg"]), ("train", 1, ["train2.jpg", "train3.jpg"]),
+                   ("train", 2, ["train4.jpg"]), ("test", 0, ["test0.jpg"])]
+    assert [k for _, k, _ in Work.open(tmp_path / "w", {"chunk_size": 5}).chunks(items)] == [0, 0]
+
+
 # --------------------------------------------------------------------------- resume after a kill
 _KILL_AFTER = """
 import json, os, signal, sys

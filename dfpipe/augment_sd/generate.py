@@ -1,12 +1,13 @@
 """One generated image from its seed (editing fake, widened real, diffusion batch): the one code path of the
-stage and of :func:`regenerate`."""
+stage and of :func:`regenerate`; and the editing worker (:func:`edit_chunk`), which makes and stores a chunk of
+editing images, next to the per-image code it loops over."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,15 @@ import pandas as pd
 from ..config import DiffusionConfig
 from ..errors import InputError, UnknownNameError
 from ..data.landmarks import face_landmarks
+from ..workers import exit_with_parent
 from .editing import MASK_GRID, USES_LANDMARKS, get_method, region_mask
-from .plan import RECON_REAL, SD_PREFIX, WIDEN
+from .plan import RECON_REAL, SD_PREFIX, WIDEN, Job
 from .real import widen_real
-from .sources import CacheReader
+from .sources import CacheReader, Sources
+from .work import save_work
 
 log = logging.getLogger(__name__)
+_WORKER: dict[str, Any] = {}  # in a pool process: image reader, work dir, landmark detector (set by init_worker)
 
 
 def check_made(method: str, src: np.ndarray, fake: np.ndarray, mask: np.ndarray | None) -> None:
@@ -61,6 +65,30 @@ def edit_one(method: str, src: np.ndarray, seed: int, donor: np.ndarray | None, 
         fake, mask, params = get_method(method)(src, rng, donor)
     check_made(method, src, fake, mask)
     return fake, mask, params
+
+
+def worker_state(image: Callable[[int], np.ndarray], work: str | Path, landmarks: str = "none") -> dict[str, Any]:
+    """What :func:`edit_chunk` needs: ``image`` (real-table index -> stage-1 image), the work dir, the detector."""
+    return {"image": image, "work": Path(work), "landmarks": landmarks}
+
+
+def init_worker(sources: Sources, work: str, landmarks: str) -> None:
+    """Pool initializer: each worker process reads the store with its own reader."""
+    exit_with_parent()  # a killed stage 2 leaves no orphan worker
+    cv2.setNumThreads(1)  # one process per core: no thread oversubscription
+    _WORKER.update(worker_state(sources.reader(), work, landmarks))
+
+
+def edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = None) -> int:
+    """Make and store the editing fakes / widened reals of ``tasks`` ((job, work file name) pairs); in a pool
+    process with its :func:`init_worker` state, in-process with ``state`` (:func:`worker_state`)."""
+    state = _WORKER if state is None else state
+    image, work, landmarks = state["image"], state["work"], state["landmarks"]
+    for job, name in tasks:
+        donor = image(job.donor) if job.donor >= 0 else None
+        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor, landmarks)
+        save_work(work / name, fake, mask, params)
+    return len(tasks)
 
 
 def sd_mask(h: int, w: int, seed: int, mode: str) -> tuple[np.ndarray, np.ndarray, dict]:

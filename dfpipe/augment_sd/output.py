@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -16,12 +17,12 @@ from tqdm import tqdm
 
 from ..config import AugmentConfig
 from ..data.images import decode_image
-from ..data.store import ShardWriter, read_store_record, shard_name, write_store_record
-from ..io import work_dir, write_csv, write_json
+from ..data.preprocess import Stage1
+from ..data.store import ShardWriter, shard_name, write_store_record
+from ..io import write_csv, write_json
 from ..layout import Layout
 from .plan import REAL_KINDS, SD_PREFIX, WIDEN, Job
 from .sheet import Example, contact_sheet
-from .sources import CacheReader
 from .work import load_work
 
 MANIFEST_COLUMNS = ["uid", "img_name", "label", "source_uid", "donor_uid", "method", "params", "seed",
@@ -102,9 +103,11 @@ class _Writer:
 
 
 def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[str], reals: pd.DataFrame,
-             cache: CacheReader) -> dict:
-    """Merge the work files, in plan order, into a staging dir, then swap it in for ``layout.augmented``."""
-    out, work = Path(layout.augmented), work_dir(layout.augmented)
+             image: Callable[[int], np.ndarray], work: Path, stage1: Stage1) -> dict:
+    """Merge the work files of ``work``, in plan order, into a staging dir, then swap it in for
+    ``layout.augmented``. ``image``: real-table index -> stage-1 image (for the contact sheet); ``stage1``: the
+    prepared store's record, which the output's ``store.json`` repeats."""
+    out = Path(layout.augmented)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     writer: _Writer | None = None
@@ -113,15 +116,14 @@ def assemble(cfg: AugmentConfig, layout: Layout, jobs: list[Job], names: list[st
         for job, name in tqdm(list(zip(jobs, names)), desc="augment merge", unit="img"):
             png, mask_png, params = load_work(work / name)
             # the source is decoded only for the contact sheet's few examples
-            src = (cache.get(reals.cache_file[job.source], reals.cache_index[job.source])
-                   if writer.wants_example(job.method) else None)
+            src = image(job.source) if writer.wants_example(job.method) else None
             writer.add(job, reals, png, mask_png, params, src)
         writer.close()
         _copy_models(work, tmp)
         summary = _write_tables(tmp, writer, cfg, reals)
         # generated images are stage-1 images of the same contract as their sources; after the manifest, whose
         # row count and hash it records
-        write_store_record(tmp, read_store_record(layout.prepared), manifest_rows=len(writer.rows))
+        write_store_record(tmp, stage1, manifest_rows=len(writer.rows))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -51,10 +51,11 @@ import logging
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -63,12 +64,11 @@ from ..data.store import read_store_record
 from ..errors import ConfigError, DataError
 from ..io import work_dir
 from ..layout import Layout
-from ..workers import exit_with_parent
 from .dist import Dist, get_dist
-from .generate import edit_one, prompt_embeds, sd_batch
+from .generate import edit_chunk, edit_one, init_worker, prompt_embeds, sd_batch, worker_state
 from .output import assemble
 from .plan import WIDEN, Job, plan_jobs
-from .sources import CacheReader, Sources, load_reals
+from .sources import Sources, load_reals
 from .work import save_work, sd_batches, work_names
 
 log = logging.getLogger(__name__)
@@ -76,30 +76,6 @@ EDIT_CHUNK = 16  # editing images per pool task
 MIN_JOBS_PER_WORKER = 256  # fewer images per process: its start-up (~1 s) outweighs the work
 
 __all__ = ["EDIT_CHUNK", "MIN_JOBS_PER_WORKER", "WIDEN", "edit_one", "n_workers", "run", "sd_batch"]
-
-
-_WORKER: dict[str, Any] = {}  # in a pool process: image reader and work dir (set by _init_worker)
-
-
-def _worker_state(sources: Sources, work: str | Path, landmarks: str = "none") -> dict[str, Any]:
-    return {"image": sources.reader(), "work": Path(work), "landmarks": landmarks}
-
-
-def _init_worker(sources: Sources, work: str, landmarks: str) -> None:
-    exit_with_parent()  # a killed stage 2 leaves no orphan worker
-    cv2.setNumThreads(1)  # one process per core: no thread oversubscription
-    _WORKER.update(_worker_state(sources, work, landmarks))
-
-
-def _edit_chunk(tasks: list[tuple[Job, str]], state: dict[str, Any] | None = None) -> int:
-    """Make and store the editing fakes / widened reals of ``tasks`` ((job, work file name) pairs)."""
-    state = _WORKER if state is None else state
-    image, work, landmarks = state["image"], state["work"], state["landmarks"]
-    for job, name in tasks:
-        donor = image(job.donor) if job.donor >= 0 else None
-        fake, mask, params = edit_one(job.method, image(job.source), job.seed, donor, landmarks)
-        save_work(work / name, fake, mask, params)
-    return len(tasks)
 
 
 def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
@@ -111,9 +87,10 @@ def n_workers(requested: int, n_tasks: int, world: int = 1) -> int:
     return max(1, min(wanted, n_tasks // MIN_JOBS_PER_WORKER))
 
 
-def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, workers: int, dist: Dist,
-               landmarks: str = "none") -> None:
-    """Editing fakes and widened reals, in this process (1 worker) or a spawn pool; same bytes either way."""
+def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, image: Callable[[int], np.ndarray], work: Path,
+               workers: int, dist: Dist, landmarks: str = "none") -> None:
+    """Editing fakes and widened reals, in this process (1 worker, reading with ``image``) or a spawn pool (each
+    process with its own reader of ``sources``); same bytes either way."""
     if not tasks:
         return
     chunks = [tasks[s:s + EDIT_CHUNK] for s in range(0, len(tasks), EDIT_CHUNK)]
@@ -121,14 +98,14 @@ def _run_edits(tasks: list[tuple[Job, str]], sources: Sources, work: Path, worke
     log.info("%saugment: %d editing images with %d process(es)", dist.tag(), len(tasks), n_proc)
     with tqdm(total=len(tasks), desc=f"{dist.tag()}augment edit", unit="img") as bar:
         if n_proc == 1:
-            state = _worker_state(sources, work, landmarks)
+            state = worker_state(image, work, landmarks)
             for chunk in chunks:
-                bar.update(_edit_chunk(chunk, state))
+                bar.update(edit_chunk(chunk, state))
             return
         # spawn, not fork: torch/CUDA may already be initialised in this process (diffusion pipeline).
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(n_proc, initializer=_init_worker, initargs=(sources, str(work), landmarks)) as pool:
-            for n in pool.imap_unordered(_edit_chunk, chunks):
+        with ctx.Pool(n_proc, initializer=init_worker, initargs=(sources, str(work), landmarks)) as pool:
+            for n in pool.imap_unordered(edit_chunk, chunks):
                 bar.update(n)
 
 
@@ -141,8 +118,11 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
     """
     dist = dist or get_dist()
     reals = load_reals(layout.prepared)
-    read_store_record(layout.prepared)  # a clear error for a folder that is not a stage-1 image store
     sources = Sources.from_reals(layout.prepared, reals)
+    image = sources.reader()  # this process's reader of the reals: in-process editing, diffusion, the merge
+    # read once: a clear error for a folder that is not a stage-1 image store, and the output's store.json (its
+    # images are stage-1 images of the same contract)
+    stage1 = read_store_record(layout.prepared)
     jobs = plan_jobs(cfg, len(reals), _sizes(reals) if cfg.reconstruct.per_real else None)  # validates the config
     names = work_names(jobs, reals, cfg, layout.prepared)
     work = work_dir(layout.augmented)
@@ -160,9 +140,9 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
         log.info("augment: %d real sources -> %d images, %d to make", len(reals), len(jobs), len(jobs) - n_done)
         work.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # every process has listed `done` before anyone writes, and the work dir exists
-    _run_edits(my_edits, sources, work, cfg.workers, dist, cfg.landmarks)
+    _run_edits(my_edits, sources, image, work, cfg.workers, dist, cfg.landmarks)
     if my_sd:
-        _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, sources, work, dist)
+        _run_diffusion(pipe, cfg.diffusion, my_sd, jobs, names, done, image, work, dist)
     n_mine = len(my_edits) + sum(len(b) for b in my_sd)
     if cfg.reconstruct.per_real:
         from .reconstruct.stage import run_reconstruct
@@ -171,7 +151,7 @@ def run(cfg: AugmentConfig, layout: Layout, dist: Dist | None = None) -> dict:
     dist.barrier()  # every shard is stored
     if not dist.is_main:
         return {"rank": dist.rank, "world": dist.world, "generated": n_mine}
-    summary = assemble(cfg, layout, jobs, names, reals, CacheReader(layout.prepared))
+    summary = assemble(cfg, layout, jobs, names, reals, image, work, stage1)
     shutil.rmtree(work, ignore_errors=True)
     log.info("augment: wrote %d images to %s %s", summary["n_images"], layout.augmented, summary["by_method"])
     return summary
@@ -192,12 +172,11 @@ def _load_diffusion(d: DiffusionConfig, device: str | None = None) -> Any:
 
 
 def _run_diffusion(pipe: Any, d: DiffusionConfig, batches: list[list[int]], jobs: list[Job], names: list[str],
-                   done: set[str], sources: Sources, work: Path, dist: Dist) -> None:
+                   done: set[str], image: Callable[[int], np.ndarray], work: Path, dist: Dist) -> None:
     """This process's diffusion batches; images of a batch already stored are not written again."""
     n = sum(len(b) for b in batches)
     log.info("%sdiffusion: %d %s fakes with %s on %s", dist.tag(), n, d.mode, d.model, pipe.device)
     embeds = prompt_embeds(pipe)
-    image = sources.reader()
     with tqdm(total=n, desc=f"{dist.tag()}augment sd_{d.mode}", unit="img") as bar:
         for batch in batches:
             srcs = [image(jobs[i].source) for i in batch]

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from ..config import FacePolicy
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
 from ..registry import FACE_DETECTORS
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,3 @@ def apply_face_crop(img: np.ndarray, detector_name: str, margin: float,
     best = max(boxes, key=lambda b: (b.w * b.h, b.score))
     status = "found" if len(boxes) == 1 else f"largest_of_{len(boxes)}"
     return crop_face(img, best, margin), FaceResult(status, tuple(int(v) for v in best[:4]), float(best.score))
-
-
-def check_face_config(face_crop: str, margin: float, policy: str) -> None:
-    """Raise a clear ValueError for an unknown detector / policy or a bad margin."""
-    if face_crop != "none" and face_crop not in FACE_DETECTORS:
-        raise ConfigError(f"prepare_data.face_crop={face_crop!r}: choose one of {['none', *FACE_DETECTORS.names()]}"
-                          f"{did_you_mean(face_crop, FACE_DETECTORS.names())}")
-    if policy not in FACE_POLICIES:
-        raise ConfigError(f"prepare_data.face_policy={policy!r}: choose one of {list(FACE_POLICIES)}")
-    if margin < 1.0:
-        raise ConfigError(f"prepare_data.face_margin={margin}: must be >= 1.0 (1.0 = the detector's box)")

@@ -16,7 +16,6 @@ from typing import NamedTuple
 import cv2
 from tqdm import tqdm
 
-from ..config import PrepareConfig
 from ..data.dedup import hash_image
 from ..data.faces import FaceResult
 from ..data.images import ImageError, decode_file
@@ -24,7 +23,7 @@ from ..data.preprocess import Stage1, stage1_image
 from ..data.store import ShardWriter, shard_name, stored_bytes
 from ..workers import exit_with_parent
 from .sources import Item
-from .work import Work, chunks
+from .work import Work
 
 log = logging.getLogger(__name__)
 TASK_SIZE = 16  # images per worker task: amortises inter-process overhead, bounds memory in flight
@@ -48,10 +47,10 @@ class Loaded:
     file_bytes: int = 0
 
 
-def _load(path: str, cfg: PrepareConfig) -> Loaded:
+def _load(path: str, s1: Stage1) -> Loaded:
     """Worker: decode once, hash, make the stage-1 image and its stored bytes. Never raises."""
     try:
-        raw, dec = decode_file(path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+        raw, dec = decode_file(path, max_pixels=s1.max_pixels, min_side=s1.min_side)
     except ImageError as exc:
         return Loaded(None, error=str(exc), kind=exc.kind)
     except Exception as exc:  # noqa: BLE001 - one file must never stop a 500k run
@@ -59,23 +58,17 @@ def _load(path: str, cfg: PrepareConfig) -> Loaded:
     img = dec.img
     h, w = img.shape[:2]
     hashes = hash_image(img)  # of the whole decoded image: duplicates are about the source photo
-    out, face = stage1_image(img, stage1_of(cfg))
+    out, face = stage1_image(img, s1)
     common = dict(size=(w, h), phash=hashes.phash, dhash=hashes.dhash, digest=hashes.digest, face=face,
                   notes=dec.notes, file_bytes=len(raw))
     if out is None:
-        return Loaded(None, error=f"no face found (face_policy={cfg.face_policy})", kind="no_face", **common)
+        return Loaded(None, error=f"no face found (face_policy={s1.face_policy})", kind="no_face", **common)
     data, how = stored_bytes(raw, dec.format, dec.notes, out, changed=out is not img)
     return Loaded(data, stored_size=(out.shape[1], out.shape[0]), stored=how, **common)
 
 
-def stage1_of(cfg: PrepareConfig) -> Stage1:
-    """The stage-1 part of the preprocessing contract, from stage 1's settings."""
-    return Stage1(max_side=cfg.max_side, face_crop=cfg.face_crop, face_margin=cfg.face_margin,
-                  face_policy=cfg.face_policy, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
-
-
-def _load_batch(paths: list[str], cfg: PrepareConfig) -> list[Loaded]:
-    return [_load(p, cfg) for p in paths]
+def _load_batch(paths: list[str], s1: Stage1) -> list[Loaded]:
+    return [_load(p, s1) for p in paths]
 
 
 def _init_worker() -> None:
@@ -93,20 +86,21 @@ class Task(NamedTuple):
     last: bool  # the chunk's last task: commit the chunk when it is written
 
 
-def decode_all(cfg: PrepareConfig, items: list[Item], work: Work) -> None:
-    """Decode every chunk not yet committed; commit each (shard, then rows) as soon as its last image is in."""
-    todo = [(s, k, c) for s, k, c in chunks(items, cfg.chunk_size) if not work.done(s, k)]
-    n_chunks = sum(1 for _ in chunks(items, cfg.chunk_size))
+def decode_all(s1: Stage1, items: list[Item], work: Work, workers: int = 0) -> None:
+    """Decode every chunk of ``work`` not yet committed into stage-1 images of ``s1``, with ``workers`` processes
+    (0: one per core); commit each chunk (shard, then rows) as soon as its last image is in."""
+    todo = [(s, k, c) for s, k, c in work.chunks(items) if not work.done(s, k)]
+    n_chunks = sum(1 for _ in work.chunks(items))
     if len(todo) < n_chunks:
         log.info("resuming from %s: %d of %d chunks already done", work.path, n_chunks - len(todo), n_chunks)
     tasks = (Task(split, k, j, chunk[j:j + TASK_SIZE], j + TASK_SIZE >= len(chunk))
              for split, k, chunk in todo for j in range(0, len(chunk), TASK_SIZE))
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = workers or os.cpu_count() or 1
     rows: list[dict] = []
     shard: ShardWriter | None = None
     with tqdm(total=len(items), initial=len(items) - sum(len(c) for _, _, c in todo), desc="prepare",
               unit="img") as bar:
-        for task, results in _run_tasks(partial(_load_batch, cfg=cfg), tasks, workers):
+        for task, results in _run_tasks(partial(_load_batch, s1=s1), tasks, workers):
             if task.offset == 0:
                 shard = work.shard(task.split, task.chunk)
             assert shard is not None  # tasks come in order: a chunk's first task opens its shard

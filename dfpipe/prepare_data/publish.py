@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import PrepareConfig
 from ..errors import DataError
 from ..io import atomic_open, write_csv, write_json
 from ..layout import Layout
 from ..data.datacard import data_card, read_dataset_card, write_data_card
 from ..data.dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
+from ..data.preprocess import Stage1
 from ..data.store import write_store_record
-from .pool import stage1_of
-from .sources import SPLITS, Collected, Item, resolve_sources
-from .work import MANIFEST_COLUMNS, Work, chunks
+from .sources import SPLITS, Collected, Item, Source
+from .work import MANIFEST_COLUMNS, Work
 
 log = logging.getLogger(__name__)
 REPORT_EXAMPLES = 100  # unlabelled / ignored files named in the report (all are counted)
@@ -82,30 +81,32 @@ class Tally:
         return pairs, dup, dedup_report(pairs, gid, max_distance)
 
 
-def _committed(work: Work, items: list[Item], chunk_size: int) -> Iterator[pd.DataFrame]:
-    for split, k, _ in chunks(items, chunk_size):
+def _committed(work: Work, items: list[Item]) -> Iterator[pd.DataFrame]:
+    for split, k, _ in work.chunks(items):
         yield pd.read_csv(work.chunk_file(split, k), dtype=str, keep_default_na=False)
 
 
-def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> dict:
-    """Manifest, dedup, report: then rename the store onto ``layout.prepared`` and drop the work dir."""
+def publish(layout: Layout, col: Collected, work: Work, s1: Stage1, dup_max_distance: int) -> dict:
+    """Manifest, dedup (pHash distance <= ``dup_max_distance``), report: then rename the store (of images made
+    by ``s1``) onto ``layout.prepared`` and drop the work dir. Everything is worked out from the committed chunks
+    first, then written."""
     tally = Tally()
-    for df in _committed(work, col.items, cfg.chunk_size):
+    for df in _committed(work, col.items):
         tally.add(df)
     _check_usable(tally.counts["labels"])
-    pairs, dup, dup_summary = tally.duplicates(cfg.dup_max_distance)
+    pairs, dup, dup_summary = tally.duplicates(dup_max_distance)
     _log_duplicates(dup_summary)
-    n_rows = _write_manifest(work.cache / "manifest.csv", _committed(work, col.items, cfg.chunk_size), dup)
-    write_store_record(work.cache, stage1_of(cfg), manifest_rows=n_rows)  # readers verify the manifest against it
-    card = _data_card(cfg, layout, tally)
+    report = _report(s1, col, tally)
+    report["duplicates"] = dup_summary
+    card = _data_card(layout.data_root, col.sources, tally)
+    report["data"] = card
+    n_rows = _write_manifest(work.cache / "manifest.csv", _committed(work, col.items), dup)
+    write_store_record(work.cache, s1, manifest_rows=n_rows)  # readers verify the manifest against it
     write_data_card(work.cache, card)  # what the models will have been trained on: stage 5 puts it in its card
     out = Path(layout.prepared)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work.cache, out)  # a rename: the store is never copied
     write_csv(layout.duplicates, pairs[DUP_COLUMNS])
-    report = _report(cfg, col, tally)
-    report["duplicates"] = dup_summary
-    report["data"] = card
     write_json(layout.prepare_report, report)
     shutil.rmtree(work.path)
     log.info("prepared %d images (%s), skipped %d; store %.1f MB = %.2fx the input files (%s)",
@@ -114,14 +115,14 @@ def publish(cfg: PrepareConfig, layout: Layout, col: Collected, work: Work) -> d
     return report
 
 
-def _data_card(cfg: PrepareConfig, layout: Layout, tally: Tally) -> dict:
+def _data_card(data_root: str | Path, sources: list[Source], tally: Tally) -> dict:
     """The store's data card: labelled images kept per split and class, and whether a dataset card of the inputs
     (the data root's, or a dataset folder's) says they are the demo's."""
-    folders = dict.fromkeys([Path(layout.data_root), *(s.images for s in resolve_sources(cfg, layout))])
+    folders = dict.fromkeys([Path(data_root), *(s.images for s in sources)])
     cards = [c for c in map(read_dataset_card, folders) if c is not None]
     c = tally.counts
     counts = {s: {"real": c["images"][s] - c["fake"][s], "fake": c["fake"][s]} for s in ("train", "val")}
-    return data_card(layout.data_root, cards, counts)
+    return data_card(data_root, cards, counts)
 
 
 def _write_manifest(path: Path, chunks: Iterable[pd.DataFrame], dup: np.ndarray) -> int:
@@ -152,14 +153,15 @@ def _check_usable(labels: Counter) -> None:
         raise DataError(f"labelled images hold one class only (label {next(iter(labels))}): need real and fake")
 
 
-def _report(cfg: PrepareConfig, col: Collected, tally: Tally) -> dict:
+def _report(s1: Stage1, col: Collected, tally: Tally) -> dict:
+    """The report's counts; its settings are those the stored images were made with (``s1``)."""
     skipped = col.skipped + tally.failed
     c = tally.counts
     datasets = {name: {"n_listed": n, "n_images": c["ds_ok"][name], "n_failed": c["ds_failed"][name],
                        "n_missing": sum(1 for s in col.skipped if s["dataset"] == name)}
                 for name, n in col.listed.items()}
     return {
-        "max_side": cfg.max_side,
+        "max_side": s1.max_side,
         "store": {"bytes": tally.stored_bytes, "input_bytes": tally.file_bytes,
                   "ratio": round(tally.stored_bytes / max(1, tally.file_bytes), 4),
                   **{f"n_{k}": c["stored"][k] for k in ("original", "png")}},
@@ -175,5 +177,5 @@ def _report(cfg: PrepareConfig, col: Collected, tally: Tally) -> dict:
         "n_ignored_files": len(col.ignored),
         "ignored_files": col.ignored[:REPORT_EXAMPLES],
         "datasets": datasets,
-        "faces": {"detector": cfg.face_crop, **dict(sorted(c["faces"].items()))},
+        "faces": {"detector": s1.face_crop, **dict(sorted(c["faces"].items()))},
     }

@@ -49,6 +49,7 @@ class Collected:
     unlabelled: list[str] = field(default_factory=list)  # image files no label file lists (ignored)
     ignored: list[str] = field(default_factory=list)  # non-image files in an image folder (ignored)
     listed: dict[str, int] = field(default_factory=dict)  # dataset -> images listed
+    sources: list[Source] = field(default_factory=list)  # the datasets read (resolved once: the data card needs them)
 
 
 def resolve_sources(cfg: PrepareConfig, layout: Layout) -> list[Source]:
@@ -85,7 +86,7 @@ def collect_items(cfg: PrepareConfig, layout: Layout) -> Collected:
     """
     sources = resolve_sources(cfg, layout)
     per_split = Counter(s.split for s in sources)
-    out = Collected()
+    out = Collected(sources=sources)
     for src in sources:
         prefix = f"{src.name}/" if per_split[src.split] > 1 else ""
         _collect_source(src, cfg.limit, prefix, out)

@@ -49,7 +49,10 @@ def fingerprint(cfg: PrepareConfig, items: Iterable[Item]) -> str:
 
 class Work:
     """The work dir: ``journal.json``, ``cache/<split>-<k>.bin`` (+ ``.idx.npy``) shards, one per committed
-    chunk, and one ``chunks/{split}-{k:06d}.csv`` per committed chunk. ``cache/`` becomes ``out_dir``."""
+    chunk, and one ``chunks/{split}-{k:06d}.csv`` per committed chunk. ``cache/`` becomes ``out_dir``.
+
+    The journal's ``chunk_size`` fixes how the items fall into chunks (:meth:`chunks`): decoding and publishing
+    both take the chunks from here, so they cannot cut them differently from the work the journal vouches for."""
 
     def __init__(self, path: Path, journal: dict) -> None:
         self.path, self.journal = path, journal
@@ -74,6 +77,14 @@ class Work:
         except (OSError, ValueError):
             return False
 
+    def chunks(self, items: list[Item]) -> Iterator[tuple[str, int, list[Item]]]:
+        """(split, chunk number, items) in manifest order: split order, then item order."""
+        size = self.journal["chunk_size"]
+        for split in SPLITS:
+            sub = [it for it in items if it.split == split]
+            for k, start in enumerate(range(0, len(sub), size)):
+                yield split, k, sub[start:start + size]
+
     def chunk_file(self, split: str, k: int) -> Path:
         return self.path / "chunks" / f"{split}-{k:06d}.csv"
 
@@ -89,11 +100,3 @@ class Work:
         """A finished chunk: its shard renamed into place, then its manifest rows written atomically."""
         shard.commit()
         write_csv(self.chunk_file(split, k), pd.DataFrame(rows, columns=CHUNK_COLUMNS))
-
-
-def chunks(items: list[Item], chunk_size: int) -> Iterator[tuple[str, int, list[Item]]]:
-    """(split, chunk number, items) in manifest order: split order, then item order."""
-    for split in SPLITS:
-        sub = [it for it in items if it.split == split]
-        for k, start in enumerate(range(0, len(sub), chunk_size)):
-            yield split, k, sub[start:start + chunk_size]
