@@ -142,7 +142,7 @@ def bench_diffusion(images: list[np.ndarray], n: int, steps: int, batch_size: in
     import torch
 
     from dfpipe.augment_sd.diffusion import TINY_MODEL, load_pipeline, native_size
-    from dfpipe.augment_sd.generate import _prompt_embeds, sd_batch
+    from dfpipe.augment_sd.generate import prompt_embeds, sd_batch
 
     out: dict = {"note": "tiny RANDOM-weight pipeline (UNet/VAE 32/64 channels), run at its 64 px native size; "
                          "times the diffusers code path only, not Stable Diffusion 1.5 at 512 px",
@@ -151,7 +151,7 @@ def bench_diffusion(images: list[np.ndarray], n: int, steps: int, batch_size: in
     for mode, strength in (("img2img", 0.5), ("inpaint", 1.0)):
         d = DiffusionConfig(model=TINY_MODEL, mode=mode, steps=steps, strength=strength, batch_size=batch_size)
         pipe = load_pipeline(TINY_MODEL, mode, "float32", "cpu")
-        embeds = _prompt_embeds(pipe)
+        embeds = prompt_embeds(pipe)
         sd_batch(pipe, d, srcs[:1], [0], embeds)  # warm-up
 
         def run(p: object = pipe, cfg: DiffusionConfig = d) -> None:

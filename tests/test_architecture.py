@@ -152,3 +152,24 @@ def test_no_benchmark_code_is_left_in_the_pipeline_package():
     lines = sum(len(MODULES[m].read_text().splitlines()) for m in inside)
     assert not inside, f"benchmark modules inside dfpipe ({lines} lines): {inside}; they belong in dfbench/"
     assert {"dfbench", "dfbench.grid", "dfbench.cells", "dfbench.runs", "dfbench.tables", "dfbench.queue"} <= set(MODULES)
+
+
+BENCH_SCRIPTS = sorted((REPO / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda p: p.name)
+def test_bench_scripts_import_public_names_that_exist(script):
+    """The benchmark scripts are clients too, run by hand (make bench) rather than by the suite: a name they import
+    from dfpipe/dfbench must be public and still exist (a renamed function once broke bench_augment unnoticed)."""
+    import importlib
+
+    bad = []
+    for base, names in _imports(script, here="bench." + script.stem):
+        if base.split(".")[0] not in ("dfpipe", "dfbench"):
+            continue
+        module = importlib.import_module(base)
+        bad += [f"from {base} import {n}: private" for n in names if n.startswith("_") and not n.startswith("__")]
+        bad += [f"from {base} import {n}: no such name" for n in names
+                if not hasattr(module, n)
+                and not (hasattr(module, "__path__") and importlib.util.find_spec(f"{base}.{n}"))]
+    assert not bad, f"{script.relative_to(REPO)}: {bad}"
