@@ -74,20 +74,21 @@ def _val_metrics(val: pd.DataFrame, val_pe: np.ndarray, val_scores: np.ndarray, 
 
 def run(cfg: PredictConfig, layout: Layout) -> dict:
     """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics."""
+    # the ensemble first: its config (experts, views, combine) and checkpoints are checked before any data is read
+    ens = Ensemble.load(layout.models, cfg.experts, cfg.tta, cfg.combine)
+    if cfg.combine == "rank":
+        log.warning("combine 'rank': scores are ranks within each scored set, so the thresholds chosen on val "
+                    "(verdicts, accuracy) do not carry over to other sets or to single images")
     # the inputs, read once: the images to score, the test labels, the training data's card
     test_all, test_ok, test_pool = _test_set(layout.prepared)
     val, gen = _val_sets(load_split_pool(layout.splits, layout.prepared, layout.augmented if cfg.per_method else None))
     test_labels = _test_labels(layout.data("test_labels"))
     origin = {"protocol": protocol(cfg.combine, bool(test_labels)), **provenance(layout.prepared)}
-    if cfg.combine == "rank":
-        log.warning("combine 'rank': scores are ranks within each scored set, so the thresholds chosen on val "
-                    "(verdicts, accuracy) do not carry over to other sets or to single images")
 
-    ens = Ensemble.load(layout.models, cfg.experts, cfg.tta, cfg.combine)
-    names = ens.names
     val_pe = ens.score_pool(val, cfg.batch_size, "score val")
     gen_pe = ens.score_pool(gen, cfg.batch_size, "score gen") if len(gen) else None
     test_pe = ens.score_pool(test_pool, cfg.batch_size, "score test")
+    names = ens.names
 
     # the combination, fitted on val (stack) and applied to the other sets; the thresholds, chosen on val
     y = val.label.to_numpy()
