@@ -73,7 +73,10 @@ def _val_metrics(val: pd.DataFrame, val_pe: np.ndarray, val_scores: np.ndarray, 
 
 
 def run(cfg: PredictConfig, layout: Layout) -> dict:
-    """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics."""
+    """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics.
+
+    One way down: the ensemble and the inputs are read first, every set is scored in one go, then combined,
+    measured and turned into the outputs, which are written last (nothing is half-written when a step fails)."""
     # the ensemble first: its config (experts, views, combine) and checkpoints are checked before any data is read
     ens = Ensemble.load(layout.models, cfg.experts, cfg.tta, cfg.combine)
     if cfg.combine == "rank":
@@ -98,8 +101,7 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     thresholds = choose_thresholds(y, val_scores, cfg.max_fpr, cfg.max_fnr)
 
     metrics: dict[str, Any] = {}
-    metrics["val"], thr = _val_metrics(val, val_pe, val_scores, names, thresholds["t_decision"],
-                                         generated)
+    metrics["val"], thr = _val_metrics(val, val_pe, val_scores, names, thresholds["t_decision"], generated)
     metrics["combine"], metrics["thresholds"], metrics["n_tta_views"] = combination, thresholds, len(ens.views)
     roc_sets = [RocSet("val", "selection-biased (epochs, thresholds chosen on it)", y,
                        {"ensemble": val_scores, **dict(zip(names, val_pe))})]
