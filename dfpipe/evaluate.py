@@ -47,8 +47,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _JPEG = re.compile(r"^jpeg(\d+)$")
 _BLUR = re.compile(r"^blur(\d+(?:\.\d+)?)$")
 
-__all__ = ["Degradation", "bootstrap_auc", "list_class_folders", "list_set", "markdown_table", "parse_degradation", "run", "eval_sets",
-           "set_metrics", "weighted_auc"]
+__all__ = ["Degradation", "bootstrap_auc", "eval_sets", "list_class_folders", "list_set", "markdown_table",
+           "parse_degradation", "run", "set_metrics", "set_paths", "weighted_auc"]
 
 
 # ----------------------------------------------------------------------------- listing a set
