@@ -47,8 +47,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _JPEG = re.compile(r"^jpeg(\d+)$")
 _BLUR = re.compile(r"^blur(\d+(?:\.\d+)?)$")
 
-__all__ = ["Degradation", "bootstrap_auc", "list_class_folders", "list_set", "markdown_table", "parse_degradation", "run", "eval_sets",
-           "set_metrics", "weighted_auc"]
+__all__ = ["Degradation", "bootstrap_auc", "eval_sets", "list_class_folders", "list_set", "markdown_table",
+           "parse_degradation", "run", "set_metrics", "set_paths", "weighted_auc"]
 
 
 # ----------------------------------------------------------------------------- listing a set
@@ -59,16 +59,22 @@ def list_set(spec: EvalSetConfig, data_root: str | Path) -> pd.DataFrame:
     file that is missing counts later as failed, like an undecodable one); without it ``real/**`` is 0
     and ``fake/**`` is 1. Both paths are relative to ``data_root`` unless absolute.
     """
-    root = Path(data_root) / spec.images
+    root, labels_csv = set_paths(spec, data_root)
     if not root.is_dir():
         raise InputError(f"evaluate set {spec.name!r}: image folder {root} not found")
-    if spec.labels:
-        labels = read_labels(Path(data_root) / spec.labels)
+    if labels_csv is not None:
+        labels = read_labels(labels_csv)
         df = pd.DataFrame({"img_name": labels.img_name, "label": labels.label.astype(int)})
     else:
         df = list_class_folders(spec.name, root)
     df["path"] = [str(root / n) for n in df.img_name]
     return df[["img_name", "path", "label"]].reset_index(drop=True)
+
+
+def set_paths(spec: EvalSetConfig, data_root: str | Path) -> tuple[Path, Path | None]:
+    """A set's image folder and label CSV (None: labelled by ``real/`` and ``fake/``), inside ``data_root`` unless
+    absolute: the paths :func:`list_set` reads."""
+    return Path(data_root) / spec.images, Path(data_root) / spec.labels if spec.labels else None
 
 
 def list_class_folders(name: str, root: Path) -> pd.DataFrame:
@@ -235,12 +241,12 @@ def _decisions(y: np.ndarray, s: np.ndarray, thresholds: dict) -> dict[str, floa
 
 # ----------------------------------------------------------------------------- the stage
 def _score_set(ens: Ensemble, name: str, files: pd.DataFrame, degradations: dict[str, Degradation | None],
-               cfg: EvaluateConfig) -> pd.DataFrame:
+               batch_size: int, workers: int) -> pd.DataFrame:
     """Scores of every file of one set under each degradation: rows set, degradation, img_name, label, score."""
     parts = []
     for dname, fn in degradations.items():
         log.info("set %s: scoring %d images (%s)", name, len(files), dname)
-        scores, errors = ens.score_files(list(files.path), cfg.batch_size, cfg.workers, degrade=fn)
+        scores, errors = ens.score_files(list(files.path), batch_size, workers, degrade=fn)
         for path, err in errors[:5]:
             log.warning("set %s (%s): %s failed: %s", name, dname, path, err)
         if len(errors) > 5:
@@ -250,7 +256,7 @@ def _score_set(ens: Ensemble, name: str, files: pd.DataFrame, degradations: dict
     return pd.concat(parts, ignore_index=True)
 
 
-def _metrics_of(name: str, scored: pd.DataFrame, thresholds: dict, cfg: EvaluateConfig) -> dict[str, dict]:
+def _metrics_of(name: str, scored: pd.DataFrame, thresholds: dict, bootstrap: int, seed: int) -> dict[str, dict]:
     """Per degradation metrics of one set; a set left with one usable class is a clear error."""
     out = {}
     for dname, g in scored.groupby("degradation", sort=False):
@@ -260,7 +266,7 @@ def _metrics_of(name: str, scored: pd.DataFrame, thresholds: dict, cfg: Evaluate
                 raise DataError(f"evaluate set {name!r} ({dname}): no usable {cls} image "
                                  f"({int((~ok & (g.label == label)).sum())} failed to decode); it needs both classes")
         try:
-            out[str(dname)] = set_metrics(g.label.to_numpy(), g.score.to_numpy(), thresholds, cfg.bootstrap, cfg.seed)
+            out[str(dname)] = set_metrics(g.label.to_numpy(), g.score.to_numpy(), thresholds, bootstrap, seed)
         except MetricError as exc:
             raise DataError(f"evaluate set {name!r} ({dname}): {exc}") from None
     return out
@@ -300,9 +306,10 @@ def eval_sets(cfg: EvaluateConfig, layout: Layout) -> list[EvalSetConfig]:
     there (a challenge releases them later): then there is nothing held out to score, said in a warning."""
     if cfg.sets:
         return list(cfg.sets)
-    labels = layout.data("test_labels")
-    if labels and Path(labels).is_file() and Path(layout.data("test_dir")).is_dir():
-        return [EvalSetConfig(DEFAULT_SET, layout.test_dir, layout.test_labels)]
+    test = EvalSetConfig(DEFAULT_SET, layout.test_dir, layout.test_labels)
+    images, labels = set_paths(test, layout.data_root)
+    if labels is not None and labels.is_file() and images.is_dir():
+        return [test]
     log.warning("evaluate: no labelled set: evaluate.sets is empty and the test set has no labels at %s; "
                 "stage 6 writes empty reports (give evaluate.sets, or paths.test_labels)", labels or "(none)")
     return []
@@ -319,33 +326,38 @@ def run(cfg: EvaluateConfig, layout: Layout) -> dict:
     _check_set_names(sets)
     degradations = _degradations(cfg.degradations)
     files = {s.name: list_set(s, layout.data_root) for s in sets}  # every listing error before any scoring
-    if not files:
-        return _write_outputs(layout, {}, {}, list(degradations))
-    from .ensemble_predict import Ensemble  # torch and the models only once the config and the sets are checked
+    metrics: dict[str, Any] = {}
+    scored: dict[str, pd.DataFrame] = {}
+    if files:
+        from .ensemble_predict import Ensemble  # torch and the models only once the config and the sets are checked
 
-    ens = Ensemble.from_card(layout.card, layout.models)
-    thresholds = ens.thresholds
-    scored = {name: _score_set(ens, name, f, degradations, cfg) for name, f in files.items()}
-    per_set = {name: _metrics_of(name, s, thresholds, cfg) for name, s in scored.items()}
-    metrics: dict[str, Any] = {**per_set, "mean": _mean_over_sets(per_set, list(degradations))}
-    _write_outputs(layout, metrics, scored, list(degradations))
-    for name in per_set:
-        c = per_set[name][CLEAN]
+        ens = Ensemble.from_card(layout.card, layout.models)
+        scored = {name: _score_set(ens, name, f, degradations, cfg.batch_size, cfg.workers)
+                  for name, f in files.items()}
+        per_set = {name: _metrics_of(name, s, ens.thresholds, cfg.bootstrap, cfg.seed) for name, s in scored.items()}
+        metrics = {**per_set, "mean": _mean_over_sets(per_set, list(degradations))}
+    roc, scores, table = _outputs(metrics, scored, list(degradations))
+    Path(layout.eval_roc).mkdir(parents=True, exist_ok=True)
+    for name, points in roc.items():
+        write_csv(Path(layout.eval_roc) / f"roc_{name}.csv", points)
+    write_csv(layout.eval_scores, scores)
+    write_json(layout.eval_metrics, metrics)
+    with atomic_open(layout.eval_table, "w", encoding="utf-8") as fh:
+        fh.write(table)
+    for name in scored:
+        c = metrics[name][CLEAN]
         log.info("set %s: AUC %.4f, TPR@FPR=1e-2 %.3f, F1 %.3f (%d real, %d fake, %d failed)", name, c["auc"],
                  c["tpr_at_fpr_1e-2"], c["f1"], c["n_real"], c["n_fake"], c["n_failed"])
     return metrics
 
 
-def _write_outputs(layout: Layout, metrics: dict, scored: dict[str, pd.DataFrame], degradations: list[str]) -> dict:
-    """Stage 6's declared outputs: ROC points per set, every score, the metrics and the table."""
-    Path(layout.eval_roc).mkdir(parents=True, exist_ok=True)
+def _outputs(metrics: dict, scored: dict[str, pd.DataFrame], degradations: list[str]
+             ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, str]:
+    """Stage 6's declared outputs but the metrics: ROC points per set (clean), every score, the table."""
+    roc = {}
     for name, s in scored.items():
         clean = s[(s.degradation == CLEAN) & s.score.notna()]
-        write_csv(Path(layout.eval_roc) / f"roc_{name}.csv", pd.DataFrame(roc_points(clean.label, clean.score)))
-    columns = ["set", "degradation", "img_name", "label", "score"]
-    write_csv(layout.eval_scores, pd.concat(scored.values(), ignore_index=True) if scored
-              else pd.DataFrame(columns=columns))
-    write_json(layout.eval_metrics, metrics)
-    with atomic_open(layout.eval_table, "w", encoding="utf-8") as fh:
-        fh.write(markdown_table(metrics, degradations) if metrics else "no labelled set was scored\n")
-    return metrics
+        roc[name] = pd.DataFrame(roc_points(clean.label, clean.score))
+    scores = (pd.concat(scored.values(), ignore_index=True) if scored
+              else pd.DataFrame(columns=["set", "degradation", "img_name", "label", "score"]))
+    return roc, scores, markdown_table(metrics, degradations) if metrics else "no labelled set was scored\n"

@@ -111,6 +111,13 @@ def write_csv(path: str | Path, df: pd.DataFrame, **kwargs: Any) -> None:
         df.to_csv(fh, **kwargs)
 
 
+def write_png(path: str | Path, fig: Any) -> None:
+    """A matplotlib figure as a PNG at its own dpi, atomically (a failed plot never leaves half a file under the real
+    name); no date or version in the file, so the same figure gives the same bytes."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi="figure", format="png", metadata={"Software": None})
+
+
 class _TqdmHandler(logging.StreamHandler):
     """Route log lines through tqdm.write so they do not break progress bars."""
 

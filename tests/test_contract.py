@@ -119,12 +119,12 @@ def _store_scores(layout, ens) -> dict[str, float]:
 def _submission_scores(layout, ens, tmp_path) -> dict[str, float]:
     """What stage 5 writes to prediction.txt for the same files listed as the test set (its own test-set
     scoring and submission writer, then the file read back)."""
-    from dfpipe.config import PredictConfig
     from dfpipe.io import write_csv
     from dfpipe.ensemble_predict import build_submission
-    from dfpipe.ensemble_predict.pipeline import _score_test
+    from dfpipe.ensemble_predict.pipeline import _test_set
 
-    test_all, _, _, scores = _score_test(ens, PredictConfig(batch_size=3), layout.prepared)
+    test_all, _, test_pool = _test_set(layout.prepared)
+    scores = ens.combine_experts(ens.score_pool(test_pool, 3, "score test"))
     write_csv(tmp_path / "prediction.txt", build_submission(test_all, scores, 0.5), float_format="%.6f")
     sub = pd.read_csv(tmp_path / "prediction.txt")
     return dict(zip(sub.img_name, sub.y_pred))

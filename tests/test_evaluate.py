@@ -22,7 +22,7 @@ from test_serve_api import THRESHOLDS, make_card
 
 from dfpipe.config import EvalSetConfig, EvaluateConfig
 from dfpipe.data.images import decode_image
-from dfpipe.evaluate import (bootstrap_auc, list_set, markdown_table, parse_degradation, run as run_evaluate,
+from dfpipe.evaluate import (bootstrap_auc, eval_sets, list_set, set_paths, markdown_table, parse_degradation, run as run_evaluate,
                              set_metrics, weighted_auc)
 from dfpipe.metrics import MetricError
 from dfpipe.ensemble_predict import Ensemble
@@ -318,3 +318,17 @@ def test_stage_script_reports_bad_config_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "06_evaluate.py"), "--params", str(p)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown degradation 'sharpen'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_default_set_is_checked_at_the_paths_list_set_reads(tmp_path):
+    """evaluate.sets empty: the data root's test set counts only when its folder and label file are there, found
+    as :func:`list_set` will read them (relative to the data root, or absolute)."""
+    root = tmp_path / "raw"
+    (root / "test").mkdir(parents=True)
+    assert set_paths(EvalSetConfig("s", "test", ""), root) == (root / "test", None)
+    assert set_paths(EvalSetConfig("s", "test", str(tmp_path / "l.csv")), root)[1] == tmp_path / "l.csv"
+    layout = layout_in(tmp_path, data_root=root, test_dir="test", test_labels="labels.csv")
+    assert eval_sets(EvaluateConfig(), layout) == []  # no label file yet
+    (root / "labels.csv").write_text("img_name,target\n")
+    (test,) = eval_sets(EvaluateConfig(), layout)
+    assert set_paths(test, layout.data_root) == (root / "test", root / "labels.csv")

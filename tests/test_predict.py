@@ -125,6 +125,51 @@ def test_scale_view_feeds_the_expert_at_a_different_size(checkpoint, rng):
     assert np.abs(full - ens.score_batch({"resize32": x})[0]).max() > 1e-6
 
 
+def test_view_batch_stacks_every_view_of_a_group_in_view_order(rng):
+    from dfpipe.ensemble_predict.tta import view_batch
+
+    x = torch.from_numpy(rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+    views = [parse_view(n) for n in ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")]
+    want = torch.cat([x, x.flip(3), x.flip(2), x.rot90(1, (2, 3)), x.rot90(2, (2, 3)), x.rot90(3, (2, 3))])
+    assert torch.equal(view_batch(views, x), want)  # view v of image b at row v B + b
+    assert torch.equal(view_batch(views[1:2], x), views[1].apply(x))
+
+
+def test_view_groups_are_resolved_once_not_per_batch(checkpoint, rng, monkeypatch):
+    """An expert's views grouped by (policy, size) at load time; scoring a batch re-derives none of them."""
+    from dfpipe.ensemble_predict import tta
+
+    ens = _cpu_ensemble(checkpoint, ["identity", "scale0.75", "hflip", "hflip+scale0.75"])
+    ((p1, s1, v1), (p2, s2, v2)), = ens.groups
+    assert (s1, s2) == (32, 24) and p1 == p2 and [v.name for v in v1 + v2] == [
+        "identity", "hflip", "scale0.75", "hflip+scale0.75"]
+    sized = []
+    monkeypatch.setattr(tta.View, "size", lambda self, n: sized.append(self) or 0)
+    x = torch.from_numpy(rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
+    assert ens.score_batch({p1.key: x}).shape == (1, 3) and sized == []
+
+
+def test_combine_val_and_generated_scores_share_one_scale():
+    from dfpipe.ensemble_predict.combine import combine_val, with_generated
+
+    val_pe, y = np.array([[0.9, 0.2, 0.6, 0.1], [0.7, 0.4, 0.8, 0.3]]), np.array([1, 0, 1, 0])
+    gen_pe = np.array([[0.95, 0.05], [0.85, 0.15]])
+    stack, scores, numbers = combine_val("mean_prob", ["a", "b"], val_pe, y, 2)
+    assert stack is None and numbers == {"mean_prob": {"w_a": 0.5, "w_b": 0.5}}
+    np.testing.assert_allclose(scores, [0.8, 0.3, 0.7, 0.2])
+    val_s, gen_s = with_generated("mean_prob", None, val_pe, scores, gen_pe)
+    assert val_s is scores and np.allclose(gen_s, [0.9, 0.1])
+    _, rank_val, _ = combine_val("rank", ["a", "b"], val_pe, y, 2)
+    joint_val, joint_gen = with_generated("rank", None, val_pe, rank_val, gen_pe)
+    # ranked over val and generated together (6 images: ranks / 5), not val alone (ranks / 3)
+    np.testing.assert_allclose(joint_val, [0.7, 0.4, 0.7, 0.2])
+    np.testing.assert_allclose(joint_gen, [1.0, 0.0])
+    np.testing.assert_allclose(rank_val, [5 / 6, 1 / 3, 5 / 6, 0.0])
+    stack, oof, numbers = combine_val("stack", ["a", "b"], val_pe, y, 2)
+    assert set(numbers["stack"]) == {"intercept", "coef_a", "coef_b"} and len(stack["coef"]) == 2
+    assert oof.shape == (4,) and not np.allclose(oof, combine_scores(val_pe, "stack", stack))  # out-of-fold
+
+
 def test_parse_view_accepts_combinations_and_rejects_nonsense():
     v = parse_view("hflip+scale1.25")
     assert (v.geo, v.scale, v.size(32)) == ("hflip", 1.25, 40)
@@ -244,8 +289,8 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     cfg = PredictConfig(experts=["a", "b"], tta=["identity", "rot180"], combine="stack", stack_folds=3,
                         batch_size=8)
     stage5 = importlib.import_module("dfpipe.ensemble_predict.pipeline")
-    drawn, plot_roc = [], stage5.plot_roc
-    monkeypatch.setattr(stage5, "plot_roc", lambda path, sets: (drawn.append(sets), plot_roc(path, sets)))
+    drawn, roc_figure = [], stage5.roc_figure
+    monkeypatch.setattr(stage5, "roc_figure", lambda sets: (drawn.append(sets), roc_figure(sets))[1])
     metrics = run_predict(cfg, layout)
     sub = pd.read_csv(out / "prediction.txt")
     assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]

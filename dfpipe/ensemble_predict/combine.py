@@ -62,3 +62,24 @@ def fit_stacking(per_expert: np.ndarray, labels: np.ndarray, folds: int = 5,
     oof = cross_val_predict(LogisticRegression(), x, y, cv=cv, method="predict_proba")[:, 1]
     lr = LogisticRegression().fit(x, y)
     return {"coef": [float(c) for c in lr.coef_[0]], "intercept": float(lr.intercept_[0])}, oof
+
+
+def combine_val(method: str, names: list[str], per_expert: np.ndarray, labels: np.ndarray,
+                folds: int) -> tuple[dict | None, np.ndarray, dict]:
+    """Stage 5's combination on the val fold: the stacking weights (``stack``: fitted on all of val, else None),
+    the val ensemble scores (out-of-fold for ``stack``) and the combination as numbers for metrics.json."""
+    if method == "stack":
+        stack, scores = fit_stacking(per_expert, labels, folds)
+        return stack, scores, {"stack": {"intercept": stack["intercept"],
+                                         **{f"coef_{n}": c for n, c in zip(names, stack["coef"])}}}
+    return None, combine_scores(per_expert, method), {method: {f"w_{n}": 1.0 / len(names) for n in names}}
+
+
+def with_generated(method: str, stack: dict | None, val_pe: np.ndarray, val_scores: np.ndarray,
+                   gen_pe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(val scores, generated-image scores) on one scale: per-image combinations score the generated images alone
+    (``stack`` val scores stay out-of-fold); ranks are relative, so ``rank`` ranks both sets together."""
+    if method != "rank":
+        return val_scores, combine_scores(gen_pe, method, stack)
+    joint = combine_scores(np.concatenate([val_pe, gen_pe], axis=1), method, stack)
+    return joint[:val_pe.shape[1]], joint[val_pe.shape[1]:]

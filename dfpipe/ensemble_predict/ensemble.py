@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..data.dataset import StoreDataset
 from ..data.images import decode_image
 from ..data.preprocess import InputPolicy, Preprocess, Stage1, fit, scoring_image
 from ..data.transforms import to_model_input
@@ -24,7 +26,7 @@ from ..metrics import verdict
 from .combine import COMBINE, combine_scores
 from .experts import LoadedExpert, load_expert
 from .gpu_decode import DECODE_MODES, device_batches, device_refusal
-from .tta import TTA_VIEWS, View, parse_view
+from .tta import TTA_VIEWS, View, parse_view, view_batch
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,18 @@ def scoring_policy(policy: InputPolicy, crops: int) -> InputPolicy:
     return policy if crops == 1 or policy.mode == "resize" else replace(policy, crops=crops)
 
 
+ViewGroup = tuple[InputPolicy, int, list[View]]  # the views of one expert that share its policy and input size
+
+
+def view_groups(views: list[View], policies: dict[int, InputPolicy], img_size: int) -> list[ViewGroup]:
+    """An expert's views grouped by (its policy for their crops count, their model input size), in view order:
+    each group is one normalised input and one forward pass per batch."""
+    groups: dict[tuple[InputPolicy, int], list[View]] = {}
+    for v in views:
+        groups.setdefault((policies[v.crops], v.size(img_size)), []).append(v)
+    return [(policy, size, vs) for (policy, size), vs in groups.items()]
+
+
 class Ensemble:
     def __init__(self, experts: list[LoadedExpert], tta: list[str], combine: str, device: torch.device,
                  stack: dict | None = None, thresholds: dict | None = None):
@@ -104,6 +118,9 @@ class Ensemble:
         self.inputs: list[dict[int, InputPolicy]] = [{v.crops: scoring_policy(p.input.policy, v.crops) for v in self.views}
                                                      for p in self.preps]
         self.policies: list[InputPolicy] = list(dict.fromkeys(q for d in self.inputs for q in d.values()))
+        # resolved once, not per batch: the sizes depend only on the views and each expert's model
+        self.groups: list[list[ViewGroup]] = [view_groups(self.views, pols, e.model.img_size)
+                                              for e, pols in zip(experts, self.inputs)]
         self.stack, self.thresholds = stack, thresholds
 
     @property
@@ -152,24 +169,20 @@ class Ensemble:
                 **(extra or {})}
 
     # -- scoring
-    def _expert_probs(self, m: torch.nn.Module, xs: dict[str, torch.Tensor], policies: dict[int, InputPolicy],
+    def _expert_probs(self, m: torch.nn.Module, xs: dict[str, torch.Tensor], groups: list[ViewGroup],
                       inputs: dict) -> torch.Tensor:
         """(B,) probability of one expert, averaged over the views (a crops<N> view: over its N crops first).
         ``xs``: the uint8 batches by policy key, (B, S, S, 3), or (B, N, S, S, 3) for a grid of crops;
-        ``policies``: the expert's policy per crops count; ``inputs`` caches the normalised batches by (key, size,
+        ``groups``: the expert's :func:`view_groups`; ``inputs`` caches the normalised batches by (key, size,
         mean, std) so experts that share them compute them once."""
-        groups: dict[tuple[InputPolicy, int], list[View]] = {}
-        for v in self.views:
-            groups.setdefault((policies[v.crops], v.size(m.img_size)), []).append(v)
         probs = []
-        for (policy, size), views in groups.items():
+        for policy, size, views in groups:
             ck = (policy.key, size, tuple(m.mean), tuple(m.std))
             if ck not in inputs:
                 x = xs[policy.key]
                 x = x.flatten(0, 1) if x.dim() == 5 else x  # (B N, S, S, 3): crop n of image b at row b N + n
                 inputs[ck] = to_model_input(x, size, m.mean, m.std, channels_last=True)
-            batch = torch.cat([v.apply(inputs[ck]) for v in views]) if len(views) > 1 else views[0].apply(inputs[ck])
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = view_batch(views, inputs[ck]).contiguous(memory_format=torch.channels_last)
             with autocast(self.device):
                 p = m(batch)["prob"].float()  # (V B N,)
             probs.append(p.view(len(views), -1, policy.crops).mean(2))  # (V, B)
@@ -182,13 +195,20 @@ class Ensemble:
         probabilities, averaged over TTA views."""
         on_device = {p.key: xs[p.key].to(self.device, non_blocking=True) for p in self.policies}
         inputs: dict = {}
-        return np.stack([self._expert_probs(e.model, on_device, pols, inputs).cpu().numpy()
-                         for e, pols in zip(self.experts, self.inputs)])
+        return np.stack([self._expert_probs(e.model, on_device, groups, inputs).cpu().numpy()
+                         for e, groups in zip(self.experts, self.groups)])
 
     def score_loader(self, loader: DataLoader, desc: str = "score") -> np.ndarray:
         """(E, N) per-expert probabilities over a loader of ``({key: uint8 batch}, ...)`` items (order kept)."""
         parts = [self.score_batch(batch[0]) for batch in tqdm(loader, desc=desc, unit="batch")]
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(self.experts), 0))
+
+    def score_pool(self, pool: pd.DataFrame, batch_size: int, desc: str = "score") -> np.ndarray:
+        """(E, N) per-expert probabilities of a pool's stored stage-1 images (columns ``cache_path``,
+        ``cache_index``, ``label``), cut to every input policy and decoded in DataLoader workers (stage 5's path)."""
+        loader = DataLoader(StoreDataset(pool, self.policies), batch_size=batch_size, shuffle=False,
+                            num_workers=scoring_workers(-1, self.device), pin_memory=self.device.type == "cuda")
+        return self.score_loader(loader, desc)
 
     def combine_experts(self, per_expert: np.ndarray) -> np.ndarray:
         return combine_scores(per_expert, self.combine, self.stack)

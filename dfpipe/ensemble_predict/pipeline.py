@@ -8,152 +8,123 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from ..config import PredictConfig
-from ..data.dataset import StoreDataset
 from ..data.samples import load_manifest, load_split_pool
-from ..io import write_csv, write_json
+from ..io import write_csv, write_json, write_png
 from ..layout import Layout
 from ..metrics import MetricError, choose_thresholds, roc_points
-from .combine import fit_stacking
-from .ensemble import Ensemble, scoring_workers
-from .provenance import provenance
+from .combine import combine_scores, combine_val, with_generated
+from .ensemble import Ensemble
+from .provenance import protocol, provenance
 from .reports import by_cluster, by_method, ensemble_metrics
-from .roc_plot import RocSet, plot_roc
+from .roc_plot import RocSet, roc_figure
 from .submission import build_submission
 
 log = logging.getLogger(__name__)
 
 
-def _loader(pool: pd.DataFrame, ens: Ensemble, batch_size: int) -> DataLoader:
-    """Stored images cut to every input policy of the ensemble's experts, decoded in workers."""
-    return DataLoader(StoreDataset(pool, ens.policies), batch_size=batch_size, shuffle=False,
-                      num_workers=scoring_workers(-1, ens.device), pin_memory=ens.device.type == "cuda")
-
-
-def _val_sets(cfg: PredictConfig, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The val fold's original images (with their cluster) and its stage-2 generated images."""
-    df = load_split_pool(layout.splits, layout.prepared, layout.augmented if cfg.per_method else None)
-    in_val = df[df.subset == "val"]
+def _val_sets(pool: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The val fold's original images (with their cluster) and its stage-2 generated images, of the split pool."""
+    in_val = pool[pool.subset == "val"]
     return (in_val[in_val.origin != "aug"].reset_index(drop=True),
             in_val[in_val.origin == "aug"].reset_index(drop=True))
 
 
-def _combine_val(ens: Ensemble, cfg: PredictConfig, val_pe: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Val ensemble scores (out-of-fold for ``stack``, which is then fitted on all of val) and the
-    combination as numbers for metrics.json."""
-    if cfg.combine == "stack":
-        ens.stack, scores = fit_stacking(val_pe, y, cfg.stack_folds)
-        weights = {"intercept": ens.stack["intercept"],
-                   **{f"coef_{n}": c for n, c in zip(ens.names, ens.stack["coef"])}}
-        return scores, {"stack": weights}
-    weights = {f"w_{n}": 1.0 / len(ens.names) for n in ens.names}
-    return ens.combine_experts(val_pe), {cfg.combine: weights}
-
-
-def _with_generated(ens: Ensemble, val_pe: np.ndarray, val_scores: np.ndarray,
-                    gen_pe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(val scores, generated-image scores) on one scale: per-image combinations score the generated
-    images alone (``stack`` val scores stay out-of-fold); ranks are relative, so ``rank`` ranks both
-    sets together."""
-    if ens.combine != "rank":
-        return val_scores, ens.combine_experts(gen_pe)
-    joint = ens.combine_experts(np.concatenate([val_pe, gen_pe], axis=1))
-    return joint[:val_pe.shape[1]], joint[val_pe.shape[1]:]
-
-
-def _score_test(ens: Ensemble, cfg: PredictConfig, prepared: str
-                ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
-    """All listed test images of the store ``prepared``, the decodable ones, their per-expert and ensemble
-    scores."""
+def _test_set(prepared: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """All listed test images of the store ``prepared`` (failed ones included), the decodable ones, and those as a
+    pool to score."""
     test_all = load_manifest(prepared, ok_only=False)
     test_all = test_all[test_all.split == "test"].reset_index(drop=True)
     test_ok = test_all[test_all.cache_index >= 0].reset_index(drop=True)
     test_pool = pd.DataFrame({"cache_path": [str(Path(prepared) / f) for f in test_ok.cache_file],
                               "cache_index": test_ok.cache_index, "label": -1})
-    test_pe = ens.score_loader(_loader(test_pool, ens, cfg.batch_size), "score test")
-    test_scores = ens.combine_experts(test_pe) if len(test_ok) else np.zeros(0)
-    return test_all, test_ok, test_pe, test_scores
+    return test_all, test_ok, test_pool
 
 
-def _write_failures(path: str, test_all: pd.DataFrame) -> int:
+def _failures(test_all: pd.DataFrame) -> pd.DataFrame:
+    """The test images that failed to decode, with their error (the submission gives them the fallback score)."""
     bad = test_all[test_all.cache_index < 0]
     errors = bad["error"] if "error" in bad else pd.Series([""] * len(bad), dtype=str)
-    write_csv(path, pd.DataFrame({"img_name": bad.img_name.to_numpy(), "error": errors.to_numpy()}))
-    if len(bad):
-        log.warning("%d test image(s) failed to decode and get the fallback score %s: see %s",
-                    len(bad), bad.img_name.iloc[0], path)
-    return len(bad)
+    return pd.DataFrame({"img_name": bad.img_name.to_numpy(), "error": errors.to_numpy()})
 
 
-def protocol(combine: str, test_labelled: bool) -> dict[str, str]:
-    """What each block of metrics.json may be read as (the fold that selects is never reported as held-out);
-    written into the card, while metrics.json (numbers only) carries ``val.selection_biased: 1``. ``val`` picked each expert's epoch (stage 4), the verdict thresholds and, with ``stack``,
-    the combination weights (its val metrics are then out-of-fold, the epoch choice still is not)."""
-    weights = ("out-of-fold stacking predictions; epochs still chosen here" if combine == "stack"
-               else "fixed combination; epochs chosen here")
-    out = {"val": f"selection-biased: each expert's epoch and the verdict thresholds were chosen on this fold "
-                  f"({weights}); an optimistic number, not a held-out one",
-           "held_out": "stage 6 (reports/eval): sets no training or selection step saw"}
-    if test_labelled:
-        out["test"] = "held out: labels read after scoring; no training or selection step used them"
-    return out
-
-
-def _test_labels(layout: Layout) -> str:
-    """The test set's label file when there is one (a challenge releases them later; the demo has them)."""
-    path = layout.data("test_labels")
+def _test_labels(path: str) -> str:
+    """The test set's label file ``path`` when it is there (a challenge releases them later; the demo has them)."""
     if path and not Path(path).is_file():
         log.info("no test labels at %s: the test set is scored without metrics", path)
         return ""
     return path
 
 
+def _val_metrics(val: pd.DataFrame, val_pe: np.ndarray, val_scores: np.ndarray, names: list[str], t_decision: float,
+                 generated: tuple[pd.DataFrame, np.ndarray, np.ndarray] | None) -> tuple[dict, dict[str, float]]:
+    """metrics.json's ``val`` block and each scorer's decision threshold chosen on val (the ensemble's is
+    ``t_decision``); ``generated``: the val fold's generated images and (val, their) scores on one scale."""
+    y = val.label.to_numpy()
+    thr = {"ensemble": t_decision, **{n: choose_thresholds(y, p)["t_decision"] for n, p in zip(names, val_pe)}}
+    out = ensemble_metrics(y, val_pe, val_scores, names, thr)
+    out["by_cluster"] = by_cluster(val, val_scores, t_decision)
+    if generated is not None:
+        gen, val_joint, gen_scores = generated
+        out["by_method"] = by_method(val, val_joint, gen_scores, gen, t_decision)
+    out["selection_biased"] = 1  # dvc metrics show: numbers only; the card says why (protocol)
+    return out, thr
+
+
 def run(cfg: PredictConfig, layout: Layout) -> dict:
-    """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics."""
+    """Run stage 5: score val (metrics, thresholds) and test (the submission); returns the metrics.
+
+    One way down: the ensemble and the inputs are read first, every set is scored in one go, then combined,
+    measured and turned into the outputs, which are written last (nothing is half-written when a step fails)."""
+    # the ensemble first: its config (experts, views, combine) and checkpoints are checked before any data is read
     ens = Ensemble.load(layout.models, cfg.experts, cfg.tta, cfg.combine)
-    names = ens.names
     if cfg.combine == "rank":
         log.warning("combine 'rank': scores are ranks within each scored set, so the thresholds chosen on val "
                     "(verdicts, accuracy) do not carry over to other sets or to single images")
-    val, gen = _val_sets(cfg, layout)
+    # the inputs, read once: the images to score, the test labels, the training data's card
+    test_all, test_ok, test_pool = _test_set(layout.prepared)
+    val, gen = _val_sets(load_split_pool(layout.splits, layout.prepared, layout.augmented if cfg.per_method else None))
+    test_labels = _test_labels(layout.data("test_labels"))
+    origin = {"protocol": protocol(cfg.combine, bool(test_labels)), **provenance(layout.prepared)}
+
+    val_pe = ens.score_pool(val, cfg.batch_size, "score val")
+    gen_pe = ens.score_pool(gen, cfg.batch_size, "score gen") if len(gen) else None
+    test_pe = ens.score_pool(test_pool, cfg.batch_size, "score test")
+    names = ens.names
+
+    # the combination, fitted on val (stack) and applied to the other sets; the thresholds, chosen on val
     y = val.label.to_numpy()
-    val_pe = ens.score_loader(_loader(val, ens, cfg.batch_size), "score val")
-    val_scores, combination = _combine_val(ens, cfg, val_pe, y)
+    ens.stack, val_scores, combination = combine_val(cfg.combine, names, val_pe, y, cfg.stack_folds)
+    generated = None if gen_pe is None else (gen, *with_generated(cfg.combine, ens.stack, val_pe, val_scores, gen_pe))
+    test_scores = combine_scores(test_pe, cfg.combine, ens.stack) if len(test_ok) else np.zeros(0)
     thresholds = choose_thresholds(y, val_scores, cfg.max_fpr, cfg.max_fnr)
-    thr = {"ensemble": thresholds["t_decision"], **{n: choose_thresholds(y, p)["t_decision"]
-                                                    for n, p in zip(names, val_pe)}}
-    metrics: dict[str, Any] = {"val": ensemble_metrics(y, val_pe, val_scores, names, thr)}
-    metrics["val"]["by_cluster"] = by_cluster(val, val_scores, thresholds["t_decision"])
-    if len(gen):
-        gen_pe = ens.score_loader(_loader(gen, ens, cfg.batch_size), "score gen")
-        metrics["val"]["by_method"] = by_method(val, *_with_generated(ens, val_pe, val_scores, gen_pe), gen,
-                                                thresholds["t_decision"])
+
+    metrics: dict[str, Any] = {}
+    metrics["val"], thr = _val_metrics(val, val_pe, val_scores, names, thresholds["t_decision"], generated)
     metrics["combine"], metrics["thresholds"], metrics["n_tta_views"] = combination, thresholds, len(ens.views)
-    metrics["val"]["selection_biased"] = 1  # dvc metrics show: numbers only; the card says why (protocol)
-    write_csv(layout.roc, pd.DataFrame(roc_points(y, val_scores)))
     roc_sets = [RocSet("val", "selection-biased (epochs, thresholds chosen on it)", y,
                        {"ensemble": val_scores, **dict(zip(names, val_pe))})]
-
     # test: every listed image gets a row
-    test_all, test_ok, test_pe, test_scores = _score_test(ens, cfg, layout.prepared)
     sub = build_submission(test_all, test_scores, cfg.fallback_score)
-    write_csv(layout.submission, sub, float_format="%.6f")
-    metrics["n_test"] = len(test_all)
-    metrics["n_test_failed"] = _write_failures(layout.failures, test_all)
-    test_labels = _test_labels(layout)
+    failures = _failures(test_all)
+    metrics["n_test"], metrics["n_test_failed"] = len(test_all), len(failures)
     if test_labels and len(test_ok):
         known, y_test = _known_test_labels(test_labels, test_ok)
         metrics["test"] = ensemble_metrics(y_test, test_pe[:, known], test_scores[known], names, thr)
         roc_sets.append(RocSet("test", "held out", y_test,
                                {"ensemble": test_scores[known], **dict(zip(names, test_pe[:, known]))}))
-    plot_roc(layout.roc_png, roc_sets)
+    card = ens.card(thresholds, {"fallback_score": cfg.fallback_score, "val": metrics["val"]["ensemble"], **origin})
+
+    write_png(layout.roc_png, roc_figure(roc_sets))
+    write_csv(layout.roc, pd.DataFrame(roc_points(y, val_scores)))
+    write_csv(layout.submission, sub, float_format="%.6f")
+    write_csv(layout.failures, failures)
     write_json(layout.metrics, metrics)
-    write_json(layout.card, ens.card(thresholds, {"fallback_score": cfg.fallback_score,
-                                               "val": metrics["val"]["ensemble"],
-                                               "protocol": protocol(cfg.combine, bool(test_labels)),
-                                               **provenance(layout.prepared)}))
+    write_json(layout.card, card)
+    if len(failures):
+        log.warning("%d test image(s) failed to decode and get the fallback score %s: see %s",
+                    len(failures), failures.img_name.iloc[0], layout.failures)
     log.info("val AUC %.4f (selection-biased: epochs and thresholds were chosen on val), TPR@FPR=1e-3 %.3f "
              "(%d images); wrote %d test rows to %s",
              metrics["val"]["ensemble"]["auc"], metrics["val"]["ensemble"]["tpr_at_fpr_1e-3"], len(val),

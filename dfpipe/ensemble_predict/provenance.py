@@ -1,6 +1,7 @@
-"""What the ensemble card says about where its model comes from: the training data (stage 1's data card), whether
-that is the synthetic demo data, and the code's commit. The CLI, the API and the page show it
-(:mod:`dfpipe.serve.identity`), so a demo model is never taken for a real detector."""
+"""What the ensemble card says about where its model and its numbers come from: the training data (stage 1's data
+card), whether that is the synthetic demo data, and the code's commit (the CLI, the API and the page show them,
+:mod:`dfpipe.serve.identity`, so a demo model is never taken for a real detector); and which of its numbers were
+measured on data that selected something (:func:`protocol`)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,17 @@ def provenance(prepared: str | Path) -> dict:
         log.warning("trained on %s: this model's scores say nothing about real fakes", data.get("summary"))
     return {"demo": None if data is None else bool(data.get("demo")), "training_data": data,
             "commit": code_version()}
+
+
+def protocol(combine: str, test_labelled: bool) -> dict[str, str]:
+    """What each block of metrics.json may be read as (the fold that selects is never reported as held-out);
+    written into the card, while metrics.json (numbers only) carries ``val.selection_biased: 1``. ``val`` picked each expert's epoch (stage 4), the verdict thresholds and, with ``stack``,
+    the combination weights (its val metrics are then out-of-fold, the epoch choice still is not)."""
+    weights = ("out-of-fold stacking predictions; epochs still chosen here" if combine == "stack"
+               else "fixed combination; epochs chosen here")
+    out = {"val": f"selection-biased: each expert's epoch and the verdict thresholds were chosen on this fold "
+                  f"({weights}); an optimistic number, not a held-out one",
+           "held_out": "stage 6 (reports/eval): sets no training or selection step saw"}
+    if test_labelled:
+        out["test"] = "held out: labels read after scoring; no training or selection step used them"
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
+from ..io import write_png
 from ..metrics import roc_auc, roc_points, tpr_at_fpr
 
 STYLE = {"val": "-", "test": "--"}  # line style per set; colour per scorer
@@ -48,7 +48,7 @@ def roc_figure(sets: Sequence[RocSet]):
     chance diagonal on both panels, FPR 1e-2 / 1e-3 marked on the log panel."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 6.4), layout="constrained")
+    fig = Figure(figsize=(12, 6.4), dpi=100, layout="constrained")
     lin, log = fig.subplots(1, 2)
     scorers = list(dict.fromkeys(k for s in sets for k in s.scores))
     colour = {k: f"C{i % 10}" for i, k in enumerate(scorers)}
@@ -79,8 +79,6 @@ def roc_figure(sets: Sequence[RocSet]):
 
 
 def plot_roc(path: str | Path, sets: Sequence[RocSet]) -> None:
-    """:func:`roc_figure` written to ``path`` atomically: a killed or failed plot never leaves half a PNG under the
-    real name; no date or version in the file, so the same scores give the same bytes."""
-    fig = roc_figure(sets)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
+    """:func:`roc_figure` written to ``path`` (:func:`dfpipe.io.write_png`: atomic, the same scores give the same
+    bytes)."""
+    write_png(path, roc_figure(sets))

@@ -42,13 +42,22 @@ class View:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the same batch seen through this view's flip/rotation."""
-        if self.geo == "hflip":
-            return torch.flip(x, dims=[3])
-        if self.geo == "vflip":
-            return torch.flip(x, dims=[2])
-        if self.geo.startswith("rot"):
-            return torch.rot90(x, int(self.geo[3:]) // 90, dims=(2, 3))
-        return x
+        return _GEO[self.geo](x)
+
+
+# (B, 3, H, W) -> the batch flipped / rotated: a table, so that a batch of views is one call (:func:`view_batch`)
+_GEO = {"identity": lambda x: x,
+        "hflip": lambda x: torch.flip(x, dims=[3]), "vflip": lambda x: torch.flip(x, dims=[2]),
+        "rot90": lambda x: torch.rot90(x, 1, dims=(2, 3)), "rot180": lambda x: torch.rot90(x, 2, dims=(2, 3)),
+        "rot270": lambda x: torch.rot90(x, 3, dims=(2, 3))}
+
+
+def view_batch(views: list[View], x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) model inputs of one size -> (V B, 3, H, W): view v of image b at row v B + b, every view in one
+    batch (the model runs once per size, not once per view)."""
+    if len(views) == 1:
+        return _GEO[views[0].geo](x)
+    return torch.cat([_GEO[v.geo](x) for v in views])
 
 
 def parse_view(name: str) -> View:
