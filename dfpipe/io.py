@@ -111,11 +111,11 @@ def write_csv(path: str | Path, df: pd.DataFrame, **kwargs: Any) -> None:
         df.to_csv(fh, **kwargs)
 
 
-def write_png(path: str | Path, fig: Any) -> None:
-    """A matplotlib figure as a PNG at its own dpi, atomically (a failed plot never leaves half a file under the real
-    name); no date or version in the file, so the same figure gives the same bytes."""
+def write_png(path: str | Path, fig: Any, dpi: float | str = "figure") -> None:
+    """A matplotlib figure as a PNG (at its own dpi unless ``dpi`` is given), atomically (a failed plot never leaves
+    half a file under the real name); no date or version in the file, so the same figure gives the same bytes."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi="figure", format="png", metadata={"Software": None})
+        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": None})
 
 
 class _TqdmHandler(logging.StreamHandler):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.store import StoreReader
-from ..io import atomic_path
+from ..io import atomic_path, write_png
 
 log = logging.getLogger(__name__)
 PLOT_MAX_POINTS = 20_000  # the PCA picture uses a seeded sample of this many originals at most
@@ -77,8 +77,7 @@ def plot_embedding(feats: np.ndarray, orig: pd.DataFrame, path: Path, seed: int 
         feats, orig = feats[pick], orig.iloc[pick]
     xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(feats, dtype=np.float32))
     fig = embedding_figure(xy, orig, val_fold)
-    with atomic_path(path) as tmp:  # no date and no version in the PNG: the same bytes from the same inputs
-        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": None})
+    write_png(path, fig, dpi=90)
 
 
 def contact_sheet_shape(n_clusters: int, per_cluster: int) -> tuple[int, int]:

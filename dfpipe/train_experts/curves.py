@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import atomic_path
+from ..io import write_png
 
 CURVES_PNG = Path("plots") / "metrics" / "curves.png"  # in the live dir: inside DVCLive's folder, a declared output
 LOSS_KEYS = ("loss", "ce", "kl", "nce", "lil", "gil")  # the total first, then the terms that were on
@@ -51,5 +51,4 @@ def curves_figure(history: Sequence[dict], best_epoch: int | None, name: str):
 def write_curves(path: str | Path, history: Sequence[dict], best_epoch: int | None, name: str) -> None:
     """:func:`curves_figure` to ``path``, atomically, with no date or version in the PNG."""
     fig = curves_figure(history, best_epoch, name)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png", metadata={"Software": None})
+    write_png(path, fig, dpi=80)
