@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "DVC_NO_ANALYTICS"):
-    os.environ.setdefault(_k, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dfpipe  # noqa: E402,F401  (its import sets the offline env vars: dfpipe.OFFLINE_ENV)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

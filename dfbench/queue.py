@@ -96,10 +96,9 @@ def exp_name(spec: GridSpec, recipe: str, seed: int, source: str) -> str:
 
 def _dvc_env() -> dict[str, str]:
     """The queue's worker runs ``dvc exp exec-run`` and the stage runs ``python``, both found on PATH: put this
-    interpreter's folder (the venv's bin) first."""
+    interpreter's folder (the venv's bin) first. The offline env vars come along: importing dfpipe set them."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
 
 

@@ -173,3 +173,28 @@ def test_bench_scripts_import_public_names_that_exist(script):
                 if not hasattr(module, n)
                 and not (hasattr(module, "__path__") and importlib.util.find_spec(f"{base}.{n}"))]
     assert not bad, f"{script.relative_to(REPO)}: {bad}"
+
+
+def test_one_class_name_one_meaning():
+    """Issue 26: ``Source`` once named three different things and ``InputError`` two. A class name is defined once
+    across dfpipe and dfbench, so an import or a traceback names one thing."""
+    where: dict[str, list[str]] = {}
+    for m, p in MODULES.items():
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(m)
+    assert not {k: v for k, v in where.items() if len(v) > 1}
+
+
+def test_offline_env_vars_are_set_in_one_place():
+    """dfpipe/__init__.py sets them (OFFLINE_ENV) for every entry point; no module or bench script keeps a copy."""
+    from dfpipe import OFFLINE_ENV
+
+    import re
+
+    sets = re.compile(r"""(setdefault\(\s*|\[\s*)["'](%s)["']\s*(,|\]\s*=[^=])""" % "|".join(OFFLINE_ENV))
+    files = [p for p in MODULES.values() if p != PACKAGE / "__init__.py"] + BENCH_SCRIPTS
+    bad = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in files for m in sets.finditer(p.read_text())]
+    bad += [f"{p.relative_to(REPO)}: {line.strip()}" for p in files for line in p.read_text().splitlines()
+            if sum(f'"{k}"' in line for k in OFFLINE_ENV) >= 2]  # a copied loop over the names
+    assert not bad, f"offline env vars set again (import dfpipe instead): {bad}"

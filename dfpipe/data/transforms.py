@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import typing
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home on import
-
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import albumentations as A  # never phones home: importing dfpipe set NO_ALBUMENTATIONS_UPDATE (OFFLINE_ENV)
+import cv2
+import numpy as np
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

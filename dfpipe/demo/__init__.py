@@ -36,7 +36,7 @@ byte-identical. The manipulations here are independent of :mod:`dfpipe.augment_s
 
 from .dataset import (FAKE_KINDS, LABEL_FILES, MANIFEST, MANIPULATIONS, SPLIT_DIRS, auc_by_kind, main, make_demo_dataset,
                       make_image)
-from .sources import Source, build_sources, load_photos, render_scene, sample_real
+from .sources import BaseImage, build_sources, load_photos, render_scene, sample_real
 
-__all__ = ["FAKE_KINDS", "LABEL_FILES", "MANIFEST", "MANIPULATIONS", "SPLIT_DIRS", "Source", "auc_by_kind",
+__all__ = ["FAKE_KINDS", "LABEL_FILES", "MANIFEST", "MANIPULATIONS", "SPLIT_DIRS", "BaseImage", "auc_by_kind",
            "build_sources", "load_photos", "main", "make_demo_dataset", "make_image", "render_scene", "sample_real"]

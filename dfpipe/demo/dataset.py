@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.datacard import DATASET_CARD
 from ..io import setup_logging, write_csv, write_json
 from .fakes import MANIPULATIONS
-from .sources import Source, build_sources, sample_real
+from .sources import BaseImage, build_sources, sample_real
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def make_image(
     split: str,
     index: int,
     kind: str,
-    photos: Sequence[Source],
-    scenes: Sequence[Source],
+    photos: Sequence[BaseImage],
+    scenes: Sequence[BaseImage],
     size_range: tuple[int, int],
     attempt: int = 0,
 ) -> tuple[bytes, dict]:

@@ -28,7 +28,9 @@ _MPL_PHOTOS = ("grace_hopper.jpg",)
 
 
 @dataclass(frozen=True)
-class Source:
+class BaseImage:
+    """A named real image (a bundled photo or a procedural scene) that the demo's reals and fakes are drawn from."""
+
     name: str
     image: np.ndarray  # (H, W, 3) uint8 RGB
 
@@ -46,9 +48,9 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def load_photos() -> list[Source]:
+def load_photos() -> list[BaseImage]:
     """The bundled photographs that load without a network; sorted by name for determinism."""
-    photos: list[Source] = []
+    photos: list[BaseImage] = []
     try:
         import skimage.data as skdata
     except Exception as exc:  # pragma: no cover - scikit-image is a dependency
@@ -57,7 +59,7 @@ def load_photos() -> list[Source]:
     if skdata is not None:
         for name in _SKIMAGE_PHOTOS:
             try:
-                photos.append(Source(f"skimage:{name}", _to_rgb(getattr(skdata, name)())))
+                photos.append(BaseImage(f"skimage:{name}", _to_rgb(getattr(skdata, name)())))
             except Exception as exc:  # missing file, pooch not installed, no network, ...
                 log.info("skipping skimage.data.%s (%s: %s)", name, type(exc).__name__, exc)
     try:
@@ -69,7 +71,7 @@ def load_photos() -> list[Source]:
                 bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
                 if bgr is None:
                     raise OSError(f"cannot decode {path}")
-                photos.append(Source(f"matplotlib:{Path(name).stem}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                photos.append(BaseImage(f"matplotlib:{Path(name).stem}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
             except Exception as exc:
                 log.info("skipping matplotlib sample %s (%s: %s)", name, type(exc).__name__, exc)
     except Exception as exc:  # pragma: no cover - matplotlib is a dependency
@@ -181,11 +183,11 @@ def load_textures() -> list[np.ndarray]:
     return textures
 
 
-def build_sources(seed: int) -> tuple[list[Source], list[Source]]:
+def build_sources(seed: int) -> tuple[list[BaseImage], list[BaseImage]]:
     photos = load_photos()
     textures = load_textures()
     rng = np.random.default_rng([seed, 99])
-    scenes = [Source(f"procedural:{i:02d}", render_scene(rng, textures)) for i in range(N_PROCEDURAL)]
+    scenes = [BaseImage(f"procedural:{i:02d}", render_scene(rng, textures)) for i in range(N_PROCEDURAL)]
     return photos, scenes
 
 
@@ -195,8 +197,8 @@ def build_sources(seed: int) -> tuple[list[Source], list[Source]]:
 
 def sample_real(
     rng: np.random.Generator,
-    photos: Sequence[Source],
-    scenes: Sequence[Source],
+    photos: Sequence[BaseImage],
+    scenes: Sequence[BaseImage],
     w: int,
     h: int,
     source: str | None = None,

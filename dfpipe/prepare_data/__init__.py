@@ -50,9 +50,9 @@ report, the rename into place), :mod:`.pipeline` (:func:`run`).
 from .pipeline import run
 from .pool import TASK_SIZE, Loaded, Task
 from .publish import Tally
-from .sources import SPLITS, Collected, Item, Source, collect_items, resolve_sources
+from .sources import SPLITS, Collected, Item, InputSet, collect_items, resolve_sources
 from .work import CHUNK_COLUMNS, MANIFEST_COLUMNS, WORK_KEYS, WORK_VERSION, Work, fingerprint
 
 __all__ = ["CHUNK_COLUMNS", "MANIFEST_COLUMNS", "SPLITS", "TASK_SIZE", "WORK_KEYS", "WORK_VERSION", "Collected",
-           "Item", "Loaded", "Source", "Tally", "Task", "Work", "collect_items", "fingerprint",
+           "InputSet", "Item", "Loaded", "Tally", "Task", "Work", "collect_items", "fingerprint",
            "resolve_sources", "run"]

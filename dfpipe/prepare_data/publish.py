@@ -20,7 +20,7 @@ from ..data.datacard import data_card, read_dataset_card, write_data_card
 from ..data.dedup import DUP_COLUMNS, dedup_report, find_duplicates_arrays, to_uint64
 from ..data.preprocess import Stage1
 from ..data.store import write_store_record
-from .sources import SPLITS, Collected, Item, Source
+from .sources import SPLITS, Collected, Item, InputSet
 from .work import MANIFEST_COLUMNS, Work
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def publish(layout: Layout, col: Collected, work: Work, s1: Stage1, dup_max_dist
     return report
 
 
-def _data_card(data_root: str | Path, sources: list[Source], tally: Tally) -> dict:
+def _data_card(data_root: str | Path, sources: list[InputSet], tally: Tally) -> dict:
     """The store's data card: labelled images kept per split and class, and whether a dataset card of the inputs
     (the data root's, or a dataset folder's) says they are the demo's."""
     folders = dict.fromkeys([Path(data_root), *(s.images for s in sources)])

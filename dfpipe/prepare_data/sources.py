@@ -23,8 +23,8 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
-class Source:
-    """One resolved input dataset."""
+class InputSet:
+    """One resolved input dataset of stage 1 (an image folder, its labels, its split)."""
 
     name: str
     split: str
@@ -49,19 +49,19 @@ class Collected:
     unlabelled: list[str] = field(default_factory=list)  # image files no label file lists (ignored)
     ignored: list[str] = field(default_factory=list)  # non-image files in an image folder (ignored)
     listed: dict[str, int] = field(default_factory=dict)  # dataset -> images listed
-    sources: list[Source] = field(default_factory=list)  # the datasets read (resolved once: the data card needs them)
+    sources: list[InputSet] = field(default_factory=list)  # the datasets read (resolved once: the data card needs them)
 
 
-def resolve_sources(cfg: PrepareConfig, layout: Layout) -> list[Source]:
+def resolve_sources(cfg: PrepareConfig, layout: Layout) -> list[InputSet]:
     """The datasets to read: ``cfg.datasets`` or, when empty, the competition layout of ``layout.data_root``."""
     root = Path(layout.data_root)
     if not root.is_dir():
         raise InputError(f"data_root {root} does not exist (set paths.data_root in params.yaml)")
     if not cfg.datasets:
         lay = layout
-        return [Source(lay.train_dir, "train", root / lay.train_dir, root / lay.train_labels),
-                Source(lay.val_dir, "val", root / lay.val_dir, root / lay.val_labels, optional=True),
-                Source(lay.test_dir, "test", root / lay.test_dir, None, optional=True)]
+        return [InputSet(lay.train_dir, "train", root / lay.train_dir, root / lay.train_labels),
+                InputSet(lay.val_dir, "val", root / lay.val_dir, root / lay.val_labels, optional=True),
+                InputSet(lay.test_dir, "test", root / lay.test_dir, None, optional=True)]
     seen: set[str] = set()
     sources = []
     for i, d in enumerate(cfg.datasets):
@@ -75,7 +75,7 @@ def resolve_sources(cfg: PrepareConfig, layout: Layout) -> list[Source]:
         if d.split != "test" and not d.labels:
             raise ConfigError(f"{where}.labels is empty: a {d.split} dataset needs a label CSV img_name,target")
         seen.add(d.name)
-        sources.append(Source(d.name, d.split, root / d.images, root / d.labels if d.labels else None))
+        sources.append(InputSet(d.name, d.split, root / d.images, root / d.labels if d.labels else None))
     return sources
 
 
@@ -93,7 +93,7 @@ def collect_items(cfg: PrepareConfig, layout: Layout) -> Collected:
     return out
 
 
-def _collect_source(src: Source, limit: int, prefix: str, out: Collected) -> None:
+def _collect_source(src: InputSet, limit: int, prefix: str, out: Collected) -> None:
     if src.optional and not _present(src):
         return
     table = _listing(src)
@@ -122,7 +122,7 @@ def _collect_source(src: Source, limit: int, prefix: str, out: Collected) -> Non
     log.info("%s (%s): %d images listed, %d found", src.name, src.split, len(table), len(out.items) - n0)
 
 
-def _present(src: Source) -> bool:
+def _present(src: InputSet) -> bool:
     """Whether an optional layout set exists; warn when it does not."""
     if src.labels is not None and not src.labels.exists():
         log.warning("%s: no validation labels; the cluster split will make the validation fold", src.labels)
@@ -133,7 +133,7 @@ def _present(src: Source) -> bool:
     return True
 
 
-def _listing(src: Source) -> pd.DataFrame | None:
+def _listing(src: InputSet) -> pd.DataFrame | None:
     """(img_name, label, line) rows of the dataset's label file or name list; None: list the folder."""
     if src.labels is None:
         return None
@@ -142,7 +142,7 @@ def _listing(src: Source) -> pd.DataFrame | None:
     return read_labels(src.labels)
 
 
-def _note_unlisted(src: Source, unlisted: list[str], others: list[str], out: Collected) -> None:
+def _note_unlisted(src: InputSet, unlisted: list[str], others: list[str], out: Collected) -> None:
     """Warn (once per dataset) about unlisted image files and unlisted non-image files; both are ignored."""
     if unlisted:
         log.warning("%s: %d image files are not listed in %s and are ignored, e.g. %s",

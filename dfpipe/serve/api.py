@@ -65,7 +65,7 @@ from fastapi.staticfiles import StaticFiles
 from ..data.images import image_pixels
 from .explain import occlusion_map, overlay, paced, png_bytes
 from .identity import Identity, ensemble_identity
-from .service import (DEFAULT_MAX_BYTES, Budget, Busy, InputError,
+from .service import (DEFAULT_MAX_BYTES, Budget, Busy, RequestError,
                       MicroBatcher, Prepared, check_servable, load_ensemble, pixel_limit, prepare_upload, resolve_model,
                       score_inputs)
 from .guard import Guard
@@ -129,14 +129,14 @@ def create_app(settings: ServeSettings | None = None, ensemble: Ensemble | None 
                   description="Scores images with the stage-5 ensemble (higher = more likely fake). Every error "
                               "is a 4xx with {\"detail\": message} (503 with Retry-After when the server is at "
                               "its bounds); the codes are listed per endpoint.")
-    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(RequestError, _request_error)
     app.add_middleware(Guard, settings=settings)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _routes(app, settings)
     return app
 
 
-async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
     log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
     headers = {}
     if isinstance(exc, Busy):
@@ -175,19 +175,19 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         pixels = image_pixels(data)
         return (pixels if pixels <= max_pixels else 0) * DECODE_BYTES_PER_PIXEL + len(data)
 
-    async def prepare(request: Request, datas: list[bytes | InputError], explain: bool = False
-                      ) -> list[Prepared | InputError]:
+    async def prepare(request: Request, datas: list[bytes | RequestError], explain: bool = False
+                      ) -> list[Prepared | RequestError]:
         """The uploads of a request decoded one after another, each to the experts' inputs (the full image is
         dropped at once), under ONE reservation of the decode budget sized for the largest: a request waits for
         its turn once, then runs to its end (interleaved per image, concurrent batches would all time out half
-        done). A bad image (or an item that was no image to begin with: an InputError already) is its InputError in
+        done). A bad image (or an item that was no image to begin with: an RequestError already) is its RequestError in
         its slot; Busy is raised."""
         s = state(request)
-        out: list[Prepared | InputError] = []
+        out: list[Prepared | RequestError] = []
         sizes = [decode_cost(d, s.max_pixels) for d in datas if isinstance(d, bytes)]
         async with s.decodes.hold(max(sizes, default=0)):
             for i in range(len(datas)):
-                if isinstance(datas[i], InputError):
+                if isinstance(datas[i], RequestError):
                     out.append(datas[i])
                     continue
                 try:
@@ -197,7 +197,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
                     out.append(p)
                 except Busy:
                     raise
-                except InputError as exc:
+                except RequestError as exc:
                     out.append(exc)
                 datas[i] = b""  # its bytes are no longer needed
         return out
@@ -206,7 +206,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         s = state(request)
         async with s.bodies.hold(_body_cost(request, settings)):
             (p,) = await prepare(request, await request_images(request, settings, many=False), explain)
-        if isinstance(p, InputError):
+        if isinstance(p, RequestError):
             raise p
         return p
 
@@ -244,7 +244,7 @@ def _routes(app: FastAPI, settings: ServeSettings) -> None:
         async with s.bodies.hold(_body_cost(request, settings)):
             items: list[Any] = await prepare(request, await request_images(request, settings, many=True))
         for i, it in enumerate(items):  # one bad image is reported in its slot; the others are still scored
-            if isinstance(it, InputError):
+            if isinstance(it, RequestError):
                 items[i] = BatchItem(error=str(it))
         good = [i for i, it in enumerate(items) if isinstance(it, Prepared)]
         scores = await s.batcher.score([items[i].inputs for i in good])

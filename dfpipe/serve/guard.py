@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from .service import InputError
+from .service import RequestError
 
 from .settings import TOKEN_COOKIE, ServeSettings, megabytes
 
@@ -105,12 +105,12 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise InputError(408, f"request body not received within {self.settings.request_timeout_s:g} s"
+                raise RequestError(408, f"request body not received within {self.settings.request_timeout_s:g} s"
                                  ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise InputError(413, f"request body is larger than the {megabytes(limit)} limit")
+                    raise RequestError(413, f"request body is larger than the {megabytes(limit)} limit")
             return message
 
         return counted

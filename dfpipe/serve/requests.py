@@ -9,7 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from .service import InputError, b64_to_bytes, check_size
+from .service import RequestError, b64_to_bytes, check_size
 
 from .schemas import request_models
 from .settings import FILE_FIELD, FORM_SLACK, ServeSettings, megabytes
@@ -20,12 +20,12 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise InputError(413, f"request body is larger than the {megabytes(limit)} limit")
+        raise RequestError(413, f"request body is larger than the {megabytes(limit)} limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InputError(413, f"request body is larger than the {megabytes(limit)} limit")
+            raise RequestError(413, f"request body is larger than the {megabytes(limit)} limit")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -45,9 +45,9 @@ def _validated(model: type[BaseModel], payload: Any, key: str, settings: ServeSe
     by_type = {e["type"]: e for e in errors}
     if "too_long" in by_type:
         n = len(payload[key])
-        raise InputError(422, f"{n} images in one request; the limit is {settings.max_batch_images} images")
+        raise RequestError(422, f"{n} images in one request; the limit is {settings.max_batch_images} images")
     if "string_too_long" in by_type:
-        raise InputError(413, f"{_where(by_type['string_too_long']['loc'])} is longer than "
+        raise RequestError(413, f"{_where(by_type['string_too_long']['loc'])} is longer than "
                               f"{settings.max_image_chars} characters: the image limit is {megabytes(settings.max_bytes)}")
     e = errors[0]
     where = _where(e["loc"])
@@ -65,7 +65,7 @@ def _validated(model: type[BaseModel], payload: Any, key: str, settings: ServeSe
         msg = f"'{key}' is empty: send 1 to {settings.max_batch_images} images"
     else:
         msg = f"{where}: {e['msg']}"
-    raise InputError(422, msg)
+    raise RequestError(422, msg)
 
 
 def _where(loc: tuple) -> str:
@@ -74,7 +74,7 @@ def _where(loc: tuple) -> str:
     return f"'{loc[0]}'" if loc else "the body"
 
 
-async def _json_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | InputError]:
+async def _json_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | RequestError]:
     limit = settings.max_batch_bytes if many else settings.max_body_bytes
     payload = parse_json(await _read_capped(request, limit))
     image_model, batch_model = request_models(settings)
@@ -84,21 +84,21 @@ async def _json_images(request: Request, settings: ServeSettings, many: bool) ->
         else:
             values = [_validated(image_model, payload, "image", settings).image]  # type: ignore[attr-defined]
     except RecursionError:  # a structure nested deeper than the validator (or its error report) can walk
-        raise InputError(400, "request body is nested too deeply") from None
+        raise RequestError(400, "request body is nested too deeply") from None
     if not many:
         return [b64_to_bytes(values[0], settings.max_bytes)]
     return [_item_bytes(i, v, settings.max_bytes) for i, v in enumerate(values)]
 
 
-def _item_bytes(i: int, value: str, max_bytes: int) -> bytes | InputError:
+def _item_bytes(i: int, value: str, max_bytes: int) -> bytes | RequestError:
     """One item of a batch: its bytes, or its error (empty, not base64, too large) in its slot, so the other items
     are still scored; the message names the item."""
     if not value:
-        return InputError(422, f"images[{i}] is empty: send the image file's bytes in base64")
+        return RequestError(422, f"images[{i}] is empty: send the image file's bytes in base64")
     try:
         return b64_to_bytes(value, max_bytes)
-    except InputError as exc:
-        return InputError(exc.status, f"images[{i}]: {exc}")
+    except RequestError as exc:
+        return RequestError(exc.status, f"images[{i}]: {exc}")
 
 
 def parse_json(body: bytes) -> Any:
@@ -107,13 +107,13 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:
-        raise InputError(400, f"request body is not valid JSON: {exc.msg} at byte {exc.pos}") from None
+        raise RequestError(400, f"request body is not valid JSON: {exc.msg} at byte {exc.pos}") from None
     except UnicodeDecodeError:
-        raise InputError(400, "request body is not valid JSON: not UTF-8 text") from None
+        raise RequestError(400, "request body is not valid JSON: not UTF-8 text") from None
     except RecursionError:
-        raise InputError(400, "request body is not valid JSON here: nested too deeply") from None
+        raise RequestError(400, "request body is not valid JSON here: nested too deeply") from None
     except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        raise InputError(400, f"request body is not valid JSON here: {str(exc).splitlines()[0]}") from None
+        raise RequestError(400, f"request body is not valid JSON here: {str(exc).splitlines()[0]}") from None
 
 
 async def _form_images(request: Request, limit: int, max_bytes: int, max_files: int) -> list[bytes]:
@@ -121,33 +121,33 @@ async def _form_images(request: Request, limit: int, max_bytes: int, max_files: 
     and no other field (422, naming it; a form of far more parts than that is a 413 before it is read)."""
     declared = request.headers.get("content-length", "")
     if not declared.isdigit():  # the form parser spools whole parts: only a declared size bounds them
-        raise InputError(411, "a multipart upload needs a Content-Length header")
+        raise RequestError(411, "a multipart upload needs a Content-Length header")
     if int(declared) > limit:
-        raise InputError(413, f"request body is larger than the {megabytes(limit)} limit")
+        raise RequestError(413, f"request body is larger than the {megabytes(limit)} limit")
     max_parts = max_files + FORM_SLACK  # per kind (files, fields); the images are counted below
     try:
         form = await request.form(max_files=max_parts, max_fields=max_parts, max_part_size=limit)
-    except InputError:  # from Guard's receive: too many bytes, or too slow
+    except RequestError:  # from Guard's receive: too many bytes, or too slow
         raise
     except Exception as exc:  # noqa: BLE001 - starlette raises several types for a malformed form
         detail = str(getattr(exc, "detail", exc))
         if detail.startswith("Too many"):  # files or fields
-            raise InputError(413, f"too many parts in the form: the limit is {max_parts} fields or files; "
+            raise RequestError(413, f"too many parts in the form: the limit is {max_parts} fields or files; "
                                   f"send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
                                   "and nothing else") from None
-        raise InputError(400, f"malformed multipart form: {detail}") from None
+        raise RequestError(400, f"malformed multipart form: {detail}") from None
     unexpected = [name for name in form.keys() if name != FILE_FIELD]
     stray = (f"unexpected field{'s' if len(unexpected) > 1 else ''} "
              f"{', '.join(repr(name) for name in unexpected)} in the form") if unexpected else ""
     values = form.getlist(FILE_FIELD)
     if not values:
-        raise InputError(422, f"missing field '{FILE_FIELD}': upload the image as multipart field '{FILE_FIELD}'" +
+        raise RequestError(422, f"missing field '{FILE_FIELD}': upload the image as multipart field '{FILE_FIELD}'" +
                               (f" ({stray})" if stray else ""))
     if stray:
-        raise InputError(422, f"{stray}: send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
+        raise RequestError(422, f"{stray}: send the image{'s' if max_files > 1 else ''} as field '{FILE_FIELD}' "
                               "and nothing else")
     if len(values) > max_files:
-        raise InputError(422, f"{len(values)} images in one request; the limit is {max_files} images" if max_files > 1
+        raise RequestError(422, f"{len(values)} images in one request; the limit is {max_files} images" if max_files > 1
                          else f"{len(values)} files in one request: this route takes one image (several: /predict/batch)")
     out = []
     try:
@@ -166,7 +166,7 @@ def _text_part_bytes(value: str, max_bytes: int) -> bytes:
     the file (data URLs too) is decoded; anything else is the file's own bytes, recovered from that text."""
     try:
         return b64_to_bytes(value, max_bytes)
-    except InputError as exc:
+    except RequestError as exc:
         if exc.status != 400:
             raise
     # starlette decoded the part as UTF-8, or as Latin-1 where that failed: undo whichever it did (an image
@@ -182,12 +182,12 @@ def _text_part_bytes(value: str, max_bytes: int) -> bytes:
     return check_size(raw, max_bytes)
 
 
-async def request_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | InputError]:
+async def request_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes | RequestError]:
     ctype = content_type(request)
     if ctype == "application/json":
         return await _json_images(request, settings, many)
     if ctype == "multipart/form-data":
         limit = settings.max_batch_bytes if many else settings.max_body_bytes
         return await _form_images(request, limit, settings.max_bytes, settings.max_batch_images if many else 1)
-    raise InputError(415, f"unsupported content type {ctype or '(none)'}: send application/json "
+    raise RequestError(415, f"unsupported content type {ctype or '(none)'}: send application/json "
                           f"{{\"image\": \"<base64>\"}} or multipart/form-data with a '{FILE_FIELD}' field")

@@ -58,15 +58,16 @@ class ServeError(UserError, RuntimeError):
     """A problem the user can fix (missing card, empty folder...): shown as one line, no traceback."""
 
 
-class InputError(ValueError):
-    """A bad upload: ``status`` is the HTTP status (4xx), the message says what is wrong."""
+class RequestError(ValueError):
+    """A bad request (upload, body, form): ``status`` is the HTTP status (4xx), the message says what is wrong. Not
+    :class:`dfpipe.errors.InputError` (a stage's missing or unreadable input file)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-class Busy(InputError):
+class Busy(RequestError):
     """The server is at one of its bounds (memory budget, queue): 503 with ``Retry-After`` seconds."""
 
     def __init__(self, message: str, retry_after: int = 2):
@@ -157,18 +158,18 @@ def card_model_id(card: str | Path) -> str:
 def b64_to_bytes(text: Any, max_bytes: int) -> bytes:
     """Base64 text (plain, URL-safe, wrapped lines, or a ``data:image/...;base64,`` URL) -> bytes."""
     if not isinstance(text, str):
-        raise InputError(422, f"'image' must be a base64 string, got {type(text).__name__}")
+        raise RequestError(422, f"'image' must be a base64 string, got {type(text).__name__}")
     if text.startswith("data:"):  # the original web UI posted canvas.toDataURL() strings
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
-            raise InputError(400, "data URL is not base64-encoded (expected 'data:<type>;base64,...')")
+            raise RequestError(400, "data URL is not base64-encoded (expected 'data:<type>;base64,...')")
     text = "".join(text.split())  # clients that wrap lines (base64.encodebytes)
     if len(text) * 3 // 4 > max_bytes + 3:  # refuse before decoding: no 4/3 x copy of an oversized body
-        raise InputError(413, f"image is larger than the {_mb(max_bytes)} limit")
+        raise RequestError(413, f"image is larger than the {_mb(max_bytes)} limit")
     try:
         data = base64.b64decode(text.translate(_URLSAFE) + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(400, "'image' is not valid base64") from None
+        raise RequestError(400, "'image' is not valid base64") from None
     return check_size(data, max_bytes)
 
 
@@ -177,9 +178,9 @@ _URLSAFE = str.maketrans("-_", "+/")
 
 def check_size(data: bytes, max_bytes: int) -> bytes:
     if not data:
-        raise InputError(400, "empty image (0 bytes)")
+        raise RequestError(400, "empty image (0 bytes)")
     if len(data) > max_bytes:
-        raise InputError(413, f"image is larger than the {_mb(max_bytes)} limit")
+        raise RequestError(413, f"image is larger than the {_mb(max_bytes)} limit")
     return data
 
 
@@ -201,7 +202,7 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, min_side: int = 
     try:
         return decode_image(data, max_pixels=max_pixels, min_side=min_side)
     except ImageError as exc:
-        raise InputError(422, f"not a usable image: {exc}") from None
+        raise RequestError(422, f"not a usable image: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- prepared inputs
