@@ -289,8 +289,8 @@ def test_run_predict_writes_submission_reports_and_a_card_the_cli_can_reload(tmp
     cfg = PredictConfig(experts=["a", "b"], tta=["identity", "rot180"], combine="stack", stack_folds=3,
                         batch_size=8)
     stage5 = importlib.import_module("dfpipe.ensemble_predict.pipeline")
-    drawn, roc_figure = [], stage5.roc_figure
-    monkeypatch.setattr(stage5, "roc_figure", lambda sets: (drawn.append(sets), roc_figure(sets))[1])
+    drawn, plot_roc = [], stage5.plot_roc
+    monkeypatch.setattr(stage5, "plot_roc", lambda path, sets: (drawn.append(sets), plot_roc(path, sets)))
     metrics = run_predict(cfg, layout)
     sub = pd.read_csv(out / "prediction.txt")
     assert sub.img_name.tolist() == ["broken.jpg"] + [f"t{i}.jpg" for i in range(5)]

@@ -342,15 +342,15 @@ def test_random_init_embedder_is_the_same_on_every_run_and_leaves_the_global_rng
 def test_streamed_features_equal_in_memory_ones_and_are_indexed(tmp_path, rng):
     import torch
 
-    from dfpipe.cluster_split.embed import embed_pool, embed_to_file, load_features, write_index
+    from dfpipe.cluster_split.embed import embed_pool, embed_to_file, write_index
     from dfpipe.cluster_split.features import FeatureFile
 
     pool = image_pool(tmp_path, rng, n=11)
     model = tiny_model()
     mem = embed_pool(pool, TINY, "none", 32, batch_size=4, workers=0, model=model)  # 3 batches, last one short
     n, d = embed_to_file(pool, model, 32, 4, tmp_path / "f.npy", workers=0, index_path=tmp_path / "f.csv")
-    disk = load_features(tmp_path / "f.npy")
-    assert isinstance(disk, FeatureFile) and disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
+    disk = FeatureFile(tmp_path / "f.npy")
+    assert disk.dtype == np.float16 and disk.shape == mem.shape == (n, d) == (11, 256)
     np.testing.assert_array_equal(np.asarray(disk), mem)
     np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), mem)  # a plain .npy file
     np.testing.assert_allclose(np.linalg.norm(mem.astype(np.float32), axis=1), 1, atol=2e-3)

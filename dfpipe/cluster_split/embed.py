@@ -1,7 +1,7 @@
 """Pooled backbone features for every image of the pool: batched, L2-normalised, float16.
 
 :func:`embed_to_file` appends them batch by batch to a ``.npy`` file (plus a CSV index row -> uid), and
-:func:`load_features` reads it back row by row on demand (:mod:`.features`: file reads, no memmap), so
+:class:`~.features.FeatureFile` reads it back row by row on demand (file reads, no memmap), so
 embedding and clustering 500k images need memory for a batch, not for all features (500k x 1280
 float16 = 1.3 GB on disk). :func:`embed_pool` returns them in memory (small pools, tests, benchmarks).
 On CUDA: bf16 autocast and channels_last; always ``torch.inference_mode``.
@@ -26,7 +26,7 @@ from ..device import autocast, num_workers, pick_device
 from ..errors import DataError
 from ..io import atomic_open, write_csv
 from ..models import create_backbone, normalization
-from .features import FeatureFile, FeatureWriter
+from .features import FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,3 @@ def write_index(pool: pd.DataFrame, path: str | Path) -> None:
     write_csv(path, index[INDEX_COLUMNS])
 
 
-def load_features(path: str | Path) -> FeatureFile:
-    """The features file, read-only: rows are read from disk when indexed, and not kept (no memmap)."""
-    return FeatureFile(path)

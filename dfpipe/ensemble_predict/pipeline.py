@@ -11,14 +11,14 @@ import pandas as pd
 
 from ..config import PredictConfig
 from ..data.samples import load_manifest, load_split_pool
-from ..io import write_csv, write_json, write_png
+from ..io import write_csv, write_json
 from ..layout import Layout
 from ..metrics import MetricError, choose_thresholds, roc_points
-from .combine import combine_scores, combine_val, with_generated
+from .combine import combine_val, with_generated
 from .ensemble import Ensemble
 from .provenance import protocol, provenance
 from .reports import by_cluster, by_method, ensemble_metrics
-from .roc_plot import RocSet, roc_figure
+from .roc_plot import RocSet, plot_roc
 from .submission import build_submission
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
     y = val.label.to_numpy()
     ens.stack, val_scores, combination = combine_val(cfg.combine, names, val_pe, y, cfg.stack_folds)
     generated = None if gen_pe is None else (gen, *with_generated(cfg.combine, ens.stack, val_pe, val_scores, gen_pe))
-    test_scores = combine_scores(test_pe, cfg.combine, ens.stack) if len(test_ok) else np.zeros(0)
+    test_scores = ens.combine_experts(test_pe) if len(test_ok) else np.zeros(0)  # the CLI's and the API's path
     thresholds = choose_thresholds(y, val_scores, cfg.max_fpr, cfg.max_fnr)
 
     metrics: dict[str, Any] = {}
@@ -116,7 +116,7 @@ def run(cfg: PredictConfig, layout: Layout) -> dict:
                                {"ensemble": test_scores[known], **dict(zip(names, test_pe[:, known]))}))
     card = ens.card(thresholds, {"fallback_score": cfg.fallback_score, "val": metrics["val"]["ensemble"], **origin})
 
-    write_png(layout.roc_png, roc_figure(roc_sets))
+    plot_roc(layout.roc_png, roc_sets)
     write_csv(layout.roc, pd.DataFrame(roc_points(y, val_scores)))
     write_csv(layout.submission, sub, float_format="%.6f")
     write_csv(layout.failures, failures)
